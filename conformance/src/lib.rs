@@ -1,1 +1,3 @@
-// placeholder
+pub mod api;
+pub mod certs;
+pub mod echo;

@@ -1,1 +1,36 @@
-// placeholder
+//! Kubernetes Ingress → Cilium dedicated-mode `CiliumEnvoyConfig`, load
+//! balancer Service and EndpointSlice. Pure translation, no I/O.
+//!
+//! The CEC layout matches what Cilium's operator writes:
+//!
+//! - `spec.services`: `cilium-ingress-<name>` with ports `[80]` or `[80, 443]`;
+//!   `spec.backendServices`: every backend Service with its ports as strings.
+//! - Listener `listener` (no address): a `raw_buffer` filter chain whose HCM
+//!   uses RDS `listener-insecure`, then one `tls` chain per TLS Secret
+//!   (server names = its hosts) using RDS `listener-secure` and the
+//!   certificate `<secrets-ns>/<ns>-<secret>` over SDS.
+//! - RouteConfigurations `listener-insecure` (always) and `listener-secure`
+//!   (with TLS); clusters `<ns>:<svc>:<port>` of type EDS with service name
+//!   `<ns>/<svc>:<port>`.
+
+mod annotations;
+mod class;
+mod envoy;
+mod error;
+mod model;
+pub mod names;
+mod references;
+mod translate;
+
+pub use annotations::{FORCE_HTTPS, REQUEST_TIMEOUT};
+pub use class::{
+    CLASS_ANNOTATION, CLASS_NAME, CONTROLLER_NAME, DEFAULT_CLASS_ANNOTATION, ingress_class_of,
+    is_managed,
+};
+pub use envoy::{CLUSTER_TYPE, LISTENER_TYPE, ROUTE_CONFIGURATION_TYPE};
+pub use error::IngressError;
+pub use references::{Lookup, TLS_SECRET_TYPE, validate_references};
+pub use translate::{
+    INGRESS_LABEL, PLACEHOLDER_ENDPOINT, SERVICE_NAME_LABEL, TranslateOptions, Translation,
+    USE_ORIGINAL_SOURCE_ADDRESS_LABEL, translate, translate_all,
+};

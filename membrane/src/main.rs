@@ -1,1 +1,127 @@
-fn main() {}
+//! `membrane`: the command line of Membrane.
+
+mod client;
+mod commands;
+mod table;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Default local API socket of a running Membrane.
+pub const DEFAULT_API_SOCKET: &str = "/tmp/membrane/api.sock";
+
+#[derive(Parser, Debug)]
+#[command(name = "membrane", version, about = "Kubernetes Ingress and CiliumEnvoyConfig on a real Envoy, Cilium-compatible")]
+struct Cli {
+    /// Local API socket of the running instance.
+    #[arg(long, global = true, env = "MEMBRANE_API_SOCKET", default_value = DEFAULT_API_SOCKET)]
+    api_socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run Membrane in the foreground on a directory of manifests (watched).
+    Up(commands::up::UpArgs),
+    /// Create or update the objects in a file (`-` for stdin).
+    Apply {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// Delete the objects named in a file (`-` for stdin).
+    Delete {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// Show objects: ingress, service, endpointslice, secret, cec, ccec, ...
+    Get {
+        kind: String,
+        name: Option<String>,
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// Every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        /// json, yaml or table (default).
+        #[arg(short = 'o', long)]
+        output: Option<String>,
+    },
+    /// Envoy connection, xDS ACK/NACK per type and every rejected object;
+    /// exits non-zero when something is rejected.
+    Status {
+        #[arg(short = 'o', long)]
+        output: Option<String>,
+    },
+    /// Print the CiliumEnvoyConfig(s) an Ingress file translates to. No I/O.
+    Translate {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// Run the conformance echo backend.
+    Echo(commands::echo::EchoArgs),
+    /// Print the CustomResourceDefinitions Membrane serves.
+    Crds,
+    /// Run a conformance suite against a Membrane started for the purpose.
+    Conformance {
+        #[command(subcommand)]
+        suite: commands::conformance::Suite,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MEMBRANE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let api = cli.api_socket;
+    match cli.command {
+        Command::Up(args) => commands::up::run(args, api).await,
+        Command::Apply { file } => commands::objects::apply(&api, &file, "/v1/apply").await,
+        Command::Delete { file } => commands::objects::apply(&api, &file, "/v1/delete").await,
+        Command::Get {
+            kind,
+            name,
+            namespace,
+            all_namespaces,
+            output,
+        } => {
+            let ns = if all_namespaces { None } else { Some(namespace.unwrap_or_else(|| "default".into())) };
+            commands::objects::get(&api, &kind, name.as_deref(), ns.as_deref(), output.as_deref()).await
+        }
+        Command::Status { output } => commands::status::run(&api, output.as_deref()).await,
+        Command::Translate { file } => commands::translate::run(&file),
+        Command::Echo(args) => commands::echo::run(args).await,
+        Command::Crds => {
+            print!("{}", membrane_crds::all_crds_yaml());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Conformance { suite } => commands::conformance::run(suite).await,
+    }
+}

@@ -1,1 +1,26 @@
-// placeholder
+//! Membrane's typed object store.
+//!
+//! Sources (a watched manifest directory, the local apply API, later kube
+//! reflectors) write Kubernetes objects into a [`Store`]; controllers read
+//! consistent [`StoreSnapshot`]s and wake up on [`Store::subscribe`].
+//! Everything downstream of the store is the same whichever source fed it.
+
+mod error;
+mod kind;
+mod manifest;
+mod object;
+mod parse;
+mod source;
+mod store;
+
+pub use error::StoreError;
+pub use kind::Kind;
+pub use manifest::ManifestDir;
+pub use object::{Object, ObjectKey, Typed};
+pub use parse::{parse_documents, parse_documents_lenient};
+pub use source::{DEFAULT_SCOPE, Source, SourceWriter};
+pub use store::{Change, ScopeUpdate, Store, StoreSnapshot};
+
+/// Re-exported so users name the same types the store holds.
+pub use k8s_openapi;
+pub use membrane_crds;

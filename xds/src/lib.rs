@@ -1,1 +1,15 @@
-// placeholder
+//! Envoy xDS for Membrane: JSON/YAML ↔ protobuf codec, a snapshot cache with
+//! ACK/NACK tracking, and an ADS (state-of-the-world) gRPC server.
+//! Knows nothing about Kubernetes.
+
+pub mod cache;
+pub mod codec;
+pub mod server;
+
+pub use cache::{
+    CacheError, NackStatus, Resource, ResourceMap, Snapshot, SnapshotCache, StreamStatus,
+    TypeStatus, XdsStatus,
+};
+pub use codec::{CodecError, type_url};
+pub use envoy_types::pb::google::protobuf::Any;
+pub use server::{AdsServer, XdsError, serve_tcp, serve_tcp_listener, serve_unix, service};

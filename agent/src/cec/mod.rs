@@ -1,0 +1,9 @@
+//! CiliumEnvoyConfig processing: decode every resource into Envoy protobuf,
+//! qualify names the way Cilium does, and fill in what Membrane supplies
+//! (config sources, listener addresses).
+
+mod parse;
+mod qualify;
+
+pub use parse::{CecError, ParsedCec, ParsedListener, parse_cec};
+pub use qualify::qualify;

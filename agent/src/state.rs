@@ -1,0 +1,47 @@
+//! What the running agent shares between its tasks and shows in `status`.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use membrane_store::Store;
+use membrane_xds::SnapshotCache;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::envoy::EnvoyState;
+
+/// Shared state of one agent.
+pub struct AgentState {
+    pub store: Store,
+    pub cache: SnapshotCache,
+    pub node_id: String,
+    pub envoy: watch::Receiver<EnvoyState>,
+    /// Rejected objects (`Kind ns/name`) and why, replaced on every pass.
+    pub rejections: Mutex<BTreeMap<String, String>>,
+}
+
+impl AgentState {
+    /// The report behind `membrane status` and `GET /v1/status`.
+    pub fn status_report(&self) -> Value {
+        let envoy = self.envoy.borrow().clone();
+        let mut rejected: Vec<Value> = self
+            .rejections
+            .lock()
+            .map(|r| {
+                r.iter()
+                    .map(|(object, reason)| json!({"object": object, "reason": reason}))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (origin, problem) in self.store.problems() {
+            rejected.push(json!({"object": origin, "reason": problem}));
+        }
+        let xds = serde_json::to_value(self.cache.status()).unwrap_or(Value::Null);
+        json!({
+            "node": self.node_id,
+            "envoy": envoy,
+            "xds": xds,
+            "rejected": rejected,
+        })
+    }
+}

@@ -1,0 +1,273 @@
+//! Model → Envoy resources in protojson form (camelCase field names, `@type`
+//! on every `Any`), shaped like the resources Cilium's operator writes.
+//!
+//! Config sources (RDS, EDS, SDS) are deliberately left out: the agent fills
+//! them in with its own ADS, as Cilium's agent does.
+
+use serde_json::{Value, json};
+
+use crate::annotations::protojson_duration;
+use crate::model::{Action, Model, PathMatch, Route, VirtualHost, WILDCARD_HOST};
+use crate::names;
+
+pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const ROUTE_CONFIGURATION_TYPE: &str =
+    "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+const HCM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+const DOWNSTREAM_TLS_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
+const TLS_INSPECTOR_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector";
+const HTTP_PROTOCOL_OPTIONS_KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+/// All resources of the CEC in Cilium's order: the listener, the route
+/// configurations (insecure, then secure), then clusters sorted by name.
+pub(crate) fn resources(model: &Model, secrets_namespace: &str) -> Vec<Value> {
+    let mut out = vec![listener(model, secrets_namespace)];
+    out.push(route_configuration(
+        names::INSECURE_ROUTE_NAME,
+        &model.insecure,
+        model,
+    ));
+    if model.has_tls() {
+        out.push(route_configuration(
+            names::SECURE_ROUTE_NAME,
+            &model.secure,
+            model,
+        ));
+    }
+    let mut clusters: Vec<(String, Value)> = model
+        .backends
+        .iter()
+        .flat_map(|((ns, svc), ports)| {
+            ports.iter().map(move |port| {
+                let name = names::cluster_name(ns, svc, port);
+                let value = cluster(&name, &names::eds_service_name(ns, svc, port));
+                (name, value)
+            })
+        })
+        .collect();
+    clusters.sort_by(|a, b| a.0.cmp(&b.0));
+    out.extend(clusters.into_iter().map(|(_, v)| v));
+    out
+}
+
+fn listener(model: &Model, secrets_namespace: &str) -> Value {
+    let mut chains = vec![json!({
+        "filterChainMatch": {"transportProtocol": "raw_buffer"},
+        "filters": [hcm_filter(names::INSECURE_ROUTE_NAME)],
+    })];
+    for tls in &model.tls {
+        let sds =
+            names::sds_secret_name(secrets_namespace, &tls.secret_namespace, &tls.secret_name);
+        chains.push(json!({
+            "filterChainMatch": {
+                "serverNames": tls.server_names,
+                "transportProtocol": "tls",
+            },
+            "filters": [hcm_filter(names::SECURE_ROUTE_NAME)],
+            "transportSocket": {
+                "name": "envoy.transport_sockets.tls",
+                "typedConfig": {
+                    "@type": DOWNSTREAM_TLS_TYPE,
+                    "commonTlsContext": {
+                        "tlsCertificateSdsSecretConfigs": [{"name": sds}],
+                    },
+                },
+            },
+        }));
+    }
+    json!({
+        "@type": LISTENER_TYPE,
+        "name": names::LISTENER_NAME,
+        "filterChains": chains,
+        "listenerFilters": [{
+            "name": "envoy.filters.listener.tls_inspector",
+            "typedConfig": {"@type": TLS_INSPECTOR_TYPE},
+        }],
+        // TCP keep-alive as Cilium sets it: SOL_SOCKET/SO_KEEPALIVE and
+        // IPPROTO_TCP/TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT.
+        "socketOptions": [
+            socket_option("Enable TCP keep-alive (default to enabled)", 1, 9, 1),
+            socket_option("TCP keep-alive idle time (in seconds) (defaults to 10s)", 6, 4, 10),
+            socket_option("TCP keep-alive probe intervals (in seconds) (defaults to 5s)", 6, 5, 5),
+            socket_option("TCP keep-alive probe max failures.", 6, 6, 10),
+        ],
+    })
+}
+
+fn socket_option(description: &str, level: i64, name: i64, value: i64) -> Value {
+    // int64 fields are strings in protojson.
+    json!({
+        "description": description,
+        "level": level.to_string(),
+        "name": name.to_string(),
+        "intValue": value.to_string(),
+    })
+}
+
+fn hcm_filter(route_name: &str) -> Value {
+    json!({
+        "name": "envoy.filters.network.http_connection_manager",
+        "typedConfig": {
+            "@type": HCM_TYPE,
+            "statPrefix": route_name,
+            "rds": {"routeConfigName": route_name},
+            "useRemoteAddress": true,
+            "commonHttpProtocolOptions": {"maxStreamDuration": "0s"},
+            "httpFilters": [
+                {
+                    "name": "envoy.filters.http.grpc_web",
+                    "typedConfig": {"@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_web.v3.GrpcWeb"},
+                },
+                {
+                    "name": "envoy.filters.http.grpc_stats",
+                    "typedConfig": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
+                        "emitFilterState": true,
+                        "enableUpstreamStats": true,
+                    },
+                },
+                {
+                    "name": "envoy.filters.http.router",
+                    "typedConfig": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+                },
+            ],
+            // Private ranges count as internal, so Envoy keeps internal-only
+            // headers for in-cluster clients (Cilium's defaults).
+            "internalAddressConfig": {"cidrRanges": [
+                {"addressPrefix": "10.0.0.0", "prefixLen": 8},
+                {"addressPrefix": "172.16.0.0", "prefixLen": 12},
+                {"addressPrefix": "192.168.0.0", "prefixLen": 16},
+                {"addressPrefix": "127.0.0.1", "prefixLen": 32},
+                {"addressPrefix": "::1", "prefixLen": 128},
+            ]},
+            "upgradeConfigs": [{"upgradeType": "websocket"}],
+        },
+    })
+}
+
+fn route_configuration(name: &str, vhosts: &[VirtualHost], model: &Model) -> Value {
+    json!({
+        "@type": ROUTE_CONFIGURATION_TYPE,
+        "name": name,
+        "virtualHosts": vhosts.iter().map(|vh| virtual_host(vh, model)).collect::<Vec<_>>(),
+    })
+}
+
+fn virtual_host(vh: &VirtualHost, model: &Model) -> Value {
+    let domains = if vh.host == WILDCARD_HOST {
+        vec![WILDCARD_HOST.to_string()]
+    } else {
+        vec![vh.host.clone(), format!("{}:*", vh.host)]
+    };
+    let authority = wildcard_authority_regex(&vh.host);
+    json!({
+        "name": vh.host,
+        "domains": domains,
+        "routes": vh.routes.iter().map(|r| route(r, authority.as_deref(), model)).collect::<Vec<_>>(),
+    })
+}
+
+/// For `*.foo.com`: `^[^.]+[.]foo[.]com(:[0-9]+)?$`.
+///
+/// Envoy's `*.foo.com` domain also matches `a.b.foo.com`, but an Ingress
+/// wildcard covers exactly one DNS label, so routes of a wildcard host also
+/// match `:authority` against this regex. Unlike Cilium (`...[.]com$`) we
+/// accept an optional `:port`, otherwise the `*.foo.com:*` domain the virtual
+/// host lists could never route anything.
+pub(crate) fn wildcard_authority_regex(host: &str) -> Option<String> {
+    let suffix = host.strip_prefix("*.")?;
+    let escaped: Vec<String> = suffix.split('.').map(regex::escape).collect();
+    Some(format!("^[^.]+[.]{}(:[0-9]+)?$", escaped.join("[.]")))
+}
+
+fn route(r: &Route, authority_regex: Option<&str>, model: &Model) -> Value {
+    let mut m = serde_json::Map::new();
+    match &r.path {
+        PathMatch::Exact(p) => {
+            m.insert("path".into(), json!(p));
+        }
+        PathMatch::Regex(p) => {
+            m.insert("safeRegex".into(), json!({"regex": p}));
+        }
+        PathMatch::Prefix(p) if p == "/" => {
+            m.insert("prefix".into(), json!("/"));
+        }
+        PathMatch::Prefix(p) => {
+            m.insert("pathSeparatedPrefix".into(), json!(p));
+        }
+    }
+    if let Some(regex) = authority_regex {
+        m.insert(
+            "headers".into(),
+            json!([{"name": ":authority", "stringMatch": {"safeRegex": {"regex": regex}}}]),
+        );
+    }
+    match &r.action {
+        Action::HttpsRedirect => json!({
+            "match": m,
+            "redirect": {"httpsRedirect": true},
+        }),
+        Action::Forward(b) => {
+            let mut action = serde_json::Map::new();
+            action.insert(
+                "cluster".into(),
+                json!(names::cluster_name(
+                    &b.namespace,
+                    &b.name,
+                    &b.port.as_string()
+                )),
+            );
+            if let Some(timeout) = model.request_timeout {
+                action.insert("timeout".into(), json!(protojson_duration(timeout)));
+            }
+            action.insert(
+                "maxStreamDuration".into(),
+                json!({"maxStreamDuration": "0s"}),
+            );
+            json!({"match": m, "route": action})
+        }
+    }
+}
+
+fn cluster(name: &str, eds_service_name: &str) -> Value {
+    json!({
+        "@type": CLUSTER_TYPE,
+        "name": name,
+        "type": "EDS",
+        "connectTimeout": "5s",
+        "edsClusterConfig": {"serviceName": eds_service_name},
+        "outlierDetection": {"splitExternalLocalOriginErrors": true},
+        "typedExtensionProtocolOptions": {
+            HTTP_PROTOCOL_OPTIONS_KEY: {
+                "@type": format!("type.googleapis.com/{HTTP_PROTOCOL_OPTIONS_KEY}"),
+                "commonHttpProtocolOptions": {"idleTimeout": "60s"},
+                // Speak to the backend in the client's HTTP version.
+                "useDownstreamProtocolConfig": {"http2ProtocolOptions": {}},
+            },
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcard_regex_matches_exactly_one_label() {
+        let re = wildcard_authority_regex("*.foo.com").unwrap();
+        assert_eq!(re, "^[^.]+[.]foo[.]com(:[0-9]+)?$");
+        let re = regex::Regex::new(&re).unwrap();
+        assert!(re.is_match("bar.foo.com"));
+        assert!(re.is_match("bar.foo.com:8080"));
+        assert!(!re.is_match("baz.bar.foo.com"));
+        assert!(!re.is_match("foo.com"));
+        assert!(!re.is_match(".foo.com"));
+        assert!(!re.is_match("barxfoo.com"));
+        assert!(!re.is_match("bar.foo.com:"));
+        assert_eq!(wildcard_authority_regex("foo.com"), None);
+        assert_eq!(wildcard_authority_regex("*"), None);
+    }
+}

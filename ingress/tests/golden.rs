@@ -1,0 +1,109 @@
+//! Golden tests: `testdata/<case>/input.yaml` (one or more Ingress documents)
+//! → `testdata/<case>/output-cec.yaml` (one CEC document per Ingress).
+//! `UPDATE_GOLDEN=1 cargo test -p membrane-ingress` rewrites the outputs.
+
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::networking::v1::Ingress;
+use membrane_ingress::{TranslateOptions, translate};
+use serde::Deserialize;
+use serde_json::Value;
+
+/// Cases that must exist, so a deleted directory cannot pass silently.
+const REQUIRED_CASES: &[&str] = &[
+    "default-backend",
+    "host-rules",
+    "path-rules",
+    "path-types",
+    "shared-host",
+];
+
+fn testdata() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata")
+}
+
+fn parse_ingresses(text: &str) -> Vec<Ingress> {
+    serde_yaml_ng::Deserializer::from_str(text)
+        .map(|doc| Ingress::deserialize(doc).expect("input.yaml holds Ingress documents"))
+        .collect()
+}
+
+/// Rebuilds maps with keys inserted in sorted order, so the YAML is the same
+/// whether or not serde_json's `preserve_order` is enabled in the build.
+fn sort_keys(v: Value) -> Value {
+    match v {
+        Value::Object(map) => {
+            let mut entries: Vec<(String, Value)> = map.into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            Value::Object(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| (k, sort_keys(v)))
+                    .collect(),
+            )
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(sort_keys).collect()),
+        other => other,
+    }
+}
+
+fn render(ingresses: &[Ingress]) -> String {
+    let opts = TranslateOptions::default();
+    let docs: Vec<String> = ingresses
+        .iter()
+        .map(|ing| {
+            let t = translate(ing, &opts).unwrap_or_else(|e| panic!("translation failed: {e}"));
+            let value = sort_keys(serde_json::to_value(&t.cec).expect("CEC serialises"));
+            serde_yaml_ng::to_string(&value).expect("YAML serialises")
+        })
+        .collect();
+    docs.join("---\n")
+}
+
+#[test]
+fn golden_cases() {
+    let update = std::env::var_os("UPDATE_GOLDEN").is_some_and(|v| v == "1");
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(testdata())
+        .expect("testdata exists")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.join("input.yaml").is_file())
+        .collect();
+    cases.sort();
+    for required in REQUIRED_CASES {
+        assert!(
+            cases.iter().any(|c| c.ends_with(required)),
+            "golden case {required} is missing"
+        );
+    }
+
+    let mut failures = Vec::new();
+    for case in &cases {
+        let input = std::fs::read_to_string(case.join("input.yaml")).expect("read input");
+        let ingresses = parse_ingresses(&input);
+        assert!(!ingresses.is_empty(), "{}: no Ingress", case.display());
+        let got = render(&ingresses);
+        let out = case.join("output-cec.yaml");
+        if update {
+            std::fs::write(&out, &got).expect("write golden");
+            continue;
+        }
+        let want = std::fs::read_to_string(&out).unwrap_or_default();
+        if got != want {
+            failures.push(format!(
+                "{}: output differs (run UPDATE_GOLDEN=1 cargo test -p membrane-ingress)\n--- want\n{want}\n--- got\n{got}",
+                case.display()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn outputs_are_deterministic() {
+    for case in REQUIRED_CASES {
+        let input =
+            std::fs::read_to_string(testdata().join(case).join("input.yaml")).expect("read input");
+        let ingresses = parse_ingresses(&input);
+        assert_eq!(render(&ingresses), render(&ingresses), "{case}");
+    }
+}

@@ -1,0 +1,39 @@
+//! `membrane translate -f INGRESS.yaml`: the CECs Membrane would write, with
+//! no running instance and no I/O beyond reading the file.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use membrane_store::Object;
+use membrane_store::k8s_openapi::api::networking::v1::Ingress;
+
+use super::read_input;
+
+pub fn run(file: &Path) -> Result<ExitCode> {
+    let text = read_input(file)?;
+    let ingresses: Vec<Ingress> = membrane_store::parse_documents(&text)?
+        .into_iter()
+        .filter_map(|o| match o {
+            Object::Ingress(i) => Some(i),
+            _ => None,
+        })
+        .collect();
+    anyhow::ensure!(!ingresses.is_empty(), "{}: no Ingress found", file.display());
+    let opts = membrane_ingress::TranslateOptions::default();
+    let mut failed = false;
+    let mut cecs = Vec::new();
+    for result in membrane_ingress::translate_all(&ingresses, &opts) {
+        match result {
+            Ok(t) => cecs.push(t.cec),
+            Err(e) => {
+                eprintln!("error: {e}");
+                failed = true;
+            }
+        }
+    }
+    for cec in &cecs {
+        print!("---\n{}", serde_yaml_ng::to_string(cec)?);
+    }
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}

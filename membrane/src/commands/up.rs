@@ -1,0 +1,145 @@
+//! `membrane up [DIR]`: the embedded mode. A manifest directory (watched)
+//! plus the local API feed the store; the agent serves it through Envoy.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use membrane_agent::{AgentConfig, Pool, PortMap, XdsProtocol};
+use membrane_store::{ManifestDir, Store};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct UpArgs {
+    /// Directory of manifests (multi-document YAML/JSON), watched for changes.
+    #[arg(default_value = "examples/quickstart")]
+    pub dir: PathBuf,
+    /// Where the xDS socket, Envoy bootstrap and Envoy log go
+    /// (default: `run` next to the API socket).
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// Envoy binary (else $MEMBRANE_ENVOY, .venv/bin/envoy, PATH).
+    #[arg(long)]
+    pub envoy_bin: Option<PathBuf>,
+    /// Envoy admin port on 127.0.0.1 (0 picks a free one).
+    #[arg(long, default_value_t = 9901)]
+    pub envoy_admin_port: u16,
+    #[arg(long, default_value_t = 2)]
+    pub envoy_concurrency: u16,
+    #[arg(long, default_value = "warning")]
+    pub envoy_log_level: String,
+    /// xDS variant Envoy uses: sotw or delta.
+    #[arg(long, default_value = "sotw", value_parser = parse_protocol)]
+    pub xds_protocol: XdsProtocol,
+    /// Pool LoadBalancer Service addresses come from.
+    #[arg(long, default_value = "127.0.100.0/24")]
+    pub lb_pool: Pool,
+    /// Port Ingress HTTP (service port 80) is served on.
+    #[arg(long, default_value_t = 80)]
+    pub http_port: u16,
+    /// Port Ingress HTTPS (service port 443) is served on.
+    #[arg(long, default_value_t = 443)]
+    pub https_port: u16,
+    /// Node name (Envoy node id `membrane~<name>`).
+    #[arg(long, default_value = "local")]
+    pub node_name: String,
+    /// Node labels for CEC `nodeSelector`s, `k=v,k2=v2`.
+    #[arg(long, default_value = "")]
+    pub node_labels: String,
+    /// Namespace TLS Secrets are synced to for SDS, as Cilium's.
+    #[arg(long, default_value = "cilium-secrets")]
+    pub secrets_namespace: String,
+}
+
+fn parse_protocol(s: &str) -> Result<XdsProtocol, String> {
+    match s {
+        "sotw" => Ok(XdsProtocol::Sotw),
+        "delta" => Ok(XdsProtocol::Delta),
+        other => Err(format!("{other:?}: expected sotw or delta")),
+    }
+}
+
+fn parse_labels(s: &str) -> Result<BTreeMap<String, String>> {
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .with_context(|| format!("--node-labels: {p:?} is not k=v"))
+        })
+        .collect()
+}
+
+pub async fn run(args: UpArgs, api_socket: PathBuf) -> Result<ExitCode> {
+    anyhow::ensure!(
+        args.dir.is_dir(),
+        "{}: not a directory of manifests",
+        args.dir.display()
+    );
+    let run_dir = args.run_dir.clone().unwrap_or_else(|| {
+        api_socket
+            .parent()
+            .map(|p| p.join("run"))
+            .unwrap_or_else(|| PathBuf::from("membrane-run"))
+    });
+    let config = AgentConfig {
+        run_dir,
+        api_socket,
+        envoy_bin: args.envoy_bin.clone(),
+        envoy_admin_port: args.envoy_admin_port,
+        envoy_concurrency: args.envoy_concurrency,
+        envoy_log_level: args.envoy_log_level.clone(),
+        xds_protocol: args.xds_protocol,
+        lb_pool: args.lb_pool,
+        ports: PortMap {
+            http: args.http_port,
+            https: args.https_port,
+        },
+        node_name: args.node_name.clone(),
+        node_labels: parse_labels(&args.node_labels)?,
+        secrets_namespace: args.secrets_namespace.clone(),
+    };
+
+    let store = Store::new();
+    let manifests = ManifestDir::new(args.dir.clone());
+    // Start complete: the first configuration Envoy sees has every object.
+    manifests
+        .load_once(&store.writer(&manifests_name(&args.dir)))
+        .with_context(|| format!("reading {}", args.dir.display()))?;
+    let source = store.spawn_source(manifests);
+    info!(dir = %args.dir.display(), "watching manifests");
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    let watch_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        match source.await {
+            Ok(Err(e)) => error!(error = %e, "manifest directory source stopped"),
+            Err(e) => error!(error = %e, "manifest directory source panicked"),
+            Ok(Ok(())) => {}
+        }
+        // The source only ends on error; keep serving what we have.
+        let _ = watch_shutdown;
+    });
+    membrane_agent::run(config, store, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn manifests_name(dir: &std::path::Path) -> String {
+    format!("manifests {}", dir.display())
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    info!("stopping");
+    shutdown.cancel();
+}

@@ -1,0 +1,138 @@
+use std::fmt;
+
+use crate::StoreError;
+
+/// The kinds of objects the store holds.
+///
+/// The declaration order is the sort order of [`crate::ObjectKey`]s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Ingress,
+    IngressClass,
+    Service,
+    EndpointSlice,
+    Endpoints,
+    Secret,
+    Namespace,
+    CiliumEnvoyConfig,
+    CiliumClusterwideEnvoyConfig,
+}
+
+const ALL: &[Kind] = &[
+    Kind::Ingress,
+    Kind::IngressClass,
+    Kind::Service,
+    Kind::EndpointSlice,
+    Kind::Endpoints,
+    Kind::Secret,
+    Kind::Namespace,
+    Kind::CiliumEnvoyConfig,
+    Kind::CiliumClusterwideEnvoyConfig,
+];
+
+impl Kind {
+    /// Every kind, in key order.
+    pub fn all() -> &'static [Kind] {
+        ALL
+    }
+
+    /// The kind of a manifest's `apiVersion` + `kind`, if the store holds it.
+    pub fn from_type(api_version: &str, kind: &str) -> Option<Kind> {
+        ALL.iter()
+            .copied()
+            .find(|k| k.api_version() == api_version && k.kind_name() == kind)
+    }
+
+    /// Parses a kubectl-style resource name (singular, plural, short name or
+    /// kind name), case-insensitively.
+    pub fn parse(s: &str) -> Result<Kind, StoreError> {
+        let lower = s.trim().to_ascii_lowercase();
+        let kind = match lower.as_str() {
+            "ingress" | "ingresses" | "ing" => Kind::Ingress,
+            "ingressclass" | "ingressclasses" => Kind::IngressClass,
+            "service" | "services" | "svc" => Kind::Service,
+            "endpointslice" | "endpointslices" => Kind::EndpointSlice,
+            "endpoints" | "endpoint" | "ep" => Kind::Endpoints,
+            "secret" | "secrets" => Kind::Secret,
+            "namespace" | "namespaces" | "ns" => Kind::Namespace,
+            "cec" | "ciliumenvoyconfig" | "ciliumenvoyconfigs" => Kind::CiliumEnvoyConfig,
+            "ccec" | "ciliumclusterwideenvoyconfig" | "ciliumclusterwideenvoyconfigs" => {
+                Kind::CiliumClusterwideEnvoyConfig
+            }
+            _ => {
+                // Also accept `<plural>.<group>` as kubectl does (e.g. `ingresses.networking.k8s.io`).
+                if let Some((name, group)) = lower.split_once('.') {
+                    if let Ok(kind) = Kind::parse(name) {
+                        if kind.group() == group {
+                            return Ok(kind);
+                        }
+                    }
+                }
+                return Err(StoreError::UnknownResource(s.to_string()));
+            }
+        };
+        Ok(kind)
+    }
+
+    /// True for kinds that live in a namespace.
+    pub fn namespaced(self) -> bool {
+        !matches!(
+            self,
+            Kind::Namespace | Kind::IngressClass | Kind::CiliumClusterwideEnvoyConfig
+        )
+    }
+
+    /// `apiVersion` as written in manifests.
+    pub fn api_version(self) -> &'static str {
+        match self {
+            Kind::Ingress | Kind::IngressClass => "networking.k8s.io/v1",
+            Kind::Service | Kind::Endpoints | Kind::Secret | Kind::Namespace => "v1",
+            Kind::EndpointSlice => "discovery.k8s.io/v1",
+            Kind::CiliumEnvoyConfig | Kind::CiliumClusterwideEnvoyConfig => "cilium.io/v2",
+        }
+    }
+
+    /// API group ("" for the core group).
+    pub fn group(self) -> &'static str {
+        match self.api_version().rsplit_once('/') {
+            Some((group, _)) => group,
+            None => "",
+        }
+    }
+
+    /// `kind` as written in manifests.
+    pub fn kind_name(self) -> &'static str {
+        match self {
+            Kind::Ingress => "Ingress",
+            Kind::IngressClass => "IngressClass",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Endpoints => "Endpoints",
+            Kind::Secret => "Secret",
+            Kind::Namespace => "Namespace",
+            Kind::CiliumEnvoyConfig => "CiliumEnvoyConfig",
+            Kind::CiliumClusterwideEnvoyConfig => "CiliumClusterwideEnvoyConfig",
+        }
+    }
+
+    /// Lower-case plural resource name, as used in API paths.
+    pub fn plural(self) -> &'static str {
+        match self {
+            Kind::Ingress => "ingresses",
+            Kind::IngressClass => "ingressclasses",
+            Kind::Service => "services",
+            Kind::EndpointSlice => "endpointslices",
+            Kind::Endpoints => "endpoints",
+            Kind::Secret => "secrets",
+            Kind::Namespace => "namespaces",
+            Kind::CiliumEnvoyConfig => "ciliumenvoyconfigs",
+            Kind::CiliumClusterwideEnvoyConfig => "ciliumclusterwideenvoyconfigs",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.kind_name())
+    }
+}

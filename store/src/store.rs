@@ -1,0 +1,500 @@
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::{Kind, Object, ObjectKey, Typed};
+
+type Objects = BTreeMap<ObjectKey, Arc<Object>>;
+
+/// What an apply did, as kubectl reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Change {
+    Created,
+    Configured,
+    Unchanged,
+}
+
+impl Change {
+    /// kubectl's word for it: `created`, `configured`, `unchanged`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Change::Created => "created",
+            Change::Configured => "configured",
+            Change::Unchanged => "unchanged",
+        }
+    }
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The typed object store shared by sources (writers) and controllers
+/// (readers). Cloning is cheap; all clones share one store.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    tx: watch::Sender<u64>,
+}
+
+/// Which source scope claims an object, with the version it supplied.
+type ScopeId = (String, String);
+
+#[derive(Default)]
+struct State {
+    /// Copy-on-write: snapshots share the map until the next write.
+    objects: Arc<Objects>,
+    revision: u64,
+    problems: BTreeMap<String, String>,
+    scopes: BTreeMap<ScopeId, BTreeMap<ObjectKey, Object>>,
+}
+
+/// One change to the set of objects a source scope owns, see
+/// [`crate::SourceWriter::update_scopes`].
+#[derive(Clone, Debug)]
+pub struct ScopeUpdate {
+    pub scope: String,
+    pub objects: Vec<Object>,
+    /// When true, objects the scope owned before and are not in `objects`
+    /// stay (used when part of a scope could not be read); when false they
+    /// are released.
+    pub keep_missing: bool,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store::new()
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("revision", &self.revision())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    pub fn new() -> Store {
+        let (tx, _) = watch::channel(0);
+        Store {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State::default()),
+                tx,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-written in
+        // a way readers could not handle; keep serving.
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` under the lock and notifies subscribers once if anything changed.
+    fn write<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        let mut state = self.lock();
+        let before = state.revision;
+        let out = f(&mut state);
+        if state.revision != before {
+            self.inner.tx.send_replace(state.revision);
+        }
+        out
+    }
+
+    /// Inserts or replaces an object, setting metadata as the API server
+    /// would: namespace `default` for namespaced kinds when empty, `uid`
+    /// (kept if given, else stable per key), `creationTimestamp` on create,
+    /// `resourceVersion` (the store revision) on every real change,
+    /// `generation` 1 on create and +1 when anything outside metadata and
+    /// status changes. A missing status keeps the stored one. Unchanged
+    /// content gives [`Change::Unchanged`] and no notification.
+    pub fn apply(&self, obj: Object) -> Change {
+        self.write(|state| state.apply(obj))
+    }
+
+    /// Deletes an object; deleting a Namespace deletes every object in it.
+    /// Returns the deleted object.
+    pub fn delete(&self, key: &ObjectKey) -> Option<Object> {
+        self.write(|state| state.delete(key, true))
+    }
+
+    pub fn get(&self, key: &ObjectKey) -> Option<Arc<Object>> {
+        self.lock().objects.get(key).cloned()
+    }
+
+    /// Objects of a kind, optionally in one namespace (ignored for
+    /// cluster-scoped kinds), sorted by key.
+    pub fn list(&self, kind: Kind, namespace: Option<&str>) -> Vec<Arc<Object>> {
+        let objects = self.lock().objects.clone();
+        range(&objects, kind, namespace).cloned().collect()
+    }
+
+    /// A clone of one typed object.
+    pub fn get_typed<T: Typed>(&self, ns: &str, name: &str) -> Option<T> {
+        let obj = self.get(&ObjectKey::new(T::KIND, ns, name))?;
+        T::from_object(&obj).cloned()
+    }
+
+    /// A consistent view of every object at one revision. Cheap: the map is
+    /// shared until the next write.
+    pub fn snapshot(&self) -> StoreSnapshot {
+        let state = self.lock();
+        StoreSnapshot {
+            revision: state.revision,
+            objects: state.objects.clone(),
+        }
+    }
+
+    /// Replaces `status` only (no generation bump; no-op if equal). Returns
+    /// false if the object is gone, its kind has no status, or `status` does
+    /// not fit the kind's status type.
+    pub fn update_status(&self, key: &ObjectKey, status: Value) -> bool {
+        self.write(|state| {
+            let Some(existing) = state.objects.get(key) else {
+                return false;
+            };
+            let mut updated = (**existing).clone();
+            if let Err(e) = updated.set_status_value(status) {
+                tracing::warn!(object = %key, error = %e, "status update rejected");
+                return false;
+            }
+            if updated == **existing {
+                return true;
+            }
+            let rv = state.next_revision();
+            updated.meta_mut().resource_version = Some(rv.to_string());
+            Arc::make_mut(&mut state.objects).insert(key.clone(), Arc::new(updated));
+            true
+        })
+    }
+
+    /// Receives the revision, bumped on every change (objects or problems).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.tx.subscribe()
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.lock().revision
+    }
+
+    /// Records (or clears, with `None`) a problem found by a source, keyed by
+    /// its origin (e.g. `file examples/x.yaml`).
+    pub fn set_problem(&self, origin: &str, problem: Option<String>) {
+        self.write(|state| state.set_problem(origin, problem))
+    }
+
+    pub fn problems(&self) -> BTreeMap<String, String> {
+        self.lock().problems.clone()
+    }
+
+    /// A writer for a source named `source`; see [`crate::SourceWriter`].
+    pub fn writer(&self, source: &str) -> crate::SourceWriter {
+        crate::SourceWriter::new(self.clone(), source)
+    }
+
+    /// Runs a source on the tokio runtime, writing into this store.
+    pub fn spawn_source<S: crate::Source>(
+        &self,
+        source: S,
+    ) -> tokio::task::JoinHandle<Result<(), crate::StoreError>> {
+        let writer = self.writer(&source.name());
+        tokio::spawn(source.run(writer))
+    }
+
+    // ---- scope ownership, used by SourceWriter ----
+
+    pub(crate) fn update_scopes(&self, source: &str, updates: Vec<ScopeUpdate>) {
+        self.write(|state| state.update_scopes(source, updates))
+    }
+
+    pub(crate) fn apply_in_scope(&self, source: &str, scope: &str, obj: Object) {
+        self.write(|state| state.apply_in_scope(source, scope, obj))
+    }
+
+    pub(crate) fn release_from_source(&self, source: &str, key: &ObjectKey) {
+        self.write(|state| {
+            let mut released = false;
+            for ((src, _), claims) in state.scopes.iter_mut() {
+                if src == source {
+                    released |= claims.remove(key).is_some();
+                }
+            }
+            state.scopes.retain(|_, claims| !claims.is_empty());
+            if released || state.objects.contains_key(key) {
+                state.release(key);
+            }
+        })
+    }
+
+    pub(crate) fn scopes_of(&self, source: &str) -> Vec<String> {
+        self.lock()
+            .scopes
+            .keys()
+            .filter(|(src, _)| src == source)
+            .map(|(_, scope)| scope.clone())
+            .collect()
+    }
+}
+
+impl State {
+    fn next_revision(&mut self) -> u64 {
+        self.revision += 1;
+        self.revision
+    }
+
+    fn apply(&mut self, mut obj: Object) -> Change {
+        obj.normalize();
+        let key = obj.key();
+        {
+            let meta = obj.meta_mut();
+            meta.resource_version = None;
+            meta.managed_fields = None;
+        }
+        let existing = self.objects.get(&key).cloned();
+        let change = match existing {
+            Some(existing) => {
+                if obj.status_is_none() {
+                    obj.copy_status_from(&existing);
+                }
+                let old = existing.meta();
+                let meta = obj.meta_mut();
+                if meta.uid.is_none() {
+                    meta.uid.clone_from(&old.uid);
+                }
+                if meta.creation_timestamp.is_none() {
+                    meta.creation_timestamp.clone_from(&old.creation_timestamp);
+                }
+                meta.generation = old.generation;
+                meta.resource_version.clone_from(&old.resource_version);
+                if obj == *existing {
+                    return Change::Unchanged;
+                }
+                if obj.body() != existing.body() {
+                    let meta = obj.meta_mut();
+                    meta.generation = Some(meta.generation.unwrap_or(0) + 1);
+                }
+                Change::Configured
+            }
+            None => {
+                obj.default_status();
+                let meta = obj.meta_mut();
+                if meta.uid.is_none() {
+                    meta.uid = Some(stable_uid(&key));
+                }
+                if meta.creation_timestamp.is_none() {
+                    // The API server stores seconds.
+                    let now = Timestamp::from_second(Timestamp::now().as_second())
+                        .unwrap_or_else(|_| Timestamp::now());
+                    meta.creation_timestamp = Some(Time(now));
+                }
+                meta.generation = Some(1);
+                Change::Created
+            }
+        };
+        let rv = self.next_revision();
+        obj.meta_mut().resource_version = Some(rv.to_string());
+        Arc::make_mut(&mut self.objects).insert(key, Arc::new(obj));
+        change
+    }
+
+    /// Deletes `key`. For a Namespace, also deletes the objects in it: all
+    /// of them when `cascade_all`, else only those no source claims (a source
+    /// still declaring an object keeps it, so a namespace that briefly
+    /// disappears from a manifest file does not take other files down).
+    fn delete(&mut self, key: &ObjectKey, cascade_all: bool) -> Option<Object> {
+        let objects = Arc::make_mut(&mut self.objects);
+        let removed = objects.remove(key)?;
+        if key.kind == Kind::Namespace {
+            let claimed: BTreeSet<&ObjectKey> =
+                self.scopes.values().flat_map(|claims| claims.keys()).collect();
+            let doomed: Vec<ObjectKey> = objects
+                .keys()
+                .filter(|k| k.kind.namespaced() && k.namespace == key.name)
+                .filter(|k| cascade_all || !claimed.contains(k))
+                .cloned()
+                .collect();
+            for k in doomed {
+                objects.remove(&k);
+            }
+        }
+        self.next_revision();
+        Some(Arc::unwrap_or_clone(removed))
+    }
+
+    fn set_problem(&mut self, origin: &str, problem: Option<String>) {
+        let changed = match problem {
+            Some(p) => self.problems.insert(origin.to_string(), p.clone()).as_ref() != Some(&p),
+            None => self.problems.remove(origin).is_some(),
+        };
+        if changed {
+            self.next_revision();
+        }
+    }
+
+    fn apply_in_scope(&mut self, source: &str, scope: &str, mut obj: Object) {
+        obj.normalize();
+        self.scopes
+            .entry((source.to_string(), scope.to_string()))
+            .or_default()
+            .insert(obj.key(), obj.clone());
+        self.apply(obj);
+    }
+
+    fn update_scopes(&mut self, source: &str, updates: Vec<ScopeUpdate>) {
+        // Claims first, then objects, then releases: an object moving from
+        // one scope to another (a renamed file) never disappears.
+        let mut orphans = Vec::new();
+        let mut to_apply = Vec::new();
+        for update in updates {
+            let id = (source.to_string(), update.scope);
+            let mut claims = BTreeMap::new();
+            for mut obj in update.objects {
+                obj.normalize();
+                claims.insert(obj.key(), obj.clone());
+                to_apply.push(obj);
+            }
+            let old = self.scopes.remove(&id).unwrap_or_default();
+            for (key, obj) in old {
+                if claims.contains_key(&key) {
+                    continue;
+                }
+                if update.keep_missing {
+                    claims.insert(key, obj);
+                } else {
+                    orphans.push(key);
+                }
+            }
+            if !claims.is_empty() {
+                self.scopes.insert(id, claims);
+            }
+        }
+        for obj in to_apply {
+            self.apply(obj);
+        }
+        for key in orphans {
+            self.release(&key);
+        }
+    }
+
+    /// An object lost a claim: if another scope still declares it, that
+    /// version is applied; otherwise it is deleted.
+    fn release(&mut self, key: &ObjectKey) {
+        let other = self
+            .scopes
+            .values()
+            .find_map(|claims| claims.get(key))
+            .cloned();
+        match other {
+            Some(obj) => {
+                self.apply(obj);
+            }
+            None => {
+                self.delete(key, false);
+            }
+        }
+    }
+}
+
+/// A consistent, immutable view of the store at one revision.
+#[derive(Clone, Debug)]
+pub struct StoreSnapshot {
+    revision: u64,
+    objects: Arc<Objects>,
+}
+
+impl StoreSnapshot {
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    pub fn get(&self, key: &ObjectKey) -> Option<&Arc<Object>> {
+        self.objects.get(key)
+    }
+
+    /// Objects of a kind, optionally in one namespace (ignored for
+    /// cluster-scoped kinds), sorted by key.
+    pub fn list(&self, kind: Kind, namespace: Option<&str>) -> impl Iterator<Item = &Arc<Object>> {
+        range(&self.objects, kind, namespace)
+    }
+
+    pub fn typed<'a, T: Typed + 'a>(
+        &'a self,
+        namespace: Option<&str>,
+    ) -> impl Iterator<Item = &'a T> {
+        self.list(T::KIND, namespace)
+            .filter_map(|o| T::from_object(o))
+    }
+
+    pub fn get_typed<T: Typed>(&self, ns: &str, name: &str) -> Option<&T> {
+        T::from_object(self.objects.get(&ObjectKey::new(T::KIND, ns, name))?)
+    }
+
+    /// Every object, sorted by key.
+    pub fn iter(&self) -> impl Iterator<Item = (&ObjectKey, &Arc<Object>)> {
+        self.objects.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.objects.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.objects.is_empty()
+    }
+}
+
+fn range<'a>(
+    objects: &'a Objects,
+    kind: Kind,
+    namespace: Option<&str>,
+) -> impl Iterator<Item = &'a Arc<Object>> + use<'a> {
+    let namespace = namespace.filter(|_| kind.namespaced()).map(str::to_string);
+    let start = ObjectKey {
+        kind,
+        namespace: namespace.clone().unwrap_or_default(),
+        name: String::new(),
+    };
+    objects
+        .range(start..)
+        .take_while(move |(k, _)| {
+            k.kind == kind && namespace.as_ref().is_none_or(|ns| &k.namespace == ns)
+        })
+        .map(|(_, o)| o)
+}
+
+/// A UUID-shaped id derived from the key (FNV-1a, 128 bit), so that the same
+/// object gets the same uid across runs and golden outputs stay stable.
+fn stable_uid(key: &ObjectKey) -> String {
+    const OFFSET: u128 = 0x6c62272e07bb014262b821756295c58d;
+    const PRIME: u128 = 0x0000000001000000000000000000013B;
+    let mut h = OFFSET;
+    let text = format!("{}/{}/{}", key.kind.kind_name(), key.namespace, key.name);
+    for b in text.bytes() {
+        h ^= u128::from(b);
+        h = h.wrapping_mul(PRIME);
+    }
+    // Mark as a version-8 (custom) RFC 9562 UUID.
+    h = (h & !(0xf << 76)) | (0x8 << 76);
+    h = (h & !(0x3 << 62)) | (0x2 << 62);
+    let s = format!("{h:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &s[0..8],
+        &s[8..12],
+        &s[12..16],
+        &s[16..20],
+        &s[20..32]
+    )
+}
