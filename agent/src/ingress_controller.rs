@@ -52,11 +52,12 @@ fn key_of(kind: Kind, meta: &ObjectMeta) -> ObjectKey {
     }
 }
 
+/// The Ingress that generated an object: its controller owner reference.
 fn owner_ingress(meta: &ObjectMeta) -> Option<String> {
     meta.owner_references
         .iter()
         .flatten()
-        .find(|o| o.kind == "Ingress")
+        .find(|o| o.kind == "Ingress" && o.controller == Some(true))
         .map(|o| o.name.clone())
 }
 
@@ -133,14 +134,9 @@ fn garbage_collect(store: &Store, snap: &StoreSnapshot, owners: &BTreeSet<(Strin
             .list(kind, None)
             .filter(|o| {
                 let meta = o.meta();
-                let generated = meta
-                    .labels
-                    .as_ref()
-                    .is_some_and(|l| l.contains_key("cilium.io/ingress"));
-                generated
-                    && owner_ingress(meta).is_some_and(|owner| {
-                        !owners.contains(&(meta.namespace.clone().unwrap_or_default(), owner))
-                    })
+                owner_ingress(meta).is_some_and(|owner| {
+                    !owners.contains(&(meta.namespace.clone().unwrap_or_default(), owner))
+                })
             })
             .map(|o| o.key())
             .collect();

@@ -8,6 +8,9 @@ use thiserror::Error;
 /// Why an Ingress could not be translated or is not ready to be served.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum IngressError {
+    /// A generated object could not be rendered as YAML (a bug, not bad input).
+    #[error("rendering CiliumEnvoyConfig YAML: {0}")]
+    Render(String),
     /// The Ingress has no `metadata.name`.
     #[error("Ingress in namespace {namespace}: metadata.name: required")]
     MissingName { namespace: String },
@@ -86,6 +89,7 @@ impl IngressError {
     pub fn field(&self) -> String {
         match self {
             IngressError::MissingName { .. } => "metadata.name".to_string(),
+            IngressError::Render(_) => String::new(),
             IngressError::InvalidAnnotation { annotation, .. } => {
                 format!("metadata.annotations[{annotation}]")
             }

@@ -20,6 +20,7 @@ mod error;
 mod model;
 pub mod names;
 mod references;
+mod render;
 mod translate;
 
 pub use annotations::{FORCE_HTTPS, REQUEST_TIMEOUT};
@@ -30,6 +31,7 @@ pub use class::{
 pub use envoy::{CLUSTER_TYPE, LISTENER_TYPE, ROUTE_CONFIGURATION_TYPE};
 pub use error::IngressError;
 pub use references::{Lookup, TLS_SECRET_TYPE, validate_references};
+pub use render::cecs_to_yaml;
 pub use translate::{
     INGRESS_LABEL, PLACEHOLDER_ENDPOINT, SERVICE_NAME_LABEL, TranslateOptions, Translation,
     USE_ORIGINAL_SOURCE_ADDRESS_LABEL, translate, translate_all,

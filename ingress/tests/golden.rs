@@ -5,9 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::networking::v1::Ingress;
-use membrane_ingress::{TranslateOptions, translate};
+use membrane_ingress::{TranslateOptions, cecs_to_yaml, translate};
 use serde::Deserialize;
-use serde_json::Value;
 
 /// Cases that must exist, so a deleted directory cannot pass silently.
 const REQUIRED_CASES: &[&str] = &[
@@ -28,36 +27,17 @@ fn parse_ingresses(text: &str) -> Vec<Ingress> {
         .collect()
 }
 
-/// Rebuilds maps with keys inserted in sorted order, so the YAML is the same
-/// whether or not serde_json's `preserve_order` is enabled in the build.
-fn sort_keys(v: Value) -> Value {
-    match v {
-        Value::Object(map) => {
-            let mut entries: Vec<(String, Value)> = map.into_iter().collect();
-            entries.sort_by(|a, b| a.0.cmp(&b.0));
-            Value::Object(
-                entries
-                    .into_iter()
-                    .map(|(k, v)| (k, sort_keys(v)))
-                    .collect(),
-            )
-        }
-        Value::Array(items) => Value::Array(items.into_iter().map(sort_keys).collect()),
-        other => other,
-    }
-}
-
 fn render(ingresses: &[Ingress]) -> String {
     let opts = TranslateOptions::default();
-    let docs: Vec<String> = ingresses
+    let cecs: Vec<_> = ingresses
         .iter()
         .map(|ing| {
-            let t = translate(ing, &opts).unwrap_or_else(|e| panic!("translation failed: {e}"));
-            let value = sort_keys(serde_json::to_value(&t.cec).expect("CEC serialises"));
-            serde_yaml_ng::to_string(&value).expect("YAML serialises")
+            translate(ing, &opts)
+                .unwrap_or_else(|e| panic!("translation failed: {e}"))
+                .cec
         })
         .collect();
-    docs.join("---\n")
+    cecs_to_yaml(&cecs).expect("YAML renders")
 }
 
 #[test]

@@ -20,13 +20,22 @@ pub enum StoreError {
     Invalid(String),
     /// An error inside one document of a multi-document text (1-based index).
     #[error("document {index}: {error}")]
-    Document { index: usize, error: Box<StoreError> },
+    Document {
+        index: usize,
+        error: Box<StoreError>,
+    },
     /// An error in one item of a `List` document (0-based index).
     #[error("items[{index}]: {error}")]
-    Item { index: usize, error: Box<StoreError> },
+    Item {
+        index: usize,
+        error: Box<StoreError>,
+    },
     /// Reading a file or directory failed.
     #[error("{}: {error}", path.display())]
-    Io { path: PathBuf, error: std::io::Error },
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     /// The file watcher could not be set up or stopped delivering events.
     #[error("watching {}: {message}", path.display())]
     Watch { path: PathBuf, message: String },

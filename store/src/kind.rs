@@ -61,12 +61,11 @@ impl Kind {
             }
             _ => {
                 // Also accept `<plural>.<group>` as kubectl does (e.g. `ingresses.networking.k8s.io`).
-                if let Some((name, group)) = lower.split_once('.') {
-                    if let Ok(kind) = Kind::parse(name) {
-                        if kind.group() == group {
-                            return Ok(kind);
-                        }
-                    }
+                if let Some((name, group)) = lower.split_once('.')
+                    && let Ok(kind) = Kind::parse(name)
+                    && kind.group() == group
+                {
+                    return Ok(kind);
                 }
                 return Err(StoreError::UnknownResource(s.to_string()));
             }

@@ -155,7 +155,11 @@ impl ManifestDir {
                 ),
             }
         }
-        let config = notify::Config::default().with_poll_interval(self.poll_interval);
+        // The poller compares mtimes in whole seconds, which misses quick
+        // successive edits; comparing contents is cheap for manifest files.
+        let config = notify::Config::default()
+            .with_poll_interval(self.poll_interval)
+            .with_compare_contents(true);
         let mut w = PollWatcher::new(handler(tx), config).map_err(|e| self.watch_error(e))?;
         w.watch(&self.dir, RecursiveMode::Recursive)
             .map_err(|e| self.watch_error(e))?;

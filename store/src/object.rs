@@ -267,13 +267,13 @@ impl Object {
         } else {
             meta.namespace = None;
         }
-        if let Object::Secret(secret) = self {
-            if let Some(string_data) = secret.string_data.take() {
-                let data = secret.data.get_or_insert_with(BTreeMap::new);
-                for (k, v) in string_data {
-                    // stringData wins over data for the same key, as in Kubernetes.
-                    data.insert(k, ByteString(v.into_bytes()));
-                }
+        if let Object::Secret(secret) = self
+            && let Some(string_data) = secret.string_data.take()
+        {
+            let data = secret.data.get_or_insert_with(BTreeMap::new);
+            for (k, v) in string_data {
+                // stringData wins over data for the same key, as in Kubernetes.
+                data.insert(k, ByteString(v.into_bytes()));
             }
         }
     }
@@ -326,13 +326,13 @@ impl Object {
     /// Defaults a new object's status the way controllers in a real cluster
     /// would immediately (a Namespace is `Active`).
     pub(crate) fn default_status(&mut self) {
-        if let Object::Namespace(ns) = self {
-            if ns.status.is_none() {
-                ns.status = Some(NamespaceStatus {
-                    phase: Some("Active".into()),
-                    ..Default::default()
-                });
-            }
+        if let Object::Namespace(ns) = self
+            && ns.status.is_none()
+        {
+            ns.status = Some(NamespaceStatus {
+                phase: Some("Active".into()),
+                ..Default::default()
+            });
         }
     }
 
@@ -427,14 +427,18 @@ fn validate_names(obj: &Object) -> Result<(), StoreError> {
     let meta = obj.meta();
     let name = meta.name.as_deref().unwrap_or("");
     match obj.kind() {
-        Kind::Namespace => check_label(name, false).map_err(|m| name_error("metadata.name", name, m))?,
-        Kind::Service => check_label(name, true).map_err(|m| name_error("metadata.name", name, m))?,
+        Kind::Namespace => {
+            check_label(name, false).map_err(|m| name_error("metadata.name", name, m))?
+        }
+        Kind::Service => {
+            check_label(name, true).map_err(|m| name_error("metadata.name", name, m))?
+        }
         _ => check_subdomain(name).map_err(|m| name_error("metadata.name", name, m))?,
     }
-    if let Some(ns) = meta.namespace.as_deref().filter(|ns| !ns.is_empty()) {
-        if obj.kind().namespaced() {
-            check_label(ns, false).map_err(|m| name_error("metadata.namespace", ns, m))?;
-        }
+    if let Some(ns) = meta.namespace.as_deref().filter(|ns| !ns.is_empty())
+        && obj.kind().namespaced()
+    {
+        check_label(ns, false).map_err(|m| name_error("metadata.namespace", ns, m))?;
     }
     Ok(())
 }
@@ -448,7 +452,9 @@ fn check_label(s: &str, must_start_with_letter: bool) -> Result<(), &'static str
         return Err("must be no more than 63 characters");
     }
     if must_start_with_letter && !s.starts_with(|c: char| c.is_ascii_lowercase()) {
-        return Err("must start with a lower-case letter and consist of lower-case letters, digits and '-'");
+        return Err(
+            "must start with a lower-case letter and consist of lower-case letters, digits and '-'",
+        );
     }
     check_label_chars(s)
 }
@@ -462,7 +468,9 @@ fn check_label_chars(s: &str) -> Result<(), &'static str> {
     if ok_chars && ok_ends {
         Ok(())
     } else {
-        Err("must consist of lower-case letters, digits and '-', and start and end with a letter or digit")
+        Err(
+            "must consist of lower-case letters, digits and '-', and start and end with a letter or digit",
+        )
     }
 }
 

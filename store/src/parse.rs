@@ -122,8 +122,8 @@ fn split_yaml(text: &str) -> Vec<(usize, String)> {
         *has_content = false;
     };
     for (n, line) in text.lines().enumerate() {
-        let is_marker = line.starts_with("---")
-            && line[3..].chars().next().is_none_or(char::is_whitespace);
+        let is_marker =
+            line.starts_with("---") && line[3..].chars().next().is_none_or(char::is_whitespace);
         if is_marker {
             flush(&mut current, start, &mut has_content);
             start = n;

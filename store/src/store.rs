@@ -124,6 +124,18 @@ impl Store {
         self.write(|state| state.apply(obj))
     }
 
+    /// Applies several objects as one atomic change (one notification);
+    /// results are in input order. For the apply API, which validates every
+    /// document first and then applies all of them.
+    pub fn apply_all(&self, objs: Vec<Object>) -> Vec<Change> {
+        self.write(|state| objs.into_iter().map(|o| state.apply(o)).collect())
+    }
+
+    /// Deletes several objects as one atomic change; results in input order.
+    pub fn delete_all(&self, keys: &[ObjectKey]) -> Vec<Option<Object>> {
+        self.write(|state| keys.iter().map(|k| state.delete(k, true)).collect())
+    }
+
     /// Deletes an object; deleting a Namespace deletes every object in it.
     /// Returns the deleted object.
     pub fn delete(&self, key: &ObjectKey) -> Option<Object> {
@@ -317,8 +329,11 @@ impl State {
         let objects = Arc::make_mut(&mut self.objects);
         let removed = objects.remove(key)?;
         if key.kind == Kind::Namespace {
-            let claimed: BTreeSet<&ObjectKey> =
-                self.scopes.values().flat_map(|claims| claims.keys()).collect();
+            let claimed: BTreeSet<&ObjectKey> = self
+                .scopes
+                .values()
+                .flat_map(|claims| claims.keys())
+                .collect();
             let doomed: Vec<ObjectKey> = objects
                 .keys()
                 .filter(|k| k.kind.namespaced() && k.namespace == key.name)

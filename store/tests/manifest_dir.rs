@@ -61,9 +61,19 @@ async fn live_updates(polling: bool) {
     let source = ManifestDir::new(dir.path().to_path_buf()).with_polling(polling);
     let task = store.spawn_source(source);
 
-    wait_for(&store, "initial load", |s| port(s, "one") == Some(80) && port(s, "two") == Some(80)).await;
-    assert!(store.get(&svc_key("hidden")).is_none(), "hidden files are skipped");
-    assert!(store.problems().is_empty(), "unknown kinds are ignored: {:?}", store.problems());
+    wait_for(&store, "initial load", |s| {
+        port(s, "one") == Some(80) && port(s, "two") == Some(80)
+    })
+    .await;
+    assert!(
+        store.get(&svc_key("hidden")).is_none(),
+        "hidden files are skipped"
+    );
+    assert!(
+        store.problems().is_empty(),
+        "unknown kinds are ignored: {:?}",
+        store.problems()
+    );
 
     // Add a file in a new subdirectory.
     write(&b, &service("three", 80));
@@ -91,20 +101,34 @@ async fn live_updates(polling: bool) {
         ),
     );
     let origin = ManifestDir::scope_of(&a);
-    wait_for(&store, "problem reported", |s| s.problems().contains_key(&origin)).await;
+    wait_for(&store, "problem reported", |s| {
+        s.problems().contains_key(&origin)
+    })
+    .await;
     let problem = store.problems()[&origin].clone();
     assert!(
         problem.starts_with("document 3: spec.ports[0].port: invalid type"),
         "{problem}"
     );
     assert_eq!(port(&store, "one"), Some(82));
-    assert_eq!(port(&store, "two"), Some(80), "bad document keeps the old object");
-    assert!(store.get(&ObjectKey::new(Kind::Namespace, "", "demo")).is_some());
+    assert_eq!(
+        port(&store, "two"),
+        Some(80),
+        "bad document keeps the old object"
+    );
+    assert!(
+        store
+            .get(&ObjectKey::new(Kind::Namespace, "", "demo"))
+            .is_some()
+    );
 
     // Fix it: problem clears, and "two" (now gone from the file) is deleted.
     write(
         &a,
-        &format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: demo}}\n---\n{}", service("one", 82)),
+        &format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: demo}}\n---\n{}",
+            service("one", 82)
+        ),
     );
     wait_for(&store, "problem cleared", |s| {
         !s.problems().contains_key(&origin) && s.get(&svc_key("two")).is_none()
@@ -114,7 +138,10 @@ async fn live_updates(polling: bool) {
 
     // Remove a file: its objects go.
     std::fs::remove_file(&b).unwrap();
-    wait_for(&store, "removed file", |s| s.get(&svc_key("three")).is_none()).await;
+    wait_for(&store, "removed file", |s| {
+        s.get(&svc_key("three")).is_none()
+    })
+    .await;
     assert_eq!(port(&store, "one"), Some(82));
 
     // Removing the file holding the Namespace deletes it, and "one" with it.
@@ -138,7 +165,10 @@ async fn manifest_dir_live_updates_polling() {
 #[test]
 fn load_once_reads_everything_and_drops_stale_scopes() {
     let dir = tempfile::tempdir().unwrap();
-    write(&dir.path().join("x.json"), r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"x","namespace":"demo"}}"#);
+    write(
+        &dir.path().join("x.json"),
+        r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"x","namespace":"demo"}}"#,
+    );
     write(&dir.path().join("y.yaml"), &service("y", 80));
     write(
         &dir.path().join("bad.yaml"),
@@ -176,7 +206,12 @@ async fn renaming_a_file_keeps_its_objects() {
     let store = Store::new();
     let task = store.spawn_source(ManifestDir::new(dir.path().to_path_buf()));
     wait_for(&store, "initial load", |s| port(s, "one") == Some(80)).await;
-    let uid = store.get(&svc_key("one")).unwrap().meta().resource_version.clone();
+    let uid = store
+        .get(&svc_key("one"))
+        .unwrap()
+        .meta()
+        .resource_version
+        .clone();
 
     let b = dir.path().join("b.yaml");
     std::fs::rename(&a, &b).unwrap();
@@ -184,7 +219,9 @@ async fn renaming_a_file_keeps_its_objects() {
     // comes after the rename has been handled.
     write(&dir.path().join("z.yaml"), &service("marker", 1));
     wait_for(&store, "marker", |s| s.get(&svc_key("marker")).is_some()).await;
-    let one = store.get(&svc_key("one")).expect("object survives a rename");
+    let one = store
+        .get(&svc_key("one"))
+        .expect("object survives a rename");
     assert_eq!(one.meta().resource_version, uid, "a rename is no change");
     task.abort();
 }

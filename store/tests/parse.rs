@@ -1,6 +1,8 @@
 use membrane_store::k8s_openapi::api::core::v1::Secret;
 use membrane_store::k8s_openapi::api::networking::v1::Ingress;
-use membrane_store::{Kind, Object, ObjectKey, StoreError, Typed, parse_documents, parse_documents_lenient};
+use membrane_store::{
+    Kind, Object, ObjectKey, StoreError, Typed, parse_documents, parse_documents_lenient,
+};
 use serde_json::json;
 
 const MULTI: &str = r#"
@@ -59,7 +61,10 @@ fn multi_document_list_and_string_data() {
         ]
     );
     let ing = Ingress::from_object(&objs[0]).unwrap();
-    assert_eq!(ing.spec.as_ref().unwrap().ingress_class_name.as_deref(), Some("cilium"));
+    assert_eq!(
+        ing.spec.as_ref().unwrap().ingress_class_name.as_deref(),
+        Some("cilium")
+    );
     // Namespace of a cluster-scoped object is dropped.
     assert_eq!(objs[2].meta().namespace, None);
     let secret = Secret::from_object(&objs[3]).unwrap();
@@ -83,7 +88,10 @@ fn json_input_and_round_trip() {
         {"apiVersion":"cilium.io/v2","kind":"CiliumClusterwideEnvoyConfig","metadata":{"name":"cc"},"spec":{"resources":[]}}"#;
     let objs = parse_documents(text).unwrap();
     assert_eq!(objs.len(), 2);
-    assert_eq!(objs[0].key(), ObjectKey::new(Kind::CiliumEnvoyConfig, "x", "cec"));
+    assert_eq!(
+        objs[0].key(),
+        ObjectKey::new(Kind::CiliumEnvoyConfig, "x", "cec")
+    );
     assert_eq!(objs[1].key().to_string(), "CiliumClusterwideEnvoyConfig cc");
     let v = objs[0].to_value();
     assert_eq!(v["spec"]["resources"][0]["name"], "l");
@@ -94,7 +102,10 @@ fn json_input_and_round_trip() {
 fn errors_name_document_and_field() {
     let text = "apiVersion: v1\nkind: Service\nmetadata: {name: ok}\n---\napiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: bad}\nspec:\n  rules:\n  - host: [1]\n";
     let err = parse_documents(text).unwrap_err().to_string();
-    assert!(err.starts_with("document 2: spec.rules[0].host: invalid type"), "{err}");
+    assert!(
+        err.starts_with("document 2: spec.rules[0].host: invalid type"),
+        "{err}"
+    );
 
     let lenient = parse_documents_lenient(text);
     assert_eq!(lenient.len(), 2);
@@ -104,7 +115,10 @@ fn errors_name_document_and_field() {
     let missing = parse_documents("apiVersion: v1\nkind: Service\nmetadata: {namespace: x}\n")
         .unwrap_err()
         .to_string();
-    assert_eq!(missing, "document 1: metadata.name: required field is missing");
+    assert_eq!(
+        missing,
+        "document 1: metadata.name: required field is missing"
+    );
 
     let typo = parse_documents(
         "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: a}\nspec: {ingressClasName: cilium}\n",
@@ -116,7 +130,10 @@ fn errors_name_document_and_field() {
     let bad_name = parse_documents("apiVersion: v1\nkind: Service\nmetadata: {name: Web_1}\n")
         .unwrap_err()
         .to_string();
-    assert!(bad_name.contains("metadata.name: invalid value \"Web_1\""), "{bad_name}");
+    assert!(
+        bad_name.contains("metadata.name: invalid value \"Web_1\""),
+        "{bad_name}"
+    );
 }
 
 #[test]
@@ -133,20 +150,33 @@ fn yaml_syntax_error_keeps_other_documents_and_absolute_line() {
 
 #[test]
 fn unknown_kind_and_list_item_errors() {
-    let err = Object::from_value(json!({"apiVersion":"apps/v1","kind":"Deployment","metadata":{"name":"x"}}))
-        .unwrap_err();
+    let err = Object::from_value(
+        json!({"apiVersion":"apps/v1","kind":"Deployment","metadata":{"name":"x"}}),
+    )
+    .unwrap_err();
     assert!(matches!(err, StoreError::UnknownKind { .. }));
-    assert_eq!(err.to_string(), "no matches for kind \"Deployment\" in version \"apps/v1\"");
+    assert_eq!(
+        err.to_string(),
+        "no matches for kind \"Deployment\" in version \"apps/v1\""
+    );
 
     let list = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Namespace\n  metadata: {name: a}\n- apiVersion: apps/v1\n  kind: Deployment\n  metadata: {name: d}\n";
     let results = parse_documents_lenient(list);
     assert_eq!(results.len(), 2);
     let err = results[1].as_ref().unwrap_err();
     assert!(err.is_unknown_kind());
-    assert!(err.to_string().starts_with("document 1: items[1]: no matches"), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("document 1: items[1]: no matches"),
+        "{err}"
+    );
 
     assert!(parse_documents("").unwrap().is_empty());
-    assert!(parse_documents("---\n# only a comment\n---\n").unwrap().is_empty());
+    assert!(
+        parse_documents("---\n# only a comment\n---\n")
+            .unwrap()
+            .is_empty()
+    );
     let not_object = parse_documents("- a\n- b\n").unwrap_err().to_string();
     assert!(not_object.contains("expected an object"), "{not_object}");
 }
@@ -163,7 +193,10 @@ fn kind_names() {
         ("secret", Kind::Secret),
         ("NS", Kind::Namespace),
         ("cec", Kind::CiliumEnvoyConfig),
-        ("ciliumclusterwideenvoyconfigs", Kind::CiliumClusterwideEnvoyConfig),
+        (
+            "ciliumclusterwideenvoyconfigs",
+            Kind::CiliumClusterwideEnvoyConfig,
+        ),
         ("ccec", Kind::CiliumClusterwideEnvoyConfig),
         ("ingresses.networking.k8s.io", Kind::Ingress),
     ] {

@@ -95,7 +95,10 @@ fn status_is_preserved_and_updated_separately() {
     assert!(!store.update_status(&ObjectKey::new(Kind::Ingress, "default", "nope"), status));
     let secret = ObjectKey::new(Kind::Secret, "default", "s");
     store.apply(obj("apiVersion: v1\nkind: Secret\nmetadata: {name: s}\n"));
-    assert!(!store.update_status(&secret, json!({})), "Secrets have no status");
+    assert!(
+        !store.update_status(&secret, json!({})),
+        "Secrets have no status"
+    );
 }
 
 #[test]
@@ -110,13 +113,17 @@ fn namespace_delete_cascades() {
     ] {
         assert_eq!(store.apply(obj(y)), Change::Created);
     }
-    let ns = store.get(&ObjectKey::new(Kind::Namespace, "", "shop")).unwrap();
+    let ns = store
+        .get(&ObjectKey::new(Kind::Namespace, "", "shop"))
+        .unwrap();
     assert_eq!(
         ns.to_value()["status"]["phase"],
         "Active",
         "namespaces are Active like in a cluster"
     );
-    let deleted = store.delete(&ObjectKey::new(Kind::Namespace, "", "shop")).unwrap();
+    let deleted = store
+        .delete(&ObjectKey::new(Kind::Namespace, "", "shop"))
+        .unwrap();
     assert_eq!(deleted.key().name, "shop");
     let left: Vec<String> = store
         .snapshot()
@@ -127,7 +134,11 @@ fn namespace_delete_cascades() {
         left,
         ["Service other/a", "CiliumClusterwideEnvoyConfig shop"]
     );
-    assert!(store.delete(&ObjectKey::new(Kind::Namespace, "", "shop")).is_none());
+    assert!(
+        store
+            .delete(&ObjectKey::new(Kind::Namespace, "", "shop"))
+            .is_none()
+    );
 }
 
 #[test]
@@ -144,11 +155,21 @@ fn snapshots_are_consistent_and_lists_sorted() {
 
     let names = |it: Vec<String>| it;
     assert_eq!(
-        names(store.list(Kind::Service, None).iter().map(|o| o.key().to_string()).collect()),
+        names(
+            store
+                .list(Kind::Service, None)
+                .iter()
+                .map(|o| o.key().to_string())
+                .collect()
+        ),
         ["Service a/x", "Service a/y", "Service b/a", "Service b/z"]
     );
     assert_eq!(
-        names(snap.list(Kind::Service, Some("b")).map(|o| o.key().name.clone()).collect()),
+        names(
+            snap.list(Kind::Service, Some("b"))
+                .map(|o| o.key().name.clone())
+                .collect()
+        ),
         ["a", "z"]
     );
     // Namespace filter is ignored for cluster-scoped kinds.
@@ -158,7 +179,9 @@ fn snapshots_are_consistent_and_lists_sorted() {
 
     // Later writes do not show in the earlier snapshot.
     store.delete(&ObjectKey::new(Kind::Service, "b", "z"));
-    store.apply(obj("apiVersion: v1\nkind: Service\nmetadata: {name: new, namespace: a}\n"));
+    store.apply(obj(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: new, namespace: a}\n",
+    ));
     assert_eq!(snap.revision(), rev);
     assert!(snap.get_typed::<Service>("b", "z").is_some());
     assert!(snap.get_typed::<Service>("a", "new").is_none());
@@ -176,7 +199,10 @@ fn problems_notify() {
     assert!(rx.has_changed().unwrap());
     rx.borrow_and_update();
     store.set_problem("file x.yaml", Some("document 1: bad".into()));
-    assert!(!rx.has_changed().unwrap(), "same problem again is no change");
+    assert!(
+        !rx.has_changed().unwrap(),
+        "same problem again is no change"
+    );
     assert_eq!(store.problems()["file x.yaml"], "document 1: bad");
     store.set_problem("file x.yaml", None);
     assert!(store.problems().is_empty());
@@ -197,7 +223,8 @@ fn source_scopes_own_objects() {
     w.replace_scope("b", vec![svc("two", 81)]);
     assert_eq!(w.scopes(), ["a", "b"]);
     // Last write wins for an object declared twice.
-    let port = |name: &str| store.get(&key(name)).unwrap().to_value()["spec"]["ports"][0]["port"].clone();
+    let port =
+        |name: &str| store.get(&key(name)).unwrap().to_value()["spec"]["ports"][0]["port"].clone();
     assert_eq!(port("two"), 81);
 
     // Scope b lets go of "two": a's version comes back instead of a delete.
@@ -216,8 +243,16 @@ fn source_scopes_own_objects() {
     let mut rx = store.subscribe();
     rx.borrow_and_update();
     w.update_scopes(vec![
-        membrane_store::ScopeUpdate { scope: "a".into(), objects: vec![], keep_missing: false },
-        membrane_store::ScopeUpdate { scope: "c".into(), objects: vec![svc("three", 80)], keep_missing: false },
+        membrane_store::ScopeUpdate {
+            scope: "a".into(),
+            objects: vec![],
+            keep_missing: false,
+        },
+        membrane_store::ScopeUpdate {
+            scope: "c".into(),
+            objects: vec![svc("three", 80)],
+            keep_missing: false,
+        },
     ]);
     assert!(store.get(&key("three")).is_some());
     assert!(!rx.has_changed().unwrap(), "a pure move is no change");
@@ -225,4 +260,27 @@ fn source_scopes_own_objects() {
     w.delete(&key("three"));
     assert!(store.get(&key("three")).is_none());
     assert!(w.scopes().is_empty());
+}
+
+#[test]
+fn batch_apply_and_delete_notify_once() {
+    let store = Store::new();
+    let mut rx = store.subscribe();
+    let a = obj("apiVersion: v1\nkind: Service\nmetadata: {name: a}\n");
+    let b = obj("apiVersion: v1\nkind: Service\nmetadata: {name: b}\n");
+    let changes = store.apply_all(vec![a.clone(), b.clone()]);
+    assert_eq!(changes, [Change::Created, Change::Created]);
+    assert_eq!(*rx.borrow_and_update(), store.revision());
+    assert_eq!(
+        store.apply_all(vec![a, b]),
+        [Change::Unchanged, Change::Unchanged]
+    );
+    assert!(!rx.has_changed().unwrap());
+    let keys = [
+        ObjectKey::new(Kind::Service, "default", "a"),
+        ObjectKey::new(Kind::Service, "default", "nope"),
+    ];
+    let deleted = store.delete_all(&keys);
+    assert!(deleted[0].is_some() && deleted[1].is_none());
+    assert_eq!(store.list(Kind::Service, None).len(), 1);
 }

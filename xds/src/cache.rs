@@ -460,10 +460,8 @@ impl StreamState {
             ts.sent_version = Some(version);
             ts.sent_nonce = Some(nonce_s);
             ts.pending = true;
-            if clusters_changed {
-                if let Some(eds) = self.types.get_mut(type_url::ENDPOINT) {
-                    eds.force = true;
-                }
+            if clusters_changed && let Some(eds) = self.types.get_mut(type_url::ENDPOINT) {
+                eds.force = true;
             }
         }
         out
@@ -573,6 +571,11 @@ impl SnapshotCache {
             .copied()
     }
 
+    /// Whether `node_id` has ACKed exactly this content of `resource`.
+    pub fn is_acked(&self, node_id: &str, resource: &Resource) -> bool {
+        self.acked_hash(node_id, &resource.type_url, &resource.name) == Some(resource.hash)
+    }
+
     fn tick(&self) {
         self.inner.events.send_modify(|v| *v += 1);
     }
@@ -622,11 +625,11 @@ impl SnapshotCache {
             let Some(stream) = st.streams.get_mut(&id) else {
                 return (RequestKind::Stale, Vec::new());
             };
-            if stream.node_id.is_none() {
-                if let Some(node) = &req.node {
-                    stream.node_id = Some(node.id.clone());
-                    tick = true;
-                }
+            if stream.node_id.is_none()
+                && let Some(node) = &req.node
+            {
+                stream.node_id = Some(node.id.clone());
+                tick = true;
             }
             let node = stream.node_id.clone();
             let ts = stream

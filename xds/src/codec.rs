@@ -195,7 +195,9 @@ pub fn resource_name(any: &Any) -> Result<String, CodecError> {
         type_url::LISTENER => Ok(Listener::decode(bytes).map_err(de)?.name),
         type_url::CLUSTER => Ok(Cluster::decode(bytes).map_err(de)?.name),
         type_url::ROUTE => Ok(RouteConfiguration::decode(bytes).map_err(de)?.name),
-        type_url::ENDPOINT => Ok(ClusterLoadAssignment::decode(bytes).map_err(de)?.cluster_name),
+        type_url::ENDPOINT => Ok(ClusterLoadAssignment::decode(bytes)
+            .map_err(de)?
+            .cluster_name),
         type_url::SECRET => Ok(Secret::decode(bytes).map_err(de)?.name),
         type_url::VIRTUAL_HOST => Ok(VirtualHost::decode(bytes).map_err(de)?.name),
         _ => {
@@ -316,10 +318,7 @@ mod tests {
         });
         let c: Cluster = decode(&any_from_json(&v).unwrap()).unwrap();
         assert_eq!(c.name, "c1");
-        assert_eq!(
-            c.eds_cluster_config.unwrap().service_name,
-            "default/svc:80"
-        );
+        assert_eq!(c.eds_cluster_config.unwrap().service_name, "default/svc:80");
     }
 
     #[test]
@@ -350,7 +349,10 @@ mod tests {
         match &err {
             CodecError::UnknownType { path, type_url } => {
                 assert_eq!(type_url, "type.googleapis.com/cilium.network.BogusFilter");
-                assert!(path.contains("filterChains[0].filters[0].typedConfig"), "{path}");
+                assert!(
+                    path.contains("filterChains[0].filters[0].typedConfig"),
+                    "{path}"
+                );
             }
             other => panic!("unexpected {other:?}"),
         }

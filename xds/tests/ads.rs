@@ -106,10 +106,13 @@ impl Client {
     async fn open(ch: Channel) -> Self {
         let mut grpc = AggregatedDiscoveryServiceClient::new(ch);
         let (tx, rx) = mpsc::channel(16);
-        let resp = timeout(STEP, grpc.stream_aggregated_resources(ReceiverStream::new(rx)))
-            .await
-            .unwrap()
-            .unwrap();
+        let resp = timeout(
+            STEP,
+            grpc.stream_aggregated_resources(ReceiverStream::new(rx)),
+        )
+        .await
+        .unwrap()
+        .unwrap();
         Self {
             tx,
             rx: resp.into_inner(),
@@ -277,7 +280,10 @@ async fn initial_cds_gets_all_clusters_and_ack_is_not_answered() {
     assert_eq!(names(&r), ["a", "b"]);
     assert_eq!(r.version_info, version);
     assert!(!r.nonce.is_empty());
-    assert_eq!(type_status(&srv.cache, type_url::CLUSTER).acked_version, None);
+    assert_eq!(
+        type_status(&srv.cache, type_url::CLUSTER).acked_version,
+        None
+    );
 
     c.ack(&r, &[]).await;
     c.expect_nothing_pending().await;
@@ -397,8 +403,10 @@ async fn update_sends_only_changed_types_clusters_before_listeners() {
 #[tokio::test]
 async fn changed_cluster_gets_endpoints_again() {
     let srv = Server::start().await;
-    srv.cache
-        .set_snapshot(None, snap(&[cluster("a", 1), cluster("b", 1), cla("a", 1), cla("b", 1)]));
+    srv.cache.set_snapshot(
+        None,
+        snap(&[cluster("a", 1), cluster("b", 1), cla("a", 1), cla("b", 1)]),
+    );
     let mut c = srv.client().await;
     c.subscribe(type_url::CLUSTER, &[]).await;
     let cds = c.recv().await;
@@ -410,8 +418,10 @@ async fn changed_cluster_gets_endpoints_again() {
     c.expect_nothing_pending().await;
 
     // Only the cluster changes; Envoy re-warms it and needs EDS again.
-    srv.cache
-        .set_snapshot(None, snap(&[cluster("a", 9), cluster("b", 1), cla("a", 1), cla("b", 1)]));
+    srv.cache.set_snapshot(
+        None,
+        snap(&[cluster("a", 9), cluster("b", 1), cla("a", 1), cla("b", 1)]),
+    );
     let cds = c.recv().await;
     assert_eq!(cds.type_url, type_url::CLUSTER);
     let eds2 = c.recv().await;
@@ -517,7 +527,12 @@ async fn removed_clusters_are_dropped_after_listeners_and_routes_are_acked() {
     // "b" goes away, "a" changes, the route moves from b to a.
     srv.cache.set_snapshot(
         None,
-        snap(&[cluster("a", 2), cla("a", 2), listener("l", "r"), route("r", "a")]),
+        snap(&[
+            cluster("a", 2),
+            cla("a", 2),
+            listener("l", "r"),
+            route("r", "a"),
+        ]),
     );
     // Phase 1: CDS with the new "a" and the old "b" still present.
     let cds1 = c.recv().await;
@@ -628,10 +643,13 @@ async fn delta_is_unimplemented() {
     let srv = Server::start().await;
     let mut grpc = AggregatedDiscoveryServiceClient::new(srv.channel().await);
     let (_tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(1);
-    let err = timeout(STEP, grpc.delta_aggregated_resources(ReceiverStream::new(rx)))
-        .await
-        .unwrap()
-        .unwrap_err();
+    let err = timeout(
+        STEP,
+        grpc.delta_aggregated_resources(ReceiverStream::new(rx)),
+    )
+    .await
+    .unwrap()
+    .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unimplemented);
     srv.stop().await;
 }

