@@ -29,7 +29,7 @@ pub use report::{ScenarioOutcome, StepFailure};
 
 use api::{ApiError, LocalApi};
 use features::FeatureError;
-use report::{Out, Reporter, SharedBuf};
+use report::{Out, Reporter, SharedBuf, SharedOut, say};
 use steps::{ConformanceWorld, RunContext};
 
 /// upstream's wait for a foreign-class Ingress to (not) get an address.
@@ -146,25 +146,28 @@ pub async fn run(opts: RunOptions) -> Result<Summary, ConformanceError> {
 }
 
 /// [`run`] with the progress output sent to `out`.
-pub async fn run_with_output(opts: RunOptions, mut out: Out) -> Result<Summary, ConformanceError> {
+pub async fn run_with_output(opts: RunOptions, out: Out) -> Result<Summary, ConformanceError> {
+    let out: SharedOut = Arc::new(std::sync::Mutex::new(out));
     let features_dir = features::resolve_dir(&opts.features);
     let feats = features::load_dir(&features_dir)?;
     let notes = opts.non_default_notes();
     let scenario_count: usize = feats.iter().map(|f| f.scenarios.len()).sum();
-    let _ = writeln!(
-        out,
-        "Ingress conformance: {} features, {scenario_count} scenarios from {}",
-        feats.len(),
-        features_dir.display()
+    say(
+        &out,
+        &format!(
+            "Ingress conformance: {} features, {scenario_count} scenarios from {}",
+            feats.len(),
+            features_dir.display()
+        ),
     );
     for n in &notes {
-        let _ = writeln!(out, "NOTE: non-default setting: {n}");
+        say(&out, &format!("NOTE: non-default setting: {n}"));
     }
 
     let api = LocalApi::new(&opts.api_socket);
     let mut notes = notes;
     if let Some(n) = ensure_ingress_class(&api, &opts.ingress_class).await? {
-        let _ = writeln!(out, "NOTE: {n}");
+        say(&out, &format!("NOTE: {n}"));
         notes.push(n);
     }
     cleanup_leftover_namespaces(&api).await?;
@@ -180,7 +183,7 @@ pub async fn run_with_output(opts: RunOptions, mut out: Out) -> Result<Summary, 
         },
     });
     let json = opts.report.as_ref().map(|_| SharedBuf::default());
-    let (outcomes, errors, mut out) = execute_on_own_thread(feats, ctx, out, json.clone()).await?;
+    let (outcomes, errors) = execute_on_own_thread(feats, ctx, out.clone(), json.clone()).await?;
 
     let failed_scenarios: Vec<&ScenarioOutcome> = outcomes.iter().filter(|o| !o.passed).collect();
     let summary = Summary {
@@ -205,52 +208,43 @@ pub async fn run_with_output(opts: RunOptions, mut out: Out) -> Result<Summary, 
         })?;
     }
 
-    let _ = writeln!(out);
+    let mut text = String::from("\n");
     if !failed_scenarios.is_empty() || !errors.is_empty() {
-        let _ = writeln!(out, "Failures:");
+        text.push_str("Failures:\n");
         for o in &failed_scenarios {
-            match &o.failure {
-                Some(f) => {
-                    let _ = writeln!(
-                        out,
-                        "  {} \"{}\"\n    step {} \"{}\"\n    {}",
-                        o.location,
-                        o.scenario,
-                        f.location,
-                        f.step,
-                        f.reason.replace('\n', "\n    ")
-                    );
-                }
-                None => {
-                    let _ = writeln!(out, "  {} \"{}\"", o.location, o.scenario);
-                }
+            text.push_str(&format!("  {} \"{}\"\n", o.location, o.scenario));
+            if let Some(f) = &o.failure {
+                text.push_str(&format!(
+                    "    step {} \"{}\"\n    {}\n",
+                    f.location,
+                    f.step,
+                    f.reason.replace('\n', "\n    ")
+                ));
             }
         }
         for e in &errors {
-            let _ = writeln!(out, "  {e}");
+            text.push_str(&format!("  {e}\n"));
         }
     }
     for n in &summary.notes {
-        let _ = writeln!(out, "NOTE: {n}");
+        text.push_str(&format!("NOTE: non-default setting: {n}\n"));
     }
     if let Some(p) = &summary.report {
-        let _ = writeln!(out, "cucumber JSON report: {}", p.display());
+        text.push_str(&format!("cucumber JSON report: {}\n", p.display()));
     }
-    let _ = writeln!(out, "{}", summary.counts_line());
-    let _ = out.flush();
+    text.push_str(&summary.counts_line());
+    say(&out, &text);
     Ok(summary)
 }
-
-use std::io::Write as _;
 
 /// cucumber's step futures are `!Send`; running them on a dedicated current-thread runtime
 /// keeps [`run`]'s future `Send` so callers can spawn it.
 async fn execute_on_own_thread(
     feats: Vec<gherkin::Feature>,
     ctx: Arc<RunContext>,
-    out: Out,
+    out: SharedOut,
     json: Option<SharedBuf>,
-) -> Result<(Vec<ScenarioOutcome>, Vec<String>, Out), ConformanceError> {
+) -> Result<(Vec<ScenarioOutcome>, Vec<String>), ConformanceError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("membrane-conformance".into())
@@ -282,9 +276,9 @@ impl parser::Parser<Vec<gherkin::Feature>> for Preparsed {
 async fn execute(
     feats: Vec<gherkin::Feature>,
     ctx: Arc<RunContext>,
-    out: Out,
+    out: SharedOut,
     json: Option<SharedBuf>,
-) -> Result<(Vec<ScenarioOutcome>, Vec<String>, Out), ConformanceError> {
+) -> Result<(Vec<ScenarioOutcome>, Vec<String>), ConformanceError> {
     let collection = steps::collection()
         .map_err(|e| ConformanceError::Runner(format!("step regex: {e}")))?;
     let runner = runner::Basic::default()
@@ -305,13 +299,15 @@ async fn execute(
             })
         });
     let reporter = writer::Normalize::new(Reporter::new(out, json));
-    let done = cucumber::Cucumber::custom(Preparsed, runner, reporter)
-        .with_cli(cucumber::cli::Opts::default())
+    let cli: cucumber::cli::Opts<_, _, _, cucumber::cli::Empty> = cucumber::cli::Opts::default();
+    let done = cucumber::Cucumber::<_, _, _, _, _, cucumber::cli::Empty>::custom(
+        Preparsed, runner, reporter,
+    )
+    .with_cli(cli)
         .run(feats)
         .await;
     let reporter = done.inner_writer();
-    let (outcomes, errors) = (reporter.outcomes.clone(), reporter.errors.clone());
-    Ok((outcomes, errors, reporter.take_out()))
+    Ok((reporter.outcomes.clone(), reporter.errors.clone()))
 }
 
 /// Creates the suite's IngressClass when missing; returns a note when an existing one

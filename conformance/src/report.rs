@@ -50,9 +50,19 @@ impl std::io::Write for SharedBuf {
 
 /// Where progress lines go.
 pub type Out = Box<dyn std::io::Write + Send>;
+/// Shared between the reporter (on the runner thread) and the caller's closing lines.
+pub type SharedOut = Arc<Mutex<Out>>;
+
+/// Writes one line, best effort: the outcome is in the Summary regardless.
+pub fn say(out: &SharedOut, s: &str) {
+    if let Ok(mut o) = out.lock() {
+        let _ = writeln!(o, "{s}");
+        let _ = o.flush();
+    }
+}
 
 pub struct Reporter {
-    out: Out,
+    out: SharedOut,
     json: Option<writer::Json<SharedBuf>>,
     pub outcomes: Vec<ScenarioOutcome>,
     /// Failures outside scenarios (e.g. a feature that failed to parse).
@@ -75,7 +85,7 @@ impl std::fmt::Debug for Reporter {
 }
 
 impl Reporter {
-    pub fn new(out: Out, json: Option<SharedBuf>) -> Self {
+    pub fn new(out: SharedOut, json: Option<SharedBuf>) -> Self {
         Reporter {
             out,
             json: json.map(writer::Json::raw),
@@ -86,9 +96,7 @@ impl Reporter {
     }
 
     fn line(&mut self, s: &str) {
-        // Progress output is best effort; the outcome is in the Summary regardless.
-        let _ = writeln!(self.out, "{s}");
-        let _ = self.out.flush();
+        say(&self.out, s);
     }
 
     fn step_event<W>(&mut self, step: &gherkin::Step, ev: &event::Step<W>) {

@@ -48,7 +48,7 @@ impl Membrane {
             .arg(dir.path().join("run"))
             .args(["--envoy-admin-port", "0", "--lb-pool", pool])
             .args(["--http-port", &http_port.to_string(), "--https-port", &https_port.to_string()])
-            .env("MEMBRANE_LOG", "info")
+            .env("MEMBRANE_LOG", std::env::var("MEMBRANE_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -144,6 +144,9 @@ impl Membrane {
 
 impl Drop for Membrane {
     fn drop(&mut self) {
+        if std::env::var_os("MEMBRANE_TEST_LOG").is_some() {
+            eprintln!("---- membrane log ----\n{}", self.log());
+        }
         // SAFETY: signalling our own child by PID; it stops Envoy on SIGTERM.
         unsafe {
             libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
@@ -180,13 +183,33 @@ pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// A minimal HTTP/1.1 GET with `Connection: close`: (status, body).
+/// A minimal HTTP/1.1 GET with `Connection: close`: (status, body). It
+/// stops at Content-Length rather than at EOF, because Envoy delays closing
+/// after local replies (HCM `delayed_close_timeout`, 1 s by default) and
+/// that second must not be counted as update latency.
 pub fn http_get(addr: SocketAddr, host: &str, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")?;
     let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
+    let mut chunk = [0u8; 8192];
+    loop {
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse::<usize>().ok())?
+            });
+            if length.is_some_and(|len| body.len() >= len) {
+                break;
+            }
+        }
+    }
     let text = String::from_utf8_lossy(&buf).into_owned();
     let status = text
         .split_whitespace()
