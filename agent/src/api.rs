@@ -97,7 +97,12 @@ async fn read_body(req: Request<Incoming>) -> Result<String, Response<Full<Bytes
     let body = http_body_util::Limited::new(req.into_body(), MAX_BODY)
         .collect()
         .await
-        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("reading request body: {e}")))?
+        .map_err(|e| {
+            error(
+                StatusCode::BAD_REQUEST,
+                format!("reading request body: {e}"),
+            )
+        })?
         .to_bytes();
     String::from_utf8(body.to_vec())
         .map_err(|_| error(StatusCode::BAD_REQUEST, "request body is not UTF-8"))

@@ -134,10 +134,15 @@ impl ConfigPipeline {
             };
 
             let fe = frontends(snap, &key.namespace, spec, &parsed, self.ports);
-            let reserved: BTreeSet<u16> = binds.iter().filter_map(|b| u16::try_from(b.1).ok()).collect();
+            let reserved: BTreeSet<u16> = binds
+                .iter()
+                .filter_map(|b| u16::try_from(b.1).ok())
+                .collect();
             if let Err((index, why)) = place(&mut parsed, &fe, &mut self.proxy_ports, &reserved) {
-                pass.rejected
-                    .insert(key.clone(), format!("{object}: spec.resources[{index}]: {why}"));
+                pass.rejected.insert(
+                    key.clone(),
+                    format!("{object}: spec.resources[{index}]: {why}"),
+                );
                 continue;
             }
             if let Some(msg) = self.conflict(&object, &parsed, &binds, &names) {
@@ -155,11 +160,19 @@ impl ConfigPipeline {
             }
             let default_ns = &key.namespace;
             for s in &spec.backend_services {
-                let ns = if s.namespace.is_empty() { default_ns } else { &s.namespace };
+                let ns = if s.namespace.is_empty() {
+                    default_ns
+                } else {
+                    &s.namespace
+                };
                 eds_wanted.insert((ns.clone(), s.name.clone(), s.number.clone()));
             }
             for s in &spec.services {
-                let ns = if s.namespace.is_empty() { default_ns } else { &s.namespace };
+                let ns = if s.namespace.is_empty() {
+                    default_ns
+                } else {
+                    &s.namespace
+                };
                 let ports = s.ports.iter().map(u16::to_string).collect();
                 eds_wanted.insert((ns.clone(), s.name.clone(), ports));
             }
@@ -171,21 +184,32 @@ impl ConfigPipeline {
             let mut served = Vec::new();
             for l in parsed.listeners {
                 served.push((type_url::LISTENER, l.listener.name.clone()));
-                pass.resources.push(built(type_url::LISTENER, l.listener.name.clone(), to_any(&l.listener)));
+                pass.resources.push(built(
+                    type_url::LISTENER,
+                    l.listener.name.clone(),
+                    to_any(&l.listener),
+                ));
             }
             for r in parsed.routes {
                 served.push((type_url::ROUTE, r.name.clone()));
-                pass.resources.push(built(type_url::ROUTE, r.name.clone(), to_any(&r)));
+                pass.resources
+                    .push(built(type_url::ROUTE, r.name.clone(), to_any(&r)));
             }
             for c in parsed.clusters {
                 served.push((type_url::CLUSTER, c.name.clone()));
-                pass.resources.push(built(type_url::CLUSTER, c.name.clone(), to_any(&c)));
+                pass.resources
+                    .push(built(type_url::CLUSTER, c.name.clone(), to_any(&c)));
             }
             for e in parsed.endpoints {
-                pass.resources.push(built(type_url::ENDPOINT, e.cluster_name.clone(), to_any(&e)));
+                pass.resources.push(built(
+                    type_url::ENDPOINT,
+                    e.cluster_name.clone(),
+                    to_any(&e),
+                ));
             }
             for s in parsed.secrets {
-                pass.resources.push(built(type_url::SECRET, s.name.clone(), to_any(&s)));
+                pass.resources
+                    .push(built(type_url::SECRET, s.name.clone(), to_any(&s)));
             }
             pass.served.insert(key, served);
         }
@@ -199,8 +223,11 @@ impl ConfigPipeline {
         for (ns, name, ports) in eds_wanted {
             for cla in load_assignments(snap, &ns, &name, &ports) {
                 if eds_names.insert(cla.cluster_name.clone()) {
-                    pass.resources
-                        .push(built(type_url::ENDPOINT, cla.cluster_name.clone(), to_any(&cla)));
+                    pass.resources.push(built(
+                        type_url::ENDPOINT,
+                        cla.cluster_name.clone(),
+                        to_any(&cla),
+                    ));
                 }
             }
         }
@@ -214,7 +241,8 @@ impl ConfigPipeline {
             .collect();
         for s in secrets {
             if secret_names.insert(s.name.clone()) {
-                pass.resources.push(built(type_url::SECRET, s.name.clone(), to_any(&s)));
+                pass.resources
+                    .push(built(type_url::SECRET, s.name.clone(), to_any(&s)));
             }
         }
         for b in bad {
@@ -237,7 +265,10 @@ impl ConfigPipeline {
         names: &BTreeMap<(&'static str, String), ObjectKey>,
     ) -> Option<String> {
         for (index, listener, ip, port) in bound_addresses(parsed) {
-            if let Some((_, _, owner)) = binds.iter().find(|(bip, bport, _)| collides(&ip, port, bip, *bport)) {
+            if let Some((_, _, owner)) = binds
+                .iter()
+                .find(|(bip, bport, _)| collides(&ip, port, bip, *bport))
+            {
                 return Some(format!(
                     "{object}: spec.resources[{index}] (listener {listener}): address {ip}:{port} is already used by {owner}"
                 ));
@@ -245,7 +276,9 @@ impl ConfigPipeline {
         }
         for (t, n) in resource_names(parsed) {
             if let Some(owner) = names.get(&(t, n.clone())) {
-                return Some(format!("{object}: spec.resources: resource {n} is already defined by {owner}"));
+                return Some(format!(
+                    "{object}: spec.resources: resource {n} is already defined by {owner}"
+                ));
             }
         }
         None
@@ -253,15 +286,31 @@ impl ConfigPipeline {
 }
 
 fn built(type_url: &'static str, name: String, body: Any) -> Built {
-    Built { type_url, name, body }
+    Built {
+        type_url,
+        name,
+        body,
+    }
 }
 
 fn resource_names(p: &ParsedCec) -> Vec<(&'static str, String)> {
     let mut out = Vec::new();
-    out.extend(p.listeners.iter().map(|l| (type_url::LISTENER, l.listener.name.clone())));
+    out.extend(
+        p.listeners
+            .iter()
+            .map(|l| (type_url::LISTENER, l.listener.name.clone())),
+    );
     out.extend(p.routes.iter().map(|r| (type_url::ROUTE, r.name.clone())));
-    out.extend(p.clusters.iter().map(|c| (type_url::CLUSTER, c.name.clone())));
-    out.extend(p.endpoints.iter().map(|e| (type_url::ENDPOINT, e.cluster_name.clone())));
+    out.extend(
+        p.clusters
+            .iter()
+            .map(|c| (type_url::CLUSTER, c.name.clone())),
+    );
+    out.extend(
+        p.endpoints
+            .iter()
+            .map(|e| (type_url::ENDPOINT, e.cluster_name.clone())),
+    );
     out.extend(p.secrets.iter().map(|s| (type_url::SECRET, s.name.clone())));
     out
 }

@@ -12,8 +12,7 @@ pub use envoy_types::pb::envoy::config::core::v3::{
     transport_socket::ConfigType as TransportConfigType,
 };
 pub use envoy_types::pb::envoy::config::endpoint::v3::{
-    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
-    lb_endpoint::HostIdentifier,
+    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint::HostIdentifier,
 };
 pub use envoy_types::pb::envoy::config::listener::v3::{
     AdditionalAddress, FilterChain, Listener, filter::ConfigType as FilterConfigType,
@@ -29,7 +28,7 @@ pub use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
     TcpProxy, tcp_proxy::ClusterSpecifier as TcpClusterSpecifier,
 };
 pub use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
-    CommonTlsContext, DownstreamTlsContext, Secret, SdsSecretConfig, TlsCertificate,
+    CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, Secret, TlsCertificate,
     UpstreamTlsContext, secret::Type as SecretType,
 };
 pub use envoy_types::pb::google::protobuf::Any;

@@ -109,7 +109,10 @@ pub fn reconcile(store: &Store, snap: &StoreSnapshot, opts: &TranslateOptions) -
         for tls in ing.spec.iter().flat_map(|s| s.tls.iter().flatten()) {
             if let Some(secret) = tls.secret_name.as_deref() {
                 wanted_secrets.insert(
-                    (opts.secrets_namespace.clone(), format!("{}-{secret}", key.namespace)),
+                    (
+                        opts.secrets_namespace.clone(),
+                        format!("{}-{secret}", key.namespace),
+                    ),
                     (key.namespace.clone(), secret.to_owned()),
                 );
             }

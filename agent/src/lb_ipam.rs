@@ -32,7 +32,11 @@ impl FromStr for Pool {
         if !(8..=32).contains(&prefix) {
             return Err(err());
         }
-        let mask = if prefix == 32 { u32::MAX } else { !(u32::MAX >> prefix) };
+        let mask = if prefix == 32 {
+            u32::MAX
+        } else {
+            !(u32::MAX >> prefix)
+        };
         Ok(Pool {
             base: u32::from(ip) & mask,
             prefix,
@@ -42,7 +46,11 @@ impl FromStr for Pool {
 
 impl Pool {
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        let mask = if self.prefix == 32 { u32::MAX } else { !(u32::MAX >> self.prefix) };
+        let mask = if self.prefix == 32 {
+            u32::MAX
+        } else {
+            !(u32::MAX >> self.prefix)
+        };
         u32::from(ip) & mask == self.base
     }
 
@@ -50,7 +58,11 @@ impl Pool {
     /// for pools larger than /31.
     fn hosts(&self) -> impl Iterator<Item = Ipv4Addr> + use<> {
         let size = 1u64 << (32 - u32::from(self.prefix));
-        let (first, last) = if size > 2 { (1, size - 2) } else { (0, size - 1) };
+        let (first, last) = if size > 2 {
+            (1, size - 2)
+        } else {
+            (0, size - 1)
+        };
         let base = u64::from(self.base);
         (first..=last).map(move |off| Ipv4Addr::from((base + off) as u32))
     }
@@ -78,7 +90,10 @@ fn is_load_balancer(svc: &Service) -> bool {
 /// Assign addresses; returns Services that could not get one, with why.
 pub fn reconcile(pool: &Pool, store: &Store, snap: &StoreSnapshot) -> BTreeMap<ObjectKey, String> {
     let mut problems = BTreeMap::new();
-    let services: Vec<&Service> = snap.typed::<Service>(None).filter(|s| is_load_balancer(s)).collect();
+    let services: Vec<&Service> = snap
+        .typed::<Service>(None)
+        .filter(|s| is_load_balancer(s))
+        .collect();
     let mut used: BTreeSet<Ipv4Addr> = BTreeSet::new();
     let mut pending = Vec::new();
     for svc in &services {
@@ -100,11 +115,17 @@ pub fn reconcile(pool: &Pool, store: &Store, snap: &StoreSnapshot) -> BTreeMap<O
             .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
             .filter(|ip| pool.contains(*ip) && !used.contains(ip));
         let Some(ip) = requested.or_else(|| pool.hosts().find(|ip| !used.contains(ip))) else {
-            problems.insert(key, "status.loadBalancer: no free address left in --lb-pool".into());
+            problems.insert(
+                key,
+                "status.loadBalancer: no free address left in --lb-pool".into(),
+            );
             continue;
         };
         used.insert(ip);
-        store.update_status(&key, json!({"loadBalancer": {"ingress": [{"ip": ip.to_string()}]}}));
+        store.update_status(
+            &key,
+            json!({"loadBalancer": {"ingress": [{"ip": ip.to_string()}]}}),
+        );
     }
     problems
 }
@@ -124,6 +145,9 @@ mod tests {
         assert!("127.0.100.0".parse::<Pool>().is_err());
         assert!("nope/24".parse::<Pool>().is_err());
         let one: Pool = "10.0.0.5/32".parse().unwrap();
-        assert_eq!(one.hosts().collect::<Vec<_>>(), vec![Ipv4Addr::new(10, 0, 0, 5)]);
+        assert_eq!(
+            one.hosts().collect::<Vec<_>>(),
+            vec![Ipv4Addr::new(10, 0, 0, 5)]
+        );
     }
 }

@@ -180,8 +180,10 @@ async fn reconcile_loop(config: &AgentConfig, state: &AgentState, shutdown: Canc
                 state.cache.set_snapshot(None, xds_snapshot.clone());
                 last_resources = Some(pass.resources);
             }
-            let now: BTreeMap<String, String> =
-                rejected.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            let now: BTreeMap<String, String> = rejected
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
             for (object, reason) in &now {
                 if logged.get(object) != Some(reason) {
                     warn!(%object, %reason, "rejected");

@@ -102,7 +102,10 @@ pub fn place(
             continue;
         }
         let addrs: Vec<Address> = match binds.get(&pl.local_name) {
-            Some(b) if !b.is_empty() => b.iter().map(|(ip, port)| socket_address(ip, *port)).collect(),
+            Some(b) if !b.is_empty() => b
+                .iter()
+                .map(|(ip, port)| socket_address(ip, *port))
+                .collect(),
             _ => {
                 let Some(port) = proxy_ports.port_for(&pl.listener.name, reserved) else {
                     return Err((pl.index, "no free proxy port left".into()));
@@ -126,11 +129,12 @@ pub fn place(
 pub fn bound_addresses(parsed: &ParsedCec) -> Vec<(usize, String, String, u32)> {
     let mut out = Vec::new();
     for pl in &parsed.listeners {
-        let all = pl
-            .listener
-            .address
-            .iter()
-            .chain(pl.listener.additional_addresses.iter().filter_map(|a| a.address.as_ref()));
+        let all = pl.listener.address.iter().chain(
+            pl.listener
+                .additional_addresses
+                .iter()
+                .filter_map(|a| a.address.as_ref()),
+        );
         for addr in all {
             if let Some((ip, port)) = ip_port(addr) {
                 out.push((pl.index, pl.listener.name.clone(), ip, port));

@@ -102,7 +102,10 @@ mod tests {
             validate_tls_pair(b"", key.as_bytes()),
             Err(CertError::NoCertificate)
         );
-        assert_eq!(validate_tls_pair(crt.as_bytes(), b""), Err(CertError::NoKey));
+        assert_eq!(
+            validate_tls_pair(crt.as_bytes(), b""),
+            Err(CertError::NoKey)
+        );
         assert_eq!(
             validate_tls_pair(crt.as_bytes(), b"not pem at all"),
             Err(CertError::NoKey)

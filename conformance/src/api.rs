@@ -127,13 +127,14 @@ impl LocalApi {
         if status != StatusCode::OK {
             return Err(status_error("GET", &path, status, &body));
         }
-        Ok(decode::<Items>("GET", &path, &body)?.items.into_iter().next())
+        Ok(decode::<Items>("GET", &path, &body)?
+            .items
+            .into_iter()
+            .next())
     }
 
     async fn post_results(&self, path: &str, body: &str) -> Result<Vec<ObjectResult>, ApiError> {
-        let (status, answer) = self
-            .call(Method::POST, path, Some(body.to_owned()))
-            .await?;
+        let (status, answer) = self.call(Method::POST, path, Some(body.to_owned())).await?;
         if status != StatusCode::OK {
             return Err(status_error("POST", path, status, &answer));
         }
@@ -152,12 +153,13 @@ impl LocalApi {
             detail,
         };
         let fut = async {
-            let stream = UnixStream::connect(&self.socket)
-                .await
-                .map_err(|source| ApiError::Connect {
-                    path: self.socket.clone(),
-                    source,
-                })?;
+            let stream =
+                UnixStream::connect(&self.socket)
+                    .await
+                    .map_err(|source| ApiError::Connect {
+                        path: self.socket.clone(),
+                        source,
+                    })?;
             let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
                 .await
                 .map_err(|e| transport(e.to_string()))?;
@@ -211,7 +213,11 @@ fn status_error(method: &str, path: &str, status: StatusCode, body: &[u8]) -> Ap
     }
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(method: &str, path: &str, body: &[u8]) -> Result<T, ApiError> {
+fn decode<T: for<'de> Deserialize<'de>>(
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::Decode {
         method: method.to_owned(),
         path: path.to_owned(),
@@ -243,21 +249,22 @@ mod tests {
                 let answer = answer.clone();
                 let seen = seen2.clone();
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let answer = answer.clone();
-                        let seen = seen.clone();
-                        async move {
-                            let method = req.method().to_string();
-                            let uri = req.uri().to_string();
-                            let body = req.into_body().collect().await.unwrap().to_bytes();
-                            let body = String::from_utf8(body.to_vec()).unwrap();
-                            let (status, text) = answer(&method, &uri, &body);
-                            seen.lock().unwrap().push((method, uri, body));
-                            let mut resp = hyper::Response::new(Full::new(Bytes::from(text)));
-                            *resp.status_mut() = StatusCode::from_u16(status).unwrap();
-                            Ok::<_, Infallible>(resp)
-                        }
-                    });
+                    let svc =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let answer = answer.clone();
+                            let seen = seen.clone();
+                            async move {
+                                let method = req.method().to_string();
+                                let uri = req.uri().to_string();
+                                let body = req.into_body().collect().await.unwrap().to_bytes();
+                                let body = String::from_utf8(body.to_vec()).unwrap();
+                                let (status, text) = answer(&method, &uri, &body);
+                                seen.lock().unwrap().push((method, uri, body));
+                                let mut resp = hyper::Response::new(Full::new(Bytes::from(text)));
+                                *resp.status_mut() = StatusCode::from_u16(status).unwrap();
+                                Ok::<_, Infallible>(resp)
+                            }
+                        });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
                         .await;
@@ -284,20 +291,34 @@ mod tests {
         let r = api.apply("kind: Namespace").await.unwrap();
         assert_eq!(r[0].result, "created");
         assert_eq!(r[0].name, "x");
-        assert!(api.get("ingress", Some("ns"), "missing").await.unwrap().is_none());
+        assert!(
+            api.get("ingress", Some("ns"), "missing")
+                .await
+                .unwrap()
+                .is_none()
+        );
         let got = api.get("ingress", Some("ns"), "a").await.unwrap().unwrap();
         assert_eq!(got["metadata"]["name"], "a");
         assert_eq!(api.list("namespace", None).await.unwrap().len(), 1);
         let err = api.delete("x").await.unwrap_err();
-        assert!(matches!(err, ApiError::Status { status: 400, ref message, .. } if message == "bad document"), "{err}");
+        assert!(
+            matches!(err, ApiError::Status { status: 400, ref message, .. } if message == "bad document"),
+            "{err}"
+        );
         let seen = seen.lock().unwrap();
-        assert_eq!(seen[0], ("POST".into(), "/v1/apply".into(), "kind: Namespace".into()));
+        assert_eq!(
+            seen[0],
+            ("POST".into(), "/v1/apply".into(), "kind: Namespace".into())
+        );
         assert_eq!(seen[1].1, "/v1/objects/ingress?namespace=ns&name=missing");
     }
 
     #[tokio::test]
     async fn missing_socket_is_a_connect_error() {
         let api = LocalApi::new("/nonexistent/membrane.sock");
-        assert!(matches!(api.list("ns", None).await, Err(ApiError::Connect { .. })));
+        assert!(matches!(
+            api.list("ns", None).await,
+            Err(ApiError::Connect { .. })
+        ));
     }
 }

@@ -59,8 +59,7 @@ pub fn tls_hostname(r: Option<&CapturedResponse>, hostname: &str) -> Result<(), 
 
 pub fn response_certificate(r: Option<&CapturedResponse>, hostname: &str) -> Result<(), String> {
     let cert = r.and_then(|r| r.certificate.as_deref()).ok_or_else(|| {
-        "hostname verification requires executing a request and also target an HTTPS URL"
-            .to_owned()
+        "hostname verification requires executing a request and also target an HTTPS URL".to_owned()
     })?;
     verify_hostname(cert, hostname)
 }
@@ -355,7 +354,10 @@ mod tests {
         );
         // The name check alone also fails on a mismatching certificate.
         let err = response_certificate(Some(&mk(&wrong_cert.cert_pem)), "foo.bar.com").unwrap_err();
-        assert_eq!(err, "x509: certificate is valid for other.com, not foo.bar.com");
+        assert_eq!(
+            err,
+            "x509: certificate is valid for other.com, not foo.bar.com"
+        );
         // Plain HTTP captured no certificate.
         let err = secure_connection(Some(&good().1), "foo.bar.com").unwrap_err();
         assert!(err.contains("TLS hostname"), "{err}");

@@ -37,7 +37,12 @@ pub async fn bind_pod_listener() -> io::Result<TcpListener> {
         let addr = SocketAddr::from((next_candidate(), ECHO_PORT));
         match TcpListener::bind(addr).await {
             Ok(l) => return Ok(l),
-            Err(e) if matches!(e.kind(), io::ErrorKind::AddrInUse | io::ErrorKind::AddrNotAvailable) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::AddrInUse | io::ErrorKind::AddrNotAvailable
+                ) =>
+            {
                 last_err = Some(e);
             }
             Err(e) => return Err(e),
@@ -85,7 +90,10 @@ impl Pod {
         }
         if let Some(task) = self.task.take() {
             // serve() bounds its own grace period; this only guards against a stuck task.
-            if tokio::time::timeout(Duration::from_secs(10), task).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .is_err()
+            {
                 tracing::warn!(pod = %self.name, "echo pod did not stop in time");
             }
         }
@@ -190,8 +198,10 @@ mod tests {
             };
             assert_eq!(v4.octets()[..2], [127, 1]);
             assert_eq!(p.addr.port(), 3000);
-            assert!(p.name.starts_with("load-balancing-echo-service-"), "{}", p.name);
-            assert_eq!(p.name.split('-').count(), 5, "{}", p.name);
+            let rest = p.name.strip_prefix("load-balancing-echo-service-").unwrap();
+            let (hash, suffix) = rest.split_once('-').unwrap();
+            assert_eq!((hash.len(), suffix.len()), (10, 5), "{}", p.name);
+            assert_eq!(hash, d.hash);
         }
         // A pod answers with its own identity.
         let (req, resp) = crate::client::capture_round_trip(
@@ -215,6 +225,10 @@ mod tests {
         d.stop().await;
         assert!(d.pods.is_empty());
         // Stopped pods no longer accept connections.
-        assert!(tokio::net::TcpStream::connect(addrs[2].ip.to_string() + ":3000").await.is_err());
+        assert!(
+            tokio::net::TcpStream::connect(addrs[2].ip.to_string() + ":3000")
+                .await
+                .is_err()
+        );
     }
 }

@@ -107,16 +107,31 @@ mod tests {
     #[test]
     fn certificate_matches_upstream_shape() {
         let s = self_signed_rsa(&["foo.bar.com".to_string()]).unwrap();
-        assert!(s.key_pem.starts_with("-----BEGIN RSA PRIVATE KEY-----\n"), "{}", s.key_pem);
+        assert!(
+            s.key_pem.starts_with("-----BEGIN RSA PRIVATE KEY-----\n"),
+            "{}",
+            s.key_pem
+        );
         let (_, pem) = parse_x509_pem(s.cert_pem.as_bytes()).unwrap();
         let cert = pem.parse_x509().unwrap();
-        let cn: Vec<_> = cert.subject().iter_common_name().map(|c| c.as_str().unwrap()).collect();
+        let cn: Vec<_> = cert
+            .subject()
+            .iter_common_name()
+            .map(|c| c.as_str().unwrap())
+            .collect();
         assert_eq!(cn, vec!["default"]);
-        let org: Vec<_> = cert.subject().iter_organization().map(|c| c.as_str().unwrap()).collect();
+        let org: Vec<_> = cert
+            .subject()
+            .iter_organization()
+            .map(|c| c.as_str().unwrap())
+            .collect();
         assert_eq!(org, vec!["Acme Co"]);
         assert_eq!(cert.subject(), cert.issuer());
         let san = cert.subject_alternative_name().unwrap().unwrap();
-        assert_eq!(san.value.general_names, vec![GeneralName::DNSName("foo.bar.com")]);
+        assert_eq!(
+            san.value.general_names,
+            vec![GeneralName::DNSName("foo.bar.com")]
+        );
         let spki = cert.public_key().parsed().unwrap();
         match spki {
             x509_parser::public_key::PublicKey::RSA(rsa) => assert_eq!(rsa.key_size(), 2048),
@@ -138,7 +153,12 @@ mod tests {
         else {
             unreachable!()
         };
-        let modulus = rsa_pub.modulus.iter().skip_while(|b| **b == 0).copied().collect::<Vec<_>>();
+        let modulus = rsa_pub
+            .modulus
+            .iter()
+            .skip_while(|b| **b == 0)
+            .copied()
+            .collect::<Vec<_>>();
         assert_eq!(modulus, key.n().to_bytes_be());
     }
 
@@ -149,7 +169,13 @@ mod tests {
         let (_, pem) = parse_x509_pem(s.cert_pem.as_bytes()).unwrap();
         let cert = pem.parse_x509().unwrap();
         let san = cert.subject_alternative_name().unwrap().unwrap();
-        assert_eq!(san.value.general_names, vec![GeneralName::IPAddress(&[10, 0, 0, 1])]);
-        assert!(matches!(self_signed_with_key(&key, &[]), Err(CertError::NoHosts)));
+        assert_eq!(
+            san.value.general_names,
+            vec![GeneralName::IPAddress(&[10, 0, 0, 1])]
+        );
+        assert!(matches!(
+            self_signed_with_key(&key, &[]),
+            Err(CertError::NoHosts)
+        ));
     }
 }

@@ -110,10 +110,7 @@ pub fn parse_url(raw: &str) -> Result<ParsedUrl, String> {
         }
         None => ("", rest),
     };
-    let path_raw = path_etc
-        .split(['?', '#'])
-        .next()
-        .unwrap_or_default();
+    let path_raw = path_etc.split(['?', '#']).next().unwrap_or_default();
     Ok(ParsedUrl {
         scheme: scheme.to_ascii_lowercase(),
         host: host.to_owned(),
@@ -286,9 +283,8 @@ pub async fn capture_round_trip(
         if !is_redirect(resp.status_code) {
             return Ok((req, resp));
         }
-        let loc = location_header.ok_or_else(|| {
-            format!("{} redirect without a Location header", resp.status_code)
-        })?;
+        let loc = location_header
+            .ok_or_else(|| format!("{} redirect without a Location header", resp.status_code))?;
         // The request URL's host is the Ingress address, not the Host header.
         let next = resolve_redirect(&scheme, location, &target, &loc)?;
         tracing::debug!(from = %target, to = ?next, "re-issuing redirect against the Ingress address");
@@ -331,7 +327,11 @@ async fn round_trip(
         let config = tls_config(leaf.clone()).map_err(|e| format!("{what}: {e}"))?;
         // Go sets ServerName to the scenario host, or derives it from the URL host
         // (an IP address, for which no SNI is sent).
-        let sni_source = if hostname.is_empty() { location } else { hostname };
+        let sni_source = if hostname.is_empty() {
+            location
+        } else {
+            hostname
+        };
         let server_name = ServerName::try_from(sni_source.to_owned())
             .or_else(|_| ServerName::try_from(location.to_owned()))
             .map_err(|e| format!("{what}: server name: {e}"))?;
@@ -415,12 +415,13 @@ where
     drop(sender);
     conn.abort();
     // upstream: "we cannot assume the response is JSON" - only JSON objects are decoded.
-    let captured = if serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&body).is_ok() {
-        serde_json::from_slice::<CapturedRequest>(&body)
-            .map_err(|e| format!("{what}: unexpected error reading response: {e}"))?
-    } else {
-        CapturedRequest::default()
-    };
+    let captured =
+        if serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&body).is_ok() {
+            serde_json::from_slice::<CapturedRequest>(&body)
+                .map_err(|e| format!("{what}: unexpected error reading response: {e}"))?
+        } else {
+            CapturedRequest::default()
+        };
     Ok((
         captured,
         CapturedResponse {

@@ -66,7 +66,9 @@ fn expand_scenario(scenario: gherkin::Scenario) -> Vec<gherkin::Scenario> {
     }
     let mut out = Vec::new();
     for example in &scenario.examples {
-        let Some(table) = &example.table else { continue };
+        let Some(table) = &example.table else {
+            continue;
+        };
         let Some((header, rows)) = table.rows.split_first() else {
             continue;
         };
@@ -163,7 +165,10 @@ mod tests {
         assert_eq!(f.scenarios.len(), 3);
         let s0 = &f.scenarios[0];
         assert_eq!(s0.name, "send GET to my-host");
-        assert_eq!(s0.steps[0].value, r#"I send a "GET" request to http://"my-host"/"""#);
+        assert_eq!(
+            s0.steps[0].value,
+            r#"I send a "GET" request to http://"my-host"/"""#
+        );
         // Not an Examples column: left as text so the upstream step regex matches.
         assert_eq!(
             s0.steps[1].value,
@@ -171,7 +176,10 @@ mod tests {
         );
         let t = &s0.steps[1].table.as_ref().unwrap().rows;
         assert_eq!(t[1], vec!["Date".to_string(), "GET".to_string()]);
-        assert_eq!(f.scenarios[1].steps[0].value, r#"I send a "PUT" request to http://""/"r""#);
+        assert_eq!(
+            f.scenarios[1].steps[0].value,
+            r#"I send a "PUT" request to http://""/"r""#
+        );
         assert_eq!(f.scenarios[2].name, "no examples");
         assert_eq!(f.scenarios[2].steps.len(), 1);
     }
@@ -204,7 +212,14 @@ mod tests {
         ));
         let d = tempfile::tempdir().unwrap();
         assert!(matches!(load_dir(d.path()), Err(FeatureError::Empty(_))));
-        std::fs::write(d.path().join("bad.feature"), "Feature: x\n  Scenario: y\n    Whatever\n").unwrap();
-        assert!(matches!(load_dir(d.path()), Err(FeatureError::Parse { .. })));
+        std::fs::write(
+            d.path().join("bad.feature"),
+            "Feature: x\n  Scenario: y\n    Given a\n      \"\"\"\n      unterminated\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            load_dir(d.path()),
+            Err(FeatureError::Parse { .. })
+        ));
     }
 }

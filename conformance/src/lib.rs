@@ -279,8 +279,8 @@ async fn execute(
     out: SharedOut,
     json: Option<SharedBuf>,
 ) -> Result<(Vec<ScenarioOutcome>, Vec<String>), ConformanceError> {
-    let collection = steps::collection()
-        .map_err(|e| ConformanceError::Runner(format!("step regex: {e}")))?;
+    let collection =
+        steps::collection().map_err(|e| ConformanceError::Runner(format!("step regex: {e}")))?;
     let runner = runner::Basic::default()
         .max_concurrent_scenarios(1)
         .which_scenario(|_, _, _| runner::ScenarioType::Serial)
@@ -304,8 +304,8 @@ async fn execute(
         Preparsed, runner, reporter,
     )
     .with_cli(cli)
-        .run(feats)
-        .await;
+    .run(feats)
+    .await;
     let reporter = done.inner_writer();
     Ok((reporter.outcomes.clone(), reporter.errors.clone()))
 }
@@ -344,7 +344,10 @@ async fn cleanup_leftover_namespaces(api: &LocalApi) -> Result<(), ApiError> {
             .and_then(|l| l.get(key))
             .and_then(serde_json::Value::as_str)
             == Some(value);
-        if let (true, Some(name)) = (labelled, ns.pointer("/metadata/name").and_then(|n| n.as_str())) {
+        if let (true, Some(name)) = (
+            labelled,
+            ns.pointer("/metadata/name").and_then(|n| n.as_str()),
+        ) {
             tracing::info!(namespace = name, "deleting leftover conformance namespace");
             api.delete(&objects::namespace_manifest(name).to_string())
                 .await?;

@@ -400,7 +400,10 @@ spec:
         let b = backends_of(&ing).unwrap();
         assert_eq!(b.len(), 1);
         assert_eq!(b[0].port, 8080);
-        assert_eq!(b[0].deployment("default-backend"), "default-backend-echo-service");
+        assert_eq!(
+            b[0].deployment("default-backend"),
+            "default-backend-echo-service"
+        );
     }
 
     #[test]
@@ -438,7 +441,10 @@ spec:
         let v = json!({"status": {"loadBalancer": {"ingress": [{"ip": "127.0.100.1"}, {"hostname": "lb.example"}]}}});
         assert_eq!(ingress_addresses(&v), vec!["127.0.100.1", "lb.example"]);
         assert!(ingress_addresses(&json!({"status": {"loadBalancer": {}}})).is_empty());
-        assert!(ingress_addresses(&json!({"status": {"loadBalancer": {"ingress": [{"ip": ""}]}}})).is_empty());
+        assert!(
+            ingress_addresses(&json!({"status": {"loadBalancer": {"ingress": [{"ip": ""}]}}}))
+                .is_empty()
+        );
     }
 
     #[test]

@@ -103,7 +103,14 @@ impl Reporter {
         let file = self
             .current
             .as_ref()
-            .map(|c| c.outcome.location.split(':').next().unwrap_or("").to_owned())
+            .map(|c| {
+                c.outcome
+                    .location
+                    .split(':')
+                    .next()
+                    .unwrap_or("")
+                    .to_owned()
+            })
             .unwrap_or_default();
         let text = format!("{}{}", step.keyword, step.value);
         let (mark, reason) = match ev {
@@ -185,7 +192,9 @@ impl Reporter {
                 self.step_event(step, ev);
             }
             event::Scenario::Finished => {
-                let Some(cur) = self.current.take() else { return };
+                let Some(cur) = self.current.take() else {
+                    return;
+                };
                 let not_run: Vec<String> = cur
                     .all_steps
                     .iter()

@@ -6,8 +6,8 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cucumber::step::Context;
 use cucumber::World;
+use cucumber::step::Context;
 use futures::future::LocalBoxFuture;
 use k8s_openapi::api::networking::v1::Ingress;
 use regex::Regex;
@@ -74,9 +74,9 @@ impl ConformanceWorld {
 
     fn namespace(&self) -> Result<String, String> {
         // upstream would create objects in "" and be refused; say so directly.
-        self.namespace
-            .clone()
-            .ok_or_else(|| "no namespace: \"a new random namespace\" did not run or failed".to_owned())
+        self.namespace.clone().ok_or_else(|| {
+            "no namespace: \"a new random namespace\" did not run or failed".to_owned()
+        })
     }
 
     fn address(&self) -> Result<String, String> {
@@ -474,27 +474,87 @@ macro_rules! step_fn {
 pub fn step_table() -> Vec<(&'static str, StepFn)> {
     vec![
         (r"^a new random namespace$", step_fn!(noctx new_namespace)),
-        (r#"^an Ingress resource named "([^"]*)" with this spec:$"#, step_fn!(ctx ingress_named_with_spec)),
+        (
+            r#"^an Ingress resource named "([^"]*)" with this spec:$"#,
+            step_fn!(ctx ingress_named_with_spec),
+        ),
         (r"^an Ingress resource$", step_fn!(ctx ingress_resource)),
-        (r"^an Ingress resource in a new random namespace$", step_fn!(ctx ingress_in_new_namespace)),
-        (r#"^a self-signed TLS secret named "([^"]*)" for the "([^"]*)" hostname$"#, step_fn!(ctx self_signed_secret)),
-        (r"^The Ingress status shows the IP address or FQDN where it is exposed$", step_fn!(noctx status_shows_address)),
-        (r"^The Ingress status should not contain the IP address or FQDN$", step_fn!(noctx status_has_no_address)),
-        (r#"^The backend deployment "([^"]*)" for the ingress resource is scaled to (\d+)$"#, step_fn!(ctx scale_backend)),
-        (r#"^I send a "([^"]*)" request to http:\/\/"([^"]*)"\/"([^"]*)"$"#, step_fn!(ctx send_to_host_path)),
-        (r#"^I send a "([^"]*)" request to "([^"]*)"$"#, step_fn!(ctx send_to_url)),
-        (r#"^I send (\d+) requests to "([^"]*)"$"#, step_fn!(ctx send_many)),
-        (r"^the response status-code must be (\d+)$", step_fn!(ctx status_code)),
-        (r#"^the response must be served by the "([^"]*)" service$"#, step_fn!(ctx served_by)),
-        (r#"^the response proto must be "([^"]*)"$"#, step_fn!(ctx response_proto)),
-        (r"^the response headers must contain <key> with matching <value>$", step_fn!(ctx response_headers)),
-        (r#"^the request method must be "([^"]*)"$"#, step_fn!(ctx request_method)),
-        (r#"^the request path must be "([^"]*)"$"#, step_fn!(ctx request_path)),
-        (r#"^the request proto must be "([^"]*)"$"#, step_fn!(ctx request_proto)),
-        (r"^the request headers must contain <key> with matching <value>$", step_fn!(ctx request_headers)),
-        (r#"^the secure connection must verify the "([^"]*)" hostname$"#, step_fn!(ctx secure_connection)),
-        (r#"^the request host must be "([^"]*)"$"#, step_fn!(ctx request_host)),
-        (r"^all the responses status-code must be (\d+) and the response body should contain the IP address of (\d+) different Kubernetes pods$", step_fn!(ctx distinct_pods)),
+        (
+            r"^an Ingress resource in a new random namespace$",
+            step_fn!(ctx ingress_in_new_namespace),
+        ),
+        (
+            r#"^a self-signed TLS secret named "([^"]*)" for the "([^"]*)" hostname$"#,
+            step_fn!(ctx self_signed_secret),
+        ),
+        (
+            r"^The Ingress status shows the IP address or FQDN where it is exposed$",
+            step_fn!(noctx status_shows_address),
+        ),
+        (
+            r"^The Ingress status should not contain the IP address or FQDN$",
+            step_fn!(noctx status_has_no_address),
+        ),
+        (
+            r#"^The backend deployment "([^"]*)" for the ingress resource is scaled to (\d+)$"#,
+            step_fn!(ctx scale_backend),
+        ),
+        (
+            r#"^I send a "([^"]*)" request to http:\/\/"([^"]*)"\/"([^"]*)"$"#,
+            step_fn!(ctx send_to_host_path),
+        ),
+        (
+            r#"^I send a "([^"]*)" request to "([^"]*)"$"#,
+            step_fn!(ctx send_to_url),
+        ),
+        (
+            r#"^I send (\d+) requests to "([^"]*)"$"#,
+            step_fn!(ctx send_many),
+        ),
+        (
+            r"^the response status-code must be (\d+)$",
+            step_fn!(ctx status_code),
+        ),
+        (
+            r#"^the response must be served by the "([^"]*)" service$"#,
+            step_fn!(ctx served_by),
+        ),
+        (
+            r#"^the response proto must be "([^"]*)"$"#,
+            step_fn!(ctx response_proto),
+        ),
+        (
+            r"^the response headers must contain <key> with matching <value>$",
+            step_fn!(ctx response_headers),
+        ),
+        (
+            r#"^the request method must be "([^"]*)"$"#,
+            step_fn!(ctx request_method),
+        ),
+        (
+            r#"^the request path must be "([^"]*)"$"#,
+            step_fn!(ctx request_path),
+        ),
+        (
+            r#"^the request proto must be "([^"]*)"$"#,
+            step_fn!(ctx request_proto),
+        ),
+        (
+            r"^the request headers must contain <key> with matching <value>$",
+            step_fn!(ctx request_headers),
+        ),
+        (
+            r#"^the secure connection must verify the "([^"]*)" hostname$"#,
+            step_fn!(ctx secure_connection),
+        ),
+        (
+            r#"^the request host must be "([^"]*)"$"#,
+            step_fn!(ctx request_host),
+        ),
+        (
+            r"^all the responses status-code must be (\d+) and the response body should contain the IP address of (\d+) different Kubernetes pods$",
+            step_fn!(ctx distinct_pods),
+        ),
     ]
 }
 

@@ -23,14 +23,20 @@ impl ApiClient {
     }
 
     /// Send one request; returns the status and the JSON body.
-    pub async fn call(&self, method: Method, path: &str, body: Option<String>) -> Result<(StatusCode, Value)> {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<(StatusCode, Value)> {
         let stream = UnixStream::connect(&self.socket).await.with_context(|| {
             format!(
                 "cannot reach Membrane at {} (is `membrane up` running? see --api-socket)",
                 self.socket.display()
             )
         })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(conn);
         let req = Request::builder()
             .method(method)
@@ -49,7 +55,10 @@ impl ApiClient {
     pub async fn ok(&self, method: Method, path: &str, body: Option<String>) -> Result<Value> {
         let (status, value) = self.call(method, path, body).await?;
         if !status.is_success() {
-            let msg = value.get("error").and_then(Value::as_str).unwrap_or("request failed");
+            let msg = value
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("request failed");
             bail!("{msg}");
         }
         Ok(value)

@@ -13,7 +13,11 @@ use clap::{Parser, Subcommand};
 pub const DEFAULT_API_SOCKET: &str = "/tmp/membrane/api.sock";
 
 #[derive(Parser, Debug)]
-#[command(name = "membrane", version, about = "Kubernetes Ingress and CiliumEnvoyConfig on a real Envoy, Cilium-compatible")]
+#[command(
+    name = "membrane",
+    version,
+    about = "Kubernetes Ingress and CiliumEnvoyConfig on a real Envoy, Cilium-compatible"
+)]
 struct Cli {
     /// Local API socket of the running instance.
     #[arg(long, global = true, env = "MEMBRANE_API_SOCKET", default_value = DEFAULT_API_SOCKET)]
@@ -74,7 +78,10 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");
@@ -112,8 +119,19 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             all_namespaces,
             output,
         } => {
-            let ns = if all_namespaces { None } else { Some(namespace.unwrap_or_else(|| "default".into())) };
-            commands::objects::get(&api, &kind, name.as_deref(), ns.as_deref(), output.as_deref()).await
+            let ns = if all_namespaces {
+                None
+            } else {
+                Some(namespace.unwrap_or_else(|| "default".into()))
+            };
+            commands::objects::get(
+                &api,
+                &kind,
+                name.as_deref(),
+                ns.as_deref(),
+                output.as_deref(),
+            )
+            .await
         }
         Command::Status { output } => commands::status::run(&api, output.as_deref()).await,
         Command::Translate { file } => commands::translate::run(&file),

@@ -4,14 +4,27 @@ use serde_json::Value;
 
 use crate::commands::objects::text;
 
+/// Turns one object into the cells of its row.
+type RowFn = fn(&Value) -> Vec<String>;
+
 /// Render `items` of `kind` as an aligned table.
 pub fn render(kind: &str, items: &[Value], with_namespace: bool) -> String {
     let kind = kind.to_lowercase();
-    let (headers, row): (Vec<&str>, fn(&Value) -> Vec<String>) = match kind.as_str() {
-        "ingress" | "ingresses" | "ing" => (vec!["NAME", "CLASS", "HOSTS", "ADDRESS", "PORTS"], ingress_row),
-        "service" | "services" | "svc" => (vec!["NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)"], service_row),
+    let (headers, row): (Vec<&str>, RowFn) = match kind.as_str() {
+        "ingress" | "ingresses" | "ing" => (
+            vec!["NAME", "CLASS", "HOSTS", "ADDRESS", "PORTS"],
+            ingress_row,
+        ),
+        "service" | "services" | "svc" => (
+            vec!["NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)"],
+            service_row,
+        ),
         "endpointslice" | "endpointslices" => (vec!["NAME", "PORTS", "ENDPOINTS"], slice_row),
-        "cec" | "ciliumenvoyconfig" | "ciliumenvoyconfigs" | "ccec" | "ciliumclusterwideenvoyconfig"
+        "cec"
+        | "ciliumenvoyconfig"
+        | "ciliumenvoyconfigs"
+        | "ccec"
+        | "ciliumclusterwideenvoyconfig"
         | "ciliumclusterwideenvoyconfigs" => (vec!["NAME", "RESOURCES"], cec_row),
         "secret" | "secrets" => (vec!["NAME", "TYPE", "DATA"], secret_row),
         _ => (vec!["NAME"], |v| vec![text(v, "/metadata/name")]),
@@ -30,11 +43,20 @@ pub fn render(kind: &str, items: &[Value], with_namespace: bool) -> String {
         rows.push(r);
     }
     let widths: Vec<usize> = (0..rows[0].len())
-        .map(|i| rows.iter().map(|r| r.get(i).map_or(0, String::len)).max().unwrap_or(0))
+        .map(|i| {
+            rows.iter()
+                .map(|r| r.get(i).map_or(0, String::len))
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for r in rows {
-        let line: Vec<String> = r.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
         out.push_str(line.join("   ").trim_end());
         out.push('\n');
     }
@@ -61,14 +83,25 @@ fn ingress_row(v: &Value) -> Vec<String> {
         .flatten()
         .map(|i| {
             let ip = text(i, "/ip");
-            if ip.is_empty() { text(i, "/hostname") } else { ip }
+            if ip.is_empty() {
+                text(i, "/hostname")
+            } else {
+                ip
+            }
         })
         .collect();
-    let tls = v.pointer("/spec/tls").and_then(Value::as_array).is_some_and(|t| !t.is_empty());
+    let tls = v
+        .pointer("/spec/tls")
+        .and_then(Value::as_array)
+        .is_some_and(|t| !t.is_empty());
     vec![
         text(v, "/metadata/name"),
         or_none(text(v, "/spec/ingressClassName")),
-        if hosts.is_empty() { "*".into() } else { hosts.join(",") },
+        if hosts.is_empty() {
+            "*".into()
+        } else {
+            hosts.join(",")
+        },
         address.join(","),
         if tls { "80, 443".into() } else { "80".into() },
     ]
@@ -82,7 +115,15 @@ fn service_row(v: &Value) -> Vec<String> {
         .flatten()
         .map(|p| {
             let proto = text(p, "/protocol");
-            format!("{}/{}", text(p, "/port"), if proto.is_empty() { "TCP".into() } else { proto })
+            format!(
+                "{}/{}",
+                text(p, "/port"),
+                if proto.is_empty() {
+                    "TCP".into()
+                } else {
+                    proto
+                }
+            )
         })
         .collect();
     let external = text(v, "/status/loadBalancer/ingress/0/ip");
@@ -90,7 +131,11 @@ fn service_row(v: &Value) -> Vec<String> {
         text(v, "/metadata/name"),
         or_none(text(v, "/spec/type")).replace("<none>", "ClusterIP"),
         or_none(text(v, "/spec/clusterIP")),
-        if external.is_empty() { "<none>".into() } else { external },
+        if external.is_empty() {
+            "<none>".into()
+        } else {
+            external
+        },
         ports.join(","),
     ]
 }
@@ -108,18 +153,33 @@ fn slice_row(v: &Value) -> Vec<String> {
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .flat_map(|e| e.pointer("/addresses").and_then(Value::as_array).cloned().unwrap_or_default())
+        .flat_map(|e| {
+            e.pointer("/addresses")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+        })
         .filter_map(|a| a.as_str().map(str::to_owned))
         .collect();
-    vec![text(v, "/metadata/name"), ports.join(","), or_none(eps.join(","))]
+    vec![
+        text(v, "/metadata/name"),
+        ports.join(","),
+        or_none(eps.join(",")),
+    ]
 }
 
 fn cec_row(v: &Value) -> Vec<String> {
-    let n = v.pointer("/spec/resources").and_then(Value::as_array).map_or(0, Vec::len);
+    let n = v
+        .pointer("/spec/resources")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
     vec![text(v, "/metadata/name"), n.to_string()]
 }
 
 fn secret_row(v: &Value) -> Vec<String> {
-    let n = v.pointer("/data").and_then(Value::as_object).map_or(0, |m| m.len());
+    let n = v
+        .pointer("/data")
+        .and_then(Value::as_object)
+        .map_or(0, |m| m.len());
     vec![text(v, "/metadata/name"), text(v, "/type"), n.to_string()]
 }

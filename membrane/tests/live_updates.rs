@@ -29,12 +29,25 @@ fn ingress_edits_additions_and_removals_are_served_live() {
         service_yaml("svc-c", 8080, Some("http"), "127.0.21.3"),
     ]
     .join("---\n");
-    std::fs::write(dir.join("services.yaml"), format!("{INGRESS_CLASS}---\n{services}")).expect("write");
-    std::fs::write(dir.join("one.yaml"), ingress_yaml("one", &[("/a", "svc-a", 80)])).expect("write");
+    std::fs::write(
+        dir.join("services.yaml"),
+        format!("{INGRESS_CLASS}---\n{services}"),
+    )
+    .expect("write");
+    std::fs::write(
+        dir.join("one.yaml"),
+        ingress_yaml("one", &[("/a", "svc-a", 80)]),
+    )
+    .expect("write");
 
     let ip1 = m.wait_ingress_ip("default", "one");
     // The address is only written once Envoy ACKed: the first request works.
-    assert_eq!(served_by(addr(&ip1), "example.com", "/a").as_deref(), Some("svc-a"), "{}", m.log());
+    assert_eq!(
+        served_by(addr(&ip1), "example.com", "/a").as_deref(),
+        Some("svc-a"),
+        "{}",
+        m.log()
+    );
 
     // Edit: a new path.
     let t = Instant::now();
@@ -44,7 +57,9 @@ fn ingress_edits_additions_and_removals_are_served_live() {
     )
     .expect("write");
     assert!(
-        wait_until(Duration::from_secs(10), || served_by(addr(&ip1), "x", "/b").as_deref() == Some("svc-b")),
+        wait_until(Duration::from_secs(10), || served_by(addr(&ip1), "x", "/b")
+            .as_deref()
+            == Some("svc-b")),
         "edited Ingress never served /b:\n{}",
         m.log()
     );
@@ -52,7 +67,11 @@ fn ingress_edits_additions_and_removals_are_served_live() {
 
     // Add: a second Ingress gets its own address.
     let t = Instant::now();
-    std::fs::write(dir.join("two.yaml"), ingress_yaml("two", &[("/c", "svc-c", 8080)])).expect("write");
+    std::fs::write(
+        dir.join("two.yaml"),
+        ingress_yaml("two", &[("/c", "svc-c", 8080)]),
+    )
+    .expect("write");
     let mut ip2 = String::new();
     assert!(
         wait_until(Duration::from_secs(10), || {
@@ -71,7 +90,8 @@ fn ingress_edits_additions_and_removals_are_served_live() {
     let t = Instant::now();
     std::fs::remove_file(dir.join("one.yaml")).expect("remove");
     assert!(
-        wait_until(Duration::from_secs(10), || served_by(addr(&ip1), "x", "/a").is_none()),
+        wait_until(Duration::from_secs(10), || served_by(addr(&ip1), "x", "/a")
+            .is_none()),
         "removed Ingress still served:\n{}",
         m.log()
     );
@@ -79,7 +99,10 @@ fn ingress_edits_additions_and_removals_are_served_live() {
     assert_eq!(served_by(addr(&ip2), "x", "/c").as_deref(), Some("svc-c"));
     let (code, out) = m.cli(&["get", "cec", "-n", "default"]).expect("cli");
     assert_eq!(code, 0);
-    assert!(out.contains("cilium-ingress-default-two") && !out.contains("cilium-ingress-default-one"), "{out}");
+    assert!(
+        out.contains("cilium-ingress-default-two") && !out.contains("cilium-ingress-default-one"),
+        "{out}"
+    );
 
     println!(
         "file change → first correct response: edit {:.1} ms, add {:.1} ms, remove {:.1} ms",

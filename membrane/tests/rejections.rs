@@ -58,7 +58,10 @@ fn assert_rejected(m: &Membrane, object: &str, needles: &[&str]) {
         last.iter()
             .any(|(o, r)| o == object && needles.iter().all(|n| r.contains(n)))
     });
-    assert!(found, "{object} not rejected with {needles:?}; rejected: {last:#?}");
+    assert!(
+        found,
+        "{object} not rejected with {needles:?}; rejected: {last:#?}"
+    );
 }
 
 #[test]
@@ -81,7 +84,10 @@ fn bad_objects_are_rejected_and_siblings_keep_serving() {
     assert_rejected(
         &m,
         "Ingress default/missing-svc",
-        &["spec.rules[0].http.paths[0].backend.service.name", "not found"],
+        &[
+            "spec.rules[0].http.paths[0].backend.service.name",
+            "not found",
+        ],
     );
 
     // Ingress whose TLS Secret is missing, and one whose Secret has no tls.key.
@@ -102,7 +108,11 @@ spec:
         )
     };
     m.apply(&tls_ingress("missing-secret", "absent"));
-    assert_rejected(&m, "Ingress default/missing-secret", &["spec.tls[0].secretName", "absent"]);
+    assert_rejected(
+        &m,
+        "Ingress default/missing-secret",
+        &["spec.tls[0].secretName", "absent"],
+    );
     // A real certificate, so only the missing key is wrong.
     let (crt, _) = membrane_certs::self_signed(&["secure.example.com"]).expect("issue");
     m.apply(&format!(
@@ -110,7 +120,11 @@ spec:
         indent(&crt, 4)
     ));
     m.apply(&tls_ingress("keyless", "no-key"));
-    assert_rejected(&m, "Ingress default/keyless", &["spec.tls[0].secretName", "tls.key"]);
+    assert_rejected(
+        &m,
+        "Ingress default/keyless",
+        &["spec.tls[0].secretName", "tls.key"],
+    );
 
     // Invalid ImplementationSpecific regex.
     m.apply(
@@ -125,7 +139,11 @@ spec:
       - {path: "/(unclosed", pathType: ImplementationSpecific, backend: {service: {name: good, port: {number: 80}}}}
 "#,
     );
-    assert_rejected(&m, "Ingress default/bad-regex", &["spec.rules[0].http.paths[0].path", "regex"]);
+    assert_rejected(
+        &m,
+        "Ingress default/bad-regex",
+        &["spec.rules[0].http.paths[0].path", "regex"],
+    );
 
     // CEC with an unknown @type.
     m.apply(
@@ -145,31 +163,62 @@ spec:
 
     // CEC with a misspelled field.
     m.apply(&direct_cec("misspelled", 28901, "x", "filterChainz"));
-    assert_rejected(&m, "CiliumEnvoyConfig default/misspelled", &["spec.resources[0]", "filterChainz"]);
+    assert_rejected(
+        &m,
+        "CiliumEnvoyConfig default/misspelled",
+        &["spec.resources[0]", "filterChainz"],
+    );
 
     // Two CECs defining the same listener port: the first keeps it.
     m.apply(&direct_cec("port-owner", 28902, "owner", "filterChains"));
-    assert!(wait_until(Duration::from_secs(10), || body_at(28902).as_deref() == Some("owner")), "{}", m.log());
+    assert!(
+        wait_until(Duration::from_secs(10), || body_at(28902).as_deref()
+            == Some("owner")),
+        "{}",
+        m.log()
+    );
     m.apply(&direct_cec("port-thief", 28902, "thief", "filterChains"));
     assert_rejected(
         &m,
         "CiliumEnvoyConfig default/port-thief",
-        &["spec.resources[0]", "127.0.0.1:28902", "already used by CiliumEnvoyConfig default/port-owner"],
+        &[
+            "spec.resources[0]",
+            "127.0.0.1:28902",
+            "already used by CiliumEnvoyConfig default/port-owner",
+        ],
     );
     assert_eq!(body_at(28902).as_deref(), Some("owner"));
 
     // A CEC edited into a bad state keeps serving its last good version.
     m.apply(&direct_cec("last-good", 28903, "v1", "filterChains"));
-    assert!(wait_until(Duration::from_secs(10), || body_at(28903).as_deref() == Some("v1")), "{}", m.log());
+    assert!(
+        wait_until(Duration::from_secs(10), || body_at(28903).as_deref()
+            == Some("v1")),
+        "{}",
+        m.log()
+    );
     m.apply(&direct_cec("last-good", 28903, "v2", "filterChainz"));
-    assert_rejected(&m, "CiliumEnvoyConfig default/last-good", &["spec.resources[0]", "filterChainz"]);
+    assert_rejected(
+        &m,
+        "CiliumEnvoyConfig default/last-good",
+        &["spec.resources[0]", "filterChainz"],
+    );
     assert_eq!(body_at(28903).as_deref(), Some("v1"));
 
     // The sibling still serves, and its own updates still land.
     assert_eq!(served_by(addr(&ip), "x", "/").as_deref(), Some("good"));
-    m.apply(&ingress_yaml("sibling", &[("/", "good", 80), ("/two", "good-two", 80)]));
+    m.apply(&ingress_yaml(
+        "sibling",
+        &[("/", "good", 80), ("/two", "good-two", 80)],
+    ));
     assert!(
-        wait_until(Duration::from_secs(10), || served_by(addr(&ip), "x", "/two").as_deref() == Some("good-two")),
+        wait_until(Duration::from_secs(10), || served_by(
+            addr(&ip),
+            "x",
+            "/two"
+        )
+        .as_deref()
+            == Some("good-two")),
         "sibling update did not land:\n{}",
         m.log()
     );
@@ -187,7 +236,10 @@ spec:
         "CiliumEnvoyConfig default/port-thief",
         "CiliumEnvoyConfig default/last-good",
     ] {
-        assert!(out.contains(object), "status does not list {object}:\n{out}");
+        assert!(
+            out.contains(object),
+            "status does not list {object}:\n{out}"
+        );
     }
     // No rejected object was ever NACKed by Envoy: validation caught it first.
     let status = m.status();
@@ -198,5 +250,8 @@ spec:
 }
 
 fn indent(text: &str, n: usize) -> String {
-    text.lines().map(|l| format!("{:n$}{l}", "")).collect::<Vec<_>>().join("\n")
+    text.lines()
+        .map(|l| format!("{:n$}{l}", ""))
+        .collect::<Vec<_>>()
+        .join("\n")
 }

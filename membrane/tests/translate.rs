@@ -15,9 +15,19 @@ fn translate_matches_every_golden_case() {
             .arg(case.join("input.yaml"))
             .output()
             .expect("run membrane translate");
-        assert!(out.status.success(), "{}: {}", case.display(), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            case.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
         let want = std::fs::read_to_string(case.join("output-cec.yaml")).expect("golden");
-        assert_eq!(String::from_utf8_lossy(&out.stdout), want, "{}", case.display());
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            want,
+            "{}",
+            case.display()
+        );
         cases += 1;
     }
     assert!(cases >= 5, "expected the five golden cases, found {cases}");
@@ -50,5 +60,8 @@ spec:
         .expect("run");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("Ingress default/bad") && err.contains("spec.rules[0].http.paths[0].path"), "{err}");
+    assert!(
+        err.contains("Ingress default/bad") && err.contains("spec.rules[0].http.paths[0].path"),
+        "{err}"
+    );
 }

@@ -74,13 +74,15 @@ pub fn parse_cec(
     let mut out = ParsedCec::default();
     for (index, raw) in spec.resources.iter().enumerate() {
         let field = format!("spec.resources[{index}]");
-        let any = membrane_xds::codec::any_from_json(raw).map_err(|e| ctx.err(&field, e.to_string()))?;
+        let any =
+            membrane_xds::codec::any_from_json(raw).map_err(|e| ctx.err(&field, e.to_string()))?;
         let bad = |e: prost::DecodeError| ctx.err(&field, e.to_string());
         if let Some(l) = from_any::<Listener>(&any) {
             out.listeners
                 .push(listener(&ctx, &field, index, l.map_err(bad)?)?);
         } else if let Some(r) = from_any::<RouteConfiguration>(&any) {
-            out.routes.push(route_configuration(&ctx, &field, r.map_err(bad)?)?);
+            out.routes
+                .push(route_configuration(&ctx, &field, r.map_err(bad)?)?);
         } else if let Some(c) = from_any::<Cluster>(&any) {
             out.clusters.push(cluster(&ctx, &field, c.map_err(bad)?)?);
         } else if let Some(e) = from_any::<ClusterLoadAssignment>(&any) {
@@ -121,8 +123,14 @@ fn check_duplicates(ctx: &Ctx<'_>, cec: &ParsedCec) -> Result<(), CecError> {
         names.into_iter().find(|n| !seen.insert(*n))
     }
     let found = [
-        ("Listener", dup(cec.listeners.iter().map(|l| l.listener.name.as_str()))),
-        ("RouteConfiguration", dup(cec.routes.iter().map(|r| r.name.as_str()))),
+        (
+            "Listener",
+            dup(cec.listeners.iter().map(|l| l.listener.name.as_str())),
+        ),
+        (
+            "RouteConfiguration",
+            dup(cec.routes.iter().map(|r| r.name.as_str())),
+        ),
         ("Cluster", dup(cec.clusters.iter().map(|c| c.name.as_str()))),
         (
             "ClusterLoadAssignment",
@@ -197,17 +205,16 @@ fn filter_chain(ctx: &Ctx<'_>, field: &str, chain: &mut FilterChain) -> Result<(
             *any = to_any(&tcp);
         }
     }
-    if let Some(ts) = chain.transport_socket.as_mut() {
-        if let Some(TransportConfigType::TypedConfig(any)) = ts.config_type.as_mut() {
-            if let Some(tls) = from_any::<DownstreamTlsContext>(any) {
-                let field = format!("{field}.transportSocket.typedConfig");
-                let mut tls = tls.map_err(|e| ctx.err(&field, e.to_string()))?;
-                if let Some(common) = tls.common_tls_context.as_mut() {
-                    fill_sds(ctx, common);
-                }
-                *any = to_any(&tls);
-            }
+    if let Some(ts) = chain.transport_socket.as_mut()
+        && let Some(TransportConfigType::TypedConfig(any)) = ts.config_type.as_mut()
+        && let Some(tls) = from_any::<DownstreamTlsContext>(any)
+    {
+        let field = format!("{field}.transportSocket.typedConfig");
+        let mut tls = tls.map_err(|e| ctx.err(&field, e.to_string()))?;
+        if let Some(common) = tls.common_tls_context.as_mut() {
+            fill_sds(ctx, common);
         }
+        *any = to_any(&tls);
     }
     Ok(())
 }
@@ -258,24 +265,24 @@ fn cluster(ctx: &Ctx<'_>, field: &str, mut c: Cluster) -> Result<Cluster, CecErr
         Some(ClusterDiscoveryType::Type(t)) if t == DiscoveryType::Eds as i32
     );
     if is_eds {
-        let eds = c.eds_cluster_config.get_or_insert_with(EdsClusterConfig::default);
+        let eds = c
+            .eds_cluster_config
+            .get_or_insert_with(EdsClusterConfig::default);
         if eds.eds_config.is_none() {
             eds.eds_config = Some(ads_config_source());
         }
         eds.service_name = ctx.q(&eds.service_name);
     }
-    if let Some(ts) = c.transport_socket.as_mut() {
-        if let Some(TransportConfigType::TypedConfig(any)) = ts.config_type.as_mut() {
-            if let Some(tls) = from_any::<UpstreamTlsContext>(any) {
-                let mut tls = tls.map_err(|e| {
-                    ctx.err(format!("{field}.transportSocket.typedConfig"), e.to_string())
-                })?;
-                if let Some(common) = tls.common_tls_context.as_mut() {
-                    fill_sds(ctx, common);
-                }
-                *any = to_any(&tls);
-            }
+    if let Some(ts) = c.transport_socket.as_mut()
+        && let Some(TransportConfigType::TypedConfig(any)) = ts.config_type.as_mut()
+        && let Some(tls) = from_any::<UpstreamTlsContext>(any)
+    {
+        let field = format!("{field}.transportSocket.typedConfig");
+        let mut tls = tls.map_err(|e| ctx.err(&field, e.to_string()))?;
+        if let Some(common) = tls.common_tls_context.as_mut() {
+            fill_sds(ctx, common);
         }
+        *any = to_any(&tls);
     }
     Ok(c)
 }

@@ -30,7 +30,10 @@ pub enum EnvoyError {
         source: std::io::Error,
     },
     #[error("starting Envoy {bin}: {source}")]
-    Spawn { bin: PathBuf, source: std::io::Error },
+    Spawn {
+        bin: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Locate Envoy: an explicit path, then `$MEMBRANE_ENVOY`, then `.venv/bin/envoy`

@@ -14,7 +14,9 @@ use crate::table;
 /// `apply -f` / `delete -f`: print one kubectl-style line per object.
 pub async fn apply(api: &Path, file: &Path, endpoint: &str) -> Result<ExitCode> {
     let body = read_input(file)?;
-    let answer = ApiClient::new(api).ok(Method::POST, endpoint, Some(body)).await?;
+    let answer = ApiClient::new(api)
+        .ok(Method::POST, endpoint, Some(body))
+        .await?;
     let mut missing = false;
     for r in answer["results"].as_array().into_iter().flatten() {
         let kind = r["kind"].as_str().unwrap_or_default().to_lowercase();
@@ -28,7 +30,11 @@ pub async fn apply(api: &Path, file: &Path, endpoint: &str) -> Result<ExitCode> 
             println!("{kind}/{name} {result} (namespace {ns})");
         }
     }
-    Ok(if missing { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if missing {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// `get KIND [NAME] [-n NS] [-o json|yaml]`.

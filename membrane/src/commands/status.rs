@@ -11,14 +11,20 @@ use crate::client::ApiClient;
 use crate::commands::objects::text;
 
 pub async fn run(api: &Path, output: Option<&str>) -> Result<ExitCode> {
-    let report = ApiClient::new(api).ok(Method::GET, "/v1/status", None).await?;
+    let report = ApiClient::new(api)
+        .ok(Method::GET, "/v1/status", None)
+        .await?;
     let rejected = report["rejected"].as_array().cloned().unwrap_or_default();
     match output {
         Some("json") => println!("{}", serde_json::to_string_pretty(&report)?),
         Some("yaml") => print!("{}", serde_yaml_ng::to_string(&report)?),
         _ => print!("{}", human(&report)),
     }
-    Ok(if rejected.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if rejected.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn human(r: &Value) -> String {
@@ -41,7 +47,11 @@ fn human(r: &Value) -> String {
     } else {
         out.push_str(&format!("Rejected:  {}\n", rejected.len()));
         for item in rejected {
-            out.push_str(&format!("  {}\n    {}\n", text(&item, "/object"), text(&item, "/reason")));
+            out.push_str(&format!(
+                "  {}\n    {}\n",
+                text(&item, "/object"),
+                text(&item, "/reason")
+            ));
         }
     }
     out

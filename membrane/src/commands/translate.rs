@@ -19,7 +19,11 @@ pub fn run(file: &Path) -> Result<ExitCode> {
             _ => None,
         })
         .collect();
-    anyhow::ensure!(!ingresses.is_empty(), "{}: no Ingress found", file.display());
+    anyhow::ensure!(
+        !ingresses.is_empty(),
+        "{}: no Ingress found",
+        file.display()
+    );
     let opts = membrane_ingress::TranslateOptions::default();
     let mut failed = false;
     let mut cecs = Vec::new();
@@ -33,5 +37,9 @@ pub fn run(file: &Path) -> Result<ExitCode> {
         }
     }
     print!("{}", membrane_ingress::cecs_to_yaml(&cecs)?);
-    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

@@ -18,7 +18,11 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_membrane");
 pub fn require_envoy() {
     let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/envoy");
     let found = venv.is_file() || std::env::var_os("MEMBRANE_ENVOY").is_some();
-    assert!(found, "Envoy is required: run scripts/setup.sh (looked for {})", venv.display());
+    assert!(
+        found,
+        "Envoy is required: run scripts/setup.sh (looked for {})",
+        venv.display()
+    );
 }
 
 /// A running `membrane up`.
@@ -47,8 +51,16 @@ impl Membrane {
             .args(["--run-dir"])
             .arg(dir.path().join("run"))
             .args(["--envoy-admin-port", "0", "--lb-pool", pool])
-            .args(["--http-port", &http_port.to_string(), "--https-port", &https_port.to_string()])
-            .env("MEMBRANE_LOG", std::env::var("MEMBRANE_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .args([
+                "--http-port",
+                &http_port.to_string(),
+                "--https-port",
+                &https_port.to_string(),
+            ])
+            .env(
+                "MEMBRANE_LOG",
+                std::env::var("MEMBRANE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -65,7 +77,10 @@ impl Membrane {
             m.cli(&["status", "-o", "json"])
                 .ok()
                 .and_then(|(_, out)| serde_json::from_str::<Value>(&out).ok())
-                .is_some_and(|s| s["envoy"]["running"] == true && !s["xds"]["streams"].as_array().is_none_or(|a| a.is_empty()))
+                .is_some_and(|s| {
+                    s["envoy"]["running"] == true
+                        && !s["xds"]["streams"].as_array().is_none_or(|a| a.is_empty())
+                })
         });
         assert!(ok, "membrane up did not become ready:\n{}", m.log());
         m
@@ -81,7 +96,11 @@ impl Membrane {
 
     /// Run the CLI against this instance: (exit code, stdout+stderr).
     pub fn cli(&self, args: &[&str]) -> std::io::Result<(i32, String)> {
-        let out = Command::new(BIN).arg("--api-socket").arg(&self.api).args(args).output()?;
+        let out = Command::new(BIN)
+            .arg("--api-socket")
+            .arg(&self.api)
+            .args(args)
+            .output()?;
         let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
         text.push_str(&String::from_utf8_lossy(&out.stderr));
         Ok((out.status.code().unwrap_or(-1), text))
@@ -89,16 +108,26 @@ impl Membrane {
 
     /// `membrane apply -f -` with `yaml`.
     pub fn apply(&self, yaml: &str) {
-        let path = self.dir.path().join(format!("apply-{}.yaml", rand_suffix()));
+        let path = self
+            .dir
+            .path()
+            .join(format!("apply-{}.yaml", rand_suffix()));
         std::fs::write(&path, yaml).expect("write");
-        let (code, out) = self.cli(&["apply", "-f", path.to_str().unwrap_or_default()]).expect("cli");
+        let (code, out) = self
+            .cli(&["apply", "-f", path.to_str().unwrap_or_default()])
+            .expect("cli");
         assert_eq!(code, 0, "apply failed: {out}");
     }
 
     pub fn delete(&self, yaml: &str) {
-        let path = self.dir.path().join(format!("delete-{}.yaml", rand_suffix()));
+        let path = self
+            .dir
+            .path()
+            .join(format!("delete-{}.yaml", rand_suffix()));
         std::fs::write(&path, yaml).expect("write");
-        let (code, out) = self.cli(&["delete", "-f", path.to_str().unwrap_or_default()]).expect("cli");
+        let (code, out) = self
+            .cli(&["delete", "-f", path.to_str().unwrap_or_default()])
+            .expect("cli");
         assert_eq!(code, 0, "delete failed: {out}");
     }
 
@@ -124,12 +153,16 @@ impl Membrane {
 
     /// The Ingress's status address, once written.
     pub fn ingress_ip(&self, ns: &str, name: &str) -> Option<String> {
-        let (code, out) = self.cli(&["get", "ingress", name, "-n", ns, "-o", "json"]).ok()?;
+        let (code, out) = self
+            .cli(&["get", "ingress", name, "-n", ns, "-o", "json"])
+            .ok()?;
         if code != 0 {
             return None;
         }
         let v: Value = serde_json::from_str(&out).ok()?;
-        v.pointer("/status/loadBalancer/ingress/0/ip")?.as_str().map(str::to_owned)
+        v.pointer("/status/loadBalancer/ingress/0/ip")?
+            .as_str()
+            .map(str::to_owned)
     }
 
     pub fn wait_ingress_ip(&self, ns: &str, name: &str) -> String {
@@ -166,7 +199,11 @@ impl Drop for Membrane {
 pub fn rand_suffix() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
-    format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Poll `f` every 20 ms until it holds or `limit` passes.
@@ -190,7 +227,10 @@ pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 pub fn http_get(addr: SocketAddr, host: &str, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
     loop {
@@ -203,7 +243,8 @@ pub fn http_get(addr: SocketAddr, host: &str, path: &str) -> std::io::Result<(u1
         if let Some((head, body)) = text.split_once("\r\n\r\n") {
             let length = head.lines().find_map(|l| {
                 let (k, v) = l.split_once(':')?;
-                k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse::<usize>().ok())?
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse::<usize>().ok())?
             });
             if length.is_some_and(|len| body.len() >= len) {
                 break;
@@ -216,7 +257,10 @@ pub fn http_get(addr: SocketAddr, host: &str, path: &str) -> std::io::Result<(u1
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -258,15 +302,23 @@ impl Backends {
             .rt
             .block_on(tokio::net::TcpListener::bind(format!("{ip}:3000")))
             .unwrap_or_else(|e| panic!("bind {ip}:3000: {e}"));
-        self.rt.spawn(membrane_conformance::echo::serve(listener, id, std::future::pending()));
+        self.rt.spawn(membrane_conformance::echo::serve(
+            listener,
+            id,
+            std::future::pending(),
+        ));
     }
 }
 
 /// A Service `name` (port `port`, optionally named) with one ready endpoint
 /// at `ip:3000`.
 pub fn service_yaml(name: &str, port: u16, port_name: Option<&str>, ip: &str) -> String {
-    let named = port_name.map(|n| format!("\n      name: {n}")).unwrap_or_default();
-    let slice_named = port_name.map(|n| format!("\n    name: {n}")).unwrap_or_default();
+    let named = port_name
+        .map(|n| format!("\n      name: {n}"))
+        .unwrap_or_default();
+    let slice_named = port_name
+        .map(|n| format!("\n    name: {n}"))
+        .unwrap_or_default();
     format!(
         r#"apiVersion: v1
 kind: Service
