@@ -540,3 +540,256 @@ impl ServerCertVerifier for CapturingVerifier {
         self.algs.supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::mpsc;
+
+    /// Serves one canned response per connection and reports each request head.
+    async fn raw_server(responses: Vec<String>) -> (u16, mpsc::UnboundedReceiver<String>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            for resp in responses {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = s.read(&mut chunk).await.unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                tx.send(String::from_utf8(buf).unwrap()).unwrap();
+                s.write_all(resp.as_bytes()).await.unwrap();
+                s.shutdown().await.unwrap();
+            }
+        });
+        (port, rx)
+    }
+
+    fn ports(p: u16) -> Ports {
+        Ports { http: p, https: p }
+    }
+
+    const OK_TEXT: &str =
+        "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nx-custom: a\r\nContent-Type: text/plain\r\n\r\nhi";
+
+    #[tokio::test]
+    async fn requests_look_like_go_net_http() {
+        let (port, mut rx) = raw_server(vec![OK_TEXT.into(), OK_TEXT.into(), OK_TEXT.into()]).await;
+        let (req, resp) =
+            capture_round_trip("POST", "http", "some-host", "", "127.0.0.1", ports(port))
+                .await
+                .unwrap();
+        assert_eq!(
+            rx.recv().await.unwrap(),
+            "POST / HTTP/1.1\r\nHost: some-host\r\nUser-Agent: Go-http-client/1.1\r\nContent-Length: 0\r\n\r\n"
+        );
+        // A text body is not decoded; headers are Go-canonical.
+        assert_eq!(req, CapturedRequest::default());
+        assert_eq!(resp.status_code, 200);
+        assert_eq!(resp.proto, "HTTP/1.1");
+        assert_eq!(resp.content_length, 2);
+        assert_eq!(resp.headers["X-Custom"], vec!["a"]);
+        assert_eq!(resp.headers["Content-Type"], vec!["text/plain"]);
+
+        capture_round_trip("DELETE", "http", "h", "resource", "127.0.0.1", ports(port))
+            .await
+            .unwrap();
+        assert_eq!(
+            rx.recv().await.unwrap(),
+            "DELETE /resource HTTP/1.1\r\nHost: h\r\nUser-Agent: Go-http-client/1.1\r\n\r\n"
+        );
+        // No scenario host: the Host header is the address (with the non-default port).
+        capture_round_trip("GET", "http", "", "sub-path", "127.0.0.1", ports(port))
+            .await
+            .unwrap();
+        assert_eq!(
+            rx.recv().await.unwrap(),
+            format!(
+                "GET /sub-path HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: Go-http-client/1.1\r\n\r\n"
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn chunked_answers_have_no_content_length() {
+        let chunked = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n";
+        let (port, _rx) = raw_server(vec![chunked.into()]).await;
+        let (_, resp) = capture_round_trip("GET", "http", "h", "/", "127.0.0.1", ports(port))
+            .await
+            .unwrap();
+        assert!(
+            !resp.headers.contains_key("Content-Length"),
+            "{:?}",
+            resp.headers
+        );
+        assert!(!resp.headers.contains_key("Transfer-Encoding"));
+        assert_eq!(resp.content_length, -1);
+    }
+
+    #[tokio::test]
+    async fn redirects_are_reissued_against_the_same_address() {
+        let (port, mut rx) = raw_server(vec![
+            "HTTP/1.1 301 Moved Permanently\r\nLocation: http://other.example:8080/new?q=1\r\nContent-Length: 0\r\n\r\n".into(),
+            "HTTP/1.1 302 Found\r\nLocation: rel/x\r\nContent-Length: 0\r\n\r\n".into(),
+            OK_TEXT.into(),
+        ])
+        .await;
+        let (_, resp) =
+            capture_round_trip("GET", "http", "start", "/a/b", "127.0.0.1", ports(port))
+                .await
+                .unwrap();
+        assert_eq!(resp.status_code, 200);
+        assert!(
+            rx.recv()
+                .await
+                .unwrap()
+                .starts_with("GET /a/b HTTP/1.1\r\nHost: start\r\n")
+        );
+        // Location's host (without port) becomes the Host; its query is dropped.
+        assert!(
+            rx.recv()
+                .await
+                .unwrap()
+                .starts_with("GET /new HTTP/1.1\r\nHost: other.example\r\n")
+        );
+        // Relative to the request URL, whose host is the Ingress address.
+        assert!(
+            rx.recv()
+                .await
+                .unwrap()
+                .starts_with("GET /rel/x HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        );
+    }
+
+    #[tokio::test]
+    async fn redirect_without_location_is_an_error() {
+        let (port, _rx) = raw_server(vec![
+            "HTTP/1.1 302 Found\r\nContent-Length: 0\r\n\r\n".into(),
+        ])
+        .await;
+        let err = capture_round_trip("GET", "http", "h", "/", "127.0.0.1", ports(port))
+            .await
+            .unwrap_err();
+        assert!(err.contains("Location"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn connection_refused_is_an_error() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        drop(l);
+        let err = capture_round_trip("GET", "http", "h", "/", "127.0.0.1", ports(port))
+            .await
+            .unwrap_err();
+        assert!(err.contains("dial"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn https_keeps_the_leaf_and_sends_sni() {
+        let cert = crate::certs::self_signed_rsa(&["foo.bar.com".into()]).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(cert.cert_pem.as_bytes()).unwrap();
+        let cert_der = CertificateDer::from(pem.contents.clone());
+        let key_der = {
+            use rsa::pkcs1::{DecodeRsaPrivateKey, EncodeRsaPrivateKey};
+            let k = rsa::RsaPrivateKey::from_pkcs1_pem(&cert.key_pem).unwrap();
+            rustls::pki_types::PrivateKeyDer::Pkcs1(
+                k.to_pkcs1_der().unwrap().as_bytes().to_vec().into(),
+            )
+        };
+        let server_config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert_der], key_der)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (sni_tx, mut sni_rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let tls = acceptor.accept(tcp).await.unwrap();
+                sni_tx
+                    .send(tls.get_ref().1.server_name().map(str::to_owned))
+                    .unwrap();
+                let id = crate::echo::EchoIdentity {
+                    service: "foo-bar-com".into(),
+                    ..Default::default()
+                };
+                let svc = hyper::service::service_fn(move |req| {
+                    let id = id.clone();
+                    async move { Ok::<_, std::convert::Infallible>(crate::echo::handle(&req, &id)) }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), svc),
+                );
+            }
+        });
+        let (req, resp) =
+            capture_round_trip("GET", "https", "foo.bar.com", "", "127.0.0.1", ports(port))
+                .await
+                .unwrap();
+        assert_eq!(sni_rx.recv().await.unwrap().as_deref(), Some("foo.bar.com"));
+        assert_eq!(resp.status_code, 200);
+        assert_eq!(resp.tls_hostname, "foo.bar.com");
+        assert_eq!(resp.certificate.as_deref(), Some(&pem.contents[..]));
+        assert_eq!(req.service, "foo-bar-com");
+        assert_eq!(req.host, "foo.bar.com");
+        crate::assertions::secure_connection(Some(&resp), "foo.bar.com").unwrap();
+        assert!(crate::assertions::secure_connection(Some(&resp), "other.bar.com").is_err());
+        // Without a scenario host no SNI is sent for the IP address.
+        let (_, resp) = capture_round_trip("GET", "https", "", "", "127.0.0.1", ports(port))
+            .await
+            .unwrap();
+        assert_eq!(sni_rx.recv().await.unwrap(), None);
+        assert_eq!(resp.tls_hostname, "foo.bar.com");
+    }
+
+    #[test]
+    fn url_helpers_follow_go() {
+        assert_eq!(
+            parse_url("https://foo.bar.com").unwrap(),
+            ParsedUrl {
+                scheme: "https".into(),
+                host: "foo.bar.com".into(),
+                path: "".into()
+            }
+        );
+        assert_eq!(
+            parse_url("http://prefix-path-rules/aaa/bbb/?x#y")
+                .unwrap()
+                .path,
+            "/aaa/bbb/"
+        );
+        assert_eq!(parse_url("http://h/a%20b").unwrap().path, "/a b");
+        assert!(parse_url("http://h/%zz").is_err());
+        assert_eq!(request_target("").unwrap(), "/");
+        assert_eq!(request_target("/foo/").unwrap(), "/foo/");
+        assert_eq!(request_target("sub-path").unwrap(), "/sub-path");
+        assert_eq!(request_target("a b?q=1").unwrap(), "/a%20b?q=1");
+        assert_eq!(request_target("//x").unwrap(), "//x");
+        let r = resolve_redirect("http", "127.0.0.1", "/a/b", "https://foo.bar.com/").unwrap();
+        assert_eq!(
+            (r.scheme.as_str(), r.host.as_str(), r.path.as_str()),
+            ("https", "foo.bar.com", "/")
+        );
+        let r = resolve_redirect("http", "127.0.0.1", "/a/b", "../c").unwrap();
+        assert_eq!((r.host.as_str(), r.path.as_str()), ("127.0.0.1", "/c"));
+        let r = resolve_redirect("https", "127.0.0.1", "/", "//h.example:8443/p").unwrap();
+        assert_eq!(
+            (r.scheme.as_str(), r.host.as_str(), r.path.as_str()),
+            ("https", "h.example", "/p")
+        );
+    }
+}

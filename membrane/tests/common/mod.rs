@@ -86,6 +86,12 @@ impl Membrane {
         m
     }
 
+    /// SIGKILL Membrane (no shutdown path runs).
+    pub fn kill_hard(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn manifests(&self) -> PathBuf {
         self.dir.path().join("manifests")
     }
