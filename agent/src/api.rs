@@ -113,11 +113,13 @@ fn apply(state: &AgentState, body: &str) -> Response<Full<Bytes>> {
         Ok(o) => o,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
-    let results: Vec<Value> = objects
-        .into_iter()
-        .map(|obj| {
-            let key = obj.key();
-            let change = state.store.apply(obj);
+    // One atomic change: the agent never sees half of a multi-document file.
+    let keys: Vec<ObjectKey> = objects.iter().map(|o| o.key()).collect();
+    let changes = state.store.apply_all(objects);
+    let results: Vec<Value> = keys
+        .iter()
+        .zip(changes)
+        .map(|(key, change)| {
             json!({"kind": key.kind.kind_name(), "namespace": key.namespace, "name": key.name, "result": change.as_str()})
         })
         .collect();
@@ -129,15 +131,13 @@ fn delete(state: &AgentState, body: &str) -> Response<Full<Bytes>> {
         Ok(o) => o,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
-    let results: Vec<Value> = objects
-        .into_iter()
-        .map(|obj| {
-            let key = obj.key();
-            let result = if state.store.delete(&key).is_some() {
-                "deleted"
-            } else {
-                "not found"
-            };
+    let keys: Vec<ObjectKey> = objects.iter().map(|o| o.key()).collect();
+    let deleted = state.store.delete_all(&keys);
+    let results: Vec<Value> = keys
+        .iter()
+        .zip(deleted)
+        .map(|(key, gone)| {
+            let result = if gone.is_some() { "deleted" } else { "not found" };
             json!({"kind": key.kind.kind_name(), "namespace": key.namespace, "name": key.name, "result": result})
         })
         .collect();

@@ -57,39 +57,42 @@ fn human(r: &Value) -> String {
     out
 }
 
-/// The xDS part of the report is whatever the server reports; render it
-/// generically as indented key/value lines.
+/// One block per ADS stream, one line per resource type.
 fn xds_lines(v: &Value) -> String {
-    fn walk(v: &Value, indent: usize, out: &mut String) {
-        match v {
-            Value::Object(m) => {
-                for (k, val) in m {
-                    match val {
-                        Value::Object(_) | Value::Array(_) => {
-                            out.push_str(&format!("{:indent$}{k}:\n", ""));
-                            walk(val, indent + 2, out);
-                        }
-                        _ => out.push_str(&format!("{:indent$}{k}: {}\n", "", scalar(val))),
-                    }
-                }
-            }
-            Value::Array(items) => {
-                for item in items {
-                    out.push_str(&format!("{:indent$}-\n", ""));
-                    walk(item, indent + 2, out);
-                }
-            }
-            other => out.push_str(&format!("{:indent$}{}\n", "", scalar(other))),
-        }
-    }
-    fn scalar(v: &Value) -> String {
-        match v {
-            Value::String(s) => s.clone(),
-            Value::Null => "-".into(),
-            other => other.to_string(),
-        }
+    let streams = v["streams"].as_array().cloned().unwrap_or_default();
+    if streams.is_empty() {
+        return "  no Envoy connected\n".into();
     }
     let mut out = String::new();
-    walk(v, 2, &mut out);
+    for s in streams {
+        out.push_str(&format!(
+            "  node {} (stream {})\n",
+            text(&s, "/node_id"),
+            text(&s, "/stream_id")
+        ));
+        out.push_str(&format!(
+            "    {:<24} {:<18} {:<18} {:>9}  {}\n",
+            "TYPE", "SENT", "ACKED", "RESOURCES", "LAST NACK"
+        ));
+        for (type_url, t) in s["types"].as_object().into_iter().flatten() {
+            let short = type_url.rsplit('.').next().unwrap_or(type_url);
+            let nack = match t.get("last_nack") {
+                Some(n) if !n.is_null() => format!(
+                    "version {}: {}",
+                    text(n, "/version"),
+                    text(n, "/error_detail")
+                ),
+                _ => "-".into(),
+            };
+            out.push_str(&format!(
+                "    {:<24} {:<18} {:<18} {:>9}  {}\n",
+                short,
+                text(t, "/sent_version"),
+                text(t, "/acked_version"),
+                text(t, "/acked_resources"),
+                nack
+            ));
+        }
+    }
     out
 }
