@@ -38,16 +38,28 @@ impl Membrane {
     /// Start on an empty manifest directory with LB pool `pool`
     /// (e.g. "127.0.101.0/24") and the given Ingress ports.
     pub fn start(pool: &str, http_port: u16, https_port: u16) -> Membrane {
-        require_envoy();
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::create_dir_all(dir.path().join("manifests")).expect("mkdir");
+        let manifests = dir.path().join("manifests");
+        std::fs::create_dir_all(&manifests).expect("mkdir");
+        Self::start_on(dir, &manifests, pool, http_port, https_port)
+    }
+
+    /// Start on an existing manifest directory.
+    pub fn start_on(
+        dir: tempfile::TempDir,
+        manifests: &Path,
+        pool: &str,
+        http_port: u16,
+        https_port: u16,
+    ) -> Membrane {
+        require_envoy();
         let api = dir.path().join("api.sock");
         let log = std::fs::File::create(dir.path().join("membrane.log")).expect("log");
         let child = Command::new(BIN)
             .arg("--api-socket")
             .arg(&api)
             .arg("up")
-            .arg(dir.path().join("manifests"))
+            .arg(manifests)
             .args(["--run-dir"])
             .arg(dir.path().join("run"))
             .args(["--envoy-admin-port", "0", "--lb-pool", pool])
