@@ -20,8 +20,12 @@ pub enum FeatureError {
     Parse { path: PathBuf, detail: String },
 }
 
-/// Every `*.feature` file of `dir`, in file-name order, parsed and expanded.
+/// Every `*.feature` file of `dir`, in file-name order, parsed and expanded (or just `dir`
+/// when it is a single feature file).
 pub fn load_dir(dir: &Path) -> Result<Vec<gherkin::Feature>, FeatureError> {
+    if dir.is_file() {
+        return Ok(vec![load_file(dir)?]);
+    }
     let entries = std::fs::read_dir(dir).map_err(|source| FeatureError::Dir {
         path: dir.to_owned(),
         source,
@@ -118,8 +122,8 @@ pub const DEFAULT_FEATURES: &str = "../shared/conformance/ingress";
 /// directory), else relative to the enclosing workspace root (found from the current
 /// directory), else relative to this crate's workspace at build time.
 pub fn resolve_dir(p: &Path) -> PathBuf {
-    if p.is_absolute() || p.is_dir() {
-        return p.to_owned();
+    if p.is_absolute() || p.exists() {
+        return std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
     }
     let mut candidates = Vec::new();
     if let Ok(cwd) = std::env::current_dir() {
@@ -135,6 +139,7 @@ pub fn resolve_dir(p: &Path) -> PathBuf {
     candidates
         .into_iter()
         .find(|c| c.is_dir())
+        .and_then(|c| std::fs::canonicalize(c).ok())
         .unwrap_or_else(|| p.to_owned())
 }
 

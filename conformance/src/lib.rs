@@ -109,6 +109,8 @@ pub struct Summary {
     pub notes: Vec<String>,
     pub features_dir: PathBuf,
     pub report: Option<PathBuf>,
+    /// Wall time of the scenarios.
+    pub elapsed: Duration,
 }
 
 impl Summary {
@@ -183,7 +185,9 @@ pub async fn run_with_output(opts: RunOptions, out: Out) -> Result<Summary, Conf
         },
     });
     let json = opts.report.as_ref().map(|_| SharedBuf::default());
+    let started = std::time::Instant::now();
     let (outcomes, errors) = execute_on_own_thread(feats, ctx, out.clone(), json.clone()).await?;
+    let elapsed = started.elapsed();
 
     let failed_scenarios: Vec<&ScenarioOutcome> = outcomes.iter().filter(|o| !o.passed).collect();
     let summary = Summary {
@@ -194,6 +198,7 @@ pub async fn run_with_output(opts: RunOptions, out: Out) -> Result<Summary, Conf
         notes,
         features_dir,
         report: opts.report.clone(),
+        elapsed,
     };
 
     if let (Some(path), Some(buf)) = (&opts.report, &json) {
@@ -232,6 +237,7 @@ pub async fn run_with_output(opts: RunOptions, out: Out) -> Result<Summary, Conf
     if let Some(p) = &summary.report {
         text.push_str(&format!("cucumber JSON report: {}\n", p.display()));
     }
+    text.push_str(&format!("ran in {:.1}s\n", elapsed.as_secs_f64()));
     text.push_str(&summary.counts_line());
     say(&out, &text);
     Ok(summary)
@@ -283,7 +289,9 @@ async fn execute(
         steps::collection().map_err(|e| ConformanceError::Runner(format!("step regex: {e}")))?;
     let runner = runner::Basic::default()
         .max_concurrent_scenarios(1)
-        .which_scenario(|_, _, _| runner::ScenarioType::Serial)
+        // "Concurrent" capped at one scenario at a time: one after another in file order
+        // (cucumber queues each feature's Serial scenarios in front of earlier ones).
+        .which_scenario(|_, _, _| runner::ScenarioType::Concurrent)
         .steps(collection)
         .before(move |_, _, _, world: &mut ConformanceWorld| {
             let ctx = ctx.clone();

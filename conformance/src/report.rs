@@ -206,10 +206,10 @@ impl Reporter {
                 }
                 let o = &cur.outcome;
                 if o.passed {
-                    self.line("  PASSED");
+                    self.line("  PASSED\n");
                 } else if let Some(f) = &o.failure {
                     self.line(&format!(
-                        "  FAILED at {}: \"{}\": {}",
+                        "  FAILED at {}: \"{}\": {}\n",
                         f.location,
                         f.step,
                         first_line(&f.reason)

@@ -93,7 +93,9 @@ impl FromStr for Protocol {
             "TCP" => Ok(Protocol::Tcp),
             "UDP" => Ok(Protocol::Udp),
             "SCTP" => Ok(Protocol::Sctp),
-            _ => Err(format!("unknown protocol {s:?} (expected TCP, UDP or SCTP)")),
+            _ => Err(format!(
+                "unknown protocol {s:?} (expected TCP, UDP or SCTP)"
+            )),
         }
     }
 }
@@ -306,11 +308,7 @@ where
     let mut order: Vec<usize> = (0..backends.len()).collect();
     // Identical strings hash identically; the id tie-break only makes the
     // result independent of input order.
-    order.sort_unstable_by(|&a, &b| {
-        key(a)
-            .cmp(key(b))
-            .then(backends[a].id.cmp(&backends[b].id))
-    });
+    order.sort_unstable_by(|&a, &b| key(a).cmp(key(b)).then(backends[a].id.cmp(&backends[b].id)));
 
     let m = cfg.m;
     let mut turns: Vec<Turn> = order
@@ -320,6 +318,7 @@ where
             Turn {
                 pos: offset,
                 skip,
+                inv_skip: 0,
                 id: backends[i].id,
                 weight: backends[i].weight,
             }
@@ -334,31 +333,132 @@ where
 struct Turn {
     pos: u32,
     skip: u32,
+    /// `skip⁻¹ mod M`, computed on first use in the end game; 0 = not yet.
+    inv_skip: u32,
     id: u32,
     weight: u16,
 }
 
-/// Claims the next free slot in `t`'s permutation.
-#[inline(always)]
-fn claim(m: u32, t: &mut Turn, occupied: &mut [u64], table: &mut [u32]) {
-    loop {
-        let c = t.pos;
-        let p = c + t.skip;
-        t.pos = if p >= m { p - m } else { p };
-        let word = &mut occupied[(c >> 6) as usize];
-        let bit = 1u64 << (c & 63);
-        if *word & bit == 0 {
-            *word |= bit;
-            table[c as usize] = t.id;
-            return;
+/// Table under construction. Most slots are claimed by walking a backend's
+/// permutation against an occupancy bitset (small enough for L1). The last
+/// ~√M slots would cost ~M/k probes each, so once that few are free the
+/// first free slot in the backend's permutation order is computed directly:
+/// slot `c` sits at index `(c − pos)·skip⁻¹ mod M` from the current
+/// position, and the free slot with the smallest index is the one the walk
+/// would reach first.
+struct Filler {
+    m: u32,
+    table: Vec<u32>,
+    occupied: Vec<u64>,
+    remaining: u32,
+    endgame_at: u32,
+    free_slots: Vec<u32>,
+    barrett: u64,
+}
+
+impl Filler {
+    fn new(m: u32) -> Self {
+        Filler {
+            m,
+            table: vec![0u32; m as usize],
+            occupied: vec![0u64; (m as usize).div_ceil(64)],
+            remaining: m,
+            endgame_at: m.isqrt(),
+            free_slots: Vec::new(),
+            // floor(2^64 / m) for Barrett reduction of products below m².
+            barrett: ((1u128 << 64) / u128::from(m)) as u64,
         }
     }
+
+    #[inline(always)]
+    fn claim(&mut self, t: &mut Turn) {
+        if self.remaining > self.endgame_at {
+            self.claim_by_walk(t);
+        } else {
+            self.claim_by_index(t);
+        }
+        self.remaining -= 1;
+    }
+
+    #[inline(always)]
+    fn claim_by_walk(&mut self, t: &mut Turn) {
+        // Locals keep the loop in registers.
+        let m = self.m;
+        let skip = t.skip;
+        let occupied = self.occupied.as_mut_slice();
+        let mut pos = t.pos;
+        let slot = loop {
+            let c = pos;
+            let p = pos + skip;
+            pos = if p >= m { p - m } else { p };
+            let word = &mut occupied[(c >> 6) as usize];
+            let bit = 1u64 << (c & 63);
+            if *word & bit == 0 {
+                *word |= bit;
+                break c;
+            }
+        };
+        t.pos = pos;
+        self.table[slot as usize] = t.id;
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn claim_by_index(&mut self, t: &mut Turn) {
+        let m = self.m;
+        if self.free_slots.is_empty() {
+            self.free_slots = (0..m)
+                .filter(|&c| self.occupied[(c >> 6) as usize] & (1u64 << (c & 63)) == 0)
+                .collect();
+        }
+        if t.inv_skip == 0 {
+            t.inv_skip = mod_inverse(t.skip, m);
+        }
+        let (pos, inv) = (t.pos, u64::from(t.inv_skip));
+        let mut best = (u32::MAX, 0usize);
+        for (k, &c) in self.free_slots.iter().enumerate() {
+            let d = if c >= pos { c - pos } else { c + m - pos };
+            let j = self.mul_mod(u64::from(d), inv);
+            if j < best.0 {
+                best = (j, k);
+            }
+        }
+        let slot = self.free_slots.swap_remove(best.1);
+        self.occupied[(slot >> 6) as usize] |= 1u64 << (slot & 63);
+        self.table[slot as usize] = t.id;
+        let p = slot + t.skip;
+        t.pos = if p >= m { p - m } else { p };
+    }
+
+    /// `a·b mod m` for `a, b < m` (so the product is below 2^62).
+    #[inline(always)]
+    fn mul_mod(&self, a: u64, b: u64) -> u32 {
+        let x = a * b;
+        let q = ((u128::from(x) * u128::from(self.barrett)) >> 64) as u64;
+        let mut r = x - q * u64::from(self.m);
+        // Barrett's quotient is at most 1 short.
+        if r >= u64::from(self.m) {
+            r -= u64::from(self.m);
+        }
+        r as u32
+    }
+}
+
+/// `a⁻¹ mod m` for prime `m` and `0 < a < m` (extended Euclid).
+fn mod_inverse(a: u32, m: u32) -> u32 {
+    let (mut r0, mut r1) = (i64::from(m), i64::from(a));
+    let (mut t0, mut t1) = (0i64, 1i64);
+    while r1 != 0 {
+        let q = r0 / r1;
+        (r0, r1) = (r1, r0 - q * r1);
+        (t0, t1) = (t1, t0 - q * t1);
+    }
+    t0.rem_euclid(i64::from(m)) as u32
 }
 
 fn fill(m: u32, turns: &mut [Turn]) -> Vec<u32> {
     let l = turns.len();
-    let mut table = vec![0u32; m as usize];
-    let mut occupied = vec![0u64; (m as usize).div_ceil(64)];
+    let mut filler = Filler::new(m);
 
     let weight_sum: u64 = turns.iter().map(|t| u64::from(t.weight)).sum();
     let weights_used = weight_sum / l as u64 > 1;
@@ -366,13 +466,13 @@ fn fill(m: u32, turns: &mut [Turn]) -> Vec<u32> {
     if !weights_used {
         let mut i = 0;
         for _ in 0..m {
-            claim(m, &mut turns[i], &mut occupied, &mut table);
+            filler.claim(&mut turns[i]);
             i += 1;
             if i == l {
                 i = 0;
             }
         }
-        return table;
+        return filler.table;
     }
 
     // Cilium keeps these counters as float64 and truncates when comparing;
@@ -393,13 +493,13 @@ fn fill(m: u32, turns: &mut [Turn]) -> Vec<u32> {
             }
         }
         counter[i] += weight_sum_f;
-        claim(m, &mut turns[i], &mut occupied, &mut table);
+        filler.claim(&mut turns[i]);
         start += 1;
         if start == l {
             start = 0;
         }
     }
-    table
+    filler.table
 }
 
 /// Run-length form of a table, `id(count)` joined by commas, as in Cilium's

@@ -15,11 +15,20 @@ fn quickstart_example_serves_both_backends() {
     backends.start("127.0.10.1", "echo-a");
     backends.start("127.0.10.2", "echo-b");
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
-    let m = Membrane::start_on(tempfile::tempdir().expect("tempdir"), &example, "127.0.100.0/24", 28480, 28481);
+    let m = Membrane::start_on(
+        tempfile::tempdir().expect("tempdir"),
+        &example,
+        "127.0.100.0/24",
+        28480,
+        28481,
+    );
     let ip = m.wait_ingress_ip("default", "quickstart");
     let addr: SocketAddr = format!("{ip}:28480").parse().expect("addr");
     assert_eq!(served_by(addr, "anything", "/").as_deref(), Some("echo-a"));
-    assert_eq!(served_by(addr, "anything", "/b/hello").as_deref(), Some("echo-b"));
+    assert_eq!(
+        served_by(addr, "anything", "/b/hello").as_deref(),
+        Some("echo-b")
+    );
     let (code, out) = m.cli(&["status"]).expect("cli");
     assert_eq!(code, 0, "quickstart has rejected objects:\n{out}");
 }

@@ -53,11 +53,17 @@ fn envoy_is_restarted_and_never_orphaned() {
 
     // Stop Membrane gracefully: Envoy goes with it.
     drop(m);
-    assert!(wait_until(Duration::from_secs(10), || !alive(second)), "Envoy {second} outlived Membrane");
+    assert!(
+        wait_until(Duration::from_secs(10), || !alive(second)),
+        "Envoy {second} outlived Membrane"
+    );
 
     // Kill Membrane outright: the kernel takes Envoy down too.
     let mut m = Membrane::start("127.0.104.0/24", 28381, 28644);
     let envoy = envoy_pid(&m).expect("envoy pid");
     m.kill_hard();
-    assert!(wait_until(Duration::from_secs(10), || !alive(envoy)), "Envoy {envoy} orphaned after SIGKILL");
+    assert!(
+        wait_until(Duration::from_secs(10), || !alive(envoy)),
+        "Envoy {envoy} orphaned after SIGKILL"
+    );
 }

@@ -312,3 +312,693 @@ impl State {
     }
 }
 
+struct StreamState {
+    protocol: Protocol,
+    node_id: Option<String>,
+    connected_since: u64,
+    types: BTreeMap<String, TypeState>,
+}
+
+struct TypeState {
+    type_url: String,
+    wildcard: bool,
+    /// The wildcard was implied by an empty first request rather than an
+    /// explicit "*"; a later explicit subscription replaces it.
+    legacy_wildcard: bool,
+    names: BTreeSet<String>,
+    /// What the client holds as far as we know: the last response (SotW),
+    /// or everything sent and not removed since (delta).
+    sent: ResourceMap,
+    sent_version: Option<String>,
+    sent_nonce: Option<String>,
+    pending: bool,
+    /// Content of the last ACKed state (name → hash).
+    acked: BTreeMap<String, u64>,
+    acked_version: Option<String>,
+    last_nack: Option<NackStatus>,
+    /// An initial request must be answered even if nothing changed.
+    force: bool,
+    /// Names to send again even though the client has them unchanged.
+    resend: BTreeSet<String>,
+}
+
+/// Listeners and clusters are the roots of Envoy's configuration: an empty
+/// first request for them is the legacy wildcard.
+fn legacy_wildcard_type(type_url: &str) -> bool {
+    type_url == type_url::LISTENER || type_url == type_url::CLUSTER
+}
+
+impl TypeState {
+    fn new(type_url: &str) -> Self {
+        Self {
+            type_url: type_url.to_owned(),
+            wildcard: false,
+            legacy_wildcard: false,
+            names: BTreeSet::new(),
+            sent: ResourceMap::new(),
+            sent_version: None,
+            sent_nonce: None,
+            pending: false,
+            acked: BTreeMap::new(),
+            acked_version: None,
+            last_nack: None,
+            force: false,
+            resend: BTreeSet::new(),
+        }
+    }
+
+    fn subscribed(&self) -> bool {
+        self.wildcard || !self.names.is_empty()
+    }
+
+    /// Applies a state-of-the-world request's full subscription.
+    fn update_subscription(&mut self, resource_names: &[String]) {
+        let names: BTreeSet<String> = resource_names.iter().cloned().collect();
+        // "*" is the explicit wildcard for any type.
+        self.wildcard =
+            names.contains("*") || (legacy_wildcard_type(&self.type_url) && names.is_empty());
+        self.names = names.into_iter().filter(|n| n != "*").collect();
+        self.forget_unselected();
+    }
+
+    /// Applies a delta request's subscription changes; `first` marks the
+    /// stream's first request for this type.
+    fn update_delta_subscription(
+        &mut self,
+        req: &DeltaDiscoveryRequest,
+        first: bool,
+        snap: Option<&Snapshot>,
+    ) {
+        if first {
+            if req.resource_names_subscribe.is_empty() && legacy_wildcard_type(&self.type_url) {
+                self.wildcard = true;
+                self.legacy_wildcard = true;
+            }
+            // A reconnecting client says what it already runs: that is not
+            // sent again, and counts as ACKed.
+            for (name, version) in &req.initial_resource_versions {
+                let held = snap
+                    .and_then(|s| s.get(&self.type_url, name))
+                    .filter(|r| r.version() == *version)
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        Arc::new(Resource::placeholder(name, &self.type_url, version))
+                    });
+                self.acked.insert(name.clone(), held.hash);
+                self.sent.insert(name.clone(), held);
+            }
+        }
+        let mut explicit = false;
+        for n in &req.resource_names_subscribe {
+            if n == "*" {
+                self.wildcard = true;
+                self.legacy_wildcard = false;
+            } else {
+                explicit = true;
+                // A (re-)subscription means the client may not hold the
+                // resource (it drops what it unsubscribes), unless it just
+                // reported its version.
+                if !req.initial_resource_versions.contains_key(n) {
+                    self.sent.remove(n);
+                }
+                self.names.insert(n.clone());
+            }
+        }
+        if explicit && self.legacy_wildcard {
+            self.wildcard = false;
+            self.legacy_wildcard = false;
+        }
+        for n in &req.resource_names_unsubscribe {
+            if n == "*" {
+                self.wildcard = false;
+                self.legacy_wildcard = false;
+            } else {
+                self.names.remove(n);
+                self.sent.remove(n);
+                self.acked.remove(n);
+            }
+        }
+        self.forget_unselected();
+    }
+
+    /// Forgets what the client no longer follows, so a later re-subscribe
+    /// is answered and comparisons only cover subscribed names.
+    fn forget_unselected(&mut self) {
+        if !self.wildcard {
+            self.sent.retain(|n, _| self.names.contains(n));
+            self.acked.retain(|n, _| self.names.contains(n));
+        }
+    }
+
+    /// The resources of `snap` this subscription selects.
+    fn target(&self, snap: Option<&Snapshot>) -> ResourceMap {
+        let Some(snap) = snap else {
+            return ResourceMap::new();
+        };
+        let all = snap.resources(&self.type_url);
+        if self.wildcard {
+            all.clone()
+        } else {
+            self.names
+                .iter()
+                .filter_map(|n| all.get(n).map(|r| (n.clone(), r.clone())))
+                .collect()
+        }
+    }
+
+    /// Envoy runs exactly what `snap` selects for this type.
+    fn settled(&self, snap: Option<&Snapshot>) -> bool {
+        !self.pending && same_content(&self.acked, &self.target(snap))
+    }
+
+    /// Records what a request says about our last response; returns whether
+    /// subscribers of the event tick should hear about it.
+    fn record_reply(&mut self, kind: RequestKind, req: &Incoming<'_>, node: &str) -> bool {
+        match kind {
+            // The client answers our newer response soon; nothing to record.
+            RequestKind::Stale => {
+                tracing::debug!(type_url = %self.type_url, nonce = %req.response_nonce, "xds: ignoring stale nonce");
+                false
+            }
+            RequestKind::Subscribe => false,
+            RequestKind::Initial => {
+                self.pending = false;
+                self.force = true;
+                false
+            }
+            RequestKind::Ack => {
+                self.pending = false;
+                self.acked = self.sent.iter().map(|(n, r)| (n.clone(), r.hash)).collect();
+                self.acked_version = self.sent_version.clone();
+                true
+            }
+            RequestKind::Nack => {
+                // What was sent stays recorded as sent, so the rejected
+                // content is not pushed again; only a new snapshot is.
+                self.pending = false;
+                let detail = req
+                    .error_detail
+                    .map(|s| s.message.clone())
+                    .unwrap_or_default();
+                let version = self.sent_version.clone().unwrap_or_default();
+                tracing::warn!(
+                    node,
+                    type_url = %self.type_url,
+                    version,
+                    nonce = %req.response_nonce,
+                    error = %detail,
+                    "xds: Envoy rejected configuration (NACK)"
+                );
+                self.last_nack = Some(NackStatus {
+                    version,
+                    nonce: req.response_nonce.to_owned(),
+                    error_detail: detail,
+                    at: now_unix(),
+                });
+                true
+            }
+        }
+    }
+
+    fn status(&self) -> TypeStatus {
+        TypeStatus {
+            wildcard: self.wildcard,
+            subscribed: self.names.iter().cloned().collect(),
+            sent_version: self.sent_version.clone(),
+            sent_nonce: self.sent_nonce.clone(),
+            sent_resources: self.sent.len(),
+            pending: self.pending,
+            acked_version: self.acked_version.clone(),
+            acked_resources: self.acked.len(),
+            rejected: self
+                .last_nack
+                .as_ref()
+                .is_some_and(|n| Some(&n.nonce) == self.sent_nonce.as_ref()),
+            last_nack: self.last_nack.clone(),
+        }
+    }
+}
+
+fn same_content(hashes: &BTreeMap<String, u64>, m: &ResourceMap) -> bool {
+    hashes.len() == m.len() && m.iter().all(|(n, r)| hashes.get(n) == Some(&r.hash))
+}
+
+/// Push order for make-before-break: clusters and endpoints exist before the
+/// listeners and routes that reference them.
+fn rank(type_url: &str) -> u8 {
+    match type_url {
+        type_url::CLUSTER => 0,
+        type_url::ENDPOINT => 1,
+        type_url::SECRET => 2,
+        type_url::LISTENER => 3,
+        type_url::ROUTE => 4,
+        type_url::VIRTUAL_HOST => 5,
+        _ => 6,
+    }
+}
+
+/// Types whose removals wait until listeners and routes no longer need them.
+fn removed_last(type_url: &str) -> bool {
+    type_url == type_url::CLUSTER || type_url == type_url::ENDPOINT
+}
+
+/// The endpoints (ClusterLoadAssignment) name a cluster resource uses.
+fn eds_name(cluster: &Resource) -> String {
+    Cluster::decode(cluster.body.value.as_slice())
+        .ok()
+        .and_then(|c| c.eds_cluster_config)
+        .map(|e| e.service_name)
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| cluster.name.clone())
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// One response decided by the shared push logic, before it is rendered for
+/// the stream's protocol.
+#[derive(Debug, Clone)]
+pub(crate) struct Push {
+    type_url: String,
+    /// Version of the whole type after this push.
+    version: String,
+    nonce: String,
+    /// Everything the client should hold afterwards (the SotW body).
+    resources: Vec<Arc<Resource>>,
+    /// Added, changed or re-sent resources (the delta body).
+    updated: Vec<Arc<Resource>>,
+    /// Names the client holds that are no longer selected (delta only).
+    removed: Vec<String>,
+}
+
+impl Push {
+    pub(crate) fn into_sotw(self) -> DiscoveryResponse {
+        DiscoveryResponse {
+            version_info: self.version,
+            resources: self.resources.iter().map(|r| r.body.clone()).collect(),
+            type_url: self.type_url,
+            nonce: self.nonce,
+            ..Default::default()
+        }
+    }
+
+    pub(crate) fn into_delta(self) -> DeltaDiscoveryResponse {
+        DeltaDiscoveryResponse {
+            system_version_info: self.version,
+            resources: self
+                .updated
+                .iter()
+                .map(|r| DeltaResource {
+                    name: r.name.clone(),
+                    version: r.version(),
+                    resource: Some(r.body.clone()),
+                    ..Default::default()
+                })
+                .collect(),
+            type_url: self.type_url,
+            removed_resources: self.removed,
+            nonce: self.nonce,
+            ..Default::default()
+        }
+    }
+}
+
+impl StreamState {
+    /// Decides which responses to send now, in push order.
+    fn evaluate(&mut self, snap: Option<&Snapshot>, nonce: &mut u64) -> Vec<Push> {
+        // Listeners and routes stay on the old clusters until Envoy has ACKed
+        // the new ones; only then may clusters and endpoints be dropped.
+        let refs_settled = [type_url::LISTENER, type_url::ROUTE]
+            .iter()
+            .all(|t| self.types.get(*t).is_none_or(|ts| ts.settled(snap)));
+
+        let mut order: Vec<String> = self.types.keys().cloned().collect();
+        order.sort_by_key(|t| (rank(t), t.clone()));
+
+        let mut out = Vec::new();
+        for t in order {
+            // Listeners and routes wait while a cluster/endpoint/secret
+            // response is in flight, so Envoy has what they reference.
+            let early_in_flight = (3..=5).contains(&rank(&t))
+                && self
+                    .types
+                    .values()
+                    .any(|ts| rank(&ts.type_url) < 3 && ts.pending);
+            let Some(ts) = self.types.get_mut(&t) else {
+                continue;
+            };
+            if ts.pending || !ts.subscribed() || early_in_flight {
+                continue;
+            }
+            let mut desired = ts.target(snap);
+            if removed_last(&t) && !refs_settled {
+                for (n, r) in &ts.sent {
+                    if !desired.contains_key(n) && (ts.wildcard || ts.names.contains(n)) {
+                        desired.insert(n.clone(), r.clone());
+                    }
+                }
+            }
+            let resend = std::mem::take(&mut ts.resend);
+            let force = std::mem::take(&mut ts.force);
+            let updated: Vec<Arc<Resource>> = desired
+                .iter()
+                .filter(|(n, r)| {
+                    resend.contains(*n) || ts.sent.get(*n).map(|o| o.hash) != Some(r.hash)
+                })
+                .map(|(_, r)| r.clone())
+                .collect();
+            let removed: Vec<String> = ts
+                .sent
+                .keys()
+                .filter(|n| !desired.contains_key(*n))
+                .cloned()
+                .collect();
+            let must_answer = force
+                && match self.protocol {
+                    Protocol::StateOfTheWorld => ts.wildcard || !desired.is_empty(),
+                    // Envoy's initialization waits for the first wildcard
+                    // response, even an empty one.
+                    Protocol::Delta => ts.wildcard,
+                };
+            if updated.is_empty() && removed.is_empty() && !must_answer {
+                continue;
+            }
+            *nonce += 1;
+            let version = version_of(&desired);
+            let nonce_s = nonce.to_string();
+            tracing::debug!(
+                type_url = %t,
+                version,
+                nonce = nonce_s,
+                resources = desired.len(),
+                updated = updated.len(),
+                removed = removed.len(),
+                "xds: sending"
+            );
+            // An added or modified cluster re-warms in Envoy and waits for
+            // its endpoints even if they are unchanged (Envoy's EDS cache only
+            // kicks in after initial_fetch_timeout), so they are sent again.
+            let rewarm: Vec<String> = if t == type_url::CLUSTER {
+                updated.iter().map(|r| eds_name(r)).collect()
+            } else {
+                Vec::new()
+            };
+            ts.sent_version = Some(version.clone());
+            ts.sent_nonce = Some(nonce_s.clone());
+            ts.pending = true;
+            out.push(Push {
+                type_url: t.clone(),
+                version,
+                nonce: nonce_s,
+                resources: desired.values().cloned().collect(),
+                updated,
+                removed,
+            });
+            ts.sent = desired;
+            if !rewarm.is_empty()
+                && let Some(eds) = self.types.get_mut(type_url::ENDPOINT)
+            {
+                eds.resend.extend(rewarm);
+            }
+        }
+        out
+    }
+}
+
+/// What a request meant, for the server's logs and the event tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RequestKind {
+    /// The stream's first request for a type (SotW: any without a nonce).
+    Initial,
+    /// Delta only: subscription changes without answering a response.
+    Subscribe,
+    Ack,
+    Nack,
+    /// Answers a response other than the latest one of its type.
+    Stale,
+}
+
+/// The fields SotW and delta requests share.
+pub(crate) struct Incoming<'a> {
+    node: Option<&'a Node>,
+    type_url: &'a str,
+    response_nonce: &'a str,
+    error_detail: Option<&'a RpcStatus>,
+}
+
+impl SnapshotCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind; keep serving.
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Replaces the snapshot of `node_id` (`None`: the default snapshot, served
+    /// to every node without its own) and wakes the streams.
+    pub fn set_snapshot(&self, node_id: Option<&str>, snapshot: Snapshot) {
+        {
+            let mut st = self.lock();
+            let snap = Arc::new(snapshot);
+            match node_id {
+                Some(n) => {
+                    st.nodes.insert(n.to_owned(), snap);
+                }
+                None => st.default = Some(snap),
+            }
+        }
+        self.inner.snapshots.send_modify(|v| *v += 1);
+    }
+
+    /// Drops the node-specific snapshot of `node_id`; it falls back to the default.
+    pub fn clear_snapshot(&self, node_id: &str) {
+        let removed = self.lock().nodes.remove(node_id).is_some();
+        if removed {
+            self.inner.snapshots.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// The snapshot served to `node_id` (`None`: the default).
+    pub fn snapshot(&self, node_id: Option<&str>) -> Option<Arc<Snapshot>> {
+        self.lock().snapshot_for(node_id)
+    }
+
+    /// Ticks on every ACK, NACK, connect and disconnect.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.events.subscribe()
+    }
+
+    /// Node ids of the open streams (those that identified themselves).
+    pub fn connected_nodes(&self) -> Vec<String> {
+        let st = self.lock();
+        let set: BTreeSet<String> = st
+            .streams
+            .values()
+            .filter_map(|s| s.node_id.clone())
+            .collect();
+        set.into_iter().collect()
+    }
+
+    pub fn status(&self) -> XdsStatus {
+        let st = self.lock();
+        XdsStatus {
+            streams: st
+                .streams
+                .iter()
+                .map(|(id, s)| StreamStatus {
+                    stream_id: *id,
+                    protocol: s.protocol,
+                    node_id: s.node_id.clone().unwrap_or_default(),
+                    connected_since: s.connected_since,
+                    types: s
+                        .types
+                        .iter()
+                        .map(|(t, ts)| (t.clone(), ts.status()))
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Content hash of resource `name` as of the latest state of `type_url`
+    /// that `node_id` ACKed, on its newest stream (either protocol). `None`
+    /// if that node is not connected or has not ACKed the resource.
+    pub fn acked_hash(&self, node_id: &str, type_url: &str, name: &str) -> Option<u64> {
+        let st = self.lock();
+        st.streams
+            .values()
+            .rev()
+            .find(|s| s.node_id.as_deref() == Some(node_id))?
+            .types
+            .get(type_url)?
+            .acked
+            .get(name)
+            .copied()
+    }
+
+    /// Whether `node_id` has ACKed exactly this content of `resource`.
+    pub fn is_acked(&self, node_id: &str, resource: &Resource) -> bool {
+        self.acked_hash(node_id, &resource.type_url, &resource.name) == Some(resource.hash)
+    }
+
+    fn tick(&self) {
+        self.inner.events.send_modify(|v| *v += 1);
+    }
+
+    pub(crate) fn snapshot_changes(&self) -> watch::Receiver<u64> {
+        let mut rx = self.inner.snapshots.subscribe();
+        rx.mark_unchanged();
+        rx
+    }
+
+    pub(crate) fn open_stream(&self, protocol: Protocol) -> u64 {
+        let id = {
+            let mut st = self.lock();
+            st.next_stream += 1;
+            let id = st.next_stream;
+            st.streams.insert(
+                id,
+                StreamState {
+                    protocol,
+                    node_id: None,
+                    connected_since: now_unix(),
+                    types: BTreeMap::new(),
+                },
+            );
+            id
+        };
+        self.tick();
+        id
+    }
+
+    pub(crate) fn close_stream(&self, id: u64) {
+        let removed = self.lock().streams.remove(&id).is_some();
+        if removed {
+            self.tick();
+        }
+    }
+
+    /// Processes one state-of-the-world request of stream `id`; returns the
+    /// responses to send.
+    pub(crate) fn handle_request(
+        &self,
+        id: u64,
+        req: &DiscoveryRequest,
+    ) -> (RequestKind, Vec<Push>) {
+        let incoming = Incoming {
+            node: req.node.as_ref(),
+            type_url: &req.type_url,
+            response_nonce: &req.response_nonce,
+            error_detail: req.error_detail.as_ref(),
+        };
+        self.process(id, &incoming, |ts, _, _| {
+            ts.update_subscription(&req.resource_names)
+        })
+    }
+
+    /// Processes one delta request of stream `id`; returns the responses to send.
+    pub(crate) fn handle_delta_request(
+        &self,
+        id: u64,
+        req: &DeltaDiscoveryRequest,
+    ) -> (RequestKind, Vec<Push>) {
+        let incoming = Incoming {
+            node: req.node.as_ref(),
+            type_url: &req.type_url,
+            response_nonce: &req.response_nonce,
+            error_detail: req.error_detail.as_ref(),
+        };
+        self.process(id, &incoming, |ts, first, snap| {
+            ts.update_delta_subscription(req, first, snap)
+        })
+    }
+
+    /// The protocol-independent part of handling a request: node identity,
+    /// nonce/ACK/NACK bookkeeping, then `subscribe` applies the request's
+    /// subscription and the stream is re-evaluated.
+    fn process(
+        &self,
+        id: u64,
+        req: &Incoming<'_>,
+        subscribe: impl FnOnce(&mut TypeState, bool, Option<&Snapshot>),
+    ) -> (RequestKind, Vec<Push>) {
+        let mut tick = false;
+        let result = {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            let Some(stream) = st.streams.get_mut(&id) else {
+                return (RequestKind::Stale, Vec::new());
+            };
+            if stream.node_id.is_none()
+                && let Some(node) = req.node
+            {
+                stream.node_id = Some(node.id.clone());
+                tick = true;
+            }
+            let node = stream.node_id.clone();
+            let snap = st.snapshot_for(node.as_deref());
+            let Some(stream) = st.streams.get_mut(&id) else {
+                return (RequestKind::Stale, Vec::new());
+            };
+            let protocol = stream.protocol;
+            let first = !stream.types.contains_key(req.type_url);
+            let ts = stream
+                .types
+                .entry(req.type_url.to_owned())
+                .or_insert_with(|| TypeState::new(req.type_url));
+
+            let kind = if req.response_nonce.is_empty() {
+                if protocol == Protocol::Delta && !first {
+                    RequestKind::Subscribe
+                } else {
+                    RequestKind::Initial
+                }
+            } else if Some(req.response_nonce) != ts.sent_nonce.as_deref() {
+                RequestKind::Stale
+            } else if req.error_detail.is_some() {
+                RequestKind::Nack
+            } else {
+                RequestKind::Ack
+            };
+            tick |= ts.record_reply(kind, req, node.as_deref().unwrap_or(""));
+
+            // A stale SotW request is superseded by the client's answer to our
+            // newer response, which carries its full subscription. Delta
+            // subscription changes are never repeated, so they always apply.
+            if kind == RequestKind::Stale && protocol == Protocol::StateOfTheWorld {
+                (kind, Vec::new())
+            } else {
+                subscribe(ts, first, snap.as_deref());
+                (kind, stream.evaluate(snap.as_deref(), &mut st.next_nonce))
+            }
+        };
+        if tick {
+            self.tick();
+        }
+        result
+    }
+
+    /// Re-evaluates stream `id` after a snapshot change.
+    pub(crate) fn refresh_stream(&self, id: u64) -> Vec<Push> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let node = match st.streams.get(&id) {
+            Some(s) => s.node_id.clone(),
+            None => return Vec::new(),
+        };
+        let snap = st.snapshot_for(node.as_deref());
+        match st.streams.get_mut(&id) {
+            Some(s) => s.evaluate(snap.as_deref(), &mut st.next_nonce),
+            None => Vec::new(),
+        }
+    }
+}

@@ -1,5 +1,6 @@
 //! Envoy xDS for Membrane: JSON/YAML ↔ protobuf codec, a snapshot cache with
-//! ACK/NACK tracking, and an ADS (state-of-the-world) gRPC server.
+//! ACK/NACK tracking, and an ADS gRPC server speaking both state-of-the-world
+//! and incremental (delta) xDS.
 //! Knows nothing about Kubernetes.
 
 pub mod cache;
@@ -7,7 +8,7 @@ pub mod codec;
 pub mod server;
 
 pub use cache::{
-    CacheError, NackStatus, Resource, ResourceMap, Snapshot, SnapshotCache, StreamStatus,
+    CacheError, NackStatus, Protocol, Resource, ResourceMap, Snapshot, SnapshotCache, StreamStatus,
     TypeStatus, XdsStatus,
 };
 pub use codec::{CodecError, type_url};

@@ -1,4 +1,6 @@
-//! ADS gRPC server (state of the world) on top of [`SnapshotCache`].
+//! ADS gRPC server, state-of-the-world and incremental (delta), on top of
+//! [`SnapshotCache`]. Both stream handlers are one generic loop; the
+//! protocol decisions are shared in the cache.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -16,7 +18,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnixListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::cache::{RequestKind, SnapshotCache};
+use crate::cache::{Protocol, Push, RequestKind, SnapshotCache};
 
 /// Large listener/route configurations exceed tonic's 4 MiB default.
 pub const MAX_MESSAGE_SIZE: usize = 256 * 1024 * 1024;
@@ -90,6 +92,66 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
+/// What differs between the two ADS variants, for the shared stream loop.
+trait Variant: 'static {
+    type Request: Send + 'static;
+    type Response: Send + 'static;
+    const PROTOCOL: Protocol;
+    fn handle(cache: &SnapshotCache, id: u64, req: &Self::Request) -> (RequestKind, Vec<Push>);
+    fn type_url(req: &Self::Request) -> &str;
+    fn render(push: Push) -> Self::Response;
+}
+
+struct Sotw;
+
+impl Variant for Sotw {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+    const PROTOCOL: Protocol = Protocol::StateOfTheWorld;
+    fn handle(cache: &SnapshotCache, id: u64, req: &Self::Request) -> (RequestKind, Vec<Push>) {
+        cache.handle_request(id, req)
+    }
+    fn type_url(req: &Self::Request) -> &str {
+        &req.type_url
+    }
+    fn render(push: Push) -> Self::Response {
+        push.into_sotw()
+    }
+}
+
+struct Delta;
+
+impl Variant for Delta {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+    const PROTOCOL: Protocol = Protocol::Delta;
+    fn handle(cache: &SnapshotCache, id: u64, req: &Self::Request) -> (RequestKind, Vec<Push>) {
+        cache.handle_delta_request(id, req)
+    }
+    fn type_url(req: &Self::Request) -> &str {
+        &req.type_url
+    }
+    fn render(push: Push) -> Self::Response {
+        push.into_delta()
+    }
+}
+
+impl AdsServer {
+    fn spawn<V: Variant>(
+        &self,
+        request: Request<Streaming<V::Request>>,
+    ) -> Response<ResponseStream<V::Response>> {
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(run_stream::<V>(
+            self.cache.clone(),
+            request.into_inner(),
+            tx,
+            self.stopping.clone(),
+        ));
+        Response::new(Box::pin(ReceiverStream::new(rx)))
+    }
+}
+
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for AdsServer {
     type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
@@ -99,24 +161,14 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(run_stream(
-            self.cache.clone(),
-            inbound,
-            tx,
-            self.stopping.clone(),
-        ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(self.spawn::<Sotw>(request))
     }
 
     async fn delta_aggregated_resources(
         &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Err(Status::unimplemented(
-            "incremental (delta) xDS is not supported yet; use state-of-the-world ADS",
-        ))
+        Ok(self.spawn::<Delta>(request))
     }
 }
 
@@ -132,31 +184,28 @@ impl Drop for StreamGuard {
     }
 }
 
-async fn run_stream(
+async fn run_stream<V: Variant>(
     cache: SnapshotCache,
-    mut inbound: Streaming<DiscoveryRequest>,
-    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    mut inbound: Streaming<V::Request>,
+    tx: mpsc::Sender<Result<V::Response, Status>>,
     stopping: watch::Receiver<bool>,
 ) {
     let guard = StreamGuard {
-        id: cache.open_stream(),
+        id: cache.open_stream(V::PROTOCOL),
         cache: cache.clone(),
     };
     let id = guard.id;
     let mut snapshots = cache.snapshot_changes();
     let stop = stopped(stopping);
     tokio::pin!(stop);
-    tracing::debug!(stream = id, "xds: stream opened");
+    tracing::debug!(stream = id, protocol = ?V::PROTOCOL, "xds: stream opened");
     loop {
-        let responses = tokio::select! {
+        let pushes = tokio::select! {
             msg = inbound.message() => match msg {
                 Ok(Some(req)) => {
-                    let (kind, responses) = cache.handle_request(id, &req);
-                    tracing::trace!(stream = id, type_url = %req.type_url, ?kind, "xds: request");
-                    if kind == RequestKind::Stale {
-                        continue;
-                    }
-                    responses
+                    let (kind, pushes) = V::handle(&cache, id, &req);
+                    tracing::trace!(stream = id, type_url = %V::type_url(&req), ?kind, "xds: request");
+                    pushes
                 }
                 Ok(None) => break,
                 Err(status) => {
@@ -173,8 +222,8 @@ async fn run_stream(
             _ = tx.closed() => break,
             _ = &mut stop => break,
         };
-        for r in responses {
-            if tx.send(Ok(r)).await.is_err() {
+        for p in pushes {
+            if tx.send(Ok(V::render(p))).await.is_err() {
                 tracing::debug!(stream = id, "xds: stream closed by peer");
                 return;
             }
@@ -200,7 +249,7 @@ pub async fn serve_unix(
         Err(e) => return Err(sock_err(e)),
     }
     let listener = tokio::net::UnixListener::bind(path).map_err(sock_err)?;
-    tracing::info!(path = %path.display(), "xds: serving ADS on unix socket");
+    tracing::info!(path = %path.display(), "xds: serving ADS (SotW and delta) on unix socket");
     let (svc, shutdown) = with_shutdown(cache, shutdown);
     tonic::transport::Server::builder()
         .add_service(svc)

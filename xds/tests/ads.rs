@@ -1,98 +1,21 @@
-//! Drives the ADS server over a unix socket with a scripted gRPC client.
+//! Drives the ADS server (state of the world) over a unix socket with a
+//! scripted gRPC client.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+mod common;
 
-use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use common::{NODE, PROBE, STEP, Server, cla, cluster, listener, route, snap, type_status};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DiscoveryRequest, DiscoveryResponse,
-};
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
-use hyper_util::rt::TokioIo;
-use membrane_xds::{Resource, Snapshot, SnapshotCache, codec, type_url};
-use tokio::net::UnixStream;
-use tokio::sync::{mpsc, oneshot};
+use membrane_xds::{Snapshot, codec, type_url};
+use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
-const STEP: Duration = Duration::from_secs(10);
-const PROBE: &str = "type.googleapis.com/membrane.test.Probe";
-const NODE: &str = "node-1";
-
-struct Server {
-    cache: SnapshotCache,
-    path: PathBuf,
-    _dir: tempfile::TempDir,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Server {
-    async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("xds.sock");
-        // A stale file must not prevent start-up.
-        std::fs::write(&path, b"stale").unwrap();
-        let cache = SnapshotCache::new();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn({
-            let cache = cache.clone();
-            let path = path.clone();
-            async move {
-                membrane_xds::serve_unix(&path, cache, async {
-                    let _ = stopped.await;
-                })
-                .await
-                .unwrap();
-            }
-        });
-        Self {
-            cache,
-            path,
-            _dir: dir,
-            stop: Some(stop),
-            task: Some(task),
-        }
-    }
-
-    async fn channel(&self) -> Channel {
-        let path = self.path.clone();
-        // The socket appears once the server task has bound it.
-        for _ in 0..500 {
-            if let Ok(ch) = connect(&path).await {
-                return ch;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("server did not come up at {}", path.display());
-    }
-
-    async fn client(&self) -> Client {
-        Client::open(self.channel().await).await
-    }
-
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            timeout(STEP, t).await.unwrap().unwrap();
-        }
-    }
-}
-
-async fn connect(path: &Path) -> Result<Channel, tonic::transport::Error> {
-    let path = path.to_path_buf();
-    Endpoint::try_from("http://[::]:50051")?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-        }))
-        .await
+async fn client(srv: &Server) -> Client {
+    Client::open(srv.channel().await).await
 }
 
 struct Client {
@@ -195,74 +118,11 @@ impl Client {
     }
 }
 
-fn cluster(name: &str, timeout_s: i64) -> Arc<Resource> {
-    Arc::new(
-        Resource::from_message(&Cluster {
-            name: name.into(),
-            connect_timeout: Some(envoy_types::pb::google::protobuf::Duration {
-                seconds: timeout_s,
-                nanos: 0,
-            }),
-            ..Default::default()
-        })
-        .unwrap(),
-    )
-}
-
-fn cla(name: &str, port: u32) -> Arc<Resource> {
-    let v = serde_json::json!({
-        "@type": type_url::ENDPOINT,
-        "clusterName": name,
-        "endpoints": [{"lbEndpoints": [{"endpoint": {"address": {"socketAddress": {"address": "10.0.0.1", "portValue": port}}}}]}]
-    });
-    Arc::new(Resource::from_json(&v).unwrap())
-}
-
-fn listener(name: &str, route: &str) -> Arc<Resource> {
-    let v = serde_json::json!({
-        "@type": type_url::LISTENER,
-        "name": name,
-        "filterChains": [{"filters": [{
-            "name": "envoy.filters.network.http_connection_manager",
-            "typedConfig": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                "statPrefix": name,
-                "rds": {"routeConfigName": route, "configSource": {"ads": {}}},
-                "httpFilters": [{"name": "envoy.filters.http.router", "typedConfig": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
-            }
-        }]}]
-    });
-    Arc::new(Resource::from_json(&v).unwrap())
-}
-
-fn route(name: &str, cluster: &str) -> Arc<Resource> {
-    let v = serde_json::json!({
-        "@type": type_url::ROUTE,
-        "name": name,
-        "virtualHosts": [{"name": "vh", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": cluster}}]}]
-    });
-    Arc::new(Resource::from_json(&v).unwrap())
-}
-
-fn snap(rs: &[Arc<Resource>]) -> Snapshot {
-    Snapshot::from_resources(rs.iter().cloned()).unwrap()
-}
-
 fn names(r: &DiscoveryResponse) -> Vec<String> {
     r.resources
         .iter()
         .map(|a| codec::resource_name(a).unwrap())
         .collect()
-}
-
-fn type_status(cache: &SnapshotCache, t: &str) -> membrane_xds::TypeStatus {
-    let st = cache.status();
-    let s = st
-        .streams
-        .iter()
-        .find(|s| s.node_id == NODE)
-        .expect("node stream");
-    s.types.get(t).expect("type status").clone()
 }
 
 #[tokio::test]
@@ -272,7 +132,7 @@ async fn initial_cds_gets_all_clusters_and_ack_is_not_answered() {
     let version = s.version(type_url::CLUSTER);
     srv.cache.set_snapshot(None, s);
     let mut events = srv.cache.subscribe();
-    let mut c = srv.client().await;
+    let mut c = client(&srv).await;
 
     c.subscribe(type_url::CLUSTER, &[]).await;
     let r = c.recv().await;
@@ -317,7 +177,7 @@ async fn initial_cds_gets_all_clusters_and_ack_is_not_answered() {
 async fn nack_is_recorded_and_not_resent() {
     let srv = Server::start().await;
     srv.cache.set_snapshot(None, snap(&[cluster("a", 1)]));
-    let mut c = srv.client().await;
+    let mut c = client(&srv).await;
     c.subscribe(type_url::CLUSTER, &[]).await;
     let r = c.recv().await;
     c.nack(&r, &[], "cluster 'a': bad config").await;
@@ -357,7 +217,7 @@ async fn update_sends_only_changed_types_clusters_before_listeners() {
         None,
         snap(&[cluster("a", 1), listener("l", "r"), route("r", "a")]),
     );
-    let mut c = srv.client().await;
+    let mut c = client(&srv).await;
     c.subscribe(type_url::CLUSTER, &[]).await;
     let r = c.recv().await;
     c.ack(&r, &[]).await;
@@ -407,7 +267,7 @@ async fn changed_cluster_gets_endpoints_again() {
         None,
         snap(&[cluster("a", 1), cluster("b", 1), cla("a", 1), cla("b", 1)]),
     );
-    let mut c = srv.client().await;
+    let mut c = client(&srv).await;
     c.subscribe(type_url::CLUSTER, &[]).await;
     let cds = c.recv().await;
     c.subscribe(type_url::ENDPOINT, &["a", "b"]).await;
@@ -447,7 +307,7 @@ async fn eds_and_rds_send_only_requested_names() {
             route("r2", "y"),
         ]),
     );
-    let mut c = srv.client().await;
+    let mut c = client(&srv).await;
     c.subscribe(type_url::ENDPOINT, &["x"]).await;
     let r = c.recv().await;
     assert_eq!(names(&r), ["x"]);
@@ -509,7 +369,7 @@ async fn removed_clusters_are_dropped_after_listeners_and_routes_are_acked() {
             route("r", "b"),
         ]),
     );
-    let mut c = srv.client().await;
+    let mut c = client(&srv).await;
     c.subscribe(type_url::CLUSTER, &[]).await;
     let r = c.recv().await;
     c.ack(&r, &[]).await;
@@ -575,7 +435,7 @@ async fn nacked_listener_keeps_removed_clusters() {
         None,
         snap(&[cluster("a", 1), cluster("b", 1), listener("l", "r")]),
     );
-    let mut c = srv.client().await;
+    let mut c = client(&srv).await;
     c.subscribe(type_url::CLUSTER, &[]).await;
     let r = c.recv().await;
     c.ack(&r, &[]).await;
@@ -609,7 +469,7 @@ async fn node_snapshot_overrides_default_and_stale_nonce_is_ignored() {
     srv.cache.set_snapshot(None, snap(&[cluster("default", 1)]));
     srv.cache
         .set_snapshot(Some(NODE), snap(&[cluster("mine", 1)]));
-    let mut c = srv.client().await;
+    let mut c = client(&srv).await;
     c.subscribe(type_url::CLUSTER, &[]).await;
     let r1 = c.recv().await;
     assert_eq!(names(&r1), ["mine"]);
@@ -635,22 +495,6 @@ async fn node_snapshot_overrides_default_and_stale_nonce_is_ignored() {
     c.ack(&r2, &[]).await;
     let r3 = c.recv().await;
     assert_eq!(names(&r3), ["default"]);
-    srv.stop().await;
-}
-
-#[tokio::test]
-async fn delta_is_unimplemented() {
-    let srv = Server::start().await;
-    let mut grpc = AggregatedDiscoveryServiceClient::new(srv.channel().await);
-    let (_tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(1);
-    let err = timeout(
-        STEP,
-        grpc.delta_aggregated_resources(ReceiverStream::new(rx)),
-    )
-    .await
-    .unwrap()
-    .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::Unimplemented);
     srv.stop().await;
 }
 

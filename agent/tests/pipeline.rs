@@ -1,0 +1,227 @@
+//! The config pipeline over a real store: EDS from EndpointSlices (port
+//! names, readiness), first-come listener addresses, last good version on a
+//! bad edit, node selectors, LB addresses binding Ingress listeners.
+
+use std::collections::BTreeMap;
+
+use membrane_agent::configs::ConfigPipeline;
+use membrane_agent::envoy_pb::*;
+use membrane_agent::placement::PortMap;
+use membrane_store::{Kind, ObjectKey, Store, parse_documents};
+use membrane_xds::type_url;
+
+fn store_with(yaml: &str) -> Store {
+    let store = Store::new();
+    for obj in parse_documents(yaml).expect("valid YAML") {
+        store.apply(obj);
+    }
+    store
+}
+
+fn cec(name: &str, port: u16, extra: &str) -> String {
+    format!(
+        r#"apiVersion: cilium.io/v2
+kind: CiliumEnvoyConfig
+metadata: {{name: {name}, namespace: default}}
+spec:
+  {extra}
+  resources:
+  - "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+    name: l
+    address: {{socketAddress: {{address: 127.0.0.1, portValue: {port}}}}}
+    filterChains:
+    - filters:
+      - name: tcp
+        typedConfig:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          statPrefix: t
+          cluster: c
+"#
+    )
+}
+
+const SERVICE: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: admin, port: 9000, targetPort: 9001}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: default
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports:
+- {name: http, port: 8080}
+- {name: admin, port: 9001}
+endpoints:
+- addresses: [10.0.0.1]
+  conditions: {ready: true}
+- addresses: [10.0.0.2]
+  conditions: {ready: false}
+- addresses: [10.0.0.3]
+"#;
+
+fn endpoints_of(pass: &membrane_agent::configs::ConfigPass, name: &str) -> Vec<(String, u32)> {
+    let r = pass
+        .resources
+        .iter()
+        .find(|r| r.type_url == type_url::ENDPOINT && r.name == name)
+        .unwrap_or_else(|| panic!("no ClusterLoadAssignment {name}"));
+    let cla: ClusterLoadAssignment = from_any(&r.body).expect("cla").expect("decodes");
+    cla.endpoints
+        .iter()
+        .flat_map(|l| &l.lb_endpoints)
+        .filter_map(|e| match &e.host_identifier {
+            Some(HostIdentifier::Endpoint(ep)) => ep.address.as_ref().and_then(ip_port),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn backend_services_publish_ready_endpoints_by_port_number_and_name() {
+    let store = store_with(&format!(
+        "{SERVICE}---\n{}",
+        cec(
+            "eds",
+            21001,
+            "backendServices: [{name: web, number: [\"http\"]}]"
+        )
+    ));
+    let pass = ConfigPipeline::new(PortMap::default(), BTreeMap::new()).run(&store.snapshot());
+    assert!(pass.rejected.is_empty(), "{:?}", pass.rejected);
+    let want = vec![("10.0.0.1".to_owned(), 8080), ("10.0.0.3".to_owned(), 8080)];
+    assert_eq!(endpoints_of(&pass, "default/web:80"), want);
+    assert_eq!(endpoints_of(&pass, "default/web:http"), want);
+    assert!(
+        !pass.resources.iter().any(|r| r.name == "default/web:9000"),
+        "only the selected port is published"
+    );
+}
+
+#[test]
+fn the_older_cec_keeps_a_contested_address() {
+    let store = store_with(&cec("first", 21002, ""));
+    store.apply(
+        parse_documents(&cec("second", 21002, ""))
+            .expect("yaml")
+            .remove(0),
+    );
+    let pass = ConfigPipeline::new(PortMap::default(), BTreeMap::new()).run(&store.snapshot());
+    let second = ObjectKey {
+        kind: Kind::CiliumEnvoyConfig,
+        namespace: "default".into(),
+        name: "second".into(),
+    };
+    let why = pass.rejected.get(&second).expect("second rejected");
+    assert!(
+        why.contains("127.0.0.1:21002") && why.contains("default/first"),
+        "{why}"
+    );
+    assert!(pass.resources.iter().any(|r| r.name == "default/first/l"));
+    assert!(!pass.resources.iter().any(|r| r.name == "default/second/l"));
+}
+
+#[test]
+fn a_bad_edit_keeps_serving_the_last_good_version() {
+    let store = store_with(&cec("live", 21003, ""));
+    let mut pipeline = ConfigPipeline::new(PortMap::default(), BTreeMap::new());
+    let good = pipeline.run(&store.snapshot());
+    assert!(good.rejected.is_empty());
+    let bad = cec("live", 21003, "").replace("filterChains", "filterChainz");
+    store.apply(parse_documents(&bad).expect("yaml").remove(0));
+    let pass = pipeline.run(&store.snapshot());
+    assert_eq!(pass.rejected.len(), 1);
+    assert_eq!(
+        pass.resources, good.resources,
+        "last good version still published"
+    );
+}
+
+#[test]
+fn node_selectors_pick_nodes() {
+    let store = store_with(&cec(
+        "sel",
+        21004,
+        "nodeSelector: {matchLabels: {role: edge}}",
+    ));
+    let none = ConfigPipeline::new(PortMap::default(), BTreeMap::new()).run(&store.snapshot());
+    assert!(none.resources.is_empty());
+    let labels = BTreeMap::from([("role".to_owned(), "edge".to_owned())]);
+    let edge = ConfigPipeline::new(PortMap::default(), labels).run(&store.snapshot());
+    assert!(edge.resources.iter().any(|r| r.name == "default/sel/l"));
+}
+
+#[test]
+fn address_less_listeners_bind_their_service_lb_address_or_a_proxy_port() {
+    let store = store_with(
+        r#"apiVersion: v1
+kind: Service
+metadata: {name: front, namespace: default}
+spec:
+  type: LoadBalancer
+  ports: [{name: http, port: 80}, {name: https, port: 443}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumEnvoyConfig
+metadata: {name: bound, namespace: default}
+spec:
+  services: [{name: front, ports: [80, 443]}]
+  resources:
+  - "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+    name: l
+---
+apiVersion: cilium.io/v2
+kind: CiliumEnvoyConfig
+metadata: {name: free, namespace: default}
+spec:
+  resources:
+  - "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+    name: l
+"#,
+    );
+    let key = ObjectKey {
+        kind: Kind::Service,
+        namespace: "default".into(),
+        name: "front".into(),
+    };
+    assert!(store.update_status(
+        &key,
+        serde_json::json!({"loadBalancer": {"ingress": [{"ip": "127.0.100.9"}]}})
+    ));
+    let ports = PortMap {
+        http: 28080,
+        https: 28443,
+    };
+    let pass = ConfigPipeline::new(ports, BTreeMap::new()).run(&store.snapshot());
+    assert!(pass.rejected.is_empty(), "{:?}", pass.rejected);
+    let listener = |name: &str| -> Listener {
+        let r = pass
+            .resources
+            .iter()
+            .find(|r| r.name == name)
+            .expect("listener");
+        from_any(&r.body).expect("listener").expect("decodes")
+    };
+    let bound = listener("default/bound/l");
+    assert_eq!(
+        bound.address.as_ref().and_then(ip_port),
+        Some(("127.0.100.9".to_owned(), 28080))
+    );
+    assert_eq!(
+        bound.additional_addresses[0]
+            .address
+            .as_ref()
+            .and_then(ip_port),
+        Some(("127.0.100.9".to_owned(), 28443))
+    );
+    let free = listener("default/free/l");
+    let (ip, port) = free.address.as_ref().and_then(ip_port).expect("address");
+    assert_eq!(ip, "127.0.0.1");
+    assert!((10000..=20000).contains(&port), "proxy port {port}");
+}
