@@ -51,6 +51,13 @@ pub struct ConfigPipeline {
     proxy_ports: ProxyPorts,
     parsed: HashMap<ObjectKey, Cached>,
     last_good: HashMap<ObjectKey, ParsedCec>,
+    /// The version of each CEC Envoy last ACKed in full.
+    acked_good: HashMap<ObjectKey, ParsedCec>,
+    /// What each CEC served in the latest pass: its resourceVersion, whether
+    /// that is a fallback to the ACKed version, and the content.
+    serving: HashMap<ObjectKey, (String, bool, ParsedCec)>,
+    /// CEC versions Envoy rejected: resourceVersion and why.
+    quarantined: HashMap<ObjectKey, (String, String)>,
 }
 
 impl ConfigPipeline {
@@ -61,7 +68,35 @@ impl ConfigPipeline {
             proxy_ports: ProxyPorts::new(10000..=20000),
             parsed: HashMap::new(),
             last_good: HashMap::new(),
+            acked_good: HashMap::new(),
+            serving: HashMap::new(),
+            quarantined: HashMap::new(),
         }
+    }
+
+    /// Envoy ACKed everything `key` served in the latest pass: that version
+    /// becomes the one to fall back to if a later version is NACKed.
+    pub fn mark_acked(&mut self, key: &ObjectKey) {
+        if let Some((_, _, parsed)) = self.serving.get(key) {
+            self.acked_good.insert(key.clone(), parsed.clone());
+        }
+    }
+
+    /// Envoy rejected what `key` serves now: quarantine that version until
+    /// the object changes. Returns false when it was already quarantined.
+    pub fn quarantine(&mut self, key: &ObjectKey, reason: String) -> bool {
+        let Some((rv, reverted, _)) = self.serving.get(key) else {
+            return false;
+        };
+        if *reverted {
+            // Already serving the ACKed fallback; nothing newer to blame.
+            return false;
+        }
+        if self.quarantined.get(key).is_some_and(|(q, _)| q == rv) {
+            return false;
+        }
+        self.quarantined.insert(key.clone(), (rv.clone(), reason));
+        true
     }
 
     pub fn run(&mut self, snap: &StoreSnapshot) -> ConfigPass {
@@ -92,6 +127,9 @@ impl ConfigPipeline {
         let live: BTreeSet<ObjectKey> = configs.iter().map(|c| c.0.clone()).collect();
         self.parsed.retain(|k, _| live.contains(k));
         self.last_good.retain(|k, _| live.contains(k));
+        self.acked_good.retain(|k, _| live.contains(k));
+        self.quarantined.retain(|k, _| live.contains(k));
+        self.serving.clear();
 
         let mut names: BTreeMap<(&'static str, String), ObjectKey> = BTreeMap::new();
         let mut binds: Vec<(String, u32, ObjectKey)> = Vec::new();
@@ -119,10 +157,27 @@ impl ConfigPipeline {
                     r
                 }
             };
+            let quarantine = self
+                .quarantined
+                .get(key)
+                .filter(|(q, _)| q == rv)
+                .map(|(_, why)| why.clone());
+            let fresh = match (fresh, quarantine) {
+                (_, Some(why)) => Err(format!("{object}: {why}")),
+                (r, None) => r,
+            };
+            let nacked = self.quarantined.get(key).is_some_and(|(q, _)| q == rv);
             let mut parsed = match fresh {
                 Ok(p) => {
                     self.last_good.insert(key.clone(), p.clone());
                     p
+                }
+                Err(e) if nacked => {
+                    pass.rejected.insert(key.clone(), e);
+                    match self.acked_good.get(key) {
+                        Some(p) => p.clone(),
+                        None => continue,
+                    }
                 }
                 Err(e) => {
                     pass.rejected.insert(key.clone(), e);
@@ -176,6 +231,7 @@ impl ConfigPipeline {
                 let ports = s.ports.iter().map(u16::to_string).collect();
                 eds_wanted.insert((ns.clone(), s.name.clone(), ports));
             }
+            self.serving.insert(key.clone(), (rv.clone(), nacked, parsed.clone()));
             accepted.push((key.clone(), parsed));
         }
         self.proxy_ports.retain(&live_listeners);

@@ -10,6 +10,7 @@ pub mod envoy_pb;
 pub mod ingress_controller;
 pub mod ingress_status;
 pub mod lb_ipam;
+pub mod nack;
 pub mod placement;
 pub mod ports;
 pub mod secrets;
@@ -97,6 +98,7 @@ pub async fn run(
         node_id: node_id.clone(),
         envoy: envoy_rx,
         rejections: Mutex::new(BTreeMap::new()),
+        nacks_isolated: Default::default(),
     });
 
     let xds_socket = config.xds_socket();
@@ -160,6 +162,7 @@ async fn reconcile_loop(config: &AgentConfig, state: &AgentState, shutdown: Canc
     let mut managed = Vec::new();
     let mut served = BTreeMap::new();
     let mut logged: BTreeMap<String, String> = BTreeMap::new();
+    let mut nacks = nack::NackWatcher::default();
     let mut store_dirty = true;
 
     loop {
@@ -174,6 +177,14 @@ async fn reconcile_loop(config: &AgentConfig, state: &AgentState, shutdown: Canc
             let snap = store.snapshot();
             let pass = pipeline.run(&snap);
             rejected.extend(pass.rejected);
+            // An Ingress answers for the CEC generated from it.
+            for m in &managed {
+                if let Some(why) = rejected.get(&m.cec).cloned() {
+                    rejected
+                        .entry(m.ingress.clone())
+                        .or_insert_with(|| format!("{}: its {why}", m.ingress));
+                }
+            }
             served = pass.served;
             if last_resources.as_ref() != Some(&pass.resources) {
                 xds_snapshot = build_snapshot(&pass.resources);
@@ -208,12 +219,47 @@ async fn reconcile_loop(config: &AgentConfig, state: &AgentState, shutdown: Canc
             &state.node_id,
         );
 
+        // Remember what Envoy fully ACKed, then act on new NACKs.
+        for (key, resources) in &served {
+            let all_acked = resources.iter().all(|(t, n)| {
+                let current = xds_snapshot.get(t, n).map(|r| r.hash);
+                current.is_some() && state.cache.acked_hash(&state.node_id, t, n) == current
+            });
+            if all_acked {
+                pipeline.mark_acked(key);
+            }
+        }
+        let mut quarantined = false;
+        for nack in nacks.take_new(&state.cache.status(), &state.node_id) {
+            let suspects = nack::suspects(&nack, &served, &xds_snapshot, &state.cache, &state.node_id);
+            if suspects.is_empty() {
+                warn!(type_url = %nack.type_url, detail = %nack.error_detail, "Envoy NACK not attributable to any object");
+            }
+            for key in suspects {
+                let reason = format!("Envoy rejected its {}: {}", short_type(&nack.type_url), nack.error_detail);
+                if pipeline.quarantine(&key, reason) {
+                    state.nacks_isolated.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    warn!(object = %key, detail = %nack.error_detail, "quarantined after Envoy NACK; serving its last ACKed version");
+                    quarantined = true;
+                }
+            }
+        }
+        if quarantined {
+            store_dirty = true;
+            continue;
+        }
+
         store_dirty = tokio::select! {
             r = store_rx.changed() => { if r.is_err() { return; } true }
             r = ack_rx.changed() => { if r.is_err() { return; } false }
             _ = shutdown.cancelled() => return,
         };
     }
+}
+
+/// `Listener` from `type.googleapis.com/envoy.config.listener.v3.Listener`.
+fn short_type(type_url: &str) -> &str {
+    type_url.rsplit('.').next().unwrap_or(type_url)
 }
 
 fn build_snapshot(resources: &[configs::Built]) -> Snapshot {

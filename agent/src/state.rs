@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use membrane_store::Store;
 use membrane_xds::SnapshotCache;
@@ -18,6 +19,8 @@ pub struct AgentState {
     pub envoy: watch::Receiver<EnvoyState>,
     /// Rejected objects (`Kind ns/name`) and why, replaced on every pass.
     pub rejections: Mutex<BTreeMap<String, String>>,
+    /// How many object versions were quarantined after an Envoy NACK.
+    pub nacks_isolated: AtomicU64,
 }
 
 impl AgentState {
@@ -42,6 +45,9 @@ impl AgentState {
             "envoy": envoy,
             "xds": xds,
             "rejected": rejected,
+            "metrics": {
+                "nacks_isolated_total": self.nacks_isolated.load(Ordering::Relaxed),
+            },
         })
     }
 }

@@ -11,6 +11,7 @@ use membrane_lb::maglev::{
 
 const RUNS: usize = 50;
 
+
 fn backends(n: u32, weight: u16) -> Vec<MaglevBackend> {
     (0..n)
         .map(|i| MaglevBackend {
@@ -26,6 +27,13 @@ fn backends(n: u32, weight: u16) -> Vec<MaglevBackend> {
 }
 
 fn bench(label: &str, m: u32, n: u32, weight: u16) {
+    // `cargo bench -p membrane-lb -- 65537` runs only matching cases.
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with("--"));
+    if let Some(f) = filter
+        && !format!("{label} M={m} N={n}").contains(&f)
+    {
+        return;
+    }
     let cfg = match MaglevConfig::from_seed_b64(m, DEFAULT_HASH_SEED) {
         Ok(cfg) => cfg,
         Err(e) => {
@@ -58,7 +66,6 @@ fn bench(label: &str, m: u32, n: u32, weight: u16) {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; filters are not supported.
     let w = DEFAULT_BACKEND_WEIGHT;
     bench("goal (<= 1 ms)", 16381, 1000, w);
     bench("Cilium max-but-one", 65521, 1000, w);

@@ -1,12 +1,14 @@
-//! The ADS server against a real Envoy: initial sync, an update, EDS to a
-//! real backend, a NACK, and removal of a cluster.
+//! The ADS server against a real Envoy, over state-of-the-world and delta
+//! xDS: initial sync, an update, EDS to a real backend, a NACK, switching
+//! to a new cluster with removal of the old one, and a modified cluster that
+//! must finish warming without waiting for Envoy's fetch timeout.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use membrane_xds::{Resource, Snapshot, SnapshotCache, type_url};
+use membrane_xds::{Protocol, Resource, Snapshot, SnapshotCache, type_url};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -94,11 +96,15 @@ fn bad_route() -> Arc<Resource> {
 }
 
 fn eds_cluster(name: &str) -> Arc<Resource> {
+    eds_cluster_timeout(name, 1)
+}
+
+fn eds_cluster_timeout(name: &str, seconds: u32) -> Arc<Resource> {
     res(json!({
         "@type": type_url::CLUSTER,
         "name": name,
         "type": "EDS",
-        "connectTimeout": "1s",
+        "connectTimeout": format!("{seconds}s"),
         "edsClusterConfig": {"serviceName": name, "edsConfig": {"ads": {}, "resourceApiVersion": "V3"}}
     }))
 }
@@ -115,11 +121,12 @@ fn snap(rs: &[Arc<Resource>]) -> Snapshot {
     Snapshot::from_resources(rs.iter().cloned()).unwrap()
 }
 
-fn bootstrap(sock: &Path) -> String {
+fn bootstrap(sock: &Path, api_type: &str, admin_port: u16) -> String {
     json!({
         "node": {"id": NODE, "cluster": "test"},
+        "admin": {"address": {"socketAddress": {"address": "127.0.0.1", "portValue": admin_port}}},
         "dynamicResources": {
-            "adsConfig": {"apiType": "GRPC", "transportApiVersion": "V3",
+            "adsConfig": {"apiType": api_type, "transportApiVersion": "V3",
                 "grpcServices": [{"envoyGrpc": {"clusterName": "xds"}}]},
             "cdsConfig": {"ads": {}, "resourceApiVersion": "V3"},
             "ldsConfig": {"ads": {}, "resourceApiVersion": "V3"}
@@ -163,8 +170,12 @@ async fn backend(body: &'static str) -> u16 {
 }
 
 async fn get(port: u16) -> Option<String> {
+    get_path(port, "/").await
+}
+
+async fn get_path(port: u16, path: &str) -> Option<String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    s.write_all(b"GET / HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n")
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n").as_bytes())
         .await
         .ok()?;
     let mut out = String::new();
@@ -216,8 +227,25 @@ impl Drop for Envoy {
     }
 }
 
+/// One counter or gauge from Envoy's admin `/stats`.
+async fn stat(admin_port: u16, name: &str) -> Option<u64> {
+    let body = get_path(admin_port, &format!("/stats?filter=^{name}$")).await?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_envoy_follows_snapshots() {
+async fn real_envoy_follows_snapshots_sotw() {
+    follows_snapshots("GRPC", Protocol::StateOfTheWorld).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_envoy_follows_snapshots_delta() {
+    follows_snapshots("DELTA_GRPC", Protocol::Delta).await;
+}
+
+async fn follows_snapshots(api_type: &str, protocol: Protocol) {
     let Some(envoy_bin) = find_envoy() else {
         assert!(
             std::env::var("CI").is_err(),
@@ -230,6 +258,7 @@ async fn real_envoy_follows_snapshots() {
     let sock = dir.path().join("xds.sock");
     let cache = SnapshotCache::new();
     let port = free_port();
+    let admin_port = free_port();
     let be1 = backend("backend-one").await;
     let be2 = backend("backend-two").await;
 
@@ -247,7 +276,7 @@ async fn real_envoy_follows_snapshots() {
     });
 
     let cfg = dir.path().join("bootstrap.json");
-    std::fs::write(&cfg, bootstrap(&sock)).unwrap();
+    std::fs::write(&cfg, bootstrap(&sock, api_type, admin_port)).unwrap();
     let _envoy = Envoy(
         Command::new(envoy_bin)
             .arg("-c")
@@ -270,6 +299,9 @@ async fn real_envoy_follows_snapshots() {
     wait_for(&cache, "initial RDS ACK", |c| c.is_acked(NODE, &route_v1)).await;
     assert!(cache.is_acked(NODE, &listener(port)));
     assert_eq!(cache.connected_nodes(), [NODE]);
+    let streams = cache.status().streams;
+    assert_eq!(streams.len(), 1);
+    assert_eq!(streams[0].protocol, protocol);
     wait_body(port, "v1").await;
 
     // 2. EDS: route to a cluster whose endpoints are a real backend.
@@ -337,6 +369,39 @@ async fn real_envoy_follows_snapshots() {
             && c.acked_hash(NODE, type_url::CLUSTER, "c2").is_some()
     })
     .await;
+    assert_eq!(get(port).await.as_deref(), Some("backend-one"));
+
+    // 6. c2 is modified, its endpoints are not: Envoy re-warms c2 and must
+    //    get its endpoints again, well before the 15 s initial_fetch_timeout.
+    let c2_v2 = eds_cluster_timeout("c2", 2);
+    let t0 = Instant::now();
+    cache.set_snapshot(
+        None,
+        snap(&[
+            listener(port),
+            cluster_route("c2"),
+            c2_v2.clone(),
+            cla("c2", be1),
+        ]),
+    );
+    // Envoy ACKs CDS once the warming clusters are initialized.
+    wait_for(&cache, "modified c2 ACKed", |c| c.is_acked(NODE, &c2_v2)).await;
+    loop {
+        let warming = stat(admin_port, "cluster_manager.warming_clusters").await;
+        if warming == Some(0) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < DEADLINE,
+            "c2 still warming: warming={warming:?}"
+        );
+        sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(8),
+        "modified c2 took {:?} to warm: its endpoints were not sent again",
+        t0.elapsed()
+    );
     assert_eq!(get(port).await.as_deref(), Some("backend-one"));
 
     let _ = stop.send(());
