@@ -365,7 +365,7 @@ impl Filler {
             table: vec![0u32; m as usize],
             occupied: vec![0u64; (m as usize).div_ceil(64)],
             remaining: m,
-            endgame_at: m.isqrt() * ENDGAME_FACTOR,
+            endgame_at: m.isqrt() * ENDGAME_FACTOR / 4,
             free_slots: Vec::new(),
             // floor(2^64 / m) for Barrett reduction of products below m².
             barrett: ((1u128 << 64) / u128::from(m)) as u64,

@@ -719,7 +719,7 @@ impl StreamState {
                 removed,
             });
             ts.sent = desired;
-            if false && !rewarm.is_empty()
+            if !rewarm.is_empty()
                 && let Some(eds) = self.types.get_mut(type_url::ENDPOINT)
             {
                 eds.resend.extend(rewarm);

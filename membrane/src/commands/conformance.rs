@@ -50,8 +50,7 @@ pub async fn run(suite: Suite) -> Result<ExitCode> {
     let Suite::Ingress(args) = suite;
     let work = std::env::temp_dir().join(format!("membrane-conformance-{}", std::process::id()));
     let manifests = work.join("manifests");
-    std::fs::create_dir_all(&manifests)
-        .with_context(|| format!("creating {}", manifests.display()))?;
+    std::fs::create_dir_all(&manifests).with_context(|| format!("creating {}", manifests.display()))?;
     let api_socket = work.join("api.sock");
     let exe = std::env::current_exe().context("locating the membrane binary")?;
     let mut cmd = Command::new(exe);
@@ -95,12 +94,19 @@ pub async fn run(suite: Suite) -> Result<ExitCode> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     if !ready {
-        bail!(
-            "membrane up did not open {} within 30 s",
-            api_socket.display()
-        );
+        bail!("membrane up did not open {} within 30 s", api_socket.display());
     }
-    let result: Result<Summary> = Err(anyhow::anyhow!("not wired yet"));
+    let opts = membrane_conformance::RunOptions {
+        features: args.features,
+        ingress_class: args.ingress_class,
+        ingress_class_wait: args.ingress_class_wait,
+        scale_settle: args.scale_settle,
+        report: args.report,
+        api_socket: api_socket.clone(),
+        http_port: args.http_port,
+        https_port: args.https_port,
+    };
+    let result = membrane_conformance::run(opts).await;
     if let Some(pid) = child.id() {
         // SAFETY: signalling our own child by PID.
         unsafe {
@@ -111,14 +117,5 @@ pub async fn run(suite: Suite) -> Result<ExitCode> {
     let _ = child.kill().await;
     let _ = std::fs::remove_dir_all(&work);
     let summary = result?;
-    Ok(if summary.failed == 0 && summary.passed > 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
-}
-
-struct Summary {
-    passed: usize,
-    failed: usize,
+    Ok(if summary.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

@@ -310,11 +310,16 @@ impl Backends {
 
     /// Start an echo "pod" on `ip:3000` answering as `service`.
     pub fn start(&self, ip: &str, service: &str) {
+        self.start_pod(ip, service, &format!("{service}-pod"));
+    }
+
+    /// Start an echo pod with its own pod name.
+    pub fn start_pod(&self, ip: &str, service: &str, pod: &str) {
         let id = membrane_conformance::echo::EchoIdentity {
             namespace: "default".into(),
             ingress: "test".into(),
             service: service.into(),
-            pod: format!("{service}-pod"),
+            pod: pod.into(),
         };
         let listener = self
             .rt
@@ -364,6 +369,31 @@ endpoints:
       ready: true
 "#
     )
+}
+
+/// A Service `name` on port 80 whose EndpointSlice has one ready endpoint
+/// per address in `ips` (port 3000).
+pub fn service_with_endpoints(name: &str, ips: &[&str]) -> String {
+    let head = service_yaml(name, 80, None, "0.0.0.0");
+    let head = &head[..head.find("endpoints:").unwrap_or(head.len())];
+    let mut out = format!("{head}endpoints:\n");
+    if ips.is_empty() {
+        out = format!("{head}endpoints: []\n");
+    }
+    for ip in ips {
+        out.push_str(&format!("  - addresses: [\"{ip}\"]\n    conditions:\n      ready: true\n"));
+    }
+    out
+}
+
+/// The (`service`, `pod`) an echo backend reported for a 200.
+pub fn served_by_pod(addr: SocketAddr, host: &str, path: &str) -> Option<(String, String)> {
+    let (status, body) = http_get(addr, host, path).ok()?;
+    if status != 200 {
+        return None;
+    }
+    let v: Value = serde_json::from_str(&body).ok()?;
+    Some((v["service"].as_str()?.to_owned(), v["pod"].as_str()?.to_owned()))
 }
 
 /// An Ingress of class cilium routing `path` (Prefix) on any host to `svc:port`.
