@@ -11,7 +11,6 @@ use membrane_lb::maglev::{
 
 const RUNS: usize = 50;
 
-
 fn backends(n: u32, weight: u16) -> Vec<MaglevBackend> {
     (0..n)
         .map(|i| MaglevBackend {

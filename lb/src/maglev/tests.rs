@@ -520,3 +520,23 @@ fn modular_helpers() {
         "(-1)² = 1"
     );
 }
+
+#[test]
+fn decimal_formatting_edges() {
+    for (addr, port, cluster, want) in [
+        ("0.0.0.0", 1u16, 0u32, "[0.0.0.0:1/TCP,State:active]"),
+        (
+            "255.255.255.255",
+            65535,
+            u32::MAX,
+            "[255.255.255.255@4294967295:65535/TCP,State:active]",
+        ),
+        ("10.100.0.9", 10, 10, "[10.100.0.9@10:10/TCP,State:active]"),
+    ] {
+        let b = MaglevBackend {
+            cluster_id: cluster,
+            ..MaglevBackend::new(addr.parse().unwrap(), port, 1)
+        };
+        assert_eq!(b.hash_string(), want);
+    }
+}
