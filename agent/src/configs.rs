@@ -231,7 +231,8 @@ impl ConfigPipeline {
                 let ports = s.ports.iter().map(u16::to_string).collect();
                 eds_wanted.insert((ns.clone(), s.name.clone(), ports));
             }
-            self.serving.insert(key.clone(), (rv.clone(), nacked, parsed.clone()));
+            self.serving
+                .insert(key.clone(), (rv.clone(), nacked, parsed.clone()));
             accepted.push((key.clone(), parsed));
         }
         self.proxy_ports.retain(&live_listeners);

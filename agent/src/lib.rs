@@ -231,14 +231,21 @@ async fn reconcile_loop(config: &AgentConfig, state: &AgentState, shutdown: Canc
         }
         let mut quarantined = false;
         for nack in nacks.take_new(&state.cache.status(), &state.node_id) {
-            let suspects = nack::suspects(&nack, &served, &xds_snapshot, &state.cache, &state.node_id);
+            let suspects =
+                nack::suspects(&nack, &served, &xds_snapshot, &state.cache, &state.node_id);
             if suspects.is_empty() {
                 warn!(type_url = %nack.type_url, detail = %nack.error_detail, "Envoy NACK not attributable to any object");
             }
             for key in suspects {
-                let reason = format!("Envoy rejected its {}: {}", short_type(&nack.type_url), nack.error_detail);
+                let reason = format!(
+                    "Envoy rejected its {}: {}",
+                    short_type(&nack.type_url),
+                    nack.error_detail
+                );
                 if pipeline.quarantine(&key, reason) {
-                    state.nacks_isolated.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    state
+                        .nacks_isolated
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     warn!(object = %key, detail = %nack.error_detail, "quarantined after Envoy NACK; serving its last ACKed version");
                     quarantined = true;
                 }

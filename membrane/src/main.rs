@@ -68,6 +68,11 @@ enum Command {
     Echo(commands::echo::EchoArgs),
     /// Print the CustomResourceDefinitions Membrane serves.
     Crds,
+    /// Load-balancing tools (Maglev tables identical to Cilium's).
+    Lb {
+        #[command(subcommand)]
+        command: commands::lb::LbCommand,
+    },
     /// Run a conformance suite against a Membrane started for the purpose.
     Conformance {
         #[command(subcommand)]
@@ -140,6 +145,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", membrane_crds::all_crds_yaml());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Lb { command } => commands::lb::run(command),
         Command::Conformance { suite } => commands::conformance::run(suite).await,
     }
 }

@@ -43,7 +43,12 @@ fn body_at(port: u16) -> Option<String> {
 fn a_nacked_cec_is_quarantined_and_siblings_keep_updating() {
     let m = Membrane::start("127.0.105.0/24", 28580, 28581);
     m.apply(&direct_cec("sibling", 28911, "v1"));
-    assert!(wait_until(Duration::from_secs(10), || body_at(28911).as_deref() == Some("v1")), "{}", m.log());
+    assert!(
+        wait_until(Duration::from_secs(10), || body_at(28911).as_deref()
+            == Some("v1")),
+        "{}",
+        m.log()
+    );
 
     // Another process holds the port: Envoy cannot bind and NACKs.
     let _taken = std::net::TcpListener::bind("127.0.0.1:28912").expect("hold port");
@@ -53,7 +58,9 @@ fn a_nacked_cec_is_quarantined_and_siblings_keep_updating() {
         wait_until(Duration::from_secs(15), || {
             rejected = m.rejected();
             rejected.iter().any(|(o, r)| {
-                o == "CiliumEnvoyConfig default/victim" && r.contains("Envoy rejected its Listener") && r.contains("28912")
+                o == "CiliumEnvoyConfig default/victim"
+                    && r.contains("Envoy rejected its Listener")
+                    && r.contains("28912")
             })
         }),
         "NACK not pinned on the CEC: {rejected:#?}\n{}",
@@ -66,7 +73,12 @@ fn a_nacked_cec_is_quarantined_and_siblings_keep_updating() {
 
     // The sibling still updates.
     m.apply(&direct_cec("sibling", 28911, "v2"));
-    assert!(wait_until(Duration::from_secs(10), || body_at(28911).as_deref() == Some("v2")), "{}", m.log());
+    assert!(
+        wait_until(Duration::from_secs(10), || body_at(28911).as_deref()
+            == Some("v2")),
+        "{}",
+        m.log()
+    );
 
     // Envoy converged on a config it accepts; the bad version is not resent.
     let converged = wait_until(Duration::from_secs(10), || {
@@ -79,6 +91,15 @@ fn a_nacked_cec_is_quarantined_and_siblings_keep_updating() {
 
     // Fixing the CEC (a free port) lifts the quarantine.
     m.apply(&direct_cec("victim", 28913, "fixed"));
-    assert!(wait_until(Duration::from_secs(10), || body_at(28913).as_deref() == Some("fixed")), "{}", m.log());
-    assert!(!m.rejected().iter().any(|(o, _)| o == "CiliumEnvoyConfig default/victim"));
+    assert!(
+        wait_until(Duration::from_secs(10), || body_at(28913).as_deref()
+            == Some("fixed")),
+        "{}",
+        m.log()
+    );
+    assert!(
+        !m.rejected()
+            .iter()
+            .any(|(o, _)| o == "CiliumEnvoyConfig default/victim")
+    );
 }

@@ -54,7 +54,9 @@ fn config_changes_under_load_fail_no_request() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let counters = Arc::new(Counters::default());
-    let workers: Vec<_> = (0..2).map(|_| load(addr, stop.clone(), counters.clone())).collect();
+    let workers: Vec<_> = (0..2)
+        .map(|_| load(addr, stop.clone(), counters.clone()))
+        .collect();
     let saw = |path: &str, want: (&str, &str)| {
         wait_until(Duration::from_secs(10), || {
             served_by_pod(addr, "x", path).is_some_and(|(s, p)| s == want.0 && p == want.1)
@@ -62,7 +64,10 @@ fn config_changes_under_load_fail_no_request() {
     };
 
     // 1. Scale out: a second endpoint.
-    m.apply(&service_with_endpoints("svc-a", &["127.0.24.1", "127.0.24.2"]));
+    m.apply(&service_with_endpoints(
+        "svc-a",
+        &["127.0.24.1", "127.0.24.2"],
+    ));
     assert!(saw("/", ("svc-a", "a2")), "new endpoint never used");
     // 2. Scale in: the first endpoint goes away.
     m.apply(&service_with_endpoints("svc-a", &["127.0.24.2"]));
@@ -73,19 +78,28 @@ fn config_changes_under_load_fail_no_request() {
         "removed endpoint still used"
     );
     // 3. A new route to a new cluster.
-    m.apply(&ingress_yaml("load", &[("/", "svc-a", 80), ("/extra", "svc-b", 80)]));
+    m.apply(&ingress_yaml(
+        "load",
+        &[("/", "svc-a", 80), ("/extra", "svc-b", 80)],
+    ));
     assert!(saw("/extra", ("svc-b", "b1")), "new route never served");
     // 4. Move the main route to the other cluster and delete the old Service.
     m.apply(&ingress_yaml("load", &[("/", "svc-b", 80)]));
     assert!(saw("/", ("svc-b", "b1")), "route never moved");
     m.delete(&service_with_endpoints("svc-a", &[]));
     // 5. Endpoint churn on the remaining cluster.
-    m.apply(&service_with_endpoints("svc-b", &["127.0.24.3", "127.0.24.1"]));
+    m.apply(&service_with_endpoints(
+        "svc-b",
+        &["127.0.24.3", "127.0.24.1"],
+    ));
     m.apply(&service_with_endpoints("svc-b", &["127.0.24.3"]));
     assert!(saw("/", ("svc-b", "b1")));
     // Give the load a last full config cycle to run through.
     let before = counters.ok.load(Ordering::Relaxed);
-    assert!(wait_until(Duration::from_secs(10), || counters.ok.load(Ordering::Relaxed) > before + 50));
+    assert!(wait_until(Duration::from_secs(10), || counters
+        .ok
+        .load(Ordering::Relaxed)
+        > before + 50));
 
     stop.store(true, Ordering::Relaxed);
     for w in workers {
@@ -96,5 +110,10 @@ fn config_changes_under_load_fail_no_request() {
     let errors = counters.conn_errors.load(Ordering::Relaxed);
     println!("zero-error churn: {ok} ok, {bad} non-2xx, {errors} connection errors");
     assert!(ok > 100, "too little traffic to mean anything: {ok}");
-    assert_eq!((bad, errors), (0, 0), "requests failed during updates:\n{}", m.log());
+    assert_eq!(
+        (bad, errors),
+        (0, 0),
+        "requests failed during updates:\n{}",
+        m.log()
+    );
 }

@@ -50,7 +50,8 @@ pub async fn run(suite: Suite) -> Result<ExitCode> {
     let Suite::Ingress(args) = suite;
     let work = std::env::temp_dir().join(format!("membrane-conformance-{}", std::process::id()));
     let manifests = work.join("manifests");
-    std::fs::create_dir_all(&manifests).with_context(|| format!("creating {}", manifests.display()))?;
+    std::fs::create_dir_all(&manifests)
+        .with_context(|| format!("creating {}", manifests.display()))?;
     let api_socket = work.join("api.sock");
     let exe = std::env::current_exe().context("locating the membrane binary")?;
     let mut cmd = Command::new(exe);
@@ -94,7 +95,10 @@ pub async fn run(suite: Suite) -> Result<ExitCode> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     if !ready {
-        bail!("membrane up did not open {} within 30 s", api_socket.display());
+        bail!(
+            "membrane up did not open {} within 30 s",
+            api_socket.display()
+        );
     }
     let opts = membrane_conformance::RunOptions {
         features: args.features,
@@ -117,5 +121,9 @@ pub async fn run(suite: Suite) -> Result<ExitCode> {
     let _ = child.kill().await;
     let _ = std::fs::remove_dir_all(&work);
     let summary = result?;
-    Ok(if summary.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if summary.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -2,6 +2,7 @@
 
 pub mod conformance;
 pub mod echo;
+pub mod lb;
 pub mod objects;
 pub mod status;
 pub mod translate;

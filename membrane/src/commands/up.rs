@@ -31,7 +31,7 @@ pub struct UpArgs {
     #[arg(long, default_value = "warning")]
     pub envoy_log_level: String,
     /// xDS variant Envoy uses: sotw or delta.
-    #[arg(long, default_value = "sotw", value_parser = parse_protocol)]
+    #[arg(long, default_value = "delta", value_parser = parse_protocol)]
     pub xds_protocol: XdsProtocol,
     /// Pool LoadBalancer Service addresses come from.
     #[arg(long, default_value = "127.0.100.0/24")]

@@ -381,7 +381,9 @@ pub fn service_with_endpoints(name: &str, ips: &[&str]) -> String {
         out = format!("{head}endpoints: []\n");
     }
     for ip in ips {
-        out.push_str(&format!("  - addresses: [\"{ip}\"]\n    conditions:\n      ready: true\n"));
+        out.push_str(&format!(
+            "  - addresses: [\"{ip}\"]\n    conditions:\n      ready: true\n"
+        ));
     }
     out
 }
@@ -393,7 +395,10 @@ pub fn served_by_pod(addr: SocketAddr, host: &str, path: &str) -> Option<(String
         return None;
     }
     let v: Value = serde_json::from_str(&body).ok()?;
-    Some((v["service"].as_str()?.to_owned(), v["pod"].as_str()?.to_owned()))
+    Some((
+        v["service"].as_str()?.to_owned(),
+        v["pod"].as_str()?.to_owned(),
+    ))
 }
 
 /// An Ingress of class cilium routing `path` (Prefix) on any host to `svc:port`.
