@@ -21,6 +21,7 @@ fn quickstart_example_serves_both_backends() {
         "127.0.100.0/24",
         28480,
         28481,
+        &[],
     );
     let ip = m.wait_ingress_ip("default", "quickstart");
     let addr: SocketAddr = format!("{ip}:28480").parse().expect("addr");

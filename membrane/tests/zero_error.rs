@@ -38,18 +38,29 @@ fn load(addr: SocketAddr, stop: Arc<AtomicBool>, c: Arc<Counters>) -> std::threa
 }
 
 #[test]
-fn config_changes_under_load_fail_no_request() {
+fn config_changes_under_load_fail_no_request_delta() {
+    churn_under_load("delta", "127.0.24", "127.0.106.0/24", HTTP_PORT);
+}
+
+#[test]
+fn config_changes_under_load_fail_no_request_sotw() {
+    churn_under_load("sotw", "127.0.25", "127.0.107.0/24", HTTP_PORT + 2);
+}
+
+fn churn_under_load(protocol: &str, net: &str, pool: &str, port: u16) {
     let backends = Backends::new();
-    backends.start_pod("127.0.24.1", "svc-a", "a1");
-    backends.start_pod("127.0.24.2", "svc-a", "a2");
-    backends.start_pod("127.0.24.3", "svc-b", "b1");
-    let m = Membrane::start("127.0.106.0/24", HTTP_PORT, 28681);
+    let (ip1, ip2, ip3) = (format!("{net}.1"), format!("{net}.2"), format!("{net}.3"));
+    backends.start_pod(&ip1, "svc-a", "a1");
+    backends.start_pod(&ip2, "svc-a", "a2");
+    backends.start_pod(&ip3, "svc-b", "b1");
+    let m = Membrane::start_with(pool, port, port + 1, &["--xds-protocol", protocol]);
+    assert_eq!(m.status()["xds"]["streams"][0]["protocol"], protocol_name(protocol));
     m.apply(INGRESS_CLASS);
-    m.apply(&service_with_endpoints("svc-a", &["127.0.24.1"]));
-    m.apply(&service_with_endpoints("svc-b", &["127.0.24.3"]));
+    m.apply(&service_with_endpoints("svc-a", &[ip1.as_str()]));
+    m.apply(&service_with_endpoints("svc-b", &[ip3.as_str()]));
     m.apply(&ingress_yaml("load", &[("/", "svc-a", 80)]));
     let ip = m.wait_ingress_ip("default", "load");
-    let addr: SocketAddr = format!("{ip}:{HTTP_PORT}").parse().expect("addr");
+    let addr: SocketAddr = format!("{ip}:{port}").parse().expect("addr");
     assert_eq!(served_by(addr, "x", "/").as_deref(), Some("svc-a"));
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -66,11 +77,11 @@ fn config_changes_under_load_fail_no_request() {
     // 1. Scale out: a second endpoint.
     m.apply(&service_with_endpoints(
         "svc-a",
-        &["127.0.24.1", "127.0.24.2"],
+        &[ip1.as_str(), ip2.as_str()],
     ));
     assert!(saw("/", ("svc-a", "a2")), "new endpoint never used");
     // 2. Scale in: the first endpoint goes away.
-    m.apply(&service_with_endpoints("svc-a", &["127.0.24.2"]));
+    m.apply(&service_with_endpoints("svc-a", &[ip2.as_str()]));
     assert!(
         wait_until(Duration::from_secs(10), || (0..20).all(|_| {
             served_by_pod(addr, "x", "/").is_some_and(|(_, p)| p == "a2")
@@ -90,9 +101,9 @@ fn config_changes_under_load_fail_no_request() {
     // 5. Endpoint churn on the remaining cluster.
     m.apply(&service_with_endpoints(
         "svc-b",
-        &["127.0.24.3", "127.0.24.1"],
+        &[ip3.as_str(), ip1.as_str()],
     ));
-    m.apply(&service_with_endpoints("svc-b", &["127.0.24.3"]));
+    m.apply(&service_with_endpoints("svc-b", &[ip3.as_str()]));
     assert!(saw("/", ("svc-b", "b1")));
     // Give the load a last full config cycle to run through.
     let before = counters.ok.load(Ordering::Relaxed);
@@ -108,7 +119,7 @@ fn config_changes_under_load_fail_no_request() {
     let ok = counters.ok.load(Ordering::Relaxed);
     let bad = counters.bad_status.load(Ordering::Relaxed);
     let errors = counters.conn_errors.load(Ordering::Relaxed);
-    println!("zero-error churn: {ok} ok, {bad} non-2xx, {errors} connection errors");
+    println!("zero-error churn ({protocol}): {ok} ok, {bad} non-2xx, {errors} connection errors");
     assert!(ok > 100, "too little traffic to mean anything: {ok}");
     assert_eq!(
         (bad, errors),
@@ -116,4 +127,8 @@ fn config_changes_under_load_fail_no_request() {
         "requests failed during updates:\n{}",
         m.log()
     );
+}
+
+fn protocol_name(flag: &str) -> &'static str {
+    if flag == "delta" { "delta" } else { "state_of_the_world" }
 }

@@ -41,7 +41,15 @@ impl Membrane {
         let dir = tempfile::tempdir().expect("tempdir");
         let manifests = dir.path().join("manifests");
         std::fs::create_dir_all(&manifests).expect("mkdir");
-        Self::start_on(dir, &manifests, pool, http_port, https_port)
+        Self::start_on(dir, &manifests, pool, http_port, https_port, &[])
+    }
+
+    /// Start on an empty manifest directory with extra `membrane up` flags.
+    pub fn start_with(pool: &str, http_port: u16, https_port: u16, extra: &[&str]) -> Membrane {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let manifests = dir.path().join("manifests");
+        std::fs::create_dir_all(&manifests).expect("mkdir");
+        Self::start_on(dir, &manifests, pool, http_port, https_port, extra)
     }
 
     /// Start on an existing manifest directory.
@@ -51,6 +59,7 @@ impl Membrane {
         pool: &str,
         http_port: u16,
         https_port: u16,
+        extra: &[&str],
     ) -> Membrane {
         require_envoy();
         let api = dir.path().join("api.sock");
@@ -69,6 +78,7 @@ impl Membrane {
                 "--https-port",
                 &https_port.to_string(),
             ])
+            .args(extra)
             .env(
                 "MEMBRANE_LOG",
                 std::env::var("MEMBRANE_TEST_LOG").unwrap_or_else(|_| "info".into()),
