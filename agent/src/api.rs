@@ -14,7 +14,7 @@ use membrane_store::{Kind, ObjectKey};
 use serde_json::{Value, json};
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::state::AgentState;
 
@@ -159,6 +159,10 @@ fn get_objects(state: &AgentState, kind: &str, query: &str) -> Response<Full<Byt
             _ => {}
         }
     }
+    if !kind.namespaced() {
+        // Like kubectl: a namespace means nothing to cluster-scoped kinds.
+        namespace = None;
+    }
     if let Some(name) = name {
         let ns = if kind.namespaced() {
             namespace.unwrap_or_else(|| "default".to_owned())
@@ -181,8 +185,5 @@ fn get_objects(state: &AgentState, kind: &str, query: &str) -> Response<Full<Byt
         .iter()
         .map(|o| o.to_value())
         .collect();
-    if items.is_empty() && !kind.namespaced() && namespace.is_some() {
-        warn!("namespace ignored for cluster-scoped kind");
-    }
     reply(StatusCode::OK, json!({ "items": items }))
 }
