@@ -1,32 +1,33 @@
 //! The config pipeline: all CECs/CCECs in the store (including the ones the
 //! Ingress controller generated) → one consistent set of Envoy resources.
 //!
-//! Each CEC is decoded once per resourceVersion. A CEC that fails is
+//! Each CEC is decoded and encoded once per resourceVersion; its listeners
+//! are re-encoded only when their placement changes, and EDS only when the
+//! Service or its EndpointSlices change, so a pass over an unchanged store
+//! shares every resource with the previous one. A CEC that fails is
 //! rejected whole; its last good version keeps serving and no other CEC is
 //! affected. Conflicts between CECs (same listener address, same resource
 //! name) are settled first come, first served: the older object keeps it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use membrane_crds::EnvoyConfigSpec;
 use membrane_store::{Kind, Object, ObjectKey, StoreSnapshot};
+use membrane_xds::Resource;
 use membrane_xds::codec::type_url;
 
 use crate::cec::{ParsedCec, parse_cec};
-use crate::endpoints::load_assignments;
+use crate::endpoints::SliceIndex;
 use crate::envoy_pb::*;
 use crate::placement::{PortMap, bound_addresses, collides, frontends, place};
 use crate::ports::ProxyPorts;
 use crate::secrets::tls_secrets;
 
-/// One Envoy resource ready for the snapshot.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Built {
-    pub type_url: &'static str,
-    pub name: String,
-    pub body: Any,
-}
+/// One Envoy resource ready for the snapshot: encoded and hashed once per
+/// object version, then shared by every pass and every xDS stream.
+pub type Built = Arc<Resource>;
 
 /// Result of one pass.
 #[derive(Debug, Default)]
@@ -39,9 +40,63 @@ pub struct ConfigPass {
     pub served: BTreeMap<ObjectKey, Vec<(&'static str, String)>>,
 }
 
+/// One CEC version, decoded, with everything that does not depend on where
+/// its listeners are placed already encoded.
+#[derive(Debug)]
+struct Prepared {
+    /// Listeners still without the addresses the agent assigns.
+    parsed: ParsedCec,
+    /// Routes, clusters, endpoints and secrets, in that order.
+    fixed: Vec<Built>,
+    /// Every `(type_url, name)` it defines, for conflict checks.
+    names: Vec<(&'static str, String)>,
+}
+
+impl Prepared {
+    fn new(parsed: ParsedCec) -> Self {
+        let mut fixed = Vec::new();
+        for r in &parsed.routes {
+            fixed.push(built(r.name.clone(), to_any(r)));
+        }
+        for c in &parsed.clusters {
+            fixed.push(built(c.name.clone(), to_any(c)));
+        }
+        for e in &parsed.endpoints {
+            fixed.push(built(e.cluster_name.clone(), to_any(e)));
+        }
+        for s in &parsed.secrets {
+            fixed.push(built(s.name.clone(), to_any(s)));
+        }
+        let names = resource_names(&parsed);
+        Self {
+            parsed,
+            fixed,
+            names,
+        }
+    }
+}
+
+/// What decides a CEC's listener addresses: the frontends it binds and the
+/// proxy ports of listeners without one.
+type PlaceKey = (BTreeMap<String, Vec<(String, u16)>>, Vec<u16>);
+
+/// A CEC version with its listeners placed and encoded.
+struct Placed {
+    prepared: Arc<Prepared>,
+    key: PlaceKey,
+    listeners: Vec<Built>,
+    bound: Vec<(usize, String, String, u32)>,
+}
+
 struct Cached {
     resource_version: String,
-    result: Result<ParsedCec, String>,
+    result: Result<Arc<Prepared>, String>,
+}
+
+/// EDS of one backend selection, with the resourceVersions it came from.
+struct CachedEds {
+    inputs: Vec<String>,
+    resources: Vec<Built>,
 }
 
 /// Long-lived state of the pipeline.
@@ -50,14 +105,42 @@ pub struct ConfigPipeline {
     node_labels: BTreeMap<String, String>,
     proxy_ports: ProxyPorts,
     parsed: HashMap<ObjectKey, Cached>,
-    last_good: HashMap<ObjectKey, ParsedCec>,
+    last_good: HashMap<ObjectKey, Arc<Prepared>>,
     /// The version of each CEC Envoy last ACKed in full.
-    acked_good: HashMap<ObjectKey, ParsedCec>,
+    acked_good: HashMap<ObjectKey, Arc<Prepared>>,
     /// What each CEC served in the latest pass: its resourceVersion, whether
     /// that is a fallback to the ACKed version, and the content.
-    serving: HashMap<ObjectKey, (String, bool, ParsedCec)>,
+    serving: HashMap<ObjectKey, (String, bool, Arc<Prepared>)>,
     /// CEC versions Envoy rejected: resourceVersion and why.
     quarantined: HashMap<ObjectKey, (String, String)>,
+    placed: HashMap<ObjectKey, Placed>,
+    eds: HashMap<(String, String, Vec<String>), CachedEds>,
+}
+
+/// Addresses already bound by accepted CECs, indexed by port so a conflict
+/// check does not scan every listener.
+#[derive(Default)]
+struct Binds {
+    by_port: HashMap<u32, Vec<(String, ObjectKey)>>,
+    /// Ports bound on any address (not free for proxy listeners).
+    reserved: BTreeSet<u16>,
+}
+
+impl Binds {
+    fn owner(&self, ip: &str, port: u32) -> Option<&ObjectKey> {
+        self.by_port
+            .get(&port)?
+            .iter()
+            .find(|(bip, _)| collides(ip, port, bip, port))
+            .map(|(_, k)| k)
+    }
+
+    fn add(&mut self, ip: String, port: u32, owner: ObjectKey) {
+        if let Ok(p) = u16::try_from(port) {
+            self.reserved.insert(p);
+        }
+        self.by_port.entry(port).or_default().push((ip, owner));
+    }
 }
 
 impl ConfigPipeline {
@@ -71,6 +154,8 @@ impl ConfigPipeline {
             acked_good: HashMap::new(),
             serving: HashMap::new(),
             quarantined: HashMap::new(),
+            placed: HashMap::new(),
+            eds: HashMap::new(),
         }
     }
 
@@ -101,7 +186,7 @@ impl ConfigPipeline {
 
     pub fn run(&mut self, snap: &StoreSnapshot) -> ConfigPass {
         let mut pass = ConfigPass::default();
-        let mut configs: Vec<(ObjectKey, &EnvoyConfigSpec, String, String)> = Vec::new();
+        let mut configs: Vec<(ObjectKey, &EnvoyConfigSpec, &str, String)> = Vec::new();
         for kind in [Kind::CiliumEnvoyConfig, Kind::CiliumClusterwideEnvoyConfig] {
             for obj in snap.list(kind, None) {
                 let (spec, meta) = match obj.as_ref() {
@@ -117,101 +202,92 @@ impl ConfigPipeline {
                 configs.push((
                     obj.key(),
                     spec,
-                    meta.resource_version.clone().unwrap_or_default(),
+                    meta.resource_version.as_deref().unwrap_or_default(),
                     created,
                 ));
             }
         }
         // First come, first served on conflicts.
         configs.sort_by(|a, b| (&a.3, &a.0).cmp(&(&b.3, &b.0)));
-        let live: BTreeSet<ObjectKey> = configs.iter().map(|c| c.0.clone()).collect();
+        let live: HashSet<&ObjectKey> = configs.iter().map(|c| &c.0).collect();
         self.parsed.retain(|k, _| live.contains(k));
         self.last_good.retain(|k, _| live.contains(k));
         self.acked_good.retain(|k, _| live.contains(k));
         self.quarantined.retain(|k, _| live.contains(k));
+        self.placed.retain(|k, _| live.contains(k));
         self.serving.clear();
 
-        let mut names: BTreeMap<(&'static str, String), ObjectKey> = BTreeMap::new();
-        let mut binds: Vec<(String, u32, ObjectKey)> = Vec::new();
+        let mut names: HashMap<(&'static str, String), ObjectKey> = HashMap::new();
+        let mut binds = Binds::default();
         let mut live_listeners = BTreeSet::new();
         let mut eds_wanted: BTreeSet<(String, String, Vec<String>)> = BTreeSet::new();
-        let mut accepted: Vec<(ObjectKey, ParsedCec)> = Vec::new();
+        let mut accepted: Vec<(ObjectKey, Arc<Prepared>)> = Vec::new();
 
         for (key, spec, rv, _) in &configs {
             if !selects(spec.node_selector.as_ref(), &self.node_labels) {
                 continue;
             }
-            let object = key.to_string();
             let fresh = match self.parsed.get(key) {
-                Some(c) if &c.resource_version == rv => c.result.clone(),
+                Some(c) if c.resource_version == *rv => c.result.clone(),
                 _ => {
+                    let object = key.to_string();
                     let r = parse_cec(&object, &key.namespace, &key.name, spec)
+                        .map(|p| Arc::new(Prepared::new(p)))
                         .map_err(|e| e.to_string());
                     self.parsed.insert(
                         key.clone(),
                         Cached {
-                            resource_version: rv.clone(),
+                            resource_version: (*rv).to_owned(),
                             result: r.clone(),
                         },
                     );
                     r
                 }
             };
-            let quarantine = self
-                .quarantined
-                .get(key)
-                .filter(|(q, _)| q == rv)
-                .map(|(_, why)| why.clone());
-            let fresh = match (fresh, quarantine) {
-                (_, Some(why)) => Err(format!("{object}: {why}")),
-                (r, None) => r,
-            };
             let nacked = self.quarantined.get(key).is_some_and(|(q, _)| q == rv);
-            let mut parsed = match fresh {
+            let fresh = match self.quarantined.get(key) {
+                Some((q, why)) if q == rv => Err(format!("{key}: {why}")),
+                _ => fresh,
+            };
+            let prepared = match fresh {
                 Ok(p) => {
                     self.last_good.insert(key.clone(), p.clone());
                     p
                 }
-                Err(e) if nacked => {
-                    pass.rejected.insert(key.clone(), e);
-                    match self.acked_good.get(key) {
-                        Some(p) => p.clone(),
-                        None => continue,
-                    }
-                }
                 Err(e) => {
                     pass.rejected.insert(key.clone(), e);
-                    match self.last_good.get(key) {
+                    let fallback = if nacked {
+                        &self.acked_good
+                    } else {
+                        &self.last_good
+                    };
+                    match fallback.get(key) {
                         Some(p) => p.clone(),
                         None => continue,
                     }
                 }
             };
 
-            let fe = frontends(snap, &key.namespace, spec, &parsed, self.ports);
-            let reserved: BTreeSet<u16> = binds
-                .iter()
-                .filter_map(|b| u16::try_from(b.1).ok())
-                .collect();
-            if let Err((index, why)) = place(&mut parsed, &fe, &mut self.proxy_ports, &reserved) {
-                pass.rejected.insert(
-                    key.clone(),
-                    format!("{object}: spec.resources[{index}]: {why}"),
-                );
-                continue;
-            }
-            if let Some(msg) = self.conflict(&object, &parsed, &binds, &names) {
+            let (listeners, bound) = match self.place_listeners(snap, key, spec, &prepared, &binds)
+            {
+                Ok(v) => v,
+                Err((index, why)) => {
+                    pass.rejected.insert(
+                        key.clone(),
+                        format!("{key}: spec.resources[{index}]: {why}"),
+                    );
+                    continue;
+                }
+            };
+            if let Some(msg) = conflict(key, &bound, &prepared.names, &binds, &names) {
                 pass.rejected.insert(key.clone(), msg);
                 continue;
             }
-            for (_, _, ip, port) in bound_addresses(&parsed) {
-                binds.push((ip, port, key.clone()));
+            for (_, _, ip, port) in bound {
+                binds.add(ip, port, key.clone());
             }
-            for (t, n) in resource_names(&parsed) {
-                names.insert((t, n), key.clone());
-            }
-            for l in &parsed.listeners {
-                live_listeners.insert(l.listener.name.clone());
+            for l in &listeners {
+                live_listeners.insert(l.name.clone());
             }
             let default_ns = &key.namespace;
             for s in &spec.backend_services {
@@ -232,65 +308,63 @@ impl ConfigPipeline {
                 eds_wanted.insert((ns.clone(), s.name.clone(), ports));
             }
             self.serving
-                .insert(key.clone(), (rv.clone(), nacked, parsed.clone()));
-            accepted.push((key.clone(), parsed));
+                .insert(key.clone(), ((*rv).to_owned(), nacked, prepared.clone()));
+            for (t, n) in &prepared.names {
+                names.insert((*t, n.clone()), key.clone());
+            }
+            accepted.push((key.clone(), prepared));
         }
         self.proxy_ports.retain(&live_listeners);
 
-        for (key, parsed) in accepted {
+        for (key, prepared) in &accepted {
             let mut served = Vec::new();
-            for l in parsed.listeners {
-                served.push((type_url::LISTENER, l.listener.name.clone()));
-                pass.resources.push(built(
-                    type_url::LISTENER,
-                    l.listener.name.clone(),
-                    to_any(&l.listener),
-                ));
+            if let Some(placed) = self.placed.get(key) {
+                for l in &placed.listeners {
+                    served.push((type_url::LISTENER, l.name.clone()));
+                    pass.resources.push(l.clone());
+                }
             }
-            for r in parsed.routes {
-                served.push((type_url::ROUTE, r.name.clone()));
-                pass.resources
-                    .push(built(type_url::ROUTE, r.name.clone(), to_any(&r)));
+            for r in &prepared.fixed {
+                if r.type_url == type_url::ROUTE || r.type_url == type_url::CLUSTER {
+                    served.push((static_type(&r.type_url), r.name.clone()));
+                }
+                pass.resources.push(r.clone());
             }
-            for c in parsed.clusters {
-                served.push((type_url::CLUSTER, c.name.clone()));
-                pass.resources
-                    .push(built(type_url::CLUSTER, c.name.clone(), to_any(&c)));
-            }
-            for e in parsed.endpoints {
-                pass.resources.push(built(
-                    type_url::ENDPOINT,
-                    e.cluster_name.clone(),
-                    to_any(&e),
-                ));
-            }
-            for s in parsed.secrets {
-                pass.resources
-                    .push(built(type_url::SECRET, s.name.clone(), to_any(&s)));
-            }
-            pass.served.insert(key, served);
+            pass.served.insert(key.clone(), served);
         }
 
-        let mut eds_names: BTreeSet<String> = pass
+        let mut eds_names: HashSet<String> = pass
             .resources
             .iter()
             .filter(|r| r.type_url == type_url::ENDPOINT)
             .map(|r| r.name.clone())
             .collect();
-        for (ns, name, ports) in eds_wanted {
-            for cla in load_assignments(snap, &ns, &name, &ports) {
-                if eds_names.insert(cla.cluster_name.clone()) {
-                    pass.resources.push(built(
-                        type_url::ENDPOINT,
-                        cla.cluster_name.clone(),
-                        to_any(&cla),
-                    ));
+        let index = SliceIndex::new(snap);
+        self.eds
+            .retain(|k, _| eds_wanted.contains(&(k.0.clone(), k.1.clone(), k.2.clone())));
+        for wanted in eds_wanted {
+            let inputs = index.inputs(snap, &wanted.0, &wanted.1);
+            let fresh = self.eds.get(&wanted).is_some_and(|c| c.inputs == inputs);
+            if !fresh {
+                let resources = index
+                    .assignments(snap, &wanted.0, &wanted.1, &wanted.2)
+                    .into_iter()
+                    .map(|cla| built(cla.cluster_name.clone(), to_any(&cla)))
+                    .collect();
+                self.eds
+                    .insert(wanted.clone(), CachedEds { inputs, resources });
+            }
+            if let Some(c) = self.eds.get(&wanted) {
+                for r in &c.resources {
+                    if eds_names.insert(r.name.clone()) {
+                        pass.resources.push(r.clone());
+                    }
                 }
             }
         }
 
         let (secrets, bad) = tls_secrets(snap);
-        let mut secret_names: BTreeSet<String> = pass
+        let mut secret_names: HashSet<String> = pass
             .resources
             .iter()
             .filter(|r| r.type_url == type_url::SECRET)
@@ -298,8 +372,7 @@ impl ConfigPipeline {
             .collect();
         for s in secrets {
             if secret_names.insert(s.name.clone()) {
-                pass.resources
-                    .push(built(type_url::SECRET, s.name.clone(), to_any(&s)));
+                pass.resources.push(built(s.name.clone(), to_any(&s)));
             }
         }
         for b in bad {
@@ -313,41 +386,112 @@ impl ConfigPipeline {
         }
         pass
     }
-
-    fn conflict(
-        &self,
-        object: &str,
-        parsed: &ParsedCec,
-        binds: &[(String, u32, ObjectKey)],
-        names: &BTreeMap<(&'static str, String), ObjectKey>,
-    ) -> Option<String> {
-        for (index, listener, ip, port) in bound_addresses(parsed) {
-            if let Some((_, _, owner)) = binds
-                .iter()
-                .find(|(bip, bport, _)| collides(&ip, port, bip, *bport))
-            {
-                return Some(format!(
-                    "{object}: spec.resources[{index}] (listener {listener}): address {ip}:{port} is already used by {owner}"
-                ));
+    /// The CEC's listeners with their addresses, encoded, and every
+    /// address they bind. Reuses the previous pass's result when neither
+    /// the CEC version nor its placement changed.
+    #[allow(clippy::type_complexity)]
+    fn place_listeners(
+        &mut self,
+        snap: &StoreSnapshot,
+        key: &ObjectKey,
+        spec: &EnvoyConfigSpec,
+        prepared: &Arc<Prepared>,
+        binds: &Binds,
+    ) -> Result<(Vec<Built>, Vec<(usize, String, String, u32)>), (usize, String)> {
+        let fe = frontends(snap, &key.namespace, spec, &prepared.parsed, self.ports);
+        // Proxy ports are stable per listener name, so asking for them here
+        // gives what `place` will assign.
+        let mut proxy = Vec::new();
+        for pl in &prepared.parsed.listeners {
+            if pl.needs_address && fe.get(&pl.local_name).is_none_or(Vec::is_empty) {
+                match self
+                    .proxy_ports
+                    .port_for(&pl.listener.name, &binds.reserved)
+                {
+                    Some(p) => proxy.push(p),
+                    None => return Err((pl.index, "no free proxy port left".into())),
+                }
             }
         }
-        for (t, n) in resource_names(parsed) {
-            if let Some(owner) = names.get(&(t, n.clone())) {
-                return Some(format!(
-                    "{object}: spec.resources: resource {n} is already defined by {owner}"
-                ));
-            }
+        let place_key = (fe, proxy);
+        if let Some(p) = self.placed.get(key)
+            && Arc::ptr_eq(&p.prepared, prepared)
+            && p.key == place_key
+        {
+            return Ok((p.listeners.clone(), p.bound.clone()));
         }
-        None
+        let mut only_listeners = ParsedCec {
+            listeners: prepared.parsed.listeners.clone(),
+            routes: Vec::new(),
+            clusters: Vec::new(),
+            endpoints: Vec::new(),
+            secrets: Vec::new(),
+        };
+        place(
+            &mut only_listeners,
+            &place_key.0,
+            &mut self.proxy_ports,
+            &binds.reserved,
+        )?;
+        let listeners: Vec<Built> = only_listeners
+            .listeners
+            .iter()
+            .map(|l| built(l.listener.name.clone(), to_any(&l.listener)))
+            .collect();
+        let bound = bound_addresses(&only_listeners);
+        self.placed.insert(
+            key.clone(),
+            Placed {
+                prepared: prepared.clone(),
+                key: place_key,
+                listeners: listeners.clone(),
+                bound: bound.clone(),
+            },
+        );
+        Ok((listeners, bound))
     }
 }
 
-fn built(type_url: &'static str, name: String, body: Any) -> Built {
-    Built {
-        type_url,
-        name,
-        body,
+fn conflict(
+    key: &ObjectKey,
+    bound: &[(usize, String, String, u32)],
+    defined: &[(&'static str, String)],
+    binds: &Binds,
+    names: &HashMap<(&'static str, String), ObjectKey>,
+) -> Option<String> {
+    for (index, listener, ip, port) in bound {
+        if let Some(owner) = binds.owner(ip, *port) {
+            return Some(format!(
+                "{key}: spec.resources[{index}] (listener {listener}): address {ip}:{port} is already used by {owner}"
+            ));
+        }
     }
+    for (t, n) in defined {
+        if let Some(owner) = names.get(&(*t, n.clone())) {
+            return Some(format!(
+                "{key}: spec.resources: resource {n} is already defined by {owner}"
+            ));
+        }
+    }
+    None
+}
+
+fn built(name: String, body: Any) -> Built {
+    Arc::new(Resource::with_name(name, body))
+}
+
+/// The `'static` type URL constant equal to `t`.
+fn static_type(t: &str) -> &'static str {
+    [
+        type_url::LISTENER,
+        type_url::ROUTE,
+        type_url::CLUSTER,
+        type_url::ENDPOINT,
+        type_url::SECRET,
+    ]
+    .into_iter()
+    .find(|s| *s == t)
+    .unwrap_or(type_url::CLUSTER)
 }
 
 fn resource_names(p: &ParsedCec) -> Vec<(&'static str, String)> {

@@ -3,7 +3,7 @@
 //! ready endpoints. EndpointSlice ports carry the resolved target port, so
 //! a Service port is matched to a slice port by name, as kube-proxy does.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use k8s_openapi::api::core::v1::{Endpoints, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -23,49 +23,114 @@ pub fn load_assignments(
     name: &str,
     ports: &[String],
 ) -> Vec<ClusterLoadAssignment> {
-    let Some(svc) = snap.get_typed::<Service>(ns, name) else {
-        return Vec::new();
-    };
-    let service_ports = svc
-        .spec
-        .as_ref()
-        .and_then(|s| s.ports.clone())
-        .unwrap_or_default();
-    let slices: Vec<&EndpointSlice> = snap
-        .typed::<EndpointSlice>(Some(ns))
-        .filter(|s| {
-            s.metadata
+    SliceIndex::new(snap).assignments(snap, ns, name, ports)
+}
+
+/// EndpointSlices by `(namespace, kubernetes.io/service-name)`, built once
+/// per pass so finding a Service's slices does not scan every slice.
+pub struct SliceIndex<'a> {
+    by_service: HashMap<&'a str, HashMap<&'a str, Vec<&'a EndpointSlice>>>,
+}
+
+impl<'a> SliceIndex<'a> {
+    pub fn new(snap: &'a StoreSnapshot) -> Self {
+        let mut by_service: HashMap<&str, HashMap<&str, Vec<&EndpointSlice>>> = HashMap::new();
+        for s in snap.typed::<EndpointSlice>(None) {
+            let Some(svc) = s
+                .metadata
                 .labels
                 .as_ref()
                 .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                .is_some_and(|v| v == name)
-        })
-        .collect();
-    let legacy = snap.get_typed::<Endpoints>(ns, name);
-    let mut out = Vec::new();
-    for sp in &service_ports {
-        let port_name = sp.name.clone().unwrap_or_default();
-        let selected = ports.is_empty()
-            || ports
-                .iter()
-                .any(|p| *p == sp.port.to_string() || (!port_name.is_empty() && *p == port_name));
-        if !selected {
-            continue;
+            else {
+                continue;
+            };
+            let ns = s.metadata.namespace.as_deref().unwrap_or_default();
+            by_service
+                .entry(ns)
+                .or_default()
+                .entry(svc.as_str())
+                .or_default()
+                .push(s);
         }
-        let backends = if slices.is_empty() {
-            legacy.map(|e| from_endpoints(e, sp)).unwrap_or_default()
-        } else {
-            from_slices(&slices, sp)
-        };
-        let mut names = vec![format!("{ns}/{name}:{}", sp.port)];
-        if !port_name.is_empty() {
-            names.push(format!("{ns}/{name}:{port_name}"));
-        }
-        for cluster_name in names {
-            out.push(assignment(cluster_name, &backends));
-        }
+        Self { by_service }
     }
-    out
+
+    fn slices(&self, ns: &str, name: &str) -> &[&'a EndpointSlice] {
+        self.by_service
+            .get(ns)
+            .and_then(|m| m.get(name))
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+
+    /// The resourceVersions the assignments of `ns/name` are computed from
+    /// (Service, its slices, legacy Endpoints): equal inputs, equal output.
+    pub fn inputs(&self, snap: &StoreSnapshot, ns: &str, name: &str) -> Vec<String> {
+        let rv = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+            format!(
+                "{}/{}",
+                m.name.as_deref().unwrap_or_default(),
+                m.resource_version.as_deref().unwrap_or_default()
+            )
+        };
+        let mut out = Vec::new();
+        out.push(
+            snap.get_typed::<Service>(ns, name)
+                .map(|s| rv(&s.metadata))
+                .unwrap_or_default(),
+        );
+        out.push(
+            snap.get_typed::<Endpoints>(ns, name)
+                .map(|e| rv(&e.metadata))
+                .unwrap_or_default(),
+        );
+        out.extend(self.slices(ns, name).iter().map(|s| rv(&s.metadata)));
+        out
+    }
+
+    /// See [`load_assignments`].
+    pub fn assignments(
+        &self,
+        snap: &StoreSnapshot,
+        ns: &str,
+        name: &str,
+        ports: &[String],
+    ) -> Vec<ClusterLoadAssignment> {
+        let Some(svc) = snap.get_typed::<Service>(ns, name) else {
+            return Vec::new();
+        };
+        let service_ports = svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.ports.clone())
+            .unwrap_or_default();
+        let slices = self.slices(ns, name);
+        let legacy = snap.get_typed::<Endpoints>(ns, name);
+        let mut out = Vec::new();
+        for sp in &service_ports {
+            let port_name = sp.name.clone().unwrap_or_default();
+            let selected = ports.is_empty()
+                || ports.iter().any(|p| {
+                    *p == sp.port.to_string() || (!port_name.is_empty() && *p == port_name)
+                });
+            if !selected {
+                continue;
+            }
+            let backends = if slices.is_empty() {
+                legacy.map(|e| from_endpoints(e, sp)).unwrap_or_default()
+            } else {
+                from_slices(slices, sp)
+            };
+            let mut names = vec![format!("{ns}/{name}:{}", sp.port)];
+            if !port_name.is_empty() {
+                names.push(format!("{ns}/{name}:{port_name}"));
+            }
+            for cluster_name in names {
+                out.push(assignment(cluster_name, &backends));
+            }
+        }
+        out
+    }
 }
 
 fn from_slices(slices: &[&EndpointSlice], sp: &ServicePort) -> BTreeSet<(String, u16)> {

@@ -1,15 +1,18 @@
-//! The Ingress controller: every managed Ingress becomes a CEC, a LoadBalancer
-//! Service and an EndpointSlice in the store (as Cilium's operator writes them
-//! to the API server), and its TLS Secrets are synced into the secrets
-//! namespace. An Ingress that fails translation keeps whatever it generated
-//! last, so a bad edit never takes down what already serves.
+//! The Ingress controller: every managed dedicated-mode Ingress becomes a
+//! CEC, a LoadBalancer Service and an EndpointSlice in the store (as Cilium's
+//! operator writes them to the API server); shared-mode Ingresses are merged
+//! into the one shared CEC and Service; TLS Secrets are synced into the
+//! secrets namespace. An Ingress that fails translation, or loses a
+//! shared-mode conflict, keeps whatever it served last, so a bad edit never
+//! takes down what already serves.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use membrane_ingress::{Lookup, TranslateOptions};
+use membrane_crds::CiliumEnvoyConfig;
+use membrane_ingress::{INGRESS_LABEL, LoadBalancerMode, Lookup, SharedPart, TranslateOptions};
 use membrane_store::{Kind, Object, ObjectKey, Store, StoreSnapshot};
 
 const SYNCED_LABEL: &str = "membrane.io/synced-secret";
@@ -61,67 +64,239 @@ fn owner_ingress(meta: &ObjectMeta) -> Option<String> {
         .map(|o| o.name.clone())
 }
 
-/// Run one reconcile pass.
+/// Stateless pass: like [`IngressController::reconcile`] on a fresh
+/// controller, so a shared-mode Ingress that fails has no last good part.
 pub fn reconcile(store: &Store, snap: &StoreSnapshot, opts: &TranslateOptions) -> IngressPass {
-    let classes: Vec<IngressClass> = snap.typed::<IngressClass>(None).cloned().collect();
-    let lookup = SnapshotLookup(snap);
-    let mut pass = IngressPass::default();
-    let mut owners: BTreeSet<(String, String)> = BTreeSet::new();
-    let mut wanted_secrets: BTreeMap<(String, String), (String, String)> = BTreeMap::new();
+    IngressController::default().reconcile(store, snap, opts)
+}
 
-    for ing in snap.typed::<Ingress>(None) {
-        if !membrane_ingress::is_managed(ing, &classes) {
-            continue;
-        }
-        let key = key_of(Kind::Ingress, &ing.metadata);
-        owners.insert((key.namespace.clone(), key.name.clone()));
-        let result = membrane_ingress::validate_references(ing, &lookup)
-            .and_then(|()| membrane_ingress::translate(ing, opts));
-        match result {
-            Ok(t) => {
-                let cec = key_of(Kind::CiliumEnvoyConfig, &t.cec.metadata);
-                let service = key_of(Kind::Service, &t.service.metadata);
-                store.apply(Object::CiliumEnvoyConfig(t.cec));
-                store.apply(Object::Service(t.service));
-                store.apply(Object::EndpointSlice(t.endpoint_slice));
-                pass.managed.push(ManagedIngress {
-                    ingress: key.clone(),
-                    cec,
-                    service,
-                });
+/// The Ingress controller. It remembers the last good shared-mode part of
+/// every shared Ingress: the shared CEC merges many Ingresses, so unlike in
+/// dedicated mode the store holds no per-Ingress object to fall back to.
+#[derive(Debug, Default)]
+pub struct IngressController {
+    last_good: HashMap<ObjectKey, SharedPart>,
+    /// `(namespace, name)` of the Ingresses in the current shared CEC: they
+    /// win conflicts against newcomers of the same age.
+    serving: BTreeSet<(String, String)>,
+}
+
+impl IngressController {
+    /// Run one reconcile pass.
+    ///
+    /// Dedicated Ingresses get their own CEC, Service and EndpointSlice;
+    /// shared ones are merged into one CEC plus the shared Service in
+    /// `opts.shared_namespace`. A failing Ingress keeps serving what it
+    /// served last (its dedicated objects, or its last good shared part),
+    /// including across a mode switch, until its new form works.
+    pub fn reconcile(
+        &mut self,
+        store: &Store,
+        snap: &StoreSnapshot,
+        opts: &TranslateOptions,
+    ) -> IngressPass {
+        let classes: Vec<IngressClass> = snap.typed::<IngressClass>(None).cloned().collect();
+        let lookup = SnapshotLookup(snap);
+        let mut pass = IngressPass::default();
+        // Ingresses whose dedicated objects stay (garbage collection spares them).
+        let mut dedicated_owners: BTreeSet<(String, String)> = BTreeSet::new();
+        // Ingresses served from `self.last_good` in the shared CEC.
+        let mut shared_keys: BTreeSet<ObjectKey> = BTreeSet::new();
+        let mut wanted_secrets: BTreeMap<(String, String), (String, String)> = BTreeMap::new();
+
+        for ing in snap.typed::<Ingress>(None) {
+            if !membrane_ingress::is_managed(ing, &classes) {
+                continue;
             }
-            Err(e) => {
+            let key = key_of(Kind::Ingress, &ing.metadata);
+            let mode = membrane_ingress::loadbalancer_mode(ing, opts.default_lb_mode);
+            let outcome = match mode {
+                Ok(LoadBalancerMode::Dedicated) => {
+                    match membrane_ingress::validate_references(ing, &lookup)
+                        .and_then(|()| membrane_ingress::translate(ing, opts))
+                    {
+                        Ok(t) => {
+                            let cec = key_of(Kind::CiliumEnvoyConfig, &t.cec.metadata);
+                            let service = key_of(Kind::Service, &t.service.metadata);
+                            store.apply(Object::CiliumEnvoyConfig(t.cec));
+                            store.apply(Object::Service(t.service));
+                            store.apply(Object::EndpointSlice(t.endpoint_slice));
+                            pass.managed.push(ManagedIngress {
+                                ingress: key.clone(),
+                                cec,
+                                service,
+                            });
+                            dedicated_owners.insert((key.namespace.clone(), key.name.clone()));
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                Ok(LoadBalancerMode::Shared) => {
+                    match membrane_ingress::validate_references(ing, &lookup)
+                        .and_then(|()| membrane_ingress::shared_part(ing, opts))
+                    {
+                        Ok(part) => {
+                            self.last_good.insert(key.clone(), part);
+                            shared_keys.insert(key.clone());
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = outcome {
                 pass.rejected.insert(key.clone(), e.to_string());
-                // Last good: whatever this Ingress generated before stays.
-                if let Some(cec) = generated_cec(snap, &key) {
-                    pass.managed.push(ManagedIngress {
-                        ingress: key.clone(),
-                        service: ObjectKey {
-                            kind: Kind::Service,
-                            namespace: key.namespace.clone(),
-                            name: format!("cilium-ingress-{}", key.name),
-                        },
-                        cec,
-                    });
+                // Last good: whatever this Ingress served before stays,
+                // whichever mode that was.
+                if let Some(m) = dedicated_last_good(snap, &key) {
+                    pass.managed.push(m);
+                    dedicated_owners.insert((key.namespace.clone(), key.name.clone()));
+                } else if self.last_good.contains_key(&key) {
+                    shared_keys.insert(key.clone());
+                }
+            }
+            for tls in ing.spec.iter().flat_map(|s| s.tls.iter().flatten()) {
+                if let Some(secret) = tls.secret_name.as_deref() {
+                    wanted_secrets.insert(
+                        (
+                            opts.secrets_namespace.clone(),
+                            format!("{}-{secret}", key.namespace),
+                        ),
+                        (key.namespace.clone(), secret.to_owned()),
+                    );
                 }
             }
         }
-        for tls in ing.spec.iter().flat_map(|s| s.tls.iter().flatten()) {
-            if let Some(secret) = tls.secret_name.as_deref() {
-                wanted_secrets.insert(
-                    (
-                        opts.secrets_namespace.clone(),
-                        format!("{}-{secret}", key.namespace),
-                    ),
-                    (key.namespace.clone(), secret.to_owned()),
-                );
-            }
-        }
+
+        self.last_good.retain(|k, _| shared_keys.contains(k));
+        self.apply_shared(
+            store,
+            snap,
+            opts,
+            &shared_keys,
+            &mut pass,
+            &mut dedicated_owners,
+        );
+        garbage_collect(store, snap, &dedicated_owners);
+        sync_secrets(store, snap, &wanted_secrets, &opts.secrets_namespace);
+        pass
     }
 
-    garbage_collect(store, snap, &owners);
-    sync_secrets(store, snap, &wanted_secrets, &opts.secrets_namespace);
-    pass
+    /// Merge the shared parts into the shared CEC, Service and EndpointSlice,
+    /// or remove those when no Ingress is in shared mode.
+    fn apply_shared(
+        &mut self,
+        store: &Store,
+        snap: &StoreSnapshot,
+        opts: &TranslateOptions,
+        shared_keys: &BTreeSet<ObjectKey>,
+        pass: &mut IngressPass,
+        dedicated_owners: &mut BTreeSet<(String, String)>,
+    ) {
+        let cec_key = ObjectKey {
+            kind: Kind::CiliumEnvoyConfig,
+            namespace: opts.shared_namespace.clone(),
+            name: opts.shared_service_name.clone(),
+        };
+        let service_key = ObjectKey {
+            kind: Kind::Service,
+            ..cec_key.clone()
+        };
+        if shared_keys.is_empty() {
+            self.serving.clear();
+            delete_shared(store, snap, opts, &cec_key);
+            return;
+        }
+        let t = membrane_ingress::merge_shared_preferring(
+            shared_keys.iter().filter_map(|k| self.last_good.get(k)),
+            &self.serving,
+            opts,
+        );
+        self.serving = t.included.iter().cloned().collect();
+        for c in &t.conflicts {
+            let key = ObjectKey {
+                kind: Kind::Ingress,
+                namespace: c.namespace.clone(),
+                name: c.name.clone(),
+            };
+            pass.rejected
+                .entry(key.clone())
+                .or_insert_with(|| c.error.to_string());
+            // Moving into shared mode onto a taken host: keep the old address.
+            if let Some(m) = dedicated_last_good(snap, &key) {
+                pass.managed.push(m);
+                dedicated_owners.insert((key.namespace.clone(), key.name.clone()));
+            }
+        }
+        for (namespace, name) in &t.included {
+            pass.managed.push(ManagedIngress {
+                ingress: ObjectKey {
+                    kind: Kind::Ingress,
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                },
+                cec: cec_key.clone(),
+                service: service_key.clone(),
+            });
+        }
+        store.apply(Object::CiliumEnvoyConfig(t.cec));
+        store.apply(Object::Service(t.service));
+        store.apply(Object::EndpointSlice(t.endpoint_slice));
+    }
+}
+
+/// The dedicated objects an Ingress generated earlier, if its CEC exists.
+fn dedicated_last_good(snap: &StoreSnapshot, key: &ObjectKey) -> Option<ManagedIngress> {
+    let cec = generated_cec(snap, key)?;
+    Some(ManagedIngress {
+        ingress: key.clone(),
+        service: ObjectKey {
+            kind: Kind::Service,
+            namespace: key.namespace.clone(),
+            name: membrane_ingress::names::service_name(&key.name),
+        },
+        cec,
+    })
+}
+
+/// Remove the shared objects, but only if they are the ones this
+/// controller writes (a CEC for the shared Service, a Service and
+/// EndpointSlice labelled as Ingress load balancer), never a user's own.
+fn delete_shared(
+    store: &Store,
+    snap: &StoreSnapshot,
+    opts: &TranslateOptions,
+    cec_key: &ObjectKey,
+) {
+    let ours_cec =
+        snap.get_typed::<CiliumEnvoyConfig>(&cec_key.namespace, &cec_key.name)
+            .is_some_and(|c| {
+                c.spec.services.iter().any(|s| {
+                    s.name == opts.shared_service_name && s.namespace == opts.shared_namespace
+                })
+            });
+    if ours_cec {
+        store.delete(cec_key);
+    }
+    for kind in [Kind::Service, Kind::EndpointSlice] {
+        let key = ObjectKey {
+            kind,
+            ..cec_key.clone()
+        };
+        let ours = snap.get(&key).is_some_and(|o| {
+            let meta = o.meta();
+            meta.owner_references.as_ref().is_none_or(|o| o.is_empty())
+                && meta
+                    .labels
+                    .as_ref()
+                    .is_some_and(|l| l.get(INGRESS_LABEL).is_some_and(|v| v == "true"))
+        });
+        if ours {
+            store.delete(&key);
+        }
+    }
 }
 
 fn generated_cec(snap: &StoreSnapshot, ingress: &ObjectKey) -> Option<ObjectKey> {
@@ -130,7 +305,8 @@ fn generated_cec(snap: &StoreSnapshot, ingress: &ObjectKey) -> Option<ObjectKey>
         .map(|o| o.key())
 }
 
-/// Delete generated objects whose Ingress is gone or no longer ours.
+/// Delete dedicated objects whose Ingress is gone, no longer ours, or has
+/// moved to the shared load balancer.
 fn garbage_collect(store: &Store, snap: &StoreSnapshot, owners: &BTreeSet<(String, String)>) {
     for kind in [Kind::CiliumEnvoyConfig, Kind::Service, Kind::EndpointSlice] {
         let stale: Vec<ObjectKey> = snap
@@ -190,5 +366,254 @@ fn sync_secrets(
         .collect();
     for key in stale {
         store.delete(&key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::networking::v1::Ingress;
+
+    fn apply_yaml<T: serde::de::DeserializeOwned>(yaml: &str) -> T {
+        serde_yaml_ng::from_str(yaml).expect("valid YAML")
+    }
+
+    fn service(ns: &str, name: &str) -> Object {
+        Object::Service(apply_yaml(&format!(
+            "metadata: {{name: {name}, namespace: {ns}}}\nspec:\n  ports: [{{port: 80}}]\n"
+        )))
+    }
+
+    fn ingress(ns: &str, name: &str, mode: &str, path: &str, svc: &str) -> Object {
+        Object::Ingress(apply_yaml::<Ingress>(&format!(
+            r#"
+metadata:
+  name: {name}
+  namespace: {ns}
+  annotations: {{ingress.cilium.io/loadbalancer-mode: {mode}}}
+spec:
+  ingressClassName: cilium
+  rules:
+  - host: x.com
+    http:
+      paths:
+      - {{path: {path}, pathType: Prefix, backend: {{service: {{name: {svc}, port: {{number: 80}}}}}}}}
+"#
+        )))
+    }
+
+    fn key(kind: Kind, ns: &str, name: &str) -> ObjectKey {
+        ObjectKey {
+            kind,
+            namespace: ns.into(),
+            name: name.into(),
+        }
+    }
+
+    fn run(ctl: &mut IngressController, store: &Store) -> IngressPass {
+        let opts = TranslateOptions::default();
+        ctl.reconcile(store, &store.snapshot(), &opts)
+    }
+
+    /// Paths in the shared CEC's insecure route configuration.
+    fn shared_paths(store: &Store) -> Vec<String> {
+        let Some(cec) = store.get_typed::<CiliumEnvoyConfig>("kube-system", "cilium-ingress")
+        else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for r in &cec.spec.resources {
+            for vh in r["virtualHosts"].as_array().into_iter().flatten() {
+                for route in vh["routes"].as_array().into_iter().flatten() {
+                    let m = &route["match"];
+                    let p = m["pathSeparatedPrefix"].as_str().or(m["prefix"].as_str());
+                    out.push(p.unwrap_or_default().to_owned());
+                }
+            }
+        }
+        out
+    }
+
+    fn managed_cec(pass: &IngressPass, ns: &str, name: &str) -> Option<ObjectKey> {
+        pass.managed
+            .iter()
+            .find(|m| m.ingress == key(Kind::Ingress, ns, name))
+            .map(|m| m.cec.clone())
+    }
+
+    #[test]
+    fn shared_ingresses_share_the_cec_and_a_broken_one_keeps_its_last_good_part() {
+        let store = Store::new();
+        store.apply(service("a", "s"));
+        store.apply(service("b", "s"));
+        store.apply(ingress("a", "one", "shared", "/one", "s"));
+        store.apply(ingress("b", "two", "shared", "/two", "s"));
+        let mut ctl = IngressController::default();
+        let pass = run(&mut ctl, &store);
+        assert!(pass.rejected.is_empty(), "{:?}", pass.rejected);
+        let shared = key(Kind::CiliumEnvoyConfig, "kube-system", "cilium-ingress");
+        assert_eq!(managed_cec(&pass, "a", "one"), Some(shared.clone()));
+        assert_eq!(managed_cec(&pass, "b", "two"), Some(shared.clone()));
+        assert!(
+            pass.managed
+                .iter()
+                .all(|m| m.service == key(Kind::Service, "kube-system", "cilium-ingress"))
+        );
+        assert!(
+            store
+                .get(&key(Kind::Service, "kube-system", "cilium-ingress"))
+                .is_some()
+        );
+        assert!(
+            store
+                .get(&key(Kind::EndpointSlice, "kube-system", "cilium-ingress"))
+                .is_some()
+        );
+        assert_eq!(shared_paths(&store), vec!["/one", "/two"]);
+
+        // b/two now points at a missing Service: rejected, still served as before.
+        store.apply(ingress("b", "two", "shared", "/two-new", "missing"));
+        let pass = run(&mut ctl, &store);
+        let why = &pass.rejected[&key(Kind::Ingress, "b", "two")];
+        assert!(why.contains("Service b/missing not found"), "{why}");
+        assert_eq!(managed_cec(&pass, "b", "two"), Some(shared));
+        assert_eq!(shared_paths(&store), vec!["/one", "/two"]);
+
+        // A stateless pass has no last good part: only a/one remains.
+        let pass = reconcile(&store, &store.snapshot(), &TranslateOptions::default());
+        assert_eq!(managed_cec(&pass, "b", "two"), None);
+        assert_eq!(shared_paths(&store), vec!["/one"]);
+
+        // No shared Ingress left: the shared objects go.
+        store.delete(&key(Kind::Ingress, "a", "one"));
+        store.delete(&key(Kind::Ingress, "b", "two"));
+        run(&mut ctl, &store);
+        for kind in [Kind::CiliumEnvoyConfig, Kind::Service, Kind::EndpointSlice] {
+            assert!(
+                store
+                    .get(&key(kind, "kube-system", "cilium-ingress"))
+                    .is_none(),
+                "{kind:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn switching_modes_moves_the_ingress_and_collects_the_old_objects() {
+        let store = Store::new();
+        store.apply(service("a", "s"));
+        store.apply(ingress("a", "one", "dedicated", "/one", "s"));
+        let mut ctl = IngressController::default();
+        let pass = run(&mut ctl, &store);
+        let dedicated = key(Kind::CiliumEnvoyConfig, "a", "cilium-ingress-a-one");
+        assert_eq!(managed_cec(&pass, "a", "one"), Some(dedicated.clone()));
+        assert!(
+            store
+                .get(&key(
+                    Kind::CiliumEnvoyConfig,
+                    "kube-system",
+                    "cilium-ingress"
+                ))
+                .is_none()
+        );
+
+        // To shared, but broken: the dedicated objects keep serving.
+        store.apply(ingress("a", "one", "shared", "/one", "missing"));
+        let pass = run(&mut ctl, &store);
+        assert!(pass.rejected.contains_key(&key(Kind::Ingress, "a", "one")));
+        assert_eq!(managed_cec(&pass, "a", "one"), Some(dedicated.clone()));
+        assert!(store.get(&dedicated).is_some());
+
+        // Fixed: moved into the shared CEC, dedicated objects collected.
+        store.apply(ingress("a", "one", "shared", "/one", "s"));
+        let pass = run(&mut ctl, &store);
+        assert!(pass.rejected.is_empty(), "{:?}", pass.rejected);
+        assert_eq!(
+            managed_cec(&pass, "a", "one"),
+            Some(key(
+                Kind::CiliumEnvoyConfig,
+                "kube-system",
+                "cilium-ingress"
+            ))
+        );
+        assert!(store.get(&dedicated).is_none());
+        assert!(
+            store
+                .get(&key(Kind::Service, "a", "cilium-ingress-one"))
+                .is_none()
+        );
+        assert!(
+            store
+                .get(&key(Kind::EndpointSlice, "a", "cilium-ingress-one"))
+                .is_none()
+        );
+
+        // Back to dedicated but broken: it keeps its shared last good part.
+        store.apply(ingress("a", "one", "dedicated", "/one", "missing"));
+        let pass = run(&mut ctl, &store);
+        assert!(pass.rejected.contains_key(&key(Kind::Ingress, "a", "one")));
+        assert_eq!(
+            managed_cec(&pass, "a", "one"),
+            Some(key(
+                Kind::CiliumEnvoyConfig,
+                "kube-system",
+                "cilium-ingress"
+            ))
+        );
+        assert_eq!(shared_paths(&store), vec!["/one"]);
+
+        // Fixed: dedicated again, and the shared objects are gone.
+        store.apply(ingress("a", "one", "dedicated", "/one", "s"));
+        let pass = run(&mut ctl, &store);
+        assert_eq!(managed_cec(&pass, "a", "one"), Some(dedicated.clone()));
+        assert!(
+            store
+                .get(&key(
+                    Kind::CiliumEnvoyConfig,
+                    "kube-system",
+                    "cilium-ingress"
+                ))
+                .is_none()
+        );
+
+        // An invalid mode keeps what serves.
+        store.apply(ingress("a", "one", "sharde", "/one", "s"));
+        let pass = run(&mut ctl, &store);
+        let why = &pass.rejected[&key(Kind::Ingress, "a", "one")];
+        assert!(why.contains("loadbalancer-mode"), "{why}");
+        assert_eq!(managed_cec(&pass, "a", "one"), Some(dedicated));
+    }
+
+    #[test]
+    fn a_newcomer_claiming_a_served_path_is_rejected_and_keeps_its_dedicated_address() {
+        let store = Store::new();
+        store.apply(service("a", "s"));
+        store.apply(service("b", "s"));
+        store.apply(ingress("a", "owner", "shared", "/p", "s"));
+        store.apply(ingress("b", "mover", "dedicated", "/p", "s"));
+        let mut ctl = IngressController::default();
+        run(&mut ctl, &store);
+        // The mover switches to shared onto a path a/owner serves.
+        store.apply(ingress("b", "mover", "shared", "/p", "s"));
+        let pass = run(&mut ctl, &store);
+        let why = &pass.rejected[&key(Kind::Ingress, "b", "mover")];
+        assert!(why.contains("a/owner") && why.contains("\"/p\""), "{why}");
+        assert_eq!(
+            managed_cec(&pass, "b", "mover"),
+            Some(key(Kind::CiliumEnvoyConfig, "b", "cilium-ingress-b-mover"))
+        );
+        assert!(
+            store
+                .get(&key(Kind::Service, "b", "cilium-ingress-mover"))
+                .is_some()
+        );
+        assert_eq!(
+            managed_cec(&pass, "a", "owner"),
+            Some(key(
+                Kind::CiliumEnvoyConfig,
+                "kube-system",
+                "cilium-ingress"
+            ))
+        );
     }
 }

@@ -2,6 +2,8 @@
 //! controller, CEC processing, the xDS server and Envoy are wired together.
 
 pub mod api;
+#[doc(hidden)]
+pub mod bench;
 pub mod cec;
 pub mod configs;
 pub mod endpoints;
@@ -21,8 +23,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use membrane_ingress::TranslateOptions;
-use membrane_store::Store;
-use membrane_xds::{Resource, Snapshot, SnapshotCache};
+use membrane_store::{ObjectKey, Store};
+use membrane_xds::{Snapshot, SnapshotCache};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -67,6 +69,8 @@ pub struct AgentConfig {
     pub node_name: String,
     pub node_labels: BTreeMap<String, String>,
     pub secrets_namespace: String,
+    /// Mode of Ingresses without `ingress.cilium.io/loadbalancer-mode`.
+    pub ingress_default_lb_mode: membrane_ingress::LoadBalancerMode,
 }
 
 impl AgentConfig {
@@ -144,95 +148,144 @@ pub async fn run(
     }
 }
 
+/// What one store-triggered pass keeps between passes: the pipeline's
+/// caches and what the latest pass produced.
+pub struct Reconciler {
+    lb_pool: Pool,
+    opts: TranslateOptions,
+    ingress: ingress_controller::IngressController,
+    pipeline: configs::ConfigPipeline,
+    /// The resources behind the snapshot last handed to the cache.
+    last_resources: Option<Vec<configs::Built>>,
+    pub xds_snapshot: Snapshot,
+    pub managed: Vec<ingress_controller::ManagedIngress>,
+    pub served: BTreeMap<ObjectKey, Vec<(&'static str, String)>>,
+    logged: BTreeMap<String, String>,
+}
+
+impl Reconciler {
+    pub fn new(config: &AgentConfig) -> Self {
+        Self {
+            lb_pool: config.lb_pool,
+            opts: TranslateOptions {
+                secrets_namespace: config.secrets_namespace.clone(),
+                default_lb_mode: config.ingress_default_lb_mode,
+                ..TranslateOptions::default()
+            },
+            ingress: Default::default(),
+            pipeline: configs::ConfigPipeline::new(config.ports, config.node_labels.clone()),
+            last_resources: None,
+            xds_snapshot: Snapshot::new(),
+            managed: Vec::new(),
+            served: BTreeMap::new(),
+            logged: BTreeMap::new(),
+        }
+    }
+
+    /// Recompute the desired configuration from the store and hand it to
+    /// the xDS cache if it changed; record what is rejected.
+    pub fn store_pass(&mut self, state: &AgentState) {
+        let store = &state.store;
+        let t0 = std::time::Instant::now();
+        let snap = store.snapshot();
+        let mut rejected = lb_ipam::reconcile(&self.lb_pool, store, &snap);
+        let t1 = t0.elapsed();
+        let snap = store.snapshot();
+        let ingress = self.ingress.reconcile(store, &snap, &self.opts);
+        let t2 = t0.elapsed();
+        rejected.extend(ingress.rejected);
+        self.managed = ingress.managed;
+        let snap = store.snapshot();
+        let pass = self.pipeline.run(&snap);
+        let t3 = t0.elapsed();
+        if std::env::var_os("MEMBRANE_PASS_TIMING").is_some() { eprintln!("ipam {t1:?} ingress {t2:?} pipeline {t3:?}"); }
+        rejected.extend(pass.rejected);
+        // An Ingress answers for the CEC generated from it.
+        for m in &self.managed {
+            if let Some(why) = rejected.get(&m.cec).cloned() {
+                rejected
+                    .entry(m.ingress.clone())
+                    .or_insert_with(|| format!("{}: its {why}", m.ingress));
+            }
+        }
+        self.served = pass.served;
+        // Resources are shared and carry their content hash: comparing
+        // identities and hashes is enough, no bytes are compared.
+        if !self
+            .last_resources
+            .as_ref()
+            .is_some_and(|last| same_resources(last, &pass.resources))
+        {
+            self.xds_snapshot = build_snapshot(&pass.resources);
+            state.cache.set_snapshot(None, self.xds_snapshot.clone());
+            self.last_resources = Some(pass.resources);
+        }
+        let now: BTreeMap<String, String> = rejected
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        for (object, reason) in &now {
+            if self.logged.get(object) != Some(reason) {
+                warn!(%object, %reason, "rejected");
+            }
+        }
+        for object in self.logged.keys().filter(|k| !now.contains_key(*k)) {
+            info!(%object, "no longer rejected");
+        }
+        self.logged = now.clone();
+        if let Ok(mut r) = state.rejections.lock() {
+            *r = now;
+        }
+    }
+}
+
 /// The level-triggered control loop: on every store change recompute the
-/// desired configuration from the whole store; on every xDS ACK update
-/// Ingress status.
+/// desired configuration from the whole store (the pipeline reuses what it
+/// built for unchanged objects); on every xDS ACK update Ingress status.
 async fn reconcile_loop(config: &AgentConfig, state: &AgentState, shutdown: CancellationToken) {
     let store = &state.store;
     let mut store_rx = store.subscribe();
     let mut ack_rx = state.cache.subscribe();
-    let opts = TranslateOptions {
-        secrets_namespace: config.secrets_namespace.clone(),
-        ..TranslateOptions::default()
-    };
-    let mut pipeline = configs::ConfigPipeline::new(config.ports, config.node_labels.clone());
+    let mut rec = Reconciler::new(config);
     let mut status_writer = ingress_status::StatusWriter::default();
-    let mut last_resources: Option<Vec<configs::Built>> = None;
-    let mut xds_snapshot = Snapshot::new();
-    let mut managed = Vec::new();
-    let mut served = BTreeMap::new();
-    let mut logged: BTreeMap<String, String> = BTreeMap::new();
     let mut nacks = nack::NackWatcher::default();
     let mut store_dirty = true;
 
     loop {
         if store_dirty {
             store_rx.borrow_and_update();
-            let snap = store.snapshot();
-            let mut rejected = lb_ipam::reconcile(&config.lb_pool, store, &snap);
-            let snap = store.snapshot();
-            let ingress = ingress_controller::reconcile(store, &snap, &opts);
-            rejected.extend(ingress.rejected);
-            managed = ingress.managed;
-            let snap = store.snapshot();
-            let pass = pipeline.run(&snap);
-            rejected.extend(pass.rejected);
-            // An Ingress answers for the CEC generated from it.
-            for m in &managed {
-                if let Some(why) = rejected.get(&m.cec).cloned() {
-                    rejected
-                        .entry(m.ingress.clone())
-                        .or_insert_with(|| format!("{}: its {why}", m.ingress));
-                }
-            }
-            served = pass.served;
-            if last_resources.as_ref() != Some(&pass.resources) {
-                xds_snapshot = build_snapshot(&pass.resources);
-                state.cache.set_snapshot(None, xds_snapshot.clone());
-                last_resources = Some(pass.resources);
-            }
-            let now: BTreeMap<String, String> = rejected
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect();
-            for (object, reason) in &now {
-                if logged.get(object) != Some(reason) {
-                    warn!(%object, %reason, "rejected");
-                }
-            }
-            for object in logged.keys().filter(|k| !now.contains_key(*k)) {
-                info!(%object, "no longer rejected");
-            }
-            logged = now.clone();
-            if let Ok(mut r) = state.rejections.lock() {
-                *r = now;
-            }
+            rec.store_pass(state);
         }
         ack_rx.borrow_and_update();
         status_writer.reconcile(
             store,
             &store.snapshot(),
-            &managed,
-            &served,
-            &xds_snapshot,
+            &rec.managed,
+            &rec.served,
+            &rec.xds_snapshot,
             &state.cache,
             &state.node_id,
         );
 
         // Remember what Envoy fully ACKed, then act on new NACKs.
-        for (key, resources) in &served {
+        for (key, resources) in &rec.served {
             let all_acked = resources.iter().all(|(t, n)| {
-                let current = xds_snapshot.get(t, n).map(|r| r.hash);
+                let current = rec.xds_snapshot.get(t, n).map(|r| r.hash);
                 current.is_some() && state.cache.acked_hash(&state.node_id, t, n) == current
             });
             if all_acked {
-                pipeline.mark_acked(key);
+                rec.pipeline.mark_acked(key);
             }
         }
         let mut quarantined = false;
         for nack in nacks.take_new(&state.cache.status(), &state.node_id) {
-            let suspects =
-                nack::suspects(&nack, &served, &xds_snapshot, &state.cache, &state.node_id);
+            let suspects = nack::suspects(
+                &nack,
+                &rec.served,
+                &rec.xds_snapshot,
+                &state.cache,
+                &state.node_id,
+            );
             if suspects.is_empty() {
                 warn!(type_url = %nack.type_url, detail = %nack.error_detail, "Envoy NACK not attributable to any object");
             }
@@ -242,7 +295,7 @@ async fn reconcile_loop(config: &AgentConfig, state: &AgentState, shutdown: Canc
                     short_type(&nack.type_url),
                     nack.error_detail
                 );
-                if pipeline.quarantine(&key, reason) {
+                if rec.pipeline.quarantine(&key, reason) {
                     state
                         .nacks_isolated
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -269,11 +322,18 @@ fn short_type(type_url: &str) -> &str {
     type_url.rsplit('.').next().unwrap_or(type_url)
 }
 
-fn build_snapshot(resources: &[configs::Built]) -> Snapshot {
+fn same_resources(a: &[configs::Built], b: &[configs::Built]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            Arc::ptr_eq(x, y) || (x.hash == y.hash && x.name == y.name && x.type_url == y.type_url)
+        })
+}
+
+/// The snapshot of a pass's resources (shared, not copied).
+pub fn build_snapshot(resources: &[configs::Built]) -> Snapshot {
     let mut snapshot = Snapshot::new();
     for r in resources {
-        let resource = Resource::with_name(r.name.clone(), r.body.clone());
-        if let Err(e) = snapshot.insert(Arc::new(resource)) {
+        if let Err(e) = snapshot.insert(r.clone()) {
             // The pipeline already settled name conflicts; this is a bug guard.
             warn!(error = %e, "dropping duplicate resource");
         }

@@ -74,6 +74,18 @@ pub enum IngressError {
         secret: String,
     },
 
+    /// Shared load-balancer mode: an older Ingress already serves this host
+    /// and path (or this TLS host with another certificate).
+    #[error(
+        "Ingress {ingress}: {field}: {what} is already served by Ingress {owner} on the shared load balancer (the older Ingress wins)"
+    )]
+    SharedConflict {
+        ingress: String,
+        field: String,
+        what: String,
+        owner: String,
+    },
+
     /// A referenced TLS Secret exists but cannot serve as a certificate.
     #[error("Ingress {ingress}: {field}: Secret {secret} {reason}")]
     InvalidSecret {
@@ -99,7 +111,8 @@ impl IngressError {
             | IngressError::ServiceNotFound { field, .. }
             | IngressError::ServicePortNotFound { field, .. }
             | IngressError::SecretNotFound { field, .. }
-            | IngressError::InvalidSecret { field, .. } => field.clone(),
+            | IngressError::InvalidSecret { field, .. }
+            | IngressError::SharedConflict { field, .. } => field.clone(),
         }
     }
 }

@@ -1,5 +1,7 @@
-//! Kubernetes Ingress → Cilium dedicated-mode `CiliumEnvoyConfig`, load
-//! balancer Service and EndpointSlice. Pure translation, no I/O.
+//! Kubernetes Ingress → Cilium `CiliumEnvoyConfig`, load balancer Service
+//! and EndpointSlice, in dedicated mode (one set per Ingress) or shared mode
+//! (one set for all shared Ingresses, see [`merge_shared`]). Pure
+//! translation, no I/O.
 //!
 //! The CEC layout matches what Cilium's operator writes:
 //!
@@ -21,6 +23,7 @@ mod model;
 pub mod names;
 mod references;
 mod render;
+mod shared;
 mod translate;
 
 pub use annotations::{FORCE_HTTPS, REQUEST_TIMEOUT};
@@ -32,6 +35,11 @@ pub use envoy::{CLUSTER_TYPE, LISTENER_TYPE, ROUTE_CONFIGURATION_TYPE};
 pub use error::IngressError;
 pub use references::{Lookup, TLS_SECRET_TYPE, validate_references};
 pub use render::cecs_to_yaml;
+pub use shared::{
+    ClusterTranslation, IngressRejection, LOADBALANCER_MODE, LoadBalancerMode, SHARED_PORTS,
+    SharedOutcome, SharedPart, SharedTranslation, loadbalancer_mode, merge_shared,
+    merge_shared_preferring, shared_part, translate_cluster, translate_shared,
+};
 pub use translate::{
     INGRESS_LABEL, PLACEHOLDER_ENDPOINT, SERVICE_NAME_LABEL, TranslateOptions, Translation,
     USE_ORIGINAL_SOURCE_ADDRESS_LABEL, translate, translate_all,

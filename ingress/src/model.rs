@@ -68,6 +68,11 @@ pub(crate) struct Route {
     pub action: Action,
     /// The Ingress's default backend: matched only when nothing else is.
     pub is_default: bool,
+    /// `ingress.cilium.io/request-timeout` of the Ingress the route comes
+    /// from; per route because shared mode merges several Ingresses.
+    pub timeout: Option<Duration>,
+    /// The Ingress field the route was generated from, for messages.
+    pub source: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,11 +99,13 @@ pub(crate) struct Model {
     pub insecure: Vec<VirtualHost>,
     /// Virtual hosts of `listener-secure`, sorted by host.
     pub secure: Vec<VirtualHost>,
-    /// TLS filter chains, sorted by secret name.
+    /// TLS filter chains, sorted by secret namespace, then name.
     pub tls: Vec<TlsChain>,
+    /// TLS host → the `spec.tls[..].hosts[..]` field that made it, for
+    /// messages.
+    pub tls_fields: BTreeMap<String, String>,
     /// Every Service → sorted, unique ports (as strings, Cilium's order).
     pub backends: BTreeMap<(String, String), BTreeSet<String>>,
-    pub request_timeout: Option<Duration>,
 }
 
 impl Model {
@@ -172,6 +179,8 @@ pub(crate) fn build(ing: &Ingress, enforce_https_default: bool) -> Result<Model,
                 path: PathMatch::Prefix("/".to_string()),
                 action: Action::Forward(backend),
                 is_default: true,
+                timeout: request_timeout,
+                source: "spec.defaultBackend".to_string(),
             });
     }
 
@@ -206,6 +215,8 @@ pub(crate) fn build(ing: &Ingress, enforce_https_default: bool) -> Result<Model,
                 path: path_match,
                 action: Action::Forward(backend),
                 is_default: false,
+                timeout: request_timeout,
+                source: field,
             });
         }
     }
@@ -213,6 +224,7 @@ pub(crate) fn build(ing: &Ingress, enforce_https_default: bool) -> Result<Model,
     // TLS: host → (secret, routes). A later `tls` entry for the same host
     // replaces the certificate, as in Cilium.
     let mut secure: BTreeMap<String, (String, Vec<Route>)> = BTreeMap::new();
+    let mut tls_fields: BTreeMap<String, String> = BTreeMap::new();
     for (t, tls) in spec.tls.iter().flatten().enumerate() {
         let Some(secret) = tls.secret_name.as_deref().filter(|s| !s.is_empty()) else {
             tracing::warn!(ingress = %ingress_id, tls = t, "TLS entry without secretName, skipping it");
@@ -233,6 +245,7 @@ pub(crate) fn build(ing: &Ingress, enforce_https_default: bool) -> Result<Model,
                 continue;
             };
             secure.insert(host.clone(), (secret.to_string(), routes));
+            tls_fields.insert(host.clone(), format!("spec.tls[{t}].hosts[{h}]"));
         }
     }
 
@@ -261,6 +274,8 @@ pub(crate) fn build(ing: &Ingress, enforce_https_default: bool) -> Result<Model,
                     path: r.path.clone(),
                     action: Action::HttpsRedirect,
                     is_default: r.is_default,
+                    timeout: None,
+                    source: r.source.clone(),
                 })
                 .collect();
             insecure_vhosts.insert(host.clone(), redirects);
@@ -278,8 +293,8 @@ pub(crate) fn build(ing: &Ingress, enforce_https_default: bool) -> Result<Model,
             .collect(),
         secure: secure.into_iter().map(|(h, (_, r))| finish(h, r)).collect(),
         tls,
+        tls_fields,
         backends,
-        request_timeout,
         namespace,
         name,
     })
@@ -461,6 +476,8 @@ mod tests {
             path,
             action: Action::HttpsRedirect,
             is_default: false,
+            timeout: None,
+            source: String::new(),
         }
     }
 
@@ -470,6 +487,8 @@ mod tests {
             path: PathMatch::Prefix("/".into()),
             action: Action::HttpsRedirect,
             is_default: true,
+            timeout: None,
+            source: String::new(),
         };
         let routes = vec![
             default.clone(),
@@ -503,6 +522,8 @@ mod tests {
             path: PathMatch::Prefix("/".into()),
             action: Action::HttpsRedirect,
             is_default: true,
+            timeout: None,
+            source: String::new(),
         };
         let ordered = order_routes(vec![default, fwd(PathMatch::Prefix("/x".into()))]);
         assert_eq!(ordered.len(), 2);

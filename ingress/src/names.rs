@@ -6,6 +6,8 @@ use sha2::{Digest, Sha256};
 
 /// Prefix of every generated object name.
 pub const PREFIX: &str = "cilium-ingress";
+/// Default namespace of the shared-mode CEC and Service (Cilium's own).
+pub const SHARED_NAMESPACE: &str = "kube-system";
 /// Name of the single listener of a dedicated-mode CEC.
 pub const LISTENER_NAME: &str = "listener";
 /// RouteConfiguration (and HCM stat prefix) for plain-text HTTP.

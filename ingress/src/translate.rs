@@ -11,6 +11,7 @@ use membrane_crds::{
 };
 
 use crate::error::IngressError;
+use crate::shared::LoadBalancerMode;
 use crate::{envoy, model, names};
 
 /// Label Cilium puts on the objects it generates for an Ingress.
@@ -31,6 +32,15 @@ pub struct TranslateOptions {
     /// Redirect HTTP to HTTPS for TLS hosts unless the Ingress says otherwise
     /// (Cilium's `--enforce-ingress-https`, on by default).
     pub enforce_https_default: bool,
+    /// Mode of Ingresses without the `ingress.cilium.io/loadbalancer-mode`
+    /// annotation (Cilium's `--ingress-default-lb-mode`, `dedicated`).
+    pub default_lb_mode: LoadBalancerMode,
+    /// Namespace of the shared CEC, Service and EndpointSlice (Cilium's own
+    /// namespace, `kube-system` by default).
+    pub shared_namespace: String,
+    /// Name of the shared LoadBalancer Service and of the shared CEC
+    /// (Cilium's `--ingress-shared-lb-service-name`).
+    pub shared_service_name: String,
 }
 
 impl Default for TranslateOptions {
@@ -38,6 +48,9 @@ impl Default for TranslateOptions {
         Self {
             secrets_namespace: "cilium-secrets".to_string(),
             enforce_https_default: true,
+            default_lb_mode: LoadBalancerMode::Dedicated,
+            shared_namespace: names::SHARED_NAMESPACE.to_string(),
+            shared_service_name: names::PREFIX.to_string(),
         }
     }
 }
@@ -71,11 +84,44 @@ pub fn translate(ing: &Ingress, opts: &TranslateOptions) -> Result<Translation, 
         block_owner_deletion: block.then_some(true),
     };
 
+    let cec = build_cec(
+        &names::cec_name(&model.namespace, &model.name),
+        &model.namespace,
+        &service_name,
+        &ports,
+        &model,
+        opts,
+        // The operator sets a controlling owner reference (garbage collection).
+        Some(owner(true)),
+    );
+
+    let service = lb_service(&service_name, &model.namespace, &ports, Some(owner(false)));
+    let endpoint_slice =
+        placeholder_endpoint_slice(&service_name, &model.namespace, &ports, Some(owner(false)));
+
+    Ok(Translation {
+        cec,
+        service,
+        endpoint_slice,
+    })
+}
+
+/// The CEC of a model: `spec.services` is the LB Service `service_name`
+/// in `namespace` (the CEC's own namespace) with `ports`.
+pub(crate) fn build_cec(
+    name: &str,
+    namespace: &str,
+    service_name: &str,
+    ports: &[u16],
+    model: &model::Model,
+    opts: &TranslateOptions,
+    owner: Option<OwnerReference>,
+) -> CiliumEnvoyConfig {
     let spec = EnvoyConfigSpec {
         services: vec![ServiceListener {
-            name: service_name.clone(),
-            namespace: model.namespace.clone(),
-            ports: ports.clone(),
+            name: service_name.to_string(),
+            namespace: namespace.to_string(),
+            ports: ports.to_vec(),
             listener: String::new(),
         }],
         backend_services: model
@@ -87,31 +133,39 @@ pub fn translate(ing: &Ingress, opts: &TranslateOptions) -> Result<Translation, 
                 number: ports.iter().cloned().collect(),
             })
             .collect(),
-        resources: envoy::resources(&model, &opts.secrets_namespace),
+        resources: envoy::resources(model, &opts.secrets_namespace),
         node_selector: None,
     };
-    let mut cec = CiliumEnvoyConfig::new(
-        &names::cec_name(&model.namespace, &model.name),
-        CiliumEnvoyConfigSpec::from(spec),
-    );
-    cec.metadata.namespace = Some(model.namespace.clone());
+    let mut cec = CiliumEnvoyConfig::new(name, CiliumEnvoyConfigSpec::from(spec));
+    cec.metadata.namespace = Some(namespace.to_string());
     cec.metadata.labels = Some(BTreeMap::from([(
         USE_ORIGINAL_SOURCE_ADDRESS_LABEL.to_string(),
         "false".to_string(),
     )]));
-    // The operator sets a controlling owner reference (garbage collection).
-    cec.metadata.owner_references = Some(vec![owner(true)]);
+    cec.metadata.owner_references = owner.map(|o| vec![o]);
+    cec
+}
 
-    let port_names = |p: u16| if p == 443 { "https" } else { "http" };
-    let service = Service {
+fn port_name(p: u16) -> &'static str {
+    if p == 443 { "https" } else { "http" }
+}
+
+/// The LoadBalancer Service traffic for an Ingress arrives on.
+pub(crate) fn lb_service(
+    name: &str,
+    namespace: &str,
+    ports: &[u16],
+    owner: Option<OwnerReference>,
+) -> Service {
+    Service {
         metadata: ObjectMeta {
-            name: Some(service_name.clone()),
-            namespace: Some(model.namespace.clone()),
+            name: Some(name.to_string()),
+            namespace: Some(namespace.to_string()),
             labels: Some(BTreeMap::from([(
                 INGRESS_LABEL.to_string(),
                 "true".to_string(),
             )])),
-            owner_references: Some(vec![owner(false)]),
+            owner_references: owner.map(|o| vec![o]),
             ..Default::default()
         },
         spec: Some(ServiceSpec {
@@ -121,7 +175,7 @@ pub fn translate(ing: &Ingress, opts: &TranslateOptions) -> Result<Translation, 
                 ports
                     .iter()
                     .map(|&p| ServicePort {
-                        name: Some(port_names(p).to_string()),
+                        name: Some(port_name(p).to_string()),
                         port: i32::from(p),
                         protocol: Some("TCP".to_string()),
                         ..Default::default()
@@ -131,17 +185,25 @@ pub fn translate(ing: &Ingress, opts: &TranslateOptions) -> Result<Translation, 
             ..Default::default()
         }),
         ..Default::default()
-    };
+    }
+}
 
-    let endpoint_slice = EndpointSlice {
+/// The EndpointSlice holding Cilium's placeholder backend for `service`.
+pub(crate) fn placeholder_endpoint_slice(
+    service: &str,
+    namespace: &str,
+    ports: &[u16],
+    owner: Option<OwnerReference>,
+) -> EndpointSlice {
+    EndpointSlice {
         metadata: ObjectMeta {
-            name: Some(service_name.clone()),
-            namespace: Some(model.namespace.clone()),
+            name: Some(service.to_string()),
+            namespace: Some(namespace.to_string()),
             labels: Some(BTreeMap::from([
                 (INGRESS_LABEL.to_string(), "true".to_string()),
-                (SERVICE_NAME_LABEL.to_string(), service_name.clone()),
+                (SERVICE_NAME_LABEL.to_string(), service.to_string()),
             ])),
-            owner_references: Some(vec![owner(false)]),
+            owner_references: owner.map(|o| vec![o]),
             ..Default::default()
         },
         address_type: "IPv4".to_string(),
@@ -154,20 +216,14 @@ pub fn translate(ing: &Ingress, opts: &TranslateOptions) -> Result<Translation, 
             ports
                 .iter()
                 .map(|&p| EndpointPort {
-                    name: Some(port_names(p).to_string()),
+                    name: Some(port_name(p).to_string()),
                     port: Some(i32::from(p)),
                     protocol: Some("TCP".to_string()),
                     ..Default::default()
                 })
                 .collect(),
         ),
-    };
-
-    Ok(Translation {
-        cec,
-        service,
-        endpoint_slice,
-    })
+    }
 }
 
 /// Translates every Ingress independently: one bad Ingress never prevents

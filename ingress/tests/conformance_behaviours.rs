@@ -48,7 +48,9 @@ fn envoy_keeps_its_server_header_and_response_framing() {
     for hcm in hcms {
         // Default OVERWRITE makes Envoy add `server: envoy`; PASS_THROUGH
         // would leave none because the backend sends none.
-        let transform = hcm["serverHeaderTransformation"].as_str().unwrap_or("OVERWRITE");
+        let transform = hcm["serverHeaderTransformation"]
+            .as_str()
+            .unwrap_or("OVERWRITE");
         assert_eq!(transform, "OVERWRITE", "{hcm}");
         for f in hcm["httpFilters"].as_array().into_iter().flatten() {
             let name = f["name"].as_str().unwrap_or_default();
@@ -83,7 +85,10 @@ fn exact_beats_prefix_and_longer_prefixes_come_first() {
             } else if let Some(p) = m["pathSeparatedPrefix"].as_str() {
                 format!("prefix {p} -> {cluster}")
             } else {
-                format!("prefix {} -> {cluster}", m["prefix"].as_str().unwrap_or_default())
+                format!(
+                    "prefix {} -> {cluster}",
+                    m["prefix"].as_str().unwrap_or_default()
+                )
             }
         })
         .collect();

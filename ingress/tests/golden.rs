@@ -1,11 +1,14 @@
 //! Golden tests: `testdata/<case>/input.yaml` (one or more Ingress documents)
-//! → `testdata/<case>/output-cec.yaml` (one CEC document per Ingress).
+//! → `testdata/<case>/output-cec.yaml`: one CEC per dedicated-mode Ingress in
+//! input order, then the shared CEC when any Ingress is in shared mode
+//! (`ingress.cilium.io/loadbalancer-mode: shared`). Ingresses left out are
+//! listed in `output-rejected.txt`, which exists only when there are any.
 //! `UPDATE_GOLDEN=1 cargo test -p membrane-ingress` rewrites the outputs.
 
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::networking::v1::Ingress;
-use membrane_ingress::{TranslateOptions, cecs_to_yaml, translate};
+use membrane_ingress::{TranslateOptions, cecs_to_yaml, translate_cluster};
 use serde::Deserialize;
 
 /// Cases that must exist, so a deleted directory cannot pass silently.
@@ -15,6 +18,9 @@ const REQUIRED_CASES: &[&str] = &[
     "path-rules",
     "path-types",
     "shared-host",
+    "shared-two-namespaces",
+    "shared-default-backend",
+    "shared-conflicts",
 ];
 
 fn testdata() -> PathBuf {
@@ -27,17 +33,33 @@ fn parse_ingresses(text: &str) -> Vec<Ingress> {
         .collect()
 }
 
-fn render(ingresses: &[Ingress]) -> String {
-    let opts = TranslateOptions::default();
-    let cecs: Vec<_> = ingresses
+/// (CEC YAML, rejected Ingresses one per line).
+fn render(ingresses: &[Ingress]) -> (String, String) {
+    let out = translate_cluster(ingresses, &TranslateOptions::default());
+    let rejected: String = out
+        .rejected
         .iter()
-        .map(|ing| {
-            translate(ing, &opts)
-                .unwrap_or_else(|e| panic!("translation failed: {e}"))
-                .cec
-        })
+        .map(|r| format!("{}/{}: {}\n", r.namespace, r.name, r.error))
         .collect();
-    cecs_to_yaml(&cecs).expect("YAML renders")
+    (cecs_to_yaml(&out.cecs()).expect("YAML renders"), rejected)
+}
+
+fn compare(path: &Path, got: &str, update: bool, failures: &mut Vec<String>) {
+    if update {
+        if got.is_empty() && path.file_name().is_some_and(|n| n == "output-rejected.txt") {
+            let _ = std::fs::remove_file(path);
+        } else {
+            std::fs::write(path, got).expect("write golden");
+        }
+        return;
+    }
+    let want = std::fs::read_to_string(path).unwrap_or_default();
+    if got != want {
+        failures.push(format!(
+            "{}: output differs (run UPDATE_GOLDEN=1 cargo test -p membrane-ingress)\n--- want\n{want}\n--- got\n{got}",
+            path.display()
+        ));
+    }
 }
 
 #[test]
@@ -61,19 +83,14 @@ fn golden_cases() {
         let input = std::fs::read_to_string(case.join("input.yaml")).expect("read input");
         let ingresses = parse_ingresses(&input);
         assert!(!ingresses.is_empty(), "{}: no Ingress", case.display());
-        let got = render(&ingresses);
-        let out = case.join("output-cec.yaml");
-        if update {
-            std::fs::write(&out, &got).expect("write golden");
-            continue;
-        }
-        let want = std::fs::read_to_string(&out).unwrap_or_default();
-        if got != want {
-            failures.push(format!(
-                "{}: output differs (run UPDATE_GOLDEN=1 cargo test -p membrane-ingress)\n--- want\n{want}\n--- got\n{got}",
-                case.display()
-            ));
-        }
+        let (cecs, rejected) = render(&ingresses);
+        compare(&case.join("output-cec.yaml"), &cecs, update, &mut failures);
+        compare(
+            &case.join("output-rejected.txt"),
+            &rejected,
+            update,
+            &mut failures,
+        );
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }

@@ -6,5 +6,6 @@
 pub mod cli;
 pub mod maglev;
 pub mod murmur3;
+pub mod service;
 
 pub use cli::{LbError, MaglevArgs, OutputFormat, maglev_command};

@@ -73,6 +73,11 @@ enum Command {
         #[command(subcommand)]
         command: commands::lb::LbCommand,
     },
+    /// Benchmarks (`membrane bench xds`); figures go to docs/benchmarks.md.
+    Bench {
+        #[command(subcommand)]
+        command: commands::bench::BenchCommand,
+    },
     /// Run a conformance suite against a Membrane started for the purpose.
     Conformance {
         #[command(subcommand)]
@@ -147,5 +152,6 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Lb { command } => commands::lb::run(command),
         Command::Conformance { suite } => commands::conformance::run(suite).await,
+        Command::Bench { command } => commands::bench::run(command).await,
     }
 }

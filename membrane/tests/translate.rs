@@ -15,12 +15,20 @@ fn translate_matches_every_golden_case() {
             .arg(case.join("input.yaml"))
             .output()
             .expect("run membrane translate");
-        assert!(
-            out.status.success(),
-            "{}: {}",
-            case.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        match std::fs::read_to_string(case.join("output-rejected.txt")) {
+            // Cases with rejected Ingresses still print the good CECs, name
+            // every rejection on stderr and exit non-zero.
+            Ok(rejected) => {
+                assert!(!out.status.success(), "{}", case.display());
+                for line in rejected.lines().filter(|l| !l.trim().is_empty()) {
+                    // Lines are `<ns>/<name>: <message>`.
+                    let msg = line.split_once(": ").map_or(line, |(_, m)| m).trim();
+                    assert!(stderr.contains(msg), "{}: stderr lacks {msg:?}:\n{stderr}", case.display());
+                }
+            }
+            Err(_) => assert!(out.status.success(), "{}: {stderr}", case.display()),
+        }
         let want = std::fs::read_to_string(case.join("output-cec.yaml")).expect("golden");
         assert_eq!(
             String::from_utf8_lossy(&out.stdout),

@@ -9,7 +9,7 @@
 //! the server renders as either response type.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
@@ -112,9 +112,30 @@ impl Resource {
 pub type ResourceMap = BTreeMap<String, Arc<Resource>>;
 
 /// A complete, consistent set of resources for one node (or the default).
-#[derive(Debug, Clone, Default, PartialEq)]
+///
+/// Each type's map is shared (`Arc`): every stream that follows a whole
+/// type holds the same map rather than a copy, and a type's version is
+/// computed once per snapshot rather than once per stream.
+#[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    types: BTreeMap<String, ResourceMap>,
+    types: BTreeMap<String, TypeEntry>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct TypeEntry {
+    map: Arc<ResourceMap>,
+    version: OnceLock<String>,
+}
+
+impl PartialEq for Snapshot {
+    fn eq(&self, other: &Self) -> bool {
+        self.types.len() == other.types.len()
+            && self
+                .types
+                .iter()
+                .zip(&other.types)
+                .all(|((ta, a), (tb, b))| ta == tb && same_map(&a.map, &b.map))
+    }
 }
 
 impl Snapshot {
@@ -134,30 +155,35 @@ impl Snapshot {
     }
 
     pub fn insert(&mut self, r: Arc<Resource>) -> Result<(), CacheError> {
-        let m = self.types.entry(r.type_url.clone()).or_default();
-        if m.contains_key(&r.name) {
+        let entry = self.types.entry(r.type_url.clone()).or_default();
+        if entry.map.contains_key(&r.name) {
             return Err(CacheError::Duplicate {
                 type_url: r.type_url.clone(),
                 name: r.name.clone(),
             });
         }
-        m.insert(r.name.clone(), r);
+        entry.version = OnceLock::new();
+        Arc::make_mut(&mut entry.map).insert(r.name.clone(), r);
         Ok(())
     }
 
     pub fn get(&self, type_url: &str, name: &str) -> Option<&Arc<Resource>> {
-        self.types.get(type_url)?.get(name)
+        self.types.get(type_url)?.map.get(name)
     }
 
     /// All resources of one type (empty map if none).
     pub fn resources(&self, type_url: &str) -> &ResourceMap {
         static EMPTY: ResourceMap = BTreeMap::new();
-        self.types.get(type_url).unwrap_or(&EMPTY)
+        self.types.get(type_url).map(|e| &*e.map).unwrap_or(&EMPTY)
+    }
+
+    fn shared(&self, type_url: &str) -> Option<&Arc<ResourceMap>> {
+        self.types.get(type_url).map(|e| &e.map)
     }
 
     /// Every resource, ordered by type URL then name.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Resource>> {
-        self.types.values().flat_map(|m| m.values())
+        self.types.values().flat_map(|e| e.map.values())
     }
 
     pub fn type_urls(&self) -> impl Iterator<Item = &str> {
@@ -165,7 +191,7 @@ impl Snapshot {
     }
 
     pub fn len(&self) -> usize {
-        self.types.values().map(BTreeMap::len).sum()
+        self.types.values().map(|e| e.map.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -174,8 +200,72 @@ impl Snapshot {
 
     /// Content-derived version of one type: identical content ⇒ identical version.
     pub fn version(&self, type_url: &str) -> String {
-        version_of(self.resources(type_url))
+        match self.types.get(type_url) {
+            Some(e) => e.version.get_or_init(|| version_of(&e.map)).clone(),
+            None => version_of(&ResourceMap::new()),
+        }
     }
+
+    /// The version of `map` if it is this snapshot's map of `type_url`.
+    fn version_if_shared(&self, type_url: &str, map: &Arc<ResourceMap>) -> Option<String> {
+        self.shared(type_url)
+            .filter(|m| Arc::ptr_eq(m, map))
+            .map(|_| self.version(type_url))
+    }
+}
+
+/// Same names with the same content hashes (maps are sorted by name).
+fn same_map(a: &ResourceMap, b: &ResourceMap) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|((na, ra), (nb, rb))| na == nb && (Arc::ptr_eq(ra, rb) || ra.hash == rb.hash))
+}
+
+/// What changed from `old` to `new`: resources added or with new content
+/// (plus any named in `resend`), and names that are gone. One merge pass
+/// over both sorted maps.
+fn diff(
+    old: &ResourceMap,
+    new: &ResourceMap,
+    resend: &BTreeSet<String>,
+) -> (Vec<Arc<Resource>>, Vec<String>) {
+    use std::cmp::Ordering;
+    let mut updated = Vec::new();
+    let mut removed = Vec::new();
+    let mut o = old.iter().peekable();
+    let mut n = new.iter().peekable();
+    loop {
+        match (o.peek(), n.peek()) {
+            (None, None) => break,
+            (Some((on, _)), None) => {
+                removed.push((*on).clone());
+                o.next();
+            }
+            (None, Some((_, nr))) => {
+                updated.push((*nr).clone());
+                n.next();
+            }
+            (Some((on, or)), Some((nn, nr))) => match on.cmp(nn) {
+                Ordering::Less => {
+                    removed.push((*on).clone());
+                    o.next();
+                }
+                Ordering::Greater => {
+                    updated.push((*nr).clone());
+                    n.next();
+                }
+                Ordering::Equal => {
+                    if or.hash != nr.hash || resend.contains(*nn) {
+                        updated.push((*nr).clone());
+                    }
+                    o.next();
+                    n.next();
+                }
+            },
+        }
+    }
+    (updated, removed)
 }
 
 fn version_of(m: &ResourceMap) -> String {
@@ -328,12 +418,12 @@ struct TypeState {
     names: BTreeSet<String>,
     /// What the client holds as far as we know: the last response (SotW),
     /// or everything sent and not removed since (delta).
-    sent: ResourceMap,
+    sent: Arc<ResourceMap>,
     sent_version: Option<String>,
     sent_nonce: Option<String>,
     pending: bool,
-    /// Content of the last ACKed state (name → hash).
-    acked: BTreeMap<String, u64>,
+    /// The last ACKed state (shared with `sent` at the time of the ACK).
+    acked: Arc<ResourceMap>,
     acked_version: Option<String>,
     last_nack: Option<NackStatus>,
     /// An initial request must be answered even if nothing changed.
@@ -355,11 +445,11 @@ impl TypeState {
             wildcard: false,
             legacy_wildcard: false,
             names: BTreeSet::new(),
-            sent: ResourceMap::new(),
+            sent: Arc::default(),
             sent_version: None,
             sent_nonce: None,
             pending: false,
-            acked: BTreeMap::new(),
+            acked: Arc::default(),
             acked_version: None,
             last_nack: None,
             force: false,
@@ -404,8 +494,8 @@ impl TypeState {
                     .unwrap_or_else(|| {
                         Arc::new(Resource::placeholder(name, &self.type_url, version))
                     });
-                self.acked.insert(name.clone(), held.hash);
-                self.sent.insert(name.clone(), held);
+                Arc::make_mut(&mut self.acked).insert(name.clone(), held.clone());
+                Arc::make_mut(&mut self.sent).insert(name.clone(), held);
             }
         }
         let mut explicit = false;
@@ -418,8 +508,8 @@ impl TypeState {
                 // A (re-)subscription means the client may not hold the
                 // resource (it drops what it unsubscribes), unless it just
                 // reported its version.
-                if !req.initial_resource_versions.contains_key(n) {
-                    self.sent.remove(n);
+                if !req.initial_resource_versions.contains_key(n) && self.sent.contains_key(n) {
+                    Arc::make_mut(&mut self.sent).remove(n);
                 }
                 self.names.insert(n.clone());
             }
@@ -434,8 +524,12 @@ impl TypeState {
                 self.legacy_wildcard = false;
             } else {
                 self.names.remove(n);
-                self.sent.remove(n);
-                self.acked.remove(n);
+                if self.sent.contains_key(n) {
+                    Arc::make_mut(&mut self.sent).remove(n);
+                }
+                if self.acked.contains_key(n) {
+                    Arc::make_mut(&mut self.acked).remove(n);
+                }
             }
         }
         self.forget_unselected();
@@ -445,30 +539,46 @@ impl TypeState {
     /// is answered and comparisons only cover subscribed names.
     fn forget_unselected(&mut self) {
         if !self.wildcard {
-            self.sent.retain(|n, _| self.names.contains(n));
-            self.acked.retain(|n, _| self.names.contains(n));
+            // Only copy a shared map when something actually goes.
+            let names = &self.names;
+            for map in [&mut self.sent, &mut self.acked] {
+                if map.keys().any(|n| !names.contains(n)) {
+                    Arc::make_mut(map).retain(|n, _| names.contains(n));
+                }
+            }
         }
     }
 
-    /// The resources of `snap` this subscription selects.
-    fn target(&self, snap: Option<&Snapshot>) -> ResourceMap {
+    /// The resources of `snap` this subscription selects: the snapshot's
+    /// own shared map when that is everything of the type.
+    fn target(&self, snap: Option<&Snapshot>) -> Arc<ResourceMap> {
         let Some(snap) = snap else {
-            return ResourceMap::new();
+            return Arc::default();
         };
-        let all = snap.resources(&self.type_url);
-        if self.wildcard {
+        let Some(all) = snap.shared(&self.type_url) else {
+            return Arc::default();
+        };
+        let everything = self.names.len() == all.len()
+            && self.names.iter().zip(all.keys()).all(|(a, b)| a == b);
+        if self.wildcard || everything {
             all.clone()
         } else {
-            self.names
-                .iter()
-                .filter_map(|n| all.get(n).map(|r| (n.clone(), r.clone())))
-                .collect()
+            Arc::new(
+                self.names
+                    .iter()
+                    .filter_map(|n| all.get(n).map(|r| (n.clone(), r.clone())))
+                    .collect(),
+            )
         }
     }
 
     /// Envoy runs exactly what `snap` selects for this type.
     fn settled(&self, snap: Option<&Snapshot>) -> bool {
-        !self.pending && same_content(&self.acked, &self.target(snap))
+        if self.pending {
+            return false;
+        }
+        let target = self.target(snap);
+        Arc::ptr_eq(&self.acked, &target) || same_map(&self.acked, &target)
     }
 
     /// Records what a request says about our last response; returns whether
@@ -488,7 +598,7 @@ impl TypeState {
             }
             RequestKind::Ack => {
                 self.pending = false;
-                self.acked = self.sent.iter().map(|(n, r)| (n.clone(), r.hash)).collect();
+                self.acked = self.sent.clone();
                 self.acked_version = self.sent_version.clone();
                 true
             }
@@ -539,10 +649,6 @@ impl TypeState {
     }
 }
 
-fn same_content(hashes: &BTreeMap<String, u64>, m: &ResourceMap) -> bool {
-    hashes.len() == m.len() && m.iter().all(|(n, r)| hashes.get(n) == Some(&r.hash))
-}
-
 /// Push order for make-before-break: clusters and endpoints exist before the
 /// listeners and routes that reference them.
 fn rank(type_url: &str) -> u8 {
@@ -588,7 +694,7 @@ pub(crate) struct Push {
     version: String,
     nonce: String,
     /// Everything the client should hold afterwards (the SotW body).
-    resources: Vec<Arc<Resource>>,
+    resources: Arc<ResourceMap>,
     /// Added, changed or re-sent resources (the delta body).
     updated: Vec<Arc<Resource>>,
     /// Names the client holds that are no longer selected (delta only).
@@ -599,7 +705,7 @@ impl Push {
     pub(crate) fn into_sotw(self) -> DiscoveryResponse {
         DiscoveryResponse {
             version_info: self.version,
-            resources: self.resources.iter().map(|r| r.body.clone()).collect(),
+            resources: self.resources.values().map(|r| r.body.clone()).collect(),
             type_url: self.type_url,
             nonce: self.nonce,
             ..Default::default()
@@ -656,27 +762,20 @@ impl StreamState {
             }
             let mut desired = ts.target(snap);
             if removed_last(&t) && !refs_settled {
-                for (n, r) in &ts.sent {
+                for (n, r) in ts.sent.iter() {
                     if !desired.contains_key(n) && (ts.wildcard || ts.names.contains(n)) {
-                        desired.insert(n.clone(), r.clone());
+                        Arc::make_mut(&mut desired).insert(n.clone(), r.clone());
                     }
                 }
             }
             let resend = std::mem::take(&mut ts.resend);
             let force = std::mem::take(&mut ts.force);
-            let updated: Vec<Arc<Resource>> = desired
-                .iter()
-                .filter(|(n, r)| {
-                    resend.contains(*n) || ts.sent.get(*n).map(|o| o.hash) != Some(r.hash)
-                })
-                .map(|(_, r)| r.clone())
-                .collect();
-            let removed: Vec<String> = ts
-                .sent
-                .keys()
-                .filter(|n| !desired.contains_key(*n))
-                .cloned()
-                .collect();
+            // Unchanged shared map: nothing to compare.
+            let (updated, removed) = if Arc::ptr_eq(&desired, &ts.sent) && resend.is_empty() {
+                (Vec::new(), Vec::new())
+            } else {
+                diff(&ts.sent, &desired, &resend)
+            };
             let must_answer = force
                 && match self.protocol {
                     Protocol::StateOfTheWorld => ts.wildcard || !desired.is_empty(),
@@ -688,7 +787,9 @@ impl StreamState {
                 continue;
             }
             *nonce += 1;
-            let version = version_of(&desired);
+            let version = snap
+                .and_then(|s| s.version_if_shared(&t, &desired))
+                .unwrap_or_else(|| version_of(&desired));
             let nonce_s = nonce.to_string();
             tracing::debug!(
                 type_url = %t,
@@ -714,7 +815,7 @@ impl StreamState {
                 type_url: t.clone(),
                 version,
                 nonce: nonce_s,
-                resources: desired.values().cloned().collect(),
+                resources: desired.clone(),
                 updated,
                 removed,
             });
@@ -842,7 +943,7 @@ impl SnapshotCache {
             .get(type_url)?
             .acked
             .get(name)
-            .copied()
+            .map(|r| r.hash)
     }
 
     /// Whether `node_id` has ACKed exactly this content of `resource`.

@@ -25,21 +25,16 @@ pub fn run(file: &Path) -> Result<ExitCode> {
         file.display()
     );
     let opts = membrane_ingress::TranslateOptions::default();
-    let mut failed = false;
-    let mut cecs = Vec::new();
-    for result in membrane_ingress::translate_all(&ingresses, &opts) {
-        match result {
-            Ok(t) => cecs.push(t.cec),
-            Err(e) => {
-                eprintln!("error: {e}");
-                failed = true;
-            }
-        }
+    // Dedicated Ingresses each get their own CEC; shared ones are merged into
+    // the one shared CEC, exactly as the running controller does.
+    let result = membrane_ingress::translate_cluster(&ingresses, &opts);
+    for r in &result.rejected {
+        eprintln!("error: {}", r.error);
     }
-    print!("{}", membrane_ingress::cecs_to_yaml(&cecs)?);
-    Ok(if failed {
-        ExitCode::FAILURE
-    } else {
+    print!("{}", membrane_ingress::cecs_to_yaml(&result.cecs())?);
+    Ok(if result.rejected.is_empty() {
         ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     })
 }

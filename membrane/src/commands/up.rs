@@ -51,6 +51,10 @@ pub struct UpArgs {
     /// Namespace TLS Secrets are synced to for SDS, as Cilium's.
     #[arg(long, default_value = "cilium-secrets")]
     pub secrets_namespace: String,
+    /// Load-balancer mode of Ingresses without the
+    /// `ingress.cilium.io/loadbalancer-mode` annotation: dedicated or shared.
+    #[arg(long, default_value = "dedicated")]
+    pub ingress_default_lb_mode: membrane_ingress::LoadBalancerMode,
 }
 
 fn parse_protocol(s: &str) -> Result<XdsProtocol, String> {
@@ -100,6 +104,7 @@ pub async fn run(args: UpArgs, api_socket: PathBuf) -> Result<ExitCode> {
         node_name: args.node_name.clone(),
         node_labels: parse_labels(&args.node_labels)?,
         secrets_namespace: args.secrets_namespace.clone(),
+        ingress_default_lb_mode: args.ingress_default_lb_mode,
     };
 
     let store = Store::new();

@@ -1,0 +1,437 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/* Membrane service load balancer: tc ingress on the host side of pod veths
+ * and on external devices.
+ *
+ * Forward: a packet to a frontend (ClusterIP, NodePort, ...) is DNATed to a
+ * backend. Conntrack keeps established flows on their backend; only new
+ * flows consult the selection table (random slots or the Maglev table).
+ * Reverse: a reply from a backend (matched in lb_rnat) gets the frontend's
+ * address and port back as its source. */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/pkt_cls.h>
+#include <stddef.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "lb.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* Maglev table size and flow hash seed; set by the loader. */
+volatile const __u32 MAGLEV_M = 16381;
+volatile const __u32 HASH_SEED = 0x24b7ef82;
+/* Forward NATed packets straight to the egress device found by a FIB
+ * lookup instead of handing them back to the stack. Needed for NodePort
+ * replies (their restored source is a local address, which the input path
+ * would drop as martian) and cheaper for everything else. */
+volatile const __u32 FIB_REDIRECT = 1;
+
+#define AF_INET 2
+#define AF_INET6 10
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct lb_svc_key);
+	__type(value, struct lb_svc_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_services SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, struct lb_backend);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_backends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct lb_slot_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_slots SEC(".maps");
+
+/* One flat table: service id * MAGLEV_M + slot -> backend id. The loader
+ * sizes it (max Maglev services * M). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_maglev SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct lb_tuple);
+	__type(value, struct lb_ct_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_ct SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct lb_tuple);
+	__type(value, struct lb_rnat_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_rnat SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct lb_affinity_key);
+	__type(value, struct lb_affinity_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_affinity SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, LB_STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_stats SEC(".maps");
+
+static __always_inline void stat_inc(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&lb_stats, &idx);
+	if (v)
+		__sync_fetch_and_add(v, 1);
+}
+
+#define rol32(w, s) (((w) << (s)) | ((w) >> (32 - (s))))
+
+/* Linux's jhash_3words: a deterministic flow hash, so a flow maps to the
+ * same Maglev slot on every node and after every reload. */
+static __always_inline __u32 jhash_3words(__u32 a, __u32 b, __u32 c, __u32 initval)
+{
+	a += 0xdeadbeef + (3 << 2) + initval;
+	b += 0xdeadbeef + (3 << 2) + initval;
+	c += 0xdeadbeef + (3 << 2) + initval;
+	c ^= b; c -= rol32(b, 14);
+	a ^= c; a -= rol32(c, 11);
+	b ^= a; b -= rol32(a, 25);
+	c ^= b; c -= rol32(b, 16);
+	a ^= c; a -= rol32(c, 4);
+	b ^= a; b -= rol32(a, 14);
+	c ^= b; c -= rol32(b, 24);
+	return c;
+}
+
+struct pkt {
+	struct lb_tuple t;
+	__u32 l3_off;
+	__u32 l4_off;
+	__u8 tcp_flags;
+};
+
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_ACK 0x10
+
+/* Returns 0 when the packet is TCP/UDP over IPv4/IPv6 with ports, 1 when it
+ * is something we leave alone, -1 when it is truncated. */
+static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
+{
+	struct ethhdr eth;
+	__u8 proto;
+
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) < 0)
+		return 1;
+	p->l3_off = sizeof(eth);
+	if (eth.h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr ip;
+		if (bpf_skb_load_bytes(skb, p->l3_off, &ip, sizeof(ip)) < 0)
+			return -1;
+		if (ip.ihl < 5)
+			return -1;
+		/* Later fragments carry no ports. */
+		if (ip.frag_off & bpf_htons(0x1fff))
+			return 1;
+		proto = ip.protocol;
+		__builtin_memcpy(p->t.saddr, &ip.saddr, 4);
+		__builtin_memcpy(p->t.daddr, &ip.daddr, 4);
+		p->t.family = LB_FAMILY_V4;
+		p->l4_off = p->l3_off + ip.ihl * 4;
+	} else if (eth.h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr ip6;
+		if (bpf_skb_load_bytes(skb, p->l3_off, &ip6, sizeof(ip6)) < 0)
+			return -1;
+		/* Extension headers are not walked: services are TCP/UDP
+		 * directly after the fixed header. */
+		proto = ip6.nexthdr;
+		__builtin_memcpy(p->t.saddr, &ip6.saddr, 16);
+		__builtin_memcpy(p->t.daddr, &ip6.daddr, 16);
+		p->t.family = LB_FAMILY_V6;
+		p->l4_off = p->l3_off + sizeof(ip6);
+	} else {
+		return 1;
+	}
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return 1;
+	p->t.proto = proto;
+	__be16 ports[2];
+	if (bpf_skb_load_bytes(skb, p->l4_off, ports, sizeof(ports)) < 0)
+		return -1;
+	p->t.sport = ports[0];
+	p->t.dport = ports[1];
+	p->tcp_flags = 0;
+	if (proto == IPPROTO_TCP &&
+	    bpf_skb_load_bytes(skb, p->l4_off + 13, &p->tcp_flags, 1) < 0)
+		return -1;
+	return 0;
+}
+
+static __always_inline __u32 csum_off(const struct pkt *p)
+{
+	return p->l4_off + (p->t.proto == IPPROTO_TCP ? 16 : 6);
+}
+
+/* Rewrites the address at l3 offset `addr_off` and the port at l4 offset
+ * `port_off` (0 = source, 2 = destination), fixing both checksums. */
+static __always_inline int rewrite(struct __sk_buff *skb, const struct pkt *p, int dst,
+				   const __u8 *old_addr, const __u8 *new_addr,
+				   __be16 old_port, __be16 new_port)
+{
+	__u32 l4csum = csum_off(p);
+	__u64 mangled = p->t.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+
+	if (p->t.family == LB_FAMILY_V4) {
+		__u32 aoff = p->l3_off + (dst ? offsetof(struct iphdr, daddr)
+					      : offsetof(struct iphdr, saddr));
+		__be32 o, n;
+		__builtin_memcpy(&o, old_addr, 4);
+		__builtin_memcpy(&n, new_addr, 4);
+		if (o != n) {
+			if (bpf_l4_csum_replace(skb, l4csum, o, n,
+						BPF_F_PSEUDO_HDR | mangled | 4) < 0)
+				return -1;
+			if (bpf_l3_csum_replace(skb, p->l3_off + offsetof(struct iphdr, check),
+						o, n, 4) < 0)
+				return -1;
+			if (bpf_skb_store_bytes(skb, aoff, &n, 4, 0) < 0)
+				return -1;
+		}
+	} else {
+		__u32 aoff = p->l3_off + (dst ? offsetof(struct ipv6hdr, daddr)
+					      : offsetof(struct ipv6hdr, saddr));
+		__u8 o[16], n[16];
+		__builtin_memcpy(o, old_addr, 16);
+		__builtin_memcpy(n, new_addr, 16);
+		__s64 diff = bpf_csum_diff((__be32 *)o, 16, (__be32 *)n, 16, 0);
+		if (diff < 0)
+			return -1;
+		if (bpf_l4_csum_replace(skb, l4csum, 0, (__u32)diff,
+					BPF_F_PSEUDO_HDR | mangled) < 0)
+			return -1;
+		if (bpf_skb_store_bytes(skb, aoff, n, 16, 0) < 0)
+			return -1;
+	}
+	if (old_port != new_port) {
+		if (bpf_l4_csum_replace(skb, l4csum, old_port, new_port, mangled | 2) < 0)
+			return -1;
+		if (bpf_skb_store_bytes(skb, p->l4_off + (dst ? 2 : 0), &new_port, 2, 0) < 0)
+			return -1;
+	}
+	return 0;
+}
+
+/* After NAT: redirect to the next hop's device, or let the stack route the
+ * packet when the FIB has nothing to forward to (local delivery, no route). */
+static __always_inline int fib_redirect(struct __sk_buff *skb, const struct pkt *p,
+					const __u8 *saddr, const __u8 *daddr)
+{
+	struct bpf_fib_lookup fib = {};
+
+	if (!FIB_REDIRECT)
+		return TC_ACT_OK;
+	fib.ifindex = skb->ingress_ifindex;
+	fib.l4_protocol = p->t.proto;
+	if (p->t.family == LB_FAMILY_V4) {
+		fib.family = AF_INET;
+		fib.tot_len = skb->len - p->l3_off;
+		__builtin_memcpy(&fib.ipv4_src, saddr, 4);
+		__builtin_memcpy(&fib.ipv4_dst, daddr, 4);
+	} else {
+		fib.family = AF_INET6;
+		__builtin_memcpy(fib.ipv6_src, saddr, 16);
+		__builtin_memcpy(fib.ipv6_dst, daddr, 16);
+	}
+	long r = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (r == BPF_FIB_LKUP_RET_SUCCESS || r == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return bpf_redirect_neigh(fib.ifindex, NULL, 0, 0);
+	return TC_ACT_OK;
+}
+
+static __always_inline __u32 flow_hash(const struct lb_tuple *t)
+{
+	__u32 a = 0, w;
+#pragma unroll
+	for (int i = 0; i < 16; i += 4) {
+		__builtin_memcpy(&w, &t->saddr[i], 4);
+		a ^= w;
+	}
+	return jhash_3words(a, ((__u32)t->dport << 16) | t->sport, t->proto, HASH_SEED);
+}
+
+static __always_inline struct lb_backend *backend_of(__u32 id)
+{
+	return bpf_map_lookup_elem(&lb_backends, &id);
+}
+
+/* Picks a backend for a new flow; 0 = none. */
+static __always_inline __u32 select_backend(const struct lb_svc_value *svc,
+					    const struct lb_tuple *t)
+{
+	if (svc->count == 0)
+		return 0;
+	if (svc->algorithm == LB_ALG_MAGLEV) {
+		__u32 m = MAGLEV_M;
+		if (m == 0)
+			return 0;
+		__u32 idx = svc->svc_id * m + flow_hash(t) % m;
+		__u32 *id = bpf_map_lookup_elem(&lb_maglev, &idx);
+		return id ? *id : 0;
+	}
+	struct lb_slot_key sk = {
+		.svc_id = svc->svc_id,
+		.slot = bpf_get_prandom_u32() % svc->count,
+	};
+	__u32 *id = bpf_map_lookup_elem(&lb_slots, &sk);
+	return id ? *id : 0;
+}
+
+static __always_inline int forward(struct __sk_buff *skb, struct pkt *p,
+				   const struct lb_svc_value *svc)
+{
+	struct lb_tuple ct_key = p->t;
+	struct lb_ct_value *ct = bpf_map_lookup_elem(&lb_ct, &ct_key);
+	struct lb_backend *be = NULL;
+	__u32 backend_id = 0;
+	__u64 now = bpf_ktime_get_ns();
+	int is_new = 1;
+
+	if (ct && ct->svc_id == svc->svc_id) {
+		backend_id = ct->backend_id;
+		be = backend_of(backend_id);
+		int syn = (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+		/* Established flows stay on their backend even while it drains
+		 * (terminating, quarantined, maintenance); a fresh SYN on a
+		 * reused tuple, or a deleted backend, selects again. */
+		if (be && (be->state == LB_BACKEND_ACTIVE || !syn)) {
+			is_new = 0;
+			ct->last_seen = now;
+		} else {
+			stat_inc(LB_STAT_RESELECT);
+			be = NULL;
+		}
+	}
+
+	if (!be) {
+		backend_id = 0;
+		struct lb_affinity_key ak = {};
+		if (svc->affinity_timeout) {
+			__builtin_memcpy(ak.addr, p->t.saddr, 16);
+			ak.svc_id = svc->svc_id;
+			ak.family = p->t.family;
+			struct lb_affinity_value *av = bpf_map_lookup_elem(&lb_affinity, &ak);
+			if (av && now - av->last_seen < (__u64)svc->affinity_timeout * 1000000000ULL) {
+				struct lb_backend *ab = backend_of(av->backend_id);
+				if (ab && ab->state == LB_BACKEND_ACTIVE) {
+					backend_id = av->backend_id;
+					be = ab;
+					stat_inc(LB_STAT_AFFINITY_HIT);
+				}
+			}
+		}
+		if (!be) {
+			backend_id = select_backend(svc, &p->t);
+			if (!backend_id) {
+				stat_inc(LB_STAT_DROP_NO_BACKEND);
+				return TC_ACT_SHOT;
+			}
+			be = backend_of(backend_id);
+			if (!be) {
+				stat_inc(LB_STAT_DROP_BACKEND_MISSING);
+				return TC_ACT_SHOT;
+			}
+		}
+		if (svc->affinity_timeout) {
+			struct lb_affinity_value av = {.backend_id = backend_id, .last_seen = now};
+			bpf_map_update_elem(&lb_affinity, &ak, &av, BPF_ANY);
+		}
+		struct lb_ct_value nv = {
+			.backend_id = backend_id,
+			.svc_id = svc->svc_id,
+			.last_seen = now,
+		};
+		bpf_map_update_elem(&lb_ct, &ct_key, &nv, BPF_ANY);
+	}
+
+	/* Reverse NAT entry keyed by the reply's tuple. Refreshed on every
+	 * packet so the LRU keeps both directions of a live flow. */
+	struct lb_tuple rk = {};
+	__builtin_memcpy(rk.saddr, be->addr, 16);
+	__builtin_memcpy(rk.daddr, p->t.saddr, 16);
+	rk.sport = be->port;
+	rk.dport = p->t.sport;
+	rk.proto = p->t.proto;
+	rk.family = p->t.family;
+	struct lb_rnat_value rv = {};
+	__builtin_memcpy(rv.addr, p->t.daddr, 16);
+	rv.port = p->t.dport;
+	if (is_new || !bpf_map_lookup_elem(&lb_rnat, &rk))
+		bpf_map_update_elem(&lb_rnat, &rk, &rv, BPF_ANY);
+
+	__u8 new_addr[16];
+	__builtin_memcpy(new_addr, be->addr, 16);
+	if (rewrite(skb, p, 1, p->t.daddr, new_addr, p->t.dport, be->port) < 0) {
+		stat_inc(LB_STAT_DROP_REWRITE);
+		return TC_ACT_SHOT;
+	}
+	stat_inc(is_new ? LB_STAT_FWD_NEW : LB_STAT_FWD_ESTABLISHED);
+	return fib_redirect(skb, p, p->t.saddr, new_addr);
+}
+
+SEC("classifier")
+int membrane_lb(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+	int r = parse(skb, &p);
+	if (r != 0) {
+		/* Truncated packets are counted, not dropped: they may not be
+		 * service traffic at all, and the stack drops them anyway. */
+		if (r < 0)
+			stat_inc(LB_STAT_DROP_MALFORMED);
+		return TC_ACT_OK;
+	}
+
+	struct lb_svc_key sk = {};
+	__builtin_memcpy(sk.addr, p.t.daddr, 16);
+	sk.port = p.t.dport;
+	sk.proto = p.t.proto;
+	sk.family = p.t.family;
+	struct lb_svc_value *svc = bpf_map_lookup_elem(&lb_services, &sk);
+	if (svc) {
+		struct lb_svc_value v = *svc;
+		return forward(skb, &p, &v);
+	}
+
+	struct lb_rnat_value *rn = bpf_map_lookup_elem(&lb_rnat, &p.t);
+	if (rn) {
+		struct lb_rnat_value v = *rn;
+		if (rewrite(skb, &p, 0, p.t.saddr, v.addr, p.t.sport, v.port) < 0) {
+			stat_inc(LB_STAT_DROP_REWRITE);
+			return TC_ACT_SHOT;
+		}
+		stat_inc(LB_STAT_REV_NAT);
+		return fib_redirect(skb, &p, v.addr, p.t.daddr);
+	}
+	return TC_ACT_OK;
+}

@@ -1,0 +1,103 @@
+/* Map layouts shared with Rust (ebpf/src/maps.rs). Every struct is padded
+ * explicitly so C and #[repr(C)] agree byte for byte; a Rust test compares
+ * these against the BTF of the compiled object. */
+#ifndef MEMBRANE_LB_H
+#define MEMBRANE_LB_H
+
+#include <linux/types.h>
+
+#define LB_FAMILY_V4 4
+#define LB_FAMILY_V6 6
+
+#define LB_ALG_RANDOM 0
+#define LB_ALG_MAGLEV 1
+
+#define LB_BACKEND_ACTIVE 0
+#define LB_BACKEND_TERMINATING 1
+#define LB_BACKEND_QUARANTINED 2
+#define LB_BACKEND_MAINTENANCE 3
+
+/* Indices of lb_stats. */
+#define LB_STAT_FWD_NEW 0
+#define LB_STAT_FWD_ESTABLISHED 1
+#define LB_STAT_REV_NAT 2
+#define LB_STAT_DROP_NO_BACKEND 3
+#define LB_STAT_DROP_BACKEND_MISSING 4
+#define LB_STAT_DROP_REWRITE 5
+#define LB_STAT_DROP_MALFORMED 6
+#define LB_STAT_AFFINITY_HIT 7
+#define LB_STAT_RESELECT 8
+#define LB_STAT_MAX 16
+
+/* A frontend: address (IPv4 in the first 4 bytes), port in network order. */
+struct lb_svc_key {
+	__u8 addr[16];
+	__be16 port;
+	__u8 proto;
+	__u8 family;
+};
+
+struct lb_svc_value {
+	__u32 svc_id;
+	/* Random: number of slots in lb_slots. Maglev: number of backends in
+	 * the table (0 = no backend, drop). */
+	__u32 count;
+	/* ClientIP affinity timeout in seconds; 0 = no affinity. */
+	__u32 affinity_timeout;
+	__u8 algorithm;
+	__u8 flags;
+	__u16 pad;
+};
+
+struct lb_slot_key {
+	__u32 svc_id;
+	__u32 slot;
+};
+
+struct lb_backend {
+	__u8 addr[16];
+	__be16 port;
+	__u8 proto;
+	__u8 family;
+	__u8 state;
+	__u8 pad[3];
+};
+
+/* A 5-tuple as seen on the wire; conntrack (client -> frontend) and reverse
+ * NAT (backend -> client) keys. */
+struct lb_tuple {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 family;
+	__u8 pad[2];
+};
+
+struct lb_ct_value {
+	__u32 backend_id;
+	__u32 svc_id;
+	__u64 last_seen;
+};
+
+struct lb_rnat_value {
+	__u8 addr[16];
+	__be16 port;
+	__u8 pad[2];
+};
+
+struct lb_affinity_key {
+	__u8 addr[16];
+	__u32 svc_id;
+	__u8 family;
+	__u8 pad[3];
+};
+
+struct lb_affinity_value {
+	__u32 backend_id;
+	__u32 pad;
+	__u64 last_seen;
+};
+
+#endif

@@ -1,0 +1,19 @@
+//! Membrane's eBPF service load balancer.
+//!
+//! `bpf/lb.c` (compiled by clang in build.rs) is a tc ingress program for
+//! the host side of pod veths and for external devices. It DNATs packets
+//! for service frontends to a backend chosen by random slots or Cilium's
+//! Maglev table, keeps established flows on their backend through a
+//! conntrack map, reverse-NATs the replies and counts drops by reason.
+//! [`Datapath`] loads it with aya, pins maps and TCX links under a pin
+//! directory (so forwarding survives an agent restart) and syncs maps from a
+//! [`membrane_lb::service::DesiredState`] by writing only differences.
+
+pub mod datapath;
+pub mod maps;
+
+pub use datapath::{
+    BackendStatus, DEFAULT_PIN_DIR, Datapath, DatapathConfig, DatapathError, LB_OBJECT,
+    PROGRAM_NAME, ServiceStatus, SyncReport, check_bpffs,
+};
+pub use maps::Stat;
