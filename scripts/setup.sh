@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(clang libbpf-dev protobuf-compiler etcd-server iproute2 curl)
+packages=(clang libbpf-dev protobuf-compiler etcd-server iproute2 iptables curl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -209,6 +209,7 @@ impl Reconciler {
             }
         }
         self.served = pass.served;
+        let t4 = t0.elapsed();
         // Resources are shared and carry their content hash: comparing
         // identities and hashes is enough, no bytes are compared.
         if !self
@@ -220,6 +221,8 @@ impl Reconciler {
             state.cache.set_snapshot(None, self.xds_snapshot.clone());
             self.last_resources = Some(pass.resources);
         }
+        let t5 = t0.elapsed();
+        if std::env::var_os("MEMBRANE_PASS_TIMING").is_some() { eprintln!("served {t4:?} snapshot {t5:?}"); }
         let now: BTreeMap<String, String> = rejected
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))

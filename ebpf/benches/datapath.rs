@@ -28,7 +28,8 @@ const ECHO_ENV: &str = "MEMBRANE_BENCH_ECHO";
 /// The backend server: thread per connection, echoes `<name> <line>`.
 fn echo_main(spec: &str) -> ! {
     let (name, port) = spec.split_once(':').expect("name:port");
-    let l = TcpListener::bind(("0.0.0.0", port.parse::<u16>().expect("port"))).expect("bind");
+    // Dual-stack (bindv6only is 0 in fresh namespaces).
+    let l = TcpListener::bind(("::", port.parse::<u16>().expect("port"))).expect("bind");
     let name = name.to_string();
     for c in l.incoming().flatten() {
         let name = name.clone();

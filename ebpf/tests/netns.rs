@@ -107,7 +107,8 @@ fn clusterip_tcp_and_udp_spread_across_backends() {
         "{udp:?}"
     );
     let st = dp.stats().unwrap();
-    assert!(st[&Stat::FwdNew] >= 120, "{st:?}");
+    // A reused client port meets its old conntrack entry: not "new".
+    assert!(st[&Stat::FwdNew] >= 100, "{st:?}");
     assert!(st[&Stat::RevNat] >= 120, "{st:?}");
     assert_eq!(st[&Stat::DropRewrite], 0);
 }

@@ -365,19 +365,23 @@ impl Topology {
             servers,
             node_ifaces,
         };
-        // Ready when each backend answers directly from the node.
+        // Ready when each backend answers directly, over IPv4 and IPv6,
+        // from the node and from the client pod (this also settles neighbour
+        // discovery, which IPv6 otherwise does on the first, timed, packet).
         for i in 1..=3 {
-            let addr: SocketAddr = format!("{}:8080", backend_ip(i)).parse().unwrap();
             let want = format!("be{i}");
-            wait_for(
-                &format!("echo server {want}"),
-                Duration::from_secs(15),
-                || {
-                    topo.node
-                        .run(|| which_backend(addr).ok())
-                        .filter(|n| *n == want)
-                },
-            );
+            for a in [
+                format!("{}:8080", backend_ip(i)),
+                format!("[{}]:8080", backend_ip6(i)),
+            ] {
+                let addr: SocketAddr = a.parse().unwrap();
+                for ns in [&topo.node, &topo.client] {
+                    let what = format!("echo server {want} at {a} from {}", ns.name);
+                    wait_for(&what, Duration::from_secs(15), || {
+                        ns.run(|| which_backend(addr).ok()).filter(|n| *n == want)
+                    });
+                }
+            }
         }
         topo
     }
