@@ -86,6 +86,17 @@ async fn handle(state: &AgentState, req: Request<Incoming>) -> Response<Full<Byt
             }
         }
         (Method::GET, "/v1/status") => reply(StatusCode::OK, state.status_report()),
+        (Method::GET, "/v1/services") => {
+            let (status, body) = crate::api_services::list(state);
+            reply(status, body)
+        }
+        (Method::POST, "/v1/services/backends") => match read_body(req).await {
+            Ok(b) => {
+                let (status, body) = crate::api_services::update_backends(state, &b);
+                reply(status, body)
+            }
+            Err(resp) => resp,
+        },
         (Method::GET, p) if p.starts_with("/v1/objects/") => {
             get_objects(state, &p["/v1/objects/".len()..], &query)
         }

@@ -219,6 +219,7 @@ impl Harness {
             node_labels: Default::default(),
             secrets_namespace: "cilium-secrets".into(),
             ingress_default_lb_mode: Default::default(),
+            datapath: None,
         };
         let (_tx, envoy) = tokio::sync::watch::channel(crate::EnvoyState::default());
         let state = AgentState {
@@ -228,6 +229,7 @@ impl Harness {
             envoy,
             rejections: Default::default(),
             nacks_isolated: Default::default(),
+            datapath: None,
         };
         Ok(Self {
             reconciler: Reconciler::new(&config),

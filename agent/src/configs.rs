@@ -9,10 +9,12 @@
 //! affected. Conflicts between CECs (same listener address, same resource
 //! name) are settled first come, first served: the older object keeps it.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::jiff::Timestamp;
 use membrane_crds::EnvoyConfigSpec;
 use membrane_store::{Kind, Object, ObjectKey, StoreSnapshot};
 use membrane_xds::Resource;
@@ -95,8 +97,10 @@ struct Cached {
 
 /// EDS of one backend selection, with the resourceVersions it came from.
 struct CachedEds {
-    inputs: Vec<String>,
+    inputs: Vec<(String, String)>,
     resources: Vec<Built>,
+    /// The pass that last wanted it.
+    generation: u64,
 }
 
 /// Long-lived state of the pipeline.
@@ -114,7 +118,28 @@ pub struct ConfigPipeline {
     /// CEC versions Envoy rejected: resourceVersion and why.
     quarantined: HashMap<ObjectKey, (String, String)>,
     placed: HashMap<ObjectKey, Placed>,
-    eds: HashMap<(String, String, Vec<String>), CachedEds>,
+    /// EDS by namespace, Service and port selection.
+    eds: HashMap<String, HashMap<String, HashMap<Vec<String>, CachedEds>>>,
+    generation: u64,
+}
+
+/// A backend selection of a CEC: namespace, Service, ports (empty: all).
+type Wanted<'a> = (&'a str, &'a str, Cow<'a, [String]>);
+
+/// Resource names defined by accepted CECs (borrowed from their prepared
+/// versions) → index of the owner in the pass's CEC list.
+#[derive(Default)]
+struct Names<'a> {
+    by_type: HashMap<(&'static str, &'a str), usize>,
+}
+
+impl<'a> Names<'a> {
+    fn get(&self, t: &'static str, n: &str) -> Option<usize> {
+        self.by_type.get(&(t, n)).copied()
+    }
+    fn insert(&mut self, t: &'static str, n: &'a str, owner: usize) {
+        self.by_type.insert((t, n), owner);
+    }
 }
 
 /// Addresses already bound by accepted CECs, indexed by port so a conflict
@@ -156,6 +181,7 @@ impl ConfigPipeline {
             quarantined: HashMap::new(),
             placed: HashMap::new(),
             eds: HashMap::new(),
+            generation: 0,
         }
     }
 
@@ -186,7 +212,7 @@ impl ConfigPipeline {
 
     pub fn run(&mut self, snap: &StoreSnapshot) -> ConfigPass {
         let mut pass = ConfigPass::default();
-        let mut configs: Vec<(ObjectKey, &EnvoyConfigSpec, &str, String)> = Vec::new();
+        let mut configs: Vec<(ObjectKey, &EnvoyConfigSpec, &str, Option<Timestamp>)> = Vec::new();
         for kind in [Kind::CiliumEnvoyConfig, Kind::CiliumClusterwideEnvoyConfig] {
             for obj in snap.list(kind, None) {
                 let (spec, meta) = match obj.as_ref() {
@@ -194,11 +220,7 @@ impl ConfigPipeline {
                     Object::CiliumClusterwideEnvoyConfig(c) => (&c.spec.config, &c.metadata),
                     _ => continue,
                 };
-                let created = meta
-                    .creation_timestamp
-                    .as_ref()
-                    .map(|t| t.0.to_string())
-                    .unwrap_or_default();
+                let created = meta.creation_timestamp.as_ref().map(|t| t.0);
                 configs.push((
                     obj.key(),
                     spec,
@@ -217,13 +239,10 @@ impl ConfigPipeline {
         self.placed.retain(|k, _| live.contains(k));
         self.serving.clear();
 
-        let mut names: HashMap<(&'static str, String), ObjectKey> = HashMap::new();
-        let mut binds = Binds::default();
-        let mut live_listeners = BTreeSet::new();
-        let mut eds_wanted: BTreeSet<(String, String, Vec<String>)> = BTreeSet::new();
-        let mut accepted: Vec<(ObjectKey, Arc<Prepared>)> = Vec::new();
-
-        for (key, spec, rv, _) in &configs {
+        // Phase 1: the version each CEC serves (fresh, last good, or the
+        // ACKed fallback), decoding only what changed.
+        let mut resolved: Vec<(usize, Arc<Prepared>, bool)> = Vec::new();
+        for (i, (key, spec, rv, _)) in configs.iter().enumerate() {
             if !selects(spec.node_selector.as_ref(), &self.node_labels) {
                 continue;
             }
@@ -251,7 +270,9 @@ impl ConfigPipeline {
             };
             let prepared = match fresh {
                 Ok(p) => {
-                    self.last_good.insert(key.clone(), p.clone());
+                    if !self.last_good.get(key).is_some_and(|l| Arc::ptr_eq(l, &p)) {
+                        self.last_good.insert(key.clone(), p.clone());
+                    }
                     p
                 }
                 Err(e) => {
@@ -267,8 +288,21 @@ impl ConfigPipeline {
                     }
                 }
             };
+            resolved.push((i, prepared, nacked));
+        }
 
-            let (listeners, bound) = match self.place_listeners(snap, key, spec, &prepared, &binds)
+        // Phase 2: placement and conflicts, first come first served. Names
+        // borrow from `resolved`, which no longer changes.
+        let mut names = Names::default();
+        let mut binds = Binds::default();
+        let mut live_listeners = BTreeSet::new();
+        let mut eds_wanted: BTreeSet<Wanted<'_>> = BTreeSet::new();
+        let mut accepted: Vec<(ObjectKey, Arc<Prepared>)> = Vec::new();
+
+        for (i, prepared, nacked) in &resolved {
+            let (key, spec, rv, _) = &configs[*i];
+            let nacked = *nacked;
+            let (listeners, bound) = match self.place_listeners(snap, key, spec, prepared, &binds)
             {
                 Ok(v) => v,
                 Err((index, why)) => {
@@ -279,7 +313,7 @@ impl ConfigPipeline {
                     continue;
                 }
             };
-            if let Some(msg) = conflict(key, &bound, &prepared.names, &binds, &names) {
+            if let Some(msg) = conflict(key, &bound, &prepared.names, &binds, &names, &configs) {
                 pass.rejected.insert(key.clone(), msg);
                 continue;
             }
@@ -289,14 +323,14 @@ impl ConfigPipeline {
             for l in &listeners {
                 live_listeners.insert(l.name.clone());
             }
-            let default_ns = &key.namespace;
+            let default_ns = key.namespace.as_str();
             for s in &spec.backend_services {
                 let ns = if s.namespace.is_empty() {
                     default_ns
                 } else {
                     &s.namespace
                 };
-                eds_wanted.insert((ns.clone(), s.name.clone(), s.number.clone()));
+                eds_wanted.insert((ns, &s.name, Cow::Borrowed(&s.number)));
             }
             for s in &spec.services {
                 let ns = if s.namespace.is_empty() {
@@ -305,14 +339,14 @@ impl ConfigPipeline {
                     &s.namespace
                 };
                 let ports = s.ports.iter().map(u16::to_string).collect();
-                eds_wanted.insert((ns.clone(), s.name.clone(), ports));
+                eds_wanted.insert((ns, &s.name, Cow::Owned(ports)));
             }
             self.serving
                 .insert(key.clone(), ((*rv).to_owned(), nacked, prepared.clone()));
             for (t, n) in &prepared.names {
-                names.insert((*t, n.clone()), key.clone());
+                names.insert(t, n, *i);
             }
-            accepted.push((key.clone(), prepared));
+            accepted.push((key.clone(), prepared.clone()));
         }
         self.proxy_ports.retain(&live_listeners);
 
@@ -333,35 +367,72 @@ impl ConfigPipeline {
             pass.served.insert(key.clone(), served);
         }
 
-        let mut eds_names: HashSet<String> = pass
-            .resources
-            .iter()
-            .filter(|r| r.type_url == type_url::ENDPOINT)
-            .map(|r| r.name.clone())
-            .collect();
+        // EDS: refresh the cached assignments whose inputs changed, then
+        // publish each name once (CEC-defined endpoints take precedence).
         let index = SliceIndex::new(snap);
-        self.eds
-            .retain(|k, _| eds_wanted.contains(&(k.0.clone(), k.1.clone(), k.2.clone())));
-        for wanted in eds_wanted {
-            let inputs = index.inputs(snap, &wanted.0, &wanted.1);
-            let fresh = self.eds.get(&wanted).is_some_and(|c| c.inputs == inputs);
-            if !fresh {
-                let resources = index
-                    .assignments(snap, &wanted.0, &wanted.1, &wanted.2)
-                    .into_iter()
-                    .map(|cla| built(cla.cluster_name.clone(), to_any(&cla)))
-                    .collect();
-                self.eds
-                    .insert(wanted.clone(), CachedEds { inputs, resources });
+        self.generation += 1;
+        let generation = self.generation;
+        for (ns, name, ports) in &eds_wanted {
+            let by_ports = self
+                .eds
+                .entry((*ns).to_owned())
+                .or_default()
+                .entry((*name).to_owned())
+                .or_default();
+            match by_ports.get_mut(ports.as_ref()) {
+                Some(c) if index.inputs_equal(snap, ns, name, &c.inputs) => {
+                    c.generation = generation;
+                }
+                _ => {
+                    let resources = index
+                        .assignments(snap, ns, name, ports)
+                        .into_iter()
+                        .map(|cla| built(cla.cluster_name.clone(), to_any(&cla)))
+                        .collect();
+                    by_ports.insert(
+                        ports.clone().into_owned(),
+                        CachedEds {
+                            inputs: index.inputs(snap, ns, name),
+                            resources,
+                            generation,
+                        },
+                    );
+                }
             }
-            if let Some(c) = self.eds.get(&wanted) {
+        }
+        // Selections nobody wants any more are dropped.
+        for by_name in self.eds.values_mut() {
+            for by_ports in by_name.values_mut() {
+                by_ports.retain(|_, c| c.generation == generation);
+            }
+            by_name.retain(|_, by_ports| !by_ports.is_empty());
+        }
+        self.eds.retain(|_, by_name| !by_name.is_empty());
+        let mut eds_out = Vec::new();
+        {
+            let mut eds_names: HashSet<&str> = pass
+                .resources
+                .iter()
+                .filter(|r| r.type_url == type_url::ENDPOINT)
+                .map(|r| r.name.as_str())
+                .collect();
+            for (ns, name, ports) in &eds_wanted {
+                let Some(c) = self
+                    .eds
+                    .get(*ns)
+                    .and_then(|m| m.get(*name))
+                    .and_then(|m| m.get(ports.as_ref()))
+                else {
+                    continue;
+                };
                 for r in &c.resources {
-                    if eds_names.insert(r.name.clone()) {
-                        pass.resources.push(r.clone());
+                    if eds_names.insert(r.name.as_str()) {
+                        eds_out.push(r.clone());
                     }
                 }
             }
         }
+        pass.resources.extend(eds_out);
 
         let (secrets, bad) = tls_secrets(snap);
         let mut secret_names: HashSet<String> = pass
@@ -457,7 +528,8 @@ fn conflict(
     bound: &[(usize, String, String, u32)],
     defined: &[(&'static str, String)],
     binds: &Binds,
-    names: &HashMap<(&'static str, String), ObjectKey>,
+    names: &Names<'_>,
+    configs: &[(ObjectKey, &EnvoyConfigSpec, &str, Option<Timestamp>)],
 ) -> Option<String> {
     for (index, listener, ip, port) in bound {
         if let Some(owner) = binds.owner(ip, *port) {
@@ -467,7 +539,7 @@ fn conflict(
         }
     }
     for (t, n) in defined {
-        if let Some(owner) = names.get(&(*t, n.clone())) {
+        if let Some(owner) = names.get(t, n).map(|i| &configs[i].0) {
             return Some(format!(
                 "{key}: spec.resources: resource {n} is already defined by {owner}"
             ));

@@ -7,6 +7,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use k8s_openapi::api::core::v1::{Endpoints, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use membrane_store::StoreSnapshot;
 
 use crate::envoy_pb::*;
@@ -63,29 +64,47 @@ impl<'a> SliceIndex<'a> {
             .unwrap_or_default()
     }
 
-    /// The resourceVersions the assignments of `ns/name` are computed from
-    /// (Service, its slices, legacy Endpoints): equal inputs, equal output.
-    pub fn inputs(&self, snap: &StoreSnapshot, ns: &str, name: &str) -> Vec<String> {
-        let rv = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
-            format!(
-                "{}/{}",
+    /// The (name, resourceVersion) of everything the assignments of
+    /// `ns/name` are computed from: Service, legacy Endpoints, slices.
+    fn input_iter<'s>(
+        &'s self,
+        snap: &'s StoreSnapshot,
+        ns: &str,
+        name: &str,
+    ) -> impl Iterator<Item = (&'s str, &'s str)> {
+        let meta = |m: &'s ObjectMeta| {
+            (
                 m.name.as_deref().unwrap_or_default(),
-                m.resource_version.as_deref().unwrap_or_default()
+                m.resource_version.as_deref().unwrap_or_default(),
             )
         };
-        let mut out = Vec::new();
-        out.push(
-            snap.get_typed::<Service>(ns, name)
-                .map(|s| rv(&s.metadata))
-                .unwrap_or_default(),
-        );
-        out.push(
-            snap.get_typed::<Endpoints>(ns, name)
-                .map(|e| rv(&e.metadata))
-                .unwrap_or_default(),
-        );
-        out.extend(self.slices(ns, name).iter().map(|s| rv(&s.metadata)));
-        out
+        let svc = snap.get_typed::<Service>(ns, name).map(|s| meta(&s.metadata));
+        let legacy = snap
+            .get_typed::<Endpoints>(ns, name)
+            .map(|e| meta(&e.metadata));
+        [svc.unwrap_or(("", "")), legacy.unwrap_or(("", ""))]
+            .into_iter()
+            .chain(self.slices(ns, name).iter().map(move |s| meta(&s.metadata)))
+    }
+
+    /// See [`Self::inputs_equal`].
+    pub fn inputs(&self, snap: &StoreSnapshot, ns: &str, name: &str) -> Vec<(String, String)> {
+        self.input_iter(snap, ns, name)
+            .map(|(n, rv)| (n.to_owned(), rv.to_owned()))
+            .collect()
+    }
+
+    /// Whether the inputs of `ns/name` are still `cached` (from
+    /// [`Self::inputs`]): equal inputs give equal assignments.
+    pub fn inputs_equal(
+        &self,
+        snap: &StoreSnapshot,
+        ns: &str,
+        name: &str,
+        cached: &[(String, String)],
+    ) -> bool {
+        self.input_iter(snap, ns, name)
+            .eq(cached.iter().map(|(n, rv)| (n.as_str(), rv.as_str())))
     }
 
     /// See [`load_assignments`].

@@ -2,10 +2,12 @@
 //! controller, CEC processing, the xDS server and Envoy are wired together.
 
 pub mod api;
+pub mod api_services;
 #[doc(hidden)]
 pub mod bench;
 pub mod cec;
 pub mod configs;
+pub mod datapath;
 pub mod endpoints;
 pub mod envoy;
 pub mod envoy_pb;
@@ -46,6 +48,8 @@ pub enum AgentError {
     },
     #[error("xDS server: {0}")]
     Xds(String),
+    #[error(transparent)]
+    Datapath(#[from] datapath::DatapathStartError),
     #[error("run directory {path}: {source}")]
     RunDir {
         path: PathBuf,
@@ -71,6 +75,8 @@ pub struct AgentConfig {
     pub secrets_namespace: String,
     /// Mode of Ingresses without `ingress.cilium.io/loadbalancer-mode`.
     pub ingress_default_lb_mode: membrane_ingress::LoadBalancerMode,
+    /// The eBPF service datapath (`--datapath ebpf`); `None` = no datapath.
+    pub datapath: Option<datapath::DatapathOptions>,
 }
 
 impl AgentConfig {
@@ -96,6 +102,10 @@ pub async fn run(
     let cache = SnapshotCache::new();
     let node_id = config.node_id();
     let (envoy_tx, envoy_rx) = watch::channel(EnvoyState::default());
+    let datapath = match config.datapath.clone() {
+        Some(opts) => Some(Arc::new(datapath::DatapathHandle::start(opts)?)),
+        None => None,
+    };
     let state = Arc::new(AgentState {
         store: store.clone(),
         cache: cache.clone(),
@@ -103,7 +113,10 @@ pub async fn run(
         envoy: envoy_rx,
         rejections: Mutex::new(BTreeMap::new()),
         nacks_isolated: Default::default(),
+        datapath: datapath.clone(),
     });
+    let datapath_task =
+        datapath.map(|h| tokio::spawn(datapath::run(h, store.clone(), shutdown.clone())));
 
     let xds_socket = config.xds_socket();
     let xds_task = {
@@ -141,6 +154,9 @@ pub async fn run(
     shutdown.cancel();
     let envoy_result = envoy_task.await;
     let _ = api_task.await;
+    if let Some(t) = datapath_task {
+        let _ = t.await;
+    }
     let _ = xds_task.await;
     match envoy_result {
         Ok(Err(e)) => Err(e.into()),

@@ -21,6 +21,8 @@ pub struct AgentState {
     pub rejections: Mutex<BTreeMap<String, String>>,
     /// How many object versions were quarantined after an Envoy NACK.
     pub nacks_isolated: AtomicU64,
+    /// The eBPF service datapath, when running (`--datapath ebpf`).
+    pub datapath: Option<std::sync::Arc<crate::datapath::DatapathHandle>>,
 }
 
 impl AgentState {
@@ -39,12 +41,22 @@ impl AgentState {
         for (origin, problem) in self.store.problems() {
             rejected.push(json!({"object": origin, "reason": problem}));
         }
+        let datapath = match &self.datapath {
+            Some(dp) => {
+                for (object, reason) in dp.rejections() {
+                    rejected.push(json!({"object": object, "reason": reason}));
+                }
+                dp.status_json()
+            }
+            None => json!({"mode": "none"}),
+        };
         let xds = serde_json::to_value(self.cache.status()).unwrap_or(Value::Null);
         json!({
             "node": self.node_id,
             "envoy": envoy,
             "xds": xds,
             "rejected": rejected,
+            "datapath": datapath,
             "metrics": {
                 "nacks_isolated_total": self.nacks_isolated.load(Ordering::Relaxed),
             },

@@ -68,6 +68,11 @@ enum Command {
     Echo(commands::echo::EchoArgs),
     /// Print the CustomResourceDefinitions Membrane serves.
     Crds,
+    /// Service load balancing of the eBPF datapath (`up --datapath ebpf`).
+    Service {
+        #[command(subcommand)]
+        command: commands::service::ServiceCommand,
+    },
     /// Load-balancing tools (Maglev tables identical to Cilium's).
     Lb {
         #[command(subcommand)]
@@ -151,6 +156,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Lb { command } => commands::lb::run(command),
+        Command::Service { command } => commands::service::run(&api, command).await,
         Command::Conformance { suite } => commands::conformance::run(suite).await,
         Command::Bench { command } => commands::bench::run(command).await,
     }

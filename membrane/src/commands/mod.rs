@@ -5,6 +5,7 @@ pub mod conformance;
 pub mod echo;
 pub mod lb;
 pub mod objects;
+pub mod service;
 pub mod status;
 pub mod translate;
 pub mod up;

@@ -39,6 +39,23 @@ fn human(r: &Value) -> String {
         text(envoy, "/admin_address"),
     ));
     out.push_str(&format!("Node:      {}\n", text(r, "/node")));
+    if r["datapath"]["mode"] == "ebpf" {
+        let dp = &r["datapath"];
+        let devices: Vec<&str> = dp["devices"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.as_str())
+            .collect();
+        out.push_str(&format!(
+            "Datapath:  ebpf ({} services, {} backends, {} conntrack entries; devices {}; pins {})\n",
+            text(dp, "/services"),
+            text(dp, "/backends"),
+            text(dp, "/conntrack_entries"),
+            devices.join(","),
+            text(dp, "/pin_dir"),
+        ));
+    }
     out.push_str("xDS:\n");
     out.push_str(&xds_lines(&r["xds"]));
     let rejected = r["rejected"].as_array().cloned().unwrap_or_default();

@@ -55,6 +55,8 @@ pub struct UpArgs {
     /// `ingress.cilium.io/loadbalancer-mode` annotation: dedicated or shared.
     #[arg(long, default_value = "dedicated")]
     pub ingress_default_lb_mode: membrane_ingress::LoadBalancerMode,
+    #[command(flatten)]
+    pub datapath: super::service::DatapathArgs,
 }
 
 fn parse_protocol(s: &str) -> Result<XdsProtocol, String> {
@@ -105,6 +107,7 @@ pub async fn run(args: UpArgs, api_socket: PathBuf) -> Result<ExitCode> {
         node_labels: parse_labels(&args.node_labels)?,
         secrets_namespace: args.secrets_namespace.clone(),
         ingress_default_lb_mode: args.ingress_default_lb_mode,
+        datapath: args.datapath.options()?,
     };
 
     let store = Store::new();

@@ -1,0 +1,453 @@
+//! `membrane up --datapath ebpf` end to end, as root on the real kernel: a
+//! node network namespace with a client pod and three backend pods (the
+//! eBPF crate's topology), `membrane up` running inside the node namespace,
+//! a ClusterIP Service applied with `membrane apply`, real TCP and UDP
+//! traffic from the client pod, `membrane service list/update`, and an
+//! agent restart that keeps both the quarantine and an established flow.
+//!
+//! Without root/bpffs/nsenter the test skips, except under `CI=true`,
+//! where it fails.
+
+mod common;
+#[path = "../../ebpf/tests/common/mod.rs"]
+mod netns;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{BIN, require_envoy, wait_until};
+use netns::{PinDir, Topology, ask, connect, which_backend, which_backend_udp};
+use serde_json::Value;
+
+const VIP: &str = "10.96.0.10";
+
+fn nsenter_available() -> bool {
+    let ok = Command::new("nsenter")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+        assert!(!ci, "nsenter (util-linux) is required (CI=true)");
+        eprintln!("SKIPPED: nsenter not found");
+    }
+    ok
+}
+
+/// One `membrane up --datapath ebpf` inside the node namespace, stopped
+/// (SIGTERM, then SIGKILL, by PID) on drop.
+struct Agent {
+    child: Child,
+    api: PathBuf,
+    log: PathBuf,
+    stopped: bool,
+}
+
+impl Agent {
+    /// `nsenter --net` only switches the network namespace: unlike
+    /// `ip netns exec` it does not remount /sys, so /sys/fs/bpf (and the
+    /// pins that outlive the agent) stay the host's.
+    fn start(dir: &Path, node_ns: &str, pins: &Path, devices: &str, run: u32) -> Agent {
+        require_envoy();
+        let api = dir.join("api.sock");
+        let log = dir.join(format!("membrane-{run}.log"));
+        let out = std::fs::File::create(&log).expect("log");
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{node_ns}"))
+            .arg(BIN)
+            .arg("--api-socket")
+            .arg(&api)
+            .arg("up")
+            .arg(dir.join("manifests"))
+            .arg("--run-dir")
+            .arg(dir.join("run"))
+            .args(["--envoy-admin-port", "0", "--lb-pool", "127.0.100.0/24"])
+            .args(["--http-port", "18080", "--https-port", "18443"])
+            .args(["--datapath", "ebpf", "--datapath-devices", devices])
+            .arg("--bpf-pin-dir")
+            .arg(pins)
+            .args(["--maglev-table-size", "251", "--max-services", "64"])
+            .env("MEMBRANE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out)
+            .spawn()
+            .expect("spawn nsenter membrane up");
+        let mut a = Agent {
+            child,
+            api,
+            log,
+            stopped: false,
+        };
+        let ready = wait_until(Duration::from_secs(30), || {
+            if let Ok(Some(_)) = a.child.try_wait() {
+                return true;
+            }
+            a.status().is_some_and(|s| {
+                s["envoy"]["running"] == true
+                    && s["datapath"]["mode"] == "ebpf"
+                    && s["datapath"]["syncs"].as_u64().unwrap_or(0) > 0
+            })
+        });
+        let exited = matches!(a.child.try_wait(), Ok(Some(_)));
+        assert!(
+            ready && !exited,
+            "membrane up --datapath ebpf did not become ready:\n{}",
+            a.log_text()
+        );
+        a
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The CLI against this agent, from the root network namespace (the
+    /// API socket is a file): (exit code, stdout, stderr).
+    fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(BIN)
+            .arg("--api-socket")
+            .arg(&self.api)
+            .args(args)
+            .output()
+            .expect("run membrane");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn status(&self) -> Option<Value> {
+        let (_, out, _) = self.cli(&["status", "-o", "json"]);
+        serde_json::from_str(&out).ok()
+    }
+
+    fn services(&self) -> Vec<Value> {
+        let (code, out, err) = self.cli(&["service", "list", "-o", "json"]);
+        assert_eq!(code, 0, "service list failed: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+    }
+
+    fn apply(&self, dir: &Path, yaml: &str) {
+        let f = dir.join(format!("apply-{}.yaml", common::rand_suffix()));
+        std::fs::write(&f, yaml).expect("write");
+        let (code, out, err) = self.cli(&["apply", "-f", f.to_str().unwrap_or_default()]);
+        assert_eq!(code, 0, "apply failed: {out}{err}");
+    }
+
+    /// Graceful stop (SIGTERM), as an operator restarting the agent would.
+    fn stop(&mut self) {
+        if std::mem::replace(&mut self.stopped, true) {
+            return; // reaped: the PID may belong to someone else now
+        }
+        // SAFETY: signalling our own child by PID.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- membrane log ----\n{}", self.log_text());
+        }
+        self.stop();
+    }
+}
+
+/// A ClusterIP Service (TCP 80 and UDP 53 → 8080) over the three backend pods.
+fn echo_service() -> String {
+    let eps: String = (1..=3)
+        .map(|i| {
+            format!(
+                "  - addresses: [\"{}\"]\n    conditions:\n      ready: true\n",
+                netns::backend_ip(i)
+            )
+        })
+        .collect();
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata:
+  name: echo
+  namespace: default
+spec:
+  type: ClusterIP
+  clusterIP: {VIP}
+  clusterIPs: ["{VIP}"]
+  ports:
+    - name: tcp
+      port: 80
+      protocol: TCP
+      targetPort: 8080
+    - name: udp
+      port: 53
+      protocol: UDP
+      targetPort: 8080
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: echo-abc
+  namespace: default
+  labels:
+    kubernetes.io/service-name: echo
+addressType: IPv4
+ports:
+  - name: tcp
+    port: 8080
+    protocol: TCP
+  - name: udp
+    port: 8080
+    protocol: UDP
+endpoints:
+{eps}"#
+    )
+}
+
+/// A Service the datapath rejects in part: an unknown algorithm.
+const BAD_SERVICE: &str = r#"apiVersion: v1
+kind: Service
+metadata:
+  name: bad
+  namespace: default
+  annotations:
+    service.cilium.io/lb-algorithm: roundrobin
+spec:
+  clusterIP: 10.96.0.11
+  ports:
+    - port: 80
+"#;
+
+fn frontend<'a>(services: &'a [Value], fe: &str) -> Option<&'a Value> {
+    services.iter().find(|s| s["frontend"] == fe)
+}
+
+/// (address, state) of a frontend's backends.
+fn backend_states(services: &[Value], fe: &str) -> Vec<(String, String)> {
+    frontend(services, fe)
+        .and_then(|s| s["backends"].as_array())
+        .into_iter()
+        .flatten()
+        .map(|b| {
+            (
+                b["address"].as_str().unwrap_or_default().to_owned(),
+                b["state"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn backends_seen(topo: &Topology, n: usize) -> BTreeSet<String> {
+    let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
+    topo.client_run(|| {
+        (0..n)
+            .map(|_| which_backend(vip).expect("TCP to the ClusterIP"))
+            .collect()
+    })
+}
+
+fn names(v: &[&str]) -> BTreeSet<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn agent_programs_services_quarantines_and_survives_restart() {
+    if !netns::prerequisites() || !nsenter_available() {
+        return;
+    }
+    let pins = PinDir::new("agent");
+    let topo = Topology::new("agent");
+    let devices = topo.node_ifaces.join(",");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    std::fs::create_dir_all(dir.join("manifests")).expect("mkdir");
+
+    let mut agent = Agent::start(dir, &topo.node.name, &pins.0, &devices, 1);
+    let st = agent.status().expect("status");
+    let attached: BTreeSet<String> = st["datapath"]["devices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d.as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        attached,
+        topo.node_ifaces.iter().cloned().collect::<BTreeSet<_>>()
+    );
+
+    // Objects through the local API, as `kubectl apply` would.
+    agent.apply(dir, &echo_service());
+    agent.apply(dir, BAD_SERVICE);
+    let fe = format!("{VIP}:80/TCP");
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            backend_states(&agent.services(), &fe).len() == 3
+        }),
+        "{fe} never got 3 backends: {:?}",
+        agent.services()
+    );
+    let svcs = agent.services();
+    let tcp = frontend(&svcs, &fe).expect("TCP frontend");
+    assert_eq!(tcp["type"], "ClusterIP");
+    assert_eq!(tcp["service"], "default/echo");
+    assert!(
+        frontend(&svcs, &format!("{VIP}:53/UDP")).is_some(),
+        "{svcs:?}"
+    );
+
+    // The bad Service is reported by name and field, and still programmed
+    // with the default algorithm.
+    let st = agent.status().expect("status");
+    let rejected = st["rejected"].as_array().cloned().unwrap_or_default();
+    assert!(
+        rejected.iter().any(|r| r["object"] == "Service default/bad"
+            && r["reason"]
+                .as_str()
+                .is_some_and(|s| s.contains("service.cilium.io/lb-algorithm"))),
+        "{rejected:?}"
+    );
+    assert!(frontend(&svcs, "10.96.0.11:80/TCP").is_some());
+    let (code, _, _) = agent.cli(&["status"]);
+    assert_ne!(code, 0, "status exits non-zero while something is rejected");
+
+    // Real traffic from the client pod: TCP and UDP spread over all three.
+    assert_eq!(backends_seen(&topo, 45), names(&["be1", "be2", "be3"]));
+    let udp_vip: SocketAddr = format!("{VIP}:53").parse().unwrap();
+    let udp: BTreeSet<String> = topo.client_run(|| {
+        (0..45)
+            .map(|_| which_backend_udp(udp_vip).expect("UDP to the ClusterIP"))
+            .collect()
+    });
+    assert_eq!(udp, names(&["be1", "be2", "be3"]));
+
+    // `membrane service list`, Cilium's table.
+    let (code, table, err) = agent.cli(&["service", "list"]);
+    assert_eq!(code, 0, "{err}");
+    let header = table.lines().next().unwrap_or_default();
+    for col in ["ID", "Frontend", "Service Type", "Backend"] {
+        assert!(header.contains(col), "{table}");
+    }
+    assert!(
+        table.lines().any(|l| l.contains(&fe)
+            && l.contains("ClusterIP")
+            && l.contains("1 => 10.244.11.2:8080/TCP (active)")),
+        "{table}"
+    );
+    assert!(
+        table.contains("3 => 10.244.13.2:8080/TCP (active)"),
+        "{table}"
+    );
+
+    // Quarantine be2: new connections avoid it.
+    let be2 = format!("{}:8080", netns::backend_ip(2));
+    let (code, out, err) = agent.cli(&[
+        "service",
+        "update",
+        "--backends",
+        &be2,
+        "--states",
+        "quarantined",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("{be2}/TCP: quarantined")), "{out}");
+    assert!(
+        backend_states(&agent.services(), &fe)
+            .contains(&(format!("{be2}/TCP"), "quarantined".into()))
+    );
+    assert_eq!(backends_seen(&topo, 45), names(&["be1", "be3"]));
+    let (code, table, _) = agent.cli(&["service", "list"]);
+    assert_eq!(code, 0);
+    assert!(
+        table.contains(&format!("{be2}/TCP (quarantined)")),
+        "{table}"
+    );
+    // Unknown backends and states are refused.
+    let (code, _, err) = agent.cli(&[
+        "service",
+        "update",
+        "--backends",
+        "10.1.2.3:80",
+        "--states",
+        "quarantined",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not a backend"), "{err}");
+    let (code, _, _) = agent.cli(&["service", "update", "--backends", &be2, "--states", "gone"]);
+    assert_ne!(code, 0);
+
+    // Stats in the status report.
+    let st = agent.status().expect("status");
+    let stats = &st["datapath"]["stats"];
+    assert!(stats["forward_new"].as_u64().unwrap_or(0) >= 90, "{stats}");
+    assert!(stats["reverse_nat"].as_u64().unwrap_or(0) > 0, "{stats}");
+    assert_eq!(stats["drop_no_backend"], 0, "{stats}");
+
+    // An established connection, then a restart of the agent. Objects
+    // applied through the API live in memory only; the manifest directory
+    // plays the API server's part for the next instance.
+    let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
+    let mut conn = topo.client_run(|| connect(vip).expect("connect"));
+    let first = ask(&mut conn, "before").expect("ask before restart");
+    assert!(first == "be1" || first == "be3", "{first}");
+    std::fs::write(dir.join("manifests/echo.yaml"), echo_service()).expect("write");
+    agent.stop();
+
+    // With no agent at all, the pinned program keeps forwarding.
+    assert_eq!(ask(&mut conn, "agent-down").expect("ask"), first);
+    let down = backends_seen(&topo, 15);
+    assert!(!down.contains("be2"), "{down:?}");
+
+    let agent2 = Agent::start(dir, &topo.node.name, &pins.0, &devices, 2);
+    assert!(
+        agent2.log_text().contains("datapath state restored"),
+        "{}",
+        agent2.log_text()
+    );
+    assert_eq!(
+        ask(&mut conn, "after").expect("established connection after restart"),
+        first
+    );
+    assert!(
+        backend_states(&agent2.services(), &fe)
+            .contains(&(format!("{be2}/TCP"), "quarantined".into())),
+        "{:?}",
+        agent2.services()
+    );
+    assert_eq!(backends_seen(&topo, 45), names(&["be1", "be3"]));
+    let st = agent2.status().expect("status");
+    assert!(
+        st["rejected"].as_array().is_some_and(|r| r.is_empty()),
+        "{st}"
+    );
+
+    // Back to active: be2 takes new connections again.
+    let (code, out, err) = agent2.cli(&[
+        "service",
+        "update",
+        "--backends",
+        &be2,
+        "--states",
+        "active",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(backends_seen(&topo, 45), names(&["be1", "be2", "be3"]));
+    assert_eq!(ask(&mut conn, "end").expect("ask"), first);
+    drop(agent2);
+    drop(agent);
+}
