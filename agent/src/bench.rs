@@ -240,11 +240,7 @@ impl Harness {
     /// One store pass, as the live loop runs it on a store change.
     pub fn pass(&mut self) -> Duration {
         let t = Instant::now();
-        let r0 = self.state.store.revision();
         self.reconciler.store_pass(&self.state);
-        if std::env::var_os("MEMBRANE_PASS_TIMING").is_some() {
-            eprintln!("pass {:?} revision {} -> {}", t.elapsed(), r0, self.state.store.revision());
-        }
         t.elapsed()
     }
 

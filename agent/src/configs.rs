@@ -302,8 +302,7 @@ impl ConfigPipeline {
         for (i, prepared, nacked) in &resolved {
             let (key, spec, rv, _) = &configs[*i];
             let nacked = *nacked;
-            let (listeners, bound) = match self.place_listeners(snap, key, spec, prepared, &binds)
-            {
+            let (listeners, bound) = match self.place_listeners(snap, key, spec, prepared, &binds) {
                 Ok(v) => v,
                 Err((index, why)) => {
                     pass.rejected.insert(

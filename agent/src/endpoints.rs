@@ -78,7 +78,9 @@ impl<'a> SliceIndex<'a> {
                 m.resource_version.as_deref().unwrap_or_default(),
             )
         };
-        let svc = snap.get_typed::<Service>(ns, name).map(|s| meta(&s.metadata));
+        let svc = snap
+            .get_typed::<Service>(ns, name)
+            .map(|s| meta(&s.metadata));
         let legacy = snap
             .get_typed::<Endpoints>(ns, name)
             .map(|e| meta(&e.metadata));

@@ -24,7 +24,11 @@ fn translate_matches_every_golden_case() {
                 for line in rejected.lines().filter(|l| !l.trim().is_empty()) {
                     // Lines are `<ns>/<name>: <message>`.
                     let msg = line.split_once(": ").map_or(line, |(_, m)| m).trim();
-                    assert!(stderr.contains(msg), "{}: stderr lacks {msg:?}:\n{stderr}", case.display());
+                    assert!(
+                        stderr.contains(msg),
+                        "{}: stderr lacks {msg:?}:\n{stderr}",
+                        case.display()
+                    );
                 }
             }
             Err(_) => assert!(out.status.success(), "{}: {stderr}", case.display()),

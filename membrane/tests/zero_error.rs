@@ -54,7 +54,10 @@ fn churn_under_load(protocol: &str, net: &str, pool: &str, port: u16) {
     backends.start_pod(&ip2, "svc-a", "a2");
     backends.start_pod(&ip3, "svc-b", "b1");
     let m = Membrane::start_with(pool, port, port + 1, &["--xds-protocol", protocol]);
-    assert_eq!(m.status()["xds"]["streams"][0]["protocol"], protocol_name(protocol));
+    assert_eq!(
+        m.status()["xds"]["streams"][0]["protocol"],
+        protocol_name(protocol)
+    );
     m.apply(INGRESS_CLASS);
     m.apply(&service_with_endpoints("svc-a", &[ip1.as_str()]));
     m.apply(&service_with_endpoints("svc-b", &[ip3.as_str()]));
@@ -130,5 +133,9 @@ fn churn_under_load(protocol: &str, net: &str, pool: &str, port: u16) {
 }
 
 fn protocol_name(flag: &str) -> &'static str {
-    if flag == "delta" { "delta" } else { "state_of_the_world" }
+    if flag == "delta" {
+        "delta"
+    } else {
+        "state_of_the_world"
+    }
 }

@@ -558,8 +558,8 @@ impl TypeState {
         let Some(all) = snap.shared(&self.type_url) else {
             return Arc::default();
         };
-        let everything = self.names.len() == all.len()
-            && self.names.iter().zip(all.keys()).all(|(a, b)| a == b);
+        let everything =
+            self.names.len() == all.len() && self.names.iter().zip(all.keys()).all(|(a, b)| a == b);
         if self.wildcard || everything {
             all.clone()
         } else {

@@ -142,9 +142,7 @@ fn translate(args: &XdsArgs) -> Result<()> {
 
 /// `p50 … p99 … max …` of samples, in milliseconds.
 pub fn summary(samples: &[Duration]) -> String {
-    let q = |p: f64| {
-        membrane_agent::bench::quantile(&mut samples.to_vec(), p).as_secs_f64() * 1e3
-    };
+    let q = |p: f64| membrane_agent::bench::quantile(&mut samples.to_vec(), p).as_secs_f64() * 1e3;
     format!(
         "p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms (n={})",
         q(0.5),

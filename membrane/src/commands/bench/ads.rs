@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DiscoveryRequest,
-};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use membrane_agent::bench::{Harness, Workload, pod_ip};
 use membrane_store::Object;
 use membrane_xds::type_url;
@@ -162,7 +160,11 @@ impl ServerProc {
     async fn command(&mut self, cmd: &str) -> Result<()> {
         self.stdin.write_all(format!("{cmd}\n").as_bytes()).await?;
         self.stdin.flush().await?;
-        let line = self.stdout.next_line().await?.context("xDS server exited")?;
+        let line = self
+            .stdout
+            .next_line()
+            .await?
+            .context("xDS server exited")?;
         anyhow::ensure!(line == "ok", "xDS server answered {line:?} to {cmd:?}");
         Ok(())
     }
@@ -285,9 +287,11 @@ enum Proto {
 }
 
 async fn connect(addr: &str) -> Result<tonic::transport::Channel> {
-    Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .connect()
-        .await?)
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await?,
+    )
 }
 
 fn spawn_client(
@@ -493,7 +497,10 @@ pub async fn churn(args: &XdsArgs) -> Result<()> {
         cpu.as_secs_f64() * 1e3,
         steps
     );
-    println!("change → both clients received it: {}", summary(&step_times));
+    println!(
+        "change → both clients received it: {}",
+        summary(&step_times)
+    );
     let _ = server.command("quit").await;
     Ok(())
 }

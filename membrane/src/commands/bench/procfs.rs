@@ -31,7 +31,9 @@ pub fn cpu(pid: u32) -> Option<Duration> {
     // SAFETY: sysconf only reads a configuration value.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     let ticks = u64::try_from(ticks).ok().filter(|t| *t > 0)?;
-    Some(Duration::from_nanos((utime + stime) * 1_000_000_000 / ticks))
+    Some(Duration::from_nanos(
+        (utime + stime) * 1_000_000_000 / ticks,
+    ))
 }
 
 pub fn mib(bytes: u64) -> f64 {
