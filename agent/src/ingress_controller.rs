@@ -47,6 +47,87 @@ pub struct IngressPass {
     pub rejected: BTreeMap<ObjectKey, String>,
 }
 
+/// The outcome of translating one Ingress, remembered across passes.
+#[derive(Debug, Clone)]
+enum Memo {
+    /// Dedicated objects applied to the store, with their resourceVersions
+    /// (if someone else changes them, they are applied again).
+    Dedicated {
+        managed: ManagedIngress,
+        applied: Vec<(ObjectKey, String)>,
+    },
+    Shared(SharedPart),
+    Failed(String),
+}
+
+/// What the last shared merge read and produced.
+#[derive(Debug, Clone)]
+struct SharedMemo {
+    inputs: Vec<(ObjectKey, String)>,
+    applied: Vec<(ObjectKey, String)>,
+    managed: Vec<ManagedIngress>,
+    conflicts: Vec<(ObjectKey, String)>,
+}
+
+/// Everything a translation reads besides the options: the Ingress itself
+/// and the Services and Secrets it references, by resourceVersion.
+fn fingerprint(ing: &Ingress, snap: &StoreSnapshot) -> String {
+    let ns = ing.metadata.namespace.clone().unwrap_or_default();
+    let rv = |kind: Kind, name: &str| {
+        let key = ObjectKey {
+            kind,
+            namespace: ns.clone(),
+            name: name.to_owned(),
+        };
+        snap.get(&key)
+            .and_then(|o| o.meta().resource_version.clone())
+            .unwrap_or_else(|| "-".into())
+    };
+    let mut fp = ing.metadata.resource_version.clone().unwrap_or_default();
+    let spec = ing.spec.as_ref();
+    let backends = spec
+        .and_then(|s| s.default_backend.as_ref())
+        .into_iter()
+        .chain(
+            spec.iter()
+                .flat_map(|s| s.rules.iter().flatten())
+                .flat_map(|r| r.http.iter().flat_map(|h| h.paths.iter()))
+                .map(|p| &p.backend),
+        );
+    for b in backends {
+        if let Some(svc) = &b.service {
+            fp.push_str(&format!(" s:{}@{}", svc.name, rv(Kind::Service, &svc.name)));
+        }
+    }
+    for tls in spec.iter().flat_map(|s| s.tls.iter().flatten()) {
+        if let Some(secret) = &tls.secret_name {
+            fp.push_str(&format!(" t:{secret}@{}", rv(Kind::Secret, secret)));
+        }
+    }
+    fp
+}
+
+/// Whether every object still has the resourceVersion we left it at.
+fn untouched(snap: &StoreSnapshot, applied: &[(ObjectKey, String)]) -> bool {
+    applied.iter().all(|(k, rv)| {
+        snap.get(k)
+            .and_then(|o| o.meta().resource_version.as_deref().map(|v| v == rv))
+            .unwrap_or(false)
+    })
+}
+
+/// Apply objects and record the resourceVersions they ended up with.
+fn apply_recorded(store: &Store, objects: Vec<Object>) -> Vec<(ObjectKey, String)> {
+    let keys: Vec<ObjectKey> = objects.iter().map(Object::key).collect();
+    store.apply_all(objects);
+    keys.into_iter()
+        .filter_map(|k| {
+            let rv = store.get(&k)?.meta().resource_version.clone()?;
+            Some((k, rv))
+        })
+        .collect()
+}
+
 fn key_of(kind: Kind, meta: &ObjectMeta) -> ObjectKey {
     ObjectKey {
         kind,
@@ -76,6 +157,12 @@ pub fn reconcile(store: &Store, snap: &StoreSnapshot, opts: &TranslateOptions) -
 #[derive(Debug, Default)]
 pub struct IngressController {
     last_good: HashMap<ObjectKey, SharedPart>,
+    /// Per Ingress: the fingerprint of everything its translation read, and
+    /// what came out. An unchanged Ingress is neither re-translated nor
+    /// re-applied, so one change costs one translation, not one per Ingress.
+    memo: HashMap<ObjectKey, (String, Memo)>,
+    /// The inputs and outputs of the last shared merge.
+    shared_memo: Option<SharedMemo>,
     /// `(namespace, name)` of the Ingresses in the current shared CEC: they
     /// win conflicts against newcomers of the same age.
     serving: BTreeSet<(String, String)>,
@@ -110,44 +197,73 @@ impl IngressController {
             }
             let key = key_of(Kind::Ingress, &ing.metadata);
             let mode = membrane_ingress::loadbalancer_mode(ing, opts.default_lb_mode);
-            let outcome = match mode {
-                Ok(LoadBalancerMode::Dedicated) => {
-                    match membrane_ingress::validate_references(ing, &lookup)
-                        .and_then(|()| membrane_ingress::translate(ing, opts))
-                    {
-                        Ok(t) => {
-                            let cec = key_of(Kind::CiliumEnvoyConfig, &t.cec.metadata);
-                            let service = key_of(Kind::Service, &t.service.metadata);
-                            store.apply(Object::CiliumEnvoyConfig(t.cec));
-                            store.apply(Object::Service(t.service));
-                            store.apply(Object::EndpointSlice(t.endpoint_slice));
-                            pass.managed.push(ManagedIngress {
-                                ingress: key.clone(),
-                                cec,
-                                service,
-                            });
-                            dedicated_owners.insert((key.namespace.clone(), key.name.clone()));
-                            Ok(())
+            let fp = format!("{mode:?} {}", fingerprint(ing, snap));
+            let cached = self
+                .memo
+                .get(&key)
+                .filter(|(f, m)| {
+                    *f == fp
+                        && match m {
+                            Memo::Dedicated { applied, .. } => untouched(snap, applied),
+                            _ => true,
                         }
-                        Err(e) => Err(e),
-                    }
-                }
-                Ok(LoadBalancerMode::Shared) => {
-                    match membrane_ingress::validate_references(ing, &lookup)
-                        .and_then(|()| membrane_ingress::shared_part(ing, opts))
-                    {
-                        Ok(part) => {
-                            self.last_good.insert(key.clone(), part);
-                            shared_keys.insert(key.clone());
-                            Ok(())
+                })
+                .map(|(_, m)| m.clone());
+            let memo = match cached {
+                Some(m) => m,
+                None => {
+                    let m = match mode {
+                        Ok(LoadBalancerMode::Dedicated) => {
+                            match membrane_ingress::validate_references(ing, &lookup)
+                                .and_then(|()| membrane_ingress::translate(ing, opts))
+                            {
+                                Ok(t) => Memo::Dedicated {
+                                    managed: ManagedIngress {
+                                        ingress: key.clone(),
+                                        cec: key_of(Kind::CiliumEnvoyConfig, &t.cec.metadata),
+                                        service: key_of(Kind::Service, &t.service.metadata),
+                                    },
+                                    applied: apply_recorded(
+                                        store,
+                                        vec![
+                                            Object::CiliumEnvoyConfig(t.cec),
+                                            Object::Service(t.service),
+                                            Object::EndpointSlice(t.endpoint_slice),
+                                        ],
+                                    ),
+                                },
+                                Err(e) => Memo::Failed(e.to_string()),
+                            }
                         }
-                        Err(e) => Err(e),
-                    }
+                        Ok(LoadBalancerMode::Shared) => {
+                            match membrane_ingress::validate_references(ing, &lookup)
+                                .and_then(|()| membrane_ingress::shared_part(ing, opts))
+                            {
+                                Ok(part) => Memo::Shared(part),
+                                Err(e) => Memo::Failed(e.to_string()),
+                            }
+                        }
+                        Err(e) => Memo::Failed(e.to_string()),
+                    };
+                    self.memo.insert(key.clone(), (fp, m.clone()));
+                    m
                 }
-                Err(e) => Err(e),
+            };
+            let outcome: Result<(), String> = match memo {
+                Memo::Dedicated { managed, .. } => {
+                    pass.managed.push(managed);
+                    dedicated_owners.insert((key.namespace.clone(), key.name.clone()));
+                    Ok(())
+                }
+                Memo::Shared(part) => {
+                    self.last_good.insert(key.clone(), part);
+                    shared_keys.insert(key.clone());
+                    Ok(())
+                }
+                Memo::Failed(e) => Err(e),
             };
             if let Err(e) = outcome {
-                pass.rejected.insert(key.clone(), e.to_string());
+                pass.rejected.insert(key.clone(), e);
                 // Last good: whatever this Ingress served before stays,
                 // whichever mode that was.
                 if let Some(m) = dedicated_last_good(snap, &key) {
@@ -171,6 +287,11 @@ impl IngressController {
         }
 
         self.last_good.retain(|k, _| shared_keys.contains(k));
+        let live: BTreeSet<ObjectKey> = snap
+            .typed::<Ingress>(None)
+            .map(|i| key_of(Kind::Ingress, &i.metadata))
+            .collect();
+        self.memo.retain(|k, _| live.contains(k));
         self.apply_shared(
             store,
             snap,
@@ -206,32 +327,67 @@ impl IngressController {
         };
         if shared_keys.is_empty() {
             self.serving.clear();
+            self.shared_memo = None;
             delete_shared(store, snap, opts, &cec_key);
             return;
         }
+        // Unchanged inputs and untouched outputs: replay the last merge.
+        let inputs: Vec<(ObjectKey, String)> = shared_keys
+            .iter()
+            .map(|k| {
+                let fp = self.memo.get(k).map(|(f, _)| f.clone()).unwrap_or_default();
+                (k.clone(), fp)
+            })
+            .collect();
+        let memo = match self.shared_memo.take() {
+            Some(m) if m.inputs == inputs && untouched(snap, &m.applied) => m,
+            _ => self.merge_shared(store, opts, shared_keys, inputs, &cec_key, &service_key),
+        };
+        for (key, error) in &memo.conflicts {
+            pass.rejected
+                .entry(key.clone())
+                .or_insert_with(|| error.clone());
+            // Moving into shared mode onto a taken host: keep the old address.
+            if let Some(m) = dedicated_last_good(snap, key) {
+                pass.managed.push(m);
+                dedicated_owners.insert((key.namespace.clone(), key.name.clone()));
+            }
+        }
+        pass.managed.extend(memo.managed.iter().cloned());
+        self.shared_memo = Some(memo);
+    }
+
+    fn merge_shared(
+        &mut self,
+        store: &Store,
+        opts: &TranslateOptions,
+        shared_keys: &BTreeSet<ObjectKey>,
+        inputs: Vec<(ObjectKey, String)>,
+        cec_key: &ObjectKey,
+        service_key: &ObjectKey,
+    ) -> SharedMemo {
         let t = membrane_ingress::merge_shared_preferring(
             shared_keys.iter().filter_map(|k| self.last_good.get(k)),
             &self.serving,
             opts,
         );
         self.serving = t.included.iter().cloned().collect();
-        for c in &t.conflicts {
-            let key = ObjectKey {
-                kind: Kind::Ingress,
-                namespace: c.namespace.clone(),
-                name: c.name.clone(),
-            };
-            pass.rejected
-                .entry(key.clone())
-                .or_insert_with(|| c.error.to_string());
-            // Moving into shared mode onto a taken host: keep the old address.
-            if let Some(m) = dedicated_last_good(snap, &key) {
-                pass.managed.push(m);
-                dedicated_owners.insert((key.namespace.clone(), key.name.clone()));
-            }
-        }
-        for (namespace, name) in &t.included {
-            pass.managed.push(ManagedIngress {
+        let conflicts = t
+            .conflicts
+            .iter()
+            .map(|c| {
+                let key = ObjectKey {
+                    kind: Kind::Ingress,
+                    namespace: c.namespace.clone(),
+                    name: c.name.clone(),
+                };
+                (key, c.error.to_string())
+            })
+            .collect();
+        let managed = t
+            .included
+            .iter()
+            .map(|(namespace, name)| ManagedIngress {
                 ingress: ObjectKey {
                     kind: Kind::Ingress,
                     namespace: namespace.clone(),
@@ -239,11 +395,22 @@ impl IngressController {
                 },
                 cec: cec_key.clone(),
                 service: service_key.clone(),
-            });
+            })
+            .collect();
+        let applied = apply_recorded(
+            store,
+            vec![
+                Object::CiliumEnvoyConfig(t.cec),
+                Object::Service(t.service),
+                Object::EndpointSlice(t.endpoint_slice),
+            ],
+        );
+        SharedMemo {
+            inputs,
+            applied,
+            managed,
+            conflicts,
         }
-        store.apply(Object::CiliumEnvoyConfig(t.cec));
-        store.apply(Object::Service(t.service));
-        store.apply(Object::EndpointSlice(t.endpoint_slice));
     }
 }
 

@@ -392,11 +392,17 @@ mod tests {
         let body = to_go_json(&describe(&sample_request(), &sample_identity())).unwrap();
         let body = String::from_utf8(body).unwrap();
         assert_eq!(body, SAMPLE);
-        // The shared data file lives outside the repository; compare with it when present.
-        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/conformance/ingress/echo-sample-response.json");
-        if let Ok(sample) = std::fs::read_to_string(file) {
-            assert_eq!(body, sample);
+        // The shared data file lives outside the repository; compare with it
+        // when present, and insist on it in CI.
+        let dir =
+            crate::features::resolve_dir(std::path::Path::new(crate::features::DEFAULT_FEATURES));
+        match std::fs::read_to_string(dir.join("echo-sample-response.json")) {
+            Ok(sample) => assert_eq!(body, sample),
+            Err(e) => assert!(
+                std::env::var_os("CI").is_none(),
+                "shared conformance data missing in CI ({}): {e}",
+                dir.display()
+            ),
         }
     }
 

@@ -136,6 +136,14 @@ pub fn resolve_dir(p: &Path) -> PathBuf {
         }
     }
     candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(p));
+    // The shared data directory may also be named explicitly, or sit at the
+    // workplace's fixed location when the checkout lives elsewhere.
+    if let Ok(rest) = p.strip_prefix("../shared") {
+        if let Some(dir) = std::env::var_os("MEMBRANE_SHARED_DIR") {
+            candidates.push(Path::new(&dir).join(rest));
+        }
+        candidates.push(Path::new("/work/shared").join(rest));
+    }
     candidates
         .into_iter()
         .find(|c| c.is_dir())
