@@ -68,7 +68,11 @@ impl Live {
             .args(["--envoy-admin-port", "0", "--lb-pool", "127.100.0.0/16"])
             .args(["--http-port", &args.http_port.to_string()])
             .args(["--https-port", &(args.http_port + 1).to_string()])
-            .env("MEMBRANE_LOG", "warn")
+            // MEMBRANE_BENCH_LOG=membrane_agent=debug shows where passes spend time.
+            .env(
+                "MEMBRANE_LOG",
+                std::env::var("MEMBRANE_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
