@@ -8,41 +8,10 @@ use std::time::Duration;
 
 use common::*;
 
-fn direct_cec(name: &str, port: u16, body: &str) -> String {
-    format!(
-        r#"apiVersion: cilium.io/v2
-kind: CiliumEnvoyConfig
-metadata: {{name: {name}, namespace: default}}
-spec:
-  resources:
-  - "@type": type.googleapis.com/envoy.config.listener.v3.Listener
-    name: direct
-    address: {{socketAddress: {{address: 127.0.0.1, portValue: {port}}}}}
-    filterChains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typedConfig:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          statPrefix: direct
-          routeConfig:
-            virtualHosts:
-            - {{name: all, domains: ["*"], routes: [{{match: {{prefix: /}}, directResponse: {{status: 200, body: {{inlineString: {body}}}}}}}]}}
-          httpFilters:
-          - name: envoy.filters.http.router
-            typedConfig: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-"#
-    )
-}
-
-fn body_at(port: u16) -> Option<String> {
-    let (status, body) = http_get(format!("127.0.0.1:{port}").parse().ok()?, "x", "/").ok()?;
-    (status == 200).then_some(body)
-}
-
 #[test]
 fn a_nacked_cec_is_quarantined_and_siblings_keep_updating() {
     let m = Membrane::start("127.0.105.0/24", 28580, 28581);
-    m.apply(&direct_cec("sibling", 28911, "v1"));
+    m.apply(&direct_cec("sibling", 28911, "v1", "filterChains"));
     assert!(
         wait_until(Duration::from_secs(10), || body_at(28911).as_deref()
             == Some("v1")),
@@ -52,7 +21,7 @@ fn a_nacked_cec_is_quarantined_and_siblings_keep_updating() {
 
     // Another process holds the port: Envoy cannot bind and NACKs.
     let _taken = std::net::TcpListener::bind("127.0.0.1:28912").expect("hold port");
-    m.apply(&direct_cec("victim", 28912, "never"));
+    m.apply(&direct_cec("victim", 28912, "never", "filterChains"));
     let mut rejected = Vec::new();
     assert!(
         wait_until(Duration::from_secs(15), || {
@@ -72,7 +41,7 @@ fn a_nacked_cec_is_quarantined_and_siblings_keep_updating() {
     );
 
     // The sibling still updates.
-    m.apply(&direct_cec("sibling", 28911, "v2"));
+    m.apply(&direct_cec("sibling", 28911, "v2", "filterChains"));
     assert!(
         wait_until(Duration::from_secs(10), || body_at(28911).as_deref()
             == Some("v2")),
@@ -90,7 +59,7 @@ fn a_nacked_cec_is_quarantined_and_siblings_keep_updating() {
     assert_eq!(m.status()["metrics"]["nacks_isolated_total"], 1);
 
     // Fixing the CEC (a free port) lifts the quarantine.
-    m.apply(&direct_cec("victim", 28913, "fixed"));
+    m.apply(&direct_cec("victim", 28913, "fixed", "filterChains"));
     assert!(
         wait_until(Duration::from_secs(10), || body_at(28913).as_deref()
             == Some("fixed")),

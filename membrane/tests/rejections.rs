@@ -14,43 +14,6 @@ fn addr(ip: &str) -> SocketAddr {
     format!("{ip}:{HTTP_PORT}").parse().expect("address")
 }
 
-/// A CEC with one listener on 127.0.0.1:`port` answering `body` directly.
-/// `field` lets a test misspell the filter-chain key.
-fn direct_cec(name: &str, port: u16, body: &str, field: &str) -> String {
-    format!(
-        r#"apiVersion: cilium.io/v2
-kind: CiliumEnvoyConfig
-metadata: {{name: {name}, namespace: default}}
-spec:
-  resources:
-  - "@type": type.googleapis.com/envoy.config.listener.v3.Listener
-    name: direct
-    address: {{socketAddress: {{address: 127.0.0.1, portValue: {port}}}}}
-    {field}:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typedConfig:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          statPrefix: direct
-          routeConfig:
-            virtualHosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {{prefix: /}}
-                directResponse: {{status: 200, body: {{inlineString: {body}}}}}
-          httpFilters:
-          - name: envoy.filters.http.router
-            typedConfig: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-"#
-    )
-}
-
-fn body_at(port: u16) -> Option<String> {
-    let (status, body) = http_get(format!("127.0.0.1:{port}").parse().ok()?, "x", "/").ok()?;
-    (status == 200).then_some(body)
-}
-
 fn assert_rejected(m: &Membrane, object: &str, needles: &[&str]) {
     let mut last = Vec::new();
     let found = wait_until(Duration::from_secs(10), || {
