@@ -15,6 +15,7 @@ pub mod ingress_controller;
 pub mod ingress_status;
 pub mod lb_ipam;
 pub mod nack;
+pub mod nodes;
 pub mod placement;
 pub mod ports;
 pub mod secrets;
@@ -171,6 +172,9 @@ pub struct Reconciler {
     opts: TranslateOptions,
     ingress: ingress_controller::IngressController,
     pipeline: configs::ConfigPipeline,
+    node_labels: BTreeMap<String, String>,
+    /// Snapshots of the other nodes' Envoys.
+    pub nodes: nodes::NodeSnapshots,
     /// The resources behind the snapshot last handed to the cache.
     last_resources: Option<Vec<configs::Built>>,
     pub xds_snapshot: Snapshot,
@@ -190,12 +194,25 @@ impl Reconciler {
             },
             ingress: Default::default(),
             pipeline: configs::ConfigPipeline::new(config.ports, config.node_labels.clone()),
+            node_labels: config.node_labels.clone(),
+            nodes: nodes::NodeSnapshots::new(config.ports),
             last_resources: None,
             xds_snapshot: Snapshot::new(),
             managed: Vec::new(),
             served: BTreeMap::new(),
             logged: BTreeMap::new(),
         }
+    }
+
+    /// Give nodes that connected or changed labels their snapshots.
+    pub fn node_pass(&mut self, state: &AgentState) {
+        self.nodes.pass(
+            &state.store.snapshot(),
+            &state.cache,
+            &state.node_id,
+            &self.node_labels,
+            &self.xds_snapshot,
+        );
     }
 
     /// Recompute the desired configuration from the store and hand it to
@@ -232,9 +249,19 @@ impl Reconciler {
             .is_some_and(|last| same_resources(last, &pass.resources))
         {
             self.xds_snapshot = build_snapshot(&pass.resources);
-            state.cache.set_snapshot(None, self.xds_snapshot.clone());
+            // Without labels of its own the agent's node is the default
+            // node; with labels, its snapshot is node-specific.
+            let own = (!self.node_labels.is_empty()).then_some(state.node_id.as_str());
+            state.cache.set_snapshot(own, self.xds_snapshot.clone());
             self.last_resources = Some(pass.resources);
         }
+        self.nodes.pass(
+            &snap,
+            &state.cache,
+            &state.node_id,
+            &self.node_labels,
+            &self.xds_snapshot,
+        );
         // Where a pass spends its time (MEMBRANE_LOG=membrane_agent=debug).
         debug!(
             ipam_ms = t1.as_secs_f64() * 1e3,
@@ -280,6 +307,9 @@ async fn reconcile_loop(config: &AgentConfig, state: &AgentState, shutdown: Canc
             rec.store_pass(state);
         }
         ack_rx.borrow_and_update();
+        if !store_dirty && rec.nodes.nodes_changed(&state.cache, &state.node_id) {
+            rec.node_pass(state);
+        }
         status_writer.reconcile(
             store,
             &store.snapshot(),
@@ -345,7 +375,7 @@ fn short_type(type_url: &str) -> &str {
     type_url.rsplit('.').next().unwrap_or(type_url)
 }
 
-fn same_resources(a: &[configs::Built], b: &[configs::Built]) -> bool {
+pub(crate) fn same_resources(a: &[configs::Built], b: &[configs::Built]) -> bool {
     a.len() == b.len()
         && a.iter().zip(b).all(|(x, y)| {
             Arc::ptr_eq(x, y) || (x.hash == y.hash && x.name == y.name && x.type_url == y.type_url)

@@ -311,6 +311,9 @@ pub struct StreamStatus {
     pub protocol: Protocol,
     /// Empty until the first request carrying a node arrives.
     pub node_id: String,
+    /// The node's `metadata.labels`, which CEC `nodeSelector`s match.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_labels: BTreeMap<String, String>,
     /// Unix seconds.
     pub connected_since: u64,
     pub types: BTreeMap<String, TypeStatus>,
@@ -405,6 +408,8 @@ impl State {
 struct StreamState {
     protocol: Protocol,
     node_id: Option<String>,
+    /// `node.metadata.labels` (string values) of the first request.
+    node_labels: BTreeMap<String, String>,
     connected_since: u64,
     types: BTreeMap<String, TypeState>,
 }
@@ -898,6 +903,16 @@ impl SnapshotCache {
         self.inner.events.subscribe()
     }
 
+    /// Labels of every identified node with an open stream (its newest
+    /// stream's `node.metadata.labels`), by node id.
+    pub fn connected_node_labels(&self) -> BTreeMap<String, BTreeMap<String, String>> {
+        let st = self.lock();
+        st.streams
+            .values()
+            .filter_map(|s| Some((s.node_id.clone()?, s.node_labels.clone())))
+            .collect()
+    }
+
     /// Node ids of the open streams (those that identified themselves).
     pub fn connected_nodes(&self) -> Vec<String> {
         let st = self.lock();
@@ -919,6 +934,7 @@ impl SnapshotCache {
                     stream_id: *id,
                     protocol: s.protocol,
                     node_id: s.node_id.clone().unwrap_or_default(),
+                    node_labels: s.node_labels.clone(),
                     connected_since: s.connected_since,
                     types: s
                         .types
@@ -971,6 +987,7 @@ impl SnapshotCache {
                 StreamState {
                     protocol,
                     node_id: None,
+                    node_labels: BTreeMap::new(),
                     connected_since: now_unix(),
                     types: BTreeMap::new(),
                 },
@@ -1043,6 +1060,7 @@ impl SnapshotCache {
                 && let Some(node) = req.node
             {
                 stream.node_id = Some(node.id.clone());
+                stream.node_labels = node_labels(node);
                 tick = true;
             }
             let node = stream.node_id.clone();
@@ -1102,4 +1120,25 @@ impl SnapshotCache {
             None => Vec::new(),
         }
     }
+}
+
+/// String-valued entries of `node.metadata.labels`; other shapes are ignored.
+fn node_labels(node: &envoy_types::pb::envoy::config::core::v3::Node) -> BTreeMap<String, String> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let Some(Kind::StructValue(labels)) = node
+        .metadata
+        .as_ref()
+        .and_then(|m| m.fields.get("labels"))
+        .and_then(|v| v.kind.as_ref())
+    else {
+        return BTreeMap::new();
+    };
+    labels
+        .fields
+        .iter()
+        .filter_map(|(k, v)| match &v.kind {
+            Some(Kind::StringValue(s)) => Some((k.clone(), s.clone())),
+            _ => None,
+        })
+        .collect()
 }
