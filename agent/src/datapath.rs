@@ -19,8 +19,8 @@ use membrane_crds::{CiliumClusterwideEnvoyConfig, CiliumEnvoyConfig, EnvoyConfig
 use membrane_ebpf::{Datapath, DatapathConfig, DatapathError, ServiceStatus, SyncReport};
 use membrane_lb::maglev::{BackendState, MaglevConfig};
 use membrane_lb::service::{
-    Algorithm, BackendOverrides, L3n4Addr, LbConfig, Protocol, ServiceEntry, parse_state,
-    state_str, translate,
+    Algorithm, BackendOverrides, FrontendType, L3n4Addr, LbConfig, Protocol, ServiceEntry,
+    parse_state, state_str, translate,
 };
 use membrane_store::{Kind, Object, Store, StoreSnapshot};
 use serde_json::{Value, json};
@@ -118,6 +118,8 @@ struct Inner {
     last_report: SyncReport,
     /// Frontends left to Envoy because a CEC's `spec.services` names them.
     l7_frontends: Vec<String>,
+    /// Problem setting up local delivery of redirected packets, if any.
+    proxy_routing: Option<String>,
 }
 
 impl DatapathHandle {
@@ -139,6 +141,13 @@ impl DatapathHandle {
                 error: Box::new(error),
             })?;
         }
+        // Listeners named by CEC `spec.services` bind their ClusterIPs
+        // transparently; the program assigns those frontends' packets to them.
+        crate::placement::set_transparent(true);
+        let proxy_routing = proxy_routing().err();
+        if let Some(e) = &proxy_routing {
+            warn!(error = %e, "local delivery of packets redirected to Envoy is not set up");
+        }
         info!(
             pin_dir = %opts.pin_dir.display(),
             devices = ?opts.devices,
@@ -154,6 +163,7 @@ impl DatapathHandle {
                 syncs: 0,
                 last_report: SyncReport::default(),
                 l7_frontends: Vec::new(),
+                proxy_routing,
             }),
         })
     }
@@ -199,10 +209,19 @@ impl DatapathHandle {
         // keep them in its remembered desired state after they are cleared.
         let mut t = translate(&services, &slices, &cfg, &BackendOverrides::new());
         let mut l7_frontends = Vec::new();
+        let mut redirects: BTreeMap<L3n4Addr, SocketAddr> = BTreeMap::new();
         t.state.services.retain(|e| {
             let to_envoy = is_l7(&l7, e);
             if to_envoy {
                 l7_frontends.push(format!("{} ({})", e.frontend, e.name));
+                // ClusterIPs are where placement binds the listener
+                // (transparently, on the Service port): deliver to it.
+                if e.kind == FrontendType::ClusterIP && e.frontend.proto == Protocol::Tcp {
+                    redirects.insert(
+                        e.frontend,
+                        SocketAddr::new(e.frontend.addr, e.frontend.port),
+                    );
+                }
             }
             !to_envoy
         });
@@ -231,6 +250,10 @@ impl DatapathHandle {
                 warn!(error = %e, "datapath sync failed");
                 rejections.insert("datapath".into(), format!("sync failed: {e}"));
             }
+        }
+        if let Err(e) = inner.dp.sync_redirects(&redirects) {
+            warn!(error = %e, "programming redirects to Envoy failed");
+            rejections.insert("datapath".into(), format!("redirects to Envoy: {e}"));
         }
         inner.rejections = rejections;
         inner.l7_frontends = l7_frontends;
@@ -325,6 +348,10 @@ impl DatapathHandle {
                 "slots_written": r.slots_written,
             },
             "left_to_envoy": inner.l7_frontends,
+            "redirected_to_envoy": inner.dp.redirects().iter()
+                .map(|(fe, to)| json!({"frontend": fe.to_string(), "listener": to.to_string()}))
+                .collect::<Vec<_>>(),
+            "proxy_routing_error": inner.proxy_routing,
             "stats": stats,
         })
     }
@@ -352,6 +379,75 @@ pub async fn run(handle: Arc<DatapathHandle>, store: Store, shutdown: Cancellati
             }
         }
     }
+}
+
+/// Routing table for packets the program assigned to a proxy socket.
+const PROXY_TABLE: &str = "2004";
+
+/// Packets marked by the program (assigned to an Envoy socket) are routed
+/// to a table whose only route is `local default dev lo`: they are
+/// delivered to the socket with their destination (a ClusterIP, not local)
+/// unchanged instead of being forwarded. Idempotent.
+fn proxy_routing() -> Result<(), String> {
+    let mark = format!(
+        "{:#x}/{:#x}",
+        membrane_ebpf::PROXY_MARK,
+        membrane_ebpf::PROXY_MARK_MASK
+    );
+    let ip = |args: &[&str]| -> Result<String, String> {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .map_err(|e| format!("running ip: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    for (family, default) in [("-4", "0.0.0.0/0"), ("-6", "::/0")] {
+        let r = (|| {
+            let rules = ip(&[family, "rule", "show"])?;
+            if !rules
+                .lines()
+                .any(|l| l.contains(&format!("lookup {PROXY_TABLE}")))
+            {
+                ip(&[
+                    family,
+                    "rule",
+                    "add",
+                    "fwmark",
+                    &mark,
+                    "lookup",
+                    PROXY_TABLE,
+                    "pref",
+                    "9",
+                ])?;
+            }
+            ip(&[
+                family,
+                "route",
+                "replace",
+                "local",
+                default,
+                "dev",
+                "lo",
+                "table",
+                PROXY_TABLE,
+            ])
+            .map(|_| ())
+        })();
+        // IPv6 may be disabled; IPv4 is what must work.
+        match (r, family) {
+            (Err(e), "-4") => return Err(e),
+            (Err(e), _) => warn!(error = %e, "IPv6 proxy routing not set up"),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// `ns/name` → ports (empty: all) of Services a CEC/CCEC redirects to Envoy.

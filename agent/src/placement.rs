@@ -2,9 +2,17 @@
 //! that `spec.services` points at binds the LoadBalancer address of that
 //! Service on its ports — the effect Cilium gets by redirecting the VIP to
 //! the proxy port. Other address-less listeners get a proxy port on loopback.
+//!
+//! With the eBPF datapath (transparent mode), such a listener also binds the
+//! Service's ClusterIPs on the Service ports, transparent and freebind: the
+//! tc program assigns packets for those frontends to the listener's socket
+//! without rewriting them, so Envoy sees the original destination as the
+//! connection's local address.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use envoy_types::pb::google::protobuf::BoolValue;
 use k8s_openapi::api::core::v1::Service;
 use membrane_crds::EnvoyConfigSpec;
 use membrane_store::StoreSnapshot;
@@ -13,6 +21,37 @@ use crate::cec::ParsedCec;
 use crate::envoy_pb::*;
 use crate::lb_ipam::lb_ip;
 use crate::ports::ProxyPorts;
+
+/// Set once by the eBPF datapath at startup (a process-wide mode, like the
+/// datapath itself): CEC `spec.services` ClusterIPs are bound transparently.
+static TRANSPARENT: AtomicBool = AtomicBool::new(false);
+
+/// Turns transparent ClusterIP binds on (the eBPF datapath redirects those
+/// frontends to the listeners).
+pub fn set_transparent(on: bool) {
+    TRANSPARENT.store(on, Ordering::Relaxed);
+}
+
+pub fn transparent() -> bool {
+    TRANSPARENT.load(Ordering::Relaxed)
+}
+
+/// The ClusterIPs of a Service (none for headless Services).
+pub fn cluster_ips(svc: &Service) -> Vec<std::net::IpAddr> {
+    let Some(spec) = svc.spec.as_ref() else {
+        return Vec::new();
+    };
+    let mut out: Vec<std::net::IpAddr> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .chain(spec.cluster_ip.iter())
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
 
 /// Port overrides for the well-known HTTP ports (`--http-port`/`--https-port`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,9 +100,15 @@ pub fn frontends(
         let Some(svc) = snap.get_typed::<Service>(ns, &entry.name) else {
             continue;
         };
-        let Some(ip) = lb_ip(svc) else {
-            continue;
+        let lb = lb_ip(svc);
+        let cips = if transparent() {
+            cluster_ips(svc)
+        } else {
+            Vec::new()
         };
+        if lb.is_none() && cips.is_empty() {
+            continue;
+        }
         let svc_ports: Vec<u16> = if entry.ports.is_empty() {
             svc.spec
                 .iter()
@@ -80,9 +125,17 @@ pub fn frontends(
         };
         let binds = out.entry(listener).or_default();
         for p in svc_ports {
-            let bind = (ip.to_string(), ports.map(p));
-            if !binds.contains(&bind) {
-                binds.push(bind);
+            // The LB address keeps the mapped port (the up-mode contract);
+            // ClusterIPs are bound on the Service port itself, which is the
+            // destination the redirected packets carry.
+            let want = lb
+                .map(|ip| (ip.to_string(), ports.map(p)))
+                .into_iter()
+                .chain(cips.iter().map(|ip| (ip.to_string(), p)));
+            for bind in want {
+                if !binds.contains(&bind) {
+                    binds.push(bind);
+                }
             }
         }
     }
@@ -102,10 +155,17 @@ pub fn place(
             continue;
         }
         let addrs: Vec<Address> = match binds.get(&pl.local_name) {
-            Some(b) if !b.is_empty() => b
-                .iter()
-                .map(|(ip, port)| socket_address(ip, *port))
-                .collect(),
+            Some(b) if !b.is_empty() => {
+                if transparent() {
+                    // Accepts packets for addresses that are not local and
+                    // answers from them (IP_TRANSPARENT, IP_FREEBIND).
+                    pl.listener.transparent = Some(BoolValue { value: true });
+                    pl.listener.freebind = Some(BoolValue { value: true });
+                }
+                b.iter()
+                    .map(|(ip, port)| socket_address(ip, *port))
+                    .collect()
+            }
             _ => {
                 let Some(port) = proxy_ports.port_for(&pl.listener.name, reserved) else {
                     return Err((pl.index, "no free proxy port left".into()));

@@ -91,6 +91,16 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lb_affinity SEC(".maps");
 
+/* Frontends delivered to a local (Envoy) listener instead of a backend:
+ * frontend -> the listener's address and port. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct lb_svc_key);
+	__type(value, struct lb_rnat_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_redirect SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, LB_STAT_MAX);
@@ -399,6 +409,68 @@ static __always_inline int forward(struct __sk_buff *skb, struct pkt *p,
 	return fib_redirect(skb, p, p->t.saddr, new_addr);
 }
 
+static __always_inline struct bpf_sock *
+skc_lookup(struct __sk_buff *skb, const struct pkt *p, const __u8 *daddr, __be16 dport)
+{
+	struct bpf_sock_tuple tup = {};
+	__u32 len;
+
+	if (p->t.family == LB_FAMILY_V4) {
+		__builtin_memcpy(&tup.ipv4.saddr, p->t.saddr, 4);
+		__builtin_memcpy(&tup.ipv4.daddr, daddr, 4);
+		tup.ipv4.sport = p->t.sport;
+		tup.ipv4.dport = dport;
+		len = sizeof(tup.ipv4);
+	} else {
+		__builtin_memcpy(tup.ipv6.saddr, p->t.saddr, 16);
+		__builtin_memcpy(tup.ipv6.daddr, daddr, 16);
+		tup.ipv6.sport = p->t.sport;
+		tup.ipv6.dport = dport;
+		len = sizeof(tup.ipv6);
+	}
+	return bpf_skc_lookup_tcp(skb, &tup, len, BPF_F_CURRENT_NETNS, 0);
+}
+
+/* Transparent redirect (Cilium's tproxy without iptables): the packet
+ * keeps its destination (the frontend, which Envoy then sees as the local
+ * address) and is assigned to the proxy's socket: the connection's own
+ * socket once it exists, else the listener. The mark makes the stack
+ * deliver it locally (policy routing set up by the agent). */
+static __always_inline int to_proxy(struct __sk_buff *skb, const struct pkt *p,
+				    const struct lb_rnat_value *target)
+{
+	struct bpf_sock *sk;
+
+	/* Only TCP listeners are proxied; other protocols pass untouched. */
+	if (p->t.proto != IPPROTO_TCP)
+		return TC_ACT_OK;
+	sk = skc_lookup(skb, p, p->t.daddr, p->t.dport);
+	if (sk && (sk->state == BPF_TCP_LISTEN || sk->state == BPF_TCP_TIME_WAIT)) {
+		bpf_sk_release(sk);
+		sk = NULL;
+	}
+	if (!sk) {
+		sk = skc_lookup(skb, p, target->addr, target->port);
+		if (sk && sk->state != BPF_TCP_LISTEN) {
+			bpf_sk_release(sk);
+			sk = NULL;
+		}
+	}
+	if (!sk) {
+		stat_inc(LB_STAT_DROP_NO_LISTENER);
+		return TC_ACT_SHOT;
+	}
+	long r = bpf_sk_assign(skb, sk, 0);
+	bpf_sk_release(sk);
+	if (r < 0) {
+		stat_inc(LB_STAT_DROP_NO_LISTENER);
+		return TC_ACT_SHOT;
+	}
+	skb->mark = (skb->mark & ~LB_PROXY_MARK_MASK) | LB_PROXY_MARK;
+	stat_inc(LB_STAT_REDIRECT);
+	return TC_ACT_OK;
+}
+
 SEC("classifier")
 int membrane_lb(struct __sk_buff *skb)
 {
@@ -417,6 +489,11 @@ int membrane_lb(struct __sk_buff *skb)
 	sk.port = p.t.dport;
 	sk.proto = p.t.proto;
 	sk.family = p.t.family;
+	struct lb_rnat_value *proxy = bpf_map_lookup_elem(&lb_redirect, &sk);
+	if (proxy) {
+		struct lb_rnat_value v = *proxy;
+		return to_proxy(skb, &p, &v);
+	}
 	struct lb_svc_value *svc = bpf_map_lookup_elem(&lb_services, &sk);
 	if (svc) {
 		struct lb_svc_value v = *svc;

@@ -27,7 +27,15 @@
 #define LB_STAT_DROP_MALFORMED 6
 #define LB_STAT_AFFINITY_HIT 7
 #define LB_STAT_RESELECT 8
+#define LB_STAT_REDIRECT 9
+#define LB_STAT_DROP_NO_LISTENER 10
 #define LB_STAT_MAX 16
+
+/* Packets handed to a local proxy socket carry this mark (under
+ * LB_PROXY_MARK_MASK); the agent routes marked packets to the local table
+ * so they are delivered instead of forwarded. */
+#define LB_PROXY_MARK 0x0e00
+#define LB_PROXY_MARK_MASK 0x0f00
 
 /* A frontend: address (IPv4 in the first 4 bytes), port in network order. */
 struct lb_svc_key {

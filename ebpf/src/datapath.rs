@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
@@ -17,8 +18,8 @@ use membrane_lb::service::{
 
 use crate::maps::{
     ALG_MAGLEV, ALG_RANDOM, AffinityKey, AffinityValue, BackendValue, CtValue, MAP_AFFINITY,
-    MAP_BACKENDS, MAP_CT, MAP_MAGLEV, MAP_RNAT, MAP_SERVICES, MAP_SLOTS, MAP_STATS, RnatValue,
-    SlotKey, Stat, SvcKey, SvcValue, Tuple, state_from_num,
+    MAP_BACKENDS, MAP_CT, MAP_MAGLEV, MAP_REDIRECT, MAP_RNAT, MAP_SERVICES, MAP_SLOTS, MAP_STATS,
+    RnatValue, SlotKey, Stat, SvcKey, SvcValue, Tuple, addr_bytes, addr_from_bytes, state_from_num,
 };
 
 /// The compiled object (see build.rs).
@@ -170,6 +171,9 @@ pub struct Datapath {
     rnat: HashMap<MapData, Tuple, RnatValue>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     stats: PerCpuArray<MapData, u64>,
+    redirect: HashMap<MapData, SvcKey, RnatValue>,
+    /// Mirror of `lb_redirect`: frontend → proxy listener.
+    redirects: BTreeMap<L3n4Addr, SocketAddr>,
     links: BTreeMap<String, FdLink>,
     svcs: BTreeMap<L3n4Addr, SvcState>,
     svc_ids: IdAllocator,
@@ -256,6 +260,7 @@ impl Datapath {
         let rnat = HashMap::try_from(take(MAP_RNAT)?).map_err(map_err(MAP_RNAT))?;
         let affinity = HashMap::try_from(take(MAP_AFFINITY)?).map_err(map_err(MAP_AFFINITY))?;
         let stats = PerCpuArray::try_from(take(MAP_STATS)?).map_err(map_err(MAP_STATS))?;
+        let redirect = HashMap::try_from(take(MAP_REDIRECT)?).map_err(map_err(MAP_REDIRECT))?;
         let mut dp = Datapath {
             cfg,
             ebpf,
@@ -267,6 +272,8 @@ impl Datapath {
             rnat,
             affinity,
             stats,
+            redirect,
+            redirects: BTreeMap::new(),
             links: BTreeMap::new(),
             svcs: BTreeMap::new(),
             svc_ids: IdAllocator::new(0),
@@ -292,6 +299,14 @@ impl Datapath {
             }
             self.backend_ids.insert(addr, id);
             self.backend_vals.insert(id, v);
+        }
+        for kv in self.redirect.iter() {
+            let (k, v) = kv.map_err(map_err(MAP_REDIRECT))?;
+            let (Some(fe), Some(ip)) = (k.to_l3n4(), addr_from_bytes(&v.addr, k.family)) else {
+                continue;
+            };
+            self.redirects
+                .insert(fe, SocketAddr::new(ip, u16::from_be(v.port)));
         }
         let m = self.cfg.maglev.m();
         let mut entries = Vec::new();
@@ -676,6 +691,55 @@ impl Datapath {
             },
         );
         Ok(())
+    }
+
+    /// Programs the frontends delivered to local proxy listeners (Envoy)
+    /// instead of backends: `frontend → listener address`. Only TCP
+    /// frontends are redirected; the listener must be transparent (its
+    /// connections keep the frontend as local address) and marked packets
+    /// must be routed locally (see [`crate::maps::PROXY_MARK`]). Writes
+    /// only differences; returns how many entries changed.
+    pub fn sync_redirects(
+        &mut self,
+        want: &BTreeMap<L3n4Addr, SocketAddr>,
+    ) -> Result<usize, DatapathError> {
+        let mut changed = 0;
+        let stale: Vec<L3n4Addr> = self
+            .redirects
+            .keys()
+            .filter(|fe| !want.contains_key(fe))
+            .copied()
+            .collect();
+        for fe in stale {
+            match self.redirect.remove(&SvcKey::from_l3n4(&fe)) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(MAP_REDIRECT)(e)),
+            }
+            self.redirects.remove(&fe);
+            changed += 1;
+        }
+        for (fe, target) in want {
+            if self.redirects.get(fe) == Some(target) {
+                continue;
+            }
+            let (addr, _) = addr_bytes(target.ip());
+            let v = RnatValue {
+                addr,
+                port: target.port().to_be(),
+                pad: [0; 2],
+            };
+            self.redirect
+                .insert(SvcKey::from_l3n4(fe), v, 0)
+                .map_err(map_err(MAP_REDIRECT))?;
+            self.redirects.insert(*fe, *target);
+            changed += 1;
+        }
+        Ok(changed)
+    }
+
+    /// Frontends redirected to proxy listeners.
+    pub fn redirects(&self) -> &BTreeMap<L3n4Addr, SocketAddr> {
+        &self.redirects
     }
 
     /// Sets an operator state on a backend (Cilium's `service update

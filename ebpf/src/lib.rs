@@ -16,4 +16,4 @@ pub use datapath::{
     BackendStatus, DEFAULT_PIN_DIR, Datapath, DatapathConfig, DatapathError, LB_OBJECT,
     PROGRAM_NAME, ServiceStatus, SyncReport, check_bpffs,
 };
-pub use maps::Stat;
+pub use maps::{PROXY_MARK, PROXY_MARK_MASK, Stat};

@@ -31,7 +31,13 @@ pub const MAP_CT: &str = "lb_ct";
 pub const MAP_RNAT: &str = "lb_rnat";
 pub const MAP_AFFINITY: &str = "lb_affinity";
 pub const MAP_STATS: &str = "lb_stats";
-pub const ALL_MAPS: [&str; 8] = [
+/// Frontend → local proxy listener (value laid out as [`RnatValue`]).
+pub const MAP_REDIRECT: &str = "lb_redirect";
+/// Mark (under [`PROXY_MARK_MASK`]) on packets assigned to a local proxy
+/// socket; they must be routed to the local table (see `LB_PROXY_MARK`).
+pub const PROXY_MARK: u32 = 0x0e00;
+pub const PROXY_MARK_MASK: u32 = 0x0f00;
+pub const ALL_MAPS: [&str; 9] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_SLOTS,
@@ -40,6 +46,7 @@ pub const ALL_MAPS: [&str; 8] = [
     MAP_RNAT,
     MAP_AFFINITY,
     MAP_STATS,
+    MAP_REDIRECT,
 ];
 
 #[repr(C)]
@@ -261,10 +268,12 @@ pub enum Stat {
     DropMalformed = 6,
     AffinityHit = 7,
     Reselect = 8,
+    Redirect = 9,
+    DropNoListener = 10,
 }
 
 impl Stat {
-    pub const ALL: [Stat; 9] = [
+    pub const ALL: [Stat; 11] = [
         Stat::FwdNew,
         Stat::FwdEstablished,
         Stat::RevNat,
@@ -274,6 +283,8 @@ impl Stat {
         Stat::DropMalformed,
         Stat::AffinityHit,
         Stat::Reselect,
+        Stat::Redirect,
+        Stat::DropNoListener,
     ];
 
     pub fn name(self) -> &'static str {
@@ -287,6 +298,8 @@ impl Stat {
             Stat::DropMalformed => "malformed",
             Stat::AffinityHit => "affinity_hit",
             Stat::Reselect => "reselect",
+            Stat::Redirect => "redirect_to_proxy",
+            Stat::DropNoListener => "drop_no_proxy_listener",
         }
     }
 }

@@ -553,3 +553,51 @@ fn restore_from_pinned_maps() {
         "{err}"
     );
 }
+
+#[test]
+fn redirected_frontend_without_listener_is_dropped_and_counted() {
+    let Some((_pins, mut dp)) = load("redir", 251) else {
+        return;
+    };
+    let fe = L3n4Addr::new(ip("10.96.0.20"), 80, Protocol::Tcp);
+    let udp_fe = L3n4Addr::new(ip("10.96.0.20"), 53, Protocol::Udp);
+    let want: std::collections::BTreeMap<L3n4Addr, std::net::SocketAddr> = [
+        (fe, "10.96.0.20:80".parse().unwrap()),
+        (udp_fe, "10.96.0.20:53".parse().unwrap()),
+    ]
+    .into();
+    assert_eq!(dp.sync_redirects(&want).unwrap(), 2);
+    assert_eq!(
+        dp.sync_redirects(&want).unwrap(),
+        0,
+        "no difference, no write"
+    );
+    assert_eq!(dp.redirects(), &want);
+
+    // No socket listens in this namespace: the SYN is dropped (not
+    // forwarded anywhere with its ClusterIP destination) and counted.
+    let syn = tcp4("10.244.1.2", 40000, "10.96.0.20", 80, SYN);
+    let (ret, _) = run(&dp, &syn);
+    assert_eq!(ret, TC_ACT_SHOT);
+    // UDP is not proxied: it passes to the stack unchanged.
+    let udp = pkt::frame(
+        ip("10.244.1.2"),
+        40000,
+        ip("10.96.0.20"),
+        53,
+        UDP,
+        0,
+        b"q",
+        false,
+    );
+    let (ret, out) = run(&dp, &udp);
+    assert_eq!((ret, out), (TC_ACT_OK, udp));
+    let st = dp.stats().unwrap();
+    assert_eq!(st[&Stat::DropNoListener], 1);
+    assert_eq!(st[&Stat::FwdNew], 0);
+
+    dp.sync_redirects(&Default::default()).unwrap();
+    assert!(dp.redirects().is_empty());
+    let (ret, out) = run(&dp, &syn);
+    assert_eq!((ret, out), (TC_ACT_OK, syn), "no longer redirected");
+}

@@ -451,3 +451,260 @@ fn agent_programs_services_quarantines_and_survives_restart() {
     drop(agent2);
     drop(agent);
 }
+
+/// Backend pods for the redirect test: the line echo server on 8080 (the
+/// topology's readiness check) and an HTTP server on 8081 answering with
+/// the pod's name.
+const ECHO_AND_HTTP_PY: &str = r#"
+import socket, sys, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+name, port = sys.argv[1], int(sys.argv[2])
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = name.encode()
+        self.send_response(200)
+        self.send_header('content-length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+threading.Thread(target=ThreadingHTTPServer(('0.0.0.0', port + 1), H).serve_forever, daemon=True).start()
+def handle(c):
+    try:
+        for line in c.makefile('rb'):
+            c.sendall(name.encode() + b' ' + line)
+    except OSError:
+        pass
+    finally:
+        c.close()
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('::', port)); s.listen(128)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=handle, args=(c,), daemon=True).start()
+"#;
+
+fn echo_and_http(ns: &netns::Netns, name: &str, port: u16) -> netns::Proc {
+    let child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            "python3",
+            "-c",
+            ECHO_AND_HTTP_PY,
+            name,
+        ])
+        .arg(port.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn echo+http server");
+    netns::Proc(child)
+}
+
+const WEB_VIP: &str = "10.96.0.20";
+
+/// ClusterIP Service `web` (80 → 8081 on the three backend pods) and a CEC
+/// that lists it in `services` (redirect to its listener) and in
+/// `backendServices` (EDS for the route's cluster).
+fn web_service_and_cec() -> String {
+    let eps: String = (1..=3)
+        .map(|i| {
+            format!(
+                "  - addresses: [\"{}\"]\n    conditions:\n      ready: true\n",
+                netns::backend_ip(i)
+            )
+        })
+        .collect();
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  type: ClusterIP
+  clusterIP: {WEB_VIP}
+  clusterIPs: ["{WEB_VIP}"]
+  ports:
+    - {{name: http, port: 80, protocol: TCP, targetPort: 8081}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc
+  namespace: default
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports:
+  - {{name: http, port: 8081, protocol: TCP}}
+endpoints:
+{eps}---
+apiVersion: cilium.io/v2
+kind: CiliumEnvoyConfig
+metadata: {{name: web-l7, namespace: default}}
+spec:
+  services:
+    - {{name: web, namespace: default, ports: [80]}}
+  backendServices:
+    - {{name: web, namespace: default}}
+  resources:
+  - "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+    name: web-l7
+    filterChains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typedConfig:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          statPrefix: web
+          routeConfig:
+            virtualHosts:
+            - name: web
+              domains: ["*"]
+              routes:
+              - match: {{prefix: /}}
+                route: {{cluster: "default/web:80"}}
+                responseHeadersToAdd:
+                - header: {{key: x-membrane-route, value: web-l7}}
+                - header: {{key: x-original-dst, value: "%DOWNSTREAM_LOCAL_ADDRESS%"}}
+          httpFilters:
+          - name: envoy.filters.http.router
+            typedConfig: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  - "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+    name: "default/web:80"
+    type: EDS
+    connectTimeout: 2s
+    edsClusterConfig: {{serviceName: "default/web:80"}}
+"#
+    )
+}
+
+/// Status, lower-cased headers and body of an HTTP response.
+type HttpReply = (u16, Vec<(String, String)>, String);
+
+/// One HTTP/1.1 GET.
+fn http_get_raw(addr: SocketAddr) -> std::io::Result<HttpReply> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    s.write_all(b"GET / HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n")?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("no header end: {raw:?}")))?;
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line: {head:?}")))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Ok((status, headers, body.to_owned()))
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// A ClusterIP:80 named in a CEC's `spec.services` is delivered by the tc
+/// program to that CEC's Envoy listener (bpf_sk_assign to a transparent
+/// listener, no address rewrite): the client pod's request is answered
+/// through Envoy's route (its response headers), Envoy sees the ClusterIP
+/// as the connection's local address (the original destination), and it
+/// reaches the Service's backend pods through EDS.
+#[test]
+fn cec_service_frontend_is_redirected_to_envoy() {
+    if !netns::prerequisites() || !nsenter_available() {
+        return;
+    }
+    let pins = PinDir::new("redirect");
+    let topo = Topology::with_servers("redir", echo_and_http);
+    let devices = topo.node_ifaces.join(",");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    std::fs::create_dir_all(dir.join("manifests")).expect("mkdir");
+    let agent = Agent::start(dir, &topo.node.name, &pins.0, &devices, 1);
+    agent.apply(dir, &web_service_and_cec());
+    // A plain Service next to it still goes through the BPF load balancer.
+    agent.apply(dir, &echo_service());
+
+    let fe = format!("{WEB_VIP}:80/TCP");
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            agent.status().is_some_and(|s| {
+                s["datapath"]["redirected_to_envoy"]
+                    .as_array()
+                    .is_some_and(|r| r.iter().any(|e| e["frontend"] == fe.as_str()))
+            })
+        }),
+        "{fe} never redirected: {:?}",
+        agent.status()
+    );
+    let st = agent.status().expect("status");
+    assert_eq!(st["datapath"]["proxy_routing_error"], Value::Null, "{st}");
+    // Not load-balanced by BPF: it belongs to Envoy.
+    assert!(frontend(&agent.services(), &fe).is_none());
+
+    let vip: SocketAddr = format!("{WEB_VIP}:80").parse().unwrap();
+    // Envoy gets the listener and EDS asynchronously: poll until it answers.
+    let mut seen = BTreeSet::new();
+    let mut last = String::new();
+    let answered = wait_until(Duration::from_secs(30), || {
+        match topo.client_run(|| http_get_raw(vip)) {
+            Ok((200, headers, body)) => {
+                assert_eq!(
+                    header(&headers, "x-membrane-route"),
+                    Some("web-l7"),
+                    "routed by the CEC's route: {headers:?}"
+                );
+                assert!(
+                    header(&headers, "x-envoy-upstream-service-time").is_some(),
+                    "{headers:?}"
+                );
+                assert_eq!(
+                    header(&headers, "x-original-dst"),
+                    Some(format!("{WEB_VIP}:80").as_str()),
+                    "Envoy sees the original destination"
+                );
+                seen.insert(body);
+                true
+            }
+            other => {
+                last = format!("{other:?}");
+                false
+            }
+        }
+    });
+    assert!(
+        answered,
+        "no answer through Envoy: {last}\n{}",
+        agent.log_text()
+    );
+    // More requests: EDS spreads them over the three backend pods.
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            if let Ok((200, _, body)) = topo.client_run(|| http_get_raw(vip)) {
+                seen.insert(body);
+            }
+            seen.len() == 3
+        }),
+        "backends reached through Envoy: {seen:?}"
+    );
+    assert_eq!(seen, names(&["be1", "be2", "be3"]));
+
+    let stats = &agent.status().expect("status")["datapath"]["stats"];
+    assert!(
+        stats["redirect_to_proxy"].as_u64().unwrap_or(0) > 0,
+        "{stats}"
+    );
+    // The other Service is still DNATed by the program.
+    assert_eq!(backends_seen(&topo, 30), names(&["be1", "be2", "be3"]));
+}
