@@ -18,3 +18,13 @@ target="${CARGO_TARGET_DIR:-target}"
 "$target/debug/membrane" conformance ingress \
   --ingress-class-wait 20s --scale-settle 3s \
   --report "$target/conformance-ingress.json"
+echo "== ingress conformance, eBPF datapath (Ingress VIP redirected on lo)"
+# The pins outlive the run (forwarding survives agent restarts); removing
+# them detaches the program from lo.
+pins=/sys/fs/bpf/membrane-conformance-$$
+trap 'rm -rf "$pins"' EXIT
+"$target/debug/membrane" conformance ingress \
+  --ingress-class-wait 20s --scale-settle 3s \
+  --up-arg=--datapath --up-arg=ebpf --up-arg=--datapath-devices --up-arg=lo \
+  --up-arg=--bpf-pin-dir --up-arg="$pins" \
+  --report "$target/conformance-ingress-ebpf.json"

@@ -23,7 +23,9 @@ use membrane_xds::codec::type_url;
 use crate::cec::{ParsedCec, parse_cec};
 use crate::endpoints::SliceIndex;
 use crate::envoy_pb::*;
-use crate::placement::{PortMap, bound_addresses, collides, frontends, place};
+use crate::placement::{
+    PortMap, bound_addresses, collides, frontends, place, redirect_targets, transparent,
+};
 use crate::ports::ProxyPorts;
 use crate::secrets::tls_secrets;
 
@@ -40,6 +42,9 @@ pub struct ConfigPass {
     /// For every CEC that serves: the `(type_url, name)` of its listeners,
     /// routes and clusters — what must be ACKed before it counts as served.
     pub served: BTreeMap<ObjectKey, Vec<(&'static str, String)>>,
+    /// eBPF datapath only: VIP → proxy listener address of the CEC that
+    /// claims it (first come, first served).
+    pub redirects: BTreeMap<std::net::SocketAddr, std::net::SocketAddr>,
 }
 
 /// One CEC version, decoded, with everything that does not depend on where
@@ -88,6 +93,7 @@ struct Placed {
     key: PlaceKey,
     listeners: Vec<Built>,
     bound: Vec<(usize, String, String, u32)>,
+    redirects: Vec<(std::net::SocketAddr, std::net::SocketAddr)>,
 }
 
 struct Cached {
@@ -322,6 +328,11 @@ impl ConfigPipeline {
             for l in &listeners {
                 live_listeners.insert(l.name.clone());
             }
+            if let Some(p) = self.placed.get(key) {
+                for (vip, to) in &p.redirects {
+                    pass.redirects.entry(*vip).or_insert(*to);
+                }
+            }
             let default_ns = key.namespace.as_str();
             for s in &spec.backend_services {
                 let ns = if s.namespace.is_empty() {
@@ -473,7 +484,10 @@ impl ConfigPipeline {
         // gives what `place` will assign.
         let mut proxy = Vec::new();
         for pl in &prepared.parsed.listeners {
-            if pl.needs_address && fe.get(&pl.local_name).is_none_or(Vec::is_empty) {
+            // In transparent mode listeners with frontends get a proxy port too.
+            if pl.needs_address
+                && (transparent() || fe.get(&pl.local_name).is_none_or(Vec::is_empty))
+            {
                 match self
                     .proxy_ports
                     .port_for(&pl.listener.name, &binds.reserved)
@@ -509,6 +523,7 @@ impl ConfigPipeline {
             .map(|l| built(l.listener.name.clone(), to_any(&l.listener)))
             .collect();
         let bound = bound_addresses(&only_listeners);
+        let redirects = redirect_targets(&only_listeners, &place_key.0);
         self.placed.insert(
             key.clone(),
             Placed {
@@ -516,6 +531,7 @@ impl ConfigPipeline {
                 key: place_key,
                 listeners: listeners.clone(),
                 bound: bound.clone(),
+                redirects,
             },
         );
         Ok((listeners, bound))

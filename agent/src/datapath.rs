@@ -19,8 +19,8 @@ use membrane_crds::{CiliumClusterwideEnvoyConfig, CiliumEnvoyConfig, EnvoyConfig
 use membrane_ebpf::{Datapath, DatapathConfig, DatapathError, ServiceStatus, SyncReport};
 use membrane_lb::maglev::{BackendState, MaglevConfig};
 use membrane_lb::service::{
-    Algorithm, BackendOverrides, FrontendType, L3n4Addr, LbConfig, Protocol, ServiceEntry,
-    parse_state, state_str, translate,
+    Algorithm, BackendOverrides, L3n4Addr, LbConfig, Protocol, ServiceEntry, parse_state,
+    state_str, translate,
 };
 use membrane_store::{Kind, Object, Store, StoreSnapshot};
 use serde_json::{Value, json};
@@ -120,6 +120,10 @@ struct Inner {
     l7_frontends: Vec<String>,
     /// Problem setting up local delivery of redirected packets, if any.
     proxy_routing: Option<String>,
+    /// VIP → proxy listener, from the CEC placement (TCP).
+    proxy_targets: BTreeMap<SocketAddr, SocketAddr>,
+    /// Why programming the redirects last failed, if it did.
+    redirect_error: Option<String>,
 }
 
 impl DatapathHandle {
@@ -164,6 +168,8 @@ impl DatapathHandle {
                 last_report: SyncReport::default(),
                 l7_frontends: Vec::new(),
                 proxy_routing,
+                proxy_targets: BTreeMap::new(),
+                redirect_error: None,
             }),
         })
     }
@@ -209,19 +215,10 @@ impl DatapathHandle {
         // keep them in its remembered desired state after they are cleared.
         let mut t = translate(&services, &slices, &cfg, &BackendOverrides::new());
         let mut l7_frontends = Vec::new();
-        let mut redirects: BTreeMap<L3n4Addr, SocketAddr> = BTreeMap::new();
         t.state.services.retain(|e| {
             let to_envoy = is_l7(&l7, e);
             if to_envoy {
                 l7_frontends.push(format!("{} ({})", e.frontend, e.name));
-                // ClusterIPs are where placement binds the listener
-                // (transparently, on the Service port): deliver to it.
-                if e.kind == FrontendType::ClusterIP && e.frontend.proto == Protocol::Tcp {
-                    redirects.insert(
-                        e.frontend,
-                        SocketAddr::new(e.frontend.addr, e.frontend.port),
-                    );
-                }
             }
             !to_envoy
         });
@@ -251,14 +248,25 @@ impl DatapathHandle {
                 rejections.insert("datapath".into(), format!("sync failed: {e}"));
             }
         }
-        if let Err(e) = inner.dp.sync_redirects(&redirects) {
-            warn!(error = %e, "programming redirects to Envoy failed");
+        program_redirects(&mut inner);
+        if let Some(e) = &inner.redirect_error {
             rejections.insert("datapath".into(), format!("redirects to Envoy: {e}"));
         }
         inner.rejections = rejections;
         inner.l7_frontends = l7_frontends;
         inner.last_inputs = inputs;
         inner.syncs += 1;
+    }
+
+    /// Where each VIP of a CEC's `spec.services` goes: its listener's proxy
+    /// address (from placement). Programmed at once when it changed.
+    pub fn set_proxy_targets(&self, targets: BTreeMap<SocketAddr, SocketAddr>) {
+        let mut inner = self.lock();
+        if inner.proxy_targets == targets {
+            return;
+        }
+        inner.proxy_targets = targets;
+        program_redirects(&mut inner);
     }
 
     /// Objects the datapath rejected (`Service ns/name` → reason).
@@ -379,6 +387,23 @@ pub async fn run(handle: Arc<DatapathHandle>, store: Store, shutdown: Cancellati
             }
         }
     }
+}
+
+/// Writes the redirect map from the placement's targets (TCP only: only
+/// TCP listeners are proxied).
+fn program_redirects(inner: &mut Inner) {
+    let want: BTreeMap<L3n4Addr, SocketAddr> = inner
+        .proxy_targets
+        .iter()
+        .map(|(vip, to)| (L3n4Addr::new(vip.ip(), vip.port(), Protocol::Tcp), *to))
+        .collect();
+    inner.redirect_error = match inner.dp.sync_redirects(&want) {
+        Ok(_) => None,
+        Err(e) => {
+            warn!(error = %e, "programming redirects to Envoy failed");
+            Some(e.to_string())
+        }
+    };
 }
 
 /// Routing table for packets the program assigned to a proxy socket.

@@ -241,6 +241,9 @@ impl Reconciler {
             }
         }
         self.served = pass.served;
+        if let Some(dp) = &state.datapath {
+            dp.set_proxy_targets(pass.redirects);
+        }
         // Resources are shared and carry their content hash: comparing
         // identities and hashes is enough, no bytes are compared.
         if !self

@@ -3,13 +3,15 @@
 //! Service on its ports — the effect Cilium gets by redirecting the VIP to
 //! the proxy port. Other address-less listeners get a proxy port on loopback.
 //!
-//! With the eBPF datapath (transparent mode), such a listener also binds the
-//! Service's ClusterIPs on the Service ports, transparent and freebind: the
-//! tc program assigns packets for those frontends to the listener's socket
-//! without rewriting them, so Envoy sees the original destination as the
-//! connection's local address.
+//! With the eBPF datapath (transparent mode) the listener gets a proxy port
+//! instead, as in Cilium, and is transparent: the Service's frontends
+//! (LoadBalancer address and ClusterIPs, on the Service's own ports) become
+//! VIPs that the tc program assigns to the listener's socket without
+//! rewriting the packets ([`redirect_targets`]), so Envoy sees the original
+//! destination as the connection's local address.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use envoy_types::pb::google::protobuf::BoolValue;
@@ -125,11 +127,12 @@ pub fn frontends(
         };
         let binds = out.entry(listener).or_default();
         for p in svc_ports {
-            // The LB address keeps the mapped port (the up-mode contract);
-            // ClusterIPs are bound on the Service port itself, which is the
-            // destination the redirected packets carry.
+            // Bound directly, the LB address takes the mapped port (the
+            // up-mode contract); as a redirected VIP it keeps the Service
+            // port, which is the destination the packets carry.
+            let lb_port = if transparent() { p } else { ports.map(p) };
             let want = lb
-                .map(|ip| (ip.to_string(), ports.map(p)))
+                .map(|ip| (ip.to_string(), lb_port))
                 .into_iter()
                 .chain(cips.iter().map(|ip| (ip.to_string(), p)));
             for bind in want {
@@ -155,17 +158,28 @@ pub fn place(
             continue;
         }
         let addrs: Vec<Address> = match binds.get(&pl.local_name) {
-            Some(b) if !b.is_empty() => {
-                if transparent() {
-                    // Accepts packets for addresses that are not local and
-                    // answers from them (IP_TRANSPARENT, IP_FREEBIND).
-                    pl.listener.transparent = Some(BoolValue { value: true });
-                    pl.listener.freebind = Some(BoolValue { value: true });
+            Some(b) if !b.is_empty() && transparent() => {
+                let Some(port) = proxy_ports.port_for(&pl.listener.name, reserved) else {
+                    return Err((pl.index, "no free proxy port left".into()));
+                };
+                // Connections assigned to it keep the VIP as local address,
+                // which need not be local: it answers from it
+                // (IP_TRANSPARENT). Bound to the wildcard address, as in
+                // Cilium, because Envoy reports a specifically bound
+                // listener's address as every connection's local address
+                // instead of the original destination.
+                pl.listener.transparent = Some(BoolValue { value: true });
+                pl.listener.freebind = Some(BoolValue { value: true });
+                let mut a = vec![socket_address("0.0.0.0", port)];
+                if b.iter().any(|(ip, _)| ip.contains(':')) {
+                    a.push(socket_address("::", port));
                 }
-                b.iter()
-                    .map(|(ip, port)| socket_address(ip, *port))
-                    .collect()
+                a
             }
+            Some(b) if !b.is_empty() => b
+                .iter()
+                .map(|(ip, port)| socket_address(ip, *port))
+                .collect(),
             _ => {
                 let Some(port) = proxy_ports.port_for(&pl.listener.name, reserved) else {
                     return Err((pl.index, "no free proxy port left".into()));
@@ -183,6 +197,55 @@ pub fn place(
             .collect();
     }
     Ok(())
+}
+
+/// In transparent mode, where the eBPF program delivers each frontend of a
+/// placed CEC: `(VIP, port) → the listener's proxy address` of the same
+/// family. Empty otherwise.
+pub fn redirect_targets(
+    parsed: &ParsedCec,
+    binds: &BTreeMap<String, Vec<(String, u16)>>,
+) -> Vec<(SocketAddr, SocketAddr)> {
+    let mut out = Vec::new();
+    if !transparent() {
+        return out;
+    }
+    for pl in &parsed.listeners {
+        let Some(fes) = binds.get(&pl.local_name) else {
+            continue;
+        };
+        let own: Vec<SocketAddr> = pl
+            .listener
+            .address
+            .iter()
+            .chain(
+                pl.listener
+                    .additional_addresses
+                    .iter()
+                    .filter_map(|a| a.address.as_ref()),
+            )
+            .filter_map(ip_port)
+            .filter_map(|(ip, port)| {
+                // The program looks the listener up by a concrete address;
+                // loopback finds the wildcard listener.
+                let ip = match ip.parse::<IpAddr>().ok()? {
+                    IpAddr::V4(a) if a.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                    IpAddr::V6(a) if a.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+                    a => a,
+                };
+                Some(SocketAddr::new(ip, u16::try_from(port).ok()?))
+            })
+            .collect();
+        for (ip, port) in fes {
+            let Ok(ip) = ip.parse::<IpAddr>() else {
+                continue;
+            };
+            if let Some(to) = own.iter().find(|a| a.is_ipv4() == ip.is_ipv4()) {
+                out.push((SocketAddr::new(ip, *port), *to));
+            }
+        }
+    }
+    out
 }
 
 /// Every `(ip, port)` the listeners of a CEC listen on.

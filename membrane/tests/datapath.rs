@@ -52,6 +52,17 @@ impl Agent {
     /// `ip netns exec` it does not remount /sys, so /sys/fs/bpf (and the
     /// pins that outlive the agent) stay the host's.
     fn start(dir: &Path, node_ns: &str, pins: &Path, devices: &str, run: u32) -> Agent {
+        Self::start_with_pool(dir, node_ns, pins, devices, run, "127.0.100.0/24")
+    }
+
+    fn start_with_pool(
+        dir: &Path,
+        node_ns: &str,
+        pins: &Path,
+        devices: &str,
+        run: u32,
+        lb_pool: &str,
+    ) -> Agent {
         require_envoy();
         let api = dir.join("api.sock");
         let log = dir.join(format!("membrane-{run}.log"));
@@ -65,7 +76,7 @@ impl Agent {
             .arg(dir.join("manifests"))
             .arg("--run-dir")
             .arg(dir.join("run"))
-            .args(["--envoy-admin-port", "0", "--lb-pool", "127.0.100.0/24"])
+            .args(["--envoy-admin-port", "0", "--lb-pool", lb_pool])
             .args(["--http-port", "18080", "--https-port", "18443"])
             .args(["--datapath", "ebpf", "--datapath-devices", devices])
             .arg("--bpf-pin-dir")
@@ -707,4 +718,151 @@ fn cec_service_frontend_is_redirected_to_envoy() {
     );
     // The other Service is still DNATed by the program.
     assert_eq!(backends_seen(&topo, 30), names(&["be1", "be2", "be3"]));
+}
+
+/// Ingress `web` (class cilium) for Service `web` (ClusterIP 10.96.0.30,
+/// 80 → 8081 on 127.0.0.1 of the same namespace).
+const INGRESS_WEB: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  type: ClusterIP
+  clusterIP: 10.96.0.30
+  clusterIPs: ["10.96.0.30"]
+  ports:
+    - {name: http, port: 80, protocol: TCP, targetPort: 8081}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-lo
+  namespace: default
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports:
+  - {name: http, port: 8081, protocol: TCP}
+endpoints:
+  - addresses: ["127.0.0.1"]
+    conditions: {ready: true}
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: web, namespace: default}
+spec:
+  ingressClassName: cilium
+  rules:
+  - http:
+      paths:
+      - path: /
+        pathType: Prefix
+        backend:
+          service: {name: web, port: {number: 80}}
+"#;
+
+/// Listening TCP sockets (`ss -Hltn` local addresses) in a namespace.
+fn listening(ns: &str) -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "ss", "-Hltn"])
+        .output()
+        .expect("ss");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3).map(str::to_owned))
+        .collect()
+}
+
+/// With `--datapath ebpf` attached to `lo`, an Ingress's LoadBalancer
+/// address is a VIP, as in Cilium: Envoy's listener gets a proxy port
+/// (nothing listens on VIP:80), the tc program on `lo` assigns VIP:80 to
+/// it, and the request is answered through Envoy by the backend. The VIP
+/// keeps port 80 although `--http-port` is 18080 (that only maps directly
+/// bound addresses). Runs in a namespace of its own, so its `lo` is not the
+/// host's.
+#[test]
+fn ingress_vip_is_redirected_to_proxy_port_on_lo() {
+    if !netns::prerequisites() || !nsenter_available() {
+        return;
+    }
+    let pins = PinDir::new("ingress-vip");
+    let ns = netns::Netns::new(format!("mbvip-{}", std::process::id()));
+    let _backend = echo_and_http(&ns, "lo-backend", 8080);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    std::fs::create_dir_all(dir.join("manifests")).expect("mkdir");
+    let agent = Agent::start_with_pool(dir, &ns.name, &pins.0, "lo", 1, "127.0.120.0/24");
+    agent.apply(dir, INGRESS_WEB);
+
+    // The VIP:80 frontend appears in the redirect map, pointing at a proxy
+    // port on loopback.
+    let mut redirect: Option<(String, String)> = None;
+    let programmed = wait_until(Duration::from_secs(20), || {
+        redirect = agent.status().and_then(|s| {
+            s["datapath"]["redirected_to_envoy"]
+                .as_array()?
+                .iter()
+                .find(|e| {
+                    e["frontend"]
+                        .as_str()
+                        .is_some_and(|f| f.starts_with("127.0.120.") && f.ends_with(":80/TCP"))
+                })
+                .map(|e| {
+                    (
+                        e["frontend"].as_str().unwrap_or_default().to_owned(),
+                        e["listener"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+        });
+        redirect.is_some()
+    });
+    assert!(
+        programmed,
+        "Ingress VIP never redirected: {:?}",
+        agent.status()
+    );
+    let (fe, listener) = redirect.expect("redirect");
+    let vip: SocketAddr = fe.trim_end_matches("/TCP").parse().expect("VIP");
+    let proxy: SocketAddr = listener.parse().expect("listener address");
+    assert_eq!(proxy.ip().to_string(), "127.0.0.1", "{listener}");
+    assert_ne!(proxy.port(), 80);
+    assert_ne!(proxy.port(), 18080);
+
+    let mut last = String::new();
+    let answered = wait_until(Duration::from_secs(30), || {
+        match ns.run(|| http_get_raw(vip)) {
+            Ok((200, headers, body)) => {
+                assert!(
+                    header(&headers, "x-envoy-upstream-service-time").is_some(),
+                    "answered by Envoy: {headers:?}"
+                );
+                assert_eq!(body, "lo-backend");
+                true
+            }
+            other => {
+                last = format!("{other:?}");
+                false
+            }
+        }
+    });
+    assert!(answered, "no answer on {vip}: {last}\n{}", agent.log_text());
+
+    // Envoy listens on the proxy port only: not on the VIP, not on 80 or
+    // the --http-port.
+    let socks = listening(&ns.name);
+    assert!(
+        socks
+            .iter()
+            .any(|a| a == &format!("0.0.0.0:{}", proxy.port())),
+        "{socks:?}"
+    );
+    assert!(
+        !socks
+            .iter()
+            .any(|a| a.ends_with(":80") || a.ends_with(":18080") || a.starts_with("127.0.120.")),
+        "{socks:?}"
+    );
+    let stats = &agent.status().expect("status")["datapath"]["stats"];
+    assert!(
+        stats["redirect_to_proxy"].as_u64().unwrap_or(0) > 0,
+        "{stats}"
+    );
 }
