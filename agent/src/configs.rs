@@ -23,9 +23,7 @@ use membrane_xds::codec::type_url;
 use crate::cec::{ParsedCec, parse_cec};
 use crate::endpoints::SliceIndex;
 use crate::envoy_pb::*;
-use crate::placement::{
-    PortMap, bound_addresses, collides, frontends, place, redirect_targets, transparent,
-};
+use crate::placement::{PortMap, bound_addresses, collides, frontends, place, redirect_targets};
 use crate::ports::ProxyPorts;
 use crate::secrets::tls_secrets;
 
@@ -486,7 +484,7 @@ impl ConfigPipeline {
         for pl in &prepared.parsed.listeners {
             // In transparent mode listeners with frontends get a proxy port too.
             if pl.needs_address
-                && (transparent() || fe.get(&pl.local_name).is_none_or(Vec::is_empty))
+                && (self.ports.transparent || fe.get(&pl.local_name).is_none_or(Vec::is_empty))
             {
                 match self
                     .proxy_ports
@@ -516,6 +514,7 @@ impl ConfigPipeline {
             &place_key.0,
             &mut self.proxy_ports,
             &binds.reserved,
+            self.ports.transparent,
         )?;
         let listeners: Vec<Built> = only_listeners
             .listeners
@@ -523,7 +522,7 @@ impl ConfigPipeline {
             .map(|l| built(l.listener.name.clone(), to_any(&l.listener)))
             .collect();
         let bound = bound_addresses(&only_listeners);
-        let redirects = redirect_targets(&only_listeners, &place_key.0);
+        let redirects = redirect_targets(&only_listeners, &place_key.0, self.ports.transparent);
         self.placed.insert(
             key.clone(),
             Placed {

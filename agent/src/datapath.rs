@@ -145,9 +145,6 @@ impl DatapathHandle {
                 error: Box::new(error),
             })?;
         }
-        // Listeners named by CEC `spec.services` bind their ClusterIPs
-        // transparently; the program assigns those frontends' packets to them.
-        crate::placement::set_transparent(true);
         let proxy_routing = proxy_routing().err();
         if let Some(e) = &proxy_routing {
             warn!(error = %e, "local delivery of packets redirected to Envoy is not set up");

@@ -185,6 +185,12 @@ pub struct Reconciler {
 
 impl Reconciler {
     pub fn new(config: &AgentConfig) -> Self {
+        // With the eBPF datapath, frontends are redirected to listeners by
+        // the program rather than bound by Envoy.
+        let ports = PortMap {
+            transparent: config.datapath.is_some(),
+            ..config.ports
+        };
         Self {
             lb_pool: config.lb_pool,
             opts: TranslateOptions {
@@ -193,9 +199,9 @@ impl Reconciler {
                 ..TranslateOptions::default()
             },
             ingress: Default::default(),
-            pipeline: configs::ConfigPipeline::new(config.ports, config.node_labels.clone()),
+            pipeline: configs::ConfigPipeline::new(ports, config.node_labels.clone()),
             node_labels: config.node_labels.clone(),
-            nodes: nodes::NodeSnapshots::new(config.ports),
+            nodes: nodes::NodeSnapshots::new(ports),
             last_resources: None,
             xds_snapshot: Snapshot::new(),
             managed: Vec::new(),

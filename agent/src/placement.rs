@@ -12,7 +12,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use envoy_types::pb::google::protobuf::BoolValue;
 use k8s_openapi::api::core::v1::Service;
@@ -23,20 +22,6 @@ use crate::cec::ParsedCec;
 use crate::envoy_pb::*;
 use crate::lb_ipam::lb_ip;
 use crate::ports::ProxyPorts;
-
-/// Set once by the eBPF datapath at startup (a process-wide mode, like the
-/// datapath itself): CEC `spec.services` ClusterIPs are bound transparently.
-static TRANSPARENT: AtomicBool = AtomicBool::new(false);
-
-/// Turns transparent ClusterIP binds on (the eBPF datapath redirects those
-/// frontends to the listeners).
-pub fn set_transparent(on: bool) {
-    TRANSPARENT.store(on, Ordering::Relaxed);
-}
-
-pub fn transparent() -> bool {
-    TRANSPARENT.load(Ordering::Relaxed)
-}
 
 /// The ClusterIPs of a Service (none for headless Services).
 pub fn cluster_ips(svc: &Service) -> Vec<std::net::IpAddr> {
@@ -60,6 +45,10 @@ pub fn cluster_ips(svc: &Service) -> Vec<std::net::IpAddr> {
 pub struct PortMap {
     pub http: u16,
     pub https: u16,
+    /// The eBPF datapath redirects frontends to listeners: listeners named
+    /// by `spec.services` get a transparent proxy port instead of binding
+    /// the frontends, which keep their own ports.
+    pub transparent: bool,
 }
 
 impl Default for PortMap {
@@ -67,6 +56,7 @@ impl Default for PortMap {
         Self {
             http: 80,
             https: 443,
+            transparent: false,
         }
     }
 }
@@ -103,7 +93,7 @@ pub fn frontends(
             continue;
         };
         let lb = lb_ip(svc);
-        let cips = if transparent() {
+        let cips = if ports.transparent {
             cluster_ips(svc)
         } else {
             Vec::new()
@@ -130,7 +120,7 @@ pub fn frontends(
             // Bound directly, the LB address takes the mapped port (the
             // up-mode contract); as a redirected VIP it keeps the Service
             // port, which is the destination the packets carry.
-            let lb_port = if transparent() { p } else { ports.map(p) };
+            let lb_port = if ports.transparent { p } else { ports.map(p) };
             let want = lb
                 .map(|ip| (ip.to_string(), lb_port))
                 .into_iter()
@@ -152,13 +142,14 @@ pub fn place(
     binds: &BTreeMap<String, Vec<(String, u16)>>,
     proxy_ports: &mut ProxyPorts,
     reserved: &BTreeSet<u16>,
+    transparent: bool,
 ) -> Result<(), (usize, String)> {
     for pl in &mut parsed.listeners {
         if !pl.needs_address {
             continue;
         }
         let addrs: Vec<Address> = match binds.get(&pl.local_name) {
-            Some(b) if !b.is_empty() && transparent() => {
+            Some(b) if !b.is_empty() && transparent => {
                 let Some(port) = proxy_ports.port_for(&pl.listener.name, reserved) else {
                     return Err((pl.index, "no free proxy port left".into()));
                 };
@@ -205,9 +196,10 @@ pub fn place(
 pub fn redirect_targets(
     parsed: &ParsedCec,
     binds: &BTreeMap<String, Vec<(String, u16)>>,
+    transparent: bool,
 ) -> Vec<(SocketAddr, SocketAddr)> {
     let mut out = Vec::new();
-    if !transparent() {
+    if !transparent {
         return out;
     }
     for pl in &parsed.listeners {

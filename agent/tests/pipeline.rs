@@ -197,6 +197,7 @@ spec:
     let ports = PortMap {
         http: 28080,
         https: 28443,
+        ..PortMap::default()
     };
     let pass = ConfigPipeline::new(ports, BTreeMap::new()).run(&store.snapshot());
     assert!(pass.rejected.is_empty(), "{:?}", pass.rejected);
@@ -224,4 +225,69 @@ spec:
     let (ip, port) = free.address.as_ref().and_then(ip_port).expect("address");
     assert_eq!(ip, "127.0.0.1");
     assert!((10000..=20000).contains(&port), "proxy port {port}");
+}
+
+#[test]
+fn with_the_ebpf_datapath_frontends_are_redirected_to_a_transparent_proxy_port() {
+    let store = store_with(
+        r#"apiVersion: v1
+kind: Service
+metadata: {name: front, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.30
+  ports: [{name: http, port: 80}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumEnvoyConfig
+metadata: {name: bound, namespace: default}
+spec:
+  services: [{name: front, ports: [80]}]
+  resources:
+  - "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+    name: l
+"#,
+    );
+    let key = ObjectKey {
+        kind: Kind::Service,
+        namespace: "default".into(),
+        name: "front".into(),
+    };
+    assert!(store.update_status(
+        &key,
+        serde_json::json!({"loadBalancer": {"ingress": [{"ip": "127.0.100.9"}]}})
+    ));
+    let ports = PortMap {
+        transparent: true,
+        ..PortMap::default()
+    };
+    let pass = ConfigPipeline::new(ports, BTreeMap::new()).run(&store.snapshot());
+    assert!(pass.rejected.is_empty(), "{:?}", pass.rejected);
+    let r = pass
+        .resources
+        .iter()
+        .find(|r| r.name == "default/bound/l")
+        .expect("listener");
+    let l: Listener = from_any(&r.body).expect("listener").expect("decodes");
+    let (ip, port) = l.address.as_ref().and_then(ip_port).expect("address");
+    assert_eq!(
+        ip, "0.0.0.0",
+        "wildcard, so Envoy reports the original destination"
+    );
+    assert!((10000..=20000).contains(&port), "proxy port {port}");
+    assert_eq!(l.transparent.map(|b| b.value), Some(true));
+    let targets: Vec<(String, String)> = pass
+        .redirects
+        .iter()
+        .map(|(vip, to)| (vip.to_string(), to.to_string()))
+        .collect();
+    let to = format!("127.0.0.1:{port}");
+    assert!(
+        targets.contains(&("127.0.100.9:80".to_owned(), to.clone())),
+        "{targets:?}"
+    );
+    assert!(
+        targets.contains(&("10.96.0.30:80".to_owned(), to)),
+        "{targets:?}"
+    );
 }

@@ -102,6 +102,8 @@ pub async fn run(args: UpArgs, api_socket: PathBuf) -> Result<ExitCode> {
         ports: PortMap {
             http: args.http_port,
             https: args.https_port,
+            // Set by the agent from `datapath`.
+            transparent: false,
         },
         node_name: args.node_name.clone(),
         node_labels: parse_labels(&args.node_labels)?,
