@@ -180,6 +180,25 @@ struct Counters {
     synced: AtomicUsize,
 }
 
+impl Counters {
+    /// Count one response; a stream is synced once it has seen every type.
+    fn record(
+        &self,
+        seen: &mut std::collections::BTreeSet<String>,
+        type_url: &str,
+        resources: usize,
+        bytes: usize,
+    ) {
+        self.responses.fetch_add(1, Ordering::Relaxed);
+        self.resources
+            .fetch_add(resources as u64, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        if seen.insert(type_url.to_owned()) && seen.len() == TYPES.len() {
+            self.synced.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// One Envoy-like delta ADS stream: subscribes to clusters, endpoints,
 /// listeners and routes (wildcard), ACKs every response.
 async fn delta_client(
@@ -209,16 +228,12 @@ async fn delta_client(
         .into_inner();
     let mut seen = std::collections::BTreeSet::new();
     while let Some(resp) = inbound.message().await? {
-        counters.responses.fetch_add(1, Ordering::Relaxed);
-        counters
-            .resources
-            .fetch_add(resp.resources.len() as u64, Ordering::Relaxed);
-        counters
-            .bytes
-            .fetch_add(resp.encoded_len() as u64, Ordering::Relaxed);
-        if seen.insert(resp.type_url.clone()) && seen.len() == TYPES.len() {
-            counters.synced.fetch_add(1, Ordering::Relaxed);
-        }
+        counters.record(
+            &mut seen,
+            &resp.type_url,
+            resp.resources.len(),
+            resp.encoded_len(),
+        );
         tx.send(DeltaDiscoveryRequest {
             type_url: resp.type_url.clone(),
             response_nonce: resp.nonce.clone(),
@@ -257,16 +272,12 @@ async fn sotw_client(
         .into_inner();
     let mut seen = std::collections::BTreeSet::new();
     while let Some(resp) = inbound.message().await? {
-        counters.responses.fetch_add(1, Ordering::Relaxed);
-        counters
-            .resources
-            .fetch_add(resp.resources.len() as u64, Ordering::Relaxed);
-        counters
-            .bytes
-            .fetch_add(resp.encoded_len() as u64, Ordering::Relaxed);
-        if seen.insert(resp.type_url.clone()) && seen.len() == TYPES.len() {
-            counters.synced.fetch_add(1, Ordering::Relaxed);
-        }
+        counters.record(
+            &mut seen,
+            &resp.type_url,
+            resp.resources.len(),
+            resp.encoded_len(),
+        );
         let named = resp.type_url == type_url::ENDPOINT || resp.type_url == type_url::ROUTE;
         tx.send(DiscoveryRequest {
             type_url: resp.type_url.clone(),
