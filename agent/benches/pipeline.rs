@@ -6,6 +6,10 @@
 use membrane_agent::bench::{Workload, translation};
 
 fn main() {
+    // MEMBRANE_LOG=membrane_agent=debug prints where each pass spends time.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("MEMBRANE_LOG") {
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+    }
     let routes = std::env::var("BENCH_ROUTES")
         .ok()
         .and_then(|v| v.parse().ok())
