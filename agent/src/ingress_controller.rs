@@ -145,12 +145,6 @@ fn owner_ingress(meta: &ObjectMeta) -> Option<String> {
         .map(|o| o.name.clone())
 }
 
-/// Stateless pass: like [`IngressController::reconcile`] on a fresh
-/// controller, so a shared-mode Ingress that fails has no last good part.
-pub fn reconcile(store: &Store, snap: &StoreSnapshot, opts: &TranslateOptions) -> IngressPass {
-    IngressController::default().reconcile(store, snap, opts)
-}
-
 /// The Ingress controller. It remembers the last good shared-mode part of
 /// every shared Ingress: the shared CEC merges many Ingresses, so unlike in
 /// dedicated mode the store holds no per-Ingress object to fall back to.
@@ -647,7 +641,11 @@ spec:
         assert_eq!(shared_paths(&store), vec!["/one", "/two"]);
 
         // A stateless pass has no last good part: only a/one remains.
-        let pass = reconcile(&store, &store.snapshot(), &TranslateOptions::default());
+        let pass = IngressController::default().reconcile(
+            &store,
+            &store.snapshot(),
+            &TranslateOptions::default(),
+        );
         assert_eq!(managed_cec(&pass, "b", "two"), None);
         assert_eq!(shared_paths(&store), vec!["/one"]);
 
