@@ -26,14 +26,20 @@ mod render;
 mod shared;
 mod translate;
 
-pub use annotations::{FORCE_HTTPS, REQUEST_TIMEOUT};
+pub use annotations::{
+    ALIASES as ANNOTATION_ALIASES, FORCE_HTTPS, HOST_LISTENER_PORT, INSECURE_NODE_PORT,
+    LOADBALANCER_CLASS, REQUEST_TIMEOUT, SECURE_NODE_PORT, SERVICE_EXTERNAL_TRAFFIC_POLICY,
+    SERVICE_TYPE, ServiceType, TCP_KEEP_ALIVE, TCP_KEEP_ALIVE_IDLE, TCP_KEEP_ALIVE_PROBE_INTERVAL,
+    TCP_KEEP_ALIVE_PROBE_MAX_FAILURES, TLS_PASSTHROUGH, WEBSOCKET,
+};
 pub use class::{
     CLASS_ANNOTATION, CLASS_NAME, CONTROLLER_NAME, DEFAULT_CLASS_ANNOTATION, ingress_class_of,
     is_managed,
 };
 pub use envoy::{CLUSTER_TYPE, LISTENER_TYPE, ROUTE_CONFIGURATION_TYPE};
 pub use error::IngressError;
-pub use references::{Lookup, TLS_SECRET_TYPE, validate_references};
+pub use model::SecretRef;
+pub use references::{Lookup, TLS_SECRET_TYPE, validate_references, validate_references_with};
 pub use render::cecs_to_yaml;
 pub use shared::{
     ClusterTranslation, IngressRejection, LOADBALANCER_MODE, LoadBalancerMode, SHARED_PORTS,
@@ -41,6 +47,7 @@ pub use shared::{
     merge_shared_preferring, shared_part, translate_cluster, translate_shared,
 };
 pub use translate::{
-    INGRESS_LABEL, PLACEHOLDER_ENDPOINT, SERVICE_NAME_LABEL, TranslateOptions, Translation,
-    USE_ORIGINAL_SOURCE_ADDRESS_LABEL, translate, translate_all,
+    DEFAULT_LB_ANNOTATION_PREFIXES, HostNetwork, INGRESS_LABEL, PLACEHOLDER_ENDPOINT,
+    SERVICE_NAME_LABEL, TranslateOptions, Translation, USE_ORIGINAL_SOURCE_ADDRESS_LABEL,
+    translate, translate_all,
 };
