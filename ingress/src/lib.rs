@@ -40,7 +40,7 @@ pub use envoy::{CLUSTER_TYPE, LISTENER_TYPE, ROUTE_CONFIGURATION_TYPE};
 pub use error::IngressError;
 pub use model::SecretRef;
 pub use references::{Lookup, TLS_SECRET_TYPE, validate_references, validate_references_with};
-pub use render::cecs_to_yaml;
+pub use render::{cecs_to_yaml, to_yaml};
 pub use shared::{
     ClusterTranslation, IngressRejection, LOADBALANCER_MODE, LoadBalancerMode, SHARED_PORTS,
     SharedOutcome, SharedPart, SharedTranslation, loadbalancer_mode, merge_shared,
