@@ -167,6 +167,15 @@ pub(crate) fn request_timeout(
         .map_err(|reason| bad(found, value, reason))
 }
 
+/// Whether `ing` asks for TLS passthrough (an invalid value counts as no;
+/// translation reports it).
+pub fn is_tls_passthrough(ing: &Ingress) -> bool {
+    switch(ing.metadata.annotations.as_ref(), TLS_PASSTHROUGH)
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
 /// The type of the Service generated for a dedicated Ingress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ServiceType {

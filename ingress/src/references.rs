@@ -56,7 +56,7 @@ pub fn validate_references_with(
             check_backend(&path.backend, &namespace, &ingress_id, &field, lookup)?;
         }
     }
-    let passthrough = crate::annotations::parse(ing).is_ok_and(|p| p.tls_passthrough);
+    let passthrough = crate::annotations::is_tls_passthrough(ing);
     for (t, tls) in spec.tls.iter().flatten().enumerate() {
         if passthrough {
             break;

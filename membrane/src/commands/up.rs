@@ -55,6 +55,35 @@ pub struct UpArgs {
     /// `ingress.cilium.io/loadbalancer-mode` annotation: dedicated or shared.
     #[arg(long, default_value = "dedicated")]
     pub ingress_default_lb_mode: membrane_ingress::LoadBalancerMode,
+    /// Host network mode (Cilium's `ingressController.hostNetwork.enabled`):
+    /// Ingress listeners bind the node's addresses (0.0.0.0 and ::) on a
+    /// host port instead of a LoadBalancer address.
+    #[arg(long)]
+    pub ingress_host_network: bool,
+    /// Host network mode: port of the shared listener, and of dedicated
+    /// Ingresses without `ingress.cilium.io/host-listener-port`.
+    #[arg(long, default_value_t = 8080, requires = "ingress_host_network")]
+    pub ingress_host_network_shared_listener_port: u16,
+    /// Require a PROXY protocol (v1 or v2) header on every Ingress
+    /// connection (Cilium's `ingressController.enableProxyProtocol`).
+    #[arg(long)]
+    pub enable_ingress_proxy_protocol: bool,
+    /// Namespace of the TLS Secret for Ingress TLS hosts without
+    /// `secretName` (with `--ingress-default-secret-name`).
+    #[arg(long, requires = "ingress_default_secret_name")]
+    pub ingress_default_secret_namespace: Option<String>,
+    /// Name of the default TLS Secret (with
+    /// `--ingress-default-secret-namespace`).
+    #[arg(long, requires = "ingress_default_secret_namespace")]
+    pub ingress_default_secret_name: Option<String>,
+    /// Ingress annotation and label key prefixes copied to the generated
+    /// Service, comma-separated (Cilium's `ingressLBAnnotationPrefixes`).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "lbipam.cilium.io,service.beta.kubernetes.io,service.kubernetes.io,cloud.google.com"
+    )]
+    pub ingress_lb_annotation_prefixes: Vec<String>,
     #[command(flatten)]
     pub datapath: super::service::DatapathArgs,
 }
@@ -109,6 +138,7 @@ pub async fn run(args: UpArgs, api_socket: PathBuf) -> Result<ExitCode> {
         node_labels: parse_labels(&args.node_labels)?,
         secrets_namespace: args.secrets_namespace.clone(),
         ingress_default_lb_mode: args.ingress_default_lb_mode,
+        ingress: ingress_options(&args),
         datapath: args.datapath.options()?,
     };
 
@@ -135,6 +165,34 @@ pub async fn run(args: UpArgs, api_socket: PathBuf) -> Result<ExitCode> {
     });
     membrane_agent::run(config, store, shutdown).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn ingress_options(args: &UpArgs) -> membrane_agent::ingress_controller::IngressOptions {
+    let default_secret = match (
+        &args.ingress_default_secret_namespace,
+        &args.ingress_default_secret_name,
+    ) {
+        (Some(namespace), Some(name)) => Some(membrane_ingress::SecretRef {
+            namespace: namespace.clone(),
+            name: name.clone(),
+        }),
+        _ => None,
+    };
+    membrane_agent::ingress_controller::IngressOptions {
+        default_secret,
+        proxy_protocol: args.enable_ingress_proxy_protocol,
+        host_network: args
+            .ingress_host_network
+            .then_some(membrane_ingress::HostNetwork {
+                shared_listener_port: args.ingress_host_network_shared_listener_port,
+            }),
+        lb_annotation_prefixes: args
+            .ingress_lb_annotation_prefixes
+            .iter()
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .collect(),
+    }
 }
 
 fn manifests_name(dir: &std::path::Path) -> String {
