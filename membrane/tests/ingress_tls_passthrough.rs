@@ -72,6 +72,12 @@ fn run(mode: &str, pool: &str, http_port: u16, https_port: u16, ips: [&str; 3]) 
     m.apply(&service_yaml("tls-b", 443, None, b_ip));
     m.apply(&tls_secret("secure-tls", "secure.example.com"));
     m.apply(&terminating_ingress(mode));
+    m.apply(&ingress_yaml("plain", &[("/plain", "web", 80)]).replace(
+        "  namespace: default\n",
+        &format!(
+            "  namespace: default\n  annotations: {{ingress.cilium.io/loadbalancer-mode: {mode}}}\n"
+        ),
+    ));
     m.apply(&passthrough_ingress(mode));
 
     let pt_ip = m.wait_ingress_ip("default", "passthrough");
@@ -97,6 +103,20 @@ fn run(mode: &str, pool: &str, http_port: u16, https_port: u16, ips: [&str; 3]) 
     assert!(
         wait_https(&term_ip, https_port, "secure.example.com", "/", "\"web\""),
         "terminating Ingress broken next to the passthrough one:\n{}",
+        m.log()
+    );
+    // So does plain-text HTTP on the Ingresses' HTTP port.
+    let plain_ip = m.wait_ingress_ip("default", "plain");
+    let plain = format!("{plain_ip}:{http_port}").parse().expect("address");
+    assert!(
+        wait_until(std::time::Duration::from_secs(20), || served_by(
+            plain,
+            "any.example.com",
+            "/plain"
+        )
+        .as_deref()
+            == Some("web")),
+        "plain-text Ingress broken next to the passthrough one:\n{}",
         m.log()
     );
     // An unknown SNI name matches no chain: no answer.
