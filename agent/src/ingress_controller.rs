@@ -863,4 +863,51 @@ spec:
             ))
         );
     }
+
+    #[test]
+    fn default_secret_is_synced_validated_and_unsynced() {
+        let store = Store::new();
+        store.apply(service("a", "s"));
+        store.apply(Object::Ingress(apply_yaml::<Ingress>(
+            r#"
+metadata: {name: web, namespace: a}
+spec:
+  ingressClassName: cilium
+  tls: [{hosts: [x.com]}]
+  rules:
+  - host: x.com
+    http:
+      paths:
+      - {path: /, pathType: Prefix, backend: {service: {name: s, port: {number: 80}}}}
+"#,
+        )));
+        let opts = IngressOptions {
+            default_secret: Some(SecretRef {
+                namespace: "certs".into(),
+                name: "default".into(),
+            }),
+            ..IngressOptions::default()
+        }
+        .apply(TranslateOptions::default());
+        let mut ctl = IngressController::default();
+        let copy = key(Kind::Secret, "cilium-secrets", "certs-default");
+
+        // Missing default secret: rejected, naming it.
+        let pass = ctl.reconcile(&store, &store.snapshot(), &opts);
+        let why = &pass.rejected[&key(Kind::Ingress, "a", "web")];
+        assert!(why.contains("certs/default"), "{why}");
+
+        // Present: served, and copied into the secrets namespace for SDS.
+        store.apply(Object::Secret(apply_yaml(
+            "metadata: {name: default, namespace: certs}\ntype: kubernetes.io/tls\ndata: {tls.crt: Yw==, tls.key: aw==}\n",
+        )));
+        let pass = ctl.reconcile(&store, &store.snapshot(), &opts);
+        assert!(pass.rejected.is_empty(), "{:?}", pass.rejected);
+        assert!(store.get(&copy).is_some());
+
+        // No Ingress needs it any more: the copy goes.
+        store.delete(&key(Kind::Ingress, "a", "web"));
+        ctl.reconcile(&store, &store.snapshot(), &opts);
+        assert!(store.get(&copy).is_none());
+    }
 }
