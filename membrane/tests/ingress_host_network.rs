@@ -152,4 +152,28 @@ fn host_network_serves_on_the_node_ports() {
         served_by(at("127.0.0.1", DEDICATED_PORT), "own.example.com", "/").as_deref(),
         Some("hn-own")
     );
+
+    // A second dedicated Ingress on the same host port is rejected, naming
+    // the port; the first keeps it.
+    m.apply(&ingress(
+        "clash",
+        &format!("ingress.cilium.io/host-listener-port: \"{DEDICATED_PORT}\""),
+        "hn-shared",
+    ));
+    let mut reason = String::new();
+    let reported = wait_until(Duration::from_secs(10), || {
+        reason = m
+            .rejected()
+            .into_iter()
+            .find(|(o, _)| o == "Ingress default/clash")
+            .map(|(_, r)| r)
+            .unwrap_or_default();
+        !reason.is_empty()
+    });
+    assert!(reported, "port clash not reported: {:?}", m.rejected());
+    assert!(reason.contains(&DEDICATED_PORT.to_string()), "{reason}");
+    assert_eq!(
+        served_by(at("127.0.0.1", DEDICATED_PORT), "own.example.com", "/").as_deref(),
+        Some("hn-own")
+    );
 }
