@@ -55,6 +55,16 @@ pub struct UpArgs {
     /// `ingress.cilium.io/loadbalancer-mode` annotation: dedicated or shared.
     #[arg(long, default_value = "dedicated")]
     pub ingress_default_lb_mode: membrane_ingress::LoadBalancerMode,
+    #[command(flatten)]
+    pub ingress: IngressFlags,
+    #[command(flatten)]
+    pub datapath: super::service::DatapathArgs,
+}
+
+/// The Ingress controller's feature flags, shared by `membrane up` and
+/// `membrane translate` (named after Cilium's operator flags).
+#[derive(clap::Args, Debug, Clone)]
+pub struct IngressFlags {
     /// Host network mode (Cilium's `ingressController.hostNetwork.enabled`):
     /// Ingress listeners bind the node's addresses (0.0.0.0 and ::) on a
     /// host port instead of a LoadBalancer address.
@@ -84,8 +94,36 @@ pub struct UpArgs {
         default_value = "lbipam.cilium.io,service.beta.kubernetes.io,service.kubernetes.io,cloud.google.com"
     )]
     pub ingress_lb_annotation_prefixes: Vec<String>,
-    #[command(flatten)]
-    pub datapath: super::service::DatapathArgs,
+}
+
+impl IngressFlags {
+    pub fn options(&self) -> membrane_agent::ingress_controller::IngressOptions {
+        let default_secret = match (
+            &self.ingress_default_secret_namespace,
+            &self.ingress_default_secret_name,
+        ) {
+            (Some(namespace), Some(name)) => Some(membrane_ingress::SecretRef {
+                namespace: namespace.clone(),
+                name: name.clone(),
+            }),
+            _ => None,
+        };
+        membrane_agent::ingress_controller::IngressOptions {
+            default_secret,
+            proxy_protocol: self.enable_ingress_proxy_protocol,
+            host_network: self
+                .ingress_host_network
+                .then_some(membrane_ingress::HostNetwork {
+                    shared_listener_port: self.ingress_host_network_shared_listener_port,
+                }),
+            lb_annotation_prefixes: self
+                .ingress_lb_annotation_prefixes
+                .iter()
+                .map(|p| p.trim().to_string())
+                .filter(|p| !p.is_empty())
+                .collect(),
+        }
+    }
 }
 
 fn parse_protocol(s: &str) -> Result<XdsProtocol, String> {
@@ -138,7 +176,7 @@ pub async fn run(args: UpArgs, api_socket: PathBuf) -> Result<ExitCode> {
         node_labels: parse_labels(&args.node_labels)?,
         secrets_namespace: args.secrets_namespace.clone(),
         ingress_default_lb_mode: args.ingress_default_lb_mode,
-        ingress: ingress_options(&args),
+        ingress: args.ingress.options(),
         datapath: args.datapath.options()?,
     };
 
@@ -165,34 +203,6 @@ pub async fn run(args: UpArgs, api_socket: PathBuf) -> Result<ExitCode> {
     });
     membrane_agent::run(config, store, shutdown).await?;
     Ok(ExitCode::SUCCESS)
-}
-
-fn ingress_options(args: &UpArgs) -> membrane_agent::ingress_controller::IngressOptions {
-    let default_secret = match (
-        &args.ingress_default_secret_namespace,
-        &args.ingress_default_secret_name,
-    ) {
-        (Some(namespace), Some(name)) => Some(membrane_ingress::SecretRef {
-            namespace: namespace.clone(),
-            name: name.clone(),
-        }),
-        _ => None,
-    };
-    membrane_agent::ingress_controller::IngressOptions {
-        default_secret,
-        proxy_protocol: args.enable_ingress_proxy_protocol,
-        host_network: args
-            .ingress_host_network
-            .then_some(membrane_ingress::HostNetwork {
-                shared_listener_port: args.ingress_host_network_shared_listener_port,
-            }),
-        lb_annotation_prefixes: args
-            .ingress_lb_annotation_prefixes
-            .iter()
-            .map(|p| p.trim().to_string())
-            .filter(|p| !p.is_empty())
-            .collect(),
-    }
 }
 
 fn manifests_name(dir: &std::path::Path) -> String {
