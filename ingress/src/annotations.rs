@@ -226,10 +226,48 @@ pub(crate) struct Parsed {
     pub keep_alive: KeepAlive,
 }
 
+/// Every `ingress.cilium.io/*` key Cilium reads.
+const KNOWN: &[&str] = &[
+    crate::shared::LOADBALANCER_MODE,
+    LOADBALANCER_CLASS,
+    SERVICE_TYPE,
+    SERVICE_EXTERNAL_TRAFFIC_POLICY,
+    INSECURE_NODE_PORT,
+    SECURE_NODE_PORT,
+    HOST_LISTENER_PORT,
+    TLS_PASSTHROUGH,
+    FORCE_HTTPS,
+    REQUEST_TIMEOUT,
+    TCP_KEEP_ALIVE,
+    TCP_KEEP_ALIVE_IDLE,
+    TCP_KEEP_ALIVE_PROBE_INTERVAL,
+    TCP_KEEP_ALIVE_PROBE_MAX_FAILURES,
+    WEBSOCKET,
+];
+
+/// `ingress.cilium.io/*` keys of `annotations` that Cilium does not read
+/// (typically typos): they have no effect, so they are worth a warning.
+pub(crate) fn unknown_keys(annotations: Option<&Annotations>) -> Vec<&str> {
+    annotations
+        .into_iter()
+        .flat_map(|a| a.keys())
+        .map(String::as_str)
+        .filter(|k| k.starts_with("ingress.cilium.io/") && !KNOWN.contains(k))
+        .collect()
+}
+
 /// Parses every `ingress.cilium.io/*` annotation of `ing`; the first bad
 /// value is returned.
 pub(crate) fn parse(ing: &Ingress) -> Result<Parsed, BadAnnotation> {
     let a = ing.metadata.annotations.as_ref();
+    for key in unknown_keys(a) {
+        tracing::warn!(
+            ingress = ?ing.metadata.name,
+            namespace = ?ing.metadata.namespace,
+            annotation = key,
+            "unknown ingress.cilium.io annotation has no effect"
+        );
+    }
     let type_ = match lookup(a, SERVICE_TYPE) {
         None => ServiceType::LoadBalancer,
         Some((_, "LoadBalancer")) => ServiceType::LoadBalancer,
@@ -437,6 +475,37 @@ mod tests {
         let err = force_https(Some(&ann(FORCE_HTTPS, "yes-please"))).unwrap_err();
         assert_eq!(err.annotation, FORCE_HTTPS);
         assert_eq!(err.value, "yes-please");
+    }
+
+    #[test]
+    fn primary_key_wins_over_alias_and_aliases_are_read() {
+        let both = BTreeMap::from([
+            (TLS_PASSTHROUGH.to_string(), "disabled".to_string()),
+            (
+                "io.cilium.ingress/tls-passthrough".to_string(),
+                "enabled".to_string(),
+            ),
+        ]);
+        assert_eq!(switch(Some(&both), TLS_PASSTHROUGH), Ok(Some(false)));
+        let alias = ann("io.cilium/tcp-keep-alive-idle", "42");
+        assert_eq!(positive(Some(&alias), TCP_KEEP_ALIVE_IDLE), Ok(Some(42)));
+        // An error names the key actually found.
+        let bad = ann("io.cilium/tcp-keep-alive-idle", "x");
+        let e = positive(Some(&bad), TCP_KEEP_ALIVE_IDLE).unwrap_err();
+        assert_eq!(e.annotation, "io.cilium/tcp-keep-alive-idle");
+    }
+
+    #[test]
+    fn unknown_keys_are_found() {
+        let a = BTreeMap::from([
+            (FORCE_HTTPS.to_string(), "true".to_string()),
+            (
+                "ingress.cilium.io/force-http".to_string(),
+                "true".to_string(),
+            ),
+            ("example.com/x".to_string(), "1".to_string()),
+        ]);
+        assert_eq!(unknown_keys(Some(&a)), vec!["ingress.cilium.io/force-http"]);
     }
 
     #[test]
