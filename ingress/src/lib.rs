@@ -47,7 +47,7 @@ pub use shared::{
     merge_shared_preferring, shared_part, translate_cluster, translate_shared,
 };
 pub use translate::{
-    DEFAULT_LB_ANNOTATION_PREFIXES, HostNetwork, INGRESS_LABEL, PLACEHOLDER_ENDPOINT,
-    SERVICE_NAME_LABEL, TranslateOptions, Translation, USE_ORIGINAL_SOURCE_ADDRESS_LABEL,
-    translate, translate_all,
+    DEFAULT_HOST_LISTENER_PORT, DEFAULT_LB_ANNOTATION_PREFIXES, HostNetwork, INGRESS_LABEL,
+    PLACEHOLDER_ENDPOINT, SERVICE_NAME_LABEL, TranslateOptions, Translation,
+    USE_ORIGINAL_SOURCE_ADDRESS_LABEL, translate, translate_all,
 };

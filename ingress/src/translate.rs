@@ -58,11 +58,15 @@ pub struct TranslateOptions {
     pub lb_annotation_prefixes: Vec<String>,
 }
 
+/// Port of a dedicated host-network listener without
+/// `ingress.cilium.io/host-listener-port` (Cilium's
+/// `defaultHostNetworkListenerPort`).
+pub const DEFAULT_HOST_LISTENER_PORT: u16 = 8080;
+
 /// Host network mode settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostNetwork {
-    /// Port of the shared listener, and of a dedicated one without
-    /// `ingress.cilium.io/host-listener-port` (Cilium's default 8080).
+    /// Port of the shared listener (Cilium's default 8080).
     pub shared_listener_port: u16,
 }
 
@@ -122,11 +126,13 @@ pub fn translate(ing: &Ingress, opts: &TranslateOptions) -> Result<Translation, 
     let ports = model.service_ports();
     // Host network: the listener binds this port on the node instead of
     // the Service's VIP, and `spec.services` lists it as Cilium does.
-    let host_port = opts.host_network.map(|h| {
+    // Without the annotation Cilium uses its fixed default, not the shared
+    // listener port.
+    let host_port = opts.host_network.map(|_| {
         model
             .settings
             .host_listener_port
-            .unwrap_or(h.shared_listener_port)
+            .unwrap_or(DEFAULT_HOST_LISTENER_PORT)
     });
 
     let owner = |block: bool| OwnerReference {
@@ -285,17 +291,17 @@ fn dedicated_service_settings(
     let Some(spec) = service.spec.as_mut() else {
         return;
     };
-    if opts.host_network.is_some() {
-        // Nothing external reaches a host-network Ingress through its
-        // Service: Cilium makes it a ClusterIP Service.
-        spec.type_ = Some("ClusterIP".to_string());
-        spec.external_traffic_policy = None;
-        return;
-    }
     if settings.external_traffic_policy_local {
         spec.external_traffic_policy = Some("Local".to_string());
     }
     match settings.type_ {
+        ServiceType::LoadBalancer if opts.host_network.is_some() => {
+            // Nothing external reaches a host-network Ingress through its
+            // Service: Cilium makes it ClusterIP (which has no external
+            // traffic policy).
+            spec.type_ = Some("ClusterIP".to_string());
+            spec.external_traffic_policy = None;
+        }
         ServiceType::LoadBalancer => {
             spec.load_balancer_class = settings.load_balancer_class.clone();
         }

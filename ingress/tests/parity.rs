@@ -157,9 +157,26 @@ fn host_network_binds_the_host_port_and_makes_the_service_cluster_ip() {
     assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
     assert_eq!(spec.external_traffic_policy, None);
 
-    // Without the annotation: the shared listener port.
-    let t = with(&opts, &annotated("")).expect("ok");
+    // Without the annotation: Cilium's fixed default 8080, whatever the
+    // shared listener port.
+    let other_shared = TranslateOptions {
+        host_network: Some(HostNetwork {
+            shared_listener_port: 9999,
+        }),
+        ..TranslateOptions::default()
+    };
+    let t = with(&other_shared, &annotated("")).expect("ok");
     assert_eq!(listener(&t)["address"]["socketAddress"]["portValue"], 8080);
+    // NodePort wins over host network's ClusterIP, as in Cilium.
+    let t = with(
+        &opts,
+        &annotated("ingress.cilium.io/service-type: NodePort"),
+    )
+    .expect("ok");
+    assert_eq!(
+        t.service.spec.as_ref().and_then(|s| s.type_.as_deref()),
+        Some("NodePort")
+    );
     // Without host network mode the annotation changes nothing.
     let t = with(
         &TranslateOptions::default(),

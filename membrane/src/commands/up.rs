@@ -70,8 +70,8 @@ pub struct IngressFlags {
     /// host port instead of a LoadBalancer address.
     #[arg(long)]
     pub ingress_host_network: bool,
-    /// Host network mode: port of the shared listener, and of dedicated
-    /// Ingresses without `ingress.cilium.io/host-listener-port`.
+    /// Host network mode: port of the shared listener (dedicated Ingresses
+    /// use `ingress.cilium.io/host-listener-port`, default 8080).
     #[arg(long, default_value_t = 8080, requires = "ingress_host_network")]
     pub ingress_host_network_shared_listener_port: u16,
     /// Require a PROXY protocol (v1 or v2) header on every Ingress
