@@ -75,12 +75,19 @@ pub fn wait_https(ip: &str, port: u16, host: &str, path: &str, want: &str) -> bo
 
 /// A `kubernetes.io/tls` Secret `name` in `default` for `host`.
 pub fn tls_secret(name: &str, host: &str) -> String {
+    tls_secret_in("default", name, host).0
+}
+
+/// A `kubernetes.io/tls` Secret `namespace/name` for `host`, and its
+/// certificate (PEM).
+pub fn tls_secret_in(namespace: &str, name: &str, host: &str) -> (String, String) {
     let (crt, key) = membrane_certs::self_signed(&[host]).expect("issue certificate");
     let indent =
         |s: &str| -> String { s.lines().map(|l| format!("    {l}\n")).collect::<String>() };
-    format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: default}}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
+    let yaml = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: {namespace}}}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
         indent(&crt),
         indent(&key)
-    )
+    );
+    (yaml, crt)
 }
