@@ -41,7 +41,8 @@ pub fn validate_references_with(
         return Ok(());
     };
 
-    if let Some(backend) = &spec.default_backend {
+    let passthrough = crate::annotations::is_tls_passthrough(ing);
+    if let Some(backend) = spec.default_backend.as_ref().filter(|_| !passthrough) {
         check_backend(
             backend,
             &namespace,
@@ -50,13 +51,20 @@ pub fn validate_references_with(
             lookup,
         )?;
     }
+    // A TLS passthrough Ingress only uses the `/` paths of rules with a
+    // host (see the model); what it ignores is not checked either.
     for (i, rule) in spec.rules.iter().flatten().enumerate() {
+        if passthrough && rule.host.as_deref().is_none_or(str::is_empty) {
+            continue;
+        }
         for (j, path) in rule.http.iter().flat_map(|h| h.paths.iter()).enumerate() {
+            if passthrough && path.path.as_deref() != Some("/") {
+                continue;
+            }
             let field = format!("spec.rules[{i}].http.paths[{j}].backend");
             check_backend(&path.backend, &namespace, &ingress_id, &field, lookup)?;
         }
     }
-    let passthrough = crate::annotations::is_tls_passthrough(ing);
     for (t, tls) in spec.tls.iter().flatten().enumerate() {
         if passthrough {
             break;

@@ -452,3 +452,43 @@ fn shared_passthrough_and_terminating_hosts_do_not_break_each_other() {
     );
     assert!(shared_part(&ings[1], &opts).is_ok());
 }
+
+#[test]
+fn passthrough_references_skip_what_is_ignored() {
+    // The default backend, the host-less rule and the non-`/` path point at
+    // Services that do not exist; only `a` (which exists) is used.
+    let ing = ingress(
+        r#"
+metadata:
+  name: web
+  namespace: prod
+  annotations: {ingress.cilium.io/tls-passthrough: enabled}
+spec:
+  defaultBackend: {service: {name: missing-default, port: {number: 1}}}
+  tls: [{hosts: [a.example.com], secretName: missing-secret}]
+  rules:
+  - host: a.example.com
+    http:
+      paths:
+      - {path: /, pathType: Prefix, backend: {service: {name: a, port: {number: 80}}}}
+      - {path: /x, pathType: Prefix, backend: {service: {name: missing-path, port: {number: 1}}}}
+  - http:
+      paths:
+      - {path: /, pathType: Prefix, backend: {service: {name: missing-host, port: {number: 1}}}}
+"#,
+    );
+    assert_eq!(
+        validate_references_with(&ing, &Objects::default(), None),
+        Ok(())
+    );
+    // A used backend is still checked.
+    let mut broken = ing.clone();
+    if let Some(spec) = broken.spec.as_mut() {
+        spec.rules = serde_yaml_ng::from_str(
+            "[{host: a.example.com, http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: gone, port: {number: 80}}}}]}}]",
+        )
+        .expect("rules");
+    }
+    let e = validate_references_with(&broken, &Objects::default(), None).expect_err("missing");
+    assert!(e.to_string().contains("prod/gone"), "{e}");
+}
