@@ -68,12 +68,16 @@ pub const DEFAULT_HOST_LISTENER_PORT: u16 = 8080;
 pub struct HostNetwork {
     /// Port of the shared listener (Cilium's default 8080).
     pub shared_listener_port: u16,
+    /// Also bind `::` (Cilium binds the families it has enabled; a node
+    /// without IPv6 could not bind it and Envoy would refuse the listener).
+    pub ipv6: bool,
 }
 
 impl Default for HostNetwork {
     fn default() -> Self {
         Self {
             shared_listener_port: 8080,
+            ipv6: true,
         }
     }
 }

@@ -73,6 +73,7 @@ fn options(case: &Path) -> TranslateOptions {
         .host_network_shared_listener_port
         .map(|shared_listener_port| HostNetwork {
             shared_listener_port,
+            ..HostNetwork::default()
         });
     if let Some(p) = o.lb_annotation_prefixes {
         opts.lb_annotation_prefixes = p;

@@ -137,6 +137,7 @@ fn host_network_binds_the_host_port_and_makes_the_service_cluster_ip() {
     let opts = TranslateOptions {
         host_network: Some(HostNetwork {
             shared_listener_port: 8080,
+            ..HostNetwork::default()
         }),
         ..TranslateOptions::default()
     };
@@ -162,11 +163,22 @@ fn host_network_binds_the_host_port_and_makes_the_service_cluster_ip() {
     let other_shared = TranslateOptions {
         host_network: Some(HostNetwork {
             shared_listener_port: 9999,
+            ..HostNetwork::default()
         }),
         ..TranslateOptions::default()
     };
     let t = with(&other_shared, &annotated("")).expect("ok");
     assert_eq!(listener(&t)["address"]["socketAddress"]["portValue"], 8080);
+    // A node without IPv6 binds 0.0.0.0 only.
+    let v4_only = TranslateOptions {
+        host_network: Some(HostNetwork {
+            ipv6: false,
+            ..HostNetwork::default()
+        }),
+        ..TranslateOptions::default()
+    };
+    let t = with(&v4_only, &annotated("")).expect("ok");
+    assert!(listener(&t).get("additionalAddresses").is_none());
     // NodePort wins over host network's ClusterIP, as in Cilium.
     let t = with(
         &opts,

@@ -113,8 +113,9 @@ impl IngressFlags {
             proxy_protocol: self.enable_ingress_proxy_protocol,
             host_network: self
                 .ingress_host_network
-                .then_some(membrane_ingress::HostNetwork {
+                .then(|| membrane_ingress::HostNetwork {
                     shared_listener_port: self.ingress_host_network_shared_listener_port,
+                    ipv6: true,
                 }),
             lb_annotation_prefixes: self
                 .ingress_lb_annotation_prefixes
@@ -124,6 +125,16 @@ impl IngressFlags {
                 .collect(),
         }
     }
+}
+
+/// Whether this node can bind IPv6 sockets (host network listeners bind
+/// `::` only then, as Cilium binds only the families it has enabled).
+fn ipv6_available() -> bool {
+    let ok = std::net::TcpListener::bind("[::]:0").is_ok();
+    if !ok {
+        info!("no IPv6 on this node: host network Ingress listeners bind 0.0.0.0 only");
+    }
+    ok
 }
 
 fn parse_protocol(s: &str) -> Result<XdsProtocol, String> {
@@ -176,7 +187,13 @@ pub async fn run(args: UpArgs, api_socket: PathBuf) -> Result<ExitCode> {
         node_labels: parse_labels(&args.node_labels)?,
         secrets_namespace: args.secrets_namespace.clone(),
         ingress_default_lb_mode: args.ingress_default_lb_mode,
-        ingress: args.ingress.options(),
+        ingress: {
+            let mut ingress = args.ingress.options();
+            if let Some(h) = ingress.host_network.as_mut() {
+                h.ipv6 = ipv6_available();
+            }
+            ingress
+        },
         datapath: args.datapath.options()?,
     };
 
