@@ -24,6 +24,9 @@ const SOURCE_ANNOTATION: &str = "membrane.io/source-secret";
 /// Cilium's `ingressController.*` Helm values).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IngressOptions {
+    /// `--enforce-ingress-https`: redirect TLS hosts to HTTPS unless the
+    /// Ingress says otherwise (`ingress.cilium.io/force-https`).
+    pub enforce_https: bool,
     /// `--ingress-default-secret-namespace/-name`.
     pub default_secret: Option<SecretRef>,
     /// `--enable-ingress-proxy-protocol`.
@@ -38,6 +41,7 @@ impl Default for IngressOptions {
     fn default() -> Self {
         let t = TranslateOptions::default();
         Self {
+            enforce_https: t.enforce_https_default,
             default_secret: t.default_secret,
             proxy_protocol: t.proxy_protocol,
             host_network: t.host_network,
@@ -50,6 +54,7 @@ impl IngressOptions {
     /// `base` with these options set.
     pub fn apply(&self, base: TranslateOptions) -> TranslateOptions {
         TranslateOptions {
+            enforce_https_default: self.enforce_https,
             default_secret: self.default_secret.clone(),
             proxy_protocol: self.proxy_protocol,
             host_network: self.host_network,
@@ -909,5 +914,20 @@ spec:
         store.delete(&key(Kind::Ingress, "a", "web"));
         ctl.reconcile(&store, &store.snapshot(), &opts);
         assert!(store.get(&copy).is_none());
+    }
+
+    #[test]
+    fn default_flags_are_ciliums_defaults() {
+        // No flag given means the translation Cilium's defaults produce.
+        assert_eq!(
+            IngressOptions::default().apply(TranslateOptions::default()),
+            TranslateOptions::default()
+        );
+        let o = IngressOptions::default();
+        assert!(o.enforce_https && !o.proxy_protocol && o.host_network.is_none());
+        assert_eq!(
+            o.lb_annotation_prefixes,
+            membrane_ingress::DEFAULT_LB_ANNOTATION_PREFIXES
+        );
     }
 }

@@ -65,6 +65,10 @@ pub struct UpArgs {
 /// `membrane translate` (named after Cilium's operator flags).
 #[derive(clap::Args, Debug, Clone)]
 pub struct IngressFlags {
+    /// Redirect plain HTTP to HTTPS for TLS hosts unless an Ingress sets
+    /// `ingress.cilium.io/force-https` (Cilium's `enforce-ingress-https`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub enforce_ingress_https: bool,
     /// Host network mode (Cilium's `ingressController.hostNetwork.enabled`):
     /// Ingress listeners bind the node's addresses (0.0.0.0 and ::) on a
     /// host port instead of a LoadBalancer address.
@@ -109,6 +113,7 @@ impl IngressFlags {
             _ => None,
         };
         membrane_agent::ingress_controller::IngressOptions {
+            enforce_https: self.enforce_ingress_https,
             default_secret,
             proxy_protocol: self.enable_ingress_proxy_protocol,
             host_network: self
