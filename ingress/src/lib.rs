@@ -14,6 +14,15 @@
 //! - RouteConfigurations `listener-insecure` (always) and `listener-secure`
 //!   (with TLS); clusters `<ns>:<svc>:<port>` of type EDS with service name
 //!   `<ns>/<svc>:<port>`.
+//!
+//! Cilium's Ingress features on top (see `docs/ingress.md`): TLS passthrough
+//! (SNI filter chains with a TCP proxy, no termination), host network mode
+//! (listener bound to the node's addresses on a host port), the PROXY
+//! protocol listener filter, the default TLS secret, and the generated
+//! Service's type, node ports, traffic policy, class and copied
+//! annotations. Every `ingress.cilium.io/*` annotation is parsed as Cilium
+//! parses it, with its aliases; invalid values are errors naming the
+//! Ingress and the annotation.
 
 mod annotations;
 mod class;
