@@ -118,7 +118,7 @@ impl IngressFlags {
             proxy_protocol: self.enable_ingress_proxy_protocol,
             host_network: self
                 .ingress_host_network
-                .then(|| membrane_ingress::HostNetwork {
+                .then_some(membrane_ingress::HostNetwork {
                     shared_listener_port: self.ingress_host_network_shared_listener_port,
                     ipv6: true,
                 }),
