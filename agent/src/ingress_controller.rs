@@ -57,7 +57,7 @@ impl IngressOptions {
             enforce_https_default: self.enforce_https,
             default_secret: self.default_secret.clone(),
             proxy_protocol: self.proxy_protocol,
-            host_network: self.host_network,
+            host_network: self.host_network.clone(),
             lb_annotation_prefixes: self.lb_annotation_prefixes.clone(),
             ..base
         }

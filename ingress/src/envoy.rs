@@ -152,7 +152,7 @@ fn listener(model: &Model, opts: &TranslateOptions, host_port: Option<u16>) -> V
         // Host network mode: every IPv4 and IPv6 address of the node, as
         // Cilium binds it (Envoy makes the IPv6 socket v6-only).
         listener["address"] = socket_address("0.0.0.0", port);
-        if opts.host_network.is_none_or(|h| h.ipv6) {
+        if opts.host_network.as_ref().is_none_or(|h| h.ipv6) {
             listener["additionalAddresses"] = json!([{"address": socket_address("::", port)}]);
         }
     }

@@ -283,7 +283,7 @@ pub fn merge_shared_preferring<'a>(
 
     let ns = &opts.shared_namespace;
     let svc = &opts.shared_service_name;
-    let host_port = opts.host_network.map(|h| h.shared_listener_port);
+    let host_port = opts.host_network.as_ref().map(|h| h.shared_listener_port);
     // No owner: the shared objects outlive any one Ingress.
     let cec = build_cec(svc, ns, svc, &SHARED_PORTS, &merged, opts, host_port, None);
     let mut service = lb_service(svc, ns, &SHARED_PORTS, None);

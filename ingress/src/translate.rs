@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::api::networking::v1::Ingress;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use membrane_crds::{
     BackendService, CiliumEnvoyConfig, CiliumEnvoyConfigSpec, EnvoyConfigSpec, ServiceListener,
 };
@@ -64,13 +64,17 @@ pub struct TranslateOptions {
 pub const DEFAULT_HOST_LISTENER_PORT: u16 = 8080;
 
 /// Host network mode settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostNetwork {
     /// Port of the shared listener (Cilium's default 8080).
     pub shared_listener_port: u16,
     /// Also bind `::` (Cilium binds the families it has enabled; a node
     /// without IPv6 could not bind it and Envoy would refuse the listener).
     pub ipv6: bool,
+    /// Only nodes with these labels serve Ingresses (the CECs'
+    /// `nodeSelector`; Cilium's `ingressController.hostNetwork.nodes`);
+    /// empty: every node.
+    pub node_labels: BTreeMap<String, String>,
 }
 
 impl Default for HostNetwork {
@@ -78,6 +82,7 @@ impl Default for HostNetwork {
         Self {
             shared_listener_port: 8080,
             ipv6: true,
+            node_labels: BTreeMap::new(),
         }
     }
 }
@@ -132,7 +137,7 @@ pub fn translate(ing: &Ingress, opts: &TranslateOptions) -> Result<Translation, 
     // the Service's VIP, and `spec.services` lists it as Cilium does.
     // Without the annotation Cilium uses its fixed default, not the shared
     // listener port.
-    let host_port = opts.host_network.map(|_| {
+    let host_port = opts.host_network.as_ref().map(|_| {
         model
             .settings
             .host_listener_port
@@ -203,7 +208,16 @@ pub(crate) fn build_cec(
             })
             .collect(),
         resources: envoy::resources(model, opts, host_port),
-        node_selector: None,
+        // Host network mode: the listener binds on every node it reaches,
+        // so the selector decides which nodes serve Ingresses.
+        node_selector: opts
+            .host_network
+            .as_ref()
+            .filter(|h| !h.node_labels.is_empty())
+            .map(|h| LabelSelector {
+                match_labels: Some(h.node_labels.clone()),
+                ..Default::default()
+            }),
     };
     let mut cec = CiliumEnvoyConfig::new(name, CiliumEnvoyConfigSpec::from(spec));
     cec.metadata.namespace = Some(namespace.to_string());

@@ -7,9 +7,11 @@
 //! An optional `options.yaml` sets controller options (the `membrane up`
 //! flags): `default_secret: {namespace, name}`, `proxy_protocol: true`,
 //! `host_network_shared_listener_port: 8080` (enables host network mode),
+//! `host_network_node_labels: {k: v}`,
 //! `lb_annotation_prefixes: [...]`.
 //! `UPDATE_GOLDEN=1 cargo test -p membrane-ingress` rewrites the outputs.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::networking::v1::Ingress;
@@ -48,6 +50,8 @@ struct CaseOptions {
     #[serde(default)]
     proxy_protocol: bool,
     host_network_shared_listener_port: Option<u16>,
+    #[serde(default)]
+    host_network_node_labels: BTreeMap<String, String>,
     lb_annotation_prefixes: Option<Vec<String>>,
 }
 
@@ -73,6 +77,7 @@ fn options(case: &Path) -> TranslateOptions {
         .host_network_shared_listener_port
         .map(|shared_listener_port| HostNetwork {
             shared_listener_port,
+            node_labels: o.host_network_node_labels.clone(),
             ..HostNetwork::default()
         });
     if let Some(p) = o.lb_annotation_prefixes {

@@ -158,7 +158,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             file,
             ingress_default_lb_mode,
             ingress,
-        } => commands::translate::run(&file, ingress_default_lb_mode, &ingress.options()),
+        } => commands::translate::run(&file, ingress_default_lb_mode, &ingress.options()?),
         Command::Echo(args) => commands::echo::run(args).await,
         Command::Crds => {
             print!("{}", membrane_crds::all_crds_yaml());

@@ -2,7 +2,8 @@
 //! `ingressController.hostNetwork`). Listeners bind the node's addresses on
 //! the host port (`ingress.cilium.io/host-listener-port` for a dedicated
 //! Ingress, the shared listener port otherwise) instead of a LoadBalancer
-//! address; the generated Service is ClusterIP and gets no LB address.
+//! address; the generated Service is ClusterIP and gets no LB address. The
+//! node label selector becomes the CECs' `nodeSelector`.
 
 mod common;
 
@@ -51,6 +52,11 @@ fn host_network_serves_on_the_node_ports() {
             "--ingress-host-network",
             "--ingress-host-network-shared-listener-port",
             &shared_port,
+            // This node is selected, so it serves.
+            "--ingress-host-network-node-label-selector",
+            "role=ingress",
+            "--node-labels",
+            "role=ingress,zone=a",
         ],
     );
     m.apply(INGRESS_CLASS);
@@ -114,6 +120,23 @@ fn host_network_serves_on_the_node_ports() {
         "{svc}"
     );
     assert!(m.rejected().is_empty(), "{:?}", m.rejected());
+    let (_, cec) = m
+        .cli(&[
+            "get",
+            "cec",
+            "cilium-ingress-default-own",
+            "-n",
+            "default",
+            "-o",
+            "json",
+        ])
+        .expect("cli");
+    let cec: serde_json::Value = serde_json::from_str(&cec).expect("JSON");
+    assert_eq!(
+        cec.pointer("/spec/nodeSelector/matchLabels/role"),
+        Some(&serde_json::json!("ingress")),
+        "{cec}"
+    );
 
     // An invalid annotation value is reported in `membrane status` and the
     // log, naming the Ingress and the annotation; the others keep serving.

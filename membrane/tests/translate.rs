@@ -30,6 +30,19 @@ fn option_flags(case: &Path) -> Vec<String> {
         flags.push("--ingress-host-network-shared-listener-port".into());
         flags.push(port.to_string());
     }
+    if let Some(labels) = v
+        .get("host_network_node_labels")
+        .and_then(|l| l.as_mapping())
+    {
+        let list: Vec<String> = labels
+            .iter()
+            .filter_map(|(k, v)| Some(format!("{}={}", k.as_str()?, v.as_str()?)))
+            .collect();
+        flags.push(format!(
+            "--ingress-host-network-node-label-selector={}",
+            list.join(",")
+        ));
+    }
     if let Some(prefixes) = v
         .get("lb_annotation_prefixes")
         .and_then(|p| p.as_sequence())

@@ -78,6 +78,11 @@ pub struct IngressFlags {
     /// use `ingress.cilium.io/host-listener-port`, default 8080).
     #[arg(long, default_value_t = 8080, requires = "ingress_host_network")]
     pub ingress_host_network_shared_listener_port: u16,
+    /// Host network mode: only nodes with these labels (`k=v,k2=v2`) serve
+    /// Ingresses (Cilium's `ingressController.hostNetwork.nodes.matchLabels`
+    /// / `ingress-hostnetwork-nodelabelselector`).
+    #[arg(long, default_value = "", requires = "ingress_host_network")]
+    pub ingress_host_network_node_label_selector: String,
     /// Require a PROXY protocol (v1 or v2) header on every Ingress
     /// connection (Cilium's `ingressController.enableProxyProtocol`).
     #[arg(long)]
@@ -101,7 +106,7 @@ pub struct IngressFlags {
 }
 
 impl IngressFlags {
-    pub fn options(&self) -> membrane_agent::ingress_controller::IngressOptions {
+    pub fn options(&self) -> Result<membrane_agent::ingress_controller::IngressOptions> {
         let default_secret = match (
             &self.ingress_default_secret_namespace,
             &self.ingress_default_secret_name,
@@ -112,7 +117,19 @@ impl IngressFlags {
             }),
             _ => None,
         };
-        membrane_agent::ingress_controller::IngressOptions {
+        let node_labels = self
+            .ingress_host_network_node_label_selector
+            .split(',')
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| {
+                p.split_once('=')
+                    .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                    .with_context(|| {
+                        format!("--ingress-host-network-node-label-selector: {p:?} is not k=v")
+                    })
+            })
+            .collect::<Result<BTreeMap<String, String>>>()?;
+        Ok(membrane_agent::ingress_controller::IngressOptions {
             enforce_https: self.enforce_ingress_https,
             default_secret,
             proxy_protocol: self.enable_ingress_proxy_protocol,
@@ -121,6 +138,7 @@ impl IngressFlags {
                 .then_some(membrane_ingress::HostNetwork {
                     shared_listener_port: self.ingress_host_network_shared_listener_port,
                     ipv6: true,
+                    node_labels,
                 }),
             lb_annotation_prefixes: self
                 .ingress_lb_annotation_prefixes
@@ -128,7 +146,7 @@ impl IngressFlags {
                 .map(|p| p.trim().to_string())
                 .filter(|p| !p.is_empty())
                 .collect(),
-        }
+        })
     }
 }
 
@@ -193,7 +211,7 @@ pub async fn run(args: UpArgs, api_socket: PathBuf) -> Result<ExitCode> {
         secrets_namespace: args.secrets_namespace.clone(),
         ingress_default_lb_mode: args.ingress_default_lb_mode,
         ingress: {
-            let mut ingress = args.ingress.options();
+            let mut ingress = args.ingress.options()?;
             if let Some(h) = ingress.host_network.as_mut() {
                 h.ipv6 = ipv6_available();
             }
