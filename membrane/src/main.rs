@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run Membrane in the foreground on a directory of manifests (watched).
-    Up(commands::up::UpArgs),
+    Up(Box<commands::up::UpArgs>),
     /// Create or update the objects in a file (`-` for stdin).
     Apply {
         #[arg(short = 'f', long = "filename")]
@@ -129,7 +129,7 @@ fn init_tracing() {
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let api = cli.api_socket;
     match cli.command {
-        Command::Up(args) => commands::up::run(args, api).await,
+        Command::Up(args) => commands::up::run(*args, api).await,
         Command::Apply { file } => commands::objects::apply(&api, &file, "/v1/apply").await,
         Command::Delete { file } => commands::objects::apply(&api, &file, "/v1/delete").await,
         Command::Get {
