@@ -219,6 +219,7 @@ impl Harness {
             node_labels: Default::default(),
             secrets_namespace: "cilium-secrets".into(),
             ingress_default_lb_mode: Default::default(),
+            ingress: Default::default(),
             datapath: None,
         };
         let (_tx, envoy) = tokio::sync::watch::channel(crate::EnvoyState::default());

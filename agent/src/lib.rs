@@ -76,6 +76,8 @@ pub struct AgentConfig {
     pub secrets_namespace: String,
     /// Mode of Ingresses without `ingress.cilium.io/loadbalancer-mode`.
     pub ingress_default_lb_mode: membrane_ingress::LoadBalancerMode,
+    /// The Ingress controller's other feature flags.
+    pub ingress: ingress_controller::IngressOptions,
     /// The eBPF service datapath (`--datapath ebpf`); `None` = no datapath.
     pub datapath: Option<datapath::DatapathOptions>,
 }
@@ -193,11 +195,11 @@ impl Reconciler {
         };
         Self {
             lb_pool: config.lb_pool,
-            opts: TranslateOptions {
+            opts: config.ingress.apply(TranslateOptions {
                 secrets_namespace: config.secrets_namespace.clone(),
                 default_lb_mode: config.ingress_default_lb_mode,
                 ..TranslateOptions::default()
-            },
+            }),
             ingress: Default::default(),
             pipeline: configs::ConfigPipeline::new(ports, config.node_labels.clone()),
             node_labels: config.node_labels.clone(),

@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run Membrane in the foreground on a directory of manifests (watched).
-    Up(commands::up::UpArgs),
+    Up(Box<commands::up::UpArgs>),
     /// Create or update the objects in a file (`-` for stdin).
     Apply {
         #[arg(short = 'f', long = "filename")]
@@ -63,6 +63,11 @@ enum Command {
     Translate {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
+        /// Load-balancer mode of Ingresses without the annotation.
+        #[arg(long, default_value = "dedicated")]
+        ingress_default_lb_mode: membrane_ingress::LoadBalancerMode,
+        #[command(flatten)]
+        ingress: commands::up::IngressFlags,
     },
     /// Run the conformance echo backend.
     Echo(commands::echo::EchoArgs),
@@ -124,7 +129,7 @@ fn init_tracing() {
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let api = cli.api_socket;
     match cli.command {
-        Command::Up(args) => commands::up::run(args, api).await,
+        Command::Up(args) => commands::up::run(*args, api).await,
         Command::Apply { file } => commands::objects::apply(&api, &file, "/v1/apply").await,
         Command::Delete { file } => commands::objects::apply(&api, &file, "/v1/delete").await,
         Command::Get {
@@ -149,7 +154,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             .await
         }
         Command::Status { output } => commands::status::run(&api, output.as_deref()).await,
-        Command::Translate { file } => commands::translate::run(&file),
+        Command::Translate {
+            file,
+            ingress_default_lb_mode,
+            ingress,
+        } => commands::translate::run(&file, ingress_default_lb_mode, &ingress.options()?),
         Command::Echo(args) => commands::echo::run(args).await,
         Command::Crds => {
             print!("{}", membrane_crds::all_crds_yaml());
