@@ -71,7 +71,7 @@ impl Membrane {
             .arg(manifests)
             .args(["--run-dir"])
             .arg(dir.path().join("run"))
-            .args(["--envoy-admin-port", "0", "--lb-pool", pool])
+            .args(["--lb-pool", pool])
             .args([
                 "--http-port",
                 &http_port.to_string(),
