@@ -108,6 +108,16 @@ impl Membrane {
         m
     }
 
+    /// PID of the `membrane up` process.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// PID of the Envoy this Membrane runs, per `membrane status`.
+    pub fn envoy_pid(&self) -> Option<i32> {
+        self.status()["envoy"]["pid"].as_i64().map(|p| p as i32)
+    }
+
     /// SIGKILL Membrane (no shutdown path runs).
     pub fn kill_hard(&mut self) {
         let _ = self.child.kill();
@@ -222,6 +232,24 @@ impl Drop for Membrane {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The Envoy binary tests run (`$MEMBRANE_ENVOY` or the checkout's venv).
+pub fn envoy_bin() -> PathBuf {
+    std::env::var_os("MEMBRANE_ENVOY")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/envoy"))
+}
+
+/// A symlink `dir/envoy` to the Envoy binary, for tests that make the
+/// binary disappear (rename the link away) and come back.
+pub fn envoy_link(dir: &Path) -> PathBuf {
+    require_envoy();
+    let target = std::fs::canonicalize(envoy_bin()).expect("envoy binary");
+    let link = dir.join("envoy");
+    std::os::unix::fs::symlink(&target, &link).expect("symlink envoy");
+    link
 }
 
 pub fn rand_suffix() -> String {
