@@ -194,22 +194,22 @@ pub async fn supervise(
             s.last_error = None;
             s.admin_address = None;
         });
-        let mut probe = tokio::time::interval(Duration::from_millis(250));
-        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let exit = loop {
+            // Quick probes until ready, so readiness is reported promptly.
+            let every = if state.borrow().ready { 500 } else { 50 };
             tokio::select! {
                 exit = child.wait() => break exit,
-                _ = probe.tick() => {
+                _ = tokio::time::sleep(Duration::from_millis(every)) => {
                     let ready = admin_get(&admin_socket, "/ready").await.is_ok_and(|(code, _)| code == 200);
                     if ready && !state.borrow().ready {
                         info!(pid, "envoy ready");
                         // A good run: the next failure starts the backoff over.
                         backoff = BACKOFF_MIN;
-                        let tcp = match opts.admin_tcp_port {
-                            Some(_) => admin_tcp_address(&admin_socket).await,
-                            None => None,
-                        };
-                        state.send_modify(|s| { s.ready = true; s.admin_address = tcp; });
+                        state.send_modify(|s| s.ready = true);
+                    }
+                    if ready && opts.admin_tcp_port.is_some() && state.borrow().admin_address.is_none() {
+                        let tcp = admin_tcp_address(&admin_socket).await;
+                        state.send_modify(|s| s.admin_address = tcp);
                     } else if !ready && state.borrow().ready {
                         warn!(pid, "envoy admin /ready stopped answering 200");
                         state.send_modify(|s| s.ready = false);
@@ -335,11 +335,34 @@ pub async fn admin_get(socket: &Path, path: &str) -> std::io::Result<(u16, Strin
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let chunked = head.lines().any(|l| {
+        l.split_once(':').is_some_and(|(k, v)| {
+            k.eq_ignore_ascii_case("transfer-encoding") && v.trim().eq_ignore_ascii_case("chunked")
+        })
+    });
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
     Ok((code, body))
+}
+
+/// The payload of a chunked HTTP/1.1 body (admin answers JSON that way).
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16) else {
+            break;
+        };
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].strip_prefix("\r\n").unwrap_or(&after[n..]);
+    }
+    out
 }
 
 /// The address the TCP admin listener is bound to (its port may be 0 in
@@ -382,4 +405,16 @@ async fn stop(child: &mut Child) {
         }
     }
     let _ = child.kill().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dechunk;
+
+    #[test]
+    fn dechunks_bodies() {
+        assert_eq!(dechunk("5\r\nLIVE\n\r\n0\r\n\r\n"), "LIVE\n");
+        assert_eq!(dechunk("3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n"), "abcde");
+        assert_eq!(dechunk("zz\r\n"), "");
+    }
 }

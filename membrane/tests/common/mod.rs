@@ -101,6 +101,7 @@ impl Membrane {
                 .and_then(|(_, out)| serde_json::from_str::<Value>(&out).ok())
                 .is_some_and(|s| {
                     s["envoy"]["running"] == true
+                        && s["ready"] == true
                         && !s["xds"]["streams"].as_array().is_none_or(|a| a.is_empty())
                 })
         });
