@@ -121,7 +121,8 @@ impl AcceptBackoff {
         let wait = ACCEPT_BACKOFF_MIN
             .saturating_mul(1 << shift)
             .min(ACCEPT_BACKOFF_MAX);
-        if self.failures == 1 || self.failures.is_power_of_two() || self.failures % 30 == 0 {
+        if self.failures == 1 || self.failures.is_power_of_two() || self.failures.is_multiple_of(30)
+        {
             warn!(
                 server = what,
                 error = %e,

@@ -278,7 +278,7 @@ fn resilient_incoming(
                     failures += 1;
                     let wait = std::time::Duration::from_millis(5 << failures.min(8))
                         .min(std::time::Duration::from_secs(1));
-                    if failures == 1 || failures.is_power_of_two() || failures % 30 == 0 {
+                    if failures == 1 || failures.is_power_of_two() || failures.is_multiple_of(30) {
                         tracing::warn!(error = %e, failures, retry_in_ms = wait.as_millis() as u64, "xds: accept failed; backing off and continuing");
                     }
                     tokio::time::sleep(wait).await;
