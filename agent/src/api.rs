@@ -26,6 +26,8 @@ const MAX_BODY: usize = 64 << 20;
 /// Most connections served at once; more are answered 503 and closed, so
 /// a flood of clients can never take the descriptors the agent needs.
 const MAX_CONNECTIONS: usize = 512;
+/// Connections over the cap being answered 503 at once; more are closed.
+const MAX_REFUSALS: usize = 128;
 /// A client must send a complete request head within this time, on a new
 /// connection and between requests on a kept-alive one (an idle timeout).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,6 +51,7 @@ pub async fn serve(
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
     let mut backoff = AcceptBackoff::default();
     loop {
         let stream = tokio::select! {
@@ -62,7 +65,13 @@ pub async fn serve(
             _ = shutdown.cancelled() => break,
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tokio::spawn(refuse_busy(stream));
+            // Refusals are bounded too; past that, just close.
+            if let Ok(refusing) = refusals.clone().try_acquire_owned() {
+                tokio::spawn(async move {
+                    refuse_busy(stream).await;
+                    drop(refusing);
+                });
+            }
             continue;
         };
         let state = state.clone();
@@ -87,10 +96,23 @@ pub async fn serve(
     Ok(())
 }
 
-/// Over the connection cap: a short 503 so the client fails fast instead
-/// of hanging, then close.
+/// Over the connection cap: read what the client sent (briefly), answer
+/// 503 so it fails fast instead of hanging, close. Answering before the
+/// request is read confuses HTTP clients, hence the read.
 async fn refuse_busy(mut stream: tokio::net::UnixStream) {
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        // Up to the end of the request head, at most 16 KiB.
+        while head.len() < 16 << 10 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
     let body = r#"{"error":"too many connections to the local API; retry"}"#;
     let resp = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",

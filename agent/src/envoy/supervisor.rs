@@ -24,8 +24,9 @@ pub enum EnvoyError {
     NotFound,
     #[error("Envoy binary {0} does not exist")]
     Missing(PathBuf),
-    #[error("writing Envoy bootstrap {path}: {source}")]
-    Bootstrap {
+    /// The run directory, bootstrap file, admin socket or log file.
+    #[error("preparing Envoy's files ({path}): {source}")]
+    Files {
         path: PathBuf,
         source: std::io::Error,
     },
@@ -259,7 +260,7 @@ fn prepare(
 ) -> Result<(), EnvoyError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
-        move |source| EnvoyError::Bootstrap { path, source }
+        move |source| EnvoyError::Files { path, source }
     };
     std::fs::create_dir_all(&opts.work_dir).map_err(io(&opts.work_dir))?;
     std::fs::write(bootstrap_path, bootstrap).map_err(io(bootstrap_path))?;
@@ -274,11 +275,11 @@ fn spawn(opts: &EnvoyOptions, bootstrap: &Path, log_file: &Path) -> Result<Child
         .create(true)
         .append(true)
         .open(log_file)
-        .map_err(|source| EnvoyError::Bootstrap {
+        .map_err(|source| EnvoyError::Files {
             path: log_file.to_path_buf(),
             source,
         })?;
-    let log_err = log.try_clone().map_err(|source| EnvoyError::Bootstrap {
+    let log_err = log.try_clone().map_err(|source| EnvoyError::Files {
         path: log_file.to_path_buf(),
         source,
     })?;
