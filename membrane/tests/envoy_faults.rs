@@ -284,6 +284,7 @@ fn envoy_killed_20_times_under_traffic() {
     };
     let ok_count = || outcomes.lock().expect("lock").ok;
 
+    let mut recoveries = Vec::new();
     for kill in 0..KILLS {
         // Traffic flows before every kill: the previous restart worked.
         let before = ok_count();
@@ -305,6 +306,7 @@ fn envoy_killed_20_times_under_traffic() {
         }
         // SAFETY: killing the Envoy child of our Membrane by its PID.
         unsafe { libc::kill(pid, libc::SIGKILL) };
+        let killed = std::time::Instant::now();
         if missing {
             assert!(
                 wait_until(Duration::from_secs(20), || {
@@ -322,6 +324,11 @@ fn envoy_killed_20_times_under_traffic() {
             "Envoy did not come back after kill {kill}:\n{}",
             m.log()
         );
+        // Kill to first good answer (reported, not asserted).
+        let killed_at_ok = outcomes.lock().expect("lock").ok;
+        if wait_until(Duration::from_secs(20), || ok_count() > killed_at_ok) && !missing {
+            recoveries.push(killed.elapsed());
+        }
     }
     let before = ok_count();
     assert!(
@@ -332,6 +339,13 @@ fn envoy_killed_20_times_under_traffic() {
     stop.store(true, Ordering::Relaxed);
     client.join().expect("client thread");
 
+    recoveries.sort();
+    eprintln!(
+        "kill to first good answer (binary present): min {:?}, median {:?}, max {:?}",
+        recoveries.first(),
+        recoveries.get(recoveries.len() / 2),
+        recoveries.last()
+    );
     let o = outcomes.lock().expect("lock");
     eprintln!(
         "{KILLS} kills: {} ok, {} failed in flight, {} connection attempts refused while Envoy was down",
