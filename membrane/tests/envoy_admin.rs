@@ -65,6 +65,22 @@ fn cilium_admin_and_prometheus_listener_examples_work_unchanged() {
         socket.ends_with("/run/envoy-admin.sock") && Path::new(socket).exists(),
         "admin socket {socket:?}"
     );
+    // It is Envoy's admin: its server_info names this node.
+    let info = {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(socket).expect("admin socket");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s.write_all(b"GET /server_info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .expect("write");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    assert!(
+        info.starts_with("HTTP/1.1 200") && info.contains("membrane~local"),
+        "admin /server_info over the socket: {info}"
+    );
 
     // Cilium's admin listener example: routes to `envoy-admin`.
     apply_example(&m, "envoy-admin-listener.yaml");
