@@ -209,7 +209,7 @@ impl Harness {
             run_dir: std::env::temp_dir(),
             api_socket: std::env::temp_dir().join("membrane-bench.sock"),
             envoy_bin: None,
-            envoy_admin_port: 0,
+            envoy_admin_port: None,
             envoy_concurrency: 1,
             envoy_log_level: "warning".into(),
             xds_protocol: crate::XdsProtocol::Delta,

@@ -128,6 +128,9 @@ impl<'a> SliceIndex<'a> {
         let slices = self.slices(ns, name);
         let legacy = snap.get_typed::<Endpoints>(ns, name);
         let mut out = Vec::new();
+        // With no ports listed Cilium also publishes `<ns>/<svc>` with the
+        // backends of every port (its examples' EDS clusters use that name).
+        let mut all_ports = BTreeSet::new();
         for sp in &service_ports {
             let port_name = sp.name.clone().unwrap_or_default();
             let selected = ports.is_empty()
@@ -142,6 +145,9 @@ impl<'a> SliceIndex<'a> {
             } else {
                 from_slices(slices, sp)
             };
+            if ports.is_empty() {
+                all_ports.extend(backends.iter().cloned());
+            }
             let mut names = vec![format!("{ns}/{name}:{}", sp.port)];
             if !port_name.is_empty() {
                 names.push(format!("{ns}/{name}:{port_name}"));
@@ -149,6 +155,9 @@ impl<'a> SliceIndex<'a> {
             for cluster_name in names {
                 out.push(assignment(cluster_name, &backends));
             }
+        }
+        if ports.is_empty() {
+            out.push(assignment(format!("{ns}/{name}"), &all_ports));
         }
         out
     }

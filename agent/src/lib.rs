@@ -30,7 +30,7 @@ use membrane_store::{ObjectKey, Store};
 use membrane_xds::{Snapshot, SnapshotCache};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 pub use envoy::{EnvoyState, XdsProtocol};
 pub use lb_ipam::Pool;
@@ -65,7 +65,9 @@ pub struct AgentConfig {
     pub run_dir: PathBuf,
     pub api_socket: PathBuf,
     pub envoy_bin: Option<PathBuf>,
-    pub envoy_admin_port: u16,
+    /// Also expose Envoy admin on `127.0.0.1:<port>` (0 = a free port);
+    /// `None`: admin only on its unix socket in the run directory.
+    pub envoy_admin_port: Option<u16>,
     pub envoy_concurrency: u16,
     pub envoy_log_level: String,
     pub xds_protocol: XdsProtocol,
@@ -127,14 +129,22 @@ pub async fn run(
         let shutdown = shutdown.clone();
         let path = xds_socket.clone();
         tokio::spawn(async move {
-            membrane_xds::serve_unix(&path, cache, shutdown.cancelled_owned()).await
+            let served = membrane_xds::serve_unix(&path, cache, shutdown.cancelled_owned()).await;
+            if let Err(e) = &served {
+                error!(error = %e, socket = %path.display(), "xDS server stopped");
+            }
+            served
         })
     };
     let api_task = {
         let state = state.clone();
         let shutdown = shutdown.clone();
         let path = config.api_socket.clone();
-        tokio::spawn(async move { api::serve(&path, state, shutdown).await })
+        tokio::spawn(async move {
+            if let Err(e) = api::serve(&path, state, shutdown).await {
+                error!(error = %e, socket = %path.display(), "local API stopped");
+            }
+        })
     };
     let envoy_task = tokio::spawn(envoy::supervise(
         envoy::EnvoyOptions {
@@ -142,7 +152,7 @@ pub async fn run(
             work_dir: config.run_dir.clone(),
             node_id: node_id.clone(),
             xds_socket,
-            admin_port: config.envoy_admin_port,
+            admin_tcp_port: config.envoy_admin_port,
             protocol: config.xds_protocol,
             concurrency: config.envoy_concurrency,
             log_level: config.envoy_log_level.clone(),
@@ -155,16 +165,13 @@ pub async fn run(
     reconcile_loop(&config, &state, shutdown.clone()).await;
 
     shutdown.cancel();
-    let envoy_result = envoy_task.await;
+    let _ = envoy_task.await;
     let _ = api_task.await;
     if let Some(t) = datapath_task {
         let _ = t.await;
     }
     let _ = xds_task.await;
-    match envoy_result {
-        Ok(Err(e)) => Err(e.into()),
-        _ => Ok(()),
-    }
+    Ok(())
 }
 
 /// What one store-triggered pass keeps between passes: the pipeline's

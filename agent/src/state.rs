@@ -53,6 +53,8 @@ impl AgentState {
         let xds = serde_json::to_value(self.cache.status()).unwrap_or(Value::Null);
         json!({
             "node": self.node_id,
+            // Serving needs Envoy: not ready while it is down or starting.
+            "ready": envoy.running && envoy.ready,
             "envoy": envoy,
             "xds": xds,
             "rejected": rejected,

@@ -53,8 +53,8 @@ enum Command {
         #[arg(short = 'o', long)]
         output: Option<String>,
     },
-    /// Envoy connection, xDS ACK/NACK per type and every rejected object;
-    /// exits non-zero when something is rejected.
+    /// Envoy process and readiness, xDS ACK/NACK per type and every rejected
+    /// object; exits non-zero when Envoy is down or something is rejected.
     Status {
         #[arg(short = 'o', long)]
         output: Option<String>,

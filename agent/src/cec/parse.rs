@@ -2,7 +2,7 @@
 
 use membrane_crds::EnvoyConfigSpec;
 
-use super::qualify::qualify;
+use super::qualify::{LEGACY_ADMIN_CLUSTER, qualify, qualify_cluster_ref};
 use crate::envoy_pb::*;
 
 /// Why a CEC was rejected. The message always names the object, the
@@ -43,6 +43,8 @@ struct Ctx<'a> {
     object: &'a str,
     namespace: &'a str,
     name: &'a str,
+    /// The CEC defines its own cluster named `envoy-admin`.
+    defines_legacy_admin: bool,
 }
 
 impl Ctx<'_> {
@@ -56,6 +58,10 @@ impl Ctx<'_> {
     fn q(&self, name: &str) -> String {
         qualify(self.namespace, self.name, name)
     }
+    /// A reference to a cluster (which may be a bootstrap cluster).
+    fn q_cluster(&self, name: &str) -> String {
+        qualify_cluster_ref(self.namespace, self.name, name, self.defines_legacy_admin)
+    }
 }
 
 /// Decode and qualify the resources of a CEC. `object` is how errors name it
@@ -66,10 +72,17 @@ pub fn parse_cec(
     name: &str,
     spec: &EnvoyConfigSpec,
 ) -> Result<ParsedCec, CecError> {
+    let defines_legacy_admin = spec.resources.iter().any(|r| {
+        r["name"] == LEGACY_ADMIN_CLUSTER
+            && r["@type"]
+                .as_str()
+                .is_some_and(|t| t.ends_with("envoy.config.cluster.v3.Cluster"))
+    });
     let ctx = Ctx {
         object,
         namespace,
         name,
+        defines_legacy_admin,
     };
     let mut out = ParsedCec::default();
     for (index, raw) in spec.resources.iter().enumerate() {
@@ -194,10 +207,10 @@ fn filter_chain(ctx: &Ctx<'_>, field: &str, chain: &mut FilterChain) -> Result<(
         } else if let Some(tcp) = from_any::<TcpProxy>(any) {
             let mut tcp = tcp.map_err(bad)?;
             match tcp.cluster_specifier.as_mut() {
-                Some(TcpClusterSpecifier::Cluster(c)) => *c = ctx.q(c),
+                Some(TcpClusterSpecifier::Cluster(c)) => *c = ctx.q_cluster(c),
                 Some(TcpClusterSpecifier::WeightedClusters(w)) => {
                     for c in &mut w.clusters {
-                        c.name = ctx.q(&c.name);
+                        c.name = ctx.q_cluster(&c.name);
                     }
                 }
                 None => {}
@@ -233,10 +246,10 @@ fn qualify_routes(ctx: &Ctx<'_>, rc: &mut RouteConfiguration) {
         for route in &mut vhost.routes {
             if let Some(RouteActionKind::Route(action)) = route.action.as_mut() {
                 match action.cluster_specifier.as_mut() {
-                    Some(RouteClusterSpecifier::Cluster(c)) => *c = ctx.q(c),
+                    Some(RouteClusterSpecifier::Cluster(c)) => *c = ctx.q_cluster(c),
                     Some(RouteClusterSpecifier::WeightedClusters(w)) => {
                         for c in &mut w.clusters {
-                            c.name = ctx.q(&c.name);
+                            c.name = ctx.q_cluster(&c.name);
                         }
                     }
                     _ => {}

@@ -20,7 +20,10 @@ pub async fn run(api: &Path, output: Option<&str>) -> Result<ExitCode> {
         Some("yaml") => print!("{}", serde_yaml_ng::to_string(&report)?),
         _ => print!("{}", human(&report)),
     }
-    Ok(if rejected.is_empty() {
+    // Envoy down (or not yet serving) is a failure like a rejected object:
+    // nothing is served until it is back.
+    let envoy_up = report["envoy"]["running"] == true && report["envoy"]["ready"] == true;
+    Ok(if rejected.is_empty() && envoy_up {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -31,13 +34,31 @@ fn human(r: &Value) -> String {
     let mut out = String::new();
     let envoy = &r["envoy"];
     let running = envoy["running"].as_bool().unwrap_or(false);
+    let ready = envoy["ready"].as_bool().unwrap_or(false);
+    let admin = match envoy["admin_address"].as_str() {
+        Some(tcp) => format!("{} and {tcp}", text(envoy, "/admin_socket")),
+        None => text(envoy, "/admin_socket"),
+    };
     out.push_str(&format!(
         "Envoy:     {} (pid {}, restarts {}, admin {})\n",
-        if running { "running" } else { "not running" },
+        match (running, ready) {
+            (true, true) => "running, ready",
+            (true, false) => "running, NOT READY",
+            (false, _) => "NOT RUNNING",
+        },
         text(envoy, "/pid"),
         text(envoy, "/restarts"),
-        text(envoy, "/admin_address"),
+        admin,
     ));
+    if !running && let Some(e) = envoy["last_error"].as_str() {
+        out.push_str(&format!(
+            "           start failed {} time(s) in a row: {e}\n",
+            text(envoy, "/start_failures")
+        ));
+    }
+    if !running && let Some(e) = envoy["last_exit"].as_str() {
+        out.push_str(&format!("           last exit: {e}\n"));
+    }
     out.push_str(&format!("Node:      {}\n", text(r, "/node")));
     if r["datapath"]["mode"] == "ebpf" {
         let dp = &r["datapath"];

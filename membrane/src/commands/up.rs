@@ -23,9 +23,10 @@ pub struct UpArgs {
     /// Envoy binary (else $MEMBRANE_ENVOY, .venv/bin/envoy, PATH).
     #[arg(long)]
     pub envoy_bin: Option<PathBuf>,
-    /// Envoy admin port on 127.0.0.1 (0 picks a free one).
-    #[arg(long, default_value_t = 9901)]
-    pub envoy_admin_port: u16,
+    /// Also expose Envoy admin on 127.0.0.1:PORT (0 picks a free one).
+    /// Default: admin only on the unix socket `<run-dir>/envoy-admin.sock`.
+    #[arg(long)]
+    pub envoy_admin_port: Option<u16>,
     #[arg(long, default_value_t = 2)]
     pub envoy_concurrency: u16,
     #[arg(long, default_value = "warning")]
