@@ -310,6 +310,7 @@ impl Api {
         ssa_done: bool,
     ) -> Result<Mutation, Error> {
         let name = name_of(old).to_string();
+        crate::defaults::apply(&res.group, &res.kind, &mut new);
         if !name_of(&new).is_empty() && name_of(&new) != name {
             return Err(ApiError::bad_request(format!(
                 "{} \"{name}\": the name of the object ({}) does not match the name on the URL",
@@ -437,6 +438,7 @@ impl Api {
         ssa_done: bool,
     ) -> Result<Value, Error> {
         self.identify(res, ns, &mut obj)?;
+        crate::defaults::apply(&res.group, &res.kind, &mut obj);
         let meta = meta_mut(&mut obj);
         if meta
             .get("name")

@@ -283,6 +283,14 @@ impl Http {
         } else {
             Bytes::new()
         };
+        if content_type.contains("protobuf") || content_type.contains("cbor") {
+            return Err(ApiError::new(
+                415,
+                "UnsupportedMediaType",
+                format!("the body of the request was in an unsupported format ({content_type}): this server accepts JSON and YAML only"),
+            )
+            .into());
+        }
         let api = self.api.clone();
         match (method, name) {
             (Method::GET, name) if truthy(&query, "watch") => {

@@ -244,10 +244,10 @@ pub fn builtin() -> Vec<Resource> {
             namespaced: r.4,
             short_names: r.5.iter().map(|s| s.to_string()).collect(),
             status: r.6,
-            categories: if r.0 == "cilium.io" {
-                vec!["cilium".into()]
-            } else {
-                Vec::new()
+            categories: match (r.0, r.2) {
+                ("cilium.io", _) => vec!["cilium".into()],
+                ("", "pods" | "services") => vec!["all".into()],
+                _ => Vec::new(),
             },
         })
         .collect()
