@@ -22,6 +22,11 @@ use crate::selectors::{FieldSelector, LabelSelector};
 
 pub type Body = BoxBody<Bytes, Infallible>;
 
+/// Where a watch starts: events to send first (type, object), the
+/// resourceVersion they bring the watcher to, and whether it already ended
+/// (410 Gone).
+type Start = (Vec<(String, Value)>, u64, bool);
+
 /// Largest accepted request body (the Kubernetes default).
 const MAX_BODY: usize = 3 * 1024 * 1024;
 
@@ -443,37 +448,35 @@ impl Http {
         let mut live = self.api.store.subscribe();
         let api = self.api.clone();
         let prefix2 = prefix.clone();
-        let initial = blocking(
-            move || -> Result<(Vec<(String, Value)>, u64, bool), Error> {
-                match from {
-                    Some(rv) if !send_initial => match api.store.events_since(rv, &prefix2) {
-                        Ok(events) => {
-                            let last = events.last().map(|e| e.rv).unwrap_or(rv);
-                            let out = events
-                                .into_iter()
-                                .map(|e| (e.kind.as_str().to_string(), e.object))
-                                .collect();
-                            Ok((out, last.max(rv), false))
-                        }
-                        Err(Error::Api(e)) if e.code == 410 => {
-                            Ok((vec![("ERROR".into(), e.status())], 0, true))
-                        }
-                        Err(e) => Err(e),
-                    },
-                    _ => {
-                        let (items, rv) = api.store.list(&prefix2)?;
-                        Ok((
-                            items
-                                .into_iter()
-                                .map(|o| ("ADDED".to_string(), o))
-                                .collect(),
-                            rv,
-                            false,
-                        ))
+        let initial = blocking(move || -> Result<Start, Error> {
+            match from {
+                Some(rv) if !send_initial => match api.store.events_since(rv, &prefix2) {
+                    Ok(events) => {
+                        let last = events.last().map(|e| e.rv).unwrap_or(rv);
+                        let out = events
+                            .into_iter()
+                            .map(|e| (e.kind.as_str().to_string(), e.object))
+                            .collect();
+                        Ok((out, last.max(rv), false))
                     }
+                    Err(Error::Api(e)) if e.code == 410 => {
+                        Ok((vec![("ERROR".into(), e.status())], 0, true))
+                    }
+                    Err(e) => Err(e),
+                },
+                _ => {
+                    let (items, rv) = api.store.list(&prefix2)?;
+                    Ok((
+                        items
+                            .into_iter()
+                            .map(|o| ("ADDED".to_string(), o))
+                            .collect(),
+                        rv,
+                        false,
+                    ))
                 }
-            },
-        )
+            }
+        })
         .await?;
         let (events, mut last, expired) = initial;
         let (tx, rx) = mpsc::channel::<Bytes>(256);

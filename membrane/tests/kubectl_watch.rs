@@ -1,0 +1,46 @@
+//! `kubectl get -w` against `membrane apiserver` sees objects appear,
+//! change and go.
+
+mod kubectl_support;
+
+use kubectl_support::ApiServer;
+
+#[test]
+fn get_watch_sees_changes() {
+    let s = ApiServer::start(35111);
+    s.ok_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: first}\ndata: {a: b}\n",
+    );
+    let w = s.watch(&[
+        "get",
+        "configmaps",
+        "-w",
+        "-o",
+        "custom-columns=NAME:.metadata.name,A:.data.a",
+    ]);
+    w.expect_line("first");
+    s.ok_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: second}\ndata: {a: new}\n",
+    );
+    let line = w.expect_line("second");
+    assert!(line.contains("new"), "{line}");
+    s.ok(&[
+        "patch",
+        "configmap",
+        "first",
+        "--type=merge",
+        "-p",
+        r#"{"data":{"a":"patched"}}"#,
+    ]);
+    let line = w.expect_line("patched");
+    assert!(line.contains("first"), "{line}");
+
+    // A label-selected watch sees only matching objects.
+    let w2 = s.watch(&["get", "configmaps", "-l", "team=x", "-w", "-o", "name"]);
+    s.ok(&["label", "configmap", "second", "team=y"]);
+    s.ok(&["label", "configmap", "first", "team=x"]);
+    let line = w2.expect_line("configmap/");
+    assert_eq!(line, "configmap/first");
+}
