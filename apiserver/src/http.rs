@@ -15,17 +15,20 @@ use serde_json::{Value, json};
 use tokio::sync::{Notify, broadcast, mpsc};
 
 use crate::api::{Api, DeleteOpts, PatchType, Propagation, WriteOpts, parse_body};
-use crate::discovery;
 use crate::error::{ApiError, Error};
 use crate::resources::Resource;
 use crate::selectors::{FieldSelector, LabelSelector};
+use crate::store::{Event, EventType};
+use crate::{convert, discovery};
 
 pub type Body = BoxBody<Bytes, Infallible>;
 
-/// Where a watch starts: events to send first (type, object), the
-/// resourceVersion they bring the watcher to, and whether it already ended
-/// (410 Gone).
-type Start = (Vec<(String, Value)>, u64, bool);
+/// Where a watch starts: events to send first, the resourceVersion they
+/// bring the watcher to, or the `Status` that ends it (410 Gone).
+type Start = (Vec<Event>, u64, Option<Value>);
+
+/// Stored form → served form of an object.
+type Conv = fn(&Value) -> Value;
 
 /// Largest accepted request body (the Kubernetes default).
 const MAX_BODY: usize = 3 * 1024 * 1024;
@@ -296,51 +299,85 @@ impl Http {
             )
             .into());
         }
+        // events.k8s.io/v1 Events live in the core/v1 Event storage.
+        let events_v1 = res.group == "events.k8s.io" && res.plural == "events";
+        let conv: Conv = if events_v1 {
+            convert::event_from_core
+        } else {
+            Value::clone
+        };
+        let to_core = |v: Value| {
+            if events_v1 {
+                convert::event_to_core(&v)
+            } else {
+                v
+            }
+        };
+        let list_kind = (format!("{}List", res.kind), res.api_version());
+        let res = if events_v1 {
+            self.api
+                .find("", "v1", "events")
+                .ok_or_else(|| ApiError::internal("core/v1 events are not served"))?
+        } else {
+            res
+        };
+        let selector = |k: &str| -> String {
+            let raw = query.get(k).cloned().unwrap_or_default();
+            if events_v1 && k == "fieldSelector" {
+                convert::event_selector_to_core(&raw)
+            } else {
+                raw
+            }
+        };
+        let convert_list = move |mut list: Value| -> Value {
+            if let Some(items) = list["items"].as_array_mut() {
+                for item in items.iter_mut() {
+                    *item = conv(item);
+                }
+            }
+            list["kind"] = json!(list_kind.0);
+            list["apiVersion"] = json!(list_kind.1);
+            list
+        };
         let api = self.api.clone();
         match (method, name) {
             (Method::GET, name) if truthy(&query, "watch") => {
-                let mut fields = query.get("fieldSelector").cloned().unwrap_or_default();
+                let mut fields = selector("fieldSelector");
                 if let Some(n) = name {
                     fields = format!("metadata.name={n},{fields}");
                 }
-                self.watch(res, ns, &query, &fields).await
+                self.watch(res, ns, &query, &fields, conv).await
             }
             (Method::GET, None) => {
-                let labels = LabelSelector::parse(
-                    query.get("labelSelector").map(String::as_str).unwrap_or(""),
-                )?;
-                let fields = FieldSelector::parse(
-                    query.get("fieldSelector").map(String::as_str).unwrap_or(""),
-                )?;
+                let labels = LabelSelector::parse(&selector("labelSelector"))?;
+                let fields = FieldSelector::parse(&selector("fieldSelector"))?;
                 let list =
                     blocking(move || api.list(&res, ns.as_deref(), &labels, &fields)).await?;
-                Ok(json_response(200, &list))
+                Ok(json_response(200, &convert_list(list)))
             }
             (Method::GET, Some(name)) => {
                 let obj = blocking(move || api.get(&res, ns.as_deref(), &name)).await?;
-                Ok(json_response(200, &obj))
+                Ok(json_response(200, &conv(&obj)))
             }
             (Method::POST, None) => {
-                let obj = parse_body(&body, content_type.contains("yaml"))?;
+                let obj = to_core(parse_body(&body, content_type.contains("yaml"))?);
                 let created = blocking(move || api.create(&res, ns.as_deref(), obj, &opts)).await?;
-                Ok(json_response(201, &created))
+                Ok(json_response(201, &conv(&created)))
             }
             (Method::PUT, Some(name)) => {
-                let obj = parse_body(&body, content_type.contains("yaml"))?;
+                let obj = to_core(parse_body(&body, content_type.contains("yaml"))?);
                 let updated =
                     blocking(move || api.update(&res, ns.as_deref(), &name, obj, &sub, &opts))
                         .await?;
-                self.gc.notify_one();
-                Ok(json_response(200, &updated))
+                self.wake_gc(&updated);
+                Ok(json_response(200, &conv(&updated)))
             }
             (Method::PATCH, Some(name)) => {
                 let kind = match content_type.split(';').next().unwrap_or_default().trim() {
                     "application/merge-patch+json" => PatchType::Merge,
                     "application/strategic-merge-patch+json" => PatchType::Strategic,
                     "application/json-patch+json" => PatchType::Json,
-                    "application/apply-patch+yaml" | "application/apply-patch+cbor" => {
-                        PatchType::Apply
-                    }
+                    "application/apply-patch+yaml" => PatchType::Apply,
                     other => {
                         return Err(ApiError::new(
                             415,
@@ -368,27 +405,53 @@ impl Http {
                     .into());
                 }
                 let patch = parse_body(&body, kind == PatchType::Apply)?;
-                let (obj, created) = blocking(move || {
-                    api.patch(&res, ns.as_deref(), &name, kind, patch, &sub, &opts)
-                })
-                .await?;
-                self.gc.notify_one();
-                Ok(json_response(if created { 201 } else { 200 }, &obj))
+                let (obj, created) = if events_v1 && kind != PatchType::Apply {
+                    // Patch the events.k8s.io form, store the core form.
+                    blocking(move || {
+                        let cur = api.get(&res, ns.as_deref(), &name)?;
+                        let mut v1 = conv(&cur);
+                        match kind {
+                            PatchType::Merge => crate::patch::merge_patch(&mut v1, &patch),
+                            PatchType::Strategic => {
+                                crate::patch::strategic_merge_patch(&mut v1, &patch)?
+                            }
+                            _ => crate::patch::json_patch(&mut v1, &patch)?,
+                        }
+                        let mut core = convert::event_to_core(&v1);
+                        if patch["metadata"]["resourceVersion"].is_null() {
+                            core["metadata"]["resourceVersion"] =
+                                cur["metadata"]["resourceVersion"].clone();
+                        }
+                        Ok((
+                            api.update(&res, ns.as_deref(), &name, core, &sub, &opts)?,
+                            false,
+                        ))
+                    })
+                    .await?
+                } else {
+                    let patch = if kind == PatchType::Apply {
+                        to_core(patch)
+                    } else {
+                        patch
+                    };
+                    blocking(move || {
+                        api.patch(&res, ns.as_deref(), &name, kind, patch, &sub, &opts)
+                    })
+                    .await?
+                };
+                self.wake_gc(&obj);
+                Ok(json_response(if created { 201 } else { 200 }, &conv(&obj)))
             }
             (Method::DELETE, Some(name)) => {
                 let dopts = delete_opts(&query, &body)?;
                 let obj = blocking(move || api.delete(&res, ns.as_deref(), &name, &dopts)).await?;
                 self.gc.notify_one();
-                Ok(json_response(200, &obj))
+                Ok(json_response(200, &conv(&obj)))
             }
             (Method::DELETE, None) => {
                 let dopts = delete_opts(&query, &body)?;
-                let labels = LabelSelector::parse(
-                    query.get("labelSelector").map(String::as_str).unwrap_or(""),
-                )?;
-                let fields = FieldSelector::parse(
-                    query.get("fieldSelector").map(String::as_str).unwrap_or(""),
-                )?;
+                let labels = LabelSelector::parse(&selector("labelSelector"))?;
+                let fields = FieldSelector::parse(&selector("fieldSelector"))?;
                 let list = blocking(move || {
                     let mut list = api.list(&res, ns.as_deref(), &labels, &fields)?;
                     let mut deleted = Vec::new();
@@ -409,12 +472,20 @@ impl Http {
                 })
                 .await?;
                 self.gc.notify_one();
-                Ok(json_response(200, &list))
+                Ok(json_response(200, &convert_list(list)))
             }
             (m, _) => Err(ApiError::method_not_allowed(format!(
                 "the server does not allow this method on the requested resource: {m}"
             ))
             .into()),
+        }
+    }
+
+    /// Garbage collection only has work after a write to an object being
+    /// deleted (a finalizer removed); deletes always wake it.
+    fn wake_gc(&self, obj: &Value) {
+        if !obj["metadata"]["deletionTimestamp"].is_null() {
+            self.gc.notify_one();
         }
     }
 
@@ -424,6 +495,7 @@ impl Http {
         ns: Option<String>,
         query: &HashMap<String, String>,
         fields: &str,
+        conv: Conv,
     ) -> Result<Response<Body>, Error> {
         let labels =
             LabelSelector::parse(query.get("labelSelector").map(String::as_str).unwrap_or(""))?;
@@ -453,15 +525,9 @@ impl Http {
                 Some(rv) if !send_initial => match api.store.events_since(rv, &prefix2) {
                     Ok(events) => {
                         let last = events.last().map(|e| e.rv).unwrap_or(rv);
-                        let out = events
-                            .into_iter()
-                            .map(|e| (e.kind.as_str().to_string(), e.object))
-                            .collect();
-                        Ok((out, last.max(rv), false))
+                        Ok((events, last.max(rv), None))
                     }
-                    Err(Error::Api(e)) if e.code == 410 => {
-                        Ok((vec![("ERROR".into(), e.status())], 0, true))
-                    }
+                    Err(Error::Api(e)) if e.code == 410 => Ok((Vec::new(), 0, Some(e.status()))),
                     Err(e) => Err(e),
                 },
                 _ => {
@@ -469,10 +535,16 @@ impl Http {
                     Ok((
                         items
                             .into_iter()
-                            .map(|o| ("ADDED".to_string(), o))
+                            .map(|o| Event {
+                                rv,
+                                kind: EventType::Added,
+                                key: String::new(),
+                                object: o,
+                                prev: None,
+                            })
                             .collect(),
                         rv,
-                        false,
+                        None,
                     ))
                 }
             }
@@ -491,13 +563,19 @@ impl Http {
                 Bytes::from(b)
             };
             let matches = |o: &Value| labels.matches(o) && fields.matches(o);
-            for (ty, obj) in &events {
-                if (ty == "ERROR" || matches(obj)) && tx.send(line(ty, obj)).await.is_err() {
+            if let Some(status) = expired {
+                let _ = tx.send(line("ERROR", &status)).await;
+                return;
+            }
+            for ev in &events {
+                let Some(ty) =
+                    transition(ev.kind, ev.prev.as_ref().map(&matches), matches(&ev.object))
+                else {
+                    continue;
+                };
+                if tx.send(line(ty, &conv(&ev.object))).await.is_err() {
                     return;
                 }
-            }
-            if expired {
-                return;
             }
             let bookmark = |rv: u64, initial_end: bool| {
                 let mut meta = json!({"resourceVersion": rv.to_string()});
@@ -524,9 +602,13 @@ impl Http {
                                 continue;
                             }
                             last = ev.rv;
-                            if ev.key.starts_with(&prefix) && matches(&ev.object)
-                                && tx.send(line(ev.kind.as_str(), &ev.object)).await.is_err()
-                            {
+                            if !ev.key.starts_with(&prefix) {
+                                continue;
+                            }
+                            let Some(ty) = transition(ev.kind, ev.prev.as_ref().map(&matches), matches(&ev.object)) else {
+                                continue;
+                            };
+                            if tx.send(line(ty, &conv(&ev.object))).await.is_err() {
                                 return;
                             }
                         }
@@ -554,6 +636,20 @@ impl Http {
             .header(header::CONTENT_TYPE, "application/json")
             .body(BodyExt::boxed(StreamBody::new(stream)))
             .map_err(|e| ApiError::internal(e.to_string()).into())
+    }
+}
+
+/// The watch event a selector-filtered watcher sees for a change, given
+/// whether the object matched before (unknown for replayed events) and
+/// after: objects entering the selection are ADDED, leaving it DELETED.
+pub fn transition(kind: EventType, before: Option<bool>, after: bool) -> Option<&'static str> {
+    match (kind, before, after) {
+        (EventType::Added, _, true) => Some("ADDED"),
+        (EventType::Deleted, _, true) => Some("DELETED"),
+        (EventType::Modified, Some(false), true) => Some("ADDED"),
+        (EventType::Modified, Some(true) | None, true) => Some("MODIFIED"),
+        (EventType::Modified, Some(true), false) => Some("DELETED"),
+        _ => None,
     }
 }
 

@@ -5,6 +5,7 @@
 //! against it; docs/apiserver.md lists the supported subset.
 
 pub mod api;
+pub mod convert;
 pub mod defaults;
 pub mod discovery;
 pub mod error;

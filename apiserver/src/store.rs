@@ -49,6 +49,9 @@ pub struct Event {
     pub kind: EventType,
     pub key: String,
     pub object: Value,
+    /// The object before this change; lets selector watches see objects
+    /// leave their selection.
+    pub prev: Option<Value>,
 }
 
 /// What a read-modify-write closure decided.
@@ -80,7 +83,7 @@ pub struct Store {
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS objects (key TEXT PRIMARY KEY, rv INTEGER NOT NULL, object TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS events (rv INTEGER PRIMARY KEY, type TEXT NOT NULL, key TEXT NOT NULL, object TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (rv INTEGER PRIMARY KEY, type TEXT NOT NULL, key TEXT NOT NULL, object TEXT NOT NULL, prev TEXT);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (name, value) VALUES ('rv', 1), ('compacted', 1);
 ";
@@ -156,7 +159,7 @@ impl Store {
             );
         }
         let mut stmt = conn.prepare_cached(
-            "SELECT rv, type, key, object FROM events WHERE rv > ?1 AND key >= ?2 AND key < ?3 ORDER BY rv",
+            "SELECT rv, type, key, object, prev FROM events WHERE rv > ?1 AND key >= ?2 AND key < ?3 ORDER BY rv",
         )?;
         let rows = stmt.query_map(params![rv as i64, prefix, prefix_end(prefix)], |r| {
             Ok((
@@ -164,16 +167,21 @@ impl Store {
                 r.get::<_, String>(1)?,
                 r.get::<_, String>(2)?,
                 r.get::<_, String>(3)?,
+                r.get::<_, Option<String>>(4)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (rv, ty, key, obj) = row?;
+            let (rv, ty, key, obj, prev) = row?;
             out.push(Event {
                 rv: rv as u64,
                 kind: EventType::parse(&ty),
                 key,
                 object: serde_json::from_str(&obj)?,
+                prev: match prev {
+                    Some(p) => Some(serde_json::from_str(&p)?),
+                    None => None,
+                },
             });
         }
         Ok(out)
@@ -215,9 +223,13 @@ impl Store {
                 )?;
             }
         }
+        let prev_text = match (&current, kind) {
+            (Some(p), EventType::Modified) => Some(serde_json::to_string(p)?),
+            _ => None,
+        };
         tx.execute(
-            "INSERT INTO events (rv, type, key, object) VALUES (?1, ?2, ?3, ?4)",
-            params![rv as i64, kind.as_str(), key, text],
+            "INSERT INTO events (rv, type, key, object, prev) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![rv as i64, kind.as_str(), key, text, prev_text],
         )?;
         if rv % 64 == 0 && rv > self.window {
             // Compact: drop events older than the window; a watch from
@@ -235,6 +247,7 @@ impl Store {
             kind,
             key: key.to_string(),
             object: object.clone(),
+            prev: current,
         });
         // No receivers is fine.
         let _ = self.events.send(event);

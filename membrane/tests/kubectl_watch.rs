@@ -43,4 +43,24 @@ fn get_watch_sees_changes() {
     s.ok(&["label", "configmap", "first", "team=x"]);
     let line = w2.expect_line("configmap/");
     assert_eq!(line, "configmap/first");
+    // Leaving the selection is seen as a deletion by a selector watch.
+    let list = kubectl_support::json(&s.ok(&[
+        "get",
+        "--raw",
+        "/api/v1/namespaces/default/configmaps?labelSelector=team%3Dx",
+    ]));
+    let rv = list["metadata"]["resourceVersion"]
+        .as_str()
+        .expect("rv")
+        .to_string();
+    s.ok(&["label", "configmap", "first", "team=z", "--overwrite"]);
+    // Replayed from the resourceVersion of the list, which predates it.
+    let body = kubectl_support::raw_get(
+        s.port,
+        &format!(
+            "/api/v1/namespaces/default/configmaps?watch=1&labelSelector=team%3Dx&resourceVersion={rv}&timeoutSeconds=1"
+        ),
+    );
+    assert!(body.contains(r#""type":"DELETED""#), "{body}");
+    assert!(!body.contains("second"), "{body}");
 }
