@@ -46,6 +46,11 @@ pub fn apply(group: &str, kind: &str, obj: &mut Value) {
                 }
             });
         }
+        ("", "Secret") => {
+            if obj["type"].is_null() {
+                obj["type"] = json!("Opaque");
+            }
+        }
         ("", "Endpoints") => {
             each_mut(&mut obj["subsets"], |s| {
                 if let Some(ports) = s.get_mut("ports") {

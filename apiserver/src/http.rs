@@ -291,14 +291,22 @@ impl Http {
         } else {
             Bytes::new()
         };
-        if content_type.contains("protobuf") || content_type.contains("cbor") {
+        if content_type.contains("cbor") {
             return Err(ApiError::new(
                 415,
                 "UnsupportedMediaType",
-                format!("the body of the request was in an unsupported format ({content_type}): this server accepts JSON and YAML only"),
+                format!("the body of the request was in an unsupported format ({content_type}): this server accepts JSON, YAML and (for a few kinds) protobuf"),
             )
             .into());
         }
+        let protobuf = content_type.contains("protobuf");
+        let parse = |body: &[u8]| -> Result<Value, ApiError> {
+            if protobuf {
+                crate::protobuf::decode(body)
+            } else {
+                parse_body(body, content_type.contains("yaml"))
+            }
+        };
         // events.k8s.io/v1 Events live in the core/v1 Event storage.
         let events_v1 = res.group == "events.k8s.io" && res.plural == "events";
         let conv: Conv = if events_v1 {
@@ -360,12 +368,12 @@ impl Http {
                 Ok(json_response(200, &conv(&obj)))
             }
             (Method::POST, None) => {
-                let obj = to_core(parse_body(&body, content_type.contains("yaml"))?);
+                let obj = to_core(parse(&body)?);
                 let created = blocking(move || api.create(&res, ns.as_deref(), obj, &opts)).await?;
                 Ok(json_response(201, &conv(&created)))
             }
             (Method::PUT, Some(name)) => {
-                let obj = to_core(parse_body(&body, content_type.contains("yaml"))?);
+                let obj = to_core(parse(&body)?);
                 let updated =
                     blocking(move || api.update(&res, ns.as_deref(), &name, obj, &sub, &opts))
                         .await?;

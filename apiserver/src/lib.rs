@@ -11,6 +11,7 @@ pub mod discovery;
 pub mod error;
 pub mod http;
 pub mod patch;
+pub mod protobuf;
 pub mod resources;
 pub mod selectors;
 pub mod ssa;
