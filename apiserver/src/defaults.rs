@@ -46,10 +46,8 @@ pub fn apply(group: &str, kind: &str, obj: &mut Value) {
                 }
             });
         }
-        ("", "Secret") => {
-            if obj["type"].is_null() {
-                obj["type"] = json!("Opaque");
-            }
+        ("", "Secret") if obj["type"].is_null() => {
+            obj["type"] = json!("Opaque");
         }
         ("", "Endpoints") => {
             each_mut(&mut obj["subsets"], |s| {

@@ -114,7 +114,7 @@ fn object_meta(b: &[u8], kind: &str) -> Result<Value, ApiError> {
     let mut m = json!({});
     for (n, f) in fields(b)? {
         match n {
-            1 | 2 | 3 => {
+            1..=3 => {
                 let s = string(&f)?;
                 if !s.is_empty() {
                     let key = ["name", "generateName", "namespace"][(n - 1) as usize];
