@@ -105,6 +105,8 @@ pub enum Error {
     Json(#[from] serde_json::Error),
     #[error("{0}: {1}")]
     Io(String, #[source] std::io::Error),
+    #[error("{0} is in use by another running API server")]
+    InUse(String),
 }
 
 impl Error {

@@ -94,11 +94,26 @@ impl Store {
         std::fs::create_dir_all(dir).map_err(|e| Error::Io(dir.display().to_string(), e))?;
         let path = dir.join("state.db");
         let conn = Connection::open(&path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        // FULL: a commit is on disk before the client gets its answer.
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(SCHEMA)?;
+        let init = || -> Result<(), rusqlite::Error> {
+            // One server per data directory: the exclusive lock is taken by
+            // the first write below and held for the life of the connection,
+            // so a second server fails here instead of interleaving
+            // resourceVersions with this one.
+            conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
+            conn.busy_timeout(std::time::Duration::from_millis(500))?;
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            // FULL: a commit is on disk before the client gets its answer.
+            conn.pragma_update(None, "synchronous", "FULL")?;
+            conn.execute_batch(SCHEMA)?;
+            conn.execute("UPDATE meta SET value = value WHERE name = 'rv'", [])?;
+            Ok(())
+        };
+        init().map_err(|e| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                Error::InUse(dir.display().to_string())
+            }
+            _ => Error::Db(e),
+        })?;
         let (events, _) = broadcast::channel(4096);
         Ok(Store {
             conn: Mutex::new(conn),
@@ -153,6 +168,15 @@ impl Store {
     pub fn events_since(&self, rv: u64, prefix: &str) -> Result<Vec<Event>, Error> {
         let conn = self.lock();
         let compacted = meta(&conn, "compacted")?;
+        let current = meta(&conn, "rv")?;
+        if rv > current {
+            // From another history (e.g. a replaced data directory): the
+            // client must relist rather than wait for versions to catch up.
+            return Err(ApiError::expired(format!(
+                "too large resource version: {rv}, current: {current}"
+            ))
+            .into());
+        }
         if rv < compacted {
             return Err(
                 ApiError::expired(format!("too old resource version: {rv} ({compacted})")).into(),
@@ -338,6 +362,19 @@ mod tests {
         assert!(matches!(err, Error::Api(ref e) if e.code == 410));
         let rv = s.current_rv().expect("rv");
         assert_eq!(s.events_since(rv - 5, "").expect("recent").len(), 5);
+        assert!(s.events_since(rv, "").expect("current").is_empty());
+        let err = s.events_since(rv + 1, "").expect_err("future");
+        assert!(matches!(err, Error::Api(ref e) if e.code == 410));
+    }
+
+    #[test]
+    fn one_server_per_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = Store::open(dir.path(), 10).expect("open");
+        let second = Store::open(dir.path(), 10);
+        assert!(matches!(second, Err(Error::InUse(_))), "{:?}", second.err());
+        drop(first);
+        Store::open(dir.path(), 10).expect("free again");
     }
 
     #[test]
