@@ -424,6 +424,9 @@ impl Api {
         let out = self.store.mutate(key, f)?;
         if res.plural == "customresourcedefinitions" && !matches!(out, Outcome::Unchanged(_)) {
             self.refresh_crds()?;
+            if matches!(out, Outcome::Deleted(_)) {
+                self.drop_unserved()?;
+            }
         }
         Ok(out)
     }
@@ -716,8 +719,8 @@ impl Api {
     /// owners remain); foreground and orphan finalizers are completed.
     /// Returns how many objects it changed.
     pub fn gc_pass(&self) -> Result<usize, Error> {
+        let mut changed = self.drop_unserved()?;
         let (all, _) = self.store.list("")?;
-        let mut changed = 0;
         let uids: HashMap<String, &Value> = all
             .iter()
             .filter_map(|o| o["metadata"]["uid"].as_str().map(|u| (u.to_string(), o)))
@@ -881,6 +884,27 @@ impl Api {
             }
         }
         Ok(changed)
+    }
+
+    /// Delete the objects of resources no longer served (their CRD was
+    /// deleted), as Kubernetes deletes a CRD's objects with it.
+    fn drop_unserved(&self) -> Result<usize, Error> {
+        let served: HashSet<String> = self.resources().iter().map(|r| r.prefix(None)).collect();
+        let (keyed, _) = self.store.list_keyed("")?;
+        let mut dropped = 0;
+        for (key, _) in keyed {
+            let prefix: String = key
+                .splitn(3, '/')
+                .take(2)
+                .map(|p| format!("{p}/"))
+                .collect();
+            if !served.contains(&prefix) {
+                self.store
+                    .mutate(&key, |cur| Ok(cur.map_or(Mutation::Keep, Mutation::Delete)))?;
+                dropped += 1;
+            }
+        }
+        Ok(dropped)
     }
 
     /// Run GC passes until nothing changes (bounded).

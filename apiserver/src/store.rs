@@ -148,17 +148,24 @@ impl Store {
     /// Every object whose key starts with `prefix`, sorted by key, and the
     /// resourceVersion the list is consistent with.
     pub fn list(&self, prefix: &str) -> Result<(Vec<Value>, u64), Error> {
+        let (items, rv) = self.list_keyed(prefix)?;
+        Ok((items.into_iter().map(|(_, o)| o).collect(), rv))
+    }
+
+    /// Like [`Store::list`], with each object's key.
+    pub fn list_keyed(&self, prefix: &str) -> Result<(Vec<(String, Value)>, u64), Error> {
         let conn = self.lock();
         let rv = meta(&conn, "rv")?;
         let mut stmt = conn.prepare_cached(
-            "SELECT object FROM objects WHERE key >= ?1 AND key < ?2 ORDER BY key",
+            "SELECT key, object FROM objects WHERE key >= ?1 AND key < ?2 ORDER BY key",
         )?;
         let rows = stmt.query_map(params![prefix, prefix_end(prefix)], |r| {
-            r.get::<_, String>(0)
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            out.push(serde_json::from_str(&row?)?);
+            let (key, text) = row?;
+            out.push((key, serde_json::from_str(&text)?));
         }
         Ok((out, rv))
     }

@@ -217,3 +217,46 @@ fn server_side_apply_of_the_quickstart_and_a_cec() {
     let yaml = s.ok(&["get", "ciliumenvoyconfigs", "echo2", "-o", "yaml"]);
     assert!(yaml.contains("- \"8080\""), "{yaml}");
 }
+
+#[test]
+fn a_new_crd_is_served_at_once() {
+    let s = ApiServer::start(35103);
+    let crd = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: widgets.example.com
+spec:
+  group: example.com
+  scope: Namespaced
+  names: {plural: widgets, singular: widget, kind: Widget, shortNames: [wd]}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
+"#;
+    // kubectl has discovered the server before the CRD exists.
+    s.ok(&["get", "configmaps"]);
+    s.ok_stdin(&["apply", "-f", "-"], crd);
+    let out = s.ok_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: w1}\nspec: {size: 3}\n",
+    );
+    assert!(out.contains("widget.example.com/w1 created"), "{out}");
+    let w = json(&s.ok(&["get", "wd", "w1", "-o", "json"]));
+    assert_eq!(w["spec"]["size"], 3);
+    // Deleting the CRD stops serving its resource and deletes its objects:
+    // created again, it is empty.
+    s.ok(&["delete", "crd", "widgets.example.com"]);
+    let (code, _) = s.http(
+        "GET",
+        "/apis/example.com/v1/namespaces/default/widgets",
+        None,
+    );
+    assert_eq!(code, 404);
+    s.ok_stdin(&["apply", "-f", "-"], crd);
+    let listed = s.ok(&["get", "widgets", "-o", "name"]);
+    assert!(listed.trim().is_empty(), "{listed}");
+}
