@@ -258,6 +258,12 @@ impl Api {
                 res.kind
             )));
         }
+        if !(obj["metadata"].is_object() || obj["metadata"].is_null()) {
+            return Err(ApiError::bad_request(format!(
+                "{}: metadata must be an object",
+                res.kind
+            )));
+        }
         let name = name_of(obj).to_string();
         if let Some(k) = obj["kind"].as_str()
             && k != res.kind
@@ -646,10 +652,13 @@ impl Api {
                 }
                 // The patch may carry a resourceVersion precondition; absent,
                 // it applies to whatever is current.
-                if patch["metadata"]["resourceVersion"].is_null() {
-                    new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
-                }
                 self.identify(res, ns, &mut new)?;
+                if patch["metadata"]["resourceVersion"].is_null() {
+                    meta_mut(&mut new).insert(
+                        "resourceVersion".into(),
+                        old["metadata"]["resourceVersion"].clone(),
+                    );
+                }
                 self.finish(res, &old, new, sub, opts, false)
             },
             opts.dry_run,

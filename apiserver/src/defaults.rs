@@ -19,6 +19,9 @@ fn default_protocol(m: &mut serde_json::Map<String, Value>) {
 
 /// Fill in defaults for an object of `kind` in the API group `group`.
 pub fn apply(group: &str, kind: &str, obj: &mut Value) {
+    if !obj.is_object() {
+        return;
+    }
     match (group, kind) {
         ("discovery.k8s.io", "EndpointSlice") => {
             each_mut(&mut obj["ports"], |p| {
@@ -58,11 +61,13 @@ pub fn apply(group: &str, kind: &str, obj: &mut Value) {
         }
         ("", "Pod") => {
             for list in ["containers", "initContainers"] {
-                each_mut(&mut obj["spec"][list], |c| {
-                    if let Some(ports) = c.get_mut("ports") {
-                        each_mut(ports, default_protocol);
-                    }
-                });
+                if let Some(containers) = obj.get_mut("spec").and_then(|s| s.get_mut(list)) {
+                    each_mut(containers, |c| {
+                        if let Some(ports) = c.get_mut("ports") {
+                            each_mut(ports, default_protocol);
+                        }
+                    });
+                }
             }
         }
         _ => {}

@@ -413,3 +413,81 @@ fn crds_register_resources_that_survive_reopen() {
     assert_eq!(w["spec"]["size"], 3);
     assert_eq!(w["apiVersion"], "example.com/v1");
 }
+
+#[test]
+fn hostile_bodies_are_client_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = Api::open(dir.path(), 1000).expect("open");
+    let pods = res(&api, "", "v1", "pods");
+    let o = opts("t");
+    for body in [
+        json!("just a string"),
+        json!({"metadata": "x"}),
+        json!([1, 2]),
+    ] {
+        let err = api
+            .create(&pods, Some("default"), body.clone(), &o)
+            .expect_err("bad body");
+        assert_eq!(code(err), 400, "{body}");
+    }
+    // Odd shapes that are objects are stored, not a crash.
+    api.create(
+        &pods,
+        Some("default"),
+        json!({"metadata": {"name": "odd"}, "spec": "x"}),
+        &o,
+    )
+    .expect("odd spec");
+    for (kind, patch) in [
+        (
+            PatchType::Json,
+            json!([{"op": "replace", "path": "", "value": "x"}]),
+        ),
+        (PatchType::Json, json!({"not": "a list"})),
+        (
+            PatchType::Json,
+            json!([{"op": "move", "from": "/nope", "path": "/x"}]),
+        ),
+        (PatchType::Merge, json!({"metadata": "x"})),
+        (PatchType::Strategic, json!({"spec": {"$patch": "bogus"}})),
+        (PatchType::Apply, json!("scalar")),
+        (
+            PatchType::Apply,
+            json!({"kind": "Pod", "apiVersion": "v1", "metadata": {"name": "other"}}),
+        ),
+    ] {
+        let err = api
+            .patch(&pods, Some("default"), "odd", kind, patch.clone(), "", &o)
+            .expect_err("bad patch");
+        let c = code(err);
+        assert!((400..500).contains(&c), "{kind:?} {patch}: {c}");
+    }
+    // The object is untouched and the API still serves.
+    let odd = api.get(&pods, Some("default"), "odd").expect("still there");
+    assert_eq!(odd["spec"], "x");
+    // A keyed list element without its key is refused.
+    api.create(
+        &pods,
+        Some("default"),
+        json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c"}]}}),
+        &o,
+    )
+    .expect("pod");
+    let err = api
+        .patch(
+            &pods,
+            Some("default"),
+            "p",
+            PatchType::Strategic,
+            json!({"spec": {"containers": [{"image": "no merge key"}]}}),
+            "",
+            &o,
+        )
+        .expect_err("no merge key");
+    assert_eq!(code(err), 400);
+    let p = api.get(&pods, Some("default"), "p").expect("pod");
+    assert!(
+        p["spec"].get("initContainers").is_none(),
+        "defaults add nothing: {p}"
+    );
+}
