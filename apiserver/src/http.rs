@@ -19,7 +19,7 @@ use crate::error::{ApiError, Error};
 use crate::resources::Resource;
 use crate::selectors::{FieldSelector, LabelSelector};
 use crate::store::{Event, EventType};
-use crate::{convert, discovery};
+use crate::{convert, discovery, table};
 
 pub type Body = BoxBody<Bytes, Infallible>;
 
@@ -28,7 +28,10 @@ pub type Body = BoxBody<Bytes, Infallible>;
 type Start = (Vec<Event>, u64, Option<Value>);
 
 /// Stored form → served form of an object.
-type Conv = fn(&Value) -> Value;
+type Conv = Arc<dyn Fn(&Value) -> Value + Send + Sync>;
+
+/// Objects (and the list's resourceVersion) → a `meta.k8s.io/v1` Table.
+type TableView = Arc<dyn Fn(&[Value], &str) -> Value + Send + Sync>;
 
 /// Largest accepted request body (the Kubernetes default).
 const MAX_BODY: usize = 3 * 1024 * 1024;
@@ -257,6 +260,12 @@ impl Http {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("application/json")
             .to_string();
+        let accept = req
+            .headers()
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
         let agent = req
             .headers()
             .get(header::USER_AGENT)
@@ -310,9 +319,9 @@ impl Http {
         // events.k8s.io/v1 Events live in the core/v1 Event storage.
         let events_v1 = res.group == "events.k8s.io" && res.plural == "events";
         let conv: Conv = if events_v1 {
-            convert::event_from_core
+            Arc::new(convert::event_from_core)
         } else {
-            Value::clone
+            Arc::new(Value::clone)
         };
         let to_core = |v: Value| {
             if events_v1 {
@@ -337,15 +346,28 @@ impl Http {
                 raw
             }
         };
+        let list_conv = conv.clone();
         let convert_list = move |mut list: Value| -> Value {
             if let Some(items) = list["items"].as_array_mut() {
                 for item in items.iter_mut() {
-                    *item = conv(item);
+                    *item = list_conv(item);
                 }
             }
             list["kind"] = json!(list_kind.0);
             list["apiVersion"] = json!(list_kind.1);
             list
+        };
+        // Server-side printing for `kubectl get` (from the stored form).
+        let table_view: Option<TableView> = if method == Method::GET && accept.contains("as=Table")
+        {
+            let include = table::Include::parse(query.get("includeObject").map(String::as_str));
+            let crd = self.printer_columns(&res);
+            let res = res.clone();
+            Some(Arc::new(move |objs: &[Value], rv: &str| {
+                table::table(&res, objs, rv, crd.as_ref(), include, unix_now())
+            }))
+        } else {
+            None
         };
         let api = self.api.clone();
         match (method, name) {
@@ -354,6 +376,15 @@ impl Http {
                 if let Some(n) = name {
                     fields = format!("metadata.name={n},{fields}");
                 }
+                let conv: Conv = match table_view {
+                    Some(t) => Arc::new(move |o: &Value| {
+                        let rv = o["metadata"]["resourceVersion"]
+                            .as_str()
+                            .unwrap_or_default();
+                        t(std::slice::from_ref(o), rv)
+                    }),
+                    None => conv,
+                };
                 self.watch(res, ns, &query, &fields, conv).await
             }
             (Method::GET, None) => {
@@ -361,10 +392,23 @@ impl Http {
                 let fields = FieldSelector::parse(&selector("fieldSelector"))?;
                 let list =
                     blocking(move || api.list(&res, ns.as_deref(), &labels, &fields)).await?;
+                if let Some(t) = table_view {
+                    let items = list["items"].as_array().cloned().unwrap_or_default();
+                    let rv = list["metadata"]["resourceVersion"]
+                        .as_str()
+                        .unwrap_or_default();
+                    return Ok(json_response(200, &t(&items, rv)));
+                }
                 Ok(json_response(200, &convert_list(list)))
             }
             (Method::GET, Some(name)) => {
                 let obj = blocking(move || api.get(&res, ns.as_deref(), &name)).await?;
+                if let Some(t) = table_view {
+                    let rv = obj["metadata"]["resourceVersion"]
+                        .as_str()
+                        .unwrap_or_default();
+                    return Ok(json_response(200, &t(std::slice::from_ref(&obj), rv)));
+                }
                 Ok(json_response(200, &conv(&obj)))
             }
             (Method::POST, None) => {
@@ -417,7 +461,7 @@ impl Http {
                     // Patch the events.k8s.io form, store the core form.
                     blocking(move || {
                         let cur = api.get(&res, ns.as_deref(), &name)?;
-                        let mut v1 = conv(&cur);
+                        let mut v1 = convert::event_from_core(&cur);
                         match kind {
                             PatchType::Merge => crate::patch::merge_patch(&mut v1, &patch),
                             PatchType::Strategic => {
@@ -487,6 +531,22 @@ impl Http {
             ))
             .into()),
         }
+    }
+
+    /// The stored CRD of a resource (for its printer columns).
+    fn printer_columns(&self, res: &Resource) -> Option<Value> {
+        if res.group.is_empty() {
+            return None;
+        }
+        let crds = self
+            .api
+            .find("apiextensions.k8s.io", "v1", "customresourcedefinitions")?;
+        // A single-row read; cheap enough for the async thread.
+        self.api
+            .store
+            .get(&crds.key(None, &format!("{}.{}", res.plural, res.group)))
+            .ok()
+            .flatten()
     }
 
     /// Garbage collection only has work after a write to an object being
@@ -659,6 +719,13 @@ pub fn transition(kind: EventType, before: Option<bool>, after: bool) -> Option<
         (EventType::Modified, Some(true), false) => Some("DELETED"),
         _ => None,
     }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 fn delete_opts(query: &HashMap<String, String>, body: &[u8]) -> Result<DeleteOpts, ApiError> {

@@ -16,6 +16,7 @@ pub mod resources;
 pub mod selectors;
 pub mod ssa;
 pub mod store;
+pub mod table;
 pub mod util;
 
 use std::future::Future;

@@ -37,6 +37,20 @@ fn get_watch_sees_changes() {
     let line = w.expect_line("patched");
     assert!(line.contains("first"), "{line}");
 
+    // The default (server-side table) output of a watch too.
+    let w3 = s.watch(&["get", "configmaps", "-w"]);
+    w3.expect_line("DATA");
+    s.ok_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: third}\ndata: {a: b, c: d}\n",
+    );
+    let line = w3.expect_line("third");
+    assert_eq!(
+        line.split_whitespace().nth(1),
+        Some("2"),
+        "DATA column: {line}"
+    );
+
     // A label-selected watch sees only matching objects.
     let w2 = s.watch(&["get", "configmaps", "-l", "team=x", "-w", "-o", "name"]);
     s.ok(&["label", "configmap", "second", "team=y"]);
