@@ -605,6 +605,8 @@ impl Api {
             if self.store.get(&key)?.is_none() {
                 self.check_namespace(res, ns)?;
             }
+            let mut compared = applied.clone();
+            crate::defaults::apply(&res.group, &res.kind, &mut compared);
             let out = self.commit(
                 res,
                 &key,
@@ -618,15 +620,22 @@ impl Api {
                     };
                     match cur {
                         None => {
-                            let merged = ssa::apply(None, &applied, &w, opts.force, res.status)?;
+                            let merged =
+                                ssa::apply(None, &applied, &compared, &w, opts.force, res.status)?;
                             let managed = merged["metadata"]["managedFields"].clone();
                             let mut obj = self.prepare_create(res, ns, merged, opts, true)?;
                             meta_mut(&mut obj).insert("managedFields".into(), managed);
                             Ok(Mutation::Put(obj))
                         }
                         Some(old) => {
-                            let merged =
-                                ssa::apply(Some(&old), &applied, &w, opts.force, res.status)?;
+                            let merged = ssa::apply(
+                                Some(&old),
+                                &applied,
+                                &compared,
+                                &w,
+                                opts.force,
+                                res.status,
+                            )?;
                             self.finish(res, &old, merged, sub, opts, true)
                         }
                     }

@@ -399,10 +399,13 @@ pub fn record_update(old: Option<&Value>, new: &mut Value, w: &Writer, skip_stat
 }
 
 /// Server-side apply of `applied` onto `live` (None: create). Returns the
-/// new object with its managedFields.
+/// new object with its managedFields. Conflicts compare the live values
+/// with `compared`: the applied configuration as the server will store it
+/// (defaulted), so a field a default filled in is not a conflict.
 pub fn apply(
     live: Option<&Value>,
     applied: &Value,
+    compared: &Value,
     w: &Writer,
     force: bool,
     skip_status: bool,
@@ -421,7 +424,7 @@ pub fn apply(
                 continue;
             }
             let before = live.and_then(|l| value_at(l, p));
-            if before != value_at(applied, p) {
+            if before != value_at(compared, p) {
                 conflicts.push((m.manager.clone(), m.api_version.clone(), p.clone()));
                 lost.push(p.clone());
             }
@@ -534,16 +537,16 @@ mod tests {
     fn apply_merges_removes_and_conflicts() {
         let cfg1 = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "labels": {"a": "1", "b": "2"}},
             "data": {"x": "1"}});
-        let o1 = apply(None, &cfg1, &w("alice"), false, false).expect("create");
+        let o1 = apply(None, &cfg1, &cfg1, &w("alice"), false, false).expect("create");
         assert_eq!(o1["metadata"]["labels"]["b"], "2");
         // alice drops label b: removed.
         let cfg2 = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "labels": {"a": "1"}},
             "data": {"x": "1"}});
-        let o2 = apply(Some(&o1), &cfg2, &w("alice"), false, false).expect("apply");
+        let o2 = apply(Some(&o1), &cfg2, &cfg2, &w("alice"), false, false).expect("apply");
         assert!(o2["metadata"]["labels"].get("b").is_none());
         // bob sets data.x to another value: conflict, unless forced.
         let bob = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"x": "2"}});
-        let err = apply(Some(&o2), &bob, &w("bob"), false, false).expect_err("conflict");
+        let err = apply(Some(&o2), &bob, &bob, &w("bob"), false, false).expect_err("conflict");
         assert_eq!(err.code, 409);
         assert!(
             err.message.contains("conflict with \"alice\""),
@@ -552,8 +555,8 @@ mod tests {
         );
         // Same value: shared ownership, no conflict.
         let same = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"x": "1"}});
-        apply(Some(&o2), &same, &w("bob"), false, false).expect("shared");
-        let o3 = apply(Some(&o2), &bob, &w("bob"), true, false).expect("forced");
+        apply(Some(&o2), &same, &same, &w("bob"), false, false).expect("shared");
+        let o3 = apply(Some(&o2), &bob, &bob, &w("bob"), true, false).expect("forced");
         assert_eq!(o3["data"]["x"], "2");
         let m = read_managed(&o3);
         let alice = m.iter().find(|e| e.manager == "alice").expect("alice");
