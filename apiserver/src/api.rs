@@ -211,11 +211,56 @@ impl Api {
         labels: &LabelSelector,
         fields: &FieldSelector,
     ) -> Result<Value, Error> {
-        let (items, rv) = self.store.list(&res.prefix(ns))?;
-        let items: Vec<Value> = items
+        self.list_page(res, ns, labels, fields, None, None)
+    }
+
+    /// One page of a list: at most `limit` items after the position a
+    /// `continue` token names. Later pages carry the first page's
+    /// resourceVersion, so a watch from it replays every change made while
+    /// the pages were read (the pages themselves show the current state).
+    pub fn list_page(
+        &self,
+        res: &Resource,
+        ns: Option<&str>,
+        labels: &LabelSelector,
+        fields: &FieldSelector,
+        limit: Option<usize>,
+        continue_token: Option<&str>,
+    ) -> Result<Value, Error> {
+        let (start, first_rv) = match continue_token {
+            Some(t) if !t.is_empty() => {
+                let (k, rv) = decode_continue(t)?;
+                (Some(k), Some(rv))
+            }
+            _ => (None, None),
+        };
+        let (keyed, rv) = self.store.list_keyed(&res.prefix(ns))?;
+        let rv = first_rv.unwrap_or(rv);
+        let mut matching = keyed
             .into_iter()
-            .filter(|o| labels.matches(o) && fields.matches(o))
-            .collect();
+            .filter(|(k, _)| start.as_ref().is_none_or(|s| k > s))
+            .filter(|(_, o)| labels.matches(o) && fields.matches(o));
+        let mut items = Vec::new();
+        let mut last_key: Option<String> = None;
+        for (k, o) in matching.by_ref() {
+            if limit.is_some_and(|l| items.len() >= l) {
+                // One more exists: the page ends before it.
+                let mut meta = json!({"resourceVersion": rv.to_string()});
+                if let Some(last) = &last_key {
+                    meta["continue"] = json!(encode_continue(last, rv));
+                    meta["remainingItemCount"] = json!(1 + matching.count());
+                }
+                drop(k);
+                return Ok(json!({
+                    "kind": format!("{}List", res.kind),
+                    "apiVersion": res.api_version(),
+                    "metadata": meta,
+                    "items": items,
+                }));
+            }
+            last_key = Some(k);
+            items.push(o);
+        }
         Ok(json!({
             "kind": format!("{}List", res.kind),
             "apiVersion": res.api_version(),
@@ -908,9 +953,8 @@ impl Api {
     /// deleted), as Kubernetes deletes a CRD's objects with it.
     fn drop_unserved(&self) -> Result<usize, Error> {
         let served: HashSet<String> = self.resources().iter().map(|r| r.prefix(None)).collect();
-        let (keyed, _) = self.store.list_keyed("")?;
         let mut dropped = 0;
-        for (key, _) in keyed {
+        for key in self.store.keys("")? {
             let prefix: String = key
                 .splitn(3, '/')
                 .take(2)
@@ -933,6 +977,25 @@ impl Api {
             }
         }
         Ok(())
+    }
+}
+
+fn encode_continue(key: &str, rv: u64) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(json!({"start": key, "rv": rv}).to_string())
+}
+
+fn decode_continue(token: &str) -> Result<(String, u64), ApiError> {
+    use base64::Engine;
+    let bad = || ApiError::bad_request(format!("invalid continue token {token:?}"));
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| bad())?;
+    let v: Value = serde_json::from_slice(&bytes).map_err(|_| bad())?;
+    match (v["start"].as_str(), v["rv"].as_u64()) {
+        (Some(k), Some(rv)) => Ok((k.to_string(), rv)),
+        _ => Err(bad()),
     }
 }
 

@@ -390,8 +390,25 @@ impl Http {
             (Method::GET, None) => {
                 let labels = LabelSelector::parse(&selector("labelSelector"))?;
                 let fields = FieldSelector::parse(&selector("fieldSelector"))?;
-                let list =
-                    blocking(move || api.list(&res, ns.as_deref(), &labels, &fields)).await?;
+                let limit = match query.get("limit").map(String::as_str) {
+                    None | Some("") | Some("0") => None,
+                    Some(l) => Some(
+                        l.parse::<usize>()
+                            .map_err(|_| ApiError::bad_request(format!("invalid limit {l:?}")))?,
+                    ),
+                };
+                let cont = query.get("continue").cloned();
+                let list = blocking(move || {
+                    api.list_page(
+                        &res,
+                        ns.as_deref(),
+                        &labels,
+                        &fields,
+                        limit,
+                        cont.as_deref(),
+                    )
+                })
+                .await?;
                 if let Some(t) = table_view {
                     let items = list["items"].as_array().cloned().unwrap_or_default();
                     let rv = list["metadata"]["resourceVersion"]

@@ -152,6 +152,17 @@ impl Store {
         Ok((items.into_iter().map(|(_, o)| o).collect(), rv))
     }
 
+    /// The keys under `prefix`, sorted.
+    pub fn keys(&self, prefix: &str) -> Result<Vec<String>, Error> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare_cached("SELECT key FROM objects WHERE key >= ?1 AND key < ?2 ORDER BY key")?;
+        let rows = stmt.query_map(params![prefix, prefix_end(prefix)], |r| {
+            r.get::<_, String>(0)
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
     /// Like [`Store::list`], with each object's key.
     pub fn list_keyed(&self, prefix: &str) -> Result<(Vec<(String, Value)>, u64), Error> {
         let conn = self.lock();

@@ -120,6 +120,15 @@ fn client_side_apply_of_the_quickstart() {
         "name",
     ]);
     assert_eq!(listed.trim(), "endpointslice.discovery.k8s.io/echo-b-1");
+    // kubectl follows continue tokens.
+    let paged = s.ok(&[
+        "get",
+        "services,endpointslices",
+        "--chunk-size=1",
+        "-o",
+        "name",
+    ]);
+    assert_eq!(paged.lines().count(), 4, "{paged}");
 }
 
 #[test]
