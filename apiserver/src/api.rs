@@ -728,6 +728,17 @@ impl Api {
         name: &str,
         opts: &DeleteOpts,
     ) -> Result<Value, Error> {
+        if res.group.is_empty()
+            && res.plural == "namespaces"
+            && ["default", "kube-system", "kube-public"].contains(&name)
+        {
+            return Err(ApiError::new(
+                403,
+                "Forbidden",
+                format!("namespaces \"{name}\" is forbidden: this namespace may not be deleted"),
+            )
+            .into());
+        }
         let key = res.key(ns, name);
         let qualified = res.qualified();
         let out = self.commit(
