@@ -64,9 +64,22 @@ fn rv_of(e: &Value) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writes_reach_live_and_replaying_watchers_in_order() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = ApiServer::bind(Config::new(([127, 0, 0, 1], PORT).into(), dir.path()))
-        .await
-        .expect("bind");
+    // The port may be held for a moment by another process's outgoing
+    // connection (it is inside the ephemeral range): bounded retries.
+    let mut server = None;
+    for _ in 0..20 {
+        match ApiServer::bind(Config::new(([127, 0, 0, 1], PORT).into(), dir.path())).await {
+            Ok(s) => {
+                server = Some(s);
+                break;
+            }
+            Err(e) if e.to_string().contains("in use") => {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => panic!("bind: {e}"),
+        }
+    }
+    let server = server.expect("port stayed in use");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(server.serve(async {
         let _ = stop_rx.await;

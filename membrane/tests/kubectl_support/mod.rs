@@ -61,6 +61,23 @@ impl ApiServer {
     }
 
     fn spawn(&mut self) {
+        // The port range is inside the kernel's ephemeral range, so another
+        // process's outgoing connection can hold our port for a moment:
+        // retry "address in use" a bounded number of times.
+        for _attempt in 0..20 {
+            match self.try_spawn() {
+                Ok(()) => return,
+                Err(log) if log.contains("Address already in use") => {
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                Err(log) => panic!("membrane apiserver did not start:\n{log}"),
+            }
+        }
+        panic!("port {} stayed in use", self.port);
+    }
+
+    /// Start the server; Err(its log) when it exits before serving.
+    fn try_spawn(&mut self) -> Result<(), String> {
         let mut cmd = Command::new(BIN);
         cmd.arg("apiserver")
             .arg("--listen")
@@ -86,15 +103,17 @@ impl ApiServer {
             }
             for _ in lines {}
         });
-        let first = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("membrane apiserver printed nothing");
+        let Ok(first) = rx.recv_timeout(Duration::from_secs(30)) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(self.log());
+        };
         assert_eq!(first, format!("kubeconfig: {}", self.kubeconfig.display()));
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok((200, _)) = self.try_http("GET", "/version", None) {
-                return;
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,
