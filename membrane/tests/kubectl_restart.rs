@@ -22,7 +22,6 @@ fn snapshot(s: &ApiServer) -> Value {
         "-o",
         "json",
     ]));
-    // managedFields timestamps are not part of what must survive unchanged.
     all["items"]
         .as_array_mut()
         .expect("items")
@@ -67,10 +66,13 @@ fn restart_keeps_objects_and_watch_history() {
         "-p",
         r#"{"data":{"v":"2"}}"#,
     ]);
-    // SIGKILL right after an acknowledged write: it must still be there.
+    let before_kill = snapshot(&s);
+    // SIGKILL right after an acknowledged write: it must still be there,
+    // with everything else.
     s.restart_kill();
     let c = json(&s.ok(&["get", "cm", "c", "-o", "json"]));
     assert_eq!(c["data"]["v"], "2");
+    assert_eq!(snapshot(&s), before_kill, "objects after SIGKILL restart");
 
     // A watch from before both restarts replays every change after it, in
     // order, with increasing resourceVersions.
