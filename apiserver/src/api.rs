@@ -821,7 +821,10 @@ impl Api {
             manager: "membrane-garbage-collector".into(),
             ..WriteOpts::default()
         };
+        // Owners referenced by some dependent, and by a dependent that
+        // blocks its owner's foreground deletion.
         let mut referenced: HashSet<String> = HashSet::new();
+        let mut blocking: HashSet<String> = HashSet::new();
         for o in &all {
             let refs = o["metadata"]["ownerReferences"]
                 .as_array()
@@ -836,6 +839,9 @@ impl Api {
             let ref_uid = |r: &Value| r["uid"].as_str().unwrap_or_default().to_string();
             for r in &refs {
                 referenced.insert(ref_uid(r));
+                if r["blockOwnerDeletion"] == true {
+                    blocking.insert(ref_uid(r));
+                }
             }
             let owner_state = |r: &Value| -> Option<Vec<String>> {
                 uids.get(&ref_uid(r)).map(|owner| {
@@ -896,8 +902,15 @@ impl Api {
             }
             let fins = finalizers(o);
             let uid = o["metadata"]["uid"].as_str().unwrap_or_default();
-            let waiting = fins.iter().any(|f| f == FOREGROUND || f == ORPHAN);
-            if !waiting || referenced.contains(uid) {
+            let has = |f: &str| fins.iter().any(|x| x == f);
+            if !has(FOREGROUND) && !has(ORPHAN) {
+                continue;
+            }
+            // Foreground waits for blocking dependents; orphaning for every
+            // dependent to lose its reference.
+            if (has(FOREGROUND) && blocking.contains(uid))
+                || (has(ORPHAN) && referenced.contains(uid))
+            {
                 continue;
             }
             let Some((res, ns, name)) = key_of(o) else {

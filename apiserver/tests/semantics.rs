@@ -335,13 +335,24 @@ fn foreground_deletion_waits_for_dependents() {
             &opts("t"),
         )
         .expect("owner");
+    let mut blocking_ref = owner_ref(&owner);
+    blocking_ref["blockOwnerDeletion"] = json!(true);
     api.create(
         &cm,
         Some("default"),
-        json!({"metadata": {"name": "d", "ownerReferences": [owner_ref(&owner)], "finalizers": ["x/hold"]}}),
+        json!({"metadata": {"name": "d", "ownerReferences": [blocking_ref], "finalizers": ["x/hold"]}}),
         &opts("t"),
     )
     .expect("dependent");
+    // A dependent that does not block its owner is deleted too, but the
+    // owner does not wait for its finalizer.
+    api.create(
+        &cm,
+        Some("default"),
+        json!({"metadata": {"name": "n", "ownerReferences": [owner_ref(&owner)], "finalizers": ["x/hold"]}}),
+        &opts("t"),
+    )
+    .expect("non-blocking dependent");
     let fg = DeleteOpts {
         propagation: Propagation::Foreground,
         ..DeleteOpts::default()
