@@ -414,7 +414,14 @@ impl Http {
                     let rv = list["metadata"]["resourceVersion"]
                         .as_str()
                         .unwrap_or_default();
-                    return Ok(json_response(200, &t(&items, rv)));
+                    let mut tbl = t(&items, rv);
+                    // kubectl pages Tables too.
+                    for k in ["continue", "remainingItemCount"] {
+                        if let Some(v) = list["metadata"].get(k) {
+                            tbl["metadata"][k] = v.clone();
+                        }
+                    }
+                    return Ok(json_response(200, &tbl));
                 }
                 Ok(json_response(200, &convert_list(list)))
             }

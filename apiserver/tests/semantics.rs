@@ -78,6 +78,11 @@ fn create_fills_metadata_and_refuses_duplicates() {
         ),
         400
     );
+    let ns = res(&api, "", "v1", "namespaces");
+    let err = api
+        .delete(&ns, None, "default", &DeleteOpts::default())
+        .expect_err("protected");
+    assert_eq!(code(err), 403);
     // Dry run stores nothing.
     let dry = WriteOpts {
         dry_run: true,

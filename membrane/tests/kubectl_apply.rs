@@ -129,6 +129,55 @@ fn client_side_apply_of_the_quickstart() {
         "name",
     ]);
     assert_eq!(paged.lines().count(), 4, "{paged}");
+    let paged = s.ok(&["get", "namespaces", "--chunk-size=1", "--no-headers"]);
+    assert_eq!(paged.lines().count(), 4, "{paged}");
+
+    // Server-side printing: kubectl's usual columns.
+    let table = s.ok(&["get", "services"]);
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "TYPE",
+            "CLUSTER-IP",
+            "EXTERNAL-IP",
+            "PORT(S)",
+            "AGE"
+        ],
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("echo-b") && l.contains("8081/TCP")),
+        "{table}"
+    );
+    let table = s.ok(&["get", "ingress", "-A"]);
+    assert!(table.starts_with("NAMESPACE"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("quickstart") && l.contains("cilium")),
+        "{table}"
+    );
+
+    // Moving to server-side apply with the same content conflicts with
+    // nothing, although the server defaulted fields in atomic lists.
+    let out = s.ok_stdin(&["apply", "--server-side", "-f", "-"], &changed);
+    assert_eq!(out.matches("serverside-applied").count(), 4, "{out}");
+    let out = s.ok(&[
+        "apply",
+        "--server-side",
+        "-f",
+        quickstart.join("ingress.yaml").to_str().expect("path"),
+    ]);
+    assert_eq!(out.matches("serverside-applied").count(), 2, "{out}");
 }
 
 #[test]

@@ -119,12 +119,32 @@ fn finalizers_hold_deletion_and_namespaces_take_their_contents() {
     ]);
     assert!(!exists(&s, &["cm", "held"]));
 
-    // (`kubectl create namespace` sends protobuf, which this server does
-    // not decode; a manifest works.)
-    s.ok_stdin(
-        &["apply", "-f", "-"],
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: doomed}\n",
-    );
+    // kubectl's generators send protobuf.
+    s.ok(&["create", "namespace", "doomed"]);
+    s.ok(&[
+        "create",
+        "configmap",
+        "gen",
+        "-n",
+        "doomed",
+        "--from-literal=k=v",
+    ]);
+    s.ok(&[
+        "create",
+        "secret",
+        "generic",
+        "gen",
+        "-n",
+        "doomed",
+        "--from-literal=k=v",
+    ]);
+    s.ok(&["create", "serviceaccount", "gen", "-n", "doomed"]);
+    let cm = json(&s.ok(&["get", "cm", "gen", "-n", "doomed", "-o", "json"]));
+    assert_eq!(cm["data"]["k"], "v");
+    let secret = json(&s.ok(&["get", "secret", "gen", "-n", "doomed", "-o", "json"]));
+    assert_eq!(secret["data"]["k"], "dg==");
+    assert_eq!(secret["type"], "Opaque");
+    assert!(exists(&s, &["serviceaccount", "gen", "-n", "doomed"]));
     s.ok_stdin(
         &["apply", "-n", "doomed", "-f", "-"],
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Secret\nmetadata: {name: b}\n",
