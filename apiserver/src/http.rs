@@ -437,16 +437,24 @@ impl Http {
             }
             (Method::POST, None) => {
                 let obj = to_core(parse(&body)?);
+                let warnings = field_validation(&res, &obj, &query)?;
                 let created = blocking(move || api.create(&res, ns.as_deref(), obj, &opts)).await?;
-                Ok(json_response(201, &conv(&created)))
+                Ok(with_warnings(
+                    json_response(201, &conv(&created)),
+                    &warnings,
+                ))
             }
             (Method::PUT, Some(name)) => {
                 let obj = to_core(parse(&body)?);
+                let warnings = field_validation(&res, &obj, &query)?;
                 let updated =
                     blocking(move || api.update(&res, ns.as_deref(), &name, obj, &sub, &opts))
                         .await?;
                 self.wake_gc(&updated);
-                Ok(json_response(200, &conv(&updated)))
+                Ok(with_warnings(
+                    json_response(200, &conv(&updated)),
+                    &warnings,
+                ))
             }
             (Method::PATCH, Some(name)) => {
                 let kind = match content_type.split(';').next().unwrap_or_default().trim() {
@@ -481,6 +489,11 @@ impl Http {
                     .into());
                 }
                 let patch = parse_body(&body, kind == PatchType::Apply)?;
+                let warnings = if kind == PatchType::Json {
+                    Vec::new()
+                } else {
+                    field_validation(&res, &to_core(patch.clone()), &query)?
+                };
                 let (obj, created) = if events_v1 && kind != PatchType::Apply {
                     // Patch the events.k8s.io form, store the core form.
                     blocking(move || {
@@ -516,7 +529,10 @@ impl Http {
                     .await?
                 };
                 self.wake_gc(&obj);
-                Ok(json_response(if created { 201 } else { 200 }, &conv(&obj)))
+                Ok(with_warnings(
+                    json_response(if created { 201 } else { 200 }, &conv(&obj)),
+                    &warnings,
+                ))
             }
             (Method::DELETE, Some(name)) => {
                 let dopts = delete_opts(&query, &body)?;
@@ -743,6 +759,46 @@ pub fn transition(kind: EventType, before: Option<bool>, after: bool) -> Option<
         (EventType::Modified, Some(true), false) => Some("DELETED"),
         _ => None,
     }
+}
+
+/// `fieldValidation`: unknown top-level fields of a built-in kind are an
+/// error (Strict, kubectl's default), warnings (Warn, the API default) or
+/// nothing (Ignore). Returns the warnings.
+fn field_validation(
+    res: &Resource,
+    obj: &Value,
+    query: &HashMap<String, String>,
+) -> Result<Vec<String>, ApiError> {
+    let unknown = crate::resources::unknown_fields(&res.group, &res.kind, obj);
+    if unknown.is_empty() {
+        return Ok(Vec::new());
+    }
+    let messages: Vec<String> = unknown
+        .iter()
+        .map(|f| format!("unknown field \"{f}\""))
+        .collect();
+    match query.get("fieldValidation").map(String::as_str) {
+        Some("Ignore") => Ok(Vec::new()),
+        Some("Strict") => Err(ApiError::bad_request(format!(
+            "{} in version \"{}\" cannot be handled as a {}: strict decoding error: {}",
+            res.kind,
+            res.version,
+            res.kind,
+            messages.join(", ")
+        ))),
+        _ => Ok(messages),
+    }
+}
+
+/// Kubernetes warnings: `Warning: 299 - "text"` headers, which kubectl prints.
+fn with_warnings(mut resp: Response<Body>, warnings: &[String]) -> Response<Body> {
+    for w in warnings {
+        let text = format!("299 - \"{}\"", w.replace('"', "\\\""));
+        if let Ok(v) = header::HeaderValue::from_str(&text) {
+            resp.headers_mut().append(header::WARNING, v);
+        }
+    }
+    resp
 }
 
 fn unix_now() -> i64 {

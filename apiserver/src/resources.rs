@@ -231,6 +231,83 @@ const TABLE: &[Row] = &[
     ),
 ];
 
+/// The top-level fields of a built-in kind (for field validation); `None`
+/// for kinds whose schema is not known here (custom resources).
+pub fn top_level_fields(group: &str, kind: &str) -> Option<&'static [&'static str]> {
+    const OBJ: &[&str] = &["apiVersion", "kind", "metadata", "spec", "status"];
+    Some(match (group, kind) {
+        ("", "Namespace" | "Node" | "Pod" | "Service")
+        | ("networking.k8s.io", "Ingress" | "IngressClass")
+        | ("coordination.k8s.io", "Lease")
+        | ("apiextensions.k8s.io", "CustomResourceDefinition") => OBJ,
+        ("", "ConfigMap") => &[
+            "apiVersion",
+            "kind",
+            "metadata",
+            "data",
+            "binaryData",
+            "immutable",
+        ],
+        ("", "Secret") => &[
+            "apiVersion",
+            "kind",
+            "metadata",
+            "data",
+            "stringData",
+            "type",
+            "immutable",
+        ],
+        ("", "Endpoints") => &["apiVersion", "kind", "metadata", "subsets"],
+        ("", "ServiceAccount") => &[
+            "apiVersion",
+            "kind",
+            "metadata",
+            "secrets",
+            "imagePullSecrets",
+            "automountServiceAccountToken",
+        ],
+        ("discovery.k8s.io", "EndpointSlice") => &[
+            "apiVersion",
+            "kind",
+            "metadata",
+            "addressType",
+            "endpoints",
+            "ports",
+        ],
+        ("", "Event") => &[
+            "apiVersion",
+            "kind",
+            "metadata",
+            "involvedObject",
+            "reason",
+            "message",
+            "source",
+            "firstTimestamp",
+            "lastTimestamp",
+            "count",
+            "type",
+            "eventTime",
+            "series",
+            "action",
+            "related",
+            "reportingComponent",
+            "reportingInstance",
+        ],
+        _ => return None,
+    })
+}
+
+/// Top-level fields of `obj` that a built-in `kind` does not have.
+pub fn unknown_fields(group: &str, kind: &str, obj: &serde_json::Value) -> Vec<String> {
+    let (Some(known), Some(map)) = (top_level_fields(group, kind), obj.as_object()) else {
+        return Vec::new();
+    };
+    map.keys()
+        .filter(|k| !k.starts_with('$') && !known.contains(&k.as_str()))
+        .cloned()
+        .collect()
+}
+
 /// The built-in resources.
 pub fn builtin() -> Vec<Resource> {
     TABLE
@@ -314,6 +391,7 @@ pub fn group_versions(all: &[Resource]) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn keys_and_prefixes() {
@@ -327,6 +405,15 @@ mod tests {
         let ns = all.iter().find(|r| r.plural == "namespaces").expect("ns");
         assert_eq!(ns.key(None, "default"), "core/namespaces/-/default");
         assert_eq!(ns.api_version(), "v1");
+    }
+
+    #[test]
+    fn unknown_top_level_fields() {
+        let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {}, "dta": {}});
+        assert_eq!(unknown_fields("", "ConfigMap", &cm), ["dta"]);
+        let svc = json!({"spec": {}, "$setElementOrder/x": []});
+        assert!(unknown_fields("", "Service", &svc).is_empty());
+        assert!(unknown_fields("cilium.io", "CiliumEnvoyConfig", &cm).is_empty());
     }
 
     #[test]

@@ -167,6 +167,23 @@ fn client_side_apply_of_the_quickstart() {
         "{table}"
     );
 
+    // Field validation (kubectl's default is Strict) for built-in kinds.
+    let typo = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: typo}\ndta: {a: b}\n";
+    let out = s.with_stdin(&["apply", "-f", "-"], typo);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("strict decoding error: unknown field \"dta\""),
+        "{err}"
+    );
+    let out = s.with_stdin(&["apply", "--validate=warn", "-f", "-"], typo);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown field \"dta\""),
+        "warning expected: {err}"
+    );
+
     // Moving to server-side apply with the same content conflicts with
     // nothing, although the server defaulted fields in atomic lists.
     let out = s.ok_stdin(&["apply", "--server-side", "-f", "-"], &changed);
