@@ -993,6 +993,34 @@ impl Api {
         Ok(dropped)
     }
 
+    /// Delete Events last seen more than `ttl` seconds before `now` (as
+    /// Kubernetes expires Events, one hour by default), so a long-running
+    /// server's storage does not grow with every Event ever recorded.
+    pub fn expire_events(&self, ttl: i64, now: i64) -> Result<usize, Error> {
+        let Some(events) = self.find("", "v1", "events") else {
+            return Ok(0);
+        };
+        let (keyed, _) = self.store.list_keyed(&events.prefix(None))?;
+        let mut expired = 0;
+        for (key, e) in keyed {
+            let last = [
+                &e["series"]["lastObservedTime"],
+                &e["lastTimestamp"],
+                &e["eventTime"],
+                &e["metadata"]["creationTimestamp"],
+            ]
+            .iter()
+            .filter_map(|t| t.as_str().and_then(crate::table::parse_time))
+            .max();
+            if last.is_some_and(|t| now - t > ttl) {
+                self.store
+                    .mutate(&key, |cur| Ok(cur.map_or(Mutation::Keep, Mutation::Delete)))?;
+                expired += 1;
+            }
+        }
+        Ok(expired)
+    }
+
     /// Run GC passes until nothing changes (bounded).
     pub fn collect_garbage(&self) -> Result<(), Error> {
         for _ in 0..32 {

@@ -43,6 +43,8 @@ pub struct Config {
     pub event_window: u64,
     /// How often a watch with `allowWatchBookmarks` gets a bookmark.
     pub bookmark_interval: Duration,
+    /// Events last seen longer ago than this are deleted.
+    pub event_ttl: Duration,
 }
 
 impl Config {
@@ -52,6 +54,7 @@ impl Config {
             data_dir: data_dir.into(),
             event_window: 10_000,
             bookmark_interval: Duration::from_secs(5),
+            event_ttl: Duration::from_secs(3600),
         }
     }
 }
@@ -102,7 +105,7 @@ impl ApiServer {
             bookmark_interval: self.config.bookmark_interval,
             gc: gc.clone(),
         });
-        let gc_task = tokio::spawn(gc_loop(self.api.clone(), gc));
+        let gc_task = tokio::spawn(gc_loop(self.api.clone(), gc, self.config.event_ttl));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -133,12 +136,21 @@ impl ApiServer {
     }
 }
 
-/// Garbage collection runs after deletes (and periodically, to finish work
-/// a crash interrupted).
-async fn gc_loop(api: Arc<Api>, wake: Arc<Notify>) {
+/// Garbage collection runs after deletes (and every 10 s, to finish work a
+/// crash interrupted and to expire Events).
+async fn gc_loop(api: Arc<Api>, wake: Arc<Notify>, event_ttl: Duration) {
+    let ttl = event_ttl.as_secs() as i64;
     loop {
         let api2 = api.clone();
-        match tokio::task::spawn_blocking(move || api2.collect_garbage()).await {
+        let pass = move || -> Result<(), Error> {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            api2.expire_events(ttl, now)?;
+            api2.collect_garbage()
+        };
+        match tokio::task::spawn_blocking(pass).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "garbage collection"),
             Err(e) => tracing::warn!(error = %e, "garbage collection task"),

@@ -560,3 +560,35 @@ fn lists_page_with_continue_tokens() {
         .expect_err("bad token");
     assert_eq!(code(err), 400);
 }
+
+#[test]
+fn events_expire_after_their_ttl() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = Api::open(dir.path(), 1000).expect("open");
+    let ev = res(&api, "", "v1", "events");
+    let now = membrane_apiserver::table::parse_time(&membrane_apiserver::util::now_rfc3339())
+        .expect("now");
+    // "recurring" was seen again half an hour after it was created.
+    let later = membrane_apiserver::util::rfc3339((now + 1800) as u64);
+    for (name, last) in [("once", None), ("recurring", Some(later))] {
+        let mut e = json!({"metadata": {"name": name}, "reason": "R", "message": "m",
+                           "involvedObject": {"kind": "Pod", "name": "p"}});
+        if let Some(t) = last {
+            e["lastTimestamp"] = json!(t);
+        }
+        api.create(&ev, Some("default"), e, &opts("t"))
+            .expect("event");
+    }
+    assert_eq!(api.expire_events(3600, now + 1800).expect("expire"), 0);
+    assert_eq!(api.expire_events(3600, now + 3600 + 60).expect("expire"), 1);
+    assert_eq!(
+        code(api.get(&ev, Some("default"), "once").expect_err("expired")),
+        404
+    );
+    assert!(api.get(&ev, Some("default"), "recurring").is_ok());
+    assert_eq!(
+        api.expire_events(3600, now + 1800 + 3600 + 60)
+            .expect("expire"),
+        1
+    );
+}

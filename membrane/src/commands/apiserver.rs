@@ -27,12 +27,16 @@ pub struct ApiserverArgs {
     /// Seconds between bookmarks on watches that allow them.
     #[arg(long, default_value_t = 5)]
     pub bookmark_interval: u64,
+    /// Seconds after which an Event that has not recurred is deleted.
+    #[arg(long, default_value_t = 3600)]
+    pub event_ttl: u64,
 }
 
 pub async fn run(args: ApiserverArgs) -> Result<ExitCode> {
     let mut config = membrane_apiserver::Config::new(args.listen, &args.data_dir);
     config.event_window = args.event_window;
     config.bookmark_interval = Duration::from_secs(args.bookmark_interval.max(1));
+    config.event_ttl = Duration::from_secs(args.event_ttl);
     let server = membrane_apiserver::ApiServer::bind(config)
         .await
         .with_context(|| format!("starting the API server on {}", args.listen))?;
