@@ -30,6 +30,9 @@ struct Cli {
 enum Command {
     /// Run Membrane in the foreground on a directory of manifests (watched).
     Up(Box<commands::up::UpArgs>),
+    /// Serve the embedded Kubernetes-compatible API alone (kubectl works
+    /// against it); objects persist in `--data-dir`.
+    Apiserver(commands::apiserver::ApiserverArgs),
     /// Create or update the objects in a file (`-` for stdin).
     Apply {
         #[arg(short = 'f', long = "filename")]
@@ -130,6 +133,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let api = cli.api_socket;
     match cli.command {
         Command::Up(args) => commands::up::run(*args, api).await,
+        Command::Apiserver(args) => commands::apiserver::run(args).await,
         Command::Apply { file } => commands::objects::apply(&api, &file, "/v1/apply").await,
         Command::Delete { file } => commands::objects::apply(&api, &file, "/v1/delete").await,
         Command::Get {
