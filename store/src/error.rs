@@ -18,6 +18,20 @@ pub enum StoreError {
     /// An object or document that is malformed; the message names the field.
     #[error("{0}")]
     Invalid(String),
+    /// A document that is not a Kubernetes object at all (no `apiVersion`
+    /// and `kind`, or not a map): the watched directory ignores these.
+    #[error("{0}")]
+    NotManifest(String),
+    /// An input or document over a size limit (checked before parsing).
+    #[error("{what} is {}, more than the limit of {}", human(*size), human(*limit))]
+    TooLarge {
+        what: &'static str,
+        size: usize,
+        limit: usize,
+    },
+    /// Nesting deeper than the parser accepts (checked before parsing).
+    #[error("nested deeper than {limit} levels")]
+    TooDeep { limit: usize },
     /// An error inside one document of a multi-document text (1-based index).
     #[error("document {index}: {error}")]
     Document {
@@ -41,6 +55,19 @@ pub enum StoreError {
     Watch { path: PathBuf, message: String },
 }
 
+/// A byte count for messages: `1.5 MiB`, `300 KiB`, `12 bytes`.
+fn human(bytes: usize) -> String {
+    const KIB: usize = 1 << 10;
+    const MIB: usize = 1 << 20;
+    if bytes >= MIB {
+        format!("{:.1} MiB", bytes as f64 / MIB as f64)
+    } else if bytes >= KIB {
+        format!("{:.1} KiB", bytes as f64 / KIB as f64)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
 impl StoreError {
     /// The innermost error, looking through document wrappers.
     pub fn root(&self) -> &StoreError {
@@ -48,6 +75,11 @@ impl StoreError {
             StoreError::Document { error, .. } | StoreError::Item { error, .. } => error.root(),
             other => other,
         }
+    }
+
+    /// True when the document is not a Kubernetes object at all.
+    pub fn is_not_manifest(&self) -> bool {
+        matches!(self.root(), StoreError::NotManifest(_))
     }
 
     /// True when the error only says the kind is not one the store holds.
