@@ -29,6 +29,33 @@ pub const MAX_DEPTH: usize = 100;
 /// cost grows with tokens × nesting. See [`check_flow_nesting`].
 const FLOW_COST_BUDGET: u64 = 400_000_000;
 
+/// Inputs at least this big parse in one of a few [`run_parse`] slots.
+pub const LARGE_INPUT_BYTES: usize = 256 << 10;
+
+/// Runs `parse` (of an input of `len` bytes) on a blocking thread, never on
+/// the async workers that serve the control plane. Large inputs first wait
+/// for one of `cores - 1` (at least 1) slots, so two big applies cannot take
+/// every core while a small change is waiting; small ones never queue.
+pub async fn run_parse<R: Send + 'static>(
+    len: usize,
+    parse: impl FnOnce() -> R + Send + 'static,
+) -> Result<R, StoreError> {
+    static SLOTS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    let _permit = if len >= LARGE_INPUT_BYTES {
+        let slots = SLOTS.get_or_init(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            tokio::sync::Semaphore::new(cores.saturating_sub(1).max(1))
+        });
+        // The semaphore is never closed.
+        slots.acquire().await.ok()
+    } else {
+        None
+    };
+    tokio::task::spawn_blocking(parse)
+        .await
+        .map_err(|e| StoreError::Invalid(format!("parsing failed: {e}")))
+}
+
 /// Parses a multi-document YAML (or JSON) text. `kind: List` (or any
 /// `...List` with `items`) expands its items; empty documents are skipped.
 /// The first error is returned, naming the document (1-based) and the field.
