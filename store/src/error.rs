@@ -23,7 +23,10 @@ pub enum StoreError {
     #[error("{0}")]
     NotManifest(String),
     /// An input or document over a size limit (checked before parsing).
-    #[error("{what} is {}, more than the limit of {}", human(*size), human(*limit))]
+    #[error(
+        "{what} is {size} bytes, more than the limit of {limit} bytes ({})",
+        human(*limit)
+    )]
     TooLarge {
         what: &'static str,
         size: usize,
@@ -55,16 +58,14 @@ pub enum StoreError {
     Watch { path: PathBuf, message: String },
 }
 
-/// A byte count for messages: `1.5 MiB`, `300 KiB`, `12 bytes`.
+/// A limit for messages: `1.5 MiB`, `256 KiB`.
 fn human(bytes: usize) -> String {
     const KIB: usize = 1 << 10;
     const MIB: usize = 1 << 20;
     if bytes >= MIB {
-        format!("{:.1} MiB", bytes as f64 / MIB as f64)
-    } else if bytes >= KIB {
-        format!("{:.1} KiB", bytes as f64 / KIB as f64)
+        format!("{} MiB", bytes as f64 / MIB as f64)
     } else {
-        format!("{bytes} bytes")
+        format!("{} KiB", bytes as f64 / KIB as f64)
     }
 }
 

@@ -220,7 +220,7 @@ fn json_documents(
     text: &str,
 ) -> Result<Vec<(usize, Result<Value, StoreError>)>, (usize, Result<Value, StoreError>)> {
     let mut out = Vec::new();
-    let mut stream = serde_json::Deserializer::from_str(text).into_iter::<Checked>();
+    let mut stream = serde_json::Deserializer::from_str(text).into_iter::<Checked<true>>();
     let mut index = 0;
     let mut start = 0;
     loop {
@@ -278,7 +278,7 @@ fn parse_yaml_document(doc: Doc<'_>) -> Result<Value, StoreError> {
         });
     }
     check_flow_nesting(doc.text)?;
-    serde_yaml_ng::from_str::<Checked>(doc.text)
+    serde_yaml_ng::from_str::<Checked<false>>(doc.text)
         .map(|Checked(v)| v)
         .map_err(|e| {
             let message = shift_lines(&e.to_string(), doc.first_line);
@@ -338,6 +338,13 @@ fn split_yaml(text: &str) -> Vec<Doc<'_>> {
             // A directive (%YAML, %TAG) before the document: not content.
             start = None;
             continue;
+        }
+        if bom > 0 {
+            // A byte order mark starts a document (YAML 1.2, and libyaml
+            // would otherwise see a second document in this one).
+            flush(start, line_start, has_content);
+            start = None;
+            has_content = false;
         }
         if start.is_none() {
             start = Some((line_start + bom, n));
@@ -452,13 +459,17 @@ fn check_flow_nesting(doc: &str) -> Result<(), StoreError> {
 /// hold (`.inf`, `.nan`) and nesting deeper than [`MAX_DEPTH`] are errors
 /// naming the field, where `serde_json::Value` would keep the last key and
 /// turn `.inf` into null.
-struct Checked(Value);
+///
+/// `NAMED`: messages start with the field's path. serde_yaml_ng adds the
+/// path itself; serde_json does not.
+struct Checked<const NAMED: bool>(Value);
 
-impl<'de> de::Deserialize<'de> for Checked {
+impl<'de, const NAMED: bool> de::Deserialize<'de> for Checked<NAMED> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         ValueSeed {
             path: &Path::Root,
             depth: 0,
+            named: NAMED,
         }
         .deserialize(d)
         .map(Checked)
@@ -495,10 +506,22 @@ impl Path<'_> {
     }
 }
 
+impl ValueSeed<'_> {
+    /// The message prefix naming this value's field, when the parser does not.
+    fn prefix(&self) -> String {
+        if self.named {
+            self.path.prefix()
+        } else {
+            String::new()
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 struct ValueSeed<'a> {
     path: &'a Path<'a>,
     depth: usize,
+    named: bool,
 }
 
 impl<'de> DeserializeSeed<'de> for ValueSeed<'_> {
@@ -539,7 +562,7 @@ impl<'de> Visitor<'de> for ValueSeed<'_> {
             .ok_or_else(|| {
                 E::custom(format!(
                     "{}{v} is not a number a Kubernetes object can hold",
-                    self.path.prefix()
+                    self.prefix()
                 ))
             })
     }
@@ -563,7 +586,11 @@ impl<'de> Visitor<'de> for ValueSeed<'_> {
         let mut out = Vec::new();
         loop {
             let path = Path::Index(self.path, out.len());
-            let seed = ValueSeed { path: &path, depth };
+            let seed = ValueSeed {
+                path: &path,
+                depth,
+                named: self.named,
+            };
             match seq.next_element_seed(seed)? {
                 Some(v) => out.push(v),
                 None => return Ok(Value::Array(out)),
@@ -577,11 +604,15 @@ impl<'de> Visitor<'de> for ValueSeed<'_> {
             if out.contains_key(&key) {
                 return Err(de::Error::custom(format!(
                     "{}duplicate key {key:?}",
-                    self.path.prefix()
+                    self.prefix()
                 )));
             }
             let path = Path::Key(self.path, &key);
-            let value = map.next_value_seed(ValueSeed { path: &path, depth })?;
+            let value = map.next_value_seed(ValueSeed {
+                path: &path,
+                depth,
+                named: self.named,
+            })?;
             out.insert(key, value);
         }
         Ok(Value::Object(out))
