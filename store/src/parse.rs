@@ -32,28 +32,59 @@ const FLOW_COST_BUDGET: u64 = 400_000_000;
 /// Inputs at least this big parse in one of a few [`run_parse`] slots.
 pub const LARGE_INPUT_BYTES: usize = 256 << 10;
 
-/// Runs `parse` (of an input of `len` bytes) on a blocking thread, never on
-/// the async workers that serve the control plane. Large inputs first wait
-/// for one of `cores - 1` (at least 1) slots, so two big applies cannot take
-/// every core while a small change is waiting; small ones never queue.
+/// Nice value of the threads that parse large inputs: bulk work yields the
+/// CPU to serving (the async workers, Envoy) when the cores are contended.
+const LARGE_PARSE_NICE: libc::c_int = 10;
+
+/// Runs `parse` (of an input of `len` bytes) off the async workers that
+/// serve the control plane. Small inputs run on tokio's blocking pool.
+/// Large ones first wait for one of `cores - 1` (at least 1) slots, so big
+/// applies cannot take every core, and run on their own thread at a lower
+/// priority, so even the core they use stays available to serving.
 pub async fn run_parse<R: Send + 'static>(
     len: usize,
     parse: impl FnOnce() -> R + Send + 'static,
 ) -> Result<R, StoreError> {
     static SLOTS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
-    let _permit = if len >= LARGE_INPUT_BYTES {
-        let slots = SLOTS.get_or_init(|| {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            tokio::sync::Semaphore::new(cores.saturating_sub(1).max(1))
-        });
-        // The semaphore is never closed.
-        slots.acquire().await.ok()
-    } else {
-        None
+    let failed = |e: &dyn fmt::Display| StoreError::Invalid(format!("parsing failed: {e}"));
+    if len < LARGE_INPUT_BYTES {
+        return tokio::task::spawn_blocking(parse)
+            .await
+            .map_err(|e| failed(&e));
+    }
+    let slots = SLOTS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        tokio::sync::Semaphore::new(cores.saturating_sub(1).max(1))
+    });
+    // The semaphore is never closed.
+    let _permit = slots.acquire().await.ok();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("membrane-parse".into())
+        .spawn(move || {
+            lower_thread_priority();
+            // The receiver is gone only when the caller gave up.
+            let _ = tx.send(parse());
+        })
+        .map_err(|e| failed(&e))?;
+    rx.await.map_err(|e| failed(&e))
+}
+
+/// Raises the calling thread's nice value to [`LARGE_PARSE_NICE`]. Best
+/// effort: parsing at normal priority is still correct.
+fn lower_thread_priority() {
+    // SAFETY: plain syscalls on the calling thread (Linux nice values are
+    // per thread); no memory is shared with the kernel.
+    let rc = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, LARGE_PARSE_NICE)
     };
-    tokio::task::spawn_blocking(parse)
-        .await
-        .map_err(|e| StoreError::Invalid(format!("parsing failed: {e}")))
+    if rc != 0 {
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            "could not lower the priority of a parse thread"
+        );
+    }
 }
 
 /// Parses a multi-document YAML (or JSON) text. `kind: List` (or any

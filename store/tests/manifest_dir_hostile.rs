@@ -12,7 +12,9 @@ fn svc_key(name: &str) -> ObjectKey {
 }
 
 fn service(name: &str) -> String {
-    format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  ports:\n  - port: 80\n")
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  ports:\n  - port: 80\n"
+    )
 }
 
 /// Waits (bounded) until `pred` holds, waking on store changes.
@@ -83,8 +85,11 @@ async fn foreign_files_and_ignored_dirs_are_not_problems() {
         r#"{"node": {"id": "membrane~local"}, "static_resources": {}}"#,
     )
     .expect("write");
-    std::fs::write(dir.path().join("compose.yml"), "services:\n  web: {image: x}\n")
-        .expect("write");
+    std::fs::write(
+        dir.path().join("compose.yml"),
+        "services:\n  web: {image: x}\n",
+    )
+    .expect("write");
     std::fs::write(dir.path().join("a.yaml"), service("a")).expect("write");
     let run = dir.path().join("run");
     std::fs::create_dir(&run).expect("mkdir");
@@ -110,8 +115,11 @@ async fn foreign_files_and_ignored_dirs_are_not_problems() {
     assert!(store.revision() > revision);
 
     // A manifest missing only one of apiVersion/kind is still a mistake.
-    std::fs::write(dir.path().join("c.yaml"), "kind: Service\nmetadata: {name: c}\n")
-        .expect("write");
+    std::fs::write(
+        dir.path().join("c.yaml"),
+        "kind: Service\nmetadata: {name: c}\n",
+    )
+    .expect("write");
     wait_for(&store, "problem for c.yaml", |s| {
         s.problems().keys().any(|k| k.ends_with("c.yaml"))
     })

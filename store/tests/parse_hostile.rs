@@ -7,7 +7,9 @@ use membrane_store::{
 };
 
 fn service(name: &str) -> String {
-    format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  ports:\n  - port: 80\n")
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  ports:\n  - port: 80\n"
+    )
 }
 
 fn err(text: &str) -> String {
@@ -62,7 +64,11 @@ fn deep_nesting_is_refused_by_its_depth() {
     let e = err(&objects);
     assert!(e.contains("nested deeper than 100 levels"), "{e}");
 
-    let yaml = format!("apiVersion: v1\nkind: Service\nmetadata: {}{}\n", "[".repeat(depth), "]".repeat(depth));
+    let yaml = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {}{}\n",
+        "[".repeat(depth),
+        "]".repeat(depth)
+    );
     let e = err(&yaml);
     assert_eq!(e, "document 1: nested deeper than 100 levels");
 
@@ -91,14 +97,16 @@ fn byte_order_mark_is_not_content() {
         let objs = parse_documents(&text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
         assert_eq!(objs.last().expect("object").key().name, "a");
     }
-    let json = "\u{feff}{\"apiVersion\":\"v1\",\"kind\":\"Namespace\",\"metadata\":{\"name\":\"a\"}}";
+    let json =
+        "\u{feff}{\"apiVersion\":\"v1\",\"kind\":\"Namespace\",\"metadata\":{\"name\":\"a\"}}";
     assert_eq!(parse_documents(json).expect("json with BOM").len(), 1);
 }
 
 /// Issue 14.10: duplicate keys were silently last-wins.
 #[test]
 fn duplicate_keys_are_errors_naming_the_key() {
-    let yaml = "apiVersion: v1\nkind: Service\nmetadata:\n  name: a\n  labels:\n    app: x\n    app: y\n";
+    let yaml =
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: a\n  labels:\n    app: x\n    app: y\n";
     let e = err(yaml);
     assert!(e.contains("metadata.labels: duplicate key \"app\""), "{e}");
     assert!(e.contains("line 6"), "{e}");
