@@ -98,10 +98,22 @@ fn main() {
         max.push_str(&service(i));
         i += 1;
     }
-    row(&format!("documents {i} (16 MiB)"), max.len(), 3, false, &max);
+    row(
+        &format!("documents {i} (16 MiB)"),
+        max.len(),
+        3,
+        false,
+        &max,
+    );
     for depth in [1_000, 10_000, 30_000, 100_000] {
         let text = nested_json(depth);
-        row(&format!("nesting {depth} (JSON)"), text.len(), 3, true, &text);
+        row(
+            &format!("nesting {depth} (JSON)"),
+            text.len(),
+            3,
+            true,
+            &text,
+        );
     }
     let yaml = format!("a: {}", nested_json(100_000));
     row("nesting 100000 (YAML flow)", yaml.len(), 3, true, &yaml);
@@ -152,8 +164,8 @@ mod old {
             *has_content = false;
         };
         for (n, line) in text.lines().enumerate() {
-            let is_marker = line.starts_with("---")
-                && line[3..].chars().next().is_none_or(char::is_whitespace);
+            let is_marker =
+                line.starts_with("---") && line[3..].chars().next().is_none_or(char::is_whitespace);
             if is_marker {
                 flush(&mut current, start, &mut has_content);
                 start = n;
