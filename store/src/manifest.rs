@@ -264,31 +264,6 @@ impl ManifestDir {
         }
     }
 
-    /// Gathers the rest of a burst of events that began with `first`.
-    async fn burst(
-        &self,
-        first: notify::Result<Event>,
-        rx: &mut mpsc::UnboundedReceiver<notify::Result<Event>>,
-    ) -> Pending {
-        let mut pending = Pending::default();
-        self.note_event(first, &mut pending);
-        // Debounce: an editor's save or a `cp -r` comes as a burst.
-        let deadline = Instant::now() + MAX_DEBOUNCE;
-        loop {
-            let wait = self
-                .debounce
-                .min(deadline.saturating_duration_since(Instant::now()));
-            if wait.is_zero() {
-                break;
-            }
-            match tokio::time::timeout(wait, rx.recv()).await {
-                Ok(Some(res)) => self.note_event(res, &mut pending),
-                Ok(None) | Err(_) => break,
-            }
-        }
-        pending
-    }
-
     /// Reads and parses `path` on a blocking thread; the result arrives on
     /// `done`. A file already being read is read again once that finishes,
     /// so results of one file are applied in order.
@@ -371,42 +346,33 @@ impl Source for ManifestDir {
         let dir_origin = format!("dir {}", self.dir.display());
         let (done_tx, mut done_rx) = mpsc::unbounded_channel();
         let mut reads = Reads::default();
+        // The burst being debounced: an editor's save or a `cp -r` comes as
+        // many events. Debouncing is part of this loop (not a wait inside
+        // it), so parse results keep being applied meanwhile.
+        let mut pending = Pending::default();
+        let mut quiet_at: Option<Instant> = None;
+        let mut burst_ends: Option<Instant> = None;
         loop {
             let flush_at = reads.flush_at.filter(|_| !reads.ready.is_empty());
+            let mut dispatch = false;
             tokio::select! {
                 event = rx.recv() => {
-                    let Some(first) = event else {
+                    let Some(event) = event else {
                         return Err(StoreError::Watch {
                             path: self.dir.clone(),
                             message: "watcher stopped".into(),
                         });
                     };
-                    let pending = self.burst(first, &mut rx).await;
-                    if pending.is_empty() {
-                        continue;
+                    self.note_event(event, &mut pending);
+                    // Events that change nothing (our own reads) start no burst.
+                    if !pending.is_empty() {
+                        let now = Instant::now();
+                        let cap = *burst_ends.get_or_insert(now + MAX_DEBOUNCE);
+                        quiet_at = Some((now + self.debounce).min(cap));
                     }
-                    let mut files = pending.files;
-                    if pending.rescan {
-                        let (this, w) = (self.clone(), writer.clone());
-                        match self.blocking(move || this.scan(&w)).await? {
-                            Ok((all, stale)) => {
-                                writer.set_problem(&dir_origin, None);
-                                files.extend(all);
-                                reads.ready.extend(stale.into_iter().map(FileRead::gone));
-                            }
-                            Err(e) => {
-                                // The directory itself is unreadable; keep what is loaded.
-                                tracing::warn!(error = %e, "manifest directory rescan failed");
-                                writer.set_problem(&dir_origin, Some(e.to_string()));
-                            }
-                        }
-                    }
-                    if reads.in_flight.is_empty() {
-                        reads.flush_at = Some(Instant::now() + BATCH_WAIT);
-                    }
-                    for file in files {
-                        self.start_read(file, &mut reads, &done_tx);
-                    }
+                }
+                () = tokio::time::sleep_until(quiet_at.unwrap_or_else(Instant::now)), if quiet_at.is_some() => {
+                    dispatch = true;
                 }
                 Some((path, read)) = done_rx.recv() => {
                     reads.in_flight.remove(&path);
@@ -416,6 +382,32 @@ impl Source for ManifestDir {
                     }
                 }
                 () = tokio::time::sleep_until(flush_at.unwrap_or_else(Instant::now)), if flush_at.is_some() => {}
+            }
+            if dispatch {
+                (quiet_at, burst_ends) = (None, None);
+                let burst = std::mem::take(&mut pending);
+                let mut files = burst.files;
+                if burst.rescan {
+                    let (this, w) = (self.clone(), writer.clone());
+                    match self.blocking(move || this.scan(&w)).await? {
+                        Ok((all, stale)) => {
+                            writer.set_problem(&dir_origin, None);
+                            files.extend(all);
+                            reads.ready.extend(stale.into_iter().map(FileRead::gone));
+                        }
+                        Err(e) => {
+                            // The directory itself is unreadable; keep what is loaded.
+                            tracing::warn!(error = %e, "manifest directory rescan failed");
+                            writer.set_problem(&dir_origin, Some(e.to_string()));
+                        }
+                    }
+                }
+                if reads.in_flight.is_empty() {
+                    reads.flush_at = Some(Instant::now() + BATCH_WAIT);
+                }
+                for file in files {
+                    self.start_read(file, &mut reads, &done_tx);
+                }
             }
             let due = reads.flush_at.is_none_or(|t| Instant::now() >= t);
             if !reads.ready.is_empty() && (reads.in_flight.is_empty() || due) {
