@@ -177,14 +177,14 @@ async fn handle(state: &AgentState, req: Request<Incoming>) -> Response<Full<Byt
     let query = req.uri().query().unwrap_or_default().to_owned();
     match (method, path.as_str()) {
         (Method::POST, "/v1/apply") | (Method::POST, "/v1/delete") => {
-            let body = match read_body(req).await {
+            let body = match read_manifests(req).await {
                 Ok(b) => b,
                 Err(resp) => return resp,
             };
             if path == "/v1/apply" {
-                apply(state, &body)
+                apply(state, body).await
             } else {
-                delete(state, &body)
+                delete(state, body).await
             }
         }
         (Method::GET, "/v1/status") => reply(StatusCode::OK, state.status_report()),
@@ -221,10 +221,60 @@ async fn read_body(req: Request<Incoming>) -> Result<String, Response<Full<Bytes
         .map_err(|_| error(StatusCode::BAD_REQUEST, "request body is not UTF-8"))
 }
 
-fn apply(state: &AgentState, body: &str) -> Response<Full<Bytes>> {
-    let objects = match membrane_store::parse_documents(body) {
+/// Reads an apply/delete body of at most [`membrane_store::MAX_INPUT_BYTES`]
+/// into one buffer (parsed in place later, never copied).
+async fn read_manifests(req: Request<Incoming>) -> Result<Bytes, Response<Full<Bytes>>> {
+    let limit = membrane_store::MAX_INPUT_BYTES;
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is more than the limit of {} MiB", limit >> 20),
+        )
+    };
+    // Refuse an announced oversize body before reading any of it.
+    let announced = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    match http_body_util::Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+    {
+        Ok(body) => Ok(body.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("reading request body: {e}"),
+        )),
+    }
+}
+
+/// Parses a body off the async workers (see [`membrane_store::run_parse`]),
+/// so a huge or hostile manifest never stalls the rest of the API.
+async fn parse_body<T: Send + 'static>(
+    body: Bytes,
+    parse: fn(&str) -> Result<T, membrane_store::StoreError>,
+) -> Result<T, Response<Full<Bytes>>> {
+    let parsed = membrane_store::run_parse(body.len(), move || match std::str::from_utf8(&body) {
+        Ok(text) => parse(text).map_err(|e| e.to_string()),
+        Err(e) => Err(format!("request body is not UTF-8: {e}")),
+    })
+    .await;
+    match parsed {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(msg)) => Err(error(StatusCode::BAD_REQUEST, msg)),
+        Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
+}
+
+async fn apply(state: &AgentState, body: Bytes) -> Response<Full<Bytes>> {
+    let objects = match parse_body(body, membrane_store::parse_documents).await {
         Ok(o) => o,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(resp) => return resp,
     };
     // One atomic change: the agent never sees half of a multi-document file.
     let keys: Vec<ObjectKey> = objects.iter().map(|o| o.key()).collect();
@@ -239,12 +289,12 @@ fn apply(state: &AgentState, body: &str) -> Response<Full<Bytes>> {
     reply(StatusCode::OK, json!({ "results": results }))
 }
 
-fn delete(state: &AgentState, body: &str) -> Response<Full<Bytes>> {
-    let objects = match membrane_store::parse_documents(body) {
-        Ok(o) => o,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+async fn delete(state: &AgentState, body: Bytes) -> Response<Full<Bytes>> {
+    // Only apiVersion, kind and metadata are read (docs/local-api.md).
+    let keys = match parse_body(body, membrane_store::parse_keys).await {
+        Ok(k) => k,
+        Err(resp) => return resp,
     };
-    let keys: Vec<ObjectKey> = objects.iter().map(|o| o.key()).collect();
     let deleted = state.store.delete_all(&keys);
     let results: Vec<Value> = keys
         .iter()

@@ -192,6 +192,10 @@ pub async fn run(args: UpArgs, api_socket: PathBuf) -> Result<ExitCode> {
             .map(|p| p.join("run"))
             .unwrap_or_else(|| PathBuf::from("membrane-run"))
     });
+    // The run directory may lie inside the watched one (`membrane up .`):
+    // its files are Membrane's own, never manifests, and its writes must not
+    // wake the watcher.
+    let manifests = ManifestDir::new(args.dir.clone()).ignoring(&run_dir);
     let config = AgentConfig {
         run_dir,
         api_socket,
@@ -222,7 +226,6 @@ pub async fn run(args: UpArgs, api_socket: PathBuf) -> Result<ExitCode> {
     };
 
     let store = Store::new();
-    let manifests = ManifestDir::new(args.dir.clone());
     // Start complete: the first configuration Envoy sees has every object.
     manifests
         .load_once(&store.writer(&manifests_name(&args.dir)))
