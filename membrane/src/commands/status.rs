@@ -71,6 +71,17 @@ fn human(r: &Value) -> String {
             ));
         }
     }
+    let warnings = r["warnings"].as_array().cloned().unwrap_or_default();
+    if !warnings.is_empty() {
+        out.push_str(&format!("Warnings:  {}\n", warnings.len()));
+        for item in warnings {
+            out.push_str(&format!(
+                "  {}\n    {}\n",
+                text(&item, "/object"),
+                text(&item, "/reason")
+            ));
+        }
+    }
     out
 }
 
