@@ -165,29 +165,45 @@ fn own_names(
 /// Envoy's error text made readable: one line, whole, without the protobuf
 /// dump Envoy appends to validation errors.
 pub fn clean_detail(detail: &str) -> String {
-    const DUMP: &str = "Proto constraint validation failed (";
-    let mut text = detail;
-    let mut tail = "";
-    if let Some(start) = detail.find(DUMP) {
-        // The validation error is parenthesised (and may nest parentheses);
-        // the message dump follows it, to the end of the text.
-        let open = start + DUMP.len();
+    const CHECK: &str = "Proto constraint validation failed (";
+    // Envoy 1.3x+ prints the message before the error, marked:
+    // `goo.gle/debugproto <message> : Proto constraint validation failed (…)`.
+    const MARK: &str = "goo.gle/debugproto";
+    let mut text = detail.to_owned();
+    let mut omitted = false;
+    if let Some(mark) = text.find(MARK)
+        && let Some(check) = text[mark..].find(CHECK).map(|i| mark + i)
+    {
+        text.replace_range(mark..check, "");
+        omitted = true;
+    }
+    // Older Envoys print it after the (parenthesised, maybe nested) error.
+    if let Some(start) = text.find(CHECK) {
+        let open = start + CHECK.len();
         let mut depth = 1usize;
-        for (i, c) in detail[open..].char_indices() {
+        let mut end = None;
+        for (i, c) in text[open..].char_indices() {
             match c {
                 '(' => depth += 1,
                 ')' => depth -= 1,
                 _ => {}
             }
             if depth == 0 {
-                text = &detail[..=open + i];
-                tail = " (message dump omitted)";
+                end = Some(open + i + 1);
                 break;
             }
         }
+        if let Some(end) = end
+            && !text[end..].trim().is_empty()
+        {
+            text.truncate(end);
+            omitted = true;
+        }
     }
     let mut out = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    out.push_str(tail);
+    if omitted {
+        out.push_str(" (message dump omitted)");
+    }
     out
 }
 
@@ -267,6 +283,11 @@ mod tests {
         assert_eq!(
             clean,
             "Error adding/updating listener(s) ns/c/l: Proto constraint validation failed (ListenerValidationError.Address: embedded message failed validation | caused by SocketAddressValidationError.PortValue: value must be less than or equal to 65535 (got 70000)) (message dump omitted)"
+        );
+        let new_style = "Error adding/updating listener(s) ns/c/l: goo.gle/debugproto name: \"ns/c/l\" address { socket_address { port_value: 70000 } } : Proto constraint validation failed (ListenerValidationError.Address: embedded message failed validation | caused by SocketAddressValidationError.PortValue: value must be less than or equal to 65535)\n";
+        assert_eq!(
+            clean_detail(new_style),
+            "Error adding/updating listener(s) ns/c/l: Proto constraint validation failed (ListenerValidationError.Address: embedded message failed validation | caused by SocketAddressValidationError.PortValue: value must be less than or equal to 65535) (message dump omitted)"
         );
         let long = "x ".repeat(3000);
         assert_eq!(clean_detail(&long).len(), 5999, "never cut");

@@ -134,6 +134,21 @@ pub fn self_signed(hosts: &[&str]) -> Result<(String, String), CertError> {
     Ok((cert.pem(), key.serialize_pem()))
 }
 
+/// Like [`self_signed`], but valid only during 2020: an expired
+/// certificate, for tests of how expiry is reported.
+pub fn self_signed_expired(hosts: &[&str]) -> Result<(String, String), CertError> {
+    let names: Vec<String> = hosts.iter().map(|h| (*h).to_owned()).collect();
+    let key = rcgen::KeyPair::generate().map_err(|e| CertError::Issue(e.to_string()))?;
+    let mut params =
+        rcgen::CertificateParams::new(names).map_err(|e| CertError::Issue(e.to_string()))?;
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| CertError::Issue(e.to_string()))?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
