@@ -205,7 +205,7 @@ pub struct ConfigPipeline {
     /// Empty assignments for EDS clusters nothing else provides, by name.
     empty_eds: HashMap<String, Built>,
     /// Per Service: its EDS inputs and the assignments of the latest pass.
-    eds_serving: HashMap<ObjectKey, (Vec<(String, String)>, Vec<Built>)>,
+    eds_serving: HashMap<ObjectKey, EdsServing>,
     /// Per Service: the assignments Envoy last ACKed.
     eds_acked: HashMap<ObjectKey, Vec<Built>>,
     /// Services whose assignments Envoy rejected: the inputs then, and why.
@@ -215,6 +215,9 @@ pub struct ConfigPipeline {
     eds: HashMap<String, HashMap<String, HashMap<Vec<String>, CachedEds>>>,
     generation: u64,
 }
+
+/// A Service's EDS inputs (name, resourceVersion) and its assignments.
+type EdsServing = (Vec<(String, String)>, Vec<Built>);
 
 /// A backend selection of a CEC: namespace, Service, ports (empty: all).
 type Wanted<'a> = (&'a str, &'a str, Cow<'a, [String]>);
@@ -646,8 +649,7 @@ impl ConfigPipeline {
         }
         self.eds.retain(|_, by_name| !by_name.is_empty());
         let mut eds_out = Vec::new();
-        let mut eds_serving: HashMap<ObjectKey, (Vec<(String, String)>, Vec<Built>)> =
-            HashMap::new();
+        let mut eds_serving: HashMap<ObjectKey, EdsServing> = HashMap::new();
         let mut eds_names: HashSet<String> = pass
             .resources
             .iter()
