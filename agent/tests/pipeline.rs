@@ -291,3 +291,120 @@ spec:
         "{targets:?}"
     );
 }
+
+/// Issue 14 item 5: an EDS NACK is pinned on the Service (and its slices)
+/// whose ClusterLoadAssignment Envoy refused; that Service falls back to
+/// what Envoy last ACKed until its inputs change, and nothing else moves.
+#[test]
+fn an_eds_nack_is_pinned_on_the_service_and_its_slices() {
+    use membrane_agent::configs::Quarantined;
+    use membrane_agent::nack::{Nack, suspects};
+
+    let store = store_with(&format!(
+        "{SERVICE}---\n{}",
+        cec(
+            "eds",
+            21011,
+            "backendServices: [{name: web, number: [\"80\"]}]"
+        )
+    ));
+    let mut pipeline = ConfigPipeline::new(PortMap::default(), BTreeMap::new());
+    let pass = pipeline.run(&store.snapshot());
+    let web = ObjectKey::new(Kind::Service, "default", "web");
+    assert_eq!(
+        pass.served.get(&web),
+        Some(&vec![
+            (type_url::ENDPOINT, "default/web:80".to_owned()),
+            (type_url::ENDPOINT, "default/web:http".to_owned())
+        ])
+    );
+    // Envoy ACKed that version.
+    pipeline.mark_acked(&web);
+    let acked = endpoints_of(&pass, "default/web:80");
+
+    // The slice changes and Envoy NACKs the new assignment.
+    store.apply(
+        parse_documents(&SERVICE.replace("10.0.0.1]", "10.0.0.9]"))
+            .expect("yaml")
+            .remove(1),
+    );
+    let pass = pipeline.run(&store.snapshot());
+    assert_eq!(endpoints_of(&pass, "default/web:80")[0].0, "10.0.0.3");
+    let snapshot = membrane_agent::build_snapshot(&pass.resources);
+    let nack = Nack {
+        type_url: type_url::ENDPOINT.to_owned(),
+        error_detail: "malformed IP address".to_owned(),
+        stream_id: 1,
+        nonce: "7".to_owned(),
+    };
+    let cache = membrane_xds::SnapshotCache::new();
+    let blamed = suspects(&nack, &pass.served, &snapshot, &cache, "node");
+    assert_eq!(blamed, vec![web.clone()], "only the Service is blamed");
+    assert_eq!(
+        pipeline.quarantine(&web, "Envoy rejected its ClusterLoadAssignment".into()),
+        Quarantined::New
+    );
+
+    let pass = pipeline.run(&store.snapshot());
+    assert_eq!(
+        endpoints_of(&pass, "default/web:80"),
+        acked,
+        "the ACKed assignment is served again"
+    );
+    let slice = ObjectKey::new(Kind::EndpointSlice, "default", "web-1");
+    for key in [&web, &slice] {
+        let why = pass
+            .rejected
+            .get(key)
+            .unwrap_or_else(|| panic!("{key} not rejected: {:?}", pass.rejected));
+        assert!(
+            why.contains("Envoy rejected its ClusterLoadAssignment"),
+            "{why}"
+        );
+    }
+    assert!(
+        !pass
+            .rejected
+            .keys()
+            .any(|k| k.kind == Kind::CiliumEnvoyConfig)
+    );
+
+    // A new version of the slice lifts the quarantine.
+    store.apply(
+        parse_documents(&SERVICE.replace("10.0.0.1]", "10.0.0.8]"))
+            .expect("yaml")
+            .remove(1),
+    );
+    let pass = pipeline.run(&store.snapshot());
+    assert!(pass.rejected.is_empty(), "{:?}", pass.rejected);
+    assert!(
+        endpoints_of(&pass, "default/web:80")
+            .iter()
+            .any(|(ip, _)| ip == "10.0.0.8")
+    );
+}
+
+/// Issue 8 item 2: every EDS cluster gets an assignment, empty when the
+/// Service, its slices or the port are missing.
+#[test]
+fn every_eds_cluster_gets_an_assignment() {
+    let store = store_with(&cec(
+        "ghosts",
+        21012,
+        "backendServices: [{name: ghost, number: [\"80\"]}]",
+    ));
+    let with_clusters = cec(
+        "ghosts",
+        21012,
+        "backendServices: [{name: ghost, number: [\"80\"]}]",
+    ) + r#"  - "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+    name: opaque
+    type: EDS
+    edsClusterConfig: {serviceName: not-a-service}
+"#;
+    store.apply(parse_documents(&with_clusters).expect("yaml").remove(0));
+    let pass = ConfigPipeline::new(PortMap::default(), BTreeMap::new()).run(&store.snapshot());
+    assert!(pass.rejected.is_empty(), "{:?}", pass.rejected);
+    assert_eq!(endpoints_of(&pass, "default/ghost:80"), vec![]);
+    assert_eq!(endpoints_of(&pass, "default/ghosts/not-a-service"), vec![]);
+}
