@@ -166,9 +166,10 @@ fn own_names(
 /// dump Envoy appends to validation errors.
 pub fn clean_detail(detail: &str) -> String {
     const CHECK: &str = "Proto constraint validation failed (";
-    // Envoy 1.3x+ prints the message before the error, marked:
-    // `goo.gle/debugproto <message> : Proto constraint validation failed (…)`.
-    const MARK: &str = "goo.gle/debugproto";
+    // Envoy 1.3x+ prints the message before the error, behind a marker
+    // protobuf varies on purpose (`goo.gle/debugproto`, `goo.gle/debugstr`):
+    // `<marker> <message> : Proto constraint validation failed (…)`.
+    const MARK: &str = "goo.gle/debug";
     let mut text = detail.to_owned();
     let mut omitted = false;
     if let Some(mark) = text.find(MARK)
@@ -288,6 +289,10 @@ mod tests {
         assert_eq!(
             clean_detail(new_style),
             "Error adding/updating listener(s) ns/c/l: Proto constraint validation failed (ListenerValidationError.Address: embedded message failed validation | caused by SocketAddressValidationError.PortValue: value must be less than or equal to 65535) (message dump omitted)"
+        );
+        assert_eq!(
+            clean_detail(&new_style.replace("debugproto", "debugstr")),
+            clean_detail(new_style)
         );
         let long = "x ".repeat(3000);
         assert_eq!(clean_detail(&long).len(), 5999, "never cut");

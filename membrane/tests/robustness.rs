@@ -141,12 +141,17 @@ fn bad_endpoint_slices_are_rejected_alone_and_the_ingress_keeps_serving() {
     );
     // A bad Service port is the Service's fault, not the Ingress's.
     m.apply(
-        "apiVersion: v1\nkind: Service\nmetadata: {name: wide, namespace: default}\nspec:\n  ports: [{port: 65536, targetPort: 3000}]\n",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: wide, namespace: default}\nspec:\n  ports: [{name: http, port: 65536, targetPort: 3000}]\n",
     );
+    m.apply(&ingress_yaml("wide", &[("/", "wide", 80)]).replace("number: 80", "name: http"));
     assert_rejected(
         &m,
         "Service default/wide",
         &["Service default/wide: spec.ports[0].port: 65536 is not a valid port (1-65535)"],
+    );
+    assert!(
+        m.wait_ingress_ip("default", "wide")
+            .starts_with("127.0.151.")
     );
     assert_eq!(pods(&m).len(), 2, "the Service lost endpoints");
     assert!(
@@ -454,6 +459,12 @@ fn warnings_and_readable_rejections() {
     assert!(reason.len() < 600, "{reason}");
     assert!(!reason.contains("socket_address {"), "{reason}");
     assert!(!reason.contains('\n'), "{reason}");
+    let (_, out) = m.cli(&["status"]).expect("cli");
+    assert!(
+        out.contains("PortValue: value must be less than or equal to 65535")
+            && !out.contains("socket_address {"),
+        "LAST NACK is not readable:\n{out}"
+    );
 }
 
 fn expired_pair() -> (String, String) {
