@@ -210,6 +210,11 @@ pub struct ConfigPipeline {
     eds_acked: HashMap<ObjectKey, Vec<Built>>,
     /// Services whose assignments Envoy rejected: the inputs then, and why.
     eds_quarantined: HashMap<ObjectKey, (Vec<(String, String)>, String)>,
+    /// Per TLS Secret: the resourceVersion and SDS secret of the latest
+    /// pass, the version Envoy last ACKed, and versions it rejected.
+    secret_serving: HashMap<ObjectKey, (String, Built)>,
+    secret_acked: HashMap<ObjectKey, Built>,
+    secret_quarantined: HashMap<ObjectKey, (String, String)>,
     placed: HashMap<ObjectKey, Placed>,
     /// EDS by namespace, Service and port selection.
     eds: HashMap<String, HashMap<String, HashMap<Vec<String>, CachedEds>>>,
@@ -282,6 +287,9 @@ impl ConfigPipeline {
             eds_serving: HashMap::new(),
             eds_acked: HashMap::new(),
             eds_quarantined: HashMap::new(),
+            secret_serving: HashMap::new(),
+            secret_acked: HashMap::new(),
+            secret_quarantined: HashMap::new(),
             placed: HashMap::new(),
             eds: HashMap::new(),
             generation: 0,
@@ -298,6 +306,14 @@ impl ConfigPipeline {
     /// becomes the one to fall back to if a later version is NACKed, and a
     /// quarantined version being retried is cleared.
     pub fn mark_acked(&mut self, key: &ObjectKey) {
+        if key.kind == Kind::Secret {
+            if let Some((_, built)) = self.secret_serving.get(key)
+                && !self.secret_quarantined.contains_key(key)
+            {
+                self.secret_acked.insert(key.clone(), built.clone());
+            }
+            return;
+        }
         if key.kind == Kind::Service {
             if let Some((_, built)) = self.eds_serving.get(key)
                 && !self.eds_quarantined.contains_key(key)
@@ -323,6 +339,21 @@ impl ConfigPipeline {
     /// the object changes or a retry is accepted. A Service's
     /// assignments are quarantined until its Service or slices change.
     pub fn quarantine(&mut self, key: &ObjectKey, reason: String) -> Quarantined {
+        if key.kind == Kind::Secret {
+            let Some((rv, _)) = self.secret_serving.get(key) else {
+                return Quarantined::No;
+            };
+            if self
+                .secret_quarantined
+                .get(key)
+                .is_some_and(|(q, _)| q == rv)
+            {
+                return Quarantined::No;
+            }
+            self.secret_quarantined
+                .insert(key.clone(), (rv.clone(), reason));
+            return Quarantined::New;
+        }
         if key.kind == Kind::Service {
             let Some((inputs, _)) = self.eds_serving.get(key) else {
                 return Quarantined::No;
@@ -713,14 +744,21 @@ impl ConfigPipeline {
             }
         }
         self.empty_eds = empty_used;
+        // Only what an EDS cluster asks for is ever ACKed, so only that
+        // counts for a Service (the other names are never subscribed).
+        let asked: HashSet<&str> = accepted
+            .iter()
+            .flat_map(|(_, p)| p.eds_names.iter().map(String::as_str))
+            .collect();
         for (key, (_, built)) in &eds_serving {
-            pass.served.insert(
-                key.clone(),
-                built
-                    .iter()
-                    .map(|r| (type_url::ENDPOINT, r.name.clone()))
-                    .collect(),
-            );
+            let names: Vec<(&'static str, String)> = built
+                .iter()
+                .filter(|r| asked.contains(r.name.as_str()))
+                .map(|r| (type_url::ENDPOINT, r.name.clone()))
+                .collect();
+            if !names.is_empty() {
+                pass.served.insert(key.clone(), names);
+            }
         }
         self.eds_quarantined
             .retain(|k, (inputs, _)| eds_serving.get(k).is_some_and(|(i, _)| i == inputs));
@@ -756,11 +794,43 @@ impl ConfigPipeline {
             .filter(|r| r.type_url == type_url::SECRET)
             .map(|r| r.name.clone())
             .collect();
+        let mut secret_serving = HashMap::new();
         for s in secrets {
-            if secret_names.insert(s.name.clone()) {
-                pass.resources.push(built(s.name.clone(), to_any(&s)));
+            if !secret_names.insert(s.name.clone()) {
+                continue;
             }
+            let Some((ns, name)) = s.name.split_once('/') else {
+                continue;
+            };
+            let key = ObjectKey::new(Kind::Secret, ns, name);
+            let rv = snap
+                .get(&key)
+                .and_then(|o| o.meta().resource_version.clone())
+                .unwrap_or_default();
+            let fresh = match self.secret_serving.get(&key) {
+                Some((old_rv, b)) if *old_rv == rv => b.clone(),
+                _ => built(s.name.clone(), to_any(&s)),
+            };
+            // Envoy rejected this version: serve what it last ACKed.
+            let serve = match self.secret_quarantined.get(&key) {
+                Some((q, why)) if *q == rv => {
+                    pass.rejected.insert(key.clone(), format!("{key}: {why}"));
+                    self.secret_acked.get(&key).cloned()
+                }
+                _ => Some(fresh.clone()),
+            };
+            if let Some(b) = serve {
+                pass.served
+                    .insert(key.clone(), vec![(type_url::SECRET, b.name.clone())]);
+                pass.resources.push(b);
+            }
+            secret_serving.insert(key, (rv, fresh));
         }
+        self.secret_quarantined
+            .retain(|k, (q, _)| secret_serving.get(k).is_some_and(|(rv, _)| rv == q));
+        self.secret_acked
+            .retain(|k, _| secret_serving.contains_key(k));
+        self.secret_serving = secret_serving;
         for b in bad {
             let key = ObjectKey {
                 kind: Kind::Secret,

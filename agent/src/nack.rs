@@ -25,6 +25,9 @@ pub struct Nack {
     pub error_detail: String,
     pub stream_id: u64,
     pub nonce: String,
+    /// The names the stream subscribes to (`None`: all, a wildcard):
+    /// only those can have been in the rejected response.
+    pub subscribed: Option<BTreeSet<String>>,
 }
 
 /// A handled NACK and the objects (at their resourceVersion then) it was
@@ -228,6 +231,7 @@ impl NackWatcher {
                         error_detail: nack.error_detail.clone(),
                         stream_id: stream.stream_id,
                         nonce: nack.nonce.clone(),
+                        subscribed: (!t.wildcard).then(|| t.subscribed.iter().cloned().collect()),
                     });
                 }
             }
@@ -251,6 +255,7 @@ pub fn suspects(
         let names: Vec<&str> = resources
             .iter()
             .filter(|(t, _)| *t == nack.type_url)
+            .filter(|(_, n)| nack.subscribed.as_ref().is_none_or(|s| s.contains(n)))
             .filter(|(t, n)| {
                 let current = xds.get(t, n).map(|r| r.hash);
                 current.is_some() && cache.acked_hash(node, t, n) != current

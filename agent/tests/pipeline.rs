@@ -300,23 +300,23 @@ fn an_eds_nack_is_pinned_on_the_service_and_its_slices() {
     use membrane_agent::configs::Quarantined;
     use membrane_agent::nack::{Nack, suspects};
 
-    let store = store_with(&format!(
-        "{SERVICE}---\n{}",
-        cec(
-            "eds",
-            21011,
-            "backendServices: [{name: web, number: [\"80\"]}]"
-        )
-    ));
+    let with_cluster = cec(
+        "eds",
+        21011,
+        "backendServices: [{name: web, number: [\"80\"]}]",
+    ) + r#"  - "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+    name: c
+    type: EDS
+    edsClusterConfig: {serviceName: default/web:80}
+"#;
+    let store = store_with(&format!("{SERVICE}---\n{with_cluster}"));
     let mut pipeline = ConfigPipeline::new(PortMap::default(), BTreeMap::new());
     let pass = pipeline.run(&store.snapshot());
     let web = ObjectKey::new(Kind::Service, "default", "web");
     assert_eq!(
         pass.served.get(&web),
-        Some(&vec![
-            (type_url::ENDPOINT, "default/web:80".to_owned()),
-            (type_url::ENDPOINT, "default/web:http".to_owned())
-        ])
+        Some(&vec![(type_url::ENDPOINT, "default/web:80".to_owned())]),
+        "only names an EDS cluster asks for"
     );
     // Envoy ACKed that version.
     pipeline.mark_acked(&web);
@@ -336,6 +336,7 @@ fn an_eds_nack_is_pinned_on_the_service_and_its_slices() {
         error_detail: "malformed IP address".to_owned(),
         stream_id: 1,
         nonce: "7".to_owned(),
+        subscribed: Some(["default/web:80".to_owned()].into()),
     };
     let cache = membrane_xds::SnapshotCache::new();
     let blamed = suspects(&nack, &pass.served, &snapshot, &cache, "node");
@@ -407,4 +408,69 @@ fn every_eds_cluster_gets_an_assignment() {
     assert!(pass.rejected.is_empty(), "{:?}", pass.rejected);
     assert_eq!(endpoints_of(&pass, "default/ghost:80"), vec![]);
     assert_eq!(endpoints_of(&pass, "default/ghosts/not-a-service"), vec![]);
+}
+
+/// An SDS NACK is pinned on the TLS Secret; it falls back to the version
+/// Envoy last ACKed until the Secret changes.
+#[test]
+fn an_sds_nack_is_pinned_on_the_secret() {
+    use membrane_agent::configs::Quarantined;
+
+    let secret = |host: &str| {
+        let (crt, key) = membrane_certs::self_signed(&[host]).expect("issue");
+        let indent = |t: &str| {
+            t.lines()
+                .map(|l| format!("    {l}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: tls, namespace: default}}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}\n  tls.key: |\n{}\n",
+            indent(&crt),
+            indent(&key)
+        )
+    };
+    let store = store_with(&secret("a.example"));
+    let mut pipeline = ConfigPipeline::new(PortMap::default(), BTreeMap::new());
+    let key = ObjectKey::new(Kind::Secret, "default", "tls");
+    let pass = pipeline.run(&store.snapshot());
+    assert_eq!(
+        pass.served.get(&key),
+        Some(&vec![(type_url::SECRET, "default/tls".to_owned())])
+    );
+    let hash_of = |pass: &membrane_agent::configs::ConfigPass| {
+        pass.resources
+            .iter()
+            .find(|r| r.type_url == type_url::SECRET)
+            .map(|r| r.hash)
+    };
+    let acked = hash_of(&pass);
+    pipeline.mark_acked(&key);
+
+    store.apply(
+        parse_documents(&secret("b.example"))
+            .expect("yaml")
+            .remove(0),
+    );
+    let pass = pipeline.run(&store.snapshot());
+    assert_ne!(hash_of(&pass), acked);
+    assert_eq!(
+        pipeline.quarantine(&key, "Envoy rejected its Secret default/tls: bad".into()),
+        Quarantined::New
+    );
+    let pass = pipeline.run(&store.snapshot());
+    assert_eq!(hash_of(&pass), acked, "the ACKed version is served again");
+    let why = pass.rejected.get(&key).expect("secret rejected");
+    assert!(
+        why.starts_with("Secret default/tls: Envoy rejected its Secret"),
+        "{why}"
+    );
+
+    store.apply(
+        parse_documents(&secret("c.example"))
+            .expect("yaml")
+            .remove(0),
+    );
+    let pass = pipeline.run(&store.snapshot());
+    assert!(pass.rejected.is_empty(), "{:?}", pass.rejected);
 }
