@@ -68,10 +68,12 @@ struct Prepared {
     eds_names: Vec<String>,
     /// RDS names its listeners wait for: field and name.
     rds: Vec<(String, String)>,
+    /// Encoded size, a proxy for the memory it holds.
+    bytes: usize,
 }
 
 impl Prepared {
-    fn new(parsed: ParsedCec) -> Self {
+    fn new(mut parsed: ParsedCec) -> Self {
         let mut fixed = Vec::new();
         for r in &parsed.routes {
             fixed.push(built(r.name.clone(), to_any(r)));
@@ -108,12 +110,27 @@ impl Prepared {
             .iter()
             .flat_map(|l| l.rds.iter().cloned())
             .collect();
+        // Only listeners are needed again (placement); the decoded routes,
+        // clusters, endpoints and secrets are encoded in `fixed` and would
+        // be a second, much larger copy (a 60,000-host route is ~1 GB
+        // decoded).
+        parsed.routes = Vec::new();
+        parsed.clusters = Vec::new();
+        parsed.endpoints = Vec::new();
+        parsed.secrets = Vec::new();
+        let bytes = fixed.iter().map(|r| r.body.value.len()).sum::<usize>()
+            + parsed
+                .listeners
+                .iter()
+                .map(|l| prost::Message::encoded_len(&l.listener))
+                .sum::<usize>();
         Self {
             parsed,
             fixed,
             names,
             eds_names,
             rds,
+            bytes,
         }
     }
 }
@@ -200,6 +217,12 @@ pub struct ConfigPipeline {
     fingerprint: u64,
     /// Service and EndpointSlice validation.
     validator: Validator,
+    /// Bytes of CEC versions held at the last memory trim, and at most
+    /// since; a large drop means freed memory worth returning to the OS.
+    held_at_trim: usize,
+    /// When to return freed memory to the OS (after large work, once the
+    /// versions it replaced are gone too).
+    trim_at: Option<Instant>,
     /// `--lb-pool`: only the Services it is assigned to may bind its addresses.
     lb_pool: Option<Pool>,
     /// Empty assignments for EDS clusters nothing else provides, by name.
@@ -282,6 +305,8 @@ impl ConfigPipeline {
             quarantined: HashMap::new(),
             fingerprint: 0,
             validator: Validator::default(),
+            held_at_trim: 0,
+            trim_at: None,
             lb_pool: None,
             empty_eds: HashMap::new(),
             eds_serving: HashMap::new(),
@@ -404,6 +429,51 @@ impl ConfigPipeline {
         Quarantined::New
     }
 
+    /// Timed chores of the control loop: return freed memory when due,
+    /// start due retries. True when a retry needs a store pass.
+    pub fn housekeeping(&mut self, now: Instant) -> bool {
+        if self.trim_at.is_some_and(|t| t <= now) {
+            self.trim_at = None;
+            release_freed_memory();
+        }
+        self.retry_due(now)
+    }
+
+    /// When [`Self::housekeeping`] has something to do.
+    pub fn next_wake(&self) -> Option<Instant> {
+        self.next_retry().into_iter().chain(self.trim_at).min()
+    }
+
+    /// Large work just happened: trim a second from now, when what it
+    /// replaced (old snapshots, acknowledged versions) is freed too.
+    fn schedule_trim(&mut self) {
+        self.trim_at = Some(Instant::now() + Duration::from_secs(1));
+    }
+
+    /// Track the bytes of CEC versions still held; flag a trim when they
+    /// fell by more than 4 MB since the high-water mark.
+    fn account_memory(&mut self) {
+        let mut seen: HashSet<*const Prepared> = HashSet::new();
+        let mut held = 0usize;
+        let versions = self
+            .parsed
+            .values()
+            .filter_map(|c| c.result.as_ref().ok())
+            .chain(self.last_good.values())
+            .chain(self.acked_good.values());
+        for p in versions {
+            if seen.insert(Arc::as_ptr(p)) {
+                held += p.bytes;
+            }
+        }
+        if held + (4 << 20) < self.held_at_trim {
+            self.schedule_trim();
+            self.held_at_trim = held;
+        } else {
+            self.held_at_trim = self.held_at_trim.max(held);
+        }
+    }
+
     /// When the next quarantined version is due for a retry.
     pub fn next_retry(&self) -> Option<Instant> {
         self.quarantined
@@ -503,6 +573,12 @@ impl ConfigPipeline {
                     let r = parse_cec(&object, &key.namespace, &key.name, spec)
                         .map(|p| Arc::new(Prepared::new(p)))
                         .map_err(|e| e.to_string());
+                    // Decoding a large CEC leaves many freed allocations.
+                    if r.as_ref()
+                        .map_or(spec.resources.len() > 1000, |p| p.bytes > 1 << 20)
+                    {
+                        self.trim_at = Some(Instant::now() + Duration::from_secs(1));
+                    }
                     self.parsed.insert(
                         key.clone(),
                         Cached {
@@ -638,6 +714,7 @@ impl ConfigPipeline {
 
         // EDS: refresh the cached assignments whose inputs changed, then
         // publish each name once (CEC-defined endpoints take precedence).
+        self.account_memory();
         self.validator.refresh(snap);
         pass.rejected.extend(self.validator.rejected());
         let index = SliceIndex::with_validator(snap, &self.validator);
@@ -1005,6 +1082,17 @@ fn conflict(
         }
     }
     None
+}
+
+/// Return memory freed by dropped objects to the OS. glibc keeps freed
+/// small allocations (a decoded CEC is millions of them) in its arenas, so
+/// without this RSS stays at its peak after a large CEC is deleted.
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory held by the allocator.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Sleeps until `at` (forever when `None`): the control loop's wake-up

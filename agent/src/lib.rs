@@ -319,7 +319,7 @@ async fn reconcile_loop(config: &AgentConfig, state: &AgentState, shutdown: Canc
     let mut store_dirty = true;
 
     loop {
-        store_dirty |= rec.pipeline.retry_due(std::time::Instant::now());
+        store_dirty |= rec.pipeline.housekeeping(std::time::Instant::now());
         if store_dirty {
             store_rx.borrow_and_update();
             rec.store_pass(state);
@@ -356,7 +356,7 @@ async fn reconcile_loop(config: &AgentConfig, state: &AgentState, shutdown: Canc
         store_dirty = tokio::select! {
             r = store_rx.changed() => { if r.is_err() { return; } true }
             r = ack_rx.changed() => { if r.is_err() { return; } false }
-            _ = configs::retry_timer(rec.pipeline.next_retry()) => true,
+            _ = configs::retry_timer(rec.pipeline.next_wake()) => false,
             _ = shutdown.cancelled() => return,
         };
     }
