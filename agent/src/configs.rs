@@ -175,6 +175,10 @@ struct Quarantine {
     retrying: bool,
 }
 
+/// Encoded bytes of CEC versions decoded or dropped that make returning
+/// freed memory worthwhile: decoded and as JSON, such a CEC held ~100x more.
+const TRIM_BYTES: usize = 256 << 10;
+
 /// Retries on a timer: 5 s, 10 s, 20 s … up to 5 min.
 const RETRY_BASE: Duration = Duration::from_secs(5);
 const RETRY_MAX: Duration = Duration::from_secs(300);
@@ -450,8 +454,8 @@ impl ConfigPipeline {
         self.trim_at = Some(Instant::now() + Duration::from_secs(1));
     }
 
-    /// Track the bytes of CEC versions still held; flag a trim when they
-    /// fell by more than 4 MB since the high-water mark.
+    /// Track the bytes of CEC versions still held; schedule a trim when
+    /// they fell by more than [`TRIM_BYTES`] since the high-water mark.
     fn account_memory(&mut self) {
         let mut seen: HashSet<*const Prepared> = HashSet::new();
         let mut held = 0usize;
@@ -466,7 +470,7 @@ impl ConfigPipeline {
                 held += p.bytes;
             }
         }
-        if held + (4 << 20) < self.held_at_trim {
+        if held + TRIM_BYTES < self.held_at_trim {
             self.schedule_trim();
             self.held_at_trim = held;
         } else {
@@ -575,7 +579,7 @@ impl ConfigPipeline {
                         .map_err(|e| e.to_string());
                     // Decoding a large CEC leaves many freed allocations.
                     if r.as_ref()
-                        .map_or(spec.resources.len() > 1000, |p| p.bytes > 1 << 20)
+                        .map_or(spec.resources.len() > 1000, |p| p.bytes > TRIM_BYTES)
                     {
                         self.trim_at = Some(Instant::now() + Duration::from_secs(1));
                     }
