@@ -41,7 +41,7 @@ fn rss_mb(m: &Membrane) -> u64 {
             .split(|b| *b == 0)
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
-        if args.iter().any(|a| *a == api) && args.iter().any(|a| a == "up") {
+        if args.contains(&api) && args.iter().any(|a| a == "up") {
             let status = std::fs::read_to_string(entry.path().join("status")).expect("status");
             let kb: u64 = status
                 .lines()
