@@ -470,3 +470,67 @@ fn warnings_and_readable_rejections() {
 fn expired_pair() -> (String, String) {
     membrane_certs::self_signed_expired(&["old.example.com"]).expect("issue")
 }
+
+/// Item 10: an Ingress terminating TLS with an 8192- or 16384-bit RSA key
+/// (valid, and served by Envoy) is accepted and serves HTTPS.
+#[test]
+fn large_rsa_keys_serve_https() {
+    const HTTPS: u16 = 33681;
+    let backends = Backends::new();
+    backends.start("127.0.155.30", "secure");
+    let m = Membrane::start("127.0.154.0/24", 33680, HTTPS);
+    m.apply(INGRESS_CLASS);
+    m.apply(&service_yaml("secure", 80, None, "127.0.155.30"));
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../certs/tests/testdata");
+    for bits in [8192, 16384] {
+        let read =
+            |ext: &str| std::fs::read_to_string(format!("{dir}/rsa{bits}.{ext}")).expect("fixture");
+        let indent = |t: &str| {
+            t.lines()
+                .map(|l| format!("    {l}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let name = format!("big{bits}");
+        m.apply(&format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: default}}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}\n  tls.key: |\n{}\n",
+            indent(&read("crt")),
+            indent(&read("key"))
+        ));
+        m.apply(&format!(
+            r#"apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {{name: {name}, namespace: default}}
+spec:
+  ingressClassName: cilium
+  tls: [{{hosts: [big.example.com], secretName: {name}}}]
+  rules:
+  - host: big.example.com
+    http:
+      paths:
+      - {{path: /, pathType: Prefix, backend: {{service: {{name: secure, port: {{number: 80}}}}}}}}
+"#
+        ));
+        let ip = m.wait_ingress_ip("default", &name);
+        let mut out = String::new();
+        let ok = wait_until(Duration::from_secs(15), || {
+            let r = std::process::Command::new("curl")
+                .args(["-sk", "-m", "5", "--resolve"])
+                .arg(format!("big.example.com:{HTTPS}:{ip}"))
+                .arg(format!("https://big.example.com:{HTTPS}/"))
+                .output();
+            out = r
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            out.contains("\"secure\"")
+        });
+        assert!(
+            ok,
+            "{bits}-bit key not served: {out}\nrejected: {:#?}\n{}",
+            m.rejected(),
+            m.log()
+        );
+    }
+    no_nack_in(&m);
+    assert!(m.rejected().is_empty(), "{:#?}", m.rejected());
+}
