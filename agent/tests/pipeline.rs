@@ -474,3 +474,64 @@ fn an_sds_nack_is_pinned_on_the_secret() {
     let pass = pipeline.run(&store.snapshot());
     assert!(pass.rejected.is_empty(), "{:?}", pass.rejected);
 }
+
+/// Issue 14 item 6: a NACKed CEC version is retried on a growing timer,
+/// sooner when another CEC changes, and cleared once Envoy accepts it.
+#[test]
+fn quarantined_versions_are_retried_with_backoff() {
+    use membrane_agent::configs::Quarantined;
+    use std::time::{Duration, Instant};
+
+    let store = store_with(&cec("victim", 21021, ""));
+    let mut pipeline = ConfigPipeline::new(PortMap::default(), BTreeMap::new());
+    let victim = ObjectKey::new(Kind::CiliumEnvoyConfig, "default", "victim");
+    pipeline.run(&store.snapshot());
+    let t0 = Instant::now();
+    assert_eq!(
+        pipeline.quarantine(&victim, "busy".into()),
+        Quarantined::New
+    );
+    let pass = pipeline.run(&store.snapshot());
+    assert!(pass.rejected.contains_key(&victim));
+    assert!(!pass.resources.iter().any(|r| r.name == "default/victim/l"));
+    let first = pipeline.next_retry().expect("a retry is scheduled");
+    assert!(first >= t0 + Duration::from_secs(4), "first retry too soon");
+    assert!(!pipeline.retry_due(t0), "not due yet");
+
+    // Due: served again as is; rejected again, the next retry waits longer.
+    assert!(pipeline.retry_due(first));
+    let pass = pipeline.run(&store.snapshot());
+    assert!(!pass.rejected.contains_key(&victim));
+    assert!(pass.resources.iter().any(|r| r.name == "default/victim/l"));
+    let t1 = Instant::now();
+    assert_eq!(
+        pipeline.quarantine(&victim, "busy".into()),
+        Quarantined::Again
+    );
+    let second = pipeline.next_retry().expect("scheduled");
+    assert!(
+        second >= t1 + Duration::from_secs(9),
+        "backoff did not grow"
+    );
+
+    // Another CEC arrives (it may define what the victim needs): sooner.
+    store.apply(
+        parse_documents(&cec("other", 21022, ""))
+            .expect("yaml")
+            .remove(0),
+    );
+    pipeline.run(&store.snapshot());
+    let soon = pipeline.next_retry().expect("scheduled");
+    assert!(
+        soon < t1 + Duration::from_secs(2),
+        "a change did not hasten the retry"
+    );
+
+    // Accepted on retry: the quarantine is gone for good.
+    assert!(pipeline.retry_due(soon));
+    pipeline.run(&store.snapshot());
+    pipeline.mark_acked(&victim);
+    assert_eq!(pipeline.next_retry(), None);
+    let pass = pipeline.run(&store.snapshot());
+    assert!(pass.rejected.is_empty(), "{:?}", pass.rejected);
+}
