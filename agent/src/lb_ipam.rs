@@ -210,4 +210,36 @@ mod tests {
             vec![Ipv4Addr::new(10, 0, 0, 5)]
         );
     }
+
+    #[test]
+    fn addresses_cec_listeners_bind_are_not_handed_out() {
+        let store = Store::new();
+        let yaml = r#"apiVersion: cilium.io/v2
+kind: CiliumEnvoyConfig
+metadata: {name: squatter, namespace: default}
+spec:
+  resources:
+  - "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+    name: l
+    address: {socket_address: {address: 127.0.100.1, port_value: 80}}
+    additionalAddresses:
+    - address: {socketAddress: {address: 127.0.100.2, portValue: 80}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: default}
+spec:
+  type: LoadBalancer
+  ports: [{port: 80}]
+"#;
+        for obj in membrane_store::parse_documents(yaml).expect("yaml") {
+            store.apply(obj);
+        }
+        let pool: Pool = "127.0.100.0/24".parse().expect("pool");
+        let problems = reconcile(&pool, &store, &store.snapshot());
+        assert!(problems.is_empty(), "{problems:?}");
+        let snap = store.snapshot();
+        let svc = snap.get_typed::<Service>("default", "lb").expect("service");
+        assert_eq!(lb_ip(svc), Some(Ipv4Addr::new(127, 0, 100, 3)));
+    }
 }
