@@ -230,6 +230,7 @@ impl Harness {
             envoy,
             rejections: Default::default(),
             nacks_isolated: Default::default(),
+            warnings: Default::default(),
             datapath: None,
         };
         Ok(Self {

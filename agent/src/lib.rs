@@ -118,6 +118,7 @@ pub async fn run(
         envoy: envoy_rx,
         rejections: Mutex::new(BTreeMap::new()),
         nacks_isolated: Default::default(),
+        warnings: Default::default(),
         datapath: datapath.clone(),
     });
     let datapath_task =
@@ -190,6 +191,7 @@ pub struct Reconciler {
     pub managed: Vec<ingress_controller::ManagedIngress>,
     pub served: BTreeMap<ObjectKey, Vec<(&'static str, String)>>,
     logged: BTreeMap<String, String>,
+    warned: BTreeMap<String, String>,
 }
 
 impl Reconciler {
@@ -208,7 +210,11 @@ impl Reconciler {
                 ..TranslateOptions::default()
             }),
             ingress: Default::default(),
-            pipeline: configs::ConfigPipeline::new(ports, config.node_labels.clone()),
+            pipeline: {
+                let mut p = configs::ConfigPipeline::new(ports, config.node_labels.clone());
+                p.set_lb_pool(Some(config.lb_pool));
+                p
+            },
             node_labels: config.node_labels.clone(),
             nodes: nodes::NodeSnapshots::new(ports),
             last_resources: None,
@@ -216,6 +222,7 @@ impl Reconciler {
             managed: Vec::new(),
             served: BTreeMap::new(),
             logged: BTreeMap::new(),
+            warned: BTreeMap::new(),
         }
     }
 
@@ -247,6 +254,7 @@ impl Reconciler {
         let pass = self.pipeline.run(&snap);
         let t3 = t0.elapsed();
         rejected.extend(pass.rejected);
+        configs::publish_warnings(&mut self.warned, pass.warnings, &state.warnings);
         // An Ingress answers for the CEC generated from it.
         for m in &self.managed {
             if let Some(why) = rejected.get(&m.cec).cloned() {
@@ -316,10 +324,11 @@ async fn reconcile_loop(config: &AgentConfig, state: &AgentState, shutdown: Canc
     let mut ack_rx = state.cache.subscribe();
     let mut rec = Reconciler::new(config);
     let mut status_writer = ingress_status::StatusWriter::default();
-    let mut nacks = nack::NackWatcher::default();
+    let mut nacks = nack::NackHandler::default();
     let mut store_dirty = true;
 
     loop {
+        store_dirty |= rec.pipeline.housekeeping(std::time::Instant::now());
         if store_dirty {
             store_rx.borrow_and_update();
             rec.store_pass(state);
@@ -348,34 +357,7 @@ async fn reconcile_loop(config: &AgentConfig, state: &AgentState, shutdown: Canc
                 rec.pipeline.mark_acked(key);
             }
         }
-        let mut quarantined = false;
-        for nack in nacks.take_new(&state.cache.status(), &state.node_id) {
-            let suspects = nack::suspects(
-                &nack,
-                &rec.served,
-                &rec.xds_snapshot,
-                &state.cache,
-                &state.node_id,
-            );
-            if suspects.is_empty() {
-                warn!(type_url = %nack.type_url, detail = %nack.error_detail, "Envoy NACK not attributable to any object");
-            }
-            for key in suspects {
-                let reason = format!(
-                    "Envoy rejected its {}: {}",
-                    short_type(&nack.type_url),
-                    nack.error_detail
-                );
-                if rec.pipeline.quarantine(&key, reason) {
-                    state
-                        .nacks_isolated
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    warn!(object = %key, detail = %nack.error_detail, "quarantined after Envoy NACK; serving its last ACKed version");
-                    quarantined = true;
-                }
-            }
-        }
-        if quarantined {
+        if nacks.handle(&mut rec, state) {
             store_dirty = true;
             continue;
         }
@@ -383,13 +365,14 @@ async fn reconcile_loop(config: &AgentConfig, state: &AgentState, shutdown: Canc
         store_dirty = tokio::select! {
             r = store_rx.changed() => { if r.is_err() { return; } true }
             r = ack_rx.changed() => { if r.is_err() { return; } false }
+            _ = configs::retry_timer(rec.pipeline.next_wake()) => false,
             _ = shutdown.cancelled() => return,
         };
     }
 }
 
 /// `Listener` from `type.googleapis.com/envoy.config.listener.v3.Listener`.
-fn short_type(type_url: &str) -> &str {
+pub(crate) fn short_type(type_url: &str) -> &str {
     type_url.rsplit('.').next().unwrap_or(type_url)
 }
 

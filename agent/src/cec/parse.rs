@@ -27,6 +27,9 @@ pub struct ParsedListener {
     pub needs_address: bool,
     /// Index in `spec.resources`, for error messages.
     pub index: usize,
+    /// RDS route configurations its HTTP connection managers name: the
+    /// field (for messages) and the qualified name.
+    pub rds: Vec<(String, String)>,
 }
 
 /// Every resource of one CEC, decoded and qualified.
@@ -168,11 +171,12 @@ fn listener(
     require_name(ctx, field, "name", &l.name)?;
     let local_name = l.name.clone();
     l.name = ctx.q(&l.name);
+    let mut rds = Vec::new();
     for (i, chain) in l.filter_chains.iter_mut().enumerate() {
-        filter_chain(ctx, &format!("{field}.filterChains[{i}]"), chain)?;
+        filter_chain(ctx, &format!("{field}.filterChains[{i}]"), chain, &mut rds)?;
     }
     if let Some(chain) = l.default_filter_chain.as_mut() {
-        filter_chain(ctx, &format!("{field}.defaultFilterChain"), chain)?;
+        filter_chain(ctx, &format!("{field}.defaultFilterChain"), chain, &mut rds)?;
     }
     let needs_address = l.address.is_none();
     Ok(ParsedListener {
@@ -180,10 +184,16 @@ fn listener(
         listener: l,
         needs_address,
         index,
+        rds,
     })
 }
 
-fn filter_chain(ctx: &Ctx<'_>, field: &str, chain: &mut FilterChain) -> Result<(), CecError> {
+fn filter_chain(
+    ctx: &Ctx<'_>,
+    field: &str,
+    chain: &mut FilterChain,
+    rds_names: &mut Vec<(String, String)>,
+) -> Result<(), CecError> {
     for (i, filter) in chain.filters.iter_mut().enumerate() {
         let field = format!("{field}.filters[{i}].typedConfig");
         let Some(FilterConfigType::TypedConfig(any)) = filter.config_type.as_mut() else {
@@ -196,6 +206,10 @@ fn filter_chain(ctx: &Ctx<'_>, field: &str, chain: &mut FilterChain) -> Result<(
                 Some(RouteSpecifier::Rds(rds)) => {
                     require_name(ctx, &field, "rds.routeConfigName", &rds.route_config_name)?;
                     rds.route_config_name = ctx.q(&rds.route_config_name);
+                    rds_names.push((
+                        format!("{field}.rds.routeConfigName"),
+                        rds.route_config_name.clone(),
+                    ));
                     if rds.config_source.is_none() {
                         rds.config_source = Some(ads_config_source());
                     }

@@ -92,6 +92,17 @@ fn human(r: &Value) -> String {
             ));
         }
     }
+    let warnings = r["warnings"].as_array().cloned().unwrap_or_default();
+    if !warnings.is_empty() {
+        out.push_str(&format!("Warnings:  {}\n", warnings.len()));
+        for item in warnings {
+            out.push_str(&format!(
+                "  {}\n    {}\n",
+                text(&item, "/object"),
+                text(&item, "/reason")
+            ));
+        }
+    }
     out
 }
 
@@ -115,10 +126,11 @@ fn xds_lines(v: &Value) -> String {
         for (type_url, t) in s["types"].as_object().into_iter().flatten() {
             let short = type_url.rsplit('.').next().unwrap_or(type_url);
             let nack = match t.get("last_nack") {
+                // One line, without the protobuf dump Envoy appends.
                 Some(n) if !n.is_null() => format!(
                     "version {}: {}",
                     text(n, "/version"),
-                    text(n, "/error_detail")
+                    membrane_agent::nack::clean_detail(&text(n, "/error_detail"))
                 ),
                 _ => "-".into(),
             };
