@@ -235,7 +235,11 @@ mod tests {
     fn api_resources_match_the_kinds() {
         let ing = api_resource(Kind::Ingress);
         assert_eq!(
-            (ing.group.as_str(), ing.version.as_str(), ing.plural.as_str()),
+            (
+                ing.group.as_str(),
+                ing.version.as_str(),
+                ing.plural.as_str()
+            ),
             ("networking.k8s.io", "v1", "ingresses")
         );
         let svc = api_resource(Kind::Service);

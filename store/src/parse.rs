@@ -245,33 +245,43 @@ fn documents(text: &str) -> Vec<(usize, Result<Value, StoreError>)> {
     yaml_documents(text)
 }
 
-/// A JSON text: one value, a stream of values, or an array of objects (each
-/// item a document). On a syntax error, the failing document and its error.
+/// A JSON text: one value, a stream of values (optionally separated by YAML
+/// `---` markers, as `kubectl` accepts), or an array of objects (each item a
+/// document). On a syntax error, the failing document and its error, with
+/// line numbers counted from the start of the whole text.
 #[allow(clippy::type_complexity)]
 fn json_documents(
     text: &str,
 ) -> Result<Vec<(usize, Result<Value, StoreError>)>, (usize, Result<Value, StoreError>)> {
     let mut out = Vec::new();
-    let mut stream = serde_json::Deserializer::from_str(text).into_iter::<Checked<true>>();
     let mut index = 0;
-    let mut start = 0;
+    let mut pos = 0;
+    // Newlines before `pos`, counted incrementally so the walk stays linear.
+    let mut line = 0;
+    let mut counted = 0;
     loop {
-        let next = stream.next();
-        let end = stream.byte_offset();
-        let Some(next) = next else {
+        pos = skip_separators(text, pos);
+        if pos >= text.len() {
+            return Ok(out);
+        }
+        let rest = &text[pos..];
+        let mut stream = serde_json::Deserializer::from_str(rest).into_iter::<Checked<true>>();
+        let Some(next) = stream.next() else {
             return Ok(out);
         };
+        let len = stream.byte_offset();
         let value = match next {
             Ok(Checked(v)) => v,
             Err(e) => {
-                let error = StoreError::Invalid(format!("invalid JSON: {e}"));
-                return Err((index + 1, Err(error)));
+                line += text[counted..pos].matches('\n').count();
+                let message = shift_lines(&format!("invalid JSON: {e}"), line);
+                return Err((index + 1, Err(StoreError::Invalid(message))));
             }
         };
-        if end - start > MAX_DOCUMENT_BYTES {
+        if len > MAX_DOCUMENT_BYTES {
             let error = StoreError::TooLarge {
                 what: "document",
-                size: end - start,
+                size: len,
                 limit: MAX_DOCUMENT_BYTES,
             };
             index += 1;
@@ -287,7 +297,24 @@ fn json_documents(
                 out.push((index, Ok(item)));
             }
         }
-        start = end;
+        line += text[counted..pos].matches('\n').count();
+        counted = pos;
+        pos += len;
+    }
+}
+
+/// Skips whitespace and whole `---` marker lines from `pos`.
+fn skip_separators(text: &str, mut pos: usize) -> usize {
+    loop {
+        let rest = &text[pos..];
+        let trimmed = rest.trim_start();
+        pos += rest.len() - trimmed.len();
+        let is_marker = trimmed.starts_with("---")
+            && trimmed[3..].chars().next().is_none_or(char::is_whitespace);
+        if !is_marker {
+            return pos;
+        }
+        pos += trimmed.find('\n').map_or(trimmed.len(), |i| i + 1);
     }
 }
 
@@ -674,6 +701,27 @@ impl<'de> Visitor<'de> for ValueSeed<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_documents_between_markers() {
+        let text = "{\"a\": 1}\n---\n{\"b\":\n 2}\n--- \n\n{\"c\": 3}\n---\n";
+        let docs = json_documents(text).map_err(|e| format!("{:?}", e.1)).unwrap();
+        let values: Vec<Value> = docs.into_iter().filter_map(|(_, v)| v.ok()).collect();
+        assert_eq!(
+            values,
+            [
+                serde_json::json!({"a": 1}),
+                serde_json::json!({"b": 2}),
+                serde_json::json!({"c": 3})
+            ]
+        );
+        // An error in the third document names its line in the whole text.
+        let bad = "{\"a\": 1}\n---\n{\"b\": 2}\n---\n{\"c\": -}\n";
+        let (index, err) = json_documents(bad).expect_err("syntax error");
+        assert_eq!(index, 3);
+        let message = err.expect_err("error").to_string();
+        assert!(message.contains("line 5"), "{message}");
+    }
 
     #[test]
     fn split_is_slices_with_lines() {
