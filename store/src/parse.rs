@@ -705,7 +705,9 @@ mod tests {
     #[test]
     fn json_documents_between_markers() {
         let text = "{\"a\": 1}\n---\n{\"b\":\n 2}\n--- \n\n{\"c\": 3}\n---\n";
-        let docs = json_documents(text).map_err(|e| format!("{:?}", e.1)).unwrap();
+        let docs = json_documents(text)
+            .map_err(|e| format!("{:?}", e.1))
+            .unwrap();
         let values: Vec<Value> = docs.into_iter().filter_map(|(_, v)| v.ok()).collect();
         assert_eq!(
             values,
