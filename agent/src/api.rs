@@ -73,32 +73,40 @@ async fn handle(state: &AgentState, req: Request<Incoming>) -> Response<Full<Byt
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or_default().to_owned();
-    match (method, path.as_str()) {
-        (Method::POST, "/v1/apply") | (Method::POST, "/v1/delete") => {
-            let body = match read_body(req).await {
-                Ok(b) => b,
-                Err(resp) => return resp,
-            };
-            if path == "/v1/apply" {
-                apply(state, &body)
-            } else {
-                delete(state, &body)
-            }
+    let body = if method == Method::POST {
+        match read_body(req).await {
+            Ok(b) => b,
+            Err(resp) => return resp,
         }
-        (Method::GET, "/v1/status") => reply(StatusCode::OK, state.status_report()),
-        (Method::GET, "/v1/services") => {
+    } else {
+        String::new()
+    };
+    respond(state, &method, &path, &query, &body)
+}
+
+/// Answers one request whose body has been read. Separate from the socket
+/// handling so the request parsing can be fuzzed without a server.
+pub fn respond(
+    state: &AgentState,
+    method: &Method,
+    path: &str,
+    query: &str,
+    body: &str,
+) -> Response<Full<Bytes>> {
+    match (method, path) {
+        (&Method::POST, "/v1/apply") => apply(state, body),
+        (&Method::POST, "/v1/delete") => delete(state, body),
+        (&Method::GET, "/v1/status") => reply(StatusCode::OK, state.status_report()),
+        (&Method::GET, "/v1/services") => {
             let (status, body) = crate::api_services::list(state);
             reply(status, body)
         }
-        (Method::POST, "/v1/services/backends") => match read_body(req).await {
-            Ok(b) => {
-                let (status, body) = crate::api_services::update_backends(state, &b);
-                reply(status, body)
-            }
-            Err(resp) => resp,
-        },
-        (Method::GET, p) if p.starts_with("/v1/objects/") => {
-            get_objects(state, &p["/v1/objects/".len()..], &query)
+        (&Method::POST, "/v1/services/backends") => {
+            let (status, body) = crate::api_services::update_backends(state, body);
+            reply(status, body)
+        }
+        (&Method::GET, p) if p.starts_with("/v1/objects/") => {
+            get_objects(state, &p["/v1/objects/".len()..], query)
         }
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
     }
