@@ -28,3 +28,5 @@ trap 'rm -rf "$pins"' EXIT
   --up-arg=--datapath --up-arg=ebpf --up-arg=--datapath-devices --up-arg=lo \
   --up-arg=--bpf-pin-dir --up-arg="$pins" \
   --report "$target/conformance-ingress-ebpf.json"
+echo "== fuzz (each target for a bounded time; docs/fuzzing.md)"
+FUZZ_SECONDS="${FUZZ_SECONDS:-45}" scripts/fuzz.sh

@@ -1,0 +1,104 @@
+//! The local API's request handling (`membrane_agent::api::respond`): routing,
+//! apply/delete bodies, the `get` query string, `services/backends` bodies,
+//! against a fresh in-memory agent state per input.
+//!
+//! Input: up to 8 requests separated by lines `%%%`; each is a request line
+//! `METHOD /path[?query]` followed by the body (corpus files are readable).
+//!
+//! Properties beyond "never panics": every answer is a JSON object, errors
+//! carry an `"error"` string, nothing answers 500, and every object an apply
+//! reports is then found by `GET /v1/objects/{kind}?namespace=..&name=..`.
+#![no_main]
+
+use std::sync::Mutex;
+use std::task::{Context, Poll, Waker};
+
+use http_body_util::Full;
+use hyper::body::{Body, Bytes};
+use hyper::{Method, Response, StatusCode};
+use libfuzzer_sys::fuzz_target;
+use membrane_agent::AgentState;
+use membrane_agent::api::respond;
+use membrane_store::Store;
+use membrane_xds::SnapshotCache;
+use serde_json::Value;
+
+const MAX_REQUESTS: usize = 8;
+
+fn state() -> AgentState {
+    let (_tx, envoy) = tokio::sync::watch::channel(Default::default());
+    AgentState {
+        store: Store::new(),
+        cache: SnapshotCache::new(),
+        node_id: "fuzz".into(),
+        envoy,
+        rejections: Mutex::new(Default::default()),
+        nacks_isolated: Default::default(),
+        datapath: None,
+    }
+}
+
+/// The whole body of a `Full`, which is always ready.
+fn body_json(resp: Response<Full<Bytes>>) -> (StatusCode, Value) {
+    let status = resp.status();
+    let mut body = resp.into_body();
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut bytes = Vec::new();
+    while let Poll::Ready(Some(frame)) = std::pin::Pin::new(&mut body).poll_frame(&mut cx) {
+        if let Ok(data) = frame.expect("Full never fails").into_data() {
+            bytes.extend_from_slice(&data);
+        }
+    }
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|e| panic!("{status}: body is not JSON ({e}): {bytes:?}"));
+    (status, value)
+}
+
+fn send(state: &AgentState, method: &Method, target: &str, body: &str) -> (StatusCode, Value) {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let (status, value) = body_json(respond(state, method, path, query, body));
+    assert!(
+        value.is_object(),
+        "{method} {target}: not an object: {value}"
+    );
+    assert_ne!(
+        status,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "{method} {target}: {value}"
+    );
+    if !status.is_success() {
+        assert!(
+            value["error"].is_string(),
+            "{method} {target}: {status} without error: {value}"
+        );
+    }
+    (status, value)
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let state = state();
+    for request in text.split("\n%%%\n").take(MAX_REQUESTS) {
+        let (line, body) = request.split_once('\n').unwrap_or((request, ""));
+        let (method, target) = line.split_once(' ').unwrap_or((line, "/"));
+        let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+            continue;
+        };
+        let (status, value) = send(&state, &method, target, body);
+        if method == Method::POST && target == "/v1/apply" && status == StatusCode::OK {
+            for r in value["results"].as_array().expect("results") {
+                let (kind, ns, name) = (&r["kind"], &r["namespace"], &r["name"]);
+                let (Some(kind), Some(ns), Some(name)) =
+                    (kind.as_str(), ns.as_str(), name.as_str())
+                else {
+                    panic!("malformed result {r}");
+                };
+                let get = format!("/v1/objects/{kind}?namespace={ns}&name={name}");
+                let (status, found) = send(&state, &Method::GET, &get, "");
+                assert_eq!(status, StatusCode::OK, "applied {r} but GET {get}: {found}");
+            }
+        }
+    }
+});
