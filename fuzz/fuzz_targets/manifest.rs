@@ -2,8 +2,9 @@
 //! YAML or JSON from a watched directory or `membrane apply`.
 //!
 //! Besides "never panics", every object it accepts must survive a round trip
-//! through its JSON form unchanged: the store serialises objects (status,
-//! `get`) and re-reads them, so what it wrote must read back as itself.
+//! through its JSON and its YAML form unchanged: the store serialises objects
+//! (`get`, status) and users re-apply them, so what it wrote must read back as
+//! itself.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -30,5 +31,13 @@ fuzz_target!(|data: &[u8]| {
             .unwrap_or_else(|e| panic!("{key}: its own JSON does not parse again: {e}\n{value:#}"));
         assert_eq!(again.key(), key);
         assert!(again == object, "{key}: changed in a round trip\n{value:#}");
+        // The same through YAML (`membrane get -o yaml | membrane apply -f -`).
+        let yaml = serde_yaml_ng::to_string(&value).expect("JSON values serialise as YAML");
+        let from_yaml = parse_documents(&yaml)
+            .unwrap_or_else(|e| panic!("{key}: its own YAML does not parse again: {e}\n{yaml}"));
+        assert!(
+            from_yaml.len() == 1 && from_yaml[0] == object,
+            "{key}: changed in a YAML round trip\n{yaml}"
+        );
     }
 });
