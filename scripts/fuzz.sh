@@ -12,7 +12,6 @@ target_dir="${CARGO_TARGET_DIR:-$PWD/target}/fuzz"
 targets=(manifest cec_decode ingress_translate api_request lb)
 [ $# -gt 0 ] && targets=("$@")
 
-cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 # cargo fuzz has no --locked: check the lock file first.
 cargo metadata --locked --format-version 1 --manifest-path fuzz/Cargo.toml >/dev/null
 cargo fuzz build --sanitizer none --target-dir "$target_dir"

@@ -29,4 +29,7 @@ trap 'rm -rf "$pins"' EXIT
   --up-arg=--bpf-pin-dir --up-arg="$pins" \
   --report "$target/conformance-ingress-ebpf.json"
 echo "== fuzz (each target for a bounded time; docs/fuzzing.md)"
+# fuzz/ is a workspace of its own: the root fmt and clippy skip it.
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
+cargo clippy --manifest-path fuzz/Cargo.toml --all-targets --locked -- -D warnings
 FUZZ_SECONDS="${FUZZ_SECONDS:-45}" scripts/fuzz.sh

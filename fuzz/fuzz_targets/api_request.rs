@@ -7,7 +7,8 @@
 //!
 //! Properties beyond "never panics": every answer is a JSON object, errors
 //! carry an `"error"` string, nothing answers 500, and every object an apply
-//! reports is then found by `GET /v1/objects/{kind}?namespace=..&name=..`.
+//! reports is then found by `GET /v1/objects/{kind}?namespace=..&name=..`,
+//! and every object a delete reports is not.
 #![no_main]
 
 use std::sync::Mutex;
@@ -75,6 +76,18 @@ fn send(state: &AgentState, method: &Method, target: &str, body: &str) -> (Statu
     (status, value)
 }
 
+/// `GET /v1/objects/...` of one apply/delete result.
+fn get_target(r: &Value) -> String {
+    let (Some(kind), Some(ns), Some(name)) = (
+        r["kind"].as_str(),
+        r["namespace"].as_str(),
+        r["name"].as_str(),
+    ) else {
+        panic!("malformed result {r}");
+    };
+    format!("/v1/objects/{kind}?namespace={ns}&name={name}")
+}
+
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
@@ -87,18 +100,22 @@ fuzz_target!(|data: &[u8]| {
             continue;
         };
         let (status, value) = send(&state, &method, target, body);
-        if method == Method::POST && target == "/v1/apply" && status == StatusCode::OK {
-            for r in value["results"].as_array().expect("results") {
-                let (kind, ns, name) = (&r["kind"], &r["namespace"], &r["name"]);
-                let (Some(kind), Some(ns), Some(name)) =
-                    (kind.as_str(), ns.as_str(), name.as_str())
-                else {
-                    panic!("malformed result {r}");
-                };
-                let get = format!("/v1/objects/{kind}?namespace={ns}&name={name}");
-                let (status, found) = send(&state, &Method::GET, &get, "");
-                assert_eq!(status, StatusCode::OK, "applied {r} but GET {get}: {found}");
-            }
+        // What apply and delete report must agree with what `get` finds.
+        let expect = match target {
+            "/v1/apply" => StatusCode::OK,
+            "/v1/delete" => StatusCode::NOT_FOUND,
+            _ => continue,
+        };
+        if method != Method::POST || status != StatusCode::OK {
+            continue;
+        }
+        for r in value["results"].as_array().expect("results") {
+            let get = get_target(r);
+            let (status, found) = send(&state, &Method::GET, &get, "");
+            assert_eq!(
+                status, expect,
+                "{target} reported {r}, then GET {get}: {found}"
+            );
         }
     }
 });

@@ -269,11 +269,18 @@ fn reference(m: u32, seed: u32, backends: &[MaglevBackend]) -> Vec<u32> {
 }
 
 fn check_maglev(input: &MaglevIn) {
-    let m = SIZES[usize::from(input.size) % SIZES.len()];
+    // Now and then one of Cilium's larger sizes (up to 131071 slots).
+    let large = input.size >= 246;
+    let m = if large {
+        maglev::ALLOWED_M[usize::from(input.size - 246) % maglev::ALLOWED_M.len()]
+    } else {
+        SIZES[usize::from(input.size) % SIZES.len()]
+    };
+    let max_backends = if large { 8 } else { 32 };
     let cfg = MaglevConfig::new(m, input.seed).expect("prime");
     let mut seen = HashSet::new();
     let mut backends = Vec::new();
-    for (i, b) in input.backends.iter().take(32).enumerate() {
+    for (i, b) in input.backends.iter().take(max_backends).enumerate() {
         let Some(addr) = ip(&b.addr) else { continue };
         let mb = MaglevBackend {
             addr,
@@ -331,11 +338,12 @@ fn check_maglev(input: &MaglevIn) {
 
 fn check_command(c: &CommandIn) {
     let args = MaglevArgs {
-        // Mostly Cilium's smallest size: the table is printed in full.
-        m: if c.m % 4 == 0 {
+        // Cilium's three smallest sizes (the table is printed in full), or
+        // anything, which is rejected unless it is one of the others.
+        m: if c.m.is_multiple_of(4) {
             c.m
         } else {
-            maglev::ALLOWED_M[0]
+            maglev::ALLOWED_M[(c.m % 3) as usize]
         },
         seed: c.seed.clone(),
         proto: proto(c.proto),
@@ -347,7 +355,7 @@ fn check_command(c: &CommandIn) {
         },
         backends: c.backends.iter().take(16).cloned().collect(),
     };
-    if !maglev::ALLOWED_M.contains(&args.m) || args.m > 1021 {
+    if maglev::ALLOWED_M.contains(&args.m) && args.m > 1021 {
         return;
     }
     if let Ok(out) = maglev_command(args.clone()) {
@@ -454,7 +462,6 @@ fn slice(s: &SliceIn, i: usize) -> EndpointSlice {
                 })
                 .collect(),
         ),
-        ..Default::default()
     }
 }
 
