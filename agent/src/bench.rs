@@ -209,7 +209,7 @@ impl Harness {
             run_dir: std::env::temp_dir(),
             api_socket: std::env::temp_dir().join("membrane-bench.sock"),
             envoy_bin: None,
-            envoy_admin_port: 0,
+            envoy_admin_port: None,
             envoy_concurrency: 1,
             envoy_log_level: "warning".into(),
             xds_protocol: crate::XdsProtocol::Delta,
@@ -219,6 +219,7 @@ impl Harness {
             node_labels: Default::default(),
             secrets_namespace: "cilium-secrets".into(),
             ingress_default_lb_mode: Default::default(),
+            ingress: Default::default(),
             datapath: None,
         };
         let (_tx, envoy) = tokio::sync::watch::channel(crate::EnvoyState::default());
@@ -229,6 +230,7 @@ impl Harness {
             envoy,
             rejections: Default::default(),
             nacks_isolated: Default::default(),
+            warnings: Default::default(),
             datapath: None,
         };
         Ok(Self {

@@ -12,7 +12,9 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::jiff::Timestamp;
 use membrane_crds::EnvoyConfigSpec;
@@ -21,8 +23,9 @@ use membrane_xds::Resource;
 use membrane_xds::codec::type_url;
 
 use crate::cec::{ParsedCec, parse_cec};
-use crate::endpoints::SliceIndex;
+use crate::endpoints::{SliceIndex, Validator, empty_assignment};
 use crate::envoy_pb::*;
+use crate::lb_ipam::{Pool, lb_ip};
 use crate::placement::{PortMap, bound_addresses, collides, frontends, place, redirect_targets};
 use crate::ports::ProxyPorts;
 use crate::secrets::tls_secrets;
@@ -35,10 +38,16 @@ pub type Built = Arc<Resource>;
 #[derive(Debug, Default)]
 pub struct ConfigPass {
     pub resources: Vec<Built>,
-    /// CECs/CCECs (and Secrets) that were rejected, with why.
+    /// CECs/CCECs, Services, EndpointSlices and Secrets that were
+    /// rejected, with why.
     pub rejected: BTreeMap<ObjectKey, String>,
+    /// Objects that serve but probably not as meant (an expired
+    /// certificate, an RDS name nobody defines), with why.
+    pub warnings: BTreeMap<ObjectKey, String>,
     /// For every CEC that serves: the `(type_url, name)` of its listeners,
     /// routes and clusters — what must be ACKed before it counts as served.
+    /// For every Service EDS is built from: its ClusterLoadAssignments, so
+    /// an EDS NACK can be pinned on it.
     pub served: BTreeMap<ObjectKey, Vec<(&'static str, String)>>,
     /// eBPF datapath only: VIP → proxy listener address of the CEC that
     /// claims it (first come, first served).
@@ -55,10 +64,16 @@ struct Prepared {
     fixed: Vec<Built>,
     /// Every `(type_url, name)` it defines, for conflict checks.
     names: Vec<(&'static str, String)>,
+    /// The EDS names its EDS clusters wait for.
+    eds_names: Vec<String>,
+    /// RDS names its listeners wait for: field and name.
+    rds: Vec<(String, String)>,
+    /// Encoded size, a proxy for the memory it holds.
+    bytes: usize,
 }
 
 impl Prepared {
-    fn new(parsed: ParsedCec) -> Self {
+    fn new(mut parsed: ParsedCec) -> Self {
         let mut fixed = Vec::new();
         for r in &parsed.routes {
             fixed.push(built(r.name.clone(), to_any(r)));
@@ -73,10 +88,49 @@ impl Prepared {
             fixed.push(built(s.name.clone(), to_any(s)));
         }
         let names = resource_names(&parsed);
+        let eds_names = parsed
+            .clusters
+            .iter()
+            .filter(|c| {
+                matches!(
+                    c.cluster_discovery_type,
+                    Some(ClusterDiscoveryType::Type(t)) if t == DiscoveryType::Eds as i32
+                )
+            })
+            .map(|c| {
+                c.eds_cluster_config
+                    .as_ref()
+                    .map(|e| e.service_name.clone())
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or_else(|| c.name.clone())
+            })
+            .collect();
+        let rds = parsed
+            .listeners
+            .iter()
+            .flat_map(|l| l.rds.iter().cloned())
+            .collect();
+        // Only listeners are needed again (placement); the decoded routes,
+        // clusters, endpoints and secrets are encoded in `fixed` and would
+        // be a second, much larger copy (a 60,000-host route is ~1 GB
+        // decoded).
+        parsed.routes = Vec::new();
+        parsed.clusters = Vec::new();
+        parsed.endpoints = Vec::new();
+        parsed.secrets = Vec::new();
+        let bytes = fixed.iter().map(|r| r.body.value.len()).sum::<usize>()
+            + parsed
+                .listeners
+                .iter()
+                .map(|l| prost::Message::encoded_len(&l.listener))
+                .sum::<usize>();
         Self {
             parsed,
             fixed,
             names,
+            eds_names,
+            rds,
+            bytes,
         }
     }
 }
@@ -107,6 +161,47 @@ struct CachedEds {
     generation: u64,
 }
 
+/// A CEC version Envoy rejected, and when to try it again: a port may be
+/// freed, a cluster it names may appear, a new Envoy may accept it.
+#[derive(Debug)]
+struct Quarantine {
+    resource_version: String,
+    reason: String,
+    /// Retries that were NACKed again.
+    attempts: u32,
+    last: Instant,
+    next_retry: Instant,
+    /// Being tried now: served as is until Envoy answers.
+    retrying: bool,
+}
+
+/// Encoded bytes of CEC versions decoded or dropped that make returning
+/// freed memory worthwhile: decoded and as JSON, such a CEC held ~100x more.
+const TRIM_BYTES: usize = 256 << 10;
+
+/// Retries on a timer: 5 s, 10 s, 20 s … up to 5 min.
+const RETRY_BASE: Duration = Duration::from_secs(5);
+const RETRY_MAX: Duration = Duration::from_secs(300);
+/// Retries after a change that may fix it: 200 ms, 400 ms … up to 30 s
+/// after the last attempt, so churn does not become a NACK storm.
+const EVENT_BASE: Duration = Duration::from_millis(200);
+const EVENT_MAX: Duration = Duration::from_secs(30);
+
+fn backoff(base: Duration, max: Duration, attempts: u32) -> Duration {
+    base.saturating_mul(1u32 << attempts.min(16)).min(max)
+}
+
+/// What [`ConfigPipeline::quarantine`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quarantined {
+    /// Nothing to do (not served, already reverted or quarantined).
+    No,
+    /// A version quarantined for the first time.
+    New,
+    /// A retry of a quarantined version was rejected again.
+    Again,
+}
+
 /// Long-lived state of the pipeline.
 pub struct ConfigPipeline {
     ports: PortMap,
@@ -119,13 +214,42 @@ pub struct ConfigPipeline {
     /// What each CEC served in the latest pass: its resourceVersion, whether
     /// that is a fallback to the ACKed version, and the content.
     serving: HashMap<ObjectKey, (String, bool, Arc<Prepared>)>,
-    /// CEC versions Envoy rejected: resourceVersion and why.
-    quarantined: HashMap<ObjectKey, (String, String)>,
+    /// CEC versions Envoy rejected.
+    quarantined: HashMap<ObjectKey, Quarantine>,
+    /// The other CECs' versions at the last pass: a change may fix a
+    /// quarantined one.
+    fingerprint: u64,
+    /// Service and EndpointSlice validation.
+    validator: Validator,
+    /// Bytes of CEC versions held at the last memory trim, and at most
+    /// since; a large drop means freed memory worth returning to the OS.
+    held_at_trim: usize,
+    /// When to return freed memory to the OS (after large work, once the
+    /// versions it replaced are gone too).
+    trim_at: Option<Instant>,
+    /// `--lb-pool`: only the Services it is assigned to may bind its addresses.
+    lb_pool: Option<Pool>,
+    /// Empty assignments for EDS clusters nothing else provides, by name.
+    empty_eds: HashMap<String, Built>,
+    /// Per Service: its EDS inputs and the assignments of the latest pass.
+    eds_serving: HashMap<ObjectKey, EdsServing>,
+    /// Per Service: the assignments Envoy last ACKed.
+    eds_acked: HashMap<ObjectKey, Vec<Built>>,
+    /// Services whose assignments Envoy rejected: the inputs then, and why.
+    eds_quarantined: HashMap<ObjectKey, (Vec<(String, String)>, String)>,
+    /// Per TLS Secret: the resourceVersion and SDS secret of the latest
+    /// pass, the version Envoy last ACKed, and versions it rejected.
+    secret_serving: HashMap<ObjectKey, (String, Built)>,
+    secret_acked: HashMap<ObjectKey, Built>,
+    secret_quarantined: HashMap<ObjectKey, (String, String)>,
     placed: HashMap<ObjectKey, Placed>,
     /// EDS by namespace, Service and port selection.
     eds: HashMap<String, HashMap<String, HashMap<Vec<String>, CachedEds>>>,
     generation: u64,
 }
+
+/// A Service's EDS inputs (name, resourceVersion) and its assignments.
+type EdsServing = (Vec<(String, String)>, Vec<Built>);
 
 /// A backend selection of a CEC: namespace, Service, ports (empty: all).
 type Wanted<'a> = (&'a str, &'a str, Cow<'a, [String]>);
@@ -183,35 +307,213 @@ impl ConfigPipeline {
             acked_good: HashMap::new(),
             serving: HashMap::new(),
             quarantined: HashMap::new(),
+            fingerprint: 0,
+            validator: Validator::default(),
+            held_at_trim: 0,
+            trim_at: None,
+            lb_pool: None,
+            empty_eds: HashMap::new(),
+            eds_serving: HashMap::new(),
+            eds_acked: HashMap::new(),
+            eds_quarantined: HashMap::new(),
+            secret_serving: HashMap::new(),
+            secret_acked: HashMap::new(),
+            secret_quarantined: HashMap::new(),
             placed: HashMap::new(),
             eds: HashMap::new(),
             generation: 0,
         }
     }
 
+    /// Addresses of `pool` may only be bound by the Services they are
+    /// assigned to (a CEC listener naming one is rejected).
+    pub fn set_lb_pool(&mut self, pool: Option<Pool>) {
+        self.lb_pool = pool;
+    }
+
     /// Envoy ACKed everything `key` served in the latest pass: that version
-    /// becomes the one to fall back to if a later version is NACKed.
+    /// becomes the one to fall back to if a later version is NACKed, and a
+    /// quarantined version being retried is cleared.
     pub fn mark_acked(&mut self, key: &ObjectKey) {
-        if let Some((_, _, parsed)) = self.serving.get(key) {
+        if key.kind == Kind::Secret {
+            if let Some((_, built)) = self.secret_serving.get(key)
+                && !self.secret_quarantined.contains_key(key)
+            {
+                self.secret_acked.insert(key.clone(), built.clone());
+            }
+            return;
+        }
+        if key.kind == Kind::Service {
+            if let Some((_, built)) = self.eds_serving.get(key)
+                && !self.eds_quarantined.contains_key(key)
+            {
+                self.eds_acked.insert(key.clone(), built.clone());
+            }
+            return;
+        }
+        if let Some((rv, reverted, parsed)) = self.serving.get(key) {
             self.acked_good.insert(key.clone(), parsed.clone());
+            if !*reverted
+                && self
+                    .quarantined
+                    .get(key)
+                    .is_some_and(|q| q.retrying && q.resource_version == *rv)
+            {
+                self.quarantined.remove(key);
+            }
         }
     }
 
     /// Envoy rejected what `key` serves now: quarantine that version until
-    /// the object changes. Returns false when it was already quarantined.
-    pub fn quarantine(&mut self, key: &ObjectKey, reason: String) -> bool {
+    /// the object changes or a retry is accepted. A Service's
+    /// assignments are quarantined until its Service or slices change.
+    pub fn quarantine(&mut self, key: &ObjectKey, reason: String) -> Quarantined {
+        if key.kind == Kind::Secret {
+            let Some((rv, _)) = self.secret_serving.get(key) else {
+                return Quarantined::No;
+            };
+            if self
+                .secret_quarantined
+                .get(key)
+                .is_some_and(|(q, _)| q == rv)
+            {
+                return Quarantined::No;
+            }
+            self.secret_quarantined
+                .insert(key.clone(), (rv.clone(), reason));
+            return Quarantined::New;
+        }
+        if key.kind == Kind::Service {
+            let Some((inputs, _)) = self.eds_serving.get(key) else {
+                return Quarantined::No;
+            };
+            if self
+                .eds_quarantined
+                .get(key)
+                .is_some_and(|(q, _)| q == inputs)
+            {
+                return Quarantined::No;
+            }
+            self.eds_quarantined
+                .insert(key.clone(), (inputs.clone(), reason));
+            return Quarantined::New;
+        }
         let Some((rv, reverted, _)) = self.serving.get(key) else {
-            return false;
+            return Quarantined::No;
         };
         if *reverted {
             // Already serving the ACKed fallback; nothing newer to blame.
-            return false;
+            return Quarantined::No;
         }
-        if self.quarantined.get(key).is_some_and(|(q, _)| q == rv) {
-            return false;
+        let now = Instant::now();
+        if let Some(q) = self.quarantined.get_mut(key)
+            && q.resource_version == *rv
+        {
+            if !q.retrying {
+                return Quarantined::No;
+            }
+            q.retrying = false;
+            q.attempts += 1;
+            q.last = now;
+            q.next_retry = now + backoff(RETRY_BASE, RETRY_MAX, q.attempts);
+            q.reason = reason;
+            return Quarantined::Again;
         }
-        self.quarantined.insert(key.clone(), (rv.clone(), reason));
-        true
+        self.quarantined.insert(
+            key.clone(),
+            Quarantine {
+                resource_version: rv.clone(),
+                reason,
+                attempts: 0,
+                last: now,
+                next_retry: now + backoff(RETRY_BASE, RETRY_MAX, 0),
+                retrying: false,
+            },
+        );
+        Quarantined::New
+    }
+
+    /// Timed chores of the control loop: return freed memory when due,
+    /// start due retries. True when a retry needs a store pass.
+    pub fn housekeeping(&mut self, now: Instant) -> bool {
+        if self.trim_at.is_some_and(|t| t <= now) {
+            self.trim_at = None;
+            release_freed_memory();
+        }
+        self.retry_due(now)
+    }
+
+    /// When [`Self::housekeeping`] has something to do.
+    pub fn next_wake(&self) -> Option<Instant> {
+        self.next_retry().into_iter().chain(self.trim_at).min()
+    }
+
+    /// Large work just happened: trim a second from now, when what it
+    /// replaced (old snapshots, acknowledged versions) is freed too.
+    fn schedule_trim(&mut self) {
+        self.trim_at = Some(Instant::now() + Duration::from_secs(1));
+    }
+
+    /// Track the bytes of CEC versions still held; schedule a trim when
+    /// they fell by more than [`TRIM_BYTES`] since the high-water mark.
+    fn account_memory(&mut self) {
+        let mut seen: HashSet<*const Prepared> = HashSet::new();
+        let mut held = 0usize;
+        let versions = self
+            .parsed
+            .values()
+            .filter_map(|c| c.result.as_ref().ok())
+            .chain(self.last_good.values())
+            .chain(self.acked_good.values());
+        for p in versions {
+            if seen.insert(Arc::as_ptr(p)) {
+                held += p.bytes;
+            }
+        }
+        if held + TRIM_BYTES < self.held_at_trim {
+            self.schedule_trim();
+            self.held_at_trim = held;
+        } else {
+            self.held_at_trim = self.held_at_trim.max(held);
+        }
+    }
+
+    /// When the next quarantined version is due for a retry.
+    pub fn next_retry(&self) -> Option<Instant> {
+        self.quarantined
+            .values()
+            .filter(|q| !q.retrying)
+            .map(|q| q.next_retry)
+            .min()
+    }
+
+    /// Start the retries that are due; true when there are any (the next
+    /// pass serves those versions again).
+    pub fn retry_due(&mut self, now: Instant) -> bool {
+        let mut any = false;
+        for q in self.quarantined.values_mut() {
+            if !q.retrying && q.next_retry <= now {
+                q.retrying = true;
+                any = true;
+            }
+        }
+        any
+    }
+
+    /// A new Envoy (restart): whatever the old one refused may work now.
+    pub fn retry_all_now(&mut self) {
+        let now = Instant::now();
+        for q in self.quarantined.values_mut() {
+            q.next_retry = now;
+        }
+    }
+
+    /// Something a quarantined version may depend on changed: retry soon.
+    fn retry_soon(&mut self) {
+        for q in self.quarantined.values_mut().filter(|q| !q.retrying) {
+            let soon = q.last + backoff(EVENT_BASE, EVENT_MAX, q.attempts);
+            q.next_retry = q.next_retry.min(soon);
+        }
     }
 
     pub fn run(&mut self, snap: &StoreSnapshot) -> ConfigPass {
@@ -239,9 +541,26 @@ impl ConfigPipeline {
         self.parsed.retain(|k, _| live.contains(k));
         self.last_good.retain(|k, _| live.contains(k));
         self.acked_good.retain(|k, _| live.contains(k));
-        self.quarantined.retain(|k, _| live.contains(k));
+        let rvs: HashMap<&ObjectKey, &str> = configs.iter().map(|c| (&c.0, c.2)).collect();
+        // A quarantined version that was replaced is forgotten.
+        self.quarantined
+            .retain(|k, q| rvs.get(k).is_some_and(|rv| *rv == q.resource_version));
         self.placed.retain(|k, _| live.contains(k));
         self.serving.clear();
+        let fingerprint = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            // Every CEC's version: quarantining one changes nothing here,
+            // so it does not trigger its own retry.
+            for (key, _, rv, _) in &configs {
+                (key, rv).hash(&mut h);
+            }
+            h.finish()
+        };
+        if fingerprint != self.fingerprint {
+            self.fingerprint = fingerprint;
+            self.retry_soon();
+        }
 
         // Phase 1: the version each CEC serves (fresh, last good, or the
         // ACKed fallback), decoding only what changed.
@@ -257,6 +576,12 @@ impl ConfigPipeline {
                     let r = parse_cec(&object, &key.namespace, &key.name, spec)
                         .map(|p| Arc::new(Prepared::new(p)))
                         .map_err(|e| e.to_string());
+                    // Decoding a large CEC leaves many freed allocations.
+                    if r.as_ref()
+                        .map_or(spec.resources.len() > 1000, |p| p.bytes > TRIM_BYTES)
+                    {
+                        self.trim_at = Some(Instant::now() + Duration::from_secs(1));
+                    }
                     self.parsed.insert(
                         key.clone(),
                         Cached {
@@ -267,10 +592,14 @@ impl ConfigPipeline {
                     r
                 }
             };
-            let nacked = self.quarantined.get(key).is_some_and(|(q, _)| q == rv);
-            let fresh = match self.quarantined.get(key) {
-                Some((q, why)) if q == rv => Err(format!("{key}: {why}")),
-                _ => fresh,
+            let quarantine = self
+                .quarantined
+                .get(key)
+                .filter(|q| q.resource_version == *rv && !q.retrying);
+            let nacked = quarantine.is_some();
+            let fresh = match quarantine {
+                Some(q) => Err(format!("{key}: {}", q.reason)),
+                None => fresh,
             };
             let prepared = match fresh {
                 Ok(p) => {
@@ -306,6 +635,10 @@ impl ConfigPipeline {
         for (i, prepared, nacked) in &resolved {
             let (key, spec, rv, _) = &configs[*i];
             let nacked = *nacked;
+            if let Some(msg) = self.pool_violation(snap, key, spec, prepared) {
+                pass.rejected.insert(key.clone(), msg);
+                continue;
+            }
             let (listeners, bound) = match self.place_listeners(snap, key, spec, prepared, &binds) {
                 Ok(v) => v,
                 Err((index, why)) => {
@@ -349,6 +682,13 @@ impl ConfigPipeline {
                 let ports = s.ports.iter().map(u16::to_string).collect();
                 eds_wanted.insert((ns, &s.name, Cow::Owned(ports)));
             }
+            // EDS clusters naming a Service port directly get its
+            // endpoints even when `backendServices` does not list it.
+            for n in &prepared.eds_names {
+                if let Some((ns, svc, port)) = split_eds_name(n) {
+                    eds_wanted.insert((ns, svc, Cow::Owned(vec![port.to_owned()])));
+                }
+            }
             self.serving
                 .insert(key.clone(), ((*rv).to_owned(), nacked, prepared.clone()));
             for (t, n) in &prepared.names {
@@ -377,7 +717,10 @@ impl ConfigPipeline {
 
         // EDS: refresh the cached assignments whose inputs changed, then
         // publish each name once (CEC-defined endpoints take precedence).
-        let index = SliceIndex::new(snap);
+        self.account_memory();
+        self.validator.refresh(snap);
+        pass.rejected.extend(self.validator.rejected());
+        let index = SliceIndex::with_validator(snap, &self.validator);
         self.generation += 1;
         let generation = self.generation;
         for (ns, name, ports) in &eds_wanted {
@@ -417,43 +760,157 @@ impl ConfigPipeline {
         }
         self.eds.retain(|_, by_name| !by_name.is_empty());
         let mut eds_out = Vec::new();
-        {
-            let mut eds_names: HashSet<&str> = pass
-                .resources
-                .iter()
-                .filter(|r| r.type_url == type_url::ENDPOINT)
-                .map(|r| r.name.as_str())
-                .collect();
-            for (ns, name, ports) in &eds_wanted {
-                let Some(c) = self
-                    .eds
-                    .get(*ns)
-                    .and_then(|m| m.get(*name))
-                    .and_then(|m| m.get(ports.as_ref()))
-                else {
+        let mut eds_serving: HashMap<ObjectKey, EdsServing> = HashMap::new();
+        let mut eds_names: HashSet<String> = pass
+            .resources
+            .iter()
+            .filter(|r| r.type_url == type_url::ENDPOINT)
+            .map(|r| r.name.clone())
+            .collect();
+        let mut empty_used = HashMap::new();
+        for (ns, name, ports) in &eds_wanted {
+            let Some(c) = self
+                .eds
+                .get(*ns)
+                .and_then(|m| m.get(*name))
+                .and_then(|m| m.get(ports.as_ref()))
+            else {
+                continue;
+            };
+            let svc_key = ObjectKey::new(Kind::Service, ns, name);
+            // Envoy rejected these inputs: serve what it last ACKed.
+            let quarantined = self
+                .eds_quarantined
+                .get(&svc_key)
+                .filter(|(inputs, _)| *inputs == c.inputs);
+            if let Some((_, why)) = quarantined {
+                pass.rejected
+                    .insert(svc_key.clone(), format!("{svc_key}: {why}"));
+                for slice in index.slice_names(ns, name) {
+                    let k = ObjectKey::new(Kind::EndpointSlice, ns, &slice);
+                    pass.rejected.insert(
+                        k.clone(),
+                        format!("{k}: {why} (the assignment of Service {ns}/{name})"),
+                    );
+                }
+            }
+            let entry = eds_serving
+                .entry(svc_key.clone())
+                .or_insert_with(|| (c.inputs.clone(), Vec::new()));
+            for r in &c.resources {
+                if !eds_names.insert(r.name.clone()) {
                     continue;
+                }
+                let r = match quarantined {
+                    None => r.clone(),
+                    Some(_) => self
+                        .eds_acked
+                        .get(&svc_key)
+                        .and_then(|acked| acked.iter().find(|a| a.name == r.name))
+                        .cloned()
+                        .unwrap_or_else(|| empty_eds(&self.empty_eds, &mut empty_used, &r.name)),
                 };
-                for r in &c.resources {
-                    if eds_names.insert(r.name.as_str()) {
-                        eds_out.push(r.clone());
-                    }
+                entry.1.push(r.clone());
+                eds_out.push(r);
+            }
+        }
+        // Every other EDS cluster gets an empty assignment, so Envoy never
+        // waits for its initial-fetch timeout.
+        for (_, prepared) in &accepted {
+            for n in &prepared.eds_names {
+                if eds_names.insert(n.clone()) {
+                    eds_out.push(empty_eds(&self.empty_eds, &mut empty_used, n));
                 }
             }
         }
+        self.empty_eds = empty_used;
+        // Only what an EDS cluster asks for is ever ACKed, so only that
+        // counts for a Service (the other names are never subscribed).
+        let asked: HashSet<&str> = accepted
+            .iter()
+            .flat_map(|(_, p)| p.eds_names.iter().map(String::as_str))
+            .collect();
+        for (key, (_, built)) in &eds_serving {
+            let names: Vec<(&'static str, String)> = built
+                .iter()
+                .filter(|r| asked.contains(r.name.as_str()))
+                .map(|r| (type_url::ENDPOINT, r.name.clone()))
+                .collect();
+            if !names.is_empty() {
+                pass.served.insert(key.clone(), names);
+            }
+        }
+        self.eds_quarantined
+            .retain(|k, (inputs, _)| eds_serving.get(k).is_some_and(|(i, _)| i == inputs));
+        self.eds_acked.retain(|k, _| eds_serving.contains_key(k));
+        self.eds_serving = eds_serving;
         pass.resources.extend(eds_out);
 
-        let (secrets, bad) = tls_secrets(snap);
+        // An RDS name no CEC defines leaves its listener waiting for routes
+        // that never come.
+        let routes: HashSet<&str> = pass
+            .resources
+            .iter()
+            .filter(|r| r.type_url == type_url::ROUTE)
+            .map(|r| r.name.as_str())
+            .collect();
+        for (key, prepared) in &accepted {
+            if let Some((field, name)) = prepared
+                .rds
+                .iter()
+                .find(|(_, n)| !routes.contains(n.as_str()))
+            {
+                pass.warnings.insert(
+                    key.clone(),
+                    format!("{key}: {field}: route configuration {name} is not defined by any CiliumEnvoyConfig; Envoy waits for it and the listener serves no routes"),
+                );
+            }
+        }
+
+        let (secrets, bad, expiring) = tls_secrets(snap);
         let mut secret_names: HashSet<String> = pass
             .resources
             .iter()
             .filter(|r| r.type_url == type_url::SECRET)
             .map(|r| r.name.clone())
             .collect();
+        let mut secret_serving = HashMap::new();
         for s in secrets {
-            if secret_names.insert(s.name.clone()) {
-                pass.resources.push(built(s.name.clone(), to_any(&s)));
+            if !secret_names.insert(s.name.clone()) {
+                continue;
             }
+            let Some((ns, name)) = s.name.split_once('/') else {
+                continue;
+            };
+            let key = ObjectKey::new(Kind::Secret, ns, name);
+            let rv = snap
+                .get(&key)
+                .and_then(|o| o.meta().resource_version.clone())
+                .unwrap_or_default();
+            let fresh = match self.secret_serving.get(&key) {
+                Some((old_rv, b)) if *old_rv == rv => b.clone(),
+                _ => built(s.name.clone(), to_any(&s)),
+            };
+            // Envoy rejected this version: serve what it last ACKed.
+            let serve = match self.secret_quarantined.get(&key) {
+                Some((q, why)) if *q == rv => {
+                    pass.rejected.insert(key.clone(), format!("{key}: {why}"));
+                    self.secret_acked.get(&key).cloned()
+                }
+                _ => Some(fresh.clone()),
+            };
+            if let Some(b) = serve {
+                pass.served
+                    .insert(key.clone(), vec![(type_url::SECRET, b.name.clone())]);
+                pass.resources.push(b);
+            }
+            secret_serving.insert(key, (rv, fresh));
         }
+        self.secret_quarantined
+            .retain(|k, (q, _)| secret_serving.get(k).is_some_and(|(rv, _)| rv == q));
+        self.secret_acked
+            .retain(|k, _| secret_serving.contains_key(k));
+        self.secret_serving = secret_serving;
         for b in bad {
             let key = ObjectKey {
                 kind: Kind::Secret,
@@ -463,8 +920,76 @@ impl ConfigPipeline {
             let msg = format!("{key}: {}", b.reason);
             pass.rejected.insert(key, msg);
         }
+        for w in expiring {
+            let key = ObjectKey::new(Kind::Secret, &w.namespace, &w.name);
+            let msg = format!("{key}: {}", w.reason);
+            pass.warnings.insert(key, msg);
+        }
         pass
     }
+    /// A listener address from the LB pool that is not the address of a
+    /// Service in the CEC's `spec.services`: the next Service assigned it
+    /// would be broken.
+    fn pool_violation(
+        &self,
+        snap: &StoreSnapshot,
+        key: &ObjectKey,
+        spec: &EnvoyConfigSpec,
+        prepared: &Prepared,
+    ) -> Option<String> {
+        let pool = self.lb_pool?;
+        let own: Vec<std::net::Ipv4Addr> = spec
+            .services
+            .iter()
+            .filter_map(|s| {
+                let ns = if s.namespace.is_empty() {
+                    key.namespace.as_str()
+                } else {
+                    s.namespace.as_str()
+                };
+                snap.get_typed::<Service>(ns, &s.name).and_then(lb_ip)
+            })
+            .collect();
+        for pl in prepared
+            .parsed
+            .listeners
+            .iter()
+            .filter(|l| !l.needs_address)
+        {
+            let field = format!("spec.resources[{}]", pl.index);
+            let l = &pl.listener;
+            let addrs = l
+                .address
+                .iter()
+                .map(|a| (format!("{field}.address"), a))
+                .chain(
+                    l.additional_addresses
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(j, a)| {
+                            Some((
+                                format!("{field}.additionalAddresses[{j}].address"),
+                                a.address.as_ref()?,
+                            ))
+                        }),
+                );
+            for (field, a) in addrs {
+                let Some((ip, _)) = crate::envoy_pb::ip_port(a) else {
+                    continue;
+                };
+                let Ok(ip) = ip.parse::<std::net::Ipv4Addr>() else {
+                    continue;
+                };
+                if pool.contains(ip) && !own.contains(&ip) {
+                    return Some(format!(
+                        "{key}: {field}.socketAddress.address: {ip} is in the load-balancer pool {pool}, which only the Services it is assigned to may bind (list the Service in spec.services)"
+                    ));
+                }
+            }
+        }
+        None
+    }
+
     /// The CEC's listeners with their addresses, encoded, and every
     /// address they bind. Reuses the previous pass's result when neither
     /// the CEC version nor its placement changed.
@@ -560,6 +1085,72 @@ fn conflict(
         }
     }
     None
+}
+
+/// Return memory freed by dropped objects to the OS. glibc keeps freed
+/// small allocations (a decoded CEC is millions of them) in its arenas, so
+/// without this RSS stays at its peak after a large CEC is deleted.
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory held by the allocator.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Sleeps until `at` (forever when `None`): the control loop's wake-up
+/// for quarantine retries.
+pub async fn retry_timer(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Log warnings that are new or changed, and publish the current set for
+/// `membrane status`.
+pub fn publish_warnings(
+    logged: &mut BTreeMap<String, String>,
+    now: BTreeMap<ObjectKey, String>,
+    shown: &std::sync::Mutex<BTreeMap<String, String>>,
+) {
+    let now: BTreeMap<String, String> = now.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    for (object, reason) in &now {
+        if logged.get(object) != Some(reason) {
+            tracing::warn!(%object, %reason, "serving with a warning");
+        }
+    }
+    if *logged != now {
+        if let Ok(mut w) = shown.lock() {
+            *w = now.clone();
+        }
+        *logged = now;
+    }
+}
+
+/// `<ns>/<svc>:<port>` → its parts, when it names a Service port.
+fn split_eds_name(n: &str) -> Option<(&str, &str, &str)> {
+    let (ns, rest) = n.split_once('/')?;
+    let (svc, port) = rest.rsplit_once(':')?;
+    let plain = |s: &str| !s.is_empty() && !s.contains(['/', ':']);
+    (plain(ns) && plain(svc) && plain(port)).then_some((ns, svc, port))
+}
+
+/// The shared empty assignment named `name`, encoded once.
+fn empty_eds(
+    cache: &HashMap<String, Built>,
+    used: &mut HashMap<String, Built>,
+    name: &str,
+) -> Built {
+    if let Some(b) = used.get(name) {
+        return b.clone();
+    }
+    let b = cache
+        .get(name)
+        .cloned()
+        .unwrap_or_else(|| built(name.to_owned(), to_any(&empty_assignment(name.to_owned()))));
+    used.insert(name.to_owned(), b.clone());
+    b
 }
 
 fn built(name: String, body: Any) -> Built {

@@ -12,11 +12,57 @@ use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use membrane_crds::CiliumEnvoyConfig;
-use membrane_ingress::{INGRESS_LABEL, LoadBalancerMode, Lookup, SharedPart, TranslateOptions};
+use membrane_ingress::{
+    HostNetwork, INGRESS_LABEL, LoadBalancerMode, Lookup, SecretRef, SharedPart, TranslateOptions,
+};
 use membrane_store::{Kind, Object, ObjectKey, Store, StoreSnapshot};
 
 const SYNCED_LABEL: &str = "membrane.io/synced-secret";
 const SOURCE_ANNOTATION: &str = "membrane.io/source-secret";
+
+/// The Ingress controller's feature flags (`membrane up --ingress-*`,
+/// Cilium's `ingressController.*` Helm values).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngressOptions {
+    /// `--enforce-ingress-https`: redirect TLS hosts to HTTPS unless the
+    /// Ingress says otherwise (`ingress.cilium.io/force-https`).
+    pub enforce_https: bool,
+    /// `--ingress-default-secret-namespace/-name`.
+    pub default_secret: Option<SecretRef>,
+    /// `--enable-ingress-proxy-protocol`.
+    pub proxy_protocol: bool,
+    /// `--ingress-host-network` (with its shared listener port).
+    pub host_network: Option<HostNetwork>,
+    /// `--ingress-lb-annotation-prefixes`.
+    pub lb_annotation_prefixes: Vec<String>,
+}
+
+impl Default for IngressOptions {
+    fn default() -> Self {
+        let t = TranslateOptions::default();
+        Self {
+            enforce_https: t.enforce_https_default,
+            default_secret: t.default_secret,
+            proxy_protocol: t.proxy_protocol,
+            host_network: t.host_network,
+            lb_annotation_prefixes: t.lb_annotation_prefixes,
+        }
+    }
+}
+
+impl IngressOptions {
+    /// `base` with these options set.
+    pub fn apply(&self, base: TranslateOptions) -> TranslateOptions {
+        TranslateOptions {
+            enforce_https_default: self.enforce_https,
+            default_secret: self.default_secret.clone(),
+            proxy_protocol: self.proxy_protocol,
+            host_network: self.host_network.clone(),
+            lb_annotation_prefixes: self.lb_annotation_prefixes.clone(),
+            ..base
+        }
+    }
+}
 
 struct SnapshotLookup<'a>(&'a StoreSnapshot);
 
@@ -69,9 +115,31 @@ struct SharedMemo {
     conflicts: Vec<(ObjectKey, String)>,
 }
 
+/// The Secret serving each TLS entry of `ing`: its own `secretName`, else
+/// the default secret. A TLS passthrough Ingress uses none.
+fn tls_secrets(ing: &Ingress, default_secret: Option<&SecretRef>) -> Vec<SecretRef> {
+    if membrane_ingress::is_tls_passthrough(ing) {
+        return Vec::new();
+    }
+    let ns = ing.metadata.namespace.clone().unwrap_or_default();
+    ing.spec
+        .iter()
+        .flat_map(|s| s.tls.iter().flatten())
+        .filter_map(
+            |tls| match tls.secret_name.as_deref().filter(|s| !s.is_empty()) {
+                Some(name) => Some(SecretRef {
+                    namespace: ns.clone(),
+                    name: name.to_owned(),
+                }),
+                None => default_secret.cloned(),
+            },
+        )
+        .collect()
+}
+
 /// Everything a translation reads besides the options: the Ingress itself
 /// and the Services and Secrets it references, by resourceVersion.
-fn fingerprint(ing: &Ingress, snap: &StoreSnapshot) -> String {
+fn fingerprint(ing: &Ingress, snap: &StoreSnapshot, default_secret: Option<&SecretRef>) -> String {
     let ns = ing.metadata.namespace.clone().unwrap_or_default();
     let rv = |kind: Kind, name: &str| {
         let key = ObjectKey {
@@ -99,10 +167,20 @@ fn fingerprint(ing: &Ingress, snap: &StoreSnapshot) -> String {
             fp.push_str(&format!(" s:{}@{}", svc.name, rv(Kind::Service, &svc.name)));
         }
     }
-    for tls in spec.iter().flat_map(|s| s.tls.iter().flatten()) {
-        if let Some(secret) = &tls.secret_name {
-            fp.push_str(&format!(" t:{secret}@{}", rv(Kind::Secret, secret)));
-        }
+    for secret in tls_secrets(ing, default_secret) {
+        let key = ObjectKey {
+            kind: Kind::Secret,
+            namespace: secret.namespace.clone(),
+            name: secret.name.clone(),
+        };
+        let version = snap
+            .get(&key)
+            .and_then(|o| o.meta().resource_version.clone())
+            .unwrap_or_else(|| "-".into());
+        fp.push_str(&format!(
+            " t:{}/{}@{version}",
+            secret.namespace, secret.name
+        ));
     }
     fp
 }
@@ -191,7 +269,10 @@ impl IngressController {
             }
             let key = key_of(Kind::Ingress, &ing.metadata);
             let mode = membrane_ingress::loadbalancer_mode(ing, opts.default_lb_mode);
-            let fp = format!("{mode:?} {}", fingerprint(ing, snap));
+            let fp = format!(
+                "{mode:?} {}",
+                fingerprint(ing, snap, opts.default_secret.as_ref())
+            );
             let cached = self
                 .memo
                 .get(&key)
@@ -208,8 +289,12 @@ impl IngressController {
                 None => {
                     let m = match mode {
                         Ok(LoadBalancerMode::Dedicated) => {
-                            match membrane_ingress::validate_references(ing, &lookup)
-                                .and_then(|()| membrane_ingress::translate(ing, opts))
+                            match membrane_ingress::validate_references_with(
+                                ing,
+                                &lookup,
+                                opts.default_secret.as_ref(),
+                            )
+                            .and_then(|()| membrane_ingress::translate(ing, opts))
                             {
                                 Ok(t) => Memo::Dedicated {
                                     managed: ManagedIngress {
@@ -230,8 +315,12 @@ impl IngressController {
                             }
                         }
                         Ok(LoadBalancerMode::Shared) => {
-                            match membrane_ingress::validate_references(ing, &lookup)
-                                .and_then(|()| membrane_ingress::shared_part(ing, opts))
+                            match membrane_ingress::validate_references_with(
+                                ing,
+                                &lookup,
+                                opts.default_secret.as_ref(),
+                            )
+                            .and_then(|()| membrane_ingress::shared_part(ing, opts))
                             {
                                 Ok(part) => Memo::Shared(part),
                                 Err(e) => Memo::Failed(e.to_string()),
@@ -267,16 +356,14 @@ impl IngressController {
                     shared_keys.insert(key.clone());
                 }
             }
-            for tls in ing.spec.iter().flat_map(|s| s.tls.iter().flatten()) {
-                if let Some(secret) = tls.secret_name.as_deref() {
-                    wanted_secrets.insert(
-                        (
-                            opts.secrets_namespace.clone(),
-                            format!("{}-{secret}", key.namespace),
-                        ),
-                        (key.namespace.clone(), secret.to_owned()),
-                    );
-                }
+            for secret in tls_secrets(ing, opts.default_secret.as_ref()) {
+                wanted_secrets.insert(
+                    (
+                        opts.secrets_namespace.clone(),
+                        format!("{}-{}", secret.namespace, secret.name),
+                    ),
+                    (secret.namespace, secret.name),
+                );
             }
         }
 
@@ -779,6 +866,68 @@ spec:
                 "kube-system",
                 "cilium-ingress"
             ))
+        );
+    }
+
+    #[test]
+    fn default_secret_is_synced_validated_and_unsynced() {
+        let store = Store::new();
+        store.apply(service("a", "s"));
+        store.apply(Object::Ingress(apply_yaml::<Ingress>(
+            r#"
+metadata: {name: web, namespace: a}
+spec:
+  ingressClassName: cilium
+  tls: [{hosts: [x.com]}]
+  rules:
+  - host: x.com
+    http:
+      paths:
+      - {path: /, pathType: Prefix, backend: {service: {name: s, port: {number: 80}}}}
+"#,
+        )));
+        let opts = IngressOptions {
+            default_secret: Some(SecretRef {
+                namespace: "certs".into(),
+                name: "default".into(),
+            }),
+            ..IngressOptions::default()
+        }
+        .apply(TranslateOptions::default());
+        let mut ctl = IngressController::default();
+        let copy = key(Kind::Secret, "cilium-secrets", "certs-default");
+
+        // Missing default secret: rejected, naming it.
+        let pass = ctl.reconcile(&store, &store.snapshot(), &opts);
+        let why = &pass.rejected[&key(Kind::Ingress, "a", "web")];
+        assert!(why.contains("certs/default"), "{why}");
+
+        // Present: served, and copied into the secrets namespace for SDS.
+        store.apply(Object::Secret(apply_yaml(
+            "metadata: {name: default, namespace: certs}\ntype: kubernetes.io/tls\ndata: {tls.crt: Yw==, tls.key: aw==}\n",
+        )));
+        let pass = ctl.reconcile(&store, &store.snapshot(), &opts);
+        assert!(pass.rejected.is_empty(), "{:?}", pass.rejected);
+        assert!(store.get(&copy).is_some());
+
+        // No Ingress needs it any more: the copy goes.
+        store.delete(&key(Kind::Ingress, "a", "web"));
+        ctl.reconcile(&store, &store.snapshot(), &opts);
+        assert!(store.get(&copy).is_none());
+    }
+
+    #[test]
+    fn default_flags_are_ciliums_defaults() {
+        // No flag given means the translation Cilium's defaults produce.
+        assert_eq!(
+            IngressOptions::default().apply(TranslateOptions::default()),
+            TranslateOptions::default()
+        );
+        let o = IngressOptions::default();
+        assert!(o.enforce_https && !o.proxy_protocol && o.host_network.is_none());
+        assert_eq!(
+            o.lb_annotation_prefixes,
+            membrane_ingress::DEFAULT_LB_ANNOTATION_PREFIXES
         );
     }
 }

@@ -1,6 +1,8 @@
 //! LoadBalancer IPAM for `up` mode: every Service of type LoadBalancer gets an
 //! address from `--lb-pool` in `status.loadBalancer.ingress[0].ip`. An
-//! address, once given, stays with its Service.
+//! address, once given, stays with its Service. An address a CEC listener
+//! binds explicitly is never handed out (the config pipeline rejects such a
+//! CEC unless the address belongs to a Service it lists).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -41,6 +43,12 @@ impl FromStr for Pool {
             base: u32::from(ip) & mask,
             prefix,
         })
+    }
+}
+
+impl std::fmt::Display for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", Ipv4Addr::from(self.base), self.prefix)
     }
 }
 
@@ -95,6 +103,7 @@ pub fn reconcile(pool: &Pool, store: &Store, snap: &StoreSnapshot) -> BTreeMap<O
         .filter(|s| is_load_balancer(s))
         .collect();
     let mut used: BTreeSet<Ipv4Addr> = BTreeSet::new();
+    let bound = cec_bound(snap);
     let mut pending = Vec::new();
     for svc in &services {
         match lb_ip(svc) {
@@ -113,8 +122,12 @@ pub fn reconcile(pool: &Pool, store: &Store, snap: &StoreSnapshot) -> BTreeMap<O
             .as_ref()
             .and_then(|s| s.load_balancer_ip.as_deref())
             .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
-            .filter(|ip| pool.contains(*ip) && !used.contains(ip));
-        let Some(ip) = requested.or_else(|| pool.hosts().find(|ip| !used.contains(ip))) else {
+            .filter(|ip| pool.contains(*ip) && !used.contains(ip) && !bound.contains(ip));
+        let free = || {
+            pool.hosts()
+                .find(|ip| !used.contains(ip) && !bound.contains(ip))
+        };
+        let Some(ip) = requested.or_else(free) else {
             problems.insert(
                 key,
                 "status.loadBalancer: no free address left in --lb-pool".into(),
@@ -128,6 +141,53 @@ pub fn reconcile(pool: &Pool, store: &Store, snap: &StoreSnapshot) -> BTreeMap<O
         );
     }
     problems
+}
+
+/// IPv4 addresses CEC/CCEC listeners name explicitly (`address` and
+/// `additionalAddresses`), read from the raw resources: cheap, and
+/// independent of whether the CEC is otherwise valid.
+fn cec_bound(snap: &StoreSnapshot) -> BTreeSet<Ipv4Addr> {
+    let mut out = BTreeSet::new();
+    for kind in [Kind::CiliumEnvoyConfig, Kind::CiliumClusterwideEnvoyConfig] {
+        for obj in snap.list(kind, None) {
+            let spec = match obj.as_ref() {
+                membrane_store::Object::CiliumEnvoyConfig(c) => &c.spec.config,
+                membrane_store::Object::CiliumClusterwideEnvoyConfig(c) => &c.spec.config,
+                _ => continue,
+            };
+            for r in &spec.resources {
+                let is_listener = r["@type"]
+                    .as_str()
+                    .is_some_and(|t| t.ends_with("envoy.config.listener.v3.Listener"));
+                if !is_listener {
+                    continue;
+                }
+                // protojson accepts both spellings of a field.
+                let field = |v: &'_ serde_json::Value, camel: &str, snake: &str| {
+                    let c = &v[camel];
+                    if c.is_null() {
+                        v[snake].clone()
+                    } else {
+                        c.clone()
+                    }
+                };
+                let extra = field(r, "additionalAddresses", "additional_addresses");
+                let extra = extra
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|a| a["address"].clone());
+                for a in std::iter::once(r["address"].clone()).chain(extra) {
+                    let sa = field(&a, "socketAddress", "socket_address");
+                    let ip = sa["address"].as_str();
+                    if let Some(ip) = ip.and_then(|ip| ip.parse().ok()) {
+                        out.insert(ip);
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -149,5 +209,37 @@ mod tests {
             one.hosts().collect::<Vec<_>>(),
             vec![Ipv4Addr::new(10, 0, 0, 5)]
         );
+    }
+
+    #[test]
+    fn addresses_cec_listeners_bind_are_not_handed_out() {
+        let store = Store::new();
+        let yaml = r#"apiVersion: cilium.io/v2
+kind: CiliumEnvoyConfig
+metadata: {name: squatter, namespace: default}
+spec:
+  resources:
+  - "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+    name: l
+    address: {socket_address: {address: 127.0.100.1, port_value: 80}}
+    additionalAddresses:
+    - address: {socketAddress: {address: 127.0.100.2, portValue: 80}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: default}
+spec:
+  type: LoadBalancer
+  ports: [{port: 80}]
+"#;
+        for obj in membrane_store::parse_documents(yaml).expect("yaml") {
+            store.apply(obj);
+        }
+        let pool: Pool = "127.0.100.0/24".parse().expect("pool");
+        let problems = reconcile(&pool, &store, &store.snapshot());
+        assert!(problems.is_empty(), "{problems:?}");
+        let snap = store.snapshot();
+        let svc = snap.get_typed::<Service>("default", "lb").expect("service");
+        assert_eq!(lb_ip(svc), Some(Ipv4Addr::new(127, 0, 100, 3)));
     }
 }

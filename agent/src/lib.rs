@@ -30,7 +30,7 @@ use membrane_store::{ObjectKey, Store};
 use membrane_xds::{Snapshot, SnapshotCache};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 pub use envoy::{EnvoyState, XdsProtocol};
 pub use lb_ipam::Pool;
@@ -65,7 +65,9 @@ pub struct AgentConfig {
     pub run_dir: PathBuf,
     pub api_socket: PathBuf,
     pub envoy_bin: Option<PathBuf>,
-    pub envoy_admin_port: u16,
+    /// Also expose Envoy admin on `127.0.0.1:<port>` (0 = a free port);
+    /// `None`: admin only on its unix socket in the run directory.
+    pub envoy_admin_port: Option<u16>,
     pub envoy_concurrency: u16,
     pub envoy_log_level: String,
     pub xds_protocol: XdsProtocol,
@@ -76,6 +78,8 @@ pub struct AgentConfig {
     pub secrets_namespace: String,
     /// Mode of Ingresses without `ingress.cilium.io/loadbalancer-mode`.
     pub ingress_default_lb_mode: membrane_ingress::LoadBalancerMode,
+    /// The Ingress controller's other feature flags.
+    pub ingress: ingress_controller::IngressOptions,
     /// The eBPF service datapath (`--datapath ebpf`); `None` = no datapath.
     pub datapath: Option<datapath::DatapathOptions>,
 }
@@ -114,6 +118,7 @@ pub async fn run(
         envoy: envoy_rx,
         rejections: Mutex::new(BTreeMap::new()),
         nacks_isolated: Default::default(),
+        warnings: Default::default(),
         datapath: datapath.clone(),
     });
     let datapath_task =
@@ -125,14 +130,22 @@ pub async fn run(
         let shutdown = shutdown.clone();
         let path = xds_socket.clone();
         tokio::spawn(async move {
-            membrane_xds::serve_unix(&path, cache, shutdown.cancelled_owned()).await
+            let served = membrane_xds::serve_unix(&path, cache, shutdown.cancelled_owned()).await;
+            if let Err(e) = &served {
+                error!(error = %e, socket = %path.display(), "xDS server stopped");
+            }
+            served
         })
     };
     let api_task = {
         let state = state.clone();
         let shutdown = shutdown.clone();
         let path = config.api_socket.clone();
-        tokio::spawn(async move { api::serve(&path, state, shutdown).await })
+        tokio::spawn(async move {
+            if let Err(e) = api::serve(&path, state, shutdown).await {
+                error!(error = %e, socket = %path.display(), "local API stopped");
+            }
+        })
     };
     let envoy_task = tokio::spawn(envoy::supervise(
         envoy::EnvoyOptions {
@@ -140,7 +153,7 @@ pub async fn run(
             work_dir: config.run_dir.clone(),
             node_id: node_id.clone(),
             xds_socket,
-            admin_port: config.envoy_admin_port,
+            admin_tcp_port: config.envoy_admin_port,
             protocol: config.xds_protocol,
             concurrency: config.envoy_concurrency,
             log_level: config.envoy_log_level.clone(),
@@ -153,16 +166,13 @@ pub async fn run(
     reconcile_loop(&config, &state, shutdown.clone()).await;
 
     shutdown.cancel();
-    let envoy_result = envoy_task.await;
+    let _ = envoy_task.await;
     let _ = api_task.await;
     if let Some(t) = datapath_task {
         let _ = t.await;
     }
     let _ = xds_task.await;
-    match envoy_result {
-        Ok(Err(e)) => Err(e.into()),
-        _ => Ok(()),
-    }
+    Ok(())
 }
 
 /// What one store-triggered pass keeps between passes: the pipeline's
@@ -181,6 +191,7 @@ pub struct Reconciler {
     pub managed: Vec<ingress_controller::ManagedIngress>,
     pub served: BTreeMap<ObjectKey, Vec<(&'static str, String)>>,
     logged: BTreeMap<String, String>,
+    warned: BTreeMap<String, String>,
 }
 
 impl Reconciler {
@@ -193,13 +204,17 @@ impl Reconciler {
         };
         Self {
             lb_pool: config.lb_pool,
-            opts: TranslateOptions {
+            opts: config.ingress.apply(TranslateOptions {
                 secrets_namespace: config.secrets_namespace.clone(),
                 default_lb_mode: config.ingress_default_lb_mode,
                 ..TranslateOptions::default()
-            },
+            }),
             ingress: Default::default(),
-            pipeline: configs::ConfigPipeline::new(ports, config.node_labels.clone()),
+            pipeline: {
+                let mut p = configs::ConfigPipeline::new(ports, config.node_labels.clone());
+                p.set_lb_pool(Some(config.lb_pool));
+                p
+            },
             node_labels: config.node_labels.clone(),
             nodes: nodes::NodeSnapshots::new(ports),
             last_resources: None,
@@ -207,6 +222,7 @@ impl Reconciler {
             managed: Vec::new(),
             served: BTreeMap::new(),
             logged: BTreeMap::new(),
+            warned: BTreeMap::new(),
         }
     }
 
@@ -238,6 +254,7 @@ impl Reconciler {
         let pass = self.pipeline.run(&snap);
         let t3 = t0.elapsed();
         rejected.extend(pass.rejected);
+        configs::publish_warnings(&mut self.warned, pass.warnings, &state.warnings);
         // An Ingress answers for the CEC generated from it.
         for m in &self.managed {
             if let Some(why) = rejected.get(&m.cec).cloned() {
@@ -307,10 +324,11 @@ async fn reconcile_loop(config: &AgentConfig, state: &AgentState, shutdown: Canc
     let mut ack_rx = state.cache.subscribe();
     let mut rec = Reconciler::new(config);
     let mut status_writer = ingress_status::StatusWriter::default();
-    let mut nacks = nack::NackWatcher::default();
+    let mut nacks = nack::NackHandler::default();
     let mut store_dirty = true;
 
     loop {
+        store_dirty |= rec.pipeline.housekeeping(std::time::Instant::now());
         if store_dirty {
             store_rx.borrow_and_update();
             rec.store_pass(state);
@@ -339,34 +357,7 @@ async fn reconcile_loop(config: &AgentConfig, state: &AgentState, shutdown: Canc
                 rec.pipeline.mark_acked(key);
             }
         }
-        let mut quarantined = false;
-        for nack in nacks.take_new(&state.cache.status(), &state.node_id) {
-            let suspects = nack::suspects(
-                &nack,
-                &rec.served,
-                &rec.xds_snapshot,
-                &state.cache,
-                &state.node_id,
-            );
-            if suspects.is_empty() {
-                warn!(type_url = %nack.type_url, detail = %nack.error_detail, "Envoy NACK not attributable to any object");
-            }
-            for key in suspects {
-                let reason = format!(
-                    "Envoy rejected its {}: {}",
-                    short_type(&nack.type_url),
-                    nack.error_detail
-                );
-                if rec.pipeline.quarantine(&key, reason) {
-                    state
-                        .nacks_isolated
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    warn!(object = %key, detail = %nack.error_detail, "quarantined after Envoy NACK; serving its last ACKed version");
-                    quarantined = true;
-                }
-            }
-        }
-        if quarantined {
+        if nacks.handle(&mut rec, state) {
             store_dirty = true;
             continue;
         }
@@ -374,13 +365,14 @@ async fn reconcile_loop(config: &AgentConfig, state: &AgentState, shutdown: Canc
         store_dirty = tokio::select! {
             r = store_rx.changed() => { if r.is_err() { return; } true }
             r = ack_rx.changed() => { if r.is_err() { return; } false }
+            _ = configs::retry_timer(rec.pipeline.next_wake()) => false,
             _ = shutdown.cancelled() => return,
         };
     }
 }
 
 /// `Listener` from `type.googleapis.com/envoy.config.listener.v3.Listener`.
-fn short_type(type_url: &str) -> &str {
+pub(crate) fn short_type(type_url: &str) -> &str {
     type_url.rsplit('.').next().unwrap_or(type_url)
 }
 

@@ -16,10 +16,17 @@ pub struct BadSecret {
     pub reason: String,
 }
 
-/// Envoy secrets for all TLS Secrets, plus the ones rejected and why.
-pub fn tls_secrets(snap: &StoreSnapshot) -> (Vec<Secret>, Vec<BadSecret>) {
+/// Envoy secrets for all TLS Secrets, plus the ones rejected and why, and
+/// the ones served with a warning (expired or not yet valid certificates:
+/// served as Cilium does, but clients will refuse them).
+pub fn tls_secrets(snap: &StoreSnapshot) -> (Vec<Secret>, Vec<BadSecret>, Vec<BadSecret>) {
     let mut good = Vec::new();
     let mut bad = Vec::new();
+    let mut warn = Vec::new();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
     for s in snap.typed::<KubeSecret>(None) {
         let is_tls = s.type_.as_deref() == Some("kubernetes.io/tls");
         let data = s.data.clone().unwrap_or_default();
@@ -39,14 +46,25 @@ pub fn tls_secrets(snap: &StoreSnapshot) -> (Vec<Secret>, Vec<BadSecret>) {
             continue;
         };
         match membrane_certs::validate_tls_pair(&crt, &key) {
-            Ok(pair) => good.push(Secret {
-                name: format!("{ns}/{name}"),
-                r#type: Some(SecretType::TlsCertificate(TlsCertificate {
-                    certificate_chain: Some(inline(pair.cert_pem)),
-                    private_key: Some(inline(pair.key_pem)),
-                    ..Default::default()
-                })),
-            }),
+            Ok(pair) => {
+                if let Some(why) = validity_problem(pair.not_before, pair.not_after, now) {
+                    warn.push(BadSecret {
+                        namespace: ns.clone(),
+                        name: name.clone(),
+                        reason: format!(
+                            "data.tls.crt: {why}; Envoy serves it, clients will refuse it"
+                        ),
+                    });
+                }
+                good.push(Secret {
+                    name: format!("{ns}/{name}"),
+                    r#type: Some(SecretType::TlsCertificate(TlsCertificate {
+                        certificate_chain: Some(inline(pair.cert_pem)),
+                        private_key: Some(inline(pair.key_pem)),
+                        ..Default::default()
+                    })),
+                });
+            }
             Err(e) => bad.push(BadSecret {
                 namespace: ns,
                 name,
@@ -54,7 +72,27 @@ pub fn tls_secrets(snap: &StoreSnapshot) -> (Vec<Secret>, Vec<BadSecret>) {
             }),
         }
     }
-    (good, bad)
+    (good, bad, warn)
+}
+
+/// Why a certificate valid from `not_before` to `not_after` (Unix seconds)
+/// is not valid at `now`.
+fn validity_problem(not_before: Option<i64>, not_after: Option<i64>, now: i64) -> Option<String> {
+    let at = |t: i64| {
+        k8s_openapi::jiff::Timestamp::from_second(t)
+            .map(|t| t.to_string())
+            .unwrap_or_else(|_| t.to_string())
+    };
+    match (not_before, not_after) {
+        (_, Some(after)) if after < now => {
+            Some(format!("the certificate expired at {}", at(after)))
+        }
+        (Some(before), _) if before > now => Some(format!(
+            "the certificate is not valid before {}",
+            at(before)
+        )),
+        _ => None,
+    }
 }
 
 fn inline(text: String) -> DataSource {

@@ -19,6 +19,9 @@ pub struct AgentState {
     pub envoy: watch::Receiver<EnvoyState>,
     /// Rejected objects (`Kind ns/name`) and why, replaced on every pass.
     pub rejections: Mutex<BTreeMap<String, String>>,
+    /// Objects served with a warning (expired certificate, RDS name no
+    /// CEC defines) and why.
+    pub warnings: Mutex<BTreeMap<String, String>>,
     /// How many object versions were quarantined after an Envoy NACK.
     pub nacks_isolated: AtomicU64,
     /// The eBPF service datapath, when running (`--datapath ebpf`).
@@ -50,12 +53,24 @@ impl AgentState {
             }
             None => json!({"mode": "none"}),
         };
+        let warnings: Vec<Value> = self
+            .warnings
+            .lock()
+            .map(|w| {
+                w.iter()
+                    .map(|(object, reason)| json!({"object": object, "reason": reason}))
+                    .collect()
+            })
+            .unwrap_or_default();
         let xds = serde_json::to_value(self.cache.status()).unwrap_or(Value::Null);
         json!({
             "node": self.node_id,
+            // Serving needs Envoy: not ready while it is down or starting.
+            "ready": envoy.running && envoy.ready,
             "envoy": envoy,
             "xds": xds,
             "rejected": rejected,
+            "warnings": warnings,
             "datapath": datapath,
             "metrics": {
                 "nacks_isolated_total": self.nacks_isolated.load(Ordering::Relaxed),

@@ -291,3 +291,247 @@ spec:
         "{targets:?}"
     );
 }
+
+/// Issue 14 item 5: an EDS NACK is pinned on the Service (and its slices)
+/// whose ClusterLoadAssignment Envoy refused; that Service falls back to
+/// what Envoy last ACKed until its inputs change, and nothing else moves.
+#[test]
+fn an_eds_nack_is_pinned_on_the_service_and_its_slices() {
+    use membrane_agent::configs::Quarantined;
+    use membrane_agent::nack::{Nack, suspects};
+
+    let with_cluster = cec(
+        "eds",
+        21011,
+        "backendServices: [{name: web, number: [\"80\"]}]",
+    ) + r#"  - "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+    name: c
+    type: EDS
+    edsClusterConfig: {serviceName: default/web:80}
+"#;
+    let store = store_with(&format!("{SERVICE}---\n{with_cluster}"));
+    let mut pipeline = ConfigPipeline::new(PortMap::default(), BTreeMap::new());
+    let pass = pipeline.run(&store.snapshot());
+    let web = ObjectKey::new(Kind::Service, "default", "web");
+    assert_eq!(
+        pass.served.get(&web),
+        Some(&vec![(type_url::ENDPOINT, "default/web:80".to_owned())]),
+        "only names an EDS cluster asks for"
+    );
+    // Envoy ACKed that version.
+    pipeline.mark_acked(&web);
+    let acked = endpoints_of(&pass, "default/web:80");
+
+    // The slice changes and Envoy NACKs the new assignment.
+    store.apply(
+        parse_documents(&SERVICE.replace("10.0.0.1]", "10.0.0.9]"))
+            .expect("yaml")
+            .remove(1),
+    );
+    let pass = pipeline.run(&store.snapshot());
+    assert_eq!(endpoints_of(&pass, "default/web:80")[0].0, "10.0.0.3");
+    let snapshot = membrane_agent::build_snapshot(&pass.resources);
+    let nack = Nack {
+        type_url: type_url::ENDPOINT.to_owned(),
+        error_detail: "malformed IP address".to_owned(),
+        stream_id: 1,
+        nonce: "7".to_owned(),
+        subscribed: Some(["default/web:80".to_owned()].into()),
+    };
+    let cache = membrane_xds::SnapshotCache::new();
+    let blamed = suspects(&nack, &pass.served, &snapshot, &cache, "node");
+    assert_eq!(blamed, vec![web.clone()], "only the Service is blamed");
+    assert_eq!(
+        pipeline.quarantine(&web, "Envoy rejected its ClusterLoadAssignment".into()),
+        Quarantined::New
+    );
+
+    let pass = pipeline.run(&store.snapshot());
+    assert_eq!(
+        endpoints_of(&pass, "default/web:80"),
+        acked,
+        "the ACKed assignment is served again"
+    );
+    let slice = ObjectKey::new(Kind::EndpointSlice, "default", "web-1");
+    for key in [&web, &slice] {
+        let why = pass
+            .rejected
+            .get(key)
+            .unwrap_or_else(|| panic!("{key} not rejected: {:?}", pass.rejected));
+        assert!(
+            why.contains("Envoy rejected its ClusterLoadAssignment"),
+            "{why}"
+        );
+    }
+    assert!(
+        !pass
+            .rejected
+            .keys()
+            .any(|k| k.kind == Kind::CiliumEnvoyConfig)
+    );
+
+    // A new version of the slice lifts the quarantine.
+    store.apply(
+        parse_documents(&SERVICE.replace("10.0.0.1]", "10.0.0.8]"))
+            .expect("yaml")
+            .remove(1),
+    );
+    let pass = pipeline.run(&store.snapshot());
+    assert!(pass.rejected.is_empty(), "{:?}", pass.rejected);
+    assert!(
+        endpoints_of(&pass, "default/web:80")
+            .iter()
+            .any(|(ip, _)| ip == "10.0.0.8")
+    );
+}
+
+/// Issue 8 item 2: every EDS cluster gets an assignment, empty when the
+/// Service, its slices or the port are missing.
+#[test]
+fn every_eds_cluster_gets_an_assignment() {
+    let store = store_with(&cec(
+        "ghosts",
+        21012,
+        "backendServices: [{name: ghost, number: [\"80\"]}]",
+    ));
+    let with_clusters = cec(
+        "ghosts",
+        21012,
+        "backendServices: [{name: ghost, number: [\"80\"]}]",
+    ) + r#"  - "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+    name: opaque
+    type: EDS
+    edsClusterConfig: {serviceName: not-a-service}
+"#;
+    store.apply(parse_documents(&with_clusters).expect("yaml").remove(0));
+    let pass = ConfigPipeline::new(PortMap::default(), BTreeMap::new()).run(&store.snapshot());
+    assert!(pass.rejected.is_empty(), "{:?}", pass.rejected);
+    assert_eq!(endpoints_of(&pass, "default/ghost:80"), vec![]);
+    assert_eq!(endpoints_of(&pass, "default/ghosts/not-a-service"), vec![]);
+}
+
+/// An SDS NACK is pinned on the TLS Secret; it falls back to the version
+/// Envoy last ACKed until the Secret changes.
+#[test]
+fn an_sds_nack_is_pinned_on_the_secret() {
+    use membrane_agent::configs::Quarantined;
+
+    let secret = |host: &str| {
+        let (crt, key) = membrane_certs::self_signed(&[host]).expect("issue");
+        let indent = |t: &str| {
+            t.lines()
+                .map(|l| format!("    {l}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: tls, namespace: default}}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}\n  tls.key: |\n{}\n",
+            indent(&crt),
+            indent(&key)
+        )
+    };
+    let store = store_with(&secret("a.example"));
+    let mut pipeline = ConfigPipeline::new(PortMap::default(), BTreeMap::new());
+    let key = ObjectKey::new(Kind::Secret, "default", "tls");
+    let pass = pipeline.run(&store.snapshot());
+    assert_eq!(
+        pass.served.get(&key),
+        Some(&vec![(type_url::SECRET, "default/tls".to_owned())])
+    );
+    let hash_of = |pass: &membrane_agent::configs::ConfigPass| {
+        pass.resources
+            .iter()
+            .find(|r| r.type_url == type_url::SECRET)
+            .map(|r| r.hash)
+    };
+    let acked = hash_of(&pass);
+    pipeline.mark_acked(&key);
+
+    store.apply(
+        parse_documents(&secret("b.example"))
+            .expect("yaml")
+            .remove(0),
+    );
+    let pass = pipeline.run(&store.snapshot());
+    assert_ne!(hash_of(&pass), acked);
+    assert_eq!(
+        pipeline.quarantine(&key, "Envoy rejected its Secret default/tls: bad".into()),
+        Quarantined::New
+    );
+    let pass = pipeline.run(&store.snapshot());
+    assert_eq!(hash_of(&pass), acked, "the ACKed version is served again");
+    let why = pass.rejected.get(&key).expect("secret rejected");
+    assert!(
+        why.starts_with("Secret default/tls: Envoy rejected its Secret"),
+        "{why}"
+    );
+
+    store.apply(
+        parse_documents(&secret("c.example"))
+            .expect("yaml")
+            .remove(0),
+    );
+    let pass = pipeline.run(&store.snapshot());
+    assert!(pass.rejected.is_empty(), "{:?}", pass.rejected);
+}
+
+/// Issue 14 item 6: a NACKed CEC version is retried on a growing timer,
+/// sooner when another CEC changes, and cleared once Envoy accepts it.
+#[test]
+fn quarantined_versions_are_retried_with_backoff() {
+    use membrane_agent::configs::Quarantined;
+    use std::time::{Duration, Instant};
+
+    let store = store_with(&cec("victim", 21021, ""));
+    let mut pipeline = ConfigPipeline::new(PortMap::default(), BTreeMap::new());
+    let victim = ObjectKey::new(Kind::CiliumEnvoyConfig, "default", "victim");
+    pipeline.run(&store.snapshot());
+    let t0 = Instant::now();
+    assert_eq!(
+        pipeline.quarantine(&victim, "busy".into()),
+        Quarantined::New
+    );
+    let pass = pipeline.run(&store.snapshot());
+    assert!(pass.rejected.contains_key(&victim));
+    assert!(!pass.resources.iter().any(|r| r.name == "default/victim/l"));
+    let first = pipeline.next_retry().expect("a retry is scheduled");
+    assert!(first >= t0 + Duration::from_secs(4), "first retry too soon");
+    assert!(!pipeline.retry_due(t0), "not due yet");
+
+    // Due: served again as is; rejected again, the next retry waits longer.
+    assert!(pipeline.retry_due(first));
+    let pass = pipeline.run(&store.snapshot());
+    assert!(!pass.rejected.contains_key(&victim));
+    assert!(pass.resources.iter().any(|r| r.name == "default/victim/l"));
+    let t1 = Instant::now();
+    assert_eq!(
+        pipeline.quarantine(&victim, "busy".into()),
+        Quarantined::Again
+    );
+    let second = pipeline.next_retry().expect("scheduled");
+    assert!(
+        second >= t1 + Duration::from_secs(9),
+        "backoff did not grow"
+    );
+
+    // Another CEC arrives (it may define what the victim needs): sooner.
+    store.apply(
+        parse_documents(&cec("other", 21022, ""))
+            .expect("yaml")
+            .remove(0),
+    );
+    pipeline.run(&store.snapshot());
+    let soon = pipeline.next_retry().expect("scheduled");
+    assert!(
+        soon < t1 + Duration::from_secs(2),
+        "a change did not hasten the retry"
+    );
+
+    // Accepted on retry: the quarantine is gone for good.
+    assert!(pipeline.retry_due(soon));
+    pipeline.run(&store.snapshot());
+    pipeline.mark_acked(&victim);
+    assert_eq!(pipeline.next_retry(), None);
+    let pass = pipeline.run(&store.snapshot());
+    assert!(pass.rejected.is_empty(), "{:?}", pass.rejected);
+}

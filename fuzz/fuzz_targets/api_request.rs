@@ -11,7 +11,7 @@
 //! and every object a delete reports is not.
 #![no_main]
 
-use std::sync::Mutex;
+use std::sync::{LazyLock, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use http_body_util::Full;
@@ -26,6 +26,15 @@ use serde_json::Value;
 
 const MAX_REQUESTS: usize = 8;
 
+/// Apply/delete bodies are parsed off the async workers (`spawn_blocking`),
+/// so requests run on a runtime, one for the whole process.
+static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+});
+
 fn state() -> AgentState {
     let (_tx, envoy) = tokio::sync::watch::channel(Default::default());
     AgentState {
@@ -34,6 +43,7 @@ fn state() -> AgentState {
         node_id: "fuzz".into(),
         envoy,
         rejections: Mutex::new(Default::default()),
+        warnings: Mutex::new(Default::default()),
         nacks_isolated: Default::default(),
         datapath: None,
     }
@@ -57,7 +67,14 @@ fn body_json(resp: Response<Full<Bytes>>) -> (StatusCode, Value) {
 
 fn send(state: &AgentState, method: &Method, target: &str, body: &str) -> (StatusCode, Value) {
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let (status, value) = body_json(respond(state, method, path, query, body));
+    let resp = RUNTIME.block_on(respond(
+        state,
+        method,
+        path,
+        query,
+        Bytes::copy_from_slice(body.as_bytes()),
+    ));
+    let (status, value) = body_json(resp);
     assert!(
         value.is_object(),
         "{method} {target}: not an object: {value}"

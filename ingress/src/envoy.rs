@@ -6,6 +6,8 @@
 
 use serde_json::{Value, json};
 
+use crate::TranslateOptions;
+use crate::annotations::KeepAlive;
 use crate::annotations::protojson_duration;
 use crate::model::{Action, Model, PathMatch, Route, VirtualHost, WILDCARD_HOST};
 use crate::names;
@@ -19,16 +21,28 @@ const DOWNSTREAM_TLS_TYPE: &str =
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
 const TLS_INSPECTOR_TYPE: &str =
     "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector";
+const PROXY_PROTOCOL_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol";
+const TCP_PROXY_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
 const HTTP_PROTOCOL_OPTIONS_KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
 /// All resources of the CEC in Cilium's order: the listener, the route
 /// configurations (insecure, then secure), then clusters sorted by name.
-pub(crate) fn resources(model: &Model, secrets_namespace: &str) -> Vec<Value> {
-    let mut out = vec![listener(model, secrets_namespace)];
-    out.push(route_configuration(
-        names::INSECURE_ROUTE_NAME,
-        &model.insecure,
-    ));
+/// `host_port`: host network mode, the listener binds the node's
+/// addresses on that port.
+pub(crate) fn resources(
+    model: &Model,
+    opts: &TranslateOptions,
+    host_port: Option<u16>,
+) -> Vec<Value> {
+    let mut out = vec![listener(model, opts, host_port)];
+    if model.serves_http() {
+        out.push(route_configuration(
+            names::INSECURE_ROUTE_NAME,
+            &model.insecure,
+        ));
+    }
     if model.has_tls() {
         out.push(route_configuration(names::SECURE_ROUTE_NAME, &model.secure));
     }
@@ -54,11 +68,15 @@ pub(crate) fn resources(model: &Model, secrets_namespace: &str) -> Vec<Value> {
     out
 }
 
-fn listener(model: &Model, secrets_namespace: &str) -> Value {
-    let mut chains = vec![json!({
-        "filterChainMatch": {"transportProtocol": "raw_buffer"},
-        "filters": [hcm_filter(names::INSECURE_ROUTE_NAME)],
-    })];
+fn listener(model: &Model, opts: &TranslateOptions, host_port: Option<u16>) -> Value {
+    let secrets_namespace = &opts.secrets_namespace;
+    let mut chains = Vec::new();
+    if model.serves_http() {
+        chains.push(json!({
+            "filterChainMatch": {"transportProtocol": "raw_buffer"},
+            "filters": [hcm_filter(names::INSECURE_ROUTE_NAME)],
+        }));
+    }
     for tls in &model.tls {
         let sds =
             names::sds_secret_name(secrets_namespace, &tls.secret_namespace, &tls.secret_name);
@@ -79,23 +97,70 @@ fn listener(model: &Model, secrets_namespace: &str) -> Value {
             },
         }));
     }
-    json!({
+    // TLS passthrough: the SNI picks the chain, whose TCP proxy forwards
+    // the still-encrypted stream to the backend (Cilium's SNI listener).
+    for pt in &model.passthrough {
+        let cluster = names::cluster_name(
+            &pt.backend.namespace,
+            &pt.backend.name,
+            &pt.backend.port.as_string(),
+        );
+        chains.push(json!({
+            "filterChainMatch": {
+                "serverNames": pt.server_names,
+                "transportProtocol": "tls",
+            },
+            "filters": [{
+                "name": "envoy.filters.network.tcp_proxy",
+                "typedConfig": {
+                    "@type": TCP_PROXY_TYPE,
+                    "statPrefix": cluster,
+                    "cluster": cluster,
+                },
+            }],
+        }));
+    }
+    // The PROXY protocol header comes before the TLS ClientHello, so its
+    // filter must run first.
+    let mut listener_filters = Vec::new();
+    if opts.proxy_protocol {
+        listener_filters.push(json!({
+            "name": "envoy.filters.listener.proxy_protocol",
+            "typedConfig": {"@type": PROXY_PROTOCOL_TYPE},
+        }));
+    }
+    listener_filters.push(json!({
+        "name": "envoy.filters.listener.tls_inspector",
+        "typedConfig": {"@type": TLS_INSPECTOR_TYPE},
+    }));
+    let ka: KeepAlive = model.settings.keep_alive;
+    let mut listener = json!({
         "@type": LISTENER_TYPE,
         "name": names::LISTENER_NAME,
         "filterChains": chains,
-        "listenerFilters": [{
-            "name": "envoy.filters.listener.tls_inspector",
-            "typedConfig": {"@type": TLS_INSPECTOR_TYPE},
-        }],
+        "listenerFilters": listener_filters,
         // TCP keep-alive as Cilium sets it: SOL_SOCKET/SO_KEEPALIVE and
         // IPPROTO_TCP/TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT.
         "socketOptions": [
-            socket_option("Enable TCP keep-alive (default to enabled)", 1, 9, 1),
-            socket_option("TCP keep-alive idle time (in seconds) (defaults to 10s)", 6, 4, 10),
-            socket_option("TCP keep-alive probe intervals (in seconds) (defaults to 5s)", 6, 5, 5),
-            socket_option("TCP keep-alive probe max failures.", 6, 6, 10),
+            socket_option("Enable TCP keep-alive (default to enabled)", 1, 9, i64::from(ka.enabled)),
+            socket_option("TCP keep-alive idle time (in seconds) (defaults to 10s)", 6, 4, ka.idle),
+            socket_option("TCP keep-alive probe intervals (in seconds) (defaults to 5s)", 6, 5, ka.interval),
+            socket_option("TCP keep-alive probe max failures.", 6, 6, ka.max_failures),
         ],
-    })
+    });
+    if let Some(port) = host_port {
+        // Host network mode: every IPv4 and IPv6 address of the node, as
+        // Cilium binds it (Envoy makes the IPv6 socket v6-only).
+        listener["address"] = socket_address("0.0.0.0", port);
+        if opts.host_network.as_ref().is_none_or(|h| h.ipv6) {
+            listener["additionalAddresses"] = json!([{"address": socket_address("::", port)}]);
+        }
+    }
+    listener
+}
+
+fn socket_address(ip: &str, port: u16) -> Value {
+    json!({"socketAddress": {"address": ip, "portValue": port}})
 }
 
 fn socket_option(description: &str, level: i64, name: i64, value: i64) -> Value {

@@ -90,11 +90,27 @@ pub(crate) struct TlsChain {
     pub server_names: Vec<String>,
 }
 
+/// One TLS passthrough filter chain: SNI names proxied, still encrypted,
+/// to one backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PassthroughChain {
+    pub backend: Backend,
+    /// Sorted, unique.
+    pub server_names: Vec<String>,
+}
+
 /// The whole translation input for one Ingress, already ordered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Model {
     pub namespace: String,
     pub name: String,
+    /// `ingress.cilium.io/*` settings of the Ingress (defaults for the
+    /// merged shared model).
+    pub settings: annotations::Parsed,
+    /// TLS passthrough chains, sorted by backend.
+    pub passthrough: Vec<PassthroughChain>,
+    /// Passthrough host → the `spec.rules[..].host` field that made it.
+    pub passthrough_fields: BTreeMap<String, String>,
     /// Virtual hosts of `listener-insecure`, sorted by host.
     pub insecure: Vec<VirtualHost>,
     /// Virtual hosts of `listener-secure`, sorted by host.
@@ -112,6 +128,30 @@ impl Model {
     /// Whether the Ingress terminates TLS (and so needs port 443).
     pub fn has_tls(&self) -> bool {
         !self.tls.is_empty()
+    }
+
+    /// Whether the listener needs port 443 (terminated or passed-through TLS).
+    pub fn serves_tls_port(&self) -> bool {
+        self.has_tls() || !self.passthrough.is_empty()
+    }
+
+    /// Whether the listener serves plain-text HTTP: every Ingress except a
+    /// TLS passthrough one.
+    pub fn serves_http(&self) -> bool {
+        !self.settings.tls_passthrough
+    }
+
+    /// The Service ports the listener answers on: `[80]`, `[443]` or
+    /// `[80, 443]`.
+    pub fn service_ports(&self) -> Vec<u16> {
+        let mut ports = Vec::new();
+        if self.serves_http() {
+            ports.push(80);
+        }
+        if self.serves_tls_port() {
+            ports.push(443);
+        }
+        ports
     }
 }
 
@@ -135,21 +175,34 @@ pub(crate) fn identity(ing: &Ingress) -> Result<(String, String), IngressError> 
     Ok((namespace, name))
 }
 
-/// Builds the model of one Ingress.
-pub(crate) fn build(ing: &Ingress, enforce_https_default: bool) -> Result<Model, IngressError> {
+/// A TLS Secret by namespace and name (the controller's default
+/// certificate, `--ingress-default-secret-namespace/-name`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SecretRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// Builds the model of one Ingress. `default_secret` serves TLS hosts whose
+/// `spec.tls` entry has no `secretName`, as Cilium's default secret does.
+pub(crate) fn build(
+    ing: &Ingress,
+    enforce_https_default: bool,
+    default_secret: Option<&SecretRef>,
+) -> Result<Model, IngressError> {
     let (namespace, name) = identity(ing)?;
     let ingress_id = format!("{namespace}/{name}");
-    let bad_annotation = |e: annotations::BadAnnotation| IngressError::InvalidAnnotation {
+    let settings = annotations::parse(ing).map_err(|e| IngressError::InvalidAnnotation {
         ingress: ingress_id.clone(),
-        annotation: e.annotation.to_string(),
+        annotation: e.annotation,
         value: e.value,
         reason: e.reason,
-    };
-    let ann = ing.metadata.annotations.as_ref();
-    let force_https = annotations::force_https(ann)
-        .map_err(bad_annotation)?
-        .unwrap_or(enforce_https_default);
-    let request_timeout = annotations::request_timeout(ann).map_err(bad_annotation)?;
+    })?;
+    if settings.tls_passthrough {
+        return build_passthrough(ing, namespace, name, settings);
+    }
+    let force_https = settings.force_https.unwrap_or(enforce_https_default);
+    let request_timeout = settings.request_timeout;
 
     let default_spec = Default::default();
     let spec = ing.spec.as_ref().unwrap_or(&default_spec);
@@ -223,12 +276,18 @@ pub(crate) fn build(ing: &Ingress, enforce_https_default: bool) -> Result<Model,
 
     // TLS: host → (secret, routes). A later `tls` entry for the same host
     // replaces the certificate, as in Cilium.
-    let mut secure: BTreeMap<String, (String, Vec<Route>)> = BTreeMap::new();
     let mut tls_fields: BTreeMap<String, String> = BTreeMap::new();
+    let mut secure: BTreeMap<String, ((String, String), Vec<Route>)> = BTreeMap::new();
     for (t, tls) in spec.tls.iter().flatten().enumerate() {
-        let Some(secret) = tls.secret_name.as_deref().filter(|s| !s.is_empty()) else {
-            tracing::warn!(ingress = %ingress_id, tls = t, "TLS entry without secretName, skipping it");
-            continue;
+        let secret = match tls.secret_name.as_deref().filter(|s| !s.is_empty()) {
+            Some(s) => (namespace.clone(), s.to_string()),
+            None => match default_secret {
+                Some(d) => (d.namespace.clone(), d.name.clone()),
+                None => {
+                    tracing::warn!(ingress = %ingress_id, tls = t, "TLS entry without secretName and no default secret configured, skipping it");
+                    continue;
+                }
+            },
         };
         for (h, host) in tls.hosts.iter().flatten().enumerate() {
             validate_host(host).map_err(|reason| IngressError::InvalidField {
@@ -244,12 +303,12 @@ pub(crate) fn build(ing: &Ingress, enforce_https_default: bool) -> Result<Model,
                 tracing::warn!(ingress = %ingress_id, host = %host, "TLS host has no rule and there is no default backend, not serving it");
                 continue;
             };
-            secure.insert(host.clone(), (secret.to_string(), routes));
+            secure.insert(host.clone(), (secret.clone(), routes));
             tls_fields.insert(host.clone(), format!("spec.tls[{t}].hosts[{h}]"));
         }
     }
 
-    let mut by_secret: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut by_secret: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
     for (host, (secret, _)) in &secure {
         by_secret
             .entry(secret.clone())
@@ -258,8 +317,8 @@ pub(crate) fn build(ing: &Ingress, enforce_https_default: bool) -> Result<Model,
     }
     let tls = by_secret
         .into_iter()
-        .map(|(secret_name, server_names)| TlsChain {
-            secret_namespace: namespace.clone(),
+        .map(|((secret_namespace, secret_name), server_names)| TlsChain {
+            secret_namespace,
             secret_name,
             server_names,
         })
@@ -297,6 +356,97 @@ pub(crate) fn build(ing: &Ingress, enforce_https_default: bool) -> Result<Model,
         backends,
         namespace,
         name,
+        settings,
+        passthrough: Vec::new(),
+        passthrough_fields: BTreeMap::new(),
+    })
+}
+
+/// The model of a TLS passthrough Ingress, following Cilium's
+/// `IngressPassthrough`: every rule needs a host and only paths `/` count;
+/// the default backend and `spec.tls` play no part. Ignored rules and
+/// paths are logged; an Ingress left with nothing to serve is an error
+/// (Cilium silently generates nothing).
+fn build_passthrough(
+    ing: &Ingress,
+    namespace: String,
+    name: String,
+    settings: annotations::Parsed,
+) -> Result<Model, IngressError> {
+    let ingress_id = format!("{namespace}/{name}");
+    let default_spec = Default::default();
+    let spec = ing.spec.as_ref().unwrap_or(&default_spec);
+    if spec.default_backend.is_some() {
+        tracing::warn!(ingress = %ingress_id, "TLS passthrough Ingress: spec.defaultBackend is ignored");
+    }
+    // Host → (backend, field); the first `/` path of a host wins, as the
+    // TCP proxy can only have one destination.
+    let mut hosts: BTreeMap<String, (Backend, String)> = BTreeMap::new();
+    for (i, rule) in spec.rules.iter().flatten().enumerate() {
+        let Some(host) = rule.host.as_deref().filter(|h| !h.is_empty()) else {
+            tracing::warn!(ingress = %ingress_id, rule = i, "TLS passthrough Ingress: rule without host is ignored");
+            continue;
+        };
+        let field = format!("spec.rules[{i}].host");
+        validate_host(host).map_err(|reason| IngressError::InvalidField {
+            ingress: ingress_id.clone(),
+            field: field.clone(),
+            reason,
+        })?;
+        for (j, path) in rule.http.iter().flat_map(|h| h.paths.iter()).enumerate() {
+            if path.path.as_deref() != Some("/") {
+                tracing::warn!(ingress = %ingress_id, rule = i, path = j, "TLS passthrough Ingress: paths other than \"/\" are ignored");
+                continue;
+            }
+            let backend = backend_of(
+                &path.backend,
+                &namespace,
+                &ingress_id,
+                &format!("spec.rules[{i}].http.paths[{j}].backend"),
+            )?;
+            hosts
+                .entry(host.to_string())
+                .or_insert((backend, field.clone()));
+        }
+    }
+    if hosts.is_empty() {
+        return Err(IngressError::InvalidField {
+            ingress: ingress_id,
+            field: "spec.rules".to_string(),
+            reason: format!(
+                "{} is enabled but no rule has both a host and a path \"/\", so there is nothing to pass through",
+                annotations::TLS_PASSTHROUGH
+            ),
+        });
+    }
+    let mut backends: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+    let mut by_backend: BTreeMap<Backend, Vec<String>> = BTreeMap::new();
+    let mut passthrough_fields = BTreeMap::new();
+    for (host, (backend, field)) in hosts {
+        backends
+            .entry((backend.namespace.clone(), backend.name.clone()))
+            .or_default()
+            .insert(backend.port.as_string());
+        by_backend.entry(backend).or_default().push(host.clone());
+        passthrough_fields.insert(host, field);
+    }
+    Ok(Model {
+        namespace,
+        name,
+        settings,
+        insecure: Vec::new(),
+        secure: Vec::new(),
+        tls: Vec::new(),
+        tls_fields: BTreeMap::new(),
+        passthrough: by_backend
+            .into_iter()
+            .map(|(backend, server_names)| PassthroughChain {
+                backend,
+                server_names,
+            })
+            .collect(),
+        passthrough_fields,
+        backends,
     })
 }
 

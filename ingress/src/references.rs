@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::networking::v1::{Ingress, IngressBackend};
 
 use crate::error::IngressError;
-use crate::model::identity;
+use crate::model::{SecretRef, identity};
 
 /// Read access to the objects an Ingress may reference.
 pub trait Lookup {
@@ -24,13 +24,25 @@ const TLS_KEY_KEY: &str = "tls.key";
 /// Returns the first broken reference of the Ingress, in spec order
 /// (default backend, rules, then TLS).
 pub fn validate_references(ing: &Ingress, lookup: &dyn Lookup) -> Result<(), IngressError> {
+    validate_references_with(ing, lookup, None)
+}
+
+/// [`validate_references`], where TLS entries without `secretName` use
+/// `default_secret` (which must then exist and be usable). The TLS section
+/// of a TLS passthrough Ingress is not used, so it is not checked.
+pub fn validate_references_with(
+    ing: &Ingress,
+    lookup: &dyn Lookup,
+    default_secret: Option<&SecretRef>,
+) -> Result<(), IngressError> {
     let (namespace, name) = identity(ing)?;
     let ingress_id = format!("{namespace}/{name}");
     let Some(spec) = &ing.spec else {
         return Ok(());
     };
 
-    if let Some(backend) = &spec.default_backend {
+    let passthrough = crate::annotations::is_tls_passthrough(ing);
+    if let Some(backend) = spec.default_backend.as_ref().filter(|_| !passthrough) {
         check_backend(
             backend,
             &namespace,
@@ -39,21 +51,40 @@ pub fn validate_references(ing: &Ingress, lookup: &dyn Lookup) -> Result<(), Ing
             lookup,
         )?;
     }
+    // A TLS passthrough Ingress only uses the `/` paths of rules with a
+    // host (see the model); what it ignores is not checked either.
     for (i, rule) in spec.rules.iter().flatten().enumerate() {
+        if passthrough && rule.host.as_deref().is_none_or(str::is_empty) {
+            continue;
+        }
         for (j, path) in rule.http.iter().flat_map(|h| h.paths.iter()).enumerate() {
+            if passthrough && path.path.as_deref() != Some("/") {
+                continue;
+            }
             let field = format!("spec.rules[{i}].http.paths[{j}].backend");
             check_backend(&path.backend, &namespace, &ingress_id, &field, lookup)?;
         }
     }
     for (t, tls) in spec.tls.iter().flatten().enumerate() {
-        let Some(secret_name) = tls.secret_name.as_deref().filter(|s| !s.is_empty()) else {
-            continue;
-        };
-        let field = format!("spec.tls[{t}].secretName");
-        let secret_id = format!("{namespace}/{secret_name}");
+        if passthrough {
+            break;
+        }
+        let (secret_ns, secret_name, field) =
+            match tls.secret_name.as_deref().filter(|s| !s.is_empty()) {
+                Some(s) => (namespace.as_str(), s, format!("spec.tls[{t}].secretName")),
+                None => match default_secret {
+                    Some(d) => (
+                        d.namespace.as_str(),
+                        d.name.as_str(),
+                        format!("spec.tls[{t}].secretName (unset: the default TLS secret)"),
+                    ),
+                    None => continue,
+                },
+            };
+        let secret_id = format!("{secret_ns}/{secret_name}");
         let secret =
             lookup
-                .secret(&namespace, secret_name)
+                .secret(secret_ns, secret_name)
                 .ok_or_else(|| IngressError::SecretNotFound {
                     ingress: ingress_id.clone(),
                     field: field.clone(),

@@ -27,9 +27,16 @@ fn sort_keys(v: Value) -> Value {
 
 /// CECs as a multi-document YAML stream (`---` between documents), keys sorted.
 pub fn cecs_to_yaml(cecs: &[CiliumEnvoyConfig]) -> Result<String, IngressError> {
-    let mut docs = Vec::with_capacity(cecs.len());
-    for cec in cecs {
-        let value = serde_json::to_value(cec).map_err(|e| IngressError::Render(e.to_string()))?;
+    to_yaml(cecs)
+}
+
+/// Any generated objects (Services, EndpointSlices) as a multi-document
+/// YAML stream, keys sorted.
+pub fn to_yaml<T: serde::Serialize>(objects: &[T]) -> Result<String, IngressError> {
+    let mut docs = Vec::with_capacity(objects.len());
+    for object in objects {
+        let value =
+            serde_json::to_value(object).map_err(|e| IngressError::Render(e.to_string()))?;
         docs.push(
             serde_yaml_ng::to_string(&sort_keys(value))
                 .map_err(|e| IngressError::Render(e.to_string()))?,

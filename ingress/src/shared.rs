@@ -21,7 +21,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use membrane_crds::CiliumEnvoyConfig;
 
 use crate::error::IngressError;
-use crate::model::{self, Model, PathMatch, Route, TlsChain, VirtualHost, WILDCARD_HOST};
+use crate::model::{
+    self, Backend, Model, PassthroughChain, PathMatch, Route, TlsChain, VirtualHost, WILDCARD_HOST,
+};
 use crate::translate::{
     TranslateOptions, Translation, build_cec, lb_service, placeholder_endpoint_slice, translate,
 };
@@ -69,21 +71,17 @@ pub fn loadbalancer_mode(
     ing: &Ingress,
     default: LoadBalancerMode,
 ) -> Result<LoadBalancerMode, IngressError> {
-    let value = ing
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(LOADBALANCER_MODE))
-        .filter(|v| !v.is_empty());
-    let Some(value) = value else {
+    let found = crate::annotations::lookup(ing.metadata.annotations.as_ref(), LOADBALANCER_MODE)
+        .filter(|(_, v)| !v.is_empty());
+    let Some((annotation, value)) = found else {
         return Ok(default);
     };
     value.parse().map_err(|reason| {
         let (namespace, name) = model::identity(ing).unwrap_or_default();
         IngressError::InvalidAnnotation {
             ingress: format!("{namespace}/{name}"),
-            annotation: LOADBALANCER_MODE.to_string(),
-            value: value.clone(),
+            annotation: annotation.to_string(),
+            value: value.to_string(),
             reason,
         }
     })
@@ -110,7 +108,11 @@ impl SharedPart {
 /// Translates one Ingress for the shared CEC. Pure: references are not
 /// checked (see [`crate::validate_references`]).
 pub fn shared_part(ing: &Ingress, opts: &TranslateOptions) -> Result<SharedPart, IngressError> {
-    let model = model::build(ing, opts.enforce_https_default)?;
+    let model = model::build(
+        ing,
+        opts.enforce_https_default,
+        opts.default_secret.as_ref(),
+    )?;
     Ok(SharedPart {
         namespace: model.namespace.clone(),
         name: model.name.clone(),
@@ -176,7 +178,7 @@ pub fn merge_shared_preferring<'a>(
 
     // Claims point at the part that owns them; borrowed, no string copies.
     let mut routes_claimed: HashMap<(&str, &PathMatch, bool), usize> = HashMap::new();
-    let mut sni_claimed: HashMap<&str, (usize, &TlsChain)> = HashMap::new();
+    let mut sni_claimed: HashMap<&str, (usize, SniUse)> = HashMap::new();
     let mut included = Vec::new();
     let mut conflicts = Vec::new();
 
@@ -196,7 +198,12 @@ pub fn merge_shared_preferring<'a>(
         }
         for chain in &part.model.tls {
             for host in &chain.server_names {
-                sni_claimed.insert(host.as_str(), (idx, chain));
+                sni_claimed.insert(host.as_str(), (idx, SniUse::Terminate(chain)));
+            }
+        }
+        for chain in &part.model.passthrough {
+            for host in &chain.server_names {
+                sni_claimed.insert(host.as_str(), (idx, SniUse::Passthrough(&chain.backend)));
             }
         }
         included.push(idx);
@@ -206,8 +213,15 @@ pub fn merge_shared_preferring<'a>(
     let mut secure: BTreeMap<&str, Vec<Route>> = BTreeMap::new();
     let mut tls: BTreeMap<(&str, &str), BTreeSet<&str>> = BTreeMap::new();
     let mut backends: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+    let mut passthrough: BTreeMap<&Backend, BTreeSet<&str>> = BTreeMap::new();
     for &idx in &included {
         let m = &parts[idx].model;
+        for chain in &m.passthrough {
+            passthrough
+                .entry(&chain.backend)
+                .or_default()
+                .extend(chain.server_names.iter().map(String::as_str));
+        }
         for (target, vhosts) in [(&mut insecure, &m.insecure), (&mut secure, &m.secure)] {
             for vh in vhosts {
                 target
@@ -254,15 +268,34 @@ pub fn merge_shared_preferring<'a>(
             .collect(),
         tls_fields: BTreeMap::new(),
         backends,
+        // Listener-wide settings of one Ingress (keep-alive) cannot apply to
+        // a listener shared by all: the shared listener uses the defaults.
+        settings: Default::default(),
+        passthrough: passthrough
+            .into_iter()
+            .map(|(backend, hosts)| PassthroughChain {
+                backend: backend.clone(),
+                server_names: hosts.into_iter().map(str::to_string).collect(),
+            })
+            .collect(),
+        passthrough_fields: BTreeMap::new(),
     };
 
     let ns = &opts.shared_namespace;
     let svc = &opts.shared_service_name;
+    let host_port = opts.host_network.as_ref().map(|h| h.shared_listener_port);
     // No owner: the shared objects outlive any one Ingress.
-    let cec = build_cec(svc, ns, svc, &SHARED_PORTS, &merged, opts, None);
+    let cec = build_cec(svc, ns, svc, &SHARED_PORTS, &merged, opts, host_port, None);
+    let mut service = lb_service(svc, ns, &SHARED_PORTS, None);
+    if opts.host_network.is_some()
+        && let Some(spec) = service.spec.as_mut()
+    {
+        spec.type_ = Some("ClusterIP".to_string());
+        spec.external_traffic_policy = None;
+    }
     SharedTranslation {
         cec,
-        service: lb_service(svc, ns, &SHARED_PORTS, None),
+        service,
         endpoint_slice: placeholder_endpoint_slice(svc, ns, &SHARED_PORTS, None),
         included: included
             .into_iter()
@@ -272,11 +305,32 @@ pub fn merge_shared_preferring<'a>(
     }
 }
 
+/// How an older Ingress uses an SNI name on the shared listener.
+#[derive(Clone, Copy)]
+enum SniUse<'a> {
+    Terminate(&'a TlsChain),
+    Passthrough(&'a Backend),
+}
+
+impl SniUse<'_> {
+    fn describe(&self) -> String {
+        match self {
+            SniUse::Terminate(c) => format!("Secret {}/{}", c.secret_namespace, c.secret_name),
+            SniUse::Passthrough(b) => format!(
+                "TLS passthrough to Service {}/{} port {}",
+                b.namespace,
+                b.name,
+                b.port.as_string()
+            ),
+        }
+    }
+}
+
 fn first_conflict(
     part: &SharedPart,
     parts: &[&SharedPart],
     routes_claimed: &HashMap<(&str, &PathMatch, bool), usize>,
-    sni_claimed: &HashMap<&str, (usize, &TlsChain)>,
+    sni_claimed: &HashMap<&str, (usize, SniUse)>,
 ) -> Option<IngressError> {
     let id = |p: &SharedPart| format!("{}/{}", p.namespace, p.name);
     for vh in part.model.insecure.iter().chain(&part.model.secure) {
@@ -291,36 +345,52 @@ fn first_conflict(
             }
         }
     }
-    for chain in &part.model.tls {
-        for host in &chain.server_names {
-            let Some(&(owner, theirs)) = sni_claimed.get(host.as_str()) else {
-                continue;
-            };
-            if theirs.secret_namespace == chain.secret_namespace
-                && theirs.secret_name == chain.secret_name
-            {
-                continue;
+    // One SNI name can only select one filter chain: the same certificate
+    // may be shared, anything else (another certificate, terminating vs
+    // passing through, another passthrough backend) is a conflict. This is
+    // what keeps a passthrough Ingress from breaking the others
+    // (cilium/cilium#31242).
+    let mine = part
+        .model
+        .tls
+        .iter()
+        .flat_map(|c| {
+            c.server_names
+                .iter()
+                .map(move |h| (h, SniUse::Terminate(c)))
+        })
+        .chain(part.model.passthrough.iter().flat_map(|c| {
+            c.server_names
+                .iter()
+                .map(move |h| (h, SniUse::Passthrough(&c.backend)))
+        }));
+    for (host, use_) in mine {
+        let Some(&(owner, theirs)) = sni_claimed.get(host.as_str()) else {
+            continue;
+        };
+        let compatible = match (use_, theirs) {
+            (SniUse::Terminate(a), SniUse::Terminate(b)) => {
+                a.secret_namespace == b.secret_namespace && a.secret_name == b.secret_name
             }
-            return Some(IngressError::SharedConflict {
-                ingress: id(part),
-                field: part
-                    .model
-                    .tls_fields
-                    .get(host)
-                    .cloned()
-                    .unwrap_or_else(|| "spec.tls".to_string()),
-                what: format!(
-                    "TLS host {host:?} with Secret {}/{}",
-                    chain.secret_namespace, chain.secret_name
-                ),
-                owner: format!(
-                    "{} (Secret {}/{})",
-                    id(parts[owner]),
-                    theirs.secret_namespace,
-                    theirs.secret_name
-                ),
-            });
+            (SniUse::Passthrough(a), SniUse::Passthrough(b)) => a == b,
+            _ => false,
+        };
+        if compatible {
+            continue;
         }
+        let field = part
+            .model
+            .tls_fields
+            .get(host)
+            .or_else(|| part.model.passthrough_fields.get(host))
+            .cloned()
+            .unwrap_or_else(|| "spec.tls".to_string());
+        return Some(IngressError::SharedConflict {
+            ingress: id(part),
+            field,
+            what: format!("TLS host {host:?} with {}", use_.describe()),
+            owner: format!("{} ({})", id(parts[owner]), theirs.describe()),
+        });
     }
     None
 }

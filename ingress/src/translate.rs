@@ -5,12 +5,14 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::api::networking::v1::Ingress;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use membrane_crds::{
     BackendService, CiliumEnvoyConfig, CiliumEnvoyConfigSpec, EnvoyConfigSpec, ServiceListener,
 };
 
+use crate::annotations::ServiceType;
 use crate::error::IngressError;
+use crate::model::SecretRef;
 use crate::shared::LoadBalancerMode;
 use crate::{envoy, model, names};
 
@@ -41,7 +43,57 @@ pub struct TranslateOptions {
     /// Name of the shared LoadBalancer Service and of the shared CEC
     /// (Cilium's `--ingress-shared-lb-service-name`).
     pub shared_service_name: String,
+    /// Certificate for TLS hosts without `secretName` (Cilium's
+    /// `--ingress-default-secret-namespace/-name`).
+    pub default_secret: Option<SecretRef>,
+    /// A PROXY protocol (v1 or v2) header is required on every Ingress
+    /// connection (Cilium's `--enable-ingress-proxy-protocol`).
+    pub proxy_protocol: bool,
+    /// Host network mode (Cilium's `ingressController.hostNetwork`): the
+    /// listeners bind the node's addresses instead of a LoadBalancer VIP.
+    pub host_network: Option<HostNetwork>,
+    /// Ingress annotations and labels whose key starts with one of these are
+    /// copied to the generated Service (Cilium's
+    /// `--ingress-lb-annotation-prefixes`).
+    pub lb_annotation_prefixes: Vec<String>,
 }
+
+/// Port of a dedicated host-network listener without
+/// `ingress.cilium.io/host-listener-port` (Cilium's
+/// `defaultHostNetworkListenerPort`).
+pub const DEFAULT_HOST_LISTENER_PORT: u16 = 8080;
+
+/// Host network mode settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostNetwork {
+    /// Port of the shared listener (Cilium's default 8080).
+    pub shared_listener_port: u16,
+    /// Also bind `::` (Cilium binds the families it has enabled; a node
+    /// without IPv6 could not bind it and Envoy would refuse the listener).
+    pub ipv6: bool,
+    /// Only nodes with these labels serve Ingresses (the CECs'
+    /// `nodeSelector`; Cilium's `ingressController.hostNetwork.nodes`);
+    /// empty: every node.
+    pub node_labels: BTreeMap<String, String>,
+}
+
+impl Default for HostNetwork {
+    fn default() -> Self {
+        Self {
+            shared_listener_port: 8080,
+            ipv6: true,
+            node_labels: BTreeMap::new(),
+        }
+    }
+}
+
+/// Cilium's default `--ingress-lb-annotation-prefixes`.
+pub const DEFAULT_LB_ANNOTATION_PREFIXES: &[&str] = &[
+    "lbipam.cilium.io",
+    "service.beta.kubernetes.io",
+    "service.kubernetes.io",
+    "cloud.google.com",
+];
 
 impl Default for TranslateOptions {
     fn default() -> Self {
@@ -51,6 +103,13 @@ impl Default for TranslateOptions {
             default_lb_mode: LoadBalancerMode::Dedicated,
             shared_namespace: names::SHARED_NAMESPACE.to_string(),
             shared_service_name: names::PREFIX.to_string(),
+            default_secret: None,
+            proxy_protocol: false,
+            host_network: None,
+            lb_annotation_prefixes: DEFAULT_LB_ANNOTATION_PREFIXES
+                .iter()
+                .map(|p| p.to_string())
+                .collect(),
         }
     }
 }
@@ -66,14 +125,24 @@ pub struct Translation {
 /// Translates one Ingress. Pure: the referenced Services and Secrets are not
 /// consulted (see [`crate::validate_references`]).
 pub fn translate(ing: &Ingress, opts: &TranslateOptions) -> Result<Translation, IngressError> {
-    let model = model::build(ing, opts.enforce_https_default)?;
+    let model = model::build(
+        ing,
+        opts.enforce_https_default,
+        opts.default_secret.as_ref(),
+    )?;
     let uid = ing.metadata.uid.clone().unwrap_or_default();
     let service_name = names::service_name(&model.name);
-    let ports: Vec<u16> = if model.has_tls() {
-        vec![80, 443]
-    } else {
-        vec![80]
-    };
+    let ports = model.service_ports();
+    // Host network: the listener binds this port on the node instead of
+    // the Service's VIP, and `spec.services` lists it as Cilium does.
+    // Without the annotation Cilium uses its fixed default, not the shared
+    // listener port.
+    let host_port = opts.host_network.as_ref().map(|_| {
+        model
+            .settings
+            .host_listener_port
+            .unwrap_or(DEFAULT_HOST_LISTENER_PORT)
+    });
 
     let owner = |block: bool| OwnerReference {
         api_version: "networking.k8s.io/v1".to_string(),
@@ -91,11 +160,13 @@ pub fn translate(ing: &Ingress, opts: &TranslateOptions) -> Result<Translation, 
         &ports,
         &model,
         opts,
+        host_port,
         // The operator sets a controlling owner reference (garbage collection).
         Some(owner(true)),
     );
 
-    let service = lb_service(&service_name, &model.namespace, &ports, Some(owner(false)));
+    let mut service = lb_service(&service_name, &model.namespace, &ports, Some(owner(false)));
+    dedicated_service_settings(&mut service, ing, &model, opts);
     let endpoint_slice =
         placeholder_endpoint_slice(&service_name, &model.namespace, &ports, Some(owner(false)));
 
@@ -107,7 +178,9 @@ pub fn translate(ing: &Ingress, opts: &TranslateOptions) -> Result<Translation, 
 }
 
 /// The CEC of a model: `spec.services` is the LB Service `service_name`
-/// in `namespace` (the CEC's own namespace) with `ports`.
+/// in `namespace` (the CEC's own namespace) with `ports`, or with the host
+/// port in host network mode.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn build_cec(
     name: &str,
     namespace: &str,
@@ -115,13 +188,14 @@ pub(crate) fn build_cec(
     ports: &[u16],
     model: &model::Model,
     opts: &TranslateOptions,
+    host_port: Option<u16>,
     owner: Option<OwnerReference>,
 ) -> CiliumEnvoyConfig {
     let spec = EnvoyConfigSpec {
         services: vec![ServiceListener {
             name: service_name.to_string(),
             namespace: namespace.to_string(),
-            ports: ports.to_vec(),
+            ports: host_port.map_or_else(|| ports.to_vec(), |p| vec![p]),
             listener: String::new(),
         }],
         backend_services: model
@@ -133,8 +207,17 @@ pub(crate) fn build_cec(
                 number: ports.iter().cloned().collect(),
             })
             .collect(),
-        resources: envoy::resources(model, &opts.secrets_namespace),
-        node_selector: None,
+        resources: envoy::resources(model, opts, host_port),
+        // Host network mode: the listener binds on every node it reaches,
+        // so the selector decides which nodes serve Ingresses.
+        node_selector: opts
+            .host_network
+            .as_ref()
+            .filter(|h| !h.node_labels.is_empty())
+            .map(|h| LabelSelector {
+                match_labels: Some(h.node_labels.clone()),
+                ..Default::default()
+            }),
     };
     let mut cec = CiliumEnvoyConfig::new(name, CiliumEnvoyConfigSpec::from(spec));
     cec.metadata.namespace = Some(namespace.to_string());
@@ -185,6 +268,72 @@ pub(crate) fn lb_service(
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+/// What the annotations of a dedicated Ingress and the controller's
+/// options say about its Service, applied as Cilium's operator does: the
+/// type (ClusterIP in host network mode), node ports, external traffic
+/// policy, load-balancer class, and the Ingress's annotations and labels
+/// whose keys start with one of the LB annotation prefixes.
+fn dedicated_service_settings(
+    service: &mut Service,
+    ing: &Ingress,
+    model: &model::Model,
+    opts: &TranslateOptions,
+) {
+    let settings = &model.settings.service;
+    let copy = |from: Option<&BTreeMap<String, String>>| -> BTreeMap<String, String> {
+        from.into_iter()
+            .flatten()
+            .filter(|(k, _)| {
+                opts.lb_annotation_prefixes
+                    .iter()
+                    .any(|p| !p.is_empty() && k.starts_with(p.as_str()))
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+    let annotations = copy(ing.metadata.annotations.as_ref());
+    if !annotations.is_empty() {
+        service.metadata.annotations = Some(annotations);
+    }
+    let labels = copy(ing.metadata.labels.as_ref());
+    if !labels.is_empty() {
+        // Our own label wins over a copied one of the same key.
+        let own = service.metadata.labels.get_or_insert_with(BTreeMap::new);
+        for (k, v) in labels {
+            own.entry(k).or_insert(v);
+        }
+    }
+    let Some(spec) = service.spec.as_mut() else {
+        return;
+    };
+    if settings.external_traffic_policy_local {
+        spec.external_traffic_policy = Some("Local".to_string());
+    }
+    match settings.type_ {
+        ServiceType::LoadBalancer if opts.host_network.is_some() => {
+            // Nothing external reaches a host-network Ingress through its
+            // Service: Cilium makes it ClusterIP (which has no external
+            // traffic policy).
+            spec.type_ = Some("ClusterIP".to_string());
+            spec.external_traffic_policy = None;
+        }
+        ServiceType::LoadBalancer => {
+            spec.load_balancer_class = settings.load_balancer_class.clone();
+        }
+        ServiceType::NodePort => {
+            spec.type_ = Some("NodePort".to_string());
+            for port in spec.ports.iter_mut().flatten() {
+                let node_port = match port.port {
+                    80 => settings.insecure_node_port,
+                    443 => settings.secure_node_port,
+                    _ => None,
+                };
+                port.node_port = node_port.map(i32::from);
+            }
+        }
     }
 }
 

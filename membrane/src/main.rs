@@ -29,7 +29,10 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run Membrane in the foreground on a directory of manifests (watched).
-    Up(commands::up::UpArgs),
+    Up(Box<commands::up::UpArgs>),
+    /// Serve the embedded Kubernetes-compatible API alone (kubectl works
+    /// against it); objects persist in `--data-dir`.
+    Apiserver(commands::apiserver::ApiserverArgs),
     /// Create or update the objects in a file (`-` for stdin).
     Apply {
         #[arg(short = 'f', long = "filename")]
@@ -53,8 +56,8 @@ enum Command {
         #[arg(short = 'o', long)]
         output: Option<String>,
     },
-    /// Envoy connection, xDS ACK/NACK per type and every rejected object;
-    /// exits non-zero when something is rejected.
+    /// Envoy process and readiness, xDS ACK/NACK per type and every rejected
+    /// object; exits non-zero when Envoy is down or something is rejected.
     Status {
         #[arg(short = 'o', long)]
         output: Option<String>,
@@ -63,6 +66,11 @@ enum Command {
     Translate {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
+        /// Load-balancer mode of Ingresses without the annotation.
+        #[arg(long, default_value = "dedicated")]
+        ingress_default_lb_mode: membrane_ingress::LoadBalancerMode,
+        #[command(flatten)]
+        ingress: commands::up::IngressFlags,
     },
     /// Run the conformance echo backend.
     Echo(commands::echo::EchoArgs),
@@ -91,6 +99,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     init_tracing();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -121,10 +130,23 @@ fn init_tracing() {
         .try_init();
 }
 
+/// glibc gives every thread that allocates its own arena (up to 8 per core);
+/// large objects parsed on one thread and freed on another then leave
+/// memory stranded in arenas no trim reaches in time. Two arenas keep RSS
+/// close to what is live at a negligible cost in lock contention here.
+fn limit_malloc_arenas() {
+    // SAFETY: mallopt only changes allocator tuning; called before any
+    // other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let api = cli.api_socket;
     match cli.command {
-        Command::Up(args) => commands::up::run(args, api).await,
+        Command::Up(args) => commands::up::run(*args, api).await,
+        Command::Apiserver(args) => commands::apiserver::run(args).await,
         Command::Apply { file } => commands::objects::apply(&api, &file, "/v1/apply").await,
         Command::Delete { file } => commands::objects::apply(&api, &file, "/v1/delete").await,
         Command::Get {
@@ -149,7 +171,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             .await
         }
         Command::Status { output } => commands::status::run(&api, output.as_deref()).await,
-        Command::Translate { file } => commands::translate::run(&file),
+        Command::Translate {
+            file,
+            ingress_default_lb_mode,
+            ingress,
+        } => commands::translate::run(&file, ingress_default_lb_mode, &ingress.options()?),
         Command::Echo(args) => commands::echo::run(args).await,
         Command::Crds => {
             print!("{}", membrane_crds::all_crds_yaml());

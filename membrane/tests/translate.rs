@@ -3,6 +3,59 @@
 use std::path::Path;
 use std::process::Command;
 
+/// The `membrane translate` flags a golden case's `options.yaml` stands for.
+fn option_flags(case: &Path) -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string(case.join("options.yaml")) else {
+        return Vec::new();
+    };
+    let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).expect("options.yaml");
+    let mut flags = Vec::new();
+    if let Some(d) = v.get("default_secret") {
+        for (flag, key) in [
+            ("--ingress-default-secret-namespace", "namespace"),
+            ("--ingress-default-secret-name", "name"),
+        ] {
+            flags.push(flag.to_string());
+            flags.push(d[key].as_str().expect("string").to_string());
+        }
+    }
+    if v.get("proxy_protocol").and_then(|p| p.as_bool()) == Some(true) {
+        flags.push("--enable-ingress-proxy-protocol".into());
+    }
+    if let Some(port) = v
+        .get("host_network_shared_listener_port")
+        .and_then(|p| p.as_u64())
+    {
+        flags.push("--ingress-host-network".into());
+        flags.push("--ingress-host-network-shared-listener-port".into());
+        flags.push(port.to_string());
+    }
+    if let Some(labels) = v
+        .get("host_network_node_labels")
+        .and_then(|l| l.as_mapping())
+    {
+        let list: Vec<String> = labels
+            .iter()
+            .filter_map(|(k, v)| Some(format!("{}={}", k.as_str()?, v.as_str()?)))
+            .collect();
+        flags.push(format!(
+            "--ingress-host-network-node-label-selector={}",
+            list.join(",")
+        ));
+    }
+    if let Some(prefixes) = v
+        .get("lb_annotation_prefixes")
+        .and_then(|p| p.as_sequence())
+    {
+        let list: Vec<&str> = prefixes.iter().filter_map(|p| p.as_str()).collect();
+        flags.push(format!(
+            "--ingress-lb-annotation-prefixes={}",
+            list.join(",")
+        ));
+    }
+    flags
+}
+
 #[test]
 fn translate_matches_every_golden_case() {
     let testdata = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ingress/testdata");
@@ -13,6 +66,7 @@ fn translate_matches_every_golden_case() {
             .arg("translate")
             .arg("-f")
             .arg(case.join("input.yaml"))
+            .args(option_flags(&case))
             .output()
             .expect("run membrane translate");
         let stderr = String::from_utf8_lossy(&out.stderr);

@@ -18,6 +18,23 @@ pub enum StoreError {
     /// An object or document that is malformed; the message names the field.
     #[error("{0}")]
     Invalid(String),
+    /// A document that is not a Kubernetes object at all (no `apiVersion`
+    /// and `kind`, or not a map): the watched directory ignores these.
+    #[error("{0}")]
+    NotManifest(String),
+    /// An input or document over a size limit (checked before parsing).
+    #[error(
+        "{what} is {size} bytes, more than the limit of {limit} bytes ({})",
+        human(*limit)
+    )]
+    TooLarge {
+        what: &'static str,
+        size: usize,
+        limit: usize,
+    },
+    /// Nesting deeper than the parser accepts (checked before parsing).
+    #[error("nested deeper than {limit} levels")]
+    TooDeep { limit: usize },
     /// An error inside one document of a multi-document text (1-based index).
     #[error("document {index}: {error}")]
     Document {
@@ -41,6 +58,17 @@ pub enum StoreError {
     Watch { path: PathBuf, message: String },
 }
 
+/// A limit for messages: `1.5 MiB`, `256 KiB`.
+fn human(bytes: usize) -> String {
+    const KIB: usize = 1 << 10;
+    const MIB: usize = 1 << 20;
+    if bytes >= MIB {
+        format!("{} MiB", bytes as f64 / MIB as f64)
+    } else {
+        format!("{} KiB", bytes as f64 / KIB as f64)
+    }
+}
+
 impl StoreError {
     /// The innermost error, looking through document wrappers.
     pub fn root(&self) -> &StoreError {
@@ -48,6 +76,11 @@ impl StoreError {
             StoreError::Document { error, .. } | StoreError::Item { error, .. } => error.root(),
             other => other,
         }
+    }
+
+    /// True when the document is not a Kubernetes object at all.
+    pub fn is_not_manifest(&self) -> bool {
+        matches!(self.root(), StoreError::NotManifest(_))
     }
 
     /// True when the error only says the kind is not one the store holds.

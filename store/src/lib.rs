@@ -17,7 +17,10 @@ pub use error::StoreError;
 pub use kind::Kind;
 pub use manifest::ManifestDir;
 pub use object::{Object, ObjectKey, Typed};
-pub use parse::{parse_documents, parse_documents_lenient};
+pub use parse::{
+    LARGE_INPUT_BYTES, MAX_DEPTH, MAX_DOCUMENT_BYTES, MAX_INPUT_BYTES, parse_documents,
+    parse_documents_lenient, parse_keys, run_parse,
+};
 pub use source::{DEFAULT_SCOPE, Source, SourceWriter};
 pub use store::{Change, ScopeUpdate, Store, StoreSnapshot};
 

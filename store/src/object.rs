@@ -186,11 +186,16 @@ impl Object {
     /// Secrets given with `stringData` are converted to `data`.
     pub fn from_value(v: Value) -> Result<Object, StoreError> {
         let Some(map) = v.as_object() else {
-            return Err(StoreError::Invalid(format!(
+            return Err(StoreError::NotManifest(format!(
                 "expected an object with apiVersion and kind, found {}",
                 value_type(&v)
             )));
         };
+        if !map.contains_key("apiVersion") && !map.contains_key("kind") {
+            return Err(StoreError::NotManifest(
+                "apiVersion: required field is missing (and kind)".into(),
+            ));
+        }
         let api_version = required_str(map, "apiVersion")?;
         let kind_name = required_str(map, "kind")?;
         let Some(kind) = Kind::from_type(api_version, kind_name) else {
@@ -212,22 +217,23 @@ impl Object {
             }
             _ => {}
         }
-        let input = v.clone();
+        // Deserialised from a borrow: the input is kept for the unknown-field
+        // check without a second copy.
         let mut obj = match kind {
-            Kind::Ingress => Object::Ingress(typed_from(v)?),
-            Kind::IngressClass => Object::IngressClass(typed_from(v)?),
-            Kind::Service => Object::Service(typed_from(v)?),
-            Kind::EndpointSlice => Object::EndpointSlice(typed_from(v)?),
-            Kind::Endpoints => Object::Endpoints(typed_from(v)?),
-            Kind::Secret => Object::Secret(typed_from(v)?),
-            Kind::Namespace => Object::Namespace(typed_from(v)?),
-            Kind::CiliumEnvoyConfig => Object::CiliumEnvoyConfig(typed_from(v)?),
+            Kind::Ingress => Object::Ingress(typed_from(&v)?),
+            Kind::IngressClass => Object::IngressClass(typed_from(&v)?),
+            Kind::Service => Object::Service(typed_from(&v)?),
+            Kind::EndpointSlice => Object::EndpointSlice(typed_from(&v)?),
+            Kind::Endpoints => Object::Endpoints(typed_from(&v)?),
+            Kind::Secret => Object::Secret(typed_from(&v)?),
+            Kind::Namespace => Object::Namespace(typed_from(&v)?),
+            Kind::CiliumEnvoyConfig => Object::CiliumEnvoyConfig(typed_from(&v)?),
             Kind::CiliumClusterwideEnvoyConfig => {
-                Object::CiliumClusterwideEnvoyConfig(typed_from(v)?)
+                Object::CiliumClusterwideEnvoyConfig(typed_from(&v)?)
             }
         };
         let mut unknown = Vec::new();
-        unknown_fields(&input, &obj.to_value(), &mut String::new(), &mut unknown);
+        unknown_fields(&v, &obj.to_value(), &mut String::new(), &mut unknown);
         if !unknown.is_empty() {
             let list: Vec<String> = unknown.iter().map(|p| format!("{p:?}")).collect();
             return Err(StoreError::Invalid(format!(
@@ -377,7 +383,7 @@ fn required_str<'a>(
     }
 }
 
-fn typed_from<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, StoreError> {
+fn typed_from<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, StoreError> {
     serde_path_to_error::deserialize(v).map_err(|e| {
         let path = e.path().to_string();
         if path.is_empty() || path == "." {

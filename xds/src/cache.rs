@@ -949,6 +949,29 @@ impl SnapshotCache {
     /// Content hash of resource `name` as of the latest state of `type_url`
     /// that `node_id` ACKed, on its newest stream (either protocol). `None`
     /// if that node is not connected or has not ACKed the resource.
+    /// Stop reporting the NACK `nonce` of `type_url` on `node_id`'s streams
+    /// (the objects it was pinned on are gone). Only that NACK is cleared:
+    /// a newer one stays.
+    pub fn dismiss_nack(&self, node_id: &str, type_url: &str, nonce: &str) {
+        let mut state = self.lock();
+        let mut changed = false;
+        for stream in state.streams.values_mut() {
+            if stream.node_id.as_deref() != Some(node_id) {
+                continue;
+            }
+            if let Some(t) = stream.types.get_mut(type_url)
+                && t.last_nack.as_ref().is_some_and(|n| n.nonce == nonce)
+            {
+                t.last_nack = None;
+                changed = true;
+            }
+        }
+        drop(state);
+        if changed {
+            self.tick();
+        }
+    }
+
     pub fn acked_hash(&self, node_id: &str, type_url: &str, name: &str) -> Option<u64> {
         let st = self.lock();
         st.streams

@@ -15,7 +15,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use futures::Stream;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::cache::{Protocol, Push, RequestKind, SnapshotCache};
@@ -253,9 +253,39 @@ pub async fn serve_unix(
     let (svc, shutdown) = with_shutdown(cache, shutdown);
     tonic::transport::Server::builder()
         .add_service(svc)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(resilient_incoming(listener), shutdown)
         .await?;
     Ok(())
+}
+
+/// The accepted connections of `listener`. An `accept()` error (out of
+/// descriptors, an aborted connection) is logged and waited out with a
+/// capped backoff instead of being handed to tonic, which would retry at
+/// once and spin while descriptors stay exhausted.
+fn resilient_incoming(
+    listener: tokio::net::UnixListener,
+) -> impl futures::Stream<Item = Result<tokio::net::UnixStream, std::io::Error>> {
+    futures::stream::unfold((listener, 0u64), |(listener, mut failures)| async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    if failures > 0 {
+                        tracing::info!(failures, "xds: accepting connections again");
+                    }
+                    return Some((Ok(stream), (listener, 0)));
+                }
+                Err(e) => {
+                    failures += 1;
+                    let wait = std::time::Duration::from_millis(5 << failures.min(8))
+                        .min(std::time::Duration::from_secs(1));
+                    if failures == 1 || failures.is_power_of_two() || failures.is_multiple_of(30) {
+                        tracing::warn!(error = %e, failures, retry_in_ms = wait.as_millis() as u64, "xds: accept failed; backing off and continuing");
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    })
 }
 
 /// Serves ADS on a TCP address until `shutdown` completes.

@@ -2,7 +2,7 @@
 
 use membrane_crds::EnvoyConfigSpec;
 
-use super::qualify::qualify;
+use super::qualify::{LEGACY_ADMIN_CLUSTER, qualify, qualify_cluster_ref};
 use crate::envoy_pb::*;
 
 /// Why a CEC was rejected. The message always names the object, the
@@ -27,6 +27,9 @@ pub struct ParsedListener {
     pub needs_address: bool,
     /// Index in `spec.resources`, for error messages.
     pub index: usize,
+    /// RDS route configurations its HTTP connection managers name: the
+    /// field (for messages) and the qualified name.
+    pub rds: Vec<(String, String)>,
 }
 
 /// Every resource of one CEC, decoded and qualified.
@@ -43,6 +46,8 @@ struct Ctx<'a> {
     object: &'a str,
     namespace: &'a str,
     name: &'a str,
+    /// The CEC defines its own cluster named `envoy-admin`.
+    defines_legacy_admin: bool,
 }
 
 impl Ctx<'_> {
@@ -56,6 +61,10 @@ impl Ctx<'_> {
     fn q(&self, name: &str) -> String {
         qualify(self.namespace, self.name, name)
     }
+    /// A reference to a cluster (which may be a bootstrap cluster).
+    fn q_cluster(&self, name: &str) -> String {
+        qualify_cluster_ref(self.namespace, self.name, name, self.defines_legacy_admin)
+    }
 }
 
 /// Decode and qualify the resources of a CEC. `object` is how errors name it
@@ -66,10 +75,17 @@ pub fn parse_cec(
     name: &str,
     spec: &EnvoyConfigSpec,
 ) -> Result<ParsedCec, CecError> {
+    let defines_legacy_admin = spec.resources.iter().any(|r| {
+        r["name"] == LEGACY_ADMIN_CLUSTER
+            && r["@type"]
+                .as_str()
+                .is_some_and(|t| t.ends_with("envoy.config.cluster.v3.Cluster"))
+    });
     let ctx = Ctx {
         object,
         namespace,
         name,
+        defines_legacy_admin,
     };
     let mut out = ParsedCec::default();
     for (index, raw) in spec.resources.iter().enumerate() {
@@ -155,11 +171,12 @@ fn listener(
     require_name(ctx, field, "name", &l.name)?;
     let local_name = l.name.clone();
     l.name = ctx.q(&l.name);
+    let mut rds = Vec::new();
     for (i, chain) in l.filter_chains.iter_mut().enumerate() {
-        filter_chain(ctx, &format!("{field}.filterChains[{i}]"), chain)?;
+        filter_chain(ctx, &format!("{field}.filterChains[{i}]"), chain, &mut rds)?;
     }
     if let Some(chain) = l.default_filter_chain.as_mut() {
-        filter_chain(ctx, &format!("{field}.defaultFilterChain"), chain)?;
+        filter_chain(ctx, &format!("{field}.defaultFilterChain"), chain, &mut rds)?;
     }
     let needs_address = l.address.is_none();
     Ok(ParsedListener {
@@ -167,10 +184,16 @@ fn listener(
         listener: l,
         needs_address,
         index,
+        rds,
     })
 }
 
-fn filter_chain(ctx: &Ctx<'_>, field: &str, chain: &mut FilterChain) -> Result<(), CecError> {
+fn filter_chain(
+    ctx: &Ctx<'_>,
+    field: &str,
+    chain: &mut FilterChain,
+    rds_names: &mut Vec<(String, String)>,
+) -> Result<(), CecError> {
     for (i, filter) in chain.filters.iter_mut().enumerate() {
         let field = format!("{field}.filters[{i}].typedConfig");
         let Some(FilterConfigType::TypedConfig(any)) = filter.config_type.as_mut() else {
@@ -183,6 +206,10 @@ fn filter_chain(ctx: &Ctx<'_>, field: &str, chain: &mut FilterChain) -> Result<(
                 Some(RouteSpecifier::Rds(rds)) => {
                     require_name(ctx, &field, "rds.routeConfigName", &rds.route_config_name)?;
                     rds.route_config_name = ctx.q(&rds.route_config_name);
+                    rds_names.push((
+                        format!("{field}.rds.routeConfigName"),
+                        rds.route_config_name.clone(),
+                    ));
                     if rds.config_source.is_none() {
                         rds.config_source = Some(ads_config_source());
                     }
@@ -194,10 +221,10 @@ fn filter_chain(ctx: &Ctx<'_>, field: &str, chain: &mut FilterChain) -> Result<(
         } else if let Some(tcp) = from_any::<TcpProxy>(any) {
             let mut tcp = tcp.map_err(bad)?;
             match tcp.cluster_specifier.as_mut() {
-                Some(TcpClusterSpecifier::Cluster(c)) => *c = ctx.q(c),
+                Some(TcpClusterSpecifier::Cluster(c)) => *c = ctx.q_cluster(c),
                 Some(TcpClusterSpecifier::WeightedClusters(w)) => {
                     for c in &mut w.clusters {
-                        c.name = ctx.q(&c.name);
+                        c.name = ctx.q_cluster(&c.name);
                     }
                 }
                 None => {}
@@ -233,10 +260,10 @@ fn qualify_routes(ctx: &Ctx<'_>, rc: &mut RouteConfiguration) {
         for route in &mut vhost.routes {
             if let Some(RouteActionKind::Route(action)) = route.action.as_mut() {
                 match action.cluster_specifier.as_mut() {
-                    Some(RouteClusterSpecifier::Cluster(c)) => *c = ctx.q(c),
+                    Some(RouteClusterSpecifier::Cluster(c)) => *c = ctx.q_cluster(c),
                     Some(RouteClusterSpecifier::WeightedClusters(w)) => {
                         for c in &mut w.clusters {
-                            c.name = ctx.q(&c.name);
+                            c.name = ctx.q_cluster(&c.name);
                         }
                     }
                     _ => {}

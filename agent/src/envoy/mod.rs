@@ -3,5 +3,5 @@
 pub mod bootstrap;
 pub mod supervisor;
 
-pub use bootstrap::XdsProtocol;
-pub use supervisor::{EnvoyError, EnvoyOptions, EnvoyState, find_envoy, supervise};
+pub use bootstrap::{ADMIN_CLUSTER, BOOTSTRAP_CLUSTERS, XdsProtocol};
+pub use supervisor::{EnvoyError, EnvoyOptions, EnvoyState, admin_get, find_envoy, supervise};

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod apiserver;
 pub mod bench;
 pub mod conformance;
 pub mod echo;

@@ -13,6 +13,19 @@ use crate::table;
 
 /// `apply -f` / `delete -f`: print one kubectl-style line per object.
 pub async fn apply(api: &Path, file: &Path, endpoint: &str) -> Result<ExitCode> {
+    // The server refuses bodies over the limit; say so before reading it all.
+    let limit = membrane_store::MAX_INPUT_BYTES;
+    if let Ok(meta) = std::fs::metadata(file)
+        && meta.is_file()
+        && meta.len() > limit as u64
+    {
+        bail!(
+            "{}: {:.1} MiB is more than the limit of {} MiB per apply; split it into several files",
+            file.display(),
+            meta.len() as f64 / f64::from(1 << 20),
+            limit >> 20
+        );
+    }
     let body = read_input(file)?;
     let answer = ApiClient::new(api)
         .ok(Method::POST, endpoint, Some(body))

@@ -20,7 +20,10 @@ pub async fn run(api: &Path, output: Option<&str>) -> Result<ExitCode> {
         Some("yaml") => print!("{}", serde_yaml_ng::to_string(&report)?),
         _ => print!("{}", human(&report)),
     }
-    Ok(if rejected.is_empty() {
+    // Envoy down (or not yet serving) is a failure like a rejected object:
+    // nothing is served until it is back.
+    let envoy_up = report["envoy"]["running"] == true && report["envoy"]["ready"] == true;
+    Ok(if rejected.is_empty() && envoy_up {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -31,13 +34,31 @@ fn human(r: &Value) -> String {
     let mut out = String::new();
     let envoy = &r["envoy"];
     let running = envoy["running"].as_bool().unwrap_or(false);
+    let ready = envoy["ready"].as_bool().unwrap_or(false);
+    let admin = match envoy["admin_address"].as_str() {
+        Some(tcp) => format!("{} and {tcp}", text(envoy, "/admin_socket")),
+        None => text(envoy, "/admin_socket"),
+    };
     out.push_str(&format!(
         "Envoy:     {} (pid {}, restarts {}, admin {})\n",
-        if running { "running" } else { "not running" },
+        match (running, ready) {
+            (true, true) => "running, ready",
+            (true, false) => "running, NOT READY",
+            (false, _) => "NOT RUNNING",
+        },
         text(envoy, "/pid"),
         text(envoy, "/restarts"),
-        text(envoy, "/admin_address"),
+        admin,
     ));
+    if !running && let Some(e) = envoy["last_error"].as_str() {
+        out.push_str(&format!(
+            "           start failed {} time(s) in a row: {e}\n",
+            text(envoy, "/start_failures")
+        ));
+    }
+    if !running && let Some(e) = envoy["last_exit"].as_str() {
+        out.push_str(&format!("           last exit: {e}\n"));
+    }
     out.push_str(&format!("Node:      {}\n", text(r, "/node")));
     if r["datapath"]["mode"] == "ebpf" {
         let dp = &r["datapath"];
@@ -71,6 +92,17 @@ fn human(r: &Value) -> String {
             ));
         }
     }
+    let warnings = r["warnings"].as_array().cloned().unwrap_or_default();
+    if !warnings.is_empty() {
+        out.push_str(&format!("Warnings:  {}\n", warnings.len()));
+        for item in warnings {
+            out.push_str(&format!(
+                "  {}\n    {}\n",
+                text(&item, "/object"),
+                text(&item, "/reason")
+            ));
+        }
+    }
     out
 }
 
@@ -94,10 +126,11 @@ fn xds_lines(v: &Value) -> String {
         for (type_url, t) in s["types"].as_object().into_iter().flatten() {
             let short = type_url.rsplit('.').next().unwrap_or(type_url);
             let nack = match t.get("last_nack") {
+                // One line, without the protobuf dump Envoy appends.
                 Some(n) if !n.is_null() => format!(
                     "version {}: {}",
                     text(n, "/version"),
-                    text(n, "/error_detail")
+                    membrane_agent::nack::clean_detail(&text(n, "/error_detail"))
                 ),
                 _ => "-".into(),
             };

@@ -10,7 +10,11 @@ use membrane_store::k8s_openapi::api::networking::v1::Ingress;
 
 use super::read_input;
 
-pub fn run(file: &Path) -> Result<ExitCode> {
+pub fn run(
+    file: &Path,
+    default_lb_mode: membrane_ingress::LoadBalancerMode,
+    ingress: &membrane_agent::ingress_controller::IngressOptions,
+) -> Result<ExitCode> {
     let text = read_input(file)?;
     let ingresses: Vec<Ingress> = membrane_store::parse_documents(&text)?
         .into_iter()
@@ -24,7 +28,11 @@ pub fn run(file: &Path) -> Result<ExitCode> {
         "{}: no Ingress found",
         file.display()
     );
-    let opts = membrane_ingress::TranslateOptions::default();
+    // The same options `membrane up` takes, so a preview matches what runs.
+    let opts = ingress.apply(membrane_ingress::TranslateOptions {
+        default_lb_mode,
+        ..membrane_ingress::TranslateOptions::default()
+    });
     // Dedicated Ingresses each get their own CEC; shared ones are merged into
     // the one shared CEC, exactly as the running controller does.
     let result = membrane_ingress::translate_cluster(&ingresses, &opts);

@@ -23,9 +23,10 @@ pub struct UpArgs {
     /// Envoy binary (else $MEMBRANE_ENVOY, .venv/bin/envoy, PATH).
     #[arg(long)]
     pub envoy_bin: Option<PathBuf>,
-    /// Envoy admin port on 127.0.0.1 (0 picks a free one).
-    #[arg(long, default_value_t = 9901)]
-    pub envoy_admin_port: u16,
+    /// Also expose Envoy admin on 127.0.0.1:PORT (0 picks a free one).
+    /// Default: admin only on the unix socket `<run-dir>/envoy-admin.sock`.
+    #[arg(long)]
+    pub envoy_admin_port: Option<u16>,
     #[arg(long, default_value_t = 2)]
     pub envoy_concurrency: u16,
     #[arg(long, default_value = "warning")]
@@ -56,7 +57,108 @@ pub struct UpArgs {
     #[arg(long, default_value = "dedicated")]
     pub ingress_default_lb_mode: membrane_ingress::LoadBalancerMode,
     #[command(flatten)]
+    pub ingress: IngressFlags,
+    #[command(flatten)]
     pub datapath: super::service::DatapathArgs,
+}
+
+/// The Ingress controller's feature flags, shared by `membrane up` and
+/// `membrane translate` (named after Cilium's operator flags).
+#[derive(clap::Args, Debug, Clone)]
+pub struct IngressFlags {
+    /// Redirect plain HTTP to HTTPS for TLS hosts unless an Ingress sets
+    /// `ingress.cilium.io/force-https` (Cilium's `enforce-ingress-https`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub enforce_ingress_https: bool,
+    /// Host network mode (Cilium's `ingressController.hostNetwork.enabled`):
+    /// Ingress listeners bind the node's addresses (0.0.0.0 and ::) on a
+    /// host port instead of a LoadBalancer address.
+    #[arg(long)]
+    pub ingress_host_network: bool,
+    /// Host network mode: port of the shared listener (dedicated Ingresses
+    /// use `ingress.cilium.io/host-listener-port`, default 8080).
+    #[arg(long, default_value_t = 8080, requires = "ingress_host_network")]
+    pub ingress_host_network_shared_listener_port: u16,
+    /// Host network mode: only nodes with these labels (`k=v,k2=v2`) serve
+    /// Ingresses (Cilium's `ingressController.hostNetwork.nodes.matchLabels`
+    /// / `ingress-hostnetwork-nodelabelselector`).
+    #[arg(long, default_value = "", requires = "ingress_host_network")]
+    pub ingress_host_network_node_label_selector: String,
+    /// Require a PROXY protocol (v1 or v2) header on every Ingress
+    /// connection (Cilium's `ingressController.enableProxyProtocol`).
+    #[arg(long)]
+    pub enable_ingress_proxy_protocol: bool,
+    /// Namespace of the TLS Secret for Ingress TLS hosts without
+    /// `secretName` (with `--ingress-default-secret-name`).
+    #[arg(long, requires = "ingress_default_secret_name")]
+    pub ingress_default_secret_namespace: Option<String>,
+    /// Name of the default TLS Secret (with
+    /// `--ingress-default-secret-namespace`).
+    #[arg(long, requires = "ingress_default_secret_namespace")]
+    pub ingress_default_secret_name: Option<String>,
+    /// Ingress annotation and label key prefixes copied to the generated
+    /// Service, comma-separated (Cilium's `ingressLBAnnotationPrefixes`).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "lbipam.cilium.io,service.beta.kubernetes.io,service.kubernetes.io,cloud.google.com"
+    )]
+    pub ingress_lb_annotation_prefixes: Vec<String>,
+}
+
+impl IngressFlags {
+    pub fn options(&self) -> Result<membrane_agent::ingress_controller::IngressOptions> {
+        let default_secret = match (
+            &self.ingress_default_secret_namespace,
+            &self.ingress_default_secret_name,
+        ) {
+            (Some(namespace), Some(name)) => Some(membrane_ingress::SecretRef {
+                namespace: namespace.clone(),
+                name: name.clone(),
+            }),
+            _ => None,
+        };
+        let node_labels = self
+            .ingress_host_network_node_label_selector
+            .split(',')
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| {
+                p.split_once('=')
+                    .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                    .with_context(|| {
+                        format!("--ingress-host-network-node-label-selector: {p:?} is not k=v")
+                    })
+            })
+            .collect::<Result<BTreeMap<String, String>>>()?;
+        Ok(membrane_agent::ingress_controller::IngressOptions {
+            enforce_https: self.enforce_ingress_https,
+            default_secret,
+            proxy_protocol: self.enable_ingress_proxy_protocol,
+            host_network: self
+                .ingress_host_network
+                .then_some(membrane_ingress::HostNetwork {
+                    shared_listener_port: self.ingress_host_network_shared_listener_port,
+                    ipv6: true,
+                    node_labels,
+                }),
+            lb_annotation_prefixes: self
+                .ingress_lb_annotation_prefixes
+                .iter()
+                .map(|p| p.trim().to_string())
+                .filter(|p| !p.is_empty())
+                .collect(),
+        })
+    }
+}
+
+/// Whether this node can bind IPv6 sockets (host network listeners bind
+/// `::` only then, as Cilium binds only the families it has enabled).
+fn ipv6_available() -> bool {
+    let ok = std::net::TcpListener::bind("[::]:0").is_ok();
+    if !ok {
+        info!("no IPv6 on this node: host network Ingress listeners bind 0.0.0.0 only");
+    }
+    ok
 }
 
 fn parse_protocol(s: &str) -> Result<XdsProtocol, String> {
@@ -90,6 +192,10 @@ pub async fn run(args: UpArgs, api_socket: PathBuf) -> Result<ExitCode> {
             .map(|p| p.join("run"))
             .unwrap_or_else(|| PathBuf::from("membrane-run"))
     });
+    // The run directory may lie inside the watched one (`membrane up .`):
+    // its files are Membrane's own, never manifests, and its writes must not
+    // wake the watcher.
+    let manifests = ManifestDir::new(args.dir.clone()).ignoring(&run_dir);
     let config = AgentConfig {
         run_dir,
         api_socket,
@@ -109,11 +215,17 @@ pub async fn run(args: UpArgs, api_socket: PathBuf) -> Result<ExitCode> {
         node_labels: parse_labels(&args.node_labels)?,
         secrets_namespace: args.secrets_namespace.clone(),
         ingress_default_lb_mode: args.ingress_default_lb_mode,
+        ingress: {
+            let mut ingress = args.ingress.options()?;
+            if let Some(h) = ingress.host_network.as_mut() {
+                h.ipv6 = ipv6_available();
+            }
+            ingress
+        },
         datapath: args.datapath.options()?,
     };
 
     let store = Store::new();
-    let manifests = ManifestDir::new(args.dir.clone());
     // Start complete: the first configuration Envoy sees has every object.
     manifests
         .load_once(&store.writer(&manifests_name(&args.dir)))

@@ -71,7 +71,7 @@ impl Membrane {
             .arg(manifests)
             .args(["--run-dir"])
             .arg(dir.path().join("run"))
-            .args(["--envoy-admin-port", "0", "--lb-pool", pool])
+            .args(["--lb-pool", pool])
             .args([
                 "--http-port",
                 &http_port.to_string(),
@@ -101,11 +101,22 @@ impl Membrane {
                 .and_then(|(_, out)| serde_json::from_str::<Value>(&out).ok())
                 .is_some_and(|s| {
                     s["envoy"]["running"] == true
+                        && s["ready"] == true
                         && !s["xds"]["streams"].as_array().is_none_or(|a| a.is_empty())
                 })
         });
         assert!(ok, "membrane up did not become ready:\n{}", m.log());
         m
+    }
+
+    /// PID of the `membrane up` process.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// PID of the Envoy this Membrane runs, per `membrane status`.
+    pub fn envoy_pid(&self) -> Option<i32> {
+        self.status()["envoy"]["pid"].as_i64().map(|p| p as i32)
     }
 
     /// SIGKILL Membrane (no shutdown path runs).
@@ -222,6 +233,24 @@ impl Drop for Membrane {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The Envoy binary tests run (`$MEMBRANE_ENVOY` or the checkout's venv).
+pub fn envoy_bin() -> PathBuf {
+    std::env::var_os("MEMBRANE_ENVOY")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/envoy"))
+}
+
+/// A symlink `dir/envoy` to the Envoy binary, for tests that make the
+/// binary disappear (rename the link away) and come back.
+pub fn envoy_link(dir: &Path) -> PathBuf {
+    require_envoy();
+    let target = std::fs::canonicalize(envoy_bin()).expect("envoy binary");
+    let link = dir.join("envoy");
+    std::os::unix::fs::symlink(&target, &link).expect("symlink envoy");
+    link
 }
 
 pub fn rand_suffix() -> String {

@@ -1,0 +1,409 @@
+//! SQLite storage: the current objects, one global monotonically increasing
+//! resourceVersion, and a bounded window of change events that watchers
+//! resume from (like etcd's revision history under kine).
+//!
+//! Every write is one transaction committed with `synchronous=FULL` before the
+//! caller sees its result, and its event is broadcast to live watchers only
+//! after the commit, so a watcher never sees a change that a restart loses.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde_json::Value;
+use tokio::sync::broadcast;
+
+use crate::Error;
+use crate::error::ApiError;
+
+/// Type of a change event, as in a Kubernetes watch stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventType {
+    Added,
+    Modified,
+    Deleted,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Added => "ADDED",
+            EventType::Modified => "MODIFIED",
+            EventType::Deleted => "DELETED",
+        }
+    }
+
+    fn parse(s: &str) -> EventType {
+        match s {
+            "ADDED" => EventType::Added,
+            "DELETED" => EventType::Deleted,
+            _ => EventType::Modified,
+        }
+    }
+}
+
+/// One committed change. `object` carries the resourceVersion `rv`.
+#[derive(Clone, Debug)]
+pub struct Event {
+    pub rv: u64,
+    pub kind: EventType,
+    pub key: String,
+    pub object: Value,
+    /// The object before this change; lets selector watches see objects
+    /// leave their selection.
+    pub prev: Option<Value>,
+}
+
+/// What a read-modify-write closure decided.
+pub enum Mutation {
+    /// Store this object (create or replace); its resourceVersion is set here.
+    Put(Value),
+    /// Remove the object; the event carries this final state.
+    Delete(Value),
+    /// Change nothing (no new resourceVersion).
+    Keep,
+}
+
+/// Result of [`Store::mutate`].
+#[derive(Debug)]
+pub enum Outcome {
+    Created(Value),
+    Updated(Value),
+    Deleted(Value),
+    Unchanged(Option<Value>),
+}
+
+/// The persistent object store.
+pub struct Store {
+    conn: Mutex<Connection>,
+    events: broadcast::Sender<Arc<Event>>,
+    /// How many events are kept for watchers to resume from.
+    window: u64,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS objects (key TEXT PRIMARY KEY, rv INTEGER NOT NULL, object TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (rv INTEGER PRIMARY KEY, type TEXT NOT NULL, key TEXT NOT NULL, object TEXT NOT NULL, prev TEXT);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta (name, value) VALUES ('rv', 1), ('compacted', 1);
+";
+
+impl Store {
+    /// Open (or create) the database `dir/state.db`, keeping `window` events.
+    pub fn open(dir: &Path, window: u64) -> Result<Store, Error> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::Io(dir.display().to_string(), e))?;
+        let path = dir.join("state.db");
+        let conn = Connection::open(&path)?;
+        let init = || -> Result<(), rusqlite::Error> {
+            // One server per data directory: the exclusive lock is taken by
+            // the first write below and held for the life of the connection,
+            // so a second server fails here instead of interleaving
+            // resourceVersions with this one.
+            conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
+            conn.busy_timeout(std::time::Duration::from_millis(500))?;
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            // FULL: a commit is on disk before the client gets its answer.
+            conn.pragma_update(None, "synchronous", "FULL")?;
+            conn.execute_batch(SCHEMA)?;
+            conn.execute("UPDATE meta SET value = value WHERE name = 'rv'", [])?;
+            Ok(())
+        };
+        init().map_err(|e| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                Error::InUse(dir.display().to_string())
+            }
+            _ => Error::Db(e),
+        })?;
+        let (events, _) = broadcast::channel(4096);
+        Ok(Store {
+            conn: Mutex::new(conn),
+            events,
+            window: window.max(1),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave a half-written
+        // transaction (it rolls back on drop), so poisoning is harmless.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Subscribe to changes committed from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.events.subscribe()
+    }
+
+    /// The current resourceVersion.
+    pub fn current_rv(&self) -> Result<u64, Error> {
+        let conn = self.lock();
+        Ok(meta(&conn, "rv")?)
+    }
+
+    /// One object.
+    pub fn get(&self, key: &str) -> Result<Option<Value>, Error> {
+        let conn = self.lock();
+        get_obj(&conn, key)
+    }
+
+    /// Every object whose key starts with `prefix`, sorted by key, and the
+    /// resourceVersion the list is consistent with.
+    pub fn list(&self, prefix: &str) -> Result<(Vec<Value>, u64), Error> {
+        let (items, rv) = self.list_keyed(prefix)?;
+        Ok((items.into_iter().map(|(_, o)| o).collect(), rv))
+    }
+
+    /// The keys under `prefix`, sorted.
+    pub fn keys(&self, prefix: &str) -> Result<Vec<String>, Error> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare_cached("SELECT key FROM objects WHERE key >= ?1 AND key < ?2 ORDER BY key")?;
+        let rows = stmt.query_map(params![prefix, prefix_end(prefix)], |r| {
+            r.get::<_, String>(0)
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Like [`Store::list`], with each object's key.
+    pub fn list_keyed(&self, prefix: &str) -> Result<(Vec<(String, Value)>, u64), Error> {
+        let conn = self.lock();
+        let rv = meta(&conn, "rv")?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT key, object FROM objects WHERE key >= ?1 AND key < ?2 ORDER BY key",
+        )?;
+        let rows = stmt.query_map(params![prefix, prefix_end(prefix)], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (key, text) = row?;
+            out.push((key, serde_json::from_str(&text)?));
+        }
+        Ok((out, rv))
+    }
+
+    /// Events after `rv` whose key starts with `prefix`, oldest first; 410
+    /// Gone when `rv` is older than the kept window.
+    pub fn events_since(&self, rv: u64, prefix: &str) -> Result<Vec<Event>, Error> {
+        let conn = self.lock();
+        let compacted = meta(&conn, "compacted")?;
+        let current = meta(&conn, "rv")?;
+        if rv > current {
+            // From another history (e.g. a replaced data directory): the
+            // client must relist rather than wait for versions to catch up.
+            return Err(ApiError::expired(format!(
+                "too large resource version: {rv}, current: {current}"
+            ))
+            .into());
+        }
+        if rv < compacted {
+            return Err(
+                ApiError::expired(format!("too old resource version: {rv} ({compacted})")).into(),
+            );
+        }
+        let mut stmt = conn.prepare_cached(
+            "SELECT rv, type, key, object, prev FROM events WHERE rv > ?1 AND key >= ?2 AND key < ?3 ORDER BY rv",
+        )?;
+        let rows = stmt.query_map(params![rv as i64, prefix, prefix_end(prefix)], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<String>>(4)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (rv, ty, key, obj, prev) = row?;
+            out.push(Event {
+                rv: rv as u64,
+                kind: EventType::parse(&ty),
+                key,
+                object: serde_json::from_str(&obj)?,
+                prev: match prev {
+                    Some(p) => Some(serde_json::from_str(&p)?),
+                    None => None,
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    /// Atomically read `key`, let `f` decide, and commit the result with a
+    /// new resourceVersion. `f` may fail with an API error (nothing written).
+    pub fn mutate<F>(&self, key: &str, f: F) -> Result<Outcome, Error>
+    where
+        F: FnOnce(Option<Value>) -> Result<Mutation, Error>,
+    {
+        let mut conn = self.lock();
+        let current = get_obj(&conn, key)?;
+        let existed = current.is_some();
+        let mutation = f(current.clone())?;
+        let (kind, mut object) = match mutation {
+            Mutation::Keep => return Ok(Outcome::Unchanged(current)),
+            Mutation::Put(obj) if existed => (EventType::Modified, obj),
+            Mutation::Put(obj) => (EventType::Added, obj),
+            Mutation::Delete(_) if !existed => return Ok(Outcome::Unchanged(None)),
+            Mutation::Delete(obj) => (EventType::Deleted, obj),
+        };
+        let tx = conn.transaction()?;
+        let rv = meta(&tx, "rv")? + 1;
+        tx.execute(
+            "UPDATE meta SET value = ?1 WHERE name = 'rv'",
+            params![rv as i64],
+        )?;
+        set_rv(&mut object, rv);
+        let text = serde_json::to_string(&object)?;
+        match kind {
+            EventType::Deleted => {
+                tx.execute("DELETE FROM objects WHERE key = ?1", params![key])?;
+            }
+            _ => {
+                tx.execute(
+                    "INSERT OR REPLACE INTO objects (key, rv, object) VALUES (?1, ?2, ?3)",
+                    params![key, rv as i64, text],
+                )?;
+            }
+        }
+        let prev_text = match (&current, kind) {
+            (Some(p), EventType::Modified) => Some(serde_json::to_string(p)?),
+            _ => None,
+        };
+        tx.execute(
+            "INSERT INTO events (rv, type, key, object, prev) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![rv as i64, kind.as_str(), key, text, prev_text],
+        )?;
+        if rv % 64 == 0 && rv > self.window {
+            // Compact: drop events older than the window; a watch from
+            // before it gets 410 Gone and relists.
+            let floor = rv - self.window;
+            tx.execute("DELETE FROM events WHERE rv <= ?1", params![floor as i64])?;
+            tx.execute(
+                "UPDATE meta SET value = ?1 WHERE name = 'compacted'",
+                params![floor as i64],
+            )?;
+        }
+        tx.commit()?;
+        let event = Arc::new(Event {
+            rv,
+            kind,
+            key: key.to_string(),
+            object: object.clone(),
+            prev: current,
+        });
+        // No receivers is fine.
+        let _ = self.events.send(event);
+        Ok(match kind {
+            EventType::Added => Outcome::Created(object),
+            EventType::Modified => Outcome::Updated(object),
+            EventType::Deleted => Outcome::Deleted(object),
+        })
+    }
+}
+
+fn meta(conn: &Connection, name: &str) -> Result<u64, rusqlite::Error> {
+    conn.query_row(
+        "SELECT value FROM meta WHERE name = ?1",
+        params![name],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|v| v as u64)
+}
+
+fn get_obj(conn: &Connection, key: &str) -> Result<Option<Value>, Error> {
+    let text: Option<String> = conn
+        .query_row(
+            "SELECT object FROM objects WHERE key = ?1",
+            params![key],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(match text {
+        Some(t) => Some(serde_json::from_str(&t)?),
+        None => None,
+    })
+}
+
+fn set_rv(obj: &mut Value, rv: u64) {
+    if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.insert("resourceVersion".into(), Value::String(rv.to_string()));
+    }
+}
+
+/// The smallest string greater than every string starting with `prefix`
+/// (keys are ASCII; `\u{10FFFF}` sorts after all of them).
+fn prefix_end(prefix: &str) -> String {
+    format!("{prefix}\u{10FFFF}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj(name: &str) -> Value {
+        json!({"metadata": {"name": name}})
+    }
+
+    #[test]
+    fn versions_grow_and_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rv1;
+        {
+            let s = Store::open(dir.path(), 100).expect("open");
+            let out = s
+                .mutate("g/r/ns/a", |_| Ok(Mutation::Put(obj("a"))))
+                .expect("put");
+            assert!(matches!(out, Outcome::Created(_)));
+            rv1 = s.current_rv().expect("rv");
+            s.mutate("g/r/ns/b", |_| Ok(Mutation::Put(obj("b"))))
+                .expect("put");
+        }
+        let s = Store::open(dir.path(), 100).expect("reopen");
+        assert_eq!(s.current_rv().expect("rv"), rv1 + 1);
+        let (items, _) = s.list("g/r/ns/").expect("list");
+        assert_eq!(items.len(), 2);
+        let ev = s.events_since(rv1, "g/r/").expect("events");
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].key, "g/r/ns/b");
+    }
+
+    #[test]
+    fn old_versions_expire() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(dir.path(), 10).expect("open");
+        for i in 0..200 {
+            s.mutate(&format!("g/r/ns/o{i}"), |_| Ok(Mutation::Put(obj("x"))))
+                .expect("put");
+        }
+        let err = s.events_since(2, "g/r/").expect_err("expired");
+        assert!(matches!(err, Error::Api(ref e) if e.code == 410));
+        let rv = s.current_rv().expect("rv");
+        assert_eq!(s.events_since(rv - 5, "").expect("recent").len(), 5);
+        assert!(s.events_since(rv, "").expect("current").is_empty());
+        let err = s.events_since(rv + 1, "").expect_err("future");
+        assert!(matches!(err, Error::Api(ref e) if e.code == 410));
+    }
+
+    #[test]
+    fn one_server_per_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = Store::open(dir.path(), 10).expect("open");
+        let second = Store::open(dir.path(), 10);
+        assert!(matches!(second, Err(Error::InUse(_))), "{:?}", second.err());
+        drop(first);
+        Store::open(dir.path(), 10).expect("free again");
+    }
+
+    #[test]
+    fn prefixes_do_not_overlap() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(dir.path(), 10).expect("open");
+        s.mutate("g/r/a/x", |_| Ok(Mutation::Put(obj("x"))))
+            .expect("put");
+        s.mutate("g/r/ab/x", |_| Ok(Mutation::Put(obj("x"))))
+            .expect("put");
+        assert_eq!(s.list("g/r/a/").expect("list").0.len(), 1);
+        assert_eq!(s.list("g/r/").expect("list").0.len(), 2);
+    }
+}

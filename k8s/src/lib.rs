@@ -1,0 +1,251 @@
+//! Kubernetes mode's read side: one kube-rs watcher per kind the store holds,
+//! feeding the same [`Store`](membrane_store::Store) the manifest directory
+//! feeds, so everything downstream is identical whichever API serves the
+//! objects (a cluster's, or the one `membrane apiserver` embeds).
+//!
+//! Each kind is its own scope of the source: a (re)list replaces the scope
+//! atomically once the listing is complete (`InitDone`), so objects deleted
+//! while a watch was down disappear, and nothing is half-listed. An object
+//! the store cannot take (a malformed spec) is reported as a problem naming
+//! it and is left out; the rest of its kind keeps flowing.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use futures::StreamExt;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use membrane_store::{Kind, Object, ObjectKey, Source, SourceWriter, StoreError};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+/// Errors of connecting to a Kubernetes API.
+#[derive(Debug, thiserror::Error)]
+pub enum K8sError {
+    #[error("kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: String,
+        source: kube::config::KubeconfigError,
+    },
+    #[error("Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+/// A client for the API a kubeconfig file points at (its current context).
+pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, K8sError> {
+    let kubeconfig_err = |source| K8sError::Kubeconfig {
+        path: path.display().to_string(),
+        source,
+    };
+    let kubeconfig = Kubeconfig::read_from(path).map_err(kubeconfig_err)?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(kubeconfig_err)?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// The API resource of a store kind.
+pub fn api_resource(kind: Kind) -> ApiResource {
+    let (group, version) = match kind.api_version().rsplit_once('/') {
+        Some((g, v)) => (g, v),
+        None => ("", kind.api_version()),
+    };
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(group, version, kind.kind_name()),
+        kind.plural(),
+    )
+}
+
+/// Watches every kind of [`Kind::all`] (or a chosen subset) on one API.
+pub struct KubeSource {
+    client: kube::Client,
+    kinds: Vec<Kind>,
+    synced: watch::Sender<BTreeSet<Kind>>,
+}
+
+/// Tells whether every watched kind has completed its initial listing.
+#[derive(Clone, Debug)]
+pub struct Synced {
+    rx: watch::Receiver<BTreeSet<Kind>>,
+    want: usize,
+}
+
+impl Synced {
+    /// Every kind has been listed once.
+    pub fn is_synced(&self) -> bool {
+        self.rx.borrow().len() >= self.want
+    }
+
+    /// Waits until [`Self::is_synced`]; returns false if the source stopped first.
+    pub async fn wait(&mut self) -> bool {
+        let want = self.want;
+        self.rx.wait_for(|s| s.len() >= want).await.is_ok()
+    }
+}
+
+impl KubeSource {
+    /// Watches every kind the store holds.
+    pub fn new(client: kube::Client) -> Self {
+        Self::with_kinds(client, Kind::all().to_vec())
+    }
+
+    pub fn with_kinds(client: kube::Client, kinds: Vec<Kind>) -> Self {
+        let (synced, _) = watch::channel(BTreeSet::new());
+        Self {
+            client,
+            kinds,
+            synced,
+        }
+    }
+
+    /// A handle that reports cache sync; readiness waits on it.
+    pub fn synced(&self) -> Synced {
+        Synced {
+            rx: self.synced.subscribe(),
+            want: self.kinds.len(),
+        }
+    }
+}
+
+impl Source for KubeSource {
+    fn name(&self) -> String {
+        "kube".into()
+    }
+
+    async fn run(self, writer: SourceWriter) -> Result<(), StoreError> {
+        let watches = self
+            .kinds
+            .iter()
+            .map(|&kind| watch_kind(self.client.clone(), kind, &writer, &self.synced));
+        futures::future::join_all(watches).await;
+        Ok(())
+    }
+}
+
+/// The scope (and problem origin) of one kind's objects.
+fn scope(kind: Kind) -> String {
+    format!("kube {}", kind.plural())
+}
+
+async fn watch_kind(
+    client: kube::Client,
+    kind: Kind,
+    writer: &SourceWriter,
+    synced: &watch::Sender<BTreeSet<Kind>>,
+) {
+    let ar = api_resource(kind);
+    let api: Api<DynamicObject> = Api::all_with(client, &ar);
+    let scope = scope(kind);
+    let mut events = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    let mut listing: Vec<Object> = Vec::new();
+    let mut reported = BTreeSet::new();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(Event::Init) => listing.clear(),
+            Ok(Event::InitApply(o)) => {
+                if let Some(obj) = convert(kind, o, writer, &mut reported) {
+                    listing.push(obj);
+                }
+            }
+            Ok(Event::InitDone) => {
+                let n = listing.len();
+                writer.replace_scope(&scope, std::mem::take(&mut listing));
+                let first = synced.send_if_modified(|s| s.insert(kind));
+                if first {
+                    info!(%kind, objects = n, "kube: initial listing synced");
+                } else {
+                    debug!(%kind, objects = n, "kube: relisted");
+                }
+            }
+            Ok(Event::Apply(o)) => {
+                if let Some(obj) = convert(kind, o, writer, &mut reported) {
+                    writer.apply_in(&scope, obj);
+                }
+            }
+            Ok(Event::Delete(o)) => {
+                let key = key_of(kind, &o);
+                clear_problem(writer, &mut reported, &key);
+                writer.delete(&key);
+            }
+            // The backoff wrapper retries; say why the watch is down.
+            Err(e) => warn!(%kind, error = %e, "kube: watch failed; retrying"),
+        }
+    }
+}
+
+fn key_of(kind: Kind, o: &DynamicObject) -> ObjectKey {
+    ObjectKey::new(
+        kind,
+        o.metadata.namespace.as_deref().unwrap_or_default(),
+        o.metadata.name.as_deref().unwrap_or_default(),
+    )
+}
+
+fn clear_problem(writer: &SourceWriter, reported: &mut BTreeSet<ObjectKey>, key: &ObjectKey) {
+    if reported.remove(key) {
+        writer.set_problem(&key.to_string(), None);
+    }
+}
+
+/// A watched object as a store object. List items carry no apiVersion/kind,
+/// so they are set from the watched kind; a failure is reported under the
+/// object's name and the object is skipped.
+fn convert(
+    kind: Kind,
+    o: DynamicObject,
+    writer: &SourceWriter,
+    reported: &mut BTreeSet<ObjectKey>,
+) -> Option<Object> {
+    let key = key_of(kind, &o);
+    let mut value = match serde_json::to_value(&o) {
+        Ok(v) => v,
+        Err(e) => {
+            warn!(object = %key, error = %e, "kube: cannot encode watched object");
+            return None;
+        }
+    };
+    if let Some(map) = value.as_object_mut() {
+        map.insert("apiVersion".into(), kind.api_version().into());
+        map.insert("kind".into(), kind.kind_name().into());
+    }
+    match Object::from_value(value) {
+        Ok(obj) => {
+            clear_problem(writer, reported, &key);
+            Some(obj)
+        }
+        Err(e) => {
+            let problem = format!("{key}: {e}");
+            warn!(object = %key, error = %e, "kube: object rejected");
+            writer.set_problem(&key.to_string(), Some(problem));
+            reported.insert(key);
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_resources_match_the_kinds() {
+        let ing = api_resource(Kind::Ingress);
+        assert_eq!(
+            (
+                ing.group.as_str(),
+                ing.version.as_str(),
+                ing.plural.as_str()
+            ),
+            ("networking.k8s.io", "v1", "ingresses")
+        );
+        let svc = api_resource(Kind::Service);
+        assert_eq!((svc.group.as_str(), svc.api_version.as_str()), ("", "v1"));
+        let cec = api_resource(Kind::CiliumEnvoyConfig);
+        assert_eq!(cec.api_version, "cilium.io/v2");
+        assert_eq!(cec.kind, "CiliumEnvoyConfig");
+    }
+}

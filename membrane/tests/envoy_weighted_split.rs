@@ -1,0 +1,344 @@
+//! Issue 8: Cilium's weighted traffic-splitting CEC example
+//! (`envoy-helloworld-v1-90-v2-10.yaml`), applied unchanged with
+//! `--datapath ebpf`: requests a client pod sends to the frontend Service
+//! `helloworld` are redirected by the tc program to the CEC's Envoy
+//! listener, which splits them 90/10 between the backend Services
+//! `helloworld-v1` and `helloworld-v2` (EDS under Cilium's port-less names
+//! `default/helloworld-v1`, `default/helloworld-v2`).
+//!
+//! Runs as root on the real kernel in network namespaces of its own (the
+//! eBPF crate's topology); without root/bpffs/nsenter it skips, except
+//! under `CI=true`, where it fails.
+
+mod common;
+#[path = "../../ebpf/tests/common/mod.rs"]
+mod netns;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{BIN, require_envoy, wait_until};
+use netns::Topology;
+use serde_json::Value;
+
+const VIP: &str = "10.96.0.40";
+const REQUESTS: usize = 400;
+
+fn nsenter_available() -> bool {
+    let ok = Command::new("nsenter")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+        assert!(!ci, "nsenter (util-linux) is required (CI=true)");
+        eprintln!("SKIPPED: nsenter not found");
+    }
+    ok
+}
+
+/// A BPF pin directory of this test, removed on drop.
+struct Pins(PathBuf);
+
+impl Pins {
+    fn new() -> Pins {
+        let p = PathBuf::from(format!(
+            "/sys/fs/bpf/membrane-envoy-{}-split",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        Pins(p)
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            eprintln!("removing {}: {e}", self.0.display());
+        }
+    }
+}
+
+/// `membrane up --datapath ebpf` inside the node namespace (`nsenter --net`
+/// keeps the host's /sys/fs/bpf), stopped by PID on drop.
+struct Agent {
+    child: Child,
+    api: PathBuf,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn start(dir: &Path, node_ns: &str, pins: &Path, devices: &str) -> Agent {
+        require_envoy();
+        std::fs::create_dir_all(dir.join("manifests")).expect("mkdir");
+        let api = dir.join("api.sock");
+        let log = dir.join("membrane.log");
+        let out = std::fs::File::create(&log).expect("log");
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{node_ns}"))
+            .arg(BIN)
+            .arg("--api-socket")
+            .arg(&api)
+            .arg("up")
+            .arg(dir.join("manifests"))
+            .arg("--run-dir")
+            .arg(dir.join("run"))
+            .args(["--lb-pool", "127.0.135.0/24"])
+            .args(["--http-port", "31088", "--https-port", "31448"])
+            .args(["--datapath", "ebpf", "--datapath-devices", devices])
+            .arg("--bpf-pin-dir")
+            .arg(pins)
+            .args(["--maglev-table-size", "251", "--max-services", "64"])
+            .env("MEMBRANE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out)
+            .spawn()
+            .expect("spawn nsenter membrane up");
+        let mut a = Agent { child, api, log };
+        let ready = wait_until(Duration::from_secs(30), || {
+            if let Ok(Some(_)) = a.child.try_wait() {
+                return true;
+            }
+            a.status().is_some_and(|s| {
+                s["ready"] == true
+                    && s["datapath"]["mode"] == "ebpf"
+                    && s["datapath"]["syncs"].as_u64().unwrap_or(0) > 0
+            })
+        });
+        let exited = matches!(a.child.try_wait(), Ok(Some(_)));
+        assert!(
+            ready && !exited,
+            "membrane up --datapath ebpf did not become ready:\n{}",
+            a.log_text()
+        );
+        a
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn cli(&self, args: &[&str]) -> (i32, String) {
+        let out = Command::new(BIN)
+            .arg("--api-socket")
+            .arg(&self.api)
+            .args(args)
+            .output()
+            .expect("run membrane");
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        (out.status.code().unwrap_or(-1), text)
+    }
+
+    fn status(&self) -> Option<Value> {
+        serde_json::from_str(&self.cli(&["status", "-o", "json"]).1).ok()
+    }
+
+    fn apply_file(&self, path: &Path) {
+        let (code, out) = self.cli(&["apply", "-f", path.to_str().expect("utf-8 path")]);
+        assert_eq!(code, 0, "apply {}: {out}", path.display());
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- membrane log ----\n{}", self.log_text());
+        }
+        // SAFETY: signalling our own child (nsenter execs membrane) by PID.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Backend pods: the topology's line echo server on 8080 (its readiness
+/// check) and an HTTP server on 8081 answering with the pod's name.
+const ECHO_AND_HTTP_PY: &str = r#"
+import socket, sys, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+name, port = sys.argv[1], int(sys.argv[2])
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = name.encode()
+        self.send_response(200)
+        self.send_header('content-length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+threading.Thread(target=ThreadingHTTPServer(('0.0.0.0', port + 1), H).serve_forever, daemon=True).start()
+def handle(c):
+    try:
+        for line in c.makefile('rb'):
+            c.sendall(name.encode() + b' ' + line)
+    except OSError:
+        pass
+    finally:
+        c.close()
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('::', port)); s.listen(128)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=handle, args=(c,), daemon=True).start()
+"#;
+
+fn echo_and_http(ns: &netns::Netns, name: &str, port: u16) -> netns::Proc {
+    let child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            "python3",
+            "-c",
+            ECHO_AND_HTTP_PY,
+            name,
+        ])
+        .arg(port.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn echo+http server");
+    netns::Proc(child)
+}
+
+/// A ClusterIP Service on port 5000 (→ 8081) over the backend pods `pods`.
+fn service(name: &str, cluster_ip: &str, pods: &[usize]) -> String {
+    let eps: String = pods
+        .iter()
+        .map(|i| {
+            format!(
+                "  - addresses: [\"{}\"]\n    conditions: {{ready: true}}\n",
+                netns::backend_ip(*i)
+            )
+        })
+        .collect();
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  type: ClusterIP
+  clusterIP: {cluster_ip}
+  clusterIPs: ["{cluster_ip}"]
+  ports:
+    - {{name: http, port: 5000, protocol: TCP, targetPort: 8081}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-abc
+  namespace: default
+  labels: {{kubernetes.io/service-name: {name}}}
+addressType: IPv4
+ports:
+  - {{name: http, port: 8081, protocol: TCP}}
+endpoints:
+{eps}"#
+    )
+}
+
+/// One GET through the frontend: the answering pod's name on a 200.
+fn get_pod(addr: SocketAddr) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    s.write_all(b"GET / HTTP/1.1\r\nhost: helloworld\r\nconnection: close\r\n\r\n")
+        .ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let (head, body) = raw.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200")
+        .then(|| body.trim().to_owned())
+}
+
+#[test]
+fn cilium_weighted_split_example_splits_90_10_through_the_redirected_frontend() {
+    if !netns::prerequisites() || !nsenter_available() {
+        return;
+    }
+    let pins = Pins::new();
+    let topo = Topology::with_servers("wsplit", echo_and_http);
+    let devices = topo.node_ifaces.join(",");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let agent = Agent::start(dir, &topo.node.name, &pins.0, &devices);
+
+    let services = dir.join("helloworld-services.yaml");
+    let yaml = [
+        service("helloworld", VIP, &[1, 2]),
+        service("helloworld-v1", "10.96.0.41", &[1]),
+        service("helloworld-v2", "10.96.0.42", &[2]),
+    ]
+    .join("---\n");
+    std::fs::write(&services, yaml).expect("write");
+    agent.apply_file(&services);
+    agent.apply_file(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples/cilium-envoy/envoy-helloworld-v1-90-v2-10.yaml"),
+    );
+
+    let fe = format!("{VIP}:5000/TCP");
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            agent.status().is_some_and(|s| {
+                s["datapath"]["redirected_to_envoy"]
+                    .as_array()
+                    .is_some_and(|r| r.iter().any(|e| e["frontend"] == fe.as_str()))
+            })
+        }),
+        "{fe} never redirected to Envoy: {:?}",
+        agent.status()
+    );
+    let vip: SocketAddr = format!("{VIP}:5000").parse().expect("addr");
+    assert!(
+        wait_until(Duration::from_secs(30), || topo
+            .client_run(|| get_pod(vip))
+            .is_some()),
+        "no answer through the redirected frontend:\n{}",
+        agent.log_text()
+    );
+
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut failed = 0;
+    for _ in 0..REQUESTS {
+        match topo.client_run(|| get_pod(vip)) {
+            Some(pod) => *seen.entry(pod).or_default() += 1,
+            None => failed += 1,
+        }
+    }
+    let v1 = seen.get("be1").copied().unwrap_or(0);
+    let v2 = seen.get("be2").copied().unwrap_or(0);
+    eprintln!(
+        "{REQUESTS} requests: helloworld-v1 (be1) {v1}, helloworld-v2 (be2) {v2}, failed {failed}"
+    );
+    assert_eq!(failed, 0, "requests failed: {seen:?}");
+    assert_eq!(v1 + v2, REQUESTS, "answered by other pods: {seen:?}");
+    // 90/10 over 400 requests: v1 expects 360, sd 6; ±4 sd is 0.84..0.96.
+    let share = v1 as f64 / REQUESTS as f64;
+    assert!(
+        (0.84..=0.96).contains(&share),
+        "helloworld-v1 got {v1} of {REQUESTS} ({share:.3}), expected about 0.9"
+    );
+
+    let (code, out) = agent.cli(&["status"]);
+    assert_eq!(code, 0, "status fails:\n{out}");
+}
