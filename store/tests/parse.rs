@@ -213,3 +213,12 @@ fn kind_names() {
     assert!(!Kind::IngressClass.namespaced());
     assert!(Kind::Secret.namespaced());
 }
+
+/// Found by fuzz/ (api_request): a double-quoted scalar whose last byte is a
+/// backslash made the flow-nesting pre-scan index past the end of the text.
+#[test]
+fn trailing_backslash_in_double_quotes_is_an_error_not_a_panic() {
+    for text in ["a: \"x\\", "a: [\"x\\", "\"\\"] {
+        assert!(parse_documents(text).is_err(), "{text:?}");
+    }
+}
