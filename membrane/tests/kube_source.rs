@@ -4,14 +4,15 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+mod common;
 mod kubectl_support;
 
+use common::{BIN, rand_suffix, wait_until};
 use membrane_k8s::{KubeSource, client_from_kubeconfig};
 use membrane_store::{Kind, ObjectKey, Store};
 
-const BIN: &str = env!("CARGO_BIN_EXE_membrane");
 const LISTEN: &str = "127.0.0.1:18690";
 
 struct ApiServer {
@@ -74,29 +75,10 @@ fn kubectl(server: &ApiServer, args: &[&str]) -> (bool, String) {
 }
 
 fn apply(server: &ApiServer, yaml: &str) {
-    let path = server.data.join(format!("apply-{}.yaml", unique()));
+    let path = server.data.join(format!("apply-{}.yaml", rand_suffix()));
     std::fs::write(&path, yaml).expect("write");
     let (ok, out) = kubectl(server, &["apply", "-f", path.to_str().unwrap_or_default()]);
     assert!(ok, "kubectl apply failed: {out}");
-}
-
-fn unique() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
-}
-
-fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn service(name: &str, port: u16) -> String {
