@@ -9,6 +9,10 @@
 //! the store cannot take (a malformed spec) is reported as a problem naming
 //! it and is left out; the rest of its kind keeps flowing.
 
+mod write;
+
+pub use write::{AGENT_MANAGER, OPERATOR_MANAGER, WriteError, Writer};
+
 use std::collections::BTreeSet;
 use std::path::Path;
 

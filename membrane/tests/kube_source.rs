@@ -13,18 +13,16 @@ use common::{BIN, rand_suffix, wait_until};
 use membrane_k8s::{KubeSource, client_from_kubeconfig};
 use membrane_store::{Kind, ObjectKey, Store};
 
-const LISTEN: &str = "127.0.0.1:18690";
-
 struct ApiServer {
     child: Child,
     data: PathBuf,
 }
 
 impl ApiServer {
-    fn start(data: &Path) -> ApiServer {
+    fn start(data: &Path, listen: &str) -> ApiServer {
         let log = std::fs::File::create(data.join("apiserver.log")).expect("log");
         let child = Command::new(BIN)
-            .args(["apiserver", "--listen", LISTEN, "--data-dir"])
+            .args(["apiserver", "--listen", listen, "--data-dir"])
             .arg(data)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -126,7 +124,7 @@ fn service_port(store: &Store, name: &str) -> Option<i32> {
 #[test]
 fn watchers_mirror_the_api_into_the_store() {
     let data = tempfile::tempdir().expect("tempdir");
-    let mut server = ApiServer::start(data.path());
+    let mut server = ApiServer::start(data.path(), "127.0.0.1:18690");
     apply(&server, NAMESPACE);
     apply(&server, &service("one", 80));
     apply(&server, INGRESS);
@@ -176,7 +174,7 @@ fn watchers_mirror_the_api_into_the_store() {
     // The API server dies hard and comes back on the same data: the watchers
     // reconnect, what was applied survives, and new changes flow again.
     server.kill();
-    let server = ApiServer::start(data.path());
+    let server = ApiServer::start(data.path(), "127.0.0.1:18690");
     apply(&server, &service("one", 9090));
     assert!(
         wait_until(Duration::from_secs(30), || service_port(&store, "one")
@@ -188,4 +186,76 @@ fn watchers_mirror_the_api_into_the_store() {
     assert!(store.get(&cec).is_some(), "CEC lost across the restart");
     assert!(store.get(&ingress).is_none(), "deleted Ingress came back");
     drop(runtime);
+}
+
+/// The writer against the real embedded API: server-side apply records
+/// Membrane's field manager, status goes through the subresource, and
+/// delete removes the object (and tolerates it being gone).
+#[test]
+fn writer_applies_with_its_field_manager() {
+    use membrane_k8s::{OPERATOR_MANAGER, Writer};
+    use membrane_store::Object;
+
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = ApiServer::start(data.path(), "127.0.0.1:18691");
+    apply(&server, NAMESPACE);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let writer = runtime.block_on(async {
+        let client = client_from_kubeconfig(&server.kubeconfig())
+            .await
+            .expect("client");
+        Writer::new(client, OPERATOR_MANAGER)
+    });
+    let svc = Object::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "generated", "namespace": "mirror"},
+        "spec": {"type": "LoadBalancer", "ports": [{"name": "http", "port": 80}]},
+    }))
+    .expect("service");
+    runtime.block_on(writer.apply(&svc)).expect("apply");
+    let key = ObjectKey::new(Kind::Service, "mirror", "generated");
+    runtime
+        .block_on(writer.apply_status(
+            &key,
+            serde_json::json!({"loadBalancer": {"ingress": [{"ip": "127.0.190.5"}]}}),
+        ))
+        .expect("status");
+
+    let (ok, out) = kubectl(
+        &server,
+        &[
+            "get",
+            "service",
+            "generated",
+            "-n",
+            "mirror",
+            "-o",
+            "json",
+            "--show-managed-fields",
+        ],
+    );
+    assert!(ok, "kubectl get: {out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(v["spec"]["ports"][0]["port"], 80, "{v}");
+    assert_eq!(
+        v["status"]["loadBalancer"]["ingress"][0]["ip"], "127.0.190.5",
+        "{v}"
+    );
+    let managers: Vec<&str> = v["metadata"]["managedFields"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["manager"].as_str())
+        .collect();
+    assert!(
+        managers.contains(&OPERATOR_MANAGER),
+        "managers: {managers:?}"
+    );
+
+    runtime.block_on(writer.delete(&key)).expect("delete");
+    let (ok, _) = kubectl(&server, &["get", "service", "generated", "-n", "mirror"]);
+    assert!(!ok, "service still there after delete");
+    runtime
+        .block_on(writer.delete(&key))
+        .expect("deleting a gone object is fine");
 }
