@@ -535,8 +535,14 @@ impl ConfigPipeline {
                 ));
             }
         }
-        // First come, first served on conflicts.
-        configs.sort_by(|a, b| (&a.3, &a.0).cmp(&(&b.3, &b.0)));
+        // First come, first served on conflicts. Creation times have whole
+        // seconds (as in Kubernetes); within one second, what served in the
+        // last pass keeps serving, and only then do names decide.
+        let serving = &self.serving;
+        configs.sort_by(|a, b| {
+            let newcomer = |c: &ObjectKey| !serving.contains_key(c);
+            (&a.3, newcomer(&a.0), &a.0).cmp(&(&b.3, newcomer(&b.0), &b.0))
+        });
         let live: HashSet<&ObjectKey> = configs.iter().map(|c| &c.0).collect();
         self.parsed.retain(|k, _| live.contains(k));
         self.last_good.retain(|k, _| live.contains(k));

@@ -104,6 +104,34 @@ fn backend_services_publish_ready_endpoints_by_port_number_and_name() {
     );
 }
 
+/// Creation times have whole seconds: a newcomer created in the same second
+/// as the CEC serving an address, with a name that sorts first, must not
+/// take the address over.
+#[test]
+fn the_serving_cec_keeps_an_address_contested_within_its_second() {
+    let same_second = |yaml: String| {
+        yaml.replace(
+            "namespace: default}",
+            "namespace: default, creationTimestamp: \"2026-12-01T10:00:00Z\"}",
+        )
+    };
+    let store = store_with(&same_second(cec("zz-first", 21003, "")));
+    let mut pipeline = ConfigPipeline::new(PortMap::default(), BTreeMap::new());
+    let pass = pipeline.run(&store.snapshot());
+    assert!(pass.rejected.is_empty(), "{:?}", pass.rejected);
+    store.apply(
+        parse_documents(&same_second(cec("aa-second", 21003, "")))
+            .expect("yaml")
+            .remove(0),
+    );
+    let pass = pipeline.run(&store.snapshot());
+    let newcomer = ObjectKey::new(Kind::CiliumEnvoyConfig, "default", "aa-second");
+    let why = pass.rejected.get(&newcomer).expect("newcomer rejected");
+    assert!(why.contains("default/zz-first"), "{why}");
+    assert!(pass.resources.iter().any(|r| r.name == "default/zz-first/l"));
+    assert!(!pass.resources.iter().any(|r| r.name == "default/aa-second/l"));
+}
+
 #[test]
 fn the_older_cec_keeps_a_contested_address() {
     let store = store_with(&cec("first", 21002, ""));
