@@ -128,8 +128,17 @@ fn the_serving_cec_keeps_an_address_contested_within_its_second() {
     let newcomer = ObjectKey::new(Kind::CiliumEnvoyConfig, "default", "aa-second");
     let why = pass.rejected.get(&newcomer).expect("newcomer rejected");
     assert!(why.contains("default/zz-first"), "{why}");
-    assert!(pass.resources.iter().any(|r| r.name == "default/zz-first/l"));
-    assert!(!pass.resources.iter().any(|r| r.name == "default/aa-second/l"));
+    assert!(
+        pass.resources
+            .iter()
+            .any(|r| r.name == "default/zz-first/l")
+    );
+    assert!(
+        !pass
+            .resources
+            .iter()
+            .any(|r| r.name == "default/aa-second/l")
+    );
 }
 
 #[test]
