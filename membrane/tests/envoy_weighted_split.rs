@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{BIN, require_envoy, wait_until};
 use netns::Topology;
@@ -154,19 +154,8 @@ impl Drop for Agent {
         if std::thread::panicking() {
             eprintln!("---- membrane log ----\n{}", self.log_text());
         }
-        // SAFETY: signalling our own child (nsenter execs membrane) by PID.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // nsenter execs membrane, so the PID is membrane's.
+        common::stop_child(&mut self.child);
     }
 }
 

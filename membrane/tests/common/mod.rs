@@ -219,20 +219,27 @@ impl Drop for Membrane {
         if std::env::var_os("MEMBRANE_TEST_LOG").is_some() {
             eprintln!("---- membrane log ----\n{}", self.log());
         }
-        // SAFETY: signalling our own child by PID; it stops Envoy on SIGTERM.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // Membrane stops its Envoy on SIGTERM.
+        stop_child(&mut self.child);
     }
+}
+
+/// Stops a child we spawned, by PID: SIGTERM, up to 10 s to exit, then
+/// SIGKILL. Reaps it, so call it once per child.
+pub fn stop_child(child: &mut Child) {
+    // SAFETY: signalling our own, not yet reaped child by PID.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// The Envoy binary tests run (`$MEMBRANE_ENVOY` or the checkout's venv).
