@@ -176,17 +176,19 @@ fn bad_endpoint_slices_are_rejected_alone_and_the_ingress_keeps_serving() {
 #[test]
 fn a_cec_nacked_for_a_busy_port_is_retried() {
     let m = Membrane::start("127.0.152.0/24", 33180, 33181);
-    let holder = std::net::TcpListener::bind("127.0.0.1:33201").expect("hold port");
-    m.apply(&direct_cec("busy", 33201, "busy-ok", "filterChains"));
+    // Fixed ports in the ephemeral range can be taken by any client socket;
+    // the kernel hands out a free one to hold instead.
+    let (holder, first) = hold_free_port();
+    m.apply(&direct_cec("busy", first, "busy-ok", "filterChains"));
     assert_rejected(
         &m,
         "CiliumEnvoyConfig default/busy",
-        &["Envoy rejected its Listener", "33201"],
+        &["Envoy rejected its Listener", &first.to_string()],
     );
     drop(holder);
     let t = Instant::now();
     assert!(
-        wait_until(Duration::from_secs(30), || body_at(33201).as_deref()
+        wait_until(Duration::from_secs(30), || body_at(first).as_deref()
             == Some("busy-ok")),
         "not retried after the port was freed:\n{}",
         m.log()
@@ -195,12 +197,12 @@ fn a_cec_nacked_for_a_busy_port_is_retried() {
     assert_not_rejected(&m, "CiliumEnvoyConfig default/busy");
 
     // Busy again under a second CEC; freed, then Envoy restarts.
-    let holder = std::net::TcpListener::bind("127.0.0.1:33202").expect("hold port");
-    m.apply(&direct_cec("busy2", 33202, "busy2-ok", "filterChains"));
+    let (holder, second) = hold_free_port();
+    m.apply(&direct_cec("busy2", second, "busy2-ok", "filterChains"));
     assert_rejected(
         &m,
         "CiliumEnvoyConfig default/busy2",
-        &["Envoy rejected its Listener", "33202"],
+        &["Envoy rejected its Listener", &second.to_string()],
     );
     drop(holder);
     let pid = m.status()["envoy"]["pid"].as_i64().expect("envoy pid");
@@ -209,13 +211,13 @@ fn a_cec_nacked_for_a_busy_port_is_retried() {
         libc::kill(pid as libc::pid_t, libc::SIGKILL);
     }
     assert!(
-        wait_until(Duration::from_secs(20), || body_at(33202).as_deref()
+        wait_until(Duration::from_secs(20), || body_at(second).as_deref()
             == Some("busy2-ok")),
         "not retried after Envoy restarted:\n{}",
         m.log()
     );
     assert_ne!(m.status()["envoy"]["pid"].as_i64(), Some(pid));
-    assert_eq!(body_at(33201).as_deref(), Some("busy-ok"));
+    assert_eq!(body_at(first).as_deref(), Some("busy-ok"));
 
     // A NACK of a deleted object is not shown any more.
     let holder = std::net::TcpListener::bind("127.0.0.1:33203").expect("hold port");
@@ -533,4 +535,11 @@ spec:
     }
     no_nack_in(&m);
     assert!(m.rejected().is_empty(), "{:#?}", m.rejected());
+}
+
+/// A listener on a free loopback port, and the port.
+fn hold_free_port() -> (std::net::TcpListener, u16) {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("hold a port");
+    let port = holder.local_addr().expect("local address").port();
+    (holder, port)
 }
