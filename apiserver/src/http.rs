@@ -43,6 +43,8 @@ pub struct Http {
     pub server_addr: String,
     pub bookmark_interval: Duration,
     pub gc: Arc<Notify>,
+    /// `--audit-log`: one line per request.
+    pub audit: Option<Arc<crate::audit::AuditLog>>,
 }
 
 enum Route {
@@ -165,6 +167,17 @@ impl Http {
     ) -> Result<Response<Body>, Infallible> {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
+        // Attributes are taken before dispatch consumes the request.
+        let audit = self.audit.clone().map(|log| {
+            let attrs = crate::audit::attributes(method.as_str(), &path, req.uri().query());
+            let agent = req
+                .headers()
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            (log, attrs, agent)
+        });
         let resp = match self.clone().dispatch(req).await {
             Ok(r) => r,
             Err(e) => {
@@ -176,6 +189,9 @@ impl Http {
             }
         };
         tracing::debug!(%method, %path, status = resp.status().as_u16(), "request");
+        if let Some((log, attrs, agent)) = audit {
+            log.record(&agent, &attrs, resp.status().as_u16());
+        }
         Ok(resp)
     }
 

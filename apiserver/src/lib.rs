@@ -5,6 +5,7 @@
 //! against it; docs/apiserver.md lists the supported subset.
 
 pub mod api;
+pub mod audit;
 pub mod convert;
 pub mod defaults;
 pub mod discovery;
@@ -45,6 +46,8 @@ pub struct Config {
     pub bookmark_interval: Duration,
     /// Events last seen longer ago than this are deleted.
     pub event_ttl: Duration,
+    /// Append one JSON line per request here (`--audit-log`).
+    pub audit_log: Option<PathBuf>,
 }
 
 impl Config {
@@ -55,6 +58,7 @@ impl Config {
             event_window: 10_000,
             bookmark_interval: Duration::from_secs(5),
             event_ttl: Duration::from_secs(3600),
+            audit_log: None,
         }
     }
 }
@@ -64,6 +68,7 @@ pub struct ApiServer {
     api: Arc<Api>,
     listener: TcpListener,
     config: Config,
+    audit: Option<Arc<audit::AuditLog>>,
 }
 
 impl ApiServer {
@@ -74,6 +79,10 @@ impl ApiServer {
         let api = tokio::task::spawn_blocking(move || Api::open(&dir, window))
             .await
             .map_err(|e| Error::Api(ApiError::internal(format!("opening the store: {e}"))))??;
+        let audit = match &config.audit_log {
+            Some(path) => Some(Arc::new(audit::AuditLog::open(path)?)),
+            None => None,
+        };
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| Error::Io(format!("binding {}", config.listen), e))?;
@@ -81,6 +90,7 @@ impl ApiServer {
             api: Arc::new(api),
             listener,
             config,
+            audit,
         })
     }
 
@@ -104,6 +114,7 @@ impl ApiServer {
             server_addr: addr.to_string(),
             bookmark_interval: self.config.bookmark_interval,
             gc: gc.clone(),
+            audit: self.audit.clone(),
         });
         let gc_task = tokio::spawn(gc_loop(self.api.clone(), gc, self.config.event_ttl));
         tokio::pin!(shutdown);

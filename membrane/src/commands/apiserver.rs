@@ -30,6 +30,11 @@ pub struct ApiserverArgs {
     /// Seconds after which an Event that has not recurred is deleted.
     #[arg(long, default_value_t = 3600)]
     pub event_ttl: u64,
+    /// Append one JSON line per request to FILE: user agent, verb, API
+    /// group, resource, subresource, namespace, name, response code (what
+    /// an RBAC authorizer sees; the chart's RBAC test checks it).
+    #[arg(long, value_name = "FILE")]
+    pub audit_log: Option<PathBuf>,
 }
 
 pub async fn run(args: ApiserverArgs) -> Result<ExitCode> {
@@ -37,6 +42,7 @@ pub async fn run(args: ApiserverArgs) -> Result<ExitCode> {
     config.event_window = args.event_window;
     config.bookmark_interval = Duration::from_secs(args.bookmark_interval.max(1));
     config.event_ttl = Duration::from_secs(args.event_ttl);
+    config.audit_log = args.audit_log.clone();
     let server = membrane_apiserver::ApiServer::bind(config)
         .await
         .with_context(|| format!("starting the API server on {}", args.listen))?;
