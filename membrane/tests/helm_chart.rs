@@ -1,0 +1,411 @@
+//! The Helm chart `charts/membrane` lints and renders with Helm's own SDK
+//! (helm-python-sdk, offline) with default values and with Cilium-style
+//! `ingressController.*` values; the rendered objects carry the values as
+//! membrane flags, the agent is not privileged and holds only its listed
+//! capabilities, and the chart's CRDs are exactly what `membrane crds`
+//! prints (`UPDATE_CHART_CRDS=1` rewrites them from it).
+
+mod helm_support;
+
+use std::process::Command;
+
+use helm_support::{Rendered, parse_documents, render};
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_membrane");
+
+fn container<'a>(workload: &'a Value, name: &str) -> &'a Value {
+    workload["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no container {name} in {}", workload["metadata"]["name"]))
+}
+
+fn args(c: &Value) -> Vec<String> {
+    c["args"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.as_str().map(String::from))
+        .collect()
+}
+
+fn strings(v: &Value) -> Vec<&str> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect()
+}
+
+fn assert_lints_clean(r: &Rendered) {
+    let problems = r.lint_problems();
+    assert!(problems.is_empty(), "helm lint (strict): {problems:#?}");
+}
+
+/// Every container and init container of every workload.
+fn all_containers(r: &Rendered) -> Vec<(String, &Value)> {
+    let mut out = Vec::new();
+    for o in &r.objects {
+        let spec = &o["spec"]["template"]["spec"];
+        for key in ["containers", "initContainers"] {
+            for c in spec[key].as_array().into_iter().flatten() {
+                out.push((format!("{} {}", o["kind"], c["name"]), c));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn default_values_render_the_operator_the_agent_and_their_rbac() {
+    let Some(r) = render(&json!({})) else { return };
+    assert_lints_clean(&r);
+
+    let operator = r.get("Deployment", "membrane-operator");
+    assert_eq!(operator["spec"]["replicas"], 2);
+    let op = container(operator, "membrane-operator");
+    assert_eq!(strings(&op["command"]), ["membrane"]);
+    assert_eq!(
+        args(op),
+        [
+            "operator",
+            "--leader-election-namespace=kube-system",
+            "--secrets-namespace=cilium-secrets",
+            "--ingress-default-lb-mode=dedicated",
+            "--enforce-ingress-https=true",
+            "--ingress-lb-annotation-prefixes=lbipam.cilium.io,service.beta.kubernetes.io,service.kubernetes.io,cloud.google.com",
+        ]
+    );
+    assert_eq!(
+        operator["spec"]["template"]["spec"]["serviceAccountName"],
+        "membrane-operator"
+    );
+    assert_eq!(op["image"], "membrane:0.1.0");
+
+    let agent = r.get("DaemonSet", "membrane-agent");
+    let pod = &agent["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["serviceAccountName"], "membrane-agent");
+    let ag = container(agent, "membrane-agent");
+    assert_eq!(
+        args(ag),
+        [
+            "agent",
+            "--node-name=$(NODE_NAME)",
+            "--secrets-namespace=cilium-secrets",
+            "--run-dir=/var/run/membrane",
+            "--envoy-log-level=warning",
+            "--envoy-concurrency=2",
+        ]
+    );
+    let node_name = ag["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["name"] == "NODE_NAME")
+        .expect("NODE_NAME env");
+    assert_eq!(
+        node_name["valueFrom"]["fieldRef"]["fieldPath"],
+        "spec.nodeName"
+    );
+
+    // Host BPF filesystem and cgroup2 come in as host paths.
+    let volumes: Vec<(&str, &str)> = pod["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| Some((v["name"].as_str()?, v["hostPath"]["path"].as_str()?)))
+        .collect();
+    assert!(
+        volumes.contains(&("bpf-maps", "/sys/fs/bpf")),
+        "{volumes:?}"
+    );
+    assert!(
+        volumes.contains(&("cgroup2", "/sys/fs/cgroup")),
+        "{volumes:?}"
+    );
+    let mounts: Vec<&str> = ag["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["mountPath"].as_str())
+        .collect();
+    assert!(mounts.contains(&"/sys/fs/bpf") && mounts.contains(&"/sys/fs/cgroup"));
+
+    // Not privileged anywhere; the agent holds exactly its capabilities.
+    for (what, c) in all_containers(&r) {
+        assert!(
+            c["securityContext"].get("privileged").is_none(),
+            "{what} sets privileged"
+        );
+        assert_ne!(
+            c["securityContext"]["allowPrivilegeEscalation"], true,
+            "{what}"
+        );
+    }
+    let caps = &ag["securityContext"]["capabilities"];
+    assert_eq!(
+        strings(&caps["add"]),
+        ["NET_ADMIN", "SYS_ADMIN", "NET_BIND_SERVICE"]
+    );
+    assert_eq!(strings(&caps["drop"]), ["ALL"]);
+    let op_caps = &op["securityContext"]["capabilities"];
+    assert!(op_caps.get("add").is_none(), "the operator adds {op_caps}");
+    assert_eq!(strings(&op_caps["drop"]), ["ALL"]);
+
+    // IngressClass cilium, not the default unless asked.
+    let class = r.get("IngressClass", "cilium");
+    assert_eq!(class["spec"]["controller"], "cilium.io/ingress-controller");
+    assert!(
+        class["metadata"]["annotations"]
+            .get("ingressclass.kubernetes.io/is-default-class")
+            .is_none()
+    );
+    // Dedicated mode: no shared Service.
+    assert!(r.find("Service", "cilium-ingress").is_none());
+
+    r.get("Namespace", "cilium-secrets");
+    for sa in ["membrane-operator", "membrane-agent"] {
+        assert_eq!(
+            r.get("ServiceAccount", sa)["metadata"]["namespace"],
+            "kube-system"
+        );
+        r.get("ClusterRole", sa);
+        let binding = r.get("ClusterRoleBinding", sa);
+        assert_eq!(binding["subjects"][0]["name"], sa);
+    }
+    // Writes into the secrets namespace only through a Role there.
+    let secrets = r.get("Role", "membrane-operator-secrets");
+    assert_eq!(secrets["metadata"]["namespace"], "cilium-secrets");
+    let cluster_secret_writes = r.get("ClusterRole", "membrane-operator")["rules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|rule| strings(&rule["resources"]).contains(&"secrets"))
+        .flat_map(|rule| strings(&rule["verbs"]))
+        .filter(|v| !matches!(*v, "get" | "list" | "watch"))
+        .count();
+    assert_eq!(cluster_secret_writes, 0, "cluster-wide Secret writes");
+    // No wildcard anywhere in the RBAC.
+    for kind in ["ClusterRole", "Role"] {
+        for role in r.of_kind(kind) {
+            for rule in role["rules"].as_array().into_iter().flatten() {
+                for field in ["apiGroups", "resources", "verbs"] {
+                    assert!(
+                        !strings(&rule[field]).contains(&"*"),
+                        "{kind} {}: wildcard in {field}",
+                        role["metadata"]["name"]
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn cilium_style_values_reach_the_flags_the_ingress_class_and_the_shared_service() {
+    let values = json!({
+        "image": {"repository": "registry.example/membrane", "tag": "v9", "pullPolicy": "Always"},
+        "operator": {"replicas": 3},
+        "envoy": {
+            "log": {"defaultLevel": "debug"},
+            "concurrency": 4,
+            "debug": {"admin": {"enabled": true, "port": 9902}},
+        },
+        "ingressController": {
+            "enabled": true,
+            "default": true,
+            "loadbalancerMode": "shared",
+            "enforceHttps": false,
+            "enableProxyProtocol": true,
+            "defaultSecretNamespace": "certs",
+            "defaultSecretName": "wildcard",
+            "secretsNamespace": {"create": true, "name": "ingress-secrets"},
+            "service": {
+                "type": "NodePort",
+                "annotations": {"service.beta.kubernetes.io/aws-load-balancer-type": "nlb"},
+                "labels": {"team": "edge"},
+                "insecureNodePort": 30080,
+                "secureNodePort": 30443,
+            },
+            "hostNetwork": {
+                "enabled": true,
+                "sharedListenerPort": 8081,
+                "nodes": {"matchLabels": {"role": "edge"}},
+            },
+        },
+    });
+    let Some(r) = render(&values) else { return };
+    assert_lints_clean(&r);
+
+    let operator = r.get("Deployment", "membrane-operator");
+    assert_eq!(operator["spec"]["replicas"], 3);
+    let op = container(operator, "membrane-operator");
+    assert_eq!(op["image"], "registry.example/membrane:v9");
+    assert_eq!(op["imagePullPolicy"], "Always");
+    let op_args = args(op);
+    for want in [
+        "--secrets-namespace=ingress-secrets",
+        "--ingress-default-lb-mode=shared",
+        "--enforce-ingress-https=false",
+        "--enable-ingress-proxy-protocol",
+        "--ingress-default-secret-namespace=certs",
+        "--ingress-default-secret-name=wildcard",
+        "--ingress-host-network",
+        "--ingress-host-network-shared-listener-port=8081",
+        "--ingress-host-network-node-label-selector=role=edge",
+    ] {
+        assert!(
+            op_args.iter().any(|a| a == want),
+            "operator args lack {want}: {op_args:?}"
+        );
+    }
+
+    let ag = container(r.get("DaemonSet", "membrane-agent"), "membrane-agent");
+    let ag_args = args(ag);
+    for want in [
+        "--secrets-namespace=ingress-secrets",
+        "--envoy-log-level=debug",
+        "--envoy-concurrency=4",
+        "--envoy-admin-port=9902",
+    ] {
+        assert!(
+            ag_args.iter().any(|a| a == want),
+            "agent args lack {want}: {ag_args:?}"
+        );
+    }
+
+    let class = r.get("IngressClass", "cilium");
+    assert_eq!(
+        class["metadata"]["annotations"]["ingressclass.kubernetes.io/is-default-class"],
+        "true"
+    );
+
+    let svc = r.get("Service", "cilium-ingress");
+    assert_eq!(svc["metadata"]["namespace"], "kube-system");
+    assert_eq!(svc["spec"]["type"], "NodePort");
+    assert_eq!(
+        svc["metadata"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-type"],
+        "nlb"
+    );
+    assert_eq!(svc["metadata"]["labels"]["team"], "edge");
+    let node_ports: Vec<(i64, i64)> = svc["spec"]["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| Some((p["port"].as_i64()?, p["nodePort"].as_i64()?)))
+        .collect();
+    assert_eq!(node_ports, [(80, 30080), (443, 30443)]);
+
+    // The secrets namespace follows the value everywhere.
+    r.get("Namespace", "ingress-secrets");
+    for role in ["membrane-operator-secrets", "membrane-agent-secrets"] {
+        assert_eq!(
+            r.get("Role", role)["metadata"]["namespace"],
+            "ingress-secrets"
+        );
+        assert_eq!(
+            r.get("RoleBinding", role)["metadata"]["namespace"],
+            "ingress-secrets"
+        );
+    }
+}
+
+#[test]
+fn disabling_the_ingress_controller_drops_the_ingress_class() {
+    let Some(r) = render(&json!({"ingressController": {"enabled": false}})) else {
+        return;
+    };
+    assert_lints_clean(&r);
+    assert!(r.find("IngressClass", "cilium").is_none());
+}
+
+#[test]
+fn values_outside_the_schema_are_refused() {
+    // A typo in the mode must not silently render a chart whose operator
+    // then refuses its flag.
+    let out = Command::new(helm_support::repo_root().join(".venv/bin/python"))
+        .arg(helm_support::repo_root().join("scripts/helm_chart.py"))
+        .arg(helm_support::chart_dir())
+        .arg(json!({"ingressController": {"loadbalancerMode": "shard"}}).to_string())
+        .output();
+    let Ok(out) = out else {
+        // Same rule as render(): missing prerequisites fail in CI.
+        assert!(std::env::var("CI").is_err(), "no .venv python");
+        return;
+    };
+    if out.status.code() == Some(2) {
+        assert!(std::env::var("CI").is_err(), "helm-python-sdk missing");
+        return;
+    }
+    let stdout: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let refused = !out.status.success()
+        || stdout["lint"]["messages"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|m| m["severity"].as_u64() >= Some(3));
+    assert!(
+        refused,
+        "loadbalancerMode \"shard\" was accepted: {stdout} {stderr}"
+    );
+    let text = format!("{stdout}{stderr}");
+    assert!(text.contains("loadbalancerMode"), "{text}");
+}
+
+#[test]
+fn chart_crds_are_exactly_what_membrane_crds_prints() {
+    let out = Command::new(BIN)
+        .arg("crds")
+        .output()
+        .expect("run membrane crds");
+    assert!(out.status.success(), "membrane crds failed");
+    let printed = String::from_utf8(out.stdout).expect("utf-8");
+    let name_of = |v: &Value| {
+        v["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let mut want = parse_documents(&printed, "membrane crds");
+    want.sort_by_key(name_of);
+    assert!(!want.is_empty(), "membrane crds printed nothing");
+
+    let crd_dir = helm_support::chart_dir().join("crds");
+    if std::env::var_os("UPDATE_CHART_CRDS").is_some() {
+        for entry in std::fs::read_dir(&crd_dir).expect("crds dir").flatten() {
+            std::fs::remove_file(entry.path()).expect("remove old CRD");
+        }
+        for doc in printed
+            .split("\n---\n")
+            .map(|d| d.trim_start_matches("---\n"))
+        {
+            let parsed = parse_documents(doc, "membrane crds");
+            let Some(crd) = parsed.first() else { continue };
+            let text = format!("{}\n", doc.trim_end());
+            std::fs::write(crd_dir.join(format!("{}.yaml", name_of(crd))), text)
+                .expect("write CRD");
+        }
+    }
+
+    let Some(r) = render(&json!({})) else { return };
+    let mut have = r.crds.clone();
+    have.sort_by_key(name_of);
+    let names = |v: &[Value]| v.iter().map(name_of).collect::<Vec<_>>();
+    assert_eq!(
+        names(&have),
+        names(&want),
+        "charts/membrane/crds/ differs from `membrane crds`: rerun with UPDATE_CHART_CRDS=1"
+    );
+    for (h, w) in have.iter().zip(&want) {
+        assert!(
+            h == w,
+            "charts/membrane/crds/{}.yaml differs from `membrane crds`: rerun with UPDATE_CHART_CRDS=1",
+            name_of(w)
+        );
+    }
+}
