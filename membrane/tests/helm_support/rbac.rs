@@ -52,7 +52,7 @@ impl AuditEntry {
     }
 
     /// `resource/subresource` as RBAC rules name it.
-    fn combined_resource(&self) -> String {
+    pub fn combined_resource(&self) -> String {
         if self.subresource.is_empty() {
             self.resource.clone()
         } else {
