@@ -22,6 +22,7 @@ use common::{BIN, wait_until};
 use helm_support::rbac::{AuditEntry, Rbac, chart_roles, check, read_audit_log};
 use helm_support::{NAMESPACE, render};
 use hyper::header::{HeaderValue, USER_AGENT};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Secret};
 use kube::api::{Api, DynamicObject, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -181,16 +182,14 @@ async fn drive_operator(kubeconfig: &Path) -> Vec<tokio::task::JoinHandle<()>> {
                 Kind::IngressClass,
                 Kind::Service,
                 Kind::EndpointSlice,
-                Kind::Endpoints,
                 Kind::Secret,
-                Kind::Namespace,
                 Kind::CiliumEnvoyConfig,
                 Kind::CiliumClusterwideEnvoyConfig,
             ],
         ),
     )
     .await;
-    let w = Writer::new(c, OPERATOR_MANAGER);
+    let w = Writer::new(c.clone(), OPERATOR_MANAGER);
     let generated = [
         object(
             json!({"apiVersion": "cilium.io/v2", "kind": "CiliumEnvoyConfig",
@@ -234,7 +233,65 @@ async fn drive_operator(kubeconfig: &Path) -> Vec<tokio::task::JoinHandle<()>> {
     for obj in &generated {
         w.delete(&obj.key()).await.expect("operator delete");
     }
+    leader_election_and_events(&c).await;
     vec![watch]
+}
+
+/// The operator's Lease (get, create when missing, then renew by update)
+/// and a Warning Event (create, then a merge patch raising its count), as
+/// membrane-k8s's lease and event recorder do.
+async fn leader_election_and_events(c: &kube::Client) {
+    let leases: Api<Lease> = Api::namespaced(c.clone(), NAMESPACE);
+    let name = "cilium-operator-resource-lock";
+    assert!(leases.get_opt(name).await.expect("get lease").is_none());
+    let lease: Lease = serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {"holderIdentity": "op-1", "leaseDurationSeconds": 15},
+    }))
+    .expect("lease");
+    let mut held = leases
+        .create(&PostParams::default(), &lease)
+        .await
+        .expect("create lease");
+    if let Some(spec) = held.spec.as_mut() {
+        spec.lease_transitions = Some(1);
+    }
+    leases
+        .replace(name, &PostParams::default(), &held)
+        .await
+        .expect("renew lease");
+
+    let ar = kube::api::ApiResource::from_gvk_with_plural(
+        &kube::api::GroupVersionKind::gvk("events.k8s.io", "v1", "Event"),
+        "events",
+    );
+    let events: Api<DynamicObject> = Api::namespaced_with(c.clone(), "app", &ar);
+    let event: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "events.k8s.io/v1", "kind": "Event",
+        "metadata": {"name": "web.1", "namespace": "app"},
+        "eventTime": "2026-12-01T00:00:00.000000Z",
+        "reportingController": "membrane.io/operator",
+        "reportingInstance": "op-1",
+        "action": "Translate", "reason": "InvalidIngress", "type": "Warning",
+        "note": "spec.rules[0]: bad",
+        "regarding": {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+                      "namespace": "app", "name": "web"},
+    }))
+    .expect("event");
+    events
+        .create(&PostParams::default(), &event)
+        .await
+        .expect("create event");
+    events
+        .patch(
+            "web.1",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(
+                json!({"series": {"count": 2, "lastObservedTime": "2026-12-01T00:00:01.000000Z"}}),
+            ),
+        )
+        .await
+        .expect("patch event");
 }
 
 /// What the agent does: watch what its Envoy and datapath serve, the synced
@@ -249,8 +306,6 @@ async fn drive_agent(kubeconfig: &Path) -> Vec<tokio::task::JoinHandle<()>> {
             vec![
                 Kind::Service,
                 Kind::EndpointSlice,
-                Kind::Endpoints,
-                Kind::Namespace,
                 Kind::CiliumEnvoyConfig,
                 Kind::CiliumClusterwideEnvoyConfig,
             ],
@@ -280,7 +335,7 @@ fn audit_of_both_roles(port: u16) -> Vec<AuditEntry> {
         t.extend(drive_agent(&server.kubeconfig()).await);
         t
     });
-    // 9 operator kinds, 6 agent kinds plus the Secrets of one namespace.
+    // 7 operator kinds, 4 agent kinds plus the Secrets of one namespace.
     let watches = |prefix: &str| {
         read_audit_log(&server.audit_log())
             .iter()
@@ -290,7 +345,7 @@ fn audit_of_both_roles(port: u16) -> Vec<AuditEntry> {
             .len()
     };
     let all_watching = wait_until(Duration::from_secs(30), || {
-        watches("membrane-operator/") >= 9 && watches("membrane-agent/") >= 7
+        watches("membrane-operator/") >= 7 && watches("membrane-agent/") >= 5
     });
     assert!(
         all_watching,
@@ -332,6 +387,11 @@ fn the_chart_grants_every_call_the_roles_make() {
     assert!(has(&entries, op, "patch", "ingresses/status", 200));
     assert!(has(&entries, op, "patch", "services/status", 200));
     assert!(has(&entries, op, "delete", "endpointslices", 200));
+    assert!(has(&entries, op, "get", "leases", 404));
+    assert!(has(&entries, op, "create", "leases", 201));
+    assert!(has(&entries, op, "update", "leases", 200));
+    assert!(has(&entries, op, "create", "events", 201));
+    assert!(has(&entries, op, "patch", "events", 200));
     let ag = "membrane-agent/";
     assert!(has(
         &entries,
