@@ -409,3 +409,61 @@ fn chart_crds_are_exactly_what_membrane_crds_prints() {
         );
     }
 }
+
+/// `obj` read as `T` and written back is `obj` again: no misspelled,
+/// misplaced or mistyped field (Kubernetes would drop or refuse it).
+fn round_trips<T>(obj: &Value) -> Result<(), String>
+where
+    T: k8s_openapi::serde::de::DeserializeOwned + k8s_openapi::serde::Serialize,
+{
+    let typed: T = serde_json::from_value(obj.clone()).map_err(|e| e.to_string())?;
+    let back = serde_json::to_value(&typed).map_err(|e| e.to_string())?;
+    if back == *obj {
+        Ok(())
+    } else {
+        Err(format!(
+            "lost or changed fields:\nrendered: {obj}\ntyped:    {back}"
+        ))
+    }
+}
+
+#[test]
+fn every_rendered_object_is_a_valid_kubernetes_object() {
+    use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+    use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
+    use k8s_openapi::api::networking::v1::IngressClass;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+
+    let shared = json!({"ingressController": {
+        "loadbalancerMode": "shared", "default": true,
+        "service": {"type": "NodePort", "insecureNodePort": 30080, "secureNodePort": 30443,
+                    "annotations": {"a": "b"}}},
+        "envoy": {"debug": {"admin": {"enabled": true}}}});
+    for values in [json!({}), shared] {
+        let Some(r) = render(&values) else { return };
+        let mut kinds = Vec::new();
+        for o in r.objects.iter().chain(&r.crds) {
+            let kind = o["kind"].as_str().unwrap_or_default();
+            let checked = match kind {
+                "Deployment" => round_trips::<Deployment>(o),
+                "DaemonSet" => round_trips::<DaemonSet>(o),
+                "ServiceAccount" => round_trips::<ServiceAccount>(o),
+                "Namespace" => round_trips::<Namespace>(o),
+                "Service" => round_trips::<Service>(o),
+                "IngressClass" => round_trips::<IngressClass>(o),
+                "ClusterRole" => round_trips::<ClusterRole>(o),
+                "ClusterRoleBinding" => round_trips::<ClusterRoleBinding>(o),
+                "Role" => round_trips::<Role>(o),
+                "RoleBinding" => round_trips::<RoleBinding>(o),
+                "CustomResourceDefinition" => round_trips::<CustomResourceDefinition>(o),
+                other => Err(format!("no check for kind {other}")),
+            };
+            if let Err(e) = checked {
+                panic!("{kind} {} with {values}: {e}", o["metadata"]["name"]);
+            }
+            kinds.push(kind.to_string());
+        }
+        assert!(kinds.len() >= 15, "{kinds:?}");
+    }
+}
