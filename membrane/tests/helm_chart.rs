@@ -2,8 +2,10 @@
 //! (helm-python-sdk, offline) with default values and with Cilium-style
 //! `ingressController.*` values; the rendered objects carry the values as
 //! membrane flags, the agent is not privileged and holds only its listed
-//! capabilities, and the chart's CRDs are exactly what `membrane crds`
-//! prints (`UPDATE_CHART_CRDS=1` rewrites them from it).
+//! capabilities, every object round-trips through its k8s-openapi type, a
+//! value outside values.schema.json is refused, and the chart's CRDs are
+//! exactly what `membrane crds` prints (`UPDATE_CHART_CRDS=1` rewrites them
+//! from it).
 
 mod helm_support;
 
