@@ -83,7 +83,7 @@ fn python() -> PathBuf {
 }
 
 /// Whether a missing prerequisite must fail (CI) rather than skip.
-fn in_ci() -> bool {
+pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
