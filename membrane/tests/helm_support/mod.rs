@@ -126,7 +126,11 @@ pub fn render(values: &Value) -> Option<Rendered> {
         .collect();
     templates.sort_by_key(|(path, _)| path.as_str());
     let mut objects = Vec::new();
-    for (path, text) in templates {
+    // NOTES.txt is what `helm install` prints, not a manifest.
+    for (path, text) in templates
+        .into_iter()
+        .filter(|(p, _)| !p.ends_with("NOTES.txt"))
+    {
         objects.extend(parse_documents(
             text.as_str().unwrap_or_default(),
             &format!("template {path}"),
