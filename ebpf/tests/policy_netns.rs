@@ -288,3 +288,126 @@ spec:
     // a itself still reaches the world: replies come back.
     h.check(&a.netns, a.v4(), ip("192.0.2.2"), Probe::Tcp(80), Allow);
 }
+
+/// CVE-2025-64715: egress peers that resolve to nothing (an unknown AWS
+/// group, an empty CIDR set) must not widen the rule to every peer.
+#[test]
+fn cve_2025_64715_empty_peer_set_does_not_widen_egress() {
+    let Some((_pins, _topo, mut h)) = setup("empty", XABC) else {
+        return;
+    };
+    let (a, b) = (h.pod("x", "a").clone(), h.pod("x", "b").clone());
+    for peers in [
+        "toGroups: [{aws: {securityGroupsIds: [sg-0000]}}]",
+        "toCIDRSet: []",
+        "toEndpoints: [{matchLabels: {pod: nobody}}]",
+    ] {
+        let errors = h.apply_with_errors(&format!(
+            r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: empty, namespace: x}}
+spec:
+  endpointSelector: {{matchLabels: {{pod: a}}}}
+  egress:
+  - {peers}
+    toPorts: [{{ports: [{{port: "80", protocol: TCP}}]}}]
+"#
+        ));
+        if peers.starts_with("toGroups") {
+            assert!(
+                errors.iter().any(|e| e.contains("spec.egress[0].toGroups")),
+                "{errors:?}"
+            );
+        }
+        h.check(&a.netns, a.v4(), ip("192.0.2.2"), Probe::Tcp(80), Deny);
+        h.check(&a.netns, a.v4(), b.v4(), Probe::Tcp(80), Deny);
+    }
+}
+
+/// CVE-2023-39347: a pod in y labelled `io.kubernetes.pod.namespace: x`
+/// (and a fake namespace label) is still y's.
+#[test]
+fn cve_2023_39347_fake_namespace_label_grants_nothing() {
+    let Some((_pins, _topo, mut h)) = setup("fakens", &[("x", "a"), ("x", "b"), ("y", "b")]) else {
+        return;
+    };
+    for ep in &mut h.cluster.endpoints {
+        if ep.namespace == "y" {
+            ep.labels
+                .insert("io.kubernetes.pod.namespace".into(), "x".into());
+            ep.labels
+                .insert("io.cilium.k8s.namespace.labels.ns".into(), "x".into());
+        }
+    }
+    let (a, xb, yb) = (
+        h.pod("x", "a").clone(),
+        h.pod("x", "b").clone(),
+        h.pod("y", "b").clone(),
+    );
+    h.apply(
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: from-b, namespace: x}
+spec:
+  endpointSelector: {matchLabels: {pod: a}}
+  ingress: [{fromEndpoints: [{matchLabels: {pod: b}}]}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: from-ns-x, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: x}}}], ports: [{port: 81}]}]
+"#,
+    );
+    h.check(&xb.netns, xb.v4(), a.v4(), Probe::Tcp(80), Allow);
+    h.check(&yb.netns, yb.v4(), a.v4(), Probe::Tcp(80), Deny);
+    h.check(&yb.netns, yb.v4(), a.v4(), Probe::Tcp(81), Deny);
+    h.check(&yb.netns, yb.v6(), a.v6(), Probe::Udp(80), Deny);
+}
+
+/// Kubernetes NetworkPolicy: namespaceSelector AND podSelector in one
+/// peer, a named port, egress deny-all with DNS allowed.
+#[test]
+fn network_policy_peers_named_port_and_egress() {
+    let Some((_pins, _topo, mut h)) =
+        setup("np", &[("x", "a"), ("x", "b"), ("y", "a"), ("y", "b")])
+    else {
+        return;
+    };
+    let (xa, xb, ya, yb) = (
+        h.pod("x", "a").clone(),
+        h.pod("x", "b").clone(),
+        h.pod("y", "a").clone(),
+        h.pod("y", "b").clone(),
+    );
+    h.apply(
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: and-named, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - from: [{namespaceSelector: {matchLabels: {ns: y}}, podSelector: {matchLabels: {pod: b}}}]
+    ports: [{port: serve-81-tcp}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: egress-dns-only, namespace: y}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Egress]
+  egress: [{ports: [{port: 53, protocol: UDP}, {port: 53, protocol: TCP}]}]
+"#,
+    );
+    let why = h.check(&yb.netns, yb.v4(), xa.v4(), Probe::Tcp(81), Allow);
+    assert_eq!(why, "NetworkPolicy x/and-named spec.ingress[0]");
+    h.check(&yb.netns, yb.v4(), xa.v4(), Probe::Tcp(80), Deny);
+    h.check(&xb.netns, xb.v4(), xa.v4(), Probe::Tcp(81), Deny);
+    h.check(&ya.netns, ya.v4(), xb.v4(), Probe::Tcp(80), Deny);
+    h.check(&ya.netns, ya.v6(), yb.v6(), Probe::Udp(81), Deny);
+    h.check(&yb.netns, yb.v4(), ya.v4(), Probe::Tcp(80), Allow);
+}

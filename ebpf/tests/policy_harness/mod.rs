@@ -198,6 +198,19 @@ impl PolicyHarness {
     pub fn apply(&mut self, yaml: &str) -> usize {
         let set = parse_policies(yaml);
         assert!(set.errors.is_empty(), "{:?}", set.errors);
+        self.apply_set(set)
+    }
+
+    /// Like [`PolicyHarness::apply`] for policies with parts in error;
+    /// returns the errors.
+    pub fn apply_with_errors(&mut self, yaml: &str) -> Vec<String> {
+        let set = parse_policies(yaml);
+        let errors = set.errors.iter().map(ToString::to_string).collect();
+        self.apply_set(set);
+        errors
+    }
+
+    fn apply_set(&mut self, set: PolicySet) -> usize {
         let state = State::build(&self.cluster, set, self.ids.clone());
         self.ids = state.identities.clone();
         self.dp.sync_ipcache(&state.ipcache).expect("ipcache");
