@@ -476,18 +476,32 @@ impl State {
     /// Both ends of a packet: the source endpoint's egress (if the source
     /// is a known endpoint) and the destination's ingress.
     pub fn trace(&self, src: IpAddr, dst: IpAddr, proto: u8, port: u16) -> Trace {
-        let src_id = self.ipcache.lookup(src);
-        let dst_id = self.ipcache.lookup(dst);
-        let ep_at = |ip: IpAddr| {
-            self.endpoints
-                .iter()
-                .find(|(e, _)| e.ips.contains(&ip))
-                .map(|(e, _)| e.id)
+        self.trace_ends(TraceEnd::Ip(src), TraceEnd::Ip(dst), proto, port)
+    }
+
+    /// Like [`State::trace`], each end an address or a known endpoint.
+    pub fn trace_ends(&self, src: TraceEnd, dst: TraceEnd, proto: u8, port: u16) -> Trace {
+        // (endpoint id if local, identity)
+        let resolve = |e: TraceEnd| -> (Option<u32>, u32) {
+            match e {
+                TraceEnd::Ip(ip) => (
+                    self.endpoints
+                        .iter()
+                        .find(|(ep, _)| ep.ips.contains(&ip))
+                        .map(|(ep, _)| ep.id),
+                    self.ipcache.lookup(ip),
+                ),
+                TraceEnd::Endpoint(id) => match self.endpoint(id) {
+                    Some((_, ident)) => (Some(id), ident),
+                    None => (None, 0),
+                },
+            }
         };
-        let egress =
-            ep_at(src).and_then(|e| self.evaluate(e, Direction::Egress, dst_id, proto, port));
+        let (src_ep, src_id) = resolve(src);
+        let (dst_ep, dst_id) = resolve(dst);
+        let egress = src_ep.and_then(|e| self.evaluate(e, Direction::Egress, dst_id, proto, port));
         let ingress =
-            ep_at(dst).and_then(|e| self.evaluate(e, Direction::Ingress, src_id, proto, port));
+            dst_ep.and_then(|e| self.evaluate(e, Direction::Ingress, src_id, proto, port));
         let verdict = if [&egress, &ingress]
             .iter()
             .any(|d| d.as_ref().is_some_and(|d| d.verdict == Verdict::Deny))
@@ -504,6 +518,14 @@ impl State {
             verdict,
         }
     }
+}
+
+/// One end of a traced packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TraceEnd {
+    Ip(IpAddr),
+    /// A known endpoint, by id.
+    Endpoint(u32),
 }
 
 /// What `trace` found.

@@ -12,11 +12,12 @@
 pub mod engine;
 pub mod identity;
 pub mod labels;
+pub mod manifest;
 pub mod rules;
 
 pub use engine::{
     Cluster, Decision, Endpoint, EndpointPolicy, NamedPort, PolicyEntry, Reason, State, Trace,
-    Verdict, l4_key,
+    TraceEnd, Verdict, l4_key,
 };
 pub use identity::{ANY_IDENTITY, Identities, IpCache, Reserved};
 pub use rules::{Direction, PolicySet, RuleRef};
