@@ -7,6 +7,9 @@
 //! groups, services, authentication) are kept verbatim so nothing a user
 //! wrote is pruned; the policy crate refuses what it cannot enforce safely.
 //!
+//! Other lists are always serialised (an empty list the user wrote must
+//! survive a round trip through strict field checking).
+//!
 //! Peer lists are `Option<Vec<_>>` on purpose: an absent list and an empty
 //! one differ. A rule with no peer field at all applies to every peer; a
 //! peer field that is present but selects nothing must select nothing
@@ -39,7 +42,7 @@ pub struct CidrRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cidr_group_ref: Option<String>,
     /// Sub-prefixes of `cidr` that are not selected.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub except: Vec<String>,
 }
 
@@ -64,7 +67,7 @@ pub struct PortProtocol {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PortRule {
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub ports: Vec<PortProtocol>,
     /// L7 rules (HTTP, Kafka, DNS): kept, not enforced by this crate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -76,7 +79,7 @@ pub struct PortRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "preserve_schema")]
     pub originating_tls: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub server_names: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "preserve_schema")]
@@ -87,7 +90,7 @@ pub struct PortRule {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PortDenyRule {
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub ports: Vec<PortProtocol>,
 }
 
@@ -107,7 +110,7 @@ pub struct IcmpField {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct IcmpRule {
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub fields: Vec<IcmpField>,
 }
 
@@ -276,10 +279,10 @@ pub struct PolicyRule {
 /// Status written by the agent (kept free-form, as Cilium's node map).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 pub struct NetworkPolicyStatus {
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default)]
     #[schemars(schema_with = "preserve_schema")]
     pub nodes: BTreeMap<String, serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     #[schemars(schema_with = "preserve_list_schema")]
     pub conditions: Vec<serde_json::Value>,
 }
