@@ -95,6 +95,9 @@ struct flow {
 	__u8 icmp_type;
 	__u8 is_icmp;
 	__u8 later_fragment;
+	__u8 icmp_error;
+	__u8 pad[3];
+	__u32 l4_off;
 };
 
 /* 0: parsed; 1: not IP (left alone); -1: truncated. */
@@ -149,6 +152,10 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
 			return -1;
 		f->is_icmp = 1;
 		f->icmp_type = hdr[0];
+		f->l4_off = l4_off;
+		f->icmp_error = f->family == POL_FAMILY_V4
+					? (hdr[0] == 3 || hdr[0] == 11 || hdr[0] == 12)
+					: (hdr[0] >= 1 && hdr[0] <= 4);
 		int echo = f->family == POL_FAMILY_V4
 				   ? (hdr[0] == ICMP_ECHO_REQUEST || hdr[0] == ICMP_ECHO_REPLY)
 				   : (hdr[0] == ICMP6_ECHO_REQUEST || hdr[0] == ICMP6_ECHO_REPLY);
@@ -247,6 +254,61 @@ static __always_inline int is_reply(const struct flow *f, __u32 ep_id, __u8 dir)
 	return 1;
 }
 
+/* Is this ICMP error about a flow this endpoint's policy allowed? The
+ * error quotes the offending packet's header: a packet of a tracked flow
+ * (sent by the endpoint, or its reply). */
+static __always_inline int is_related(struct __sk_buff *skb, const struct flow *f,
+				      __u32 ep_id, __u8 dir)
+{
+	struct flow in = {};
+	__u32 off = f->l4_off + 8;
+	__u32 in_l4;
+
+	if (f->family == POL_FAMILY_V4) {
+		struct iphdr ip;
+		if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)) < 0 || ip.ihl < 5)
+			return 0;
+		__builtin_memcpy(in.saddr, &ip.saddr, 4);
+		__builtin_memcpy(in.daddr, &ip.daddr, 4);
+		in.proto = ip.protocol;
+		in_l4 = off + ip.ihl * 4;
+	} else {
+		struct ipv6hdr ip6;
+		if (bpf_skb_load_bytes(skb, off, &ip6, sizeof(ip6)) < 0)
+			return 0;
+		__builtin_memcpy(in.saddr, &ip6.saddr, 16);
+		__builtin_memcpy(in.daddr, &ip6.daddr, 16);
+		in.proto = ip6.nexthdr;
+		in_l4 = off + sizeof(ip6);
+	}
+	in.family = f->family;
+	if (in.proto == IPPROTO_TCP || in.proto == IPPROTO_UDP || in.proto == IPPROTO_SCTP) {
+		__be16 ports[2];
+		if (bpf_skb_load_bytes(skb, in_l4, ports, sizeof(ports)) < 0)
+			return 0;
+		in.sport = ports[0];
+		in.dport = ports[1];
+	} else if (in.proto == IPPROTO_ICMP || in.proto == IPPROTO_ICMPV6_) {
+		__u8 hdr[8];
+		if (bpf_skb_load_bytes(skb, in_l4, hdr, sizeof(hdr)) < 0)
+			return 0;
+		__builtin_memcpy(&in.sport, &hdr[4], 2);
+		in.dport = in.sport;
+	} else {
+		return 0;
+	}
+	__u8 other = dir == POL_DIR_INGRESS ? POL_DIR_EGRESS : POL_DIR_INGRESS;
+	struct pol_ct_key k = {};
+	/* The quoted packet opened the flow in the other direction... */
+	ct_key(&k, &in, ep_id, other, 0);
+	if (bpf_map_lookup_elem(&pol_ct, &k))
+		return 1;
+	/* ...or replied to a flow opened in this direction. */
+	struct pol_ct_key r = {};
+	ct_key(&r, &in, ep_id, dir, 1);
+	return bpf_map_lookup_elem(&pol_ct, &r) != NULL;
+}
+
 static __always_inline void ct_track(const struct flow *f, __u32 ep_id, __u8 dir)
 {
 	struct pol_ct_key k = {};
@@ -276,6 +338,8 @@ static __always_inline int enforce(struct __sk_buff *skb, __u8 dir)
 	struct pol_endpoint *ep = bpf_map_lookup_elem(&pol_endpoints, &ifindex);
 	if (!ep)
 		return TCX_NEXT;
+	if (!(ep->flags & POL_F_HAS_POLICY))
+		return TCX_NEXT;
 	__u32 ep_id = ep->ep_id;
 	__u32 deny_flag = dir == POL_DIR_INGRESS ? POL_F_INGRESS_DEFAULT_DENY
 						 : POL_F_EGRESS_DEFAULT_DENY;
@@ -299,6 +363,10 @@ static __always_inline int enforce(struct __sk_buff *skb, __u8 dir)
 	 * not traffic a policy talks about. */
 	if (f.proto == IPPROTO_ICMPV6_ && f.icmp_type >= 133 && f.icmp_type <= 137) {
 		stat_inc(POL_STAT_ALLOW_ND);
+		return TCX_NEXT;
+	}
+	if (f.icmp_error && is_related(skb, &f, ep_id, dir)) {
+		stat_inc(POL_STAT_ALLOW_RELATED);
 		return TCX_NEXT;
 	}
 	if (is_reply(&f, ep_id, dir)) {

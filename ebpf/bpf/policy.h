@@ -19,6 +19,8 @@
 /* pol_endpoint.flags */
 #define POL_F_INGRESS_DEFAULT_DENY 1
 #define POL_F_EGRESS_DEFAULT_DENY 2
+/* Any entry or enforcement at all; without it the endpoint is skipped. */
+#define POL_F_HAS_POLICY 4
 
 /* Indices of pol_stats: verdict counters and drop reasons. */
 #define POL_STAT_ALLOW_POLICY 0
@@ -30,6 +32,7 @@
 #define POL_STAT_DROP_MALFORMED 6
 #define POL_STAT_FRAGMENT_PASSED 7
 #define POL_STAT_CT_CREATED 8
+#define POL_STAT_ALLOW_RELATED 9    /* ICMP error about an allowed flow */
 #define POL_STAT_MAX 16
 
 /* ipcache: LPM over family + address. prefixlen counts the 32 bits of

@@ -18,7 +18,7 @@ use aya::maps::{HashMap, MapData, MapError, PerCpuArray};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
-use aya::{Ebpf, EbpfLoader};
+use aya::{Ebpf, EbpfLoader, TestRun, TestRunOptions};
 use membrane_policy::identity::IpCache;
 use membrane_policy::{Direction, EndpointPolicy};
 
@@ -41,6 +41,7 @@ const DIR_INGRESS: u8 = 0;
 const DIR_EGRESS: u8 = 1;
 const F_INGRESS_DEFAULT_DENY: u32 = 1;
 const F_EGRESS_DEFAULT_DENY: u32 = 2;
+const F_HAS_POLICY: u32 = 4;
 /// (endpoint, identity, direction) bits always matched in full.
 const KEY_FIXED_BITS: u32 = 72;
 
@@ -141,10 +142,12 @@ pub enum PolicyStat {
     DropMalformed = 6,
     FragmentPassed = 7,
     ConntrackCreated = 8,
+    /// An ICMP error about a flow the policy allowed (e.g. packet too big).
+    AllowRelated = 9,
 }
 
 impl PolicyStat {
-    pub const ALL: [PolicyStat; 9] = [
+    pub const ALL: [PolicyStat; 10] = [
         PolicyStat::AllowPolicy,
         PolicyStat::AllowReply,
         PolicyStat::AllowNotEnforced,
@@ -154,6 +157,7 @@ impl PolicyStat {
         PolicyStat::DropMalformed,
         PolicyStat::FragmentPassed,
         PolicyStat::ConntrackCreated,
+        PolicyStat::AllowRelated,
     ];
 }
 
@@ -464,6 +468,12 @@ impl PolicyDatapath {
         if pol.egress_enforced {
             flags |= F_EGRESS_DEFAULT_DENY;
         }
+        // Without default deny in either direction and without a deny
+        // entry every packet is allowed and no reply needs tracking: the
+        // program skips such endpoints.
+        if flags != 0 || want.values().any(|deny| *deny) {
+            flags |= F_HAS_POLICY;
+        }
         let ev = EndpointValue {
             ep_id: pol.endpoint_id,
             identity: pol.identity,
@@ -533,6 +543,30 @@ impl PolicyDatapath {
     /// Live conntrack entries.
     pub fn conntrack_len(&self) -> usize {
         self.ct.keys().filter(|k| k.is_ok()).count()
+    }
+
+    /// Runs one program `repeat` times on `packet` (an Ethernet frame)
+    /// with `BPF_PROG_TEST_RUN` (device: the namespace's loopback);
+    /// returns the tc verdict and the kernel's average time per run.
+    pub fn test_run(
+        &self,
+        from_pod: bool,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(i32, std::time::Duration), PolicyDatapathError> {
+        let name = if from_pod { PROG_FROM_POD } else { PROG_TO_POD };
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(name)
+            .ok_or(PolicyDatapathError::Missing(name))?
+            .try_into()?;
+        let mut out = vec![0u8; packet.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(packet);
+        opts.data_out = Some(&mut out);
+        opts.repeat = repeat.max(1);
+        let r = prog.test_run(opts)?;
+        Ok((r.return_value as i32, r.duration))
     }
 
     /// Attached interfaces.

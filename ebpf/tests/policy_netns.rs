@@ -411,3 +411,56 @@ spec:
     h.check(&ya.netns, ya.v6(), yb.v6(), Probe::Udp(81), Deny);
     h.check(&yb.netns, yb.v4(), ya.v4(), Probe::Tcp(80), Allow);
 }
+
+/// ICMP errors about a flow the policy allowed (port unreachable, packet
+/// too big) reach the endpoint; unsolicited ones do not.
+#[test]
+fn related_icmp_errors_only() {
+    let Some((_pins, _topo, mut h)) = setup("related", XABC) else {
+        return;
+    };
+    let (a, b) = (h.pod("x", "a").clone(), h.pod("x", "b").clone());
+    h.apply(
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: closed, namespace: x}
+spec:
+  endpointSelector: {matchLabels: {pod: a}}
+  ingress: [{}]
+"#,
+    );
+    for dst in [b.v4(), b.v6()] {
+        assert!(
+            policy_harness::probe(&a.netns, dst, Probe::UdpRefused(9), None),
+            "port unreachable from {dst} did not reach a"
+        );
+    }
+    let st = h.dp.stats().expect("stats");
+    assert!(st[&PolicyStat::AllowRelated] >= 2, "{st:?}");
+    let before = st[&PolicyStat::DropDefaultDeny];
+    let related = st[&PolicyStat::AllowRelated];
+    assert!(policy_harness::probe(
+        &b.netns,
+        a.v4(),
+        Probe::IcmpError(53),
+        None
+    ));
+    let st = policy_harness_wait_drop(&h, before);
+    assert_eq!(st[&PolicyStat::AllowRelated], related, "{st:?}");
+}
+
+/// The kernel counts the drop of the unsolicited error (bounded poll).
+fn policy_harness_wait_drop(
+    h: &PolicyHarness,
+    before: u64,
+) -> std::collections::BTreeMap<PolicyStat, u64> {
+    common::wait_for(
+        "the unsolicited ICMP error to be dropped",
+        std::time::Duration::from_secs(5),
+        || {
+            let st = h.dp.stats().expect("stats");
+            (st[&PolicyStat::DropDefaultDeny] > before).then_some(st)
+        },
+    )
+}

@@ -72,6 +72,29 @@ try:
         s.settimeout(T); s.sendto(b'hi', (dst, arg))
         d, a = s.recvfrom(64)
         sys.exit(0 if d == b'ok' else 1)
+    if mode == 'udp-refused':
+        # An ICMP port unreachable must reach the sender: a connected UDP
+        # socket reports it as ECONNREFUSED.
+        s = socket.socket(fam, socket.SOCK_DGRAM)
+        if src: s.bind((src, 0))
+        s.connect((dst, arg)); s.settimeout(T)
+        s.send(b'hi')
+        try:
+            s.recv(64)
+        except ConnectionRefusedError:
+            sys.exit(0)
+        sys.exit(1)
+    if mode == 'icmp-error':
+        # An unsolicited destination-unreachable quoting a flow nobody has.
+        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        inner = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 28, 1, 0, 64, 17, 0,
+                            socket.inet_aton(dst), socket.inet_aton('192.0.2.99'))
+        inner += struct.pack('!HHHH', 1234, arg, 8, 0)
+        body = b'\0\0\0\0' + inner
+        msg = struct.pack('!BBH', 3, 3, 0) + body
+        msg = struct.pack('!BBH', 3, 3, csum(msg)) + body
+        s.sendto(msg, (dst, 0))
+        sys.exit(0)
     if mode == 'icmp':
         proto = socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP
         s = socket.socket(fam, socket.SOCK_RAW, proto)
@@ -120,6 +143,11 @@ impl Pod {
 pub enum Probe {
     Tcp(u16),
     Udp(u16),
+    /// UDP to a closed port: succeeds when the ICMP port unreachable
+    /// comes back (an error related to the sender's flow).
+    UdpRefused(u16),
+    /// Sends an unsolicited IPv4 destination unreachable (always "succeeds").
+    IcmpError(u16),
     /// ICMP or ICMPv6 (by destination family) of this type, with an id.
     Icmp(u8, u16),
 }
@@ -128,7 +156,8 @@ impl Probe {
     pub fn proto_port(self, v6: bool) -> (u8, u16) {
         match self {
             Probe::Tcp(p) => (PROTO_TCP, p),
-            Probe::Udp(p) => (PROTO_UDP, p),
+            Probe::Udp(p) | Probe::UdpRefused(p) => (PROTO_UDP, p),
+            Probe::IcmpError(_) => (if v6 { PROTO_ICMPV6 } else { PROTO_ICMP }, 3),
             Probe::Icmp(t, _) => (if v6 { PROTO_ICMPV6 } else { PROTO_ICMP }, t as u16),
         }
     }
@@ -139,6 +168,8 @@ pub fn probe(from: &str, dst: IpAddr, p: Probe, src: Option<IpAddr>) -> bool {
     let (mode, arg, id) = match p {
         Probe::Tcp(port) => ("tcp", port.to_string(), 0),
         Probe::Udp(port) => ("udp", port.to_string(), 0),
+        Probe::UdpRefused(port) => ("udp-refused", port.to_string(), 0),
+        Probe::IcmpError(port) => ("icmp-error", port.to_string(), 0),
         Probe::Icmp(t, id) => ("icmp", t.to_string(), id),
     };
     let src = src.map_or("-".to_string(), |s| s.to_string());
