@@ -1,14 +1,15 @@
 //! Endpoints + policies → identities, ipcache, per-endpoint map entries;
 //! the reference evaluator and `trace`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
 use crate::identity::{ANY_IDENTITY, Identities, IdentityInfo, IdentityKind, IpCache, Reserved};
-use crate::labels::LabelSet;
+use crate::labels::{LabelSet, Selector};
 use crate::rules::{Direction, L4, Peer, PolicySet, Rule, RuleRef};
 
 /// A named container port of an endpoint.
@@ -241,7 +242,10 @@ pub struct State {
     pub policies: PolicySet,
     endpoints: Vec<(Endpoint, u32)>,
     /// Per rule: matches every peer, or these identities.
-    rule_peers: Vec<(bool, BTreeSet<u32>)>,
+    rule_peers: Vec<Arc<(bool, BTreeSet<u32>)>>,
+    /// Per endpoint identity: the rules whose subject selects it, in order
+    /// (what `compile` walks; the reference evaluator scans every rule).
+    rules_of: HashMap<u32, Vec<usize>>,
     allow_localhost: bool,
     all_named: Vec<NamedPort>,
 }
@@ -282,27 +286,54 @@ impl State {
         for ip in &cluster.host_ips {
             ipcache.insert_ip(*ip, Reserved::Host.id());
         }
-        let rule_peers = policies
-            .rules
-            .iter()
-            .map(|r| {
-                if r.peers.contains(&Peer::All) {
-                    return (true, BTreeSet::new());
-                }
-                let set = ids
+        // Selector caches: identical peer lists and identical subjects are
+        // resolved once (policies repeat them a lot).
+        let mut peer_cache: HashMap<&[Peer], Arc<(bool, BTreeSet<u32>)>> = HashMap::new();
+        let mut rule_peers = Vec::with_capacity(policies.rules.len());
+        for r in &policies.rules {
+            let set = peer_cache
+                .entry(r.peers.as_slice())
+                .or_insert_with(|| {
+                    if r.peers.contains(&Peer::All) {
+                        return Arc::new((true, BTreeSet::new()));
+                    }
+                    let set = ids
+                        .iter()
+                        .filter(|info| r.peers.iter().any(|p| peer_matches(p, info)))
+                        .map(|info| info.id)
+                        .collect();
+                    Arc::new((false, set))
+                })
+                .clone();
+            rule_peers.push(set);
+        }
+        let ep_ids: BTreeSet<u32> = endpoints.iter().map(|(_, id)| *id).collect();
+        let mut subject_cache: HashMap<&Selector, Vec<u32>> = HashMap::new();
+        let mut rules_of: HashMap<u32, Vec<usize>> = HashMap::new();
+        for (i, r) in policies.rules.iter().enumerate() {
+            let matched = subject_cache.entry(&r.subject).or_insert_with(|| {
+                ep_ids
                     .iter()
-                    .filter(|info| r.peers.iter().any(|p| peer_matches(p, info)))
-                    .map(|info| info.id)
-                    .collect();
-                (false, set)
-            })
-            .collect();
+                    .copied()
+                    .filter(|id| {
+                        ids.get(*id)
+                            .is_some_and(|info| r.subject.matches(&info.labels))
+                    })
+                    .collect()
+            });
+            for id in matched.iter() {
+                rules_of.entry(*id).or_default().push(i);
+            }
+        }
+        drop(peer_cache);
+        drop(subject_cache);
         State {
             identities: ids,
             ipcache,
             policies,
             endpoints,
             rule_peers,
+            rules_of,
             allow_localhost: cluster.allow_localhost,
             all_named: all_named.into_iter().collect(),
         }
@@ -415,12 +446,21 @@ impl State {
             let named = self.named(ep, dir);
             let mut allow: BTreeMap<u32, Intervals> = BTreeMap::new();
             let mut deny: BTreeMap<u32, Intervals> = BTreeMap::new();
-            for (i, r) in self.selecting(identity, dir) {
+            let indexed = self
+                .rules_of
+                .get(&identity)
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            for &i in indexed {
+                let r = &self.policies.rules[i];
+                if r.direction != dir {
+                    continue;
+                }
                 let l4 = l4_intervals(r.l4.as_deref(), &named);
                 if l4.is_empty() {
                     continue;
                 }
-                let (any, ids) = &self.rule_peers[i];
+                let (any, ids) = &*self.rule_peers[i];
                 let target = if r.deny { &mut deny } else { &mut allow };
                 let idents: Vec<u32> = if *any {
                     vec![ANY_IDENTITY]

@@ -91,7 +91,7 @@ impl fmt::Display for RuleRef {
 }
 
 /// A set of peers.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Peer {
     /// Every identity, inside and outside the cluster.
     All,
