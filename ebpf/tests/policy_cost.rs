@@ -12,7 +12,6 @@ use common::pkt::{self, SYN, TCP};
 use common::{Netns, PinDir, prerequisites};
 use membrane_ebpf::PolicyDatapath;
 use membrane_policy::{Cluster, Endpoint, Identities, PolicySet, State};
-use std::fmt::Write as _;
 
 const TC_ACT_UNSPEC: i32 = -1;
 const TC_ACT_SHOT: i32 = 2;
