@@ -255,6 +255,11 @@ impl Translator {
             {
                 sel.in_namespace(ns)
             }
+            // A CCNP's `{}` peer means every pod of the cluster, not every
+            // identity (cilium/cilium#12890).
+            (_, PolicyKind::CiliumClusterwideNetworkPolicy) if sel.0.is_empty() => {
+                sel.and(Requirement::Exists(LabelKey::k8s(POD_NAMESPACE_LABEL)))
+            }
             _ => sel,
         })
     }

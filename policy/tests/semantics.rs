@@ -599,3 +599,46 @@ spec:
     );
     let _ = PolicySet::default();
 }
+
+/// In a CCNP, `fromEndpoints: [{}]` is every pod of the cluster, never the
+/// world or the host (cilium/cilium#12890); in a CNP, every pod of its
+/// namespace.
+#[test]
+fn wildcard_endpoint_selector_means_pods() {
+    let ccnp = r#"
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: pods}
+spec:
+  endpointSelector: {matchLabels: {pod: a}}
+  ingress: [{fromEndpoints: [{}]}]
+"#;
+    let mut c = cluster();
+    c.allow_localhost = false;
+    let set = policies(ccnp);
+    let s = State::build(&c, set, Identities::default());
+    assert_eq!(
+        verdict(&s, pod_ip(Z, C), pod_ip(X, A), PROTO_TCP, 80),
+        Verdict::Allow
+    );
+    assert_eq!(
+        verdict(&s, ip("192.0.2.1"), pod_ip(X, A), PROTO_TCP, 80),
+        Verdict::Deny
+    );
+    assert_eq!(
+        verdict(&s, ip(HOST), pod_ip(X, A), PROTO_TCP, 80),
+        Verdict::Deny
+    );
+    let cnp = ccnp
+        .replace("CiliumClusterwideNetworkPolicy", "CiliumNetworkPolicy")
+        .replace("{name: pods}", "{name: pods, namespace: x}");
+    let s = State::build(&c, policies(&cnp), Identities::default());
+    assert_eq!(
+        verdict(&s, pod_ip(X, C), pod_ip(X, A), PROTO_TCP, 80),
+        Verdict::Allow
+    );
+    assert_eq!(
+        verdict(&s, pod_ip(Z, C), pod_ip(X, A), PROTO_TCP, 80),
+        Verdict::Deny
+    );
+}
