@@ -21,6 +21,9 @@ const CIDRS: &[&str] = &[
     "198.51.100.7/32",
     "0.0.0.0/0",
     "10.124.0.0/16",
+    "2001:db8::/32",
+    "2001:db8::/64",
+    "::/0",
 ];
 const WORLD: &[&str] = &[
     "192.0.2.1",
@@ -89,7 +92,15 @@ fn item(r: &mut StdRng, pfx: &str) -> Value {
                 k("Entities"),
                 json!([pick(
                     r,
-                    &["all", "world", "cluster", "host", "world-ipv4", "none"]
+                    &[
+                        "all",
+                        "world",
+                        "cluster",
+                        "host",
+                        "world-ipv4",
+                        "world-ipv6",
+                        "none"
+                    ]
                 )]),
             );
         }
@@ -97,7 +108,15 @@ fn item(r: &mut StdRng, pfx: &str) -> Value {
             o.insert(k("CIDR"), json!([pick(r, CIDRS)]));
         }
         3 => {
-            let c = *pick(r, &CIDRS[..4]);
+            let c = *pick(
+                r,
+                &[
+                    "192.0.2.0/24",
+                    "192.0.2.0/25",
+                    "198.51.100.0/24",
+                    "2001:db8::/32",
+                ],
+            );
             let net: ipnet::IpNet = c.parse().expect("cidr");
             let except: Vec<&str> = CIDRS
                 .iter()
@@ -257,9 +276,8 @@ fn compiled_maps_agree_with_the_reference_evaluator() {
             let v6 = r.random_bool(0.15);
             let (src, dst) = if v6 {
                 let e = endpoints_ips(true);
-                let w = ip("2001:db8::1");
                 let mut all = e.clone();
-                all.push(w);
+                all.extend([ip("2001:db8::1"), ip("2001:db8:0:1::1"), ip("2001:db9::1")]);
                 (*pick(&mut r, &all), *pick(&mut r, &e))
             } else if r.random_bool(0.5) {
                 (*pick(&mut r, &endpoints_ips(false)), *pick(&mut r, &peers))
