@@ -25,6 +25,11 @@
  * load balancer at tc ingress), or the stack if there is none. */
 #define TCX_NEXT TC_ACT_UNSPEC
 
+/* How long after its last packet a tracked flow still admits replies (set
+ * by the loader; Cilium's defaults: 6 h for TCP, 60 s otherwise). */
+volatile const __u64 CT_TIMEOUT_TCP_NS = 21600ULL * 1000000000ULL;
+volatile const __u64 CT_TIMEOUT_OTHER_NS = 60ULL * 1000000000ULL;
+
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 struct {
@@ -250,7 +255,11 @@ static __always_inline int is_reply(const struct flow *f, __u32 ep_id, __u8 dir)
 		return 0;
 	if (f->is_icmp && !(v->flags & POL_CT_F_ICMP_ECHO))
 		return 0;
-	v->last_seen = bpf_ktime_get_ns();
+	__u64 now = bpf_ktime_get_ns();
+	__u64 timeout = f->proto == IPPROTO_TCP ? CT_TIMEOUT_TCP_NS : CT_TIMEOUT_OTHER_NS;
+	if (now - v->last_seen > timeout)
+		return 0; /* expired: judged by policy, and re-tracked if allowed */
+	v->last_seen = now;
 	return 1;
 }
 

@@ -18,4 +18,4 @@ pub use datapath::{
     PROGRAM_NAME, ServiceStatus, SyncReport, check_bpffs,
 };
 pub use maps::{PROXY_MARK, PROXY_MARK_MASK, Stat};
-pub use policy::{PolicyDatapath, PolicyDatapathError, PolicyStat, PolicySyncReport};
+pub use policy::{PolicyConfig, PolicyDatapath, PolicyDatapathError, PolicyStat, PolicySyncReport};

@@ -197,6 +197,25 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> PolicyDatapathError {
     move |source| PolicyDatapathError::Map { map, source }
 }
 
+/// Settings of the policy datapath.
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    /// A TCP flow admits replies this long after its last packet.
+    pub ct_timeout_tcp: std::time::Duration,
+    /// Any other flow (UDP, SCTP, ICMP echo) likewise.
+    pub ct_timeout_other: std::time::Duration,
+}
+
+impl Default for PolicyConfig {
+    /// Cilium's conntrack lifetimes: 6 h for TCP, 60 s otherwise.
+    fn default() -> Self {
+        PolicyConfig {
+            ct_timeout_tcp: std::time::Duration::from_secs(6 * 3600),
+            ct_timeout_other: std::time::Duration::from_secs(60),
+        }
+    }
+}
+
 /// What one endpoint sync wrote.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PolicySyncReport {
@@ -225,13 +244,22 @@ impl PolicyDatapath {
     /// Loads the programs, creating maps or reusing those pinned in
     /// `pin_dir` (then the ipcache mirror is restored from them).
     pub fn load(pin_dir: &Path) -> Result<Self, PolicyDatapathError> {
+        Self::load_with(pin_dir, &PolicyConfig::default())
+    }
+
+    /// [`PolicyDatapath::load`] with explicit settings.
+    pub fn load_with(pin_dir: &Path, cfg: &PolicyConfig) -> Result<Self, PolicyDatapathError> {
         crate::check_bpffs(pin_dir)?;
         fs::create_dir_all(pin_dir).map_err(|source| PolicyDatapathError::Io {
             what: format!("creating {}", pin_dir.display()),
             source,
         })?;
+        let tcp_ns = cfg.ct_timeout_tcp.as_nanos() as u64;
+        let other_ns = cfg.ct_timeout_other.as_nanos() as u64;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
+            .override_global("CT_TIMEOUT_TCP_NS", &tcp_ns, true)
+            .override_global("CT_TIMEOUT_OTHER_NS", &other_ns, true)
             .load(POLICY_OBJECT)?;
         for name in [PROG_FROM_POD, PROG_TO_POD] {
             let prog: &mut SchedClassifier = ebpf

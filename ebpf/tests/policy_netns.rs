@@ -464,3 +464,66 @@ fn policy_harness_wait_drop(
         },
     )
 }
+
+/// A flow that went quiet longer than its conntrack lifetime admits no
+/// more replies (lifetime 1 s here; Cilium's 60 s by default).
+#[test]
+fn expired_flows_admit_no_replies() {
+    if !prerequisites() {
+        return;
+    }
+    let pins = PinDir::new("ctexp");
+    let topo = PolicyTopology::new("ctexp", XABC);
+    let cfg = membrane_ebpf::PolicyConfig {
+        ct_timeout_other: std::time::Duration::from_secs(1),
+        ..Default::default()
+    };
+    let mut h =
+        PolicyHarness::with_config(&pins, &topo.node, topo.cluster(), topo.pods.clone(), &cfg);
+    let (a, b) = (h.pod("x", "a").clone(), h.pod("x", "b").clone());
+    h.apply(
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: closed, namespace: x}
+spec:
+  endpointSelector: {matchLabels: {pod: a}}
+  ingress: [{}]
+"#,
+    );
+    let peer = |port: u16, delay_ms: u16| {
+        let child = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &b.netns,
+                "python3",
+                "-c",
+                policy_harness::LATE_PEER_PY,
+            ])
+            .arg(port.to_string())
+            .arg(delay_ms.to_string())
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn late peer");
+        common::Proc(child)
+    };
+    // Ready when it answers (its first answer is a plain reply).
+    let wait_ready = |port: u16| {
+        common::wait_for("late peer", std::time::Duration::from_secs(10), || {
+            policy_harness::probe(&a.netns, b.v4(), Probe::Udp(port), None).then_some(())
+        })
+    };
+    let _p1 = peer(5555, 200);
+    wait_ready(5555);
+    assert!(
+        policy_harness::probe(&a.netns, b.v4(), Probe::LateReply(5555, 200), None),
+        "an answer 200 ms later is still a reply"
+    );
+    let _p2 = peer(5556, 1500);
+    wait_ready(5556);
+    assert!(
+        !policy_harness::probe(&a.netns, b.v4(), Probe::LateReply(5556, 1500), None),
+        "an answer 1.5 s after the flow went quiet must be judged by policy (dropped)"
+    );
+}

@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use membrane_ebpf::PolicyDatapath;
+use membrane_ebpf::{PolicyConfig, PolicyDatapath};
 use membrane_policy::rules::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 use membrane_policy::{Cluster, Endpoint, Identities, NamedPort, PolicySet, State, Verdict};
 
@@ -95,6 +95,18 @@ try:
         msg = struct.pack('!BBH', 3, 3, csum(msg)) + body
         s.sendto(msg, (dst, 0))
         sys.exit(0)
+    if mode == 'late-reply':
+        # From port 40000 to dst:arg; the peer answers at once and again
+        # after the delay in argv[5] ms (see LATE_PEER_PY); exit 0 when the
+        # second answer arrives.
+        s = socket.socket(fam, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((src or ('::' if v6 else '0.0.0.0'), 40000))
+        s.settimeout(T); s.sendto(b'hi', (dst, arg))
+        s.recvfrom(64)
+        s.settimeout(ident / 1000.0 + 1.0)
+        d, a = s.recvfrom(64)
+        sys.exit(0 if d == b'again' else 1)
     if mode == 'icmp':
         proto = socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP
         s = socket.socket(fam, socket.SOCK_RAW, proto)
@@ -117,6 +129,20 @@ try:
         sys.exit(1)
 except (OSError, socket.timeout):
     sys.exit(1)
+"#;
+
+/// `LATE_PEER_PY PORT DELAY_MS`: answers each datagram at once and again
+/// after DELAY_MS (a reply arriving after the flow went quiet).
+pub const LATE_PEER_PY: &str = r#"
+import socket, sys, threading
+port, delay = int(sys.argv[1]), int(sys.argv[2]) / 1000.0
+u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+u.bind(('::', port))
+while True:
+    d, a = u.recvfrom(64)
+    u.sendto(b'ok', a)
+    threading.Timer(delay, u.sendto, (b'again', a)).start()
 "#;
 
 /// One endpoint of the harness: a pod in its own network namespace.
@@ -148,6 +174,10 @@ pub enum Probe {
     UdpRefused(u16),
     /// Sends an unsolicited IPv4 destination unreachable (always "succeeds").
     IcmpError(u16),
+    /// UDP from port 40000 to a [`LATE_PEER_PY`] peer on this port whose
+    /// second answer comes after the given milliseconds: succeeds when
+    /// that late answer arrives.
+    LateReply(u16, u16),
     /// ICMP or ICMPv6 (by destination family) of this type, with an id.
     Icmp(u8, u16),
 }
@@ -157,6 +187,7 @@ impl Probe {
         match self {
             Probe::Tcp(p) => (PROTO_TCP, p),
             Probe::Udp(p) | Probe::UdpRefused(p) => (PROTO_UDP, p),
+            Probe::LateReply(p, _) => (PROTO_UDP, p),
             Probe::IcmpError(_) => (if v6 { PROTO_ICMPV6 } else { PROTO_ICMP }, 3),
             Probe::Icmp(t, _) => (if v6 { PROTO_ICMPV6 } else { PROTO_ICMP }, t as u16),
         }
@@ -170,6 +201,7 @@ pub fn probe(from: &str, dst: IpAddr, p: Probe, src: Option<IpAddr>) -> bool {
         Probe::Udp(port) => ("udp", port.to_string(), 0),
         Probe::UdpRefused(port) => ("udp-refused", port.to_string(), 0),
         Probe::IcmpError(port) => ("icmp-error", port.to_string(), 0),
+        Probe::LateReply(port, ms) => ("late-reply", port.to_string(), ms),
         Probe::Icmp(t, id) => ("icmp", t.to_string(), id),
     };
     let src = src.map_or("-".to_string(), |s| s.to_string());
@@ -203,7 +235,17 @@ impl PolicyHarness {
     /// Loads the datapath and attaches it to every pod's host device
     /// (inside `node`).
     pub fn new(pins: &PinDir, node: &Netns, cluster: Cluster, pods: Vec<Pod>) -> Self {
-        let mut dp = PolicyDatapath::load(&pins.0).expect("load policy datapath");
+        Self::with_config(pins, node, cluster, pods, &PolicyConfig::default())
+    }
+
+    pub fn with_config(
+        pins: &PinDir,
+        node: &Netns,
+        cluster: Cluster,
+        pods: Vec<Pod>,
+        cfg: &PolicyConfig,
+    ) -> Self {
+        let mut dp = PolicyDatapath::load_with(&pins.0, cfg).expect("load policy datapath");
         let mut ifindex = BTreeMap::new();
         node.run(|| {
             for p in &pods {
