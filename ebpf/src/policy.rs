@@ -191,6 +191,10 @@ pub enum PolicyDatapathError {
     NoInterface(String),
     #[error(transparent)]
     Bpffs(#[from] crate::DatapathError),
+    #[error(
+        "endpoint {ep_id}: its policy needs {need} map entries, more than the {max} allowed per endpoint; previous policy kept"
+    )]
+    TooManyEntries { ep_id: u32, need: usize, max: usize },
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> PolicyDatapathError {
@@ -204,6 +208,10 @@ pub struct PolicyConfig {
     pub ct_timeout_tcp: std::time::Duration,
     /// Any other flow (UDP, SCTP, ICMP echo) likewise.
     pub ct_timeout_other: std::time::Duration,
+    /// Entries one endpoint may hold (Cilium: 16,384 by default, 65,536
+    /// at most); a policy needing more is refused and the endpoint keeps
+    /// its previous entries.
+    pub max_entries_per_endpoint: usize,
 }
 
 impl Default for PolicyConfig {
@@ -212,6 +220,7 @@ impl Default for PolicyConfig {
         PolicyConfig {
             ct_timeout_tcp: std::time::Duration::from_secs(6 * 3600),
             ct_timeout_other: std::time::Duration::from_secs(60),
+            max_entries_per_endpoint: 16_384,
         }
     }
 }
@@ -238,6 +247,7 @@ pub struct PolicyDatapath {
     ipcache_mirror: BTreeMap<(u32, IpcacheKey), u32>,
     /// ep_id → (prefix length, key) → deny.
     entries: BTreeMap<u32, BTreeMap<EntryKey, bool>>,
+    max_entries: usize,
 }
 
 impl PolicyDatapath {
@@ -288,6 +298,7 @@ impl PolicyDatapath {
             links: BTreeMap::new(),
             ipcache_mirror: BTreeMap::new(),
             entries: BTreeMap::new(),
+            max_entries: cfg.max_entries_per_endpoint,
         };
         dp.restore()?;
         Ok(dp)
@@ -474,6 +485,13 @@ impl PolicyDatapath {
                 dport: ((e.l4 & 0xffff) as u16).to_be(),
             };
             want.insert((KEY_FIXED_BITS + e.prefix_len as u32, key), e.deny);
+        }
+        if want.len() > self.max_entries {
+            return Err(PolicyDatapathError::TooManyEntries {
+                ep_id: pol.endpoint_id,
+                need: want.len(),
+                max: self.max_entries,
+            });
         }
         let mut report = PolicySyncReport::default();
         let have = self.entries.remove(&pol.endpoint_id).unwrap_or_default();

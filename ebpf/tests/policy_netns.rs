@@ -90,6 +90,50 @@ spec:
         1,
         "only allow-localhost is left"
     );
+
+    // A policy needing more entries than an endpoint may hold is refused
+    // and the endpoint keeps what it had.
+    h.apply(
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: deny80, namespace: x}
+spec:
+  endpointSelector: {matchLabels: {pod: a}}
+  ingress: [{fromEndpoints: [{matchLabels: {pod: b}}]}]
+"#,
+    );
+    h.check(&c.netns, c.v4(), a.v4(), Probe::Tcp(80), Deny);
+    let state = h.state.as_ref().expect("state");
+    let mut big = state.compile(a.endpoint.id).expect("a");
+    let template = big.entries[0];
+    big.entries = (0..20_000u32)
+        .map(|i| membrane_policy::PolicyEntry {
+            identity: 1_000_000 + i,
+            ..template
+        })
+        .collect();
+    let err =
+        h.dp.sync_endpoint(h.ifindex[&a.endpoint.id], &big)
+            .expect_err("too many entries");
+    assert!(
+        err.to_string().contains("more than the 16384 allowed"),
+        "{err}"
+    );
+    h.check(&c.netns, c.v4(), a.v4(), Probe::Tcp(80), Deny);
+    h.check(&b.netns, b.v4(), a.v4(), Probe::Tcp(80), Allow);
+
+    // Removing the endpoint stops enforcement on its device.
+    let ifindex = h.ifindex[&a.endpoint.id];
+    h.dp.remove_endpoint(ifindex, a.endpoint.id)
+        .expect("remove");
+    assert_eq!(h.dp.entry_count(a.endpoint.id), 0);
+    assert!(policy_harness::probe(
+        &c.netns,
+        a.v4(),
+        Probe::Tcp(80),
+        Some(c.v4())
+    ));
 }
 
 #[test]
