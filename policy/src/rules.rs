@@ -340,9 +340,7 @@ impl Translator {
                     .as_ref()
                     .map(|v| v.iter().map(|p| p.ports.as_slice()).collect()),
                 icmps: x.icmps.as_deref(),
-                l7: x.to_ports.iter().flatten().any(|p| {
-                    p.rules.is_some() || p.listener.is_some() || !p.server_names.is_empty()
-                }),
+                l7: x.to_ports.iter().flatten().any(needs_proxy),
             };
             self.item(item, &subject, Direction::Ingress, false, "ingress", i, out);
         }
@@ -404,9 +402,7 @@ impl Translator {
                     .as_ref()
                     .map(|v| v.iter().map(|p| p.ports.as_slice()).collect()),
                 icmps: x.icmps.as_deref(),
-                l7: x.to_ports.iter().flatten().any(|p| {
-                    p.rules.is_some() || p.listener.is_some() || !p.server_names.is_empty()
-                }),
+                l7: x.to_ports.iter().flatten().any(needs_proxy),
             };
             self.item(item, &subject, Direction::Egress, false, "egress", i, out);
         }
@@ -503,9 +499,9 @@ impl Translator {
         base: &str,
         direction: Direction,
     ) -> Result<(Vec<Peer>, Option<Vec<L4>>), PolicyError> {
-        let (pfx, _) = match direction {
-            Direction::Ingress => ("from", ()),
-            Direction::Egress => ("to", ()),
+        let pfx = match direction {
+            Direction::Ingress => "from",
+            Direction::Egress => "to",
         };
         let mut peers = Vec::new();
         let mut any_field = !x.unresolvable.is_empty();
@@ -697,6 +693,16 @@ fn parse_cidr(s: &str) -> Result<IpNet, String> {
     s.parse::<std::net::IpAddr>()
         .map(IpNet::from)
         .map_err(|_| format!("{s:?} is not a CIDR"))
+}
+
+/// A port rule Membrane cannot enforce in L3/L4: L7 rules, SNI, TLS
+/// interception or a listener all need the proxy.
+fn needs_proxy(p: &membrane_crds::PortRule) -> bool {
+    p.rules.is_some()
+        || p.listener.is_some()
+        || !p.server_names.is_empty()
+        || p.terminating_tls.is_some()
+        || p.originating_tls.is_some()
 }
 
 /// Cilium's entities.

@@ -642,3 +642,33 @@ spec:
         Verdict::Deny
     );
 }
+
+/// L7 port rules need the proxy; until it enforces them the port rule
+/// allows nothing (never the whole port) and says so.
+#[test]
+fn l7_rules_are_reported_and_allow_nothing() {
+    let set = policies(
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: http, namespace: x}
+spec:
+  endpointSelector: {matchLabels: {pod: a}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {pod: b}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}], rules: {http: [{method: GET}]}}]
+"#,
+    );
+    assert!(
+        set.errors.iter().any(|e| e
+            .to_string()
+            .contains("x/http: spec.ingress[0].toPorts: L7 rules")),
+        "{:?}",
+        set.errors
+    );
+    let s = State::build(&cluster(), set, Identities::default());
+    assert_eq!(
+        verdict(&s, pod_ip(X, B), pod_ip(X, A), PROTO_TCP, 80),
+        Verdict::Deny
+    );
+}
