@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// Programs under `bpf/`, each compiled to `$OUT_DIR/<name>.o`.
-const PROGRAMS: &[&str] = &["lb"];
+const PROGRAMS: &[&str] = &["lb", "policy"];
 
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR is set by cargo"));
@@ -31,5 +31,6 @@ fn main() {
         assert!(status.success(), "{clang} failed to compile {c}");
     }
     println!("cargo:rerun-if-changed=bpf/lb.h");
+    println!("cargo:rerun-if-changed=bpf/policy.h");
     println!("cargo:rerun-if-env-changed=CLANG");
 }

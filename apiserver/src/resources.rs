@@ -149,6 +149,15 @@ const TABLE: &[Row] = &[
         false,
     ),
     Row(
+        "networking.k8s.io",
+        "v1",
+        "networkpolicies",
+        "NetworkPolicy",
+        true,
+        &["netpol"],
+        false,
+    ),
+    Row(
         "coordination.k8s.io",
         "v1",
         "leases",
@@ -237,7 +246,7 @@ pub fn top_level_fields(group: &str, kind: &str) -> Option<&'static [&'static st
     const OBJ: &[&str] = &["apiVersion", "kind", "metadata", "spec", "status"];
     Some(match (group, kind) {
         ("", "Namespace" | "Node" | "Pod" | "Service")
-        | ("networking.k8s.io", "Ingress" | "IngressClass")
+        | ("networking.k8s.io", "Ingress" | "IngressClass" | "NetworkPolicy")
         | ("coordination.k8s.io", "Lease")
         | ("apiextensions.k8s.io", "CustomResourceDefinition") => OBJ,
         ("", "ConfigMap") => &[

@@ -4,10 +4,17 @@
 //! written for Cilium apply unchanged.
 
 mod envoy_config;
+mod network_policy;
 
 pub use envoy_config::{
     BackendService, CiliumClusterwideEnvoyConfig, CiliumClusterwideEnvoyConfigSpec,
     CiliumEnvoyConfig, CiliumEnvoyConfigSpec, EnvoyConfigSpec, ServiceListener,
+};
+
+pub use network_policy::{
+    CidrRule, CiliumClusterwideNetworkPolicy, CiliumNetworkPolicy, DefaultDenyConfig,
+    EgressDenyRule, EgressRule, IcmpField, IcmpRule, IngressDenyRule, IngressRule,
+    NetworkPolicyStatus, PolicyRule, PortDenyRule, PortProtocol, PortRule,
 };
 
 use kube::CustomResourceExt;
@@ -25,6 +32,8 @@ pub fn all_crds_yaml() -> String {
     let crds = [
         CiliumEnvoyConfig::crd(),
         CiliumClusterwideEnvoyConfig::crd(),
+        CiliumNetworkPolicy::crd(),
+        CiliumClusterwideNetworkPolicy::crd(),
     ];
     let mut out = String::new();
     for crd in crds {
@@ -41,6 +50,8 @@ pub fn crd_files() -> Vec<(String, String)> {
     let crds = [
         CiliumEnvoyConfig::crd(),
         CiliumClusterwideEnvoyConfig::crd(),
+        CiliumNetworkPolicy::crd(),
+        CiliumClusterwideNetworkPolicy::crd(),
     ];
     crds.into_iter()
         .map(|crd| {

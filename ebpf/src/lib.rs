@@ -11,9 +11,11 @@
 
 pub mod datapath;
 pub mod maps;
+pub mod policy;
 
 pub use datapath::{
     BackendStatus, DEFAULT_PIN_DIR, Datapath, DatapathConfig, DatapathError, LB_OBJECT,
     PROGRAM_NAME, ServiceStatus, SyncReport, check_bpffs,
 };
 pub use maps::{PROXY_MARK, PROXY_MARK_MASK, Stat};
+pub use policy::{PolicyConfig, PolicyDatapath, PolicyDatapathError, PolicyStat, PolicySyncReport};

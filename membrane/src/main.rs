@@ -91,6 +91,11 @@ enum Command {
         #[command(subcommand)]
         command: commands::bench::BenchCommand,
     },
+    /// Network policy tools (`membrane policy trace`).
+    Policy {
+        #[command(subcommand)]
+        command: commands::policy::PolicyCommand,
+    },
     /// Run a conformance suite against a Membrane started for the purpose.
     Conformance {
         #[command(subcommand)]
@@ -182,6 +187,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Lb { command } => commands::lb::run(command),
+        Command::Policy { command } => commands::policy::run(command),
         Command::Service { command } => commands::service::run(&api, command).await,
         Command::Conformance { suite } => commands::conformance::run(suite).await,
         Command::Bench { command } => commands::bench::run(command).await,

@@ -16,6 +16,9 @@ pub enum Kind {
     Namespace,
     CiliumEnvoyConfig,
     CiliumClusterwideEnvoyConfig,
+    CiliumNetworkPolicy,
+    CiliumClusterwideNetworkPolicy,
+    NetworkPolicy,
 }
 
 const ALL: &[Kind] = &[
@@ -28,6 +31,9 @@ const ALL: &[Kind] = &[
     Kind::Namespace,
     Kind::CiliumEnvoyConfig,
     Kind::CiliumClusterwideEnvoyConfig,
+    Kind::CiliumNetworkPolicy,
+    Kind::CiliumClusterwideNetworkPolicy,
+    Kind::NetworkPolicy,
 ];
 
 impl Kind {
@@ -59,6 +65,13 @@ impl Kind {
             "ccec" | "ciliumclusterwideenvoyconfig" | "ciliumclusterwideenvoyconfigs" => {
                 Kind::CiliumClusterwideEnvoyConfig
             }
+            "cnp" | "ciliumnp" | "ciliumnetworkpolicy" | "ciliumnetworkpolicies" => {
+                Kind::CiliumNetworkPolicy
+            }
+            "ccnp" | "ciliumclusterwidenetworkpolicy" | "ciliumclusterwidenetworkpolicies" => {
+                Kind::CiliumClusterwideNetworkPolicy
+            }
+            "networkpolicy" | "networkpolicies" | "netpol" => Kind::NetworkPolicy,
             _ => {
                 // Also accept `<plural>.<group>` as kubectl does (e.g. `ingresses.networking.k8s.io`).
                 if let Some((name, group)) = lower.split_once('.')
@@ -77,17 +90,23 @@ impl Kind {
     pub fn namespaced(self) -> bool {
         !matches!(
             self,
-            Kind::Namespace | Kind::IngressClass | Kind::CiliumClusterwideEnvoyConfig
+            Kind::Namespace
+                | Kind::IngressClass
+                | Kind::CiliumClusterwideEnvoyConfig
+                | Kind::CiliumClusterwideNetworkPolicy
         )
     }
 
     /// `apiVersion` as written in manifests.
     pub fn api_version(self) -> &'static str {
         match self {
-            Kind::Ingress | Kind::IngressClass => "networking.k8s.io/v1",
+            Kind::Ingress | Kind::IngressClass | Kind::NetworkPolicy => "networking.k8s.io/v1",
             Kind::Service | Kind::Endpoints | Kind::Secret | Kind::Namespace => "v1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
-            Kind::CiliumEnvoyConfig | Kind::CiliumClusterwideEnvoyConfig => "cilium.io/v2",
+            Kind::CiliumEnvoyConfig
+            | Kind::CiliumClusterwideEnvoyConfig
+            | Kind::CiliumNetworkPolicy
+            | Kind::CiliumClusterwideNetworkPolicy => "cilium.io/v2",
         }
     }
 
@@ -111,6 +130,9 @@ impl Kind {
             Kind::Namespace => "Namespace",
             Kind::CiliumEnvoyConfig => "CiliumEnvoyConfig",
             Kind::CiliumClusterwideEnvoyConfig => "CiliumClusterwideEnvoyConfig",
+            Kind::CiliumNetworkPolicy => "CiliumNetworkPolicy",
+            Kind::CiliumClusterwideNetworkPolicy => "CiliumClusterwideNetworkPolicy",
+            Kind::NetworkPolicy => "NetworkPolicy",
         }
     }
 
@@ -126,6 +148,9 @@ impl Kind {
             Kind::Namespace => "namespaces",
             Kind::CiliumEnvoyConfig => "ciliumenvoyconfigs",
             Kind::CiliumClusterwideEnvoyConfig => "ciliumclusterwideenvoyconfigs",
+            Kind::CiliumNetworkPolicy => "ciliumnetworkpolicies",
+            Kind::CiliumClusterwideNetworkPolicy => "ciliumclusterwidenetworkpolicies",
+            Kind::NetworkPolicy => "networkpolicies",
         }
     }
 }

@@ -4,9 +4,12 @@ use std::fmt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Endpoints, Namespace, NamespaceStatus, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass, NetworkPolicy};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use membrane_crds::{CiliumClusterwideEnvoyConfig, CiliumEnvoyConfig};
+use membrane_crds::{
+    CiliumClusterwideEnvoyConfig, CiliumClusterwideNetworkPolicy, CiliumEnvoyConfig,
+    CiliumNetworkPolicy,
+};
 use serde_json::Value;
 
 use crate::{Kind, StoreError};
@@ -63,6 +66,9 @@ pub enum Object {
     Namespace(Namespace),
     CiliumEnvoyConfig(CiliumEnvoyConfig),
     CiliumClusterwideEnvoyConfig(CiliumClusterwideEnvoyConfig),
+    CiliumNetworkPolicy(CiliumNetworkPolicy),
+    CiliumClusterwideNetworkPolicy(CiliumClusterwideNetworkPolicy),
+    NetworkPolicy(NetworkPolicy),
 }
 
 impl PartialEq for Object {
@@ -82,6 +88,12 @@ impl PartialEq for Object {
             (Object::CiliumClusterwideEnvoyConfig(a), Object::CiliumClusterwideEnvoyConfig(b)) => {
                 a.metadata == b.metadata && a.spec == b.spec
             }
+            (Object::CiliumNetworkPolicy(a), Object::CiliumNetworkPolicy(b)) => a == b,
+            (
+                Object::CiliumClusterwideNetworkPolicy(a),
+                Object::CiliumClusterwideNetworkPolicy(b),
+            ) => a == b,
+            (Object::NetworkPolicy(a), Object::NetworkPolicy(b)) => a == b,
             _ => false,
         }
     }
@@ -100,6 +112,9 @@ macro_rules! dispatch {
             Object::Namespace($o) => $body,
             Object::CiliumEnvoyConfig($o) => $body,
             Object::CiliumClusterwideEnvoyConfig($o) => $body,
+            Object::CiliumNetworkPolicy($o) => $body,
+            Object::CiliumClusterwideNetworkPolicy($o) => $body,
+            Object::NetworkPolicy($o) => $body,
         }
     };
 }
@@ -143,6 +158,9 @@ typed!(
     Namespace,
     CiliumEnvoyConfig,
     CiliumClusterwideEnvoyConfig,
+    CiliumNetworkPolicy,
+    CiliumClusterwideNetworkPolicy,
+    NetworkPolicy,
 );
 
 impl Object {
@@ -157,6 +175,9 @@ impl Object {
             Object::Namespace(_) => Kind::Namespace,
             Object::CiliumEnvoyConfig(_) => Kind::CiliumEnvoyConfig,
             Object::CiliumClusterwideEnvoyConfig(_) => Kind::CiliumClusterwideEnvoyConfig,
+            Object::CiliumNetworkPolicy(_) => Kind::CiliumNetworkPolicy,
+            Object::CiliumClusterwideNetworkPolicy(_) => Kind::CiliumClusterwideNetworkPolicy,
+            Object::NetworkPolicy(_) => Kind::NetworkPolicy,
         }
     }
 
@@ -231,6 +252,11 @@ impl Object {
             Kind::CiliumClusterwideEnvoyConfig => {
                 Object::CiliumClusterwideEnvoyConfig(typed_from(&v)?)
             }
+            Kind::CiliumNetworkPolicy => Object::CiliumNetworkPolicy(typed_from(&v)?),
+            Kind::CiliumClusterwideNetworkPolicy => {
+                Object::CiliumClusterwideNetworkPolicy(typed_from(&v)?)
+            }
+            Kind::NetworkPolicy => Object::NetworkPolicy(typed_from(&v)?),
         };
         let mut unknown = Vec::new();
         unknown_fields(&v, &obj.to_value(), &mut String::new(), &mut unknown);
