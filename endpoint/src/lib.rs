@@ -1,0 +1,1 @@
+//! Agent side of the CNI plugin (work in progress).
