@@ -48,13 +48,20 @@ pub fn run(env: &Env, stdin: &[u8]) -> Outcome {
             .filter(|v| spec::version_supported(v))
             .unwrap_or_else(|| spec::SUPPORTED_VERSIONS[spec::SUPPORTED_VERSIONS.len() - 1].into());
         return Outcome {
-            stdout: Some(json!({"cniVersion": asked, "supportedVersions": spec::SUPPORTED_VERSIONS})),
+            stdout: Some(
+                json!({"cniVersion": asked, "supportedVersions": spec::SUPPORTED_VERSIONS}),
+            ),
             exit_code: 0,
         };
     }
     let conf = match NetConf::parse(stdin) {
         Ok(c) => c,
-        Err(e) => return failure(&e, spec::SUPPORTED_VERSIONS[spec::SUPPORTED_VERSIONS.len() - 1]),
+        Err(e) => {
+            return failure(
+                &e,
+                spec::SUPPORTED_VERSIONS[spec::SUPPORTED_VERSIONS.len() - 1],
+            );
+        }
     };
     let version = conf.version().to_string();
     match invoke(env, &conf) {

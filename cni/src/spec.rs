@@ -139,7 +139,11 @@ pub struct NetConf {
     /// MTU of the pod interface and its host side (0 or absent: the agent's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u32>,
-    #[serde(rename = "prevResult", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "prevResult",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub prev_result: Option<Value>,
     #[serde(
         rename = "cni.dev/valid-attachments",
@@ -154,11 +158,8 @@ impl NetConf {
     /// naming the field.
     pub fn parse(bytes: &[u8]) -> Result<NetConf, CniError> {
         let v: Value = serde_json::from_slice(bytes).map_err(|e| {
-            CniError::new(
-                ErrorCode::Decode,
-                "network configuration is not valid JSON",
-            )
-            .details(e.to_string())
+            CniError::new(ErrorCode::Decode, "network configuration is not valid JSON")
+                .details(e.to_string())
         })?;
         let conf: NetConf = serde_path_to_error::deserialize(v).map_err(|e| {
             CniError::new(
@@ -176,7 +177,10 @@ impl NetConf {
                 ),
             ));
         }
-        if conf.mtu.is_some_and(|m| m != 0 && !(576..=65535).contains(&m)) {
+        if conf
+            .mtu
+            .is_some_and(|m| m != 0 && !(576..=65535).contains(&m))
+        {
             return Err(CniError::new(
                 ErrorCode::InvalidConfig,
                 format!("mtu: {} is outside 576..65535", conf.mtu.unwrap_or(0)),

@@ -67,7 +67,10 @@ pub fn call(socket: &Path, req: &Request) -> Result<Value, CniError> {
     let again = |what: &str, e: std::io::Error| {
         CniError::new(
             ErrorCode::TryAgainLater,
-            format!("membrane agent not reachable at {}: {what}", socket.display()),
+            format!(
+                "membrane agent not reachable at {}: {what}",
+                socket.display()
+            ),
         )
         .details(e.to_string())
     };
@@ -76,9 +79,8 @@ pub fn call(socket: &Path, req: &Request) -> Result<Value, CniError> {
         .set_read_timeout(Some(REQUEST_TIMEOUT))
         .and_then(|_| stream.set_write_timeout(Some(REQUEST_TIMEOUT)))
         .map_err(|e| again("socket options", e))?;
-    let mut line = serde_json::to_vec(req).map_err(|e| {
-        CniError::new(ErrorCode::Io, "encoding the request").details(e.to_string())
-    })?;
+    let mut line = serde_json::to_vec(req)
+        .map_err(|e| CniError::new(ErrorCode::Io, "encoding the request").details(e.to_string()))?;
     line.push(b'\n');
     stream.write_all(&line).map_err(|e| again("send", e))?;
     let mut reader = BufReader::new(stream);
@@ -98,9 +100,10 @@ pub fn call(socket: &Path, req: &Request) -> Result<Value, CniError> {
     match serde_json::from_str::<Response>(&answer) {
         Ok(Response::Ok(v)) => Ok(v),
         Ok(Response::Error(e)) => Err(e),
-        Err(e) => Err(
-            CniError::new(ErrorCode::Decode, "undecodable answer from the membrane agent")
-                .details(e.to_string()),
-        ),
+        Err(e) => Err(CniError::new(
+            ErrorCode::Decode,
+            "undecodable answer from the membrane agent",
+        )
+        .details(e.to_string())),
     }
 }

@@ -24,7 +24,11 @@ impl fmt::Display for Family {
 
 impl Family {
     pub fn of(addr: IpAddr) -> Family {
-        if addr.is_ipv4() { Family::V4 } else { Family::V6 }
+        if addr.is_ipv4() {
+            Family::V4
+        } else {
+            Family::V6
+        }
     }
     pub fn bits(self) -> u8 {
         match self {
@@ -85,9 +89,17 @@ impl Cidr {
     }
     fn mask(&self) -> u128 {
         let bits = self.family().bits() as u32;
-        let all = if bits == 128 { u128::MAX } else { (1u128 << bits) - 1 };
+        let all = if bits == 128 {
+            u128::MAX
+        } else {
+            (1u128 << bits) - 1
+        };
         let host = self.host_bits();
-        if host >= 128 { 0 } else { all & !((1u128 << host) - 1) }
+        if host >= 128 {
+            0
+        } else {
+            all & !((1u128 << host) - 1)
+        }
     }
     /// Number of addresses (saturating at u128::MAX for a /0 of IPv6).
     pub fn size(&self) -> u128 {
@@ -137,7 +149,10 @@ impl FromStr for Cidr {
             input: s.into(),
             why: why.into(),
         };
-        let (a, p) = s.trim().split_once('/').ok_or_else(|| bad("missing /prefix"))?;
+        let (a, p) = s
+            .trim()
+            .split_once('/')
+            .ok_or_else(|| bad("missing /prefix"))?;
         let addr: IpAddr = a.parse().map_err(|_| bad("bad address"))?;
         let prefix: u8 = p.parse().map_err(|_| bad("bad prefix length"))?;
         Cidr::new(addr, prefix).map_err(|_| {
@@ -177,7 +192,10 @@ mod tests {
         assert!("10.244.0.1/16".parse::<Cidr>().is_err());
         assert!("10.244.0.0/33".parse::<Cidr>().is_err());
         let v6: Cidr = "fd00:123::/48".parse().expect("v6");
-        assert_eq!(v6.subnet(64, 2).expect("sub").to_string(), "fd00:123:0:2::/64");
+        assert_eq!(
+            v6.subnet(64, 2).expect("sub").to_string(),
+            "fd00:123:0:2::/64"
+        );
         assert_eq!(v6.nth(1).expect("nth").to_string(), "fd00:123::1");
     }
 }

@@ -112,10 +112,7 @@ mod tests {
         assert_eq!(p.allocate("a").expect("again"), a);
         p.allocate("c").expect("c");
         p.allocate("d").expect("d");
-        assert_eq!(
-            p.allocate("e"),
-            Err(IpamError::ClusterPoolExhausted(v4))
-        );
+        assert_eq!(p.allocate("e"), Err(IpamError::ClusterPoolExhausted(v4)));
         p.release_node("c");
         assert_eq!(p.allocate("e").expect("e")[0].to_string(), "10.123.2.0/24");
         assert!(ClusterPool::new(vec![(v4, 20)]).is_err());

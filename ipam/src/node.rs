@@ -59,7 +59,11 @@ impl NodeAllocator {
         })?;
         Ok(Some(NodeAllocator {
             cidrs: p.cidrs,
-            by_addr: p.allocations.into_iter().map(|a| (a.addr, a.owner)).collect(),
+            by_addr: p
+                .allocations
+                .into_iter()
+                .map(|a| (a.addr, a.owner))
+                .collect(),
             cursors: p.cursors,
         }))
     }
@@ -233,19 +237,43 @@ mod tests {
         let mut n = NodeAllocator::new(vec![v4()]);
         let mut got = Vec::new();
         for i in 0..5 {
-            got.push(n.allocate(&format!("c{i}/eth0"), Family::V4).expect("free").to_string());
+            got.push(
+                n.allocate(&format!("c{i}/eth0"), Family::V4)
+                    .expect("free")
+                    .to_string(),
+            );
         }
-        assert_eq!(got, ["10.123.5.2", "10.123.5.3", "10.123.5.4", "10.123.5.5", "10.123.5.6"]);
+        assert_eq!(
+            got,
+            [
+                "10.123.5.2",
+                "10.123.5.3",
+                "10.123.5.4",
+                "10.123.5.5",
+                "10.123.5.6"
+            ]
+        );
         assert!(matches!(
             n.allocate("c9/eth0", Family::V4),
             Err(IpamError::Exhausted { .. })
         ));
         // The same owner gets its address again.
-        assert_eq!(n.allocate("c1/eth0", Family::V4).expect("same").to_string(), "10.123.5.3");
+        assert_eq!(
+            n.allocate("c1/eth0", Family::V4).expect("same").to_string(),
+            "10.123.5.3"
+        );
         assert_eq!(n.release_owner("c1/eth0").len(), 1);
         assert_eq!(n.free(Family::V4), 1);
-        assert_eq!(n.allocate("c9/eth0", Family::V4).expect("reuse").to_string(), "10.123.5.3");
-        assert!(matches!(n.allocate("x", Family::V6), Err(IpamError::NoPool { .. })));
+        assert_eq!(
+            n.allocate("c9/eth0", Family::V4)
+                .expect("reuse")
+                .to_string(),
+            "10.123.5.3"
+        );
+        assert!(matches!(
+            n.allocate("x", Family::V6),
+            Err(IpamError::NoPool { .. })
+        ));
     }
 
     #[test]
@@ -263,6 +291,10 @@ mod tests {
         let b6 = m.allocate("b/eth0", Family::V6).expect("b6");
         assert_eq!(b6.to_string(), "fd00:123::3");
         assert_eq!(m.gateway(Family::V4).expect("gw").to_string(), "10.123.5.1");
-        assert!(NodeAllocator::load(&dir.path().join("none")).expect("ok").is_none());
+        assert!(
+            NodeAllocator::load(&dir.path().join("none"))
+                .expect("ok")
+                .is_none()
+        );
     }
 }
