@@ -4,10 +4,14 @@
 //! written for Cilium apply unchanged.
 
 mod envoy_config;
+mod node;
 
 pub use envoy_config::{
     BackendService, CiliumClusterwideEnvoyConfig, CiliumClusterwideEnvoyConfigSpec,
     CiliumEnvoyConfig, CiliumEnvoyConfigSpec, EnvoyConfigSpec, ServiceListener,
+};
+pub use node::{
+    CiliumNode, CiliumNodeSpec, CiliumNodeStatus, NodeIpamSpec, NodeIpamStatus, PodCidrStatus,
 };
 
 use kube::CustomResourceExt;

@@ -16,6 +16,8 @@ pub enum Kind {
     Namespace,
     CiliumEnvoyConfig,
     CiliumClusterwideEnvoyConfig,
+    Pod,
+    CiliumNode,
 }
 
 const ALL: &[Kind] = &[
@@ -28,6 +30,8 @@ const ALL: &[Kind] = &[
     Kind::Namespace,
     Kind::CiliumEnvoyConfig,
     Kind::CiliumClusterwideEnvoyConfig,
+    Kind::Pod,
+    Kind::CiliumNode,
 ];
 
 impl Kind {
@@ -59,6 +63,8 @@ impl Kind {
             "ccec" | "ciliumclusterwideenvoyconfig" | "ciliumclusterwideenvoyconfigs" => {
                 Kind::CiliumClusterwideEnvoyConfig
             }
+            "pod" | "pods" | "po" => Kind::Pod,
+            "ciliumnode" | "ciliumnodes" | "cn" => Kind::CiliumNode,
             _ => {
                 // Also accept `<plural>.<group>` as kubectl does (e.g. `ingresses.networking.k8s.io`).
                 if let Some((name, group)) = lower.split_once('.')
@@ -77,7 +83,10 @@ impl Kind {
     pub fn namespaced(self) -> bool {
         !matches!(
             self,
-            Kind::Namespace | Kind::IngressClass | Kind::CiliumClusterwideEnvoyConfig
+            Kind::Namespace
+                | Kind::IngressClass
+                | Kind::CiliumClusterwideEnvoyConfig
+                | Kind::CiliumNode
         )
     }
 
@@ -85,9 +94,11 @@ impl Kind {
     pub fn api_version(self) -> &'static str {
         match self {
             Kind::Ingress | Kind::IngressClass => "networking.k8s.io/v1",
-            Kind::Service | Kind::Endpoints | Kind::Secret | Kind::Namespace => "v1",
+            Kind::Service | Kind::Endpoints | Kind::Secret | Kind::Namespace | Kind::Pod => "v1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
-            Kind::CiliumEnvoyConfig | Kind::CiliumClusterwideEnvoyConfig => "cilium.io/v2",
+            Kind::CiliumEnvoyConfig | Kind::CiliumClusterwideEnvoyConfig | Kind::CiliumNode => {
+                "cilium.io/v2"
+            }
         }
     }
 
@@ -111,6 +122,8 @@ impl Kind {
             Kind::Namespace => "Namespace",
             Kind::CiliumEnvoyConfig => "CiliumEnvoyConfig",
             Kind::CiliumClusterwideEnvoyConfig => "CiliumClusterwideEnvoyConfig",
+            Kind::Pod => "Pod",
+            Kind::CiliumNode => "CiliumNode",
         }
     }
 
@@ -126,6 +139,8 @@ impl Kind {
             Kind::Namespace => "namespaces",
             Kind::CiliumEnvoyConfig => "ciliumenvoyconfigs",
             Kind::CiliumClusterwideEnvoyConfig => "ciliumclusterwideenvoyconfigs",
+            Kind::Pod => "pods",
+            Kind::CiliumNode => "ciliumnodes",
         }
     }
 }

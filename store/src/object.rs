@@ -2,11 +2,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{Endpoints, Namespace, NamespaceStatus, Secret, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Namespace, NamespaceStatus, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use membrane_crds::{CiliumClusterwideEnvoyConfig, CiliumEnvoyConfig};
+use membrane_crds::{CiliumClusterwideEnvoyConfig, CiliumEnvoyConfig, CiliumNode};
 use serde_json::Value;
 
 use crate::{Kind, StoreError};
@@ -63,6 +63,8 @@ pub enum Object {
     Namespace(Namespace),
     CiliumEnvoyConfig(CiliumEnvoyConfig),
     CiliumClusterwideEnvoyConfig(CiliumClusterwideEnvoyConfig),
+    Pod(Pod),
+    CiliumNode(CiliumNode),
 }
 
 impl PartialEq for Object {
@@ -82,6 +84,10 @@ impl PartialEq for Object {
             (Object::CiliumClusterwideEnvoyConfig(a), Object::CiliumClusterwideEnvoyConfig(b)) => {
                 a.metadata == b.metadata && a.spec == b.spec
             }
+            (Object::Pod(a), Object::Pod(b)) => a == b,
+            (Object::CiliumNode(a), Object::CiliumNode(b)) => {
+                a.metadata == b.metadata && a.spec == b.spec && a.status == b.status
+            }
             _ => false,
         }
     }
@@ -100,6 +106,8 @@ macro_rules! dispatch {
             Object::Namespace($o) => $body,
             Object::CiliumEnvoyConfig($o) => $body,
             Object::CiliumClusterwideEnvoyConfig($o) => $body,
+            Object::Pod($o) => $body,
+            Object::CiliumNode($o) => $body,
         }
     };
 }
@@ -143,6 +151,8 @@ typed!(
     Namespace,
     CiliumEnvoyConfig,
     CiliumClusterwideEnvoyConfig,
+    Pod,
+    CiliumNode,
 );
 
 impl Object {
@@ -157,6 +167,8 @@ impl Object {
             Object::Namespace(_) => Kind::Namespace,
             Object::CiliumEnvoyConfig(_) => Kind::CiliumEnvoyConfig,
             Object::CiliumClusterwideEnvoyConfig(_) => Kind::CiliumClusterwideEnvoyConfig,
+            Object::Pod(_) => Kind::Pod,
+            Object::CiliumNode(_) => Kind::CiliumNode,
         }
     }
 
@@ -231,6 +243,8 @@ impl Object {
             Kind::CiliumClusterwideEnvoyConfig => {
                 Object::CiliumClusterwideEnvoyConfig(typed_from(&v)?)
             }
+            Kind::Pod => Object::Pod(typed_from(&v)?),
+            Kind::CiliumNode => Object::CiliumNode(typed_from(&v)?),
         };
         let mut unknown = Vec::new();
         unknown_fields(&v, &obj.to_value(), &mut String::new(), &mut unknown);
@@ -290,6 +304,8 @@ impl Object {
             Object::Ingress(o) => o.status.is_none(),
             Object::Service(o) => o.status.is_none(),
             Object::Namespace(o) => o.status.is_none(),
+            Object::Pod(o) => o.status.is_none(),
+            Object::CiliumNode(o) => o.status.is_none(),
             _ => true,
         }
     }
@@ -300,6 +316,8 @@ impl Object {
             (Object::Ingress(a), Object::Ingress(b)) => a.status.clone_from(&b.status),
             (Object::Service(a), Object::Service(b)) => a.status.clone_from(&b.status),
             (Object::Namespace(a), Object::Namespace(b)) => a.status.clone_from(&b.status),
+            (Object::Pod(a), Object::Pod(b)) => a.status.clone_from(&b.status),
+            (Object::CiliumNode(a), Object::CiliumNode(b)) => a.status.clone_from(&b.status),
             _ => {}
         }
     }
@@ -319,6 +337,8 @@ impl Object {
             Object::Ingress(o) => o.status = parse(status)?,
             Object::Service(o) => o.status = parse(status)?,
             Object::Namespace(o) => o.status = parse(status)?,
+            Object::Pod(o) => o.status = parse(status)?,
+            Object::CiliumNode(o) => o.status = parse(status)?,
             other => {
                 return Err(StoreError::Invalid(format!(
                     "{} has no status",
@@ -350,6 +370,8 @@ impl Object {
             Object::Ingress(o) => o.status = None,
             Object::Service(o) => o.status = None,
             Object::Namespace(o) => o.status = None,
+            Object::Pod(o) => o.status = None,
+            Object::CiliumNode(o) => o.status = None,
             _ => {}
         }
         o
