@@ -72,6 +72,7 @@ struct Node {
     ns: Netns,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    extra: Vec<String>,
 }
 
 impl Node {
@@ -87,6 +88,7 @@ impl Node {
             ns,
             dir,
             child: None,
+            extra: Vec::new(),
         }
     }
     fn api(&self) -> PathBuf {
@@ -105,8 +107,11 @@ impl Node {
             .open(self.dir.path().join("membrane.log"))
             .expect("log");
         let d = self.dir.path();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns.0, BIN, "--api-socket"])
+        // nsenter switches only the network namespace: unlike `ip netns
+        // exec` it keeps the host's /sys/fs/bpf for the datapath's pins.
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", self.ns.path()))
+            .args([BIN, "--api-socket"])
             .arg(self.api())
             .arg("up")
             .arg(d.join("manifests"))
@@ -138,6 +143,7 @@ impl Node {
                 "64",
                 "--unreachable-routes",
             ])
+            .args(&self.extra)
             .env("MEMBRANE_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -327,5 +333,164 @@ fn up_installs_the_plugin_and_registers_labelled_endpoints() {
         assert_eq!(code, 0, "DEL: {r}");
     }
     assert_eq!(node.endpoints(), json!([]));
+    node.stop();
+}
+
+/// A bpffs directory for the datapath's pins, removed on drop.
+struct Pins(PathBuf);
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Backend pod: an HTTP server answering with the pod's name.
+const HTTP_PY: &str = r#"
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+name, port = sys.argv[1], int(sys.argv[2])
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = name.encode()
+        self.send_response(200)
+        self.send_header('content-length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+ThreadingHTTPServer(('0.0.0.0', port), H).serve_forever()
+"#;
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        stop_child(&mut self.0);
+    }
+}
+
+fn curl(ns: &Netns, url: &str) -> Option<String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "curl", "-s", "--max-time", "3", url])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn pods_reach_each_other_and_a_cluster_ip_through_the_ebpf_datapath() {
+    if !prerequisites() {
+        return;
+    }
+    require_envoy();
+    let python = Command::new("python3")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let curl_ok = Command::new("curl")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !(python && curl_ok) {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI: needs python3 and curl"
+        );
+        eprintln!("skipping: needs python3 and curl");
+        return;
+    }
+    let pins = Pins(PathBuf::from(format!(
+        "/sys/fs/bpf/membrane-cni-test-{}",
+        common::rand_suffix()
+    )));
+    let mut node = Node::new();
+    node.extra = ["--datapath", "ebpf", "--bpf-pin-dir"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([pins.0.display().to_string()])
+        .chain(["--maglev-table-size", "251", "--max-services", "64"].map(String::from))
+        .collect();
+    node.start();
+
+    let client = Netns::new("pod");
+    let backends: Vec<Netns> = (0..2).map(|_| Netns::new("pod")).collect();
+    let (code, _) = node.plugin("ADD", "client", &client.path(), "K8S_POD_NAME=client");
+    assert_eq!(code, 0);
+    let mut ips = Vec::new();
+    let mut servers = Vec::new();
+    for (i, b) in backends.iter().enumerate() {
+        let (code, r) = node.plugin(
+            "ADD",
+            &format!("be{i}"),
+            &b.path(),
+            &format!("K8S_POD_NAME=be{i}"),
+        );
+        assert_eq!(code, 0, "{r}");
+        ips.push(ip_of(&r, false));
+        servers.push(Proc(
+            Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &b.0,
+                    "python3",
+                    "-c",
+                    HTTP_PY,
+                    &format!("be{i}"),
+                    "23081",
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("backend"),
+        ));
+    }
+    // The datapath is on every pod's host interface.
+    let status: Value = node
+        .cli(&["status", "-o", "json"])
+        .1
+        .parse()
+        .expect("status");
+    let attached: Vec<String> = status["datapath"]["devices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d.as_str().map(str::to_string))
+        .collect();
+    for ep in node.endpoints().as_array().expect("endpoints") {
+        let i = ep["interface"].as_str().expect("interface").to_string();
+        assert!(attached.contains(&i), "{i} not in {attached:?}");
+    }
+    // Pod to pod.
+    let ok = wait_until(Duration::from_secs(10), || {
+        curl(&client, &format!("http://{}:23081/", ips[0])).as_deref() == Some("be0")
+    });
+    assert!(ok, "client -> be0 pod to pod");
+    // Pod to ClusterIP, load-balanced over both backends by the tc program.
+    let svc = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  clusterIP: 10.96.123.10\n  ports: [{{port: 80, targetPort: 23081}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{{port: 23081}}]\nendpoints:\n  - addresses: [\"{}\"]\n  - addresses: [\"{}\"]\n",
+        ips[0], ips[1]
+    );
+    let svc_path = node.dir.path().join("svc.yaml");
+    std::fs::write(&svc_path, svc).expect("write");
+    let (code, out) = node.cli(&["apply", "-f", svc_path.to_str().expect("utf8")]);
+    assert_eq!(code, 0, "{out}");
+    let mut seen = std::collections::BTreeSet::new();
+    let ok = wait_until(Duration::from_secs(20), || {
+        if let Some(b) = curl(&client, "http://10.96.123.10/") {
+            seen.insert(b);
+        }
+        seen.len() == 2
+    });
+    assert!(ok, "ClusterIP answered by {seen:?}\n{}", node.log());
+    drop(servers);
+    for (cid, ns) in [
+        ("client", &client),
+        ("be0", &backends[0]),
+        ("be1", &backends[1]),
+    ] {
+        assert_eq!(node.plugin("DEL", cid, &ns.path(), "").0, 0);
+    }
     node.stop();
 }

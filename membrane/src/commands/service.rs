@@ -53,7 +53,9 @@ pub struct DatapathArgs {
 }
 
 impl DatapathArgs {
-    pub fn options(&self) -> Result<Option<DatapathOptions>> {
+    /// With `cni`, pod interfaces are attached as pods come, so no device
+    /// needs to be named.
+    pub fn options_for(&self, cni: bool) -> Result<Option<DatapathOptions>> {
         match self.datapath {
             DatapathMode::None => {
                 if !self.datapath_devices.is_empty() {
@@ -62,8 +64,8 @@ impl DatapathArgs {
                 Ok(None)
             }
             DatapathMode::Ebpf => {
-                if self.datapath_devices.is_empty() {
-                    bail!("--datapath ebpf needs --datapath-devices IF[,IF...]");
+                if self.datapath_devices.is_empty() && !cni {
+                    bail!("--datapath ebpf needs --datapath-devices IF[,IF...] (or --enable-cni)");
                 }
                 Ok(Some(DatapathOptions {
                     pin_dir: self.bpf_pin_dir.clone(),

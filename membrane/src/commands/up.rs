@@ -291,7 +291,7 @@ pub async fn run(args: UpArgs, api_socket: PathBuf) -> Result<ExitCode> {
             }
             ingress
         },
-        datapath: args.datapath.options()?,
+        datapath: args.datapath.options_for(args.cni.enable_cni)?,
         cni,
     };
 
