@@ -224,14 +224,16 @@ mod tests {
             max_services: 16,
             node_addresses: vec![],
         };
-        assert!(a.options().is_err());
+        assert!(a.options_for(false).is_err());
+        // With the CNI, pod interfaces are attached as they come.
+        assert!(a.options_for(true).unwrap().is_some());
         a.datapath_devices = vec!["eth0".into()];
-        let o = a.options().unwrap().unwrap();
+        let o = a.options_for(false).unwrap().unwrap();
         assert_eq!(o.default_algorithm, Algorithm::Maglev);
         assert_eq!(o.maglev_table_size, 251);
         a.datapath = DatapathMode::None;
-        assert!(a.options().is_err());
+        assert!(a.options_for(false).is_err());
         a.datapath_devices.clear();
-        assert!(a.options().unwrap().is_none());
+        assert!(a.options_for(false).unwrap().is_none());
     }
 }
