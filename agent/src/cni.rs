@@ -22,6 +22,9 @@ use crate::datapath::DatapathHandle;
 pub const NETWORK_NAME: &str = "membrane";
 pub const CONFLIST_FILE: &str = "05-membrane.conflist";
 pub const PLUGIN_BIN: &str = "membrane-cni";
+/// The plugin's `type` in the conflist, which is also the file name a
+/// runtime executes.
+pub const PLUGIN_TYPE: &str = membrane_cni::spec::PLUGIN_TYPE;
 
 #[derive(Debug, Clone)]
 pub struct CniOptions {
@@ -124,17 +127,22 @@ pub fn install(opts: &CniOptions) -> Result<PathBuf, CniStartError> {
     };
     std::fs::create_dir_all(&opts.bin_dir).map_err(err(opts.bin_dir.display().to_string()))?;
     std::fs::create_dir_all(&opts.conf_dir).map_err(err(opts.conf_dir.display().to_string()))?;
+    // Runtimes execute the plugin named by the configuration's `type`, so
+    // the binary is installed under that name too.
     let dst = opts.bin_dir.join(PLUGIN_BIN);
-    let tmp = opts.bin_dir.join(format!(".{PLUGIN_BIN}.tmp"));
-    std::fs::copy(&src, &tmp).map_err(err(format!("copying {}", src.display())))?;
-    std::fs::rename(&tmp, &dst).map_err(err(format!("installing {}", dst.display())))?;
+    for name in [PLUGIN_BIN, PLUGIN_TYPE] {
+        let to = opts.bin_dir.join(name);
+        let tmp = opts.bin_dir.join(format!(".{name}.tmp"));
+        std::fs::copy(&src, &tmp).map_err(err(format!("copying {}", src.display())))?;
+        std::fs::rename(&tmp, &to).map_err(err(format!("installing {}", to.display())))?;
+    }
     let conflist = json!({
         // 1.0.0: what runtimes with an older libcni (podman 4) accept; the
         // plugin answers 1.1.0 too.
         "cniVersion": "1.0.0",
         "name": NETWORK_NAME,
         "plugins": [{
-            "type": "membrane",
+            "type": PLUGIN_TYPE,
             "socket": opts.socket,
             "mtu": opts.mtu,
         }],

@@ -494,3 +494,194 @@ fn pods_reach_each_other_and_a_cluster_ip_through_the_ebpf_datapath() {
     }
     node.stop();
 }
+
+/// podman (CNI backend) + runc + busybox-static, configured entirely in a
+/// temporary directory and run in the node's namespace.
+struct Podman {
+    dir: PathBuf,
+    ns: String,
+}
+
+impl Podman {
+    fn available() -> bool {
+        let ok = ["podman", "runc"].iter().all(|b| {
+            Command::new(b)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        }) && Path::new("/bin/busybox").exists();
+        if !ok {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI: needs podman, runc and busybox-static (scripts/setup.sh)"
+            );
+            eprintln!("skipping: needs podman, runc and busybox-static (scripts/setup.sh)");
+        }
+        ok
+    }
+
+    fn new(node: &Node) -> Podman {
+        let dir = node.dir.path().join("podman");
+        for d in ["root", "runroot", "tmp"] {
+            std::fs::create_dir_all(dir.join(d)).expect("mkdir");
+        }
+        let conf = format!(
+            "[network]\nnetwork_backend = \"cni\"\ncni_plugin_dirs = [\"{}\"]\nnetwork_config_dir = \"{}\"\n\
+             [engine]\ncgroup_manager = \"cgroupfs\"\nruntime = \"runc\"\nevents_logger = \"file\"\ntmp_dir = \"{}\"\n",
+            node.bin_dir().display(),
+            node.conf_dir().display(),
+            dir.join("tmp").display()
+        );
+        std::fs::write(dir.join("containers.conf"), conf).expect("containers.conf");
+        Podman {
+            dir,
+            ns: node.ns.path(),
+        }
+    }
+
+    /// A rootfs of busybox-static whose httpd serves `name`.
+    fn rootfs(&self, name: &str) -> PathBuf {
+        let root = self.dir.join(format!("rootfs-{name}"));
+        for d in ["bin", "proc", "sys", "dev", "etc", "tmp", "www"] {
+            std::fs::create_dir_all(root.join(d)).expect("mkdir");
+        }
+        std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox");
+        std::os::unix::fs::symlink("busybox", root.join("bin/sh")).expect("sh");
+        std::fs::write(root.join("www/index.html"), name).expect("index");
+        root
+    }
+
+    /// `podman ARGS` in the node's network namespace (nsenter keeps the
+    /// mount namespace, so the agent sees podman's netns bind mounts).
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new("nsenter")
+            .arg(format!("--net={}", self.ns))
+            .arg("podman")
+            .arg("--root")
+            .arg(self.dir.join("root"))
+            .arg("--runroot")
+            .arg(self.dir.join("runroot"))
+            .args(args)
+            .env("CONTAINERS_CONF", self.dir.join("containers.conf"))
+            .output()
+            .expect("podman")
+    }
+
+    /// `podman run` with the flags this machine needs; `rootfs` last, as
+    /// `--rootfs` takes it as the positional image argument.
+    fn container(
+        &self,
+        flags: &[&str],
+        rootfs: &Path,
+        cmd: &[&str],
+    ) -> (std::process::Output, Duration) {
+        let mut args = vec!["run", "--network", "membrane"];
+        args.extend([
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=1024:1024",
+        ]);
+        args.extend_from_slice(flags);
+        args.extend(["--rootfs", rootfs.to_str().expect("utf8")]);
+        args.extend_from_slice(cmd);
+        let t = std::time::Instant::now();
+        let out = self.run(&args);
+        (out, t.elapsed())
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = self.run(&["rm", "--force", "--all", "--time", "0"]);
+    }
+}
+
+fn http_via_nc(target: &str) -> String {
+    format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 3 {target}; echo")
+}
+
+#[test]
+fn podman_containers_get_their_network_from_membrane_cni() {
+    if !prerequisites() || !Podman::available() {
+        return;
+    }
+    require_envoy();
+    let pins = Pins(PathBuf::from(format!(
+        "/sys/fs/bpf/membrane-cni-podman-{}",
+        common::rand_suffix()
+    )));
+    let mut node = Node::new();
+    node.extra = ["--datapath", "ebpf", "--bpf-pin-dir"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([pins.0.display().to_string()])
+        .chain(["--maglev-table-size", "251", "--max-services", "64"].map(String::from))
+        .collect();
+    node.start();
+    let podman = Podman::new(&node);
+    let mut ips = Vec::new();
+    for name in ["web1", "web2"] {
+        let rootfs = podman.rootfs(name);
+        let (out, took) = podman.container(
+            &["-d", "--name", name],
+            &rootfs,
+            &["/bin/busybox", "httpd", "-f", "-p", "23081", "-h", "/www"],
+        );
+        assert!(
+            out.status.success(),
+            "podman run {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("podman run -d {name}: {:.0} ms", took.as_secs_f64() * 1e3);
+        let eps = node.endpoints();
+        let ep = eps
+            .as_array()
+            .expect("list")
+            .iter()
+            .find(|e| e["pod"] == format!("default/{name}"))
+            .unwrap_or_else(|| panic!("no endpoint for {name}: {eps}"))
+            .clone();
+        ips.push(ep["ips"][0].as_str().expect("ip").to_string());
+    }
+    let svc = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  clusterIP: 10.96.123.20\n  ports: [{{port: 80, targetPort: 23081}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{{port: 23081}}]\nendpoints:\n  - addresses: [\"{}\"]\n  - addresses: [\"{}\"]\n",
+        ips[0], ips[1]
+    );
+    let svc_path = node.dir.path().join("svc.yaml");
+    std::fs::write(&svc_path, svc).expect("write");
+    let (code, out) = node.cli(&["apply", "-f", svc_path.to_str().expect("utf8")]);
+    assert_eq!(code, 0, "{out}");
+
+    // A client container: the other container directly, then the ClusterIP
+    // (translated by the tc program on its host interface) until both
+    // backends answered.
+    let client = podman.rootfs("client");
+    let script = format!(
+        "{}; for i in $(/bin/busybox seq 1 30); do {}; done",
+        http_via_nc(&format!("{} 23081", ips[0])),
+        http_via_nc("10.96.123.20 80")
+    );
+    let mut answered = String::new();
+    let ok = wait_until(Duration::from_secs(20), || {
+        let (out, _) = podman.container(
+            &["--rm", "--name", "client"],
+            &client,
+            &["/bin/sh", "-c", &script],
+        );
+        answered = String::from_utf8_lossy(&out.stdout).into_owned();
+        let direct = answered.split("HTTP/1.").nth(1).unwrap_or("");
+        direct.contains("web1") && answered.matches("web1").count() > 1 && answered.contains("web2")
+    });
+    assert!(ok, "client saw: {answered}\n{}", node.log());
+    // podman DELs on stop: the endpoints and host interfaces go.
+    let out = podman.run(&["rm", "--force", "--all", "--time", "0"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gone = wait_until(Duration::from_secs(10), || node.endpoints() == json!([]));
+    assert!(gone, "endpoints left after podman rm: {}", node.endpoints());
+    node.stop();
+}
