@@ -73,6 +73,7 @@ struct Node {
     dir: tempfile::TempDir,
     child: Option<Child>,
     extra: Vec<String>,
+    lb_pool: String,
 }
 
 impl Node {
@@ -89,6 +90,7 @@ impl Node {
             dir,
             child: None,
             extra: Vec::new(),
+            lb_pool: "127.23.1.0/24".into(),
         }
     }
     fn api(&self) -> PathBuf {
@@ -119,7 +121,7 @@ impl Node {
             .arg(d.join("run"))
             .args([
                 "--lb-pool",
-                "127.23.1.0/24",
+                &self.lb_pool,
                 "--http-port",
                 "23080",
                 "--https-port",
@@ -405,6 +407,9 @@ fn pods_reach_each_other_and_a_cluster_ip_through_the_ebpf_datapath() {
         common::rand_suffix()
     )));
     let mut node = Node::new();
+    // Pods reach Ingress addresses through their gateway, so the pool is
+    // routable (10.123.0.0/16 is this test's, and only inside its node).
+    node.lb_pool = "10.123.201.0/28".into();
     node.extra = ["--datapath", "ebpf", "--bpf-pin-dir"]
         .iter()
         .map(|s| s.to_string())
@@ -484,6 +489,21 @@ fn pods_reach_each_other_and_a_cluster_ip_through_the_ebpf_datapath() {
         seen.len() == 2
     });
     assert!(ok, "ClusterIP answered by {seen:?}\n{}", node.log());
+    // Pod to Envoy through an Ingress: the tc program hands the VIP's
+    // connections to Envoy's listener.
+    let vip = ingress_vip(&node, "shop");
+    let mut body = String::new();
+    let ok = wait_until(Duration::from_secs(20), || {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &client.0, "curl", "-si", "--max-time", "3"])
+            .arg(format!("http://{vip}/"))
+            .output()
+            .expect("curl");
+        body = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        body.contains("server: envoy") && (body.contains("be0") || body.contains("be1"))
+    });
+    assert!(ok, "Ingress {vip}: {body}\n{}", node.log());
     drop(servers);
     for (cid, ns) in [
         ("client", &client),
@@ -598,7 +618,9 @@ impl Drop for Podman {
 }
 
 fn http_via_nc(target: &str) -> String {
-    format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 3 {target}; echo")
+    format!(
+        "printf 'GET / HTTP/1.1\\r\\nHost: shop\\r\\nConnection: close\\r\\n\\r\\n' | /bin/busybox nc -w 3 {target}; echo"
+    )
 }
 
 #[test]
@@ -612,6 +634,9 @@ fn podman_containers_get_their_network_from_membrane_cni() {
         common::rand_suffix()
     )));
     let mut node = Node::new();
+    // Pods reach Ingress addresses through their gateway, so the pool is
+    // routable (10.123.0.0/16 is this test's, and only inside its node).
+    node.lb_pool = "10.123.200.0/28".into();
     node.extra = ["--datapath", "ebpf", "--bpf-pin-dir"]
         .iter()
         .map(|s| s.to_string())
@@ -653,14 +678,21 @@ fn podman_containers_get_their_network_from_membrane_cni() {
     let (code, out) = node.cli(&["apply", "-f", svc_path.to_str().expect("utf8")]);
     assert_eq!(code, 0, "{out}");
 
+    let vip = ingress_vip(&node, "shop");
+
     // A client container: the other container directly, then the ClusterIP
     // (translated by the tc program on its host interface) until both
     // backends answered.
     let client = podman.rootfs("client");
     let script = format!(
-        "{}; for i in $(/bin/busybox seq 1 30); do {}; done",
+        "{}; for i in $(/bin/busybox seq 1 30); do {}; done; echo INGRESS; {}",
         http_via_nc(&format!("{} 23081", ips[0])),
-        http_via_nc("10.96.123.20 80")
+        http_via_nc("10.96.123.20 80"),
+        // Envoy resets a request whose client half-closed first; keep
+        // nc's input open until the answer is in.
+        format!(
+            "(printf 'GET / HTTP/1.1\\r\\nHost: shop\\r\\nConnection: close\\r\\n\\r\\n'; /bin/busybox sleep 2) | /bin/busybox nc -w 3 {vip} 80"
+        )
     );
     let mut answered = String::new();
     let ok = wait_until(Duration::from_secs(20), || {
@@ -671,7 +703,12 @@ fn podman_containers_get_their_network_from_membrane_cni() {
         );
         answered = String::from_utf8_lossy(&out.stdout).into_owned();
         let direct = answered.split("HTTP/1.").nth(1).unwrap_or("");
-        direct.contains("web1") && answered.matches("web1").count() > 1 && answered.contains("web2")
+        let (services, ingress) = answered.split_once("INGRESS").unwrap_or((&answered, ""));
+        direct.contains("web1")
+            && services.matches("web1").count() > 1
+            && services.contains("web2")
+            && ingress.contains("server: envoy")
+            && (ingress.contains("web1") || ingress.contains("web2"))
     });
     assert!(ok, "client saw: {answered}\n{}", node.log());
     // podman DELs on stop: the endpoints and host interfaces go.
@@ -684,4 +721,35 @@ fn podman_containers_get_their_network_from_membrane_cni() {
     let gone = wait_until(Duration::from_secs(10), || node.endpoints() == json!([]));
     assert!(gone, "endpoints left after podman rm: {}", node.endpoints());
     node.stop();
+}
+
+/// Apply Ingress `name` (path / to Service web:80) and wait for its address.
+fn ingress_vip(node: &Node, name: &str) -> String {
+    let path = node.dir.path().join(format!("ingress-{name}.yaml"));
+    std::fs::write(
+        &path,
+        format!(
+            "{}---\n{}",
+            common::INGRESS_CLASS,
+            common::ingress_yaml(name, &[("/", "web", 80)])
+        ),
+    )
+    .expect("write");
+    let (code, out) = node.cli(&["apply", "-f", path.to_str().expect("utf8")]);
+    assert_eq!(code, 0, "{out}");
+    let mut vip = None;
+    wait_until(Duration::from_secs(20), || {
+        vip = node
+            .cli(&["get", "ingress", name, "-o", "json"])
+            .1
+            .parse::<Value>()
+            .ok()
+            .and_then(|v| {
+                v.pointer("/status/loadBalancer/ingress/0/ip")?
+                    .as_str()
+                    .map(str::to_string)
+            });
+        vip.is_some()
+    });
+    vip.unwrap_or_else(|| panic!("Ingress {name} got no address:\n{}", node.log()))
 }
