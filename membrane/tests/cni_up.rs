@@ -684,15 +684,15 @@ fn podman_containers_get_their_network_from_membrane_cni() {
     // (translated by the tc program on its host interface) until both
     // backends answered.
     let client = podman.rootfs("client");
+    // Envoy resets a request whose client half-closed first; keep nc's
+    // input open until the answer is in.
+    let via_ingress = format!(
+        "(printf 'GET / HTTP/1.1\\r\\nHost: shop\\r\\nConnection: close\\r\\n\\r\\n'; /bin/busybox sleep 2) | /bin/busybox nc -w 3 {vip} 80"
+    );
     let script = format!(
-        "{}; for i in $(/bin/busybox seq 1 30); do {}; done; echo INGRESS; {}",
+        "{}; for i in $(/bin/busybox seq 1 30); do {}; done; echo INGRESS; {via_ingress}",
         http_via_nc(&format!("{} 23081", ips[0])),
         http_via_nc("10.96.123.20 80"),
-        // Envoy resets a request whose client half-closed first; keep
-        // nc's input open until the answer is in.
-        format!(
-            "(printf 'GET / HTTP/1.1\\r\\nHost: shop\\r\\nConnection: close\\r\\n\\r\\n'; /bin/busybox sleep 2) | /bin/busybox nc -w 3 {vip} 80"
-        )
     );
     let mut answered = String::new();
     let ok = wait_until(Duration::from_secs(20), || {
