@@ -87,6 +87,40 @@ impl ClusterPool {
         Err(IpamError::ClusterPoolExhausted(pool))
     }
 
+    /// The operator's pass over one node (cluster-pool-v2beta): CIDRs the
+    /// agent released are withdrawn; when every CIDR of a family is
+    /// depleted (or the node has none), one more is added. Returns the
+    /// node's new `spec.ipam.podCIDRs`.
+    pub fn reconcile_node(
+        &mut self,
+        node: &str,
+        spec: &[Cidr],
+        status: &BTreeMap<Cidr, crate::CidrState>,
+    ) -> Result<Vec<Cidr>, IpamError> {
+        use crate::CidrState;
+        let mut out: Vec<Cidr> = Vec::new();
+        for c in spec {
+            if status.get(c) == Some(&CidrState::Released) {
+                self.release(c);
+            } else {
+                self.occupy(node, *c);
+                out.push(*c);
+            }
+        }
+        for (pool, _) in self.pools.clone() {
+            let family = pool.family();
+            let mine: Vec<&Cidr> = out.iter().filter(|c| c.family() == family).collect();
+            let exhausted = mine.is_empty()
+                || mine
+                    .iter()
+                    .all(|c| status.get(*c) == Some(&CidrState::Depleted));
+            if exhausted {
+                out.push(self.allocate_more(node, family)?);
+            }
+        }
+        Ok(out)
+    }
+
     pub fn release(&mut self, cidr: &Cidr) {
         self.used.remove(cidr);
     }
@@ -116,5 +150,30 @@ mod tests {
         p.release_node("c");
         assert_eq!(p.allocate("e").expect("e")[0].to_string(), "10.123.2.0/24");
         assert!(ClusterPool::new(vec![(v4, 20)]).is_err());
+    }
+
+    #[test]
+    fn operator_adds_on_depletion_and_withdraws_released() {
+        use crate::CidrState;
+        let v4: Cidr = "10.123.0.0/26".parse().expect("v4");
+        let mut p = ClusterPool::new(vec![(v4, 28)]).expect("pool");
+        let first = p.reconcile_node("a", &[], &BTreeMap::new()).expect("first");
+        assert_eq!(first.len(), 1);
+        let status = BTreeMap::from([(first[0], CidrState::InUse)]);
+        assert_eq!(p.reconcile_node("a", &first, &status).expect("same"), first);
+        let status = BTreeMap::from([(first[0], CidrState::Depleted)]);
+        let grown = p.reconcile_node("a", &first, &status).expect("grown");
+        assert_eq!(grown.len(), 2);
+        assert_ne!(grown[0], grown[1]);
+        let status = BTreeMap::from([
+            (grown[0], CidrState::InUse),
+            (grown[1], CidrState::Released),
+        ]);
+        assert_eq!(
+            p.reconcile_node("a", &grown, &status).expect("shrunk"),
+            first
+        );
+        // The withdrawn CIDR is free for others.
+        assert_eq!(p.allocate("b").expect("b")[0], grown[1]);
     }
 }

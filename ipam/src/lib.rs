@@ -13,7 +13,7 @@ mod node;
 
 pub use cidr::{Cidr, Family};
 pub use cluster::ClusterPool;
-pub use node::{Allocation, NodeAllocator};
+pub use node::{ALLOCATION_THRESHOLD, Allocation, CidrState, NodeAllocator, RELEASE_THRESHOLD};
 
 use std::path::PathBuf;
 

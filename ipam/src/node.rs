@@ -1,6 +1,6 @@
 //! Agent side: pod addresses out of the node's pod CIDRs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::Path;
 
@@ -24,13 +24,50 @@ struct Persisted {
     /// old pod keep failing fast on its unreachable route for longest).
     #[serde(default)]
     cursors: BTreeMap<Cidr, IpAddr>,
+    #[serde(default)]
+    released: BTreeSet<Cidr>,
 }
+
+/// A pod CIDR's state as the agent reports it in the CiliumNode's
+/// `status.ipam.pod-cidrs` (Cilium's cluster-pool-v2beta).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CidrState {
+    InUse,
+    Depleted,
+    Released,
+}
+
+impl CidrState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CidrState::InUse => "in-use",
+            CidrState::Depleted => "depleted",
+            CidrState::Released => "released",
+        }
+    }
+    pub fn parse(s: &str) -> Option<CidrState> {
+        Some(match s {
+            "in-use" => CidrState::InUse,
+            "depleted" => CidrState::Depleted,
+            "released" => CidrState::Released,
+            _ => return None,
+        })
+    }
+}
+
+/// Cilium's defaults: ask for another CIDR when fewer addresses than this
+/// are free ...
+pub const ALLOCATION_THRESHOLD: u128 = 8;
+/// ... and give back an unused CIDR while more than this stay free.
+pub const RELEASE_THRESHOLD: u128 = 16;
 
 #[derive(Clone, Debug, Default)]
 pub struct NodeAllocator {
     cidrs: Vec<Cidr>,
     by_addr: BTreeMap<IpAddr, String>,
     cursors: BTreeMap<Cidr, IpAddr>,
+    /// CIDRs handed back: nothing is allocated from them any more.
+    released: BTreeSet<Cidr>,
 }
 
 impl NodeAllocator {
@@ -65,6 +102,7 @@ impl NodeAllocator {
                 .map(|a| (a.addr, a.owner))
                 .collect(),
             cursors: p.cursors,
+            released: p.released,
         }))
     }
 
@@ -80,6 +118,7 @@ impl NodeAllocator {
             cidrs: self.cidrs.clone(),
             allocations: self.allocations(),
             cursors: self.cursors.clone(),
+            released: self.released.clone(),
         };
         let bytes = serde_json::to_vec_pretty(&p).map_err(|e| IpamError::State {
             path: path.into(),
@@ -100,6 +139,8 @@ impl NodeAllocator {
     /// Replace the node's CIDRs (e.g. a new CiliumNode); allocations are
     /// kept even outside them, so nothing is handed out twice.
     pub fn set_cidrs(&mut self, cidrs: Vec<Cidr>) {
+        // A CIDR the operator withdrew is no longer "released", it is gone.
+        self.released.retain(|c| cidrs.contains(c));
         self.cidrs = cidrs;
     }
 
@@ -158,7 +199,7 @@ impl NodeAllocator {
             .cidrs
             .iter()
             .copied()
-            .filter(|c| c.family() == family)
+            .filter(|c| c.family() == family && !self.released.contains(c))
             .collect();
         if cidrs.is_empty() {
             return Err(IpamError::NoPool { family });
@@ -210,17 +251,69 @@ impl NodeAllocator {
         addrs
     }
 
-    /// Free addresses in the node's CIDRs of `family`.
+    fn used_in(&self, c: &Cidr) -> u128 {
+        self.by_addr.keys().filter(|a| c.contains(**a)).count() as u128
+    }
+
+    fn free_in(&self, c: &Cidr) -> u128 {
+        let reserved = if c.family() == Family::V4 { 3 } else { 2 };
+        c.size()
+            .saturating_sub(reserved)
+            .saturating_sub(self.used_in(c))
+    }
+
+    /// Free addresses in the node's (not released) CIDRs of `family`.
     pub fn free(&self, family: Family) -> u128 {
         self.cidrs
             .iter()
-            .filter(|c| c.family() == family)
-            .map(|c| {
-                let reserved = if family == Family::V4 { 3 } else { 2 };
-                let used = self.by_addr.keys().filter(|a| c.contains(**a)).count() as u128;
-                c.size().saturating_sub(reserved).saturating_sub(used)
-            })
+            .filter(|c| c.family() == family && !self.released.contains(c))
+            .map(|c| self.free_in(c))
             .sum()
+    }
+
+    /// Give back unused CIDRs while more than `threshold` addresses of
+    /// their family stay free, later CIDRs first (as Cilium). The first
+    /// CIDR of a family holds the gateway and is never given back.
+    pub fn release_excess(&mut self, threshold: u128) -> Vec<Cidr> {
+        let mut out = Vec::new();
+        for family in [Family::V4, Family::V6] {
+            let mut free = self.free(family);
+            let live: Vec<Cidr> = self
+                .cidrs
+                .iter()
+                .copied()
+                .filter(|c| c.family() == family && !self.released.contains(c))
+                .collect();
+            for c in live.iter().skip(1).rev() {
+                let f = self.free_in(c);
+                if self.used_in(c) == 0 && free.saturating_sub(f) > threshold {
+                    free -= f;
+                    self.released.insert(*c);
+                    out.push(*c);
+                }
+            }
+        }
+        out
+    }
+
+    /// Every CIDR's state for the CiliumNode status: released ones as
+    /// such; the others `depleted` when their family has fewer than
+    /// `alloc_threshold` free addresses (the operator then adds a CIDR),
+    /// else `in-use`.
+    pub fn cidr_states(&self, alloc_threshold: u128) -> BTreeMap<Cidr, CidrState> {
+        self.cidrs
+            .iter()
+            .map(|c| {
+                let state = if self.released.contains(c) {
+                    CidrState::Released
+                } else if self.free(c.family()) < alloc_threshold {
+                    CidrState::Depleted
+                } else {
+                    CidrState::InUse
+                };
+                (*c, state)
+            })
+            .collect()
     }
 }
 
@@ -274,6 +367,50 @@ mod tests {
             n.allocate("x", Family::V6),
             Err(IpamError::NoPool { .. })
         ));
+    }
+
+    #[test]
+    fn states_follow_thresholds_and_unused_cidrs_are_released() {
+        // Two /28s: 13 usable addresses each.
+        let a: Cidr = "10.123.9.0/28".parse().expect("a");
+        let b: Cidr = "10.123.9.16/28".parse().expect("b");
+        let mut n = NodeAllocator::new(vec![a]);
+        for i in 0..5 {
+            n.allocate(&format!("p{i}"), Family::V4).expect("free");
+        }
+        assert_eq!(n.cidr_states(ALLOCATION_THRESHOLD)[&a], CidrState::InUse);
+        n.allocate("p5", Family::V4).expect("free");
+        // 7 free < 8: depleted, the operator adds a CIDR.
+        assert_eq!(n.cidr_states(ALLOCATION_THRESHOLD)[&a], CidrState::Depleted);
+        n.set_cidrs(vec![a, b]);
+        assert!(
+            n.cidr_states(ALLOCATION_THRESHOLD)
+                .values()
+                .all(|s| *s == CidrState::InUse)
+        );
+        // 20 free, b unused: giving it back would leave 7 < 16, so keep it.
+        assert!(n.release_excess(RELEASE_THRESHOLD).is_empty());
+        for i in 0..6 {
+            n.release_owner(&format!("p{i}"));
+        }
+        // 26 free; without b 13 remain, not more than 16: still kept.
+        assert!(n.release_excess(RELEASE_THRESHOLD).is_empty());
+        let big: Cidr = "10.123.8.0/24".parse().expect("big");
+        let mut m = NodeAllocator::new(vec![big, b]);
+        assert_eq!(m.release_excess(RELEASE_THRESHOLD), vec![b]);
+        assert_eq!(m.cidr_states(ALLOCATION_THRESHOLD)[&b], CidrState::Released);
+        for i in 0..300 {
+            if m.allocate(&format!("q{i}"), Family::V4).is_err() {
+                break;
+            }
+        }
+        assert!(
+            m.allocations().iter().all(|x| big.contains(x.addr)),
+            "nothing from a released CIDR"
+        );
+        // The operator withdraws it.
+        m.set_cidrs(vec![big]);
+        assert!(!m.cidr_states(ALLOCATION_THRESHOLD).contains_key(&b));
     }
 
     #[test]
