@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use membrane_crds::{CiliumNode, CiliumNodeSpec, NodeIpamSpec};
+use membrane_crds::{CiliumNode, CiliumNodeSpec, NodeIpamSpec, PodCidrStatus};
 use membrane_endpoint::{Hooks, Manager};
 use membrane_ipam::{Cidr, ClusterPool, NodeAllocator};
 use membrane_store::k8s_openapi::api::core::v1::Pod;
@@ -215,22 +215,122 @@ pub async fn start(
             }
         });
     }
-    {
-        // Labels follow the Pod objects (a Pod may be applied after ADD).
-        let m = manager.clone();
-        let mut rx = store.subscribe();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    r = rx.changed() => if r.is_err() { return },
-                    _ = shutdown.cancelled() => return,
-                }
-                m.refresh_labels().await;
-            }
-        });
-    }
+    tokio::spawn(follow(
+        manager.clone(),
+        store.clone(),
+        node.to_string(),
+        opts.clone(),
+        shutdown,
+    ));
     install(opts)?;
     Ok(manager)
+}
+
+/// Keep endpoints and IPAM in step with the store: labels follow Pod
+/// objects; after every allocation change the CIDR states go to the
+/// CiliumNode status, the cluster pool adds or withdraws CIDRs, and the
+/// allocator follows the CiliumNode's spec.
+async fn follow(
+    m: Arc<Manager>,
+    store: Store,
+    node: String,
+    opts: CniOptions,
+    shutdown: CancellationToken,
+) {
+    let mut rx = store.subscribe();
+    loop {
+        m.refresh_labels().await;
+        if let Err(e) = ipam_pass(&m, &store, &node, &opts).await {
+            warn!(error = %e, node = %node, "pod CIDR reconciliation");
+        }
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            _ = m.changed() => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn ipam_pass(
+    m: &Manager,
+    store: &Store,
+    node: &str,
+    opts: &CniOptions,
+) -> Result<(), CniStartError> {
+    let states = m.ipam_report().await;
+    let key = ObjectKey::new(Kind::CiliumNode, "", node);
+    let Some(Object::CiliumNode(cn)) = store.get(&key).as_deref().cloned() else {
+        return Ok(());
+    };
+    // Agent: report each CIDR's state.
+    let reported: BTreeMap<String, PodCidrStatus> = states
+        .iter()
+        .map(|(c, s)| {
+            (
+                c.to_string(),
+                PodCidrStatus {
+                    status: s.as_str().into(),
+                },
+            )
+        })
+        .collect();
+    if cn.status.as_ref().map(|s| &s.ipam.pod_cidrs) != Some(&reported) {
+        let mut status = cn.status.clone().unwrap_or_default();
+        status.ipam.pod_cidrs = reported;
+        if let Ok(v) = serde_json::to_value(&status) {
+            store.update_status(&key, v);
+        }
+    }
+    let spec = reconcile_cilium_node(store, &opts.cluster_pool, node, &states)?;
+    // Agent: allocate from what the CiliumNode now holds.
+    m.set_pod_cidrs(spec).await?;
+    Ok(())
+}
+
+/// The operator's cluster-pool pass for one node: withdraw CIDRs its agent
+/// released, add one when a family is depleted; writes the CiliumNode's
+/// `spec.ipam.podCIDRs` and returns them.
+pub fn reconcile_cilium_node(
+    store: &Store,
+    cluster_pool: &[(Cidr, u8)],
+    node: &str,
+    states: &BTreeMap<Cidr, membrane_ipam::CidrState>,
+) -> Result<Vec<Cidr>, CniStartError> {
+    let mut pool = ClusterPool::new(cluster_pool.to_vec())?;
+    let snap = store.snapshot();
+    let mut mine = None;
+    for n in snap.typed::<CiliumNode>(None) {
+        let name = n.metadata.name.clone().unwrap_or_default();
+        if name == node {
+            mine = Some(n.clone());
+            continue;
+        }
+        for c in n.spec.ipam.pod_cidrs.iter().filter_map(|c| c.parse().ok()) {
+            pool.occupy(&name, c);
+        }
+    }
+    let Some(mut cn) = mine else {
+        return Ok(Vec::new());
+    };
+    let spec: Vec<Cidr> = cn
+        .spec
+        .ipam
+        .pod_cidrs
+        .iter()
+        .filter_map(|c| c.parse().ok())
+        .collect();
+    let new_spec = pool.reconcile_node(node, &spec, states)?;
+    if new_spec != spec {
+        info!(
+            node,
+            from = ?spec.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            to = ?new_spec.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "CiliumNode pod CIDRs"
+        );
+        cn.spec.ipam.pod_cidrs = new_spec.iter().map(ToString::to_string).collect();
+        store.apply(Object::CiliumNode(cn));
+    }
+    Ok(new_spec)
 }
 
 /// `membrane endpoint list -o json`.

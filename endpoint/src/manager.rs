@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use membrane_cni::spec::{Attachment, CniError, ErrorCode};
 use membrane_cni::wire::{Command, Request, Response};
-use membrane_ipam::{Family, NodeAllocator};
+use membrane_ipam::{
+    ALLOCATION_THRESHOLD, Cidr, CidrState, Family, NodeAllocator, RELEASE_THRESHOLD,
+};
 use netlink_packet_route::route::{RouteScope, RouteType};
 use rtnetlink::{Handle, LinkVeth};
 use serde_json::{Value, json};
@@ -41,6 +43,8 @@ pub struct Manager {
     hooks: Arc<dyn Hooks>,
     handle: Handle,
     inner: Mutex<Inner>,
+    /// Signalled after every change of allocations (for the IPAM report).
+    changed: tokio::sync::Notify,
 }
 
 struct Inner {
@@ -77,6 +81,7 @@ impl Manager {
                 endpoints,
                 next_id,
             }),
+            changed: tokio::sync::Notify::new(),
         };
         m.prepare_host().await?;
         {
@@ -144,6 +149,39 @@ impl Manager {
         Ok(())
     }
 
+    /// Wait until allocations changed since the last call.
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    /// Release CIDRs no longer needed (above the release threshold) and
+    /// report every CIDR's state (cluster-pool-v2beta).
+    pub async fn ipam_report(&self) -> BTreeMap<Cidr, CidrState> {
+        let mut inner = self.inner.lock().await;
+        let released = inner.ipam.release_excess(RELEASE_THRESHOLD);
+        if !released.is_empty() {
+            info!(cidrs = ?released.iter().map(ToString::to_string).collect::<Vec<_>>(), "pod CIDRs released");
+            if let Err(e) = inner.ipam.save(&ipam_path(&self.opts.state_dir)) {
+                warn!(error = %e, "saving IPAM");
+            }
+        }
+        inner.ipam.cidr_states(ALLOCATION_THRESHOLD)
+    }
+
+    /// The node's pod CIDRs changed (the operator added or withdrew one).
+    pub async fn set_pod_cidrs(&self, cidrs: Vec<Cidr>) -> Result<(), EndpointError> {
+        let mut inner = self.inner.lock().await;
+        if inner.ipam.cidrs() == cidrs.as_slice() {
+            return Ok(());
+        }
+        info!(cidrs = ?cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(), "pod CIDRs updated");
+        inner.ipam.set_cidrs(cidrs);
+        inner.ipam.save(&ipam_path(&self.opts.state_dir))?;
+        drop(inner);
+        self.changed.notify_one();
+        Ok(())
+    }
+
     /// Answer one plugin request.
     pub async fn handle(&self, req: Request) -> Response {
         let out = match req.command {
@@ -162,6 +200,9 @@ impl Manager {
                 ));
             }
         };
+        if matches!(req.command, Some(Command::Add | Command::Del | Command::Gc)) {
+            self.changed.notify_one();
+        }
         match out {
             Ok(v) => Response::Ok(v),
             Err(e) => {

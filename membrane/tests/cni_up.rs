@@ -74,6 +74,8 @@ struct Node {
     child: Option<Child>,
     extra: Vec<String>,
     lb_pool: String,
+    /// `--cluster-pool-ipv4-cidr` and `--cluster-pool-ipv4-mask-size`.
+    v4_pool: (String, String),
 }
 
 impl Node {
@@ -91,6 +93,7 @@ impl Node {
             child: None,
             extra: Vec::new(),
             lb_pool: "127.23.1.0/24".into(),
+            v4_pool: ("10.123.0.0/16".into(), "24".into()),
         }
     }
     fn api(&self) -> PathBuf {
@@ -135,9 +138,9 @@ impl Node {
             .arg(plugin_bin())
             .args([
                 "--cluster-pool-ipv4-cidr",
-                "10.123.0.0/16",
+                &self.v4_pool.0,
                 "--cluster-pool-ipv4-mask-size",
-                "24",
+                &self.v4_pool.1,
             ])
             .args(["--enable-ipv6", "--cluster-pool-ipv6-cidr", "fd00:123::/48"])
             .args([
@@ -752,4 +755,103 @@ fn ingress_vip(node: &Node, name: &str) -> String {
         vip.is_some()
     });
     vip.unwrap_or_else(|| panic!("Ingress {name} got no address:\n{}", node.log()))
+}
+
+/// The CiliumNode's `status.ipam.pod-cidrs` as (CIDR, state).
+fn cidr_states(node: &Node) -> Vec<(String, String)> {
+    let (_, out) = node.cli(&["get", "ciliumnode", "node-a", "-o", "json"]);
+    let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+    v.pointer("/status/ipam/pod-cidrs")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .map(|(k, s)| (k.clone(), s["status"].as_str().unwrap_or("").to_string()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn pod_cidrs_grow_when_depleted_and_shrink_when_released() {
+    if !prerequisites() {
+        return;
+    }
+    require_envoy();
+    let mut node = Node::new();
+    // /28 node CIDRs: 13 pod addresses each; thresholds 8 (allocate) and
+    // 16 (release) as Cilium's cluster-pool-v2beta.
+    node.v4_pool = ("10.123.64.0/26".into(), "28".into());
+    node.start();
+    let v4 = |c: &Value| -> Vec<String> {
+        c.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .filter(|c| !c.contains(':'))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(v4(&node.pod_cidrs()), ["10.123.64.0/28"]);
+    let ok = wait_until(Duration::from_secs(10), || {
+        cidr_states(&node).contains(&("10.123.64.0/28".into(), "in-use".into()))
+    });
+    assert!(ok, "first CIDR in-use: {:?}", cidr_states(&node));
+    let pods: Vec<Netns> = (0..20).map(|_| Netns::new("pod")).collect();
+    let mut addrs = std::collections::BTreeSet::new();
+    for (i, p) in pods.iter().enumerate() {
+        let (code, r) = node.plugin(
+            "ADD",
+            &format!("g{i}"),
+            &p.path(),
+            &format!("K8S_POD_NAME=p{i}"),
+        );
+        assert_eq!(code, 0, "ADD {i}: {r}\n{}", node.log());
+        assert!(addrs.insert(ip_of(&r, false)), "duplicate address {r}");
+        if i == 5 {
+            // 7 free < 8: the CIDR is depleted and a second one is added.
+            let ok = wait_until(Duration::from_secs(10), || v4(&node.pod_cidrs()).len() == 2);
+            assert!(
+                ok,
+                "no second CIDR: {} {:?}",
+                node.pod_cidrs(),
+                cidr_states(&node)
+            );
+        }
+    }
+    // 20 of 26 used: depleted again, a third CIDR.
+    let ok = wait_until(Duration::from_secs(10), || v4(&node.pod_cidrs()).len() == 3);
+    assert!(
+        ok,
+        "no third CIDR: {} {:?}",
+        node.pod_cidrs(),
+        cidr_states(&node)
+    );
+    let cidrs = v4(&node.pod_cidrs());
+    let in_second = addrs
+        .iter()
+        .filter_map(|a| a.parse::<std::net::Ipv4Addr>().ok())
+        .filter(|a| (16..32).contains(&a.octets()[3]))
+        .count();
+    assert_eq!(in_second, 7, "pods 14..20 from the second CIDR: {addrs:?}");
+    for (i, p) in pods.iter().enumerate() {
+        let (code, r) = node.plugin("DEL", &format!("g{i}"), &p.path(), "");
+        assert_eq!(code, 0, "DEL {i}: {r}");
+    }
+    // 39 free: the unused third CIDR is released (26 stay free > 16) and
+    // withdrawn; the second stays (13 would not be > 16).
+    let ok = wait_until(Duration::from_secs(10), || {
+        v4(&node.pod_cidrs()) == cidrs[..2]
+    });
+    assert!(
+        ok,
+        "third CIDR not withdrawn: {} {:?}",
+        node.pod_cidrs(),
+        cidr_states(&node)
+    );
+    let states = cidr_states(&node);
+    assert!(
+        states.iter().all(|(c, s)| s == "in-use" && c != &cidrs[2]),
+        "{states:?}"
+    );
+    node.stop();
 }
