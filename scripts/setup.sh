@@ -5,7 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # g++: libfuzzer-sys builds libFuzzer (C++) for the fuzz targets.
-packages=(clang libbpf-dev protobuf-compiler etcd-server iproute2 iptables curl g++)
+# podman (CNI backend) + runc + containernetworking-plugins + busybox-static:
+# the real container runtime the CNI tests drive (crun fails on hybrid cgroups).
+packages=(clang libbpf-dev protobuf-compiler etcd-server iproute2 iptables curl g++
+  podman runc containernetworking-plugins busybox-static)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

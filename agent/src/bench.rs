@@ -221,6 +221,7 @@ impl Harness {
             ingress_default_lb_mode: Default::default(),
             ingress: Default::default(),
             datapath: None,
+            cni: None,
         };
         let (_tx, envoy) = tokio::sync::watch::channel(crate::EnvoyState::default());
         let state = AgentState {
@@ -232,6 +233,7 @@ impl Harness {
             nacks_isolated: Default::default(),
             warnings: Default::default(),
             datapath: None,
+            endpoints: None,
         };
         Ok(Self {
             reconciler: Reconciler::new(&config),

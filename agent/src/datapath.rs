@@ -177,6 +177,18 @@ impl DatapathHandle {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Attach the programs to a new endpoint's host interface.
+    pub fn attach_device(&self, ifname: &str) -> Result<(), String> {
+        self.lock().dp.attach(ifname).map_err(|e| e.to_string())
+    }
+
+    /// Detach from a removed endpoint's host interface (gone already or not).
+    pub fn detach_device(&self, ifname: &str) {
+        if let Err(e) = self.lock().dp.detach(ifname) {
+            warn!(ifname, error = %e, "detaching the datapath");
+        }
+    }
+
     /// Translates the snapshot's Services and EndpointSlices and programs
     /// the maps with the difference.
     pub fn sync_store(&self, snap: &StoreSnapshot) {

@@ -6,6 +6,7 @@ pub mod api_services;
 #[doc(hidden)]
 pub mod bench;
 pub mod cec;
+pub mod cni;
 pub mod configs;
 pub mod datapath;
 pub mod endpoints;
@@ -51,6 +52,8 @@ pub enum AgentError {
     Xds(String),
     #[error(transparent)]
     Datapath(#[from] datapath::DatapathStartError),
+    #[error(transparent)]
+    Cni(#[from] cni::CniStartError),
     #[error("run directory {path}: {source}")]
     RunDir {
         path: PathBuf,
@@ -82,6 +85,8 @@ pub struct AgentConfig {
     pub ingress: ingress_controller::IngressOptions,
     /// The eBPF service datapath (`--datapath ebpf`); `None` = no datapath.
     pub datapath: Option<datapath::DatapathOptions>,
+    /// Pods through `membrane-cni` (`--enable-cni`); `None` = no CNI.
+    pub cni: Option<cni::CniOptions>,
 }
 
 impl AgentConfig {
@@ -111,6 +116,19 @@ pub async fn run(
         Some(opts) => Some(Arc::new(datapath::DatapathHandle::start(opts)?)),
         None => None,
     };
+    let endpoints = match &config.cni {
+        Some(opts) => Some(
+            cni::start(
+                opts,
+                &config.node_name,
+                &store,
+                datapath.clone(),
+                shutdown.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let state = Arc::new(AgentState {
         store: store.clone(),
         cache: cache.clone(),
@@ -120,6 +138,7 @@ pub async fn run(
         nacks_isolated: Default::default(),
         warnings: Default::default(),
         datapath: datapath.clone(),
+        endpoints,
     });
     let datapath_task =
         datapath.map(|h| tokio::spawn(datapath::run(h, store.clone(), shutdown.clone())));

@@ -26,6 +26,8 @@ pub struct AgentState {
     pub nacks_isolated: AtomicU64,
     /// The eBPF service datapath, when running (`--datapath ebpf`).
     pub datapath: Option<std::sync::Arc<crate::datapath::DatapathHandle>>,
+    /// Pod endpoints set up through `membrane-cni` (`--enable-cni`).
+    pub endpoints: Option<std::sync::Arc<membrane_endpoint::Manager>>,
 }
 
 impl AgentState {

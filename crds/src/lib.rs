@@ -5,10 +5,14 @@
 
 mod envoy_config;
 mod network_policy;
+mod node;
 
 pub use envoy_config::{
     BackendService, CiliumClusterwideEnvoyConfig, CiliumClusterwideEnvoyConfigSpec,
     CiliumEnvoyConfig, CiliumEnvoyConfigSpec, EnvoyConfigSpec, ServiceListener,
+};
+pub use node::{
+    CiliumNode, CiliumNodeSpec, CiliumNodeStatus, NodeIpamSpec, NodeIpamStatus, PodCidrStatus,
 };
 
 pub use network_policy::{

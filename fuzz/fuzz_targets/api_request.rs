@@ -46,6 +46,7 @@ fn state() -> AgentState {
         warnings: Mutex::new(Default::default()),
         nacks_isolated: Default::default(),
         datapath: None,
+        endpoints: None,
     }
 }
 

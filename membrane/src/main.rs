@@ -81,6 +81,11 @@ enum Command {
         #[command(subcommand)]
         command: commands::service::ServiceCommand,
     },
+    /// Pod endpoints set up through `membrane-cni` (`up --enable-cni`).
+    Endpoint {
+        #[command(subcommand)]
+        command: commands::endpoint::EndpointCommand,
+    },
     /// Load-balancing tools (Maglev tables identical to Cilium's).
     Lb {
         #[command(subcommand)]
@@ -188,6 +193,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Lb { command } => commands::lb::run(command),
         Command::Policy { command } => commands::policy::run(command),
+        Command::Endpoint { command } => commands::endpoint::run(&api, command).await,
         Command::Service { command } => commands::service::run(&api, command).await,
         Command::Conformance { suite } => commands::conformance::run(suite).await,
         Command::Bench { command } => commands::bench::run(command).await,

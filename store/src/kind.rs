@@ -19,6 +19,8 @@ pub enum Kind {
     CiliumNetworkPolicy,
     CiliumClusterwideNetworkPolicy,
     NetworkPolicy,
+    Pod,
+    CiliumNode,
 }
 
 const ALL: &[Kind] = &[
@@ -34,6 +36,8 @@ const ALL: &[Kind] = &[
     Kind::CiliumNetworkPolicy,
     Kind::CiliumClusterwideNetworkPolicy,
     Kind::NetworkPolicy,
+    Kind::Pod,
+    Kind::CiliumNode,
 ];
 
 impl Kind {
@@ -72,6 +76,8 @@ impl Kind {
                 Kind::CiliumClusterwideNetworkPolicy
             }
             "networkpolicy" | "networkpolicies" | "netpol" => Kind::NetworkPolicy,
+            "pod" | "pods" | "po" => Kind::Pod,
+            "ciliumnode" | "ciliumnodes" | "cn" => Kind::CiliumNode,
             _ => {
                 // Also accept `<plural>.<group>` as kubectl does (e.g. `ingresses.networking.k8s.io`).
                 if let Some((name, group)) = lower.split_once('.')
@@ -94,6 +100,7 @@ impl Kind {
                 | Kind::IngressClass
                 | Kind::CiliumClusterwideEnvoyConfig
                 | Kind::CiliumClusterwideNetworkPolicy
+                | Kind::CiliumNode
         )
     }
 
@@ -101,12 +108,13 @@ impl Kind {
     pub fn api_version(self) -> &'static str {
         match self {
             Kind::Ingress | Kind::IngressClass | Kind::NetworkPolicy => "networking.k8s.io/v1",
-            Kind::Service | Kind::Endpoints | Kind::Secret | Kind::Namespace => "v1",
+            Kind::Service | Kind::Endpoints | Kind::Secret | Kind::Namespace | Kind::Pod => "v1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
             Kind::CiliumEnvoyConfig
             | Kind::CiliumClusterwideEnvoyConfig
             | Kind::CiliumNetworkPolicy
-            | Kind::CiliumClusterwideNetworkPolicy => "cilium.io/v2",
+            | Kind::CiliumClusterwideNetworkPolicy
+            | Kind::CiliumNode => "cilium.io/v2",
         }
     }
 
@@ -133,6 +141,8 @@ impl Kind {
             Kind::CiliumNetworkPolicy => "CiliumNetworkPolicy",
             Kind::CiliumClusterwideNetworkPolicy => "CiliumClusterwideNetworkPolicy",
             Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::Pod => "Pod",
+            Kind::CiliumNode => "CiliumNode",
         }
     }
 
@@ -151,6 +161,8 @@ impl Kind {
             Kind::CiliumNetworkPolicy => "ciliumnetworkpolicies",
             Kind::CiliumClusterwideNetworkPolicy => "ciliumclusterwidenetworkpolicies",
             Kind::NetworkPolicy => "networkpolicies",
+            Kind::Pod => "pods",
+            Kind::CiliumNode => "ciliumnodes",
         }
     }
 }

@@ -2,13 +2,13 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{Endpoints, Namespace, NamespaceStatus, Secret, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Namespace, NamespaceStatus, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass, NetworkPolicy};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use membrane_crds::{
     CiliumClusterwideEnvoyConfig, CiliumClusterwideNetworkPolicy, CiliumEnvoyConfig,
-    CiliumNetworkPolicy,
+    CiliumNetworkPolicy, CiliumNode,
 };
 use serde_json::Value;
 
@@ -69,6 +69,8 @@ pub enum Object {
     CiliumNetworkPolicy(CiliumNetworkPolicy),
     CiliumClusterwideNetworkPolicy(CiliumClusterwideNetworkPolicy),
     NetworkPolicy(NetworkPolicy),
+    Pod(Pod),
+    CiliumNode(CiliumNode),
 }
 
 impl PartialEq for Object {
@@ -94,6 +96,10 @@ impl PartialEq for Object {
                 Object::CiliumClusterwideNetworkPolicy(b),
             ) => a == b,
             (Object::NetworkPolicy(a), Object::NetworkPolicy(b)) => a == b,
+            (Object::Pod(a), Object::Pod(b)) => a == b,
+            (Object::CiliumNode(a), Object::CiliumNode(b)) => {
+                a.metadata == b.metadata && a.spec == b.spec && a.status == b.status
+            }
             _ => false,
         }
     }
@@ -115,6 +121,8 @@ macro_rules! dispatch {
             Object::CiliumNetworkPolicy($o) => $body,
             Object::CiliumClusterwideNetworkPolicy($o) => $body,
             Object::NetworkPolicy($o) => $body,
+            Object::Pod($o) => $body,
+            Object::CiliumNode($o) => $body,
         }
     };
 }
@@ -161,6 +169,8 @@ typed!(
     CiliumNetworkPolicy,
     CiliumClusterwideNetworkPolicy,
     NetworkPolicy,
+    Pod,
+    CiliumNode,
 );
 
 impl Object {
@@ -178,6 +188,8 @@ impl Object {
             Object::CiliumNetworkPolicy(_) => Kind::CiliumNetworkPolicy,
             Object::CiliumClusterwideNetworkPolicy(_) => Kind::CiliumClusterwideNetworkPolicy,
             Object::NetworkPolicy(_) => Kind::NetworkPolicy,
+            Object::Pod(_) => Kind::Pod,
+            Object::CiliumNode(_) => Kind::CiliumNode,
         }
     }
 
@@ -257,6 +269,8 @@ impl Object {
                 Object::CiliumClusterwideNetworkPolicy(typed_from(&v)?)
             }
             Kind::NetworkPolicy => Object::NetworkPolicy(typed_from(&v)?),
+            Kind::Pod => Object::Pod(typed_from(&v)?),
+            Kind::CiliumNode => Object::CiliumNode(typed_from(&v)?),
         };
         let mut unknown = Vec::new();
         unknown_fields(&v, &obj.to_value(), &mut String::new(), &mut unknown);
@@ -316,6 +330,8 @@ impl Object {
             Object::Ingress(o) => o.status.is_none(),
             Object::Service(o) => o.status.is_none(),
             Object::Namespace(o) => o.status.is_none(),
+            Object::Pod(o) => o.status.is_none(),
+            Object::CiliumNode(o) => o.status.is_none(),
             _ => true,
         }
     }
@@ -326,6 +342,8 @@ impl Object {
             (Object::Ingress(a), Object::Ingress(b)) => a.status.clone_from(&b.status),
             (Object::Service(a), Object::Service(b)) => a.status.clone_from(&b.status),
             (Object::Namespace(a), Object::Namespace(b)) => a.status.clone_from(&b.status),
+            (Object::Pod(a), Object::Pod(b)) => a.status.clone_from(&b.status),
+            (Object::CiliumNode(a), Object::CiliumNode(b)) => a.status.clone_from(&b.status),
             _ => {}
         }
     }
@@ -345,6 +363,8 @@ impl Object {
             Object::Ingress(o) => o.status = parse(status)?,
             Object::Service(o) => o.status = parse(status)?,
             Object::Namespace(o) => o.status = parse(status)?,
+            Object::Pod(o) => o.status = parse(status)?,
+            Object::CiliumNode(o) => o.status = parse(status)?,
             other => {
                 return Err(StoreError::Invalid(format!(
                     "{} has no status",
@@ -376,6 +396,8 @@ impl Object {
             Object::Ingress(o) => o.status = None,
             Object::Service(o) => o.status = None,
             Object::Namespace(o) => o.status = None,
+            Object::Pod(o) => o.status = None,
+            Object::CiliumNode(o) => o.status = None,
             _ => {}
         }
         o

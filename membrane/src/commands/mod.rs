@@ -4,6 +4,7 @@ pub mod apiserver;
 pub mod bench;
 pub mod conformance;
 pub mod echo;
+pub mod endpoint;
 pub mod lb;
 pub mod objects;
 pub mod policy;

@@ -53,7 +53,9 @@ pub struct DatapathArgs {
 }
 
 impl DatapathArgs {
-    pub fn options(&self) -> Result<Option<DatapathOptions>> {
+    /// With `cni`, pod interfaces are attached as pods come, so no device
+    /// needs to be named.
+    pub fn options_for(&self, cni: bool) -> Result<Option<DatapathOptions>> {
         match self.datapath {
             DatapathMode::None => {
                 if !self.datapath_devices.is_empty() {
@@ -62,8 +64,8 @@ impl DatapathArgs {
                 Ok(None)
             }
             DatapathMode::Ebpf => {
-                if self.datapath_devices.is_empty() {
-                    bail!("--datapath ebpf needs --datapath-devices IF[,IF...]");
+                if self.datapath_devices.is_empty() && !cni {
+                    bail!("--datapath ebpf needs --datapath-devices IF[,IF...] (or --enable-cni)");
                 }
                 Ok(Some(DatapathOptions {
                     pin_dir: self.bpf_pin_dir.clone(),
@@ -222,14 +224,16 @@ mod tests {
             max_services: 16,
             node_addresses: vec![],
         };
-        assert!(a.options().is_err());
+        assert!(a.options_for(false).is_err());
+        // With the CNI, pod interfaces are attached as they come.
+        assert!(a.options_for(true).unwrap().is_some());
         a.datapath_devices = vec!["eth0".into()];
-        let o = a.options().unwrap().unwrap();
+        let o = a.options_for(false).unwrap().unwrap();
         assert_eq!(o.default_algorithm, Algorithm::Maglev);
         assert_eq!(o.maglev_table_size, 251);
         a.datapath = DatapathMode::None;
-        assert!(a.options().is_err());
+        assert!(a.options_for(false).is_err());
         a.datapath_devices.clear();
-        assert!(a.options().unwrap().is_none());
+        assert!(a.options_for(false).unwrap().is_none());
     }
 }

@@ -60,6 +60,74 @@ pub struct UpArgs {
     pub ingress: IngressFlags,
     #[command(flatten)]
     pub datapath: super::service::DatapathArgs,
+    #[command(flatten)]
+    pub cni: CniArgs,
+}
+
+/// Pod networking through `membrane-cni` (flag names as Cilium's).
+#[derive(clap::Args, Debug, Clone)]
+pub struct CniArgs {
+    /// Serve the CNI plugin and install it with its conflist, so a
+    /// container runtime on this node gets pod networks from Membrane.
+    #[arg(long)]
+    pub enable_cni: bool,
+    /// Where the `membrane-cni` binary is installed.
+    #[arg(long, default_value = "/opt/cni/bin")]
+    pub cni_bin_dir: PathBuf,
+    /// Where the conflist (`05-membrane.conflist`) is written.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+    /// The `membrane-cni` binary to install (default: next to `membrane`).
+    #[arg(long)]
+    pub cni_plugin_bin: Option<PathBuf>,
+    /// Cluster pool node pod CIDRs are carved from.
+    #[arg(long, default_value = "10.244.0.0/16")]
+    pub cluster_pool_ipv4_cidr: membrane_ipam::Cidr,
+    /// Size of each node's IPv4 pod CIDR.
+    #[arg(long, default_value_t = 24)]
+    pub cluster_pool_ipv4_mask_size: u8,
+    /// Give pods IPv6 addresses too.
+    #[arg(long)]
+    pub enable_ipv6: bool,
+    #[arg(long, default_value = "fd00::/104")]
+    pub cluster_pool_ipv6_cidr: membrane_ipam::Cidr,
+    #[arg(long, default_value_t = 120)]
+    pub cluster_pool_ipv6_mask_size: u8,
+    /// MTU of pod interfaces.
+    #[arg(long, default_value_t = 1500)]
+    pub mtu: u32,
+    /// After a pod's deletion, answer its old address with ICMP
+    /// unreachable until the address is reused.
+    #[arg(long)]
+    pub unreachable_routes: bool,
+}
+
+impl CniArgs {
+    pub fn options(&self, run_dir: &std::path::Path) -> Option<membrane_agent::cni::CniOptions> {
+        if !self.enable_cni {
+            return None;
+        }
+        let mut cluster_pool = vec![(
+            self.cluster_pool_ipv4_cidr,
+            self.cluster_pool_ipv4_mask_size,
+        )];
+        if self.enable_ipv6 {
+            cluster_pool.push((
+                self.cluster_pool_ipv6_cidr,
+                self.cluster_pool_ipv6_mask_size,
+            ));
+        }
+        Some(membrane_agent::cni::CniOptions {
+            socket: membrane_agent::cni::default_socket(run_dir),
+            state_dir: run_dir.join("cni"),
+            bin_dir: self.cni_bin_dir.clone(),
+            conf_dir: self.cni_conf_dir.clone(),
+            plugin_bin: self.cni_plugin_bin.clone(),
+            cluster_pool,
+            mtu: self.mtu,
+            unreachable_routes: self.unreachable_routes,
+        })
+    }
 }
 
 /// The Ingress controller's feature flags, shared by `membrane up` and
@@ -196,6 +264,7 @@ pub async fn run(args: UpArgs, api_socket: PathBuf) -> Result<ExitCode> {
     // its files are Membrane's own, never manifests, and its writes must not
     // wake the watcher.
     let manifests = ManifestDir::new(args.dir.clone()).ignoring(&run_dir);
+    let cni = args.cni.options(&run_dir);
     let config = AgentConfig {
         run_dir,
         api_socket,
@@ -222,7 +291,8 @@ pub async fn run(args: UpArgs, api_socket: PathBuf) -> Result<ExitCode> {
             }
             ingress
         },
-        datapath: args.datapath.options()?,
+        datapath: args.datapath.options_for(args.cni.enable_cni)?,
+        cni,
     };
 
     let store = Store::new();
