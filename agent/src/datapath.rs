@@ -578,6 +578,7 @@ mod tests {
             backends: vec![],
             algorithm: Algorithm::Random,
             affinity_timeout: None,
+            affinity: Default::default(),
         };
         assert!(is_l7(&l7, &entry("all", 443)));
         assert!(is_l7(&l7, &entry("some", 80)));
