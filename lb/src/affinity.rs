@@ -92,7 +92,10 @@ pub struct AnnotationProblem {
 
 /// The first of `keys` present wins (the current name before the legacy one,
 /// as Cilium's `annotation.Get`).
-fn get<'a>(ann: &'a BTreeMap<String, String>, keys: [&'static str; 2]) -> Option<(&'static str, &'a str)> {
+fn get<'a>(
+    ann: &'a BTreeMap<String, String>,
+    keys: [&'static str; 2],
+) -> Option<(&'static str, &'a str)> {
     keys.into_iter()
         .find_map(|k| ann.get(k).map(|v| (k, v.as_str())))
 }

@@ -393,7 +393,10 @@ fn mesh_entry(affinity: &str) -> ServiceEntry {
 }
 
 fn selected(e: &ServiceEntry) -> Vec<String> {
-    e.selectable().iter().map(|b| b.addr.addr.to_string()).collect()
+    e.selectable()
+        .iter()
+        .map(|b| b.addr.addr.to_string())
+        .collect()
 }
 
 #[test]
@@ -411,7 +414,10 @@ fn affinity_from_annotations_only_on_global_services() {
 #[test]
 fn affinity_none_uses_every_cluster() {
     let e = mesh_entry("none");
-    assert_eq!(selected(&e), ["10.0.0.1", "10.0.0.2", "10.1.0.1", "10.1.0.2"]);
+    assert_eq!(
+        selected(&e),
+        ["10.0.0.1", "10.0.0.2", "10.1.0.1", "10.1.0.2"]
+    );
     assert!(e.backends.iter().all(|b| !e.is_preferred(b)));
 }
 

@@ -1,0 +1,1 @@
+//! etcd I/O (next step).
