@@ -9,6 +9,7 @@
 
 use std::path::PathBuf;
 
+pub mod agent;
 pub mod config;
 pub mod etcd;
 pub mod export;
@@ -16,6 +17,7 @@ pub mod keys;
 pub mod merge;
 pub mod types;
 
+pub use agent::{MeshConfig, MeshRuntime};
 pub use config::{EtcdConfig, MeshDir, read_mesh_dir};
 pub use types::{ClusterConfig, ClusterService, validate_cluster_id, validate_cluster_name};
 
