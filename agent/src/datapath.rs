@@ -132,6 +132,8 @@ struct Inner {
     /// per frontend its affinity and each backend's cluster id.
     mesh_gen: u64,
     mesh_view: BTreeMap<L3n4Addr, (Affinity, BTreeMap<L3n4Addr, u32>)>,
+    /// Remote clusters, for the status report.
+    mesh_remotes: Option<membrane_clustermesh::etcd::RemoteStore>,
 }
 
 impl DatapathHandle {
@@ -177,6 +179,7 @@ impl DatapathHandle {
                 redirect_error: None,
                 mesh_gen: 0,
                 mesh_view: BTreeMap::new(),
+                mesh_remotes: None,
             }),
         })
     }
@@ -402,6 +405,7 @@ impl DatapathHandle {
                 .collect::<Vec<_>>(),
             "proxy_routing_error": inner.proxy_routing,
             "stats": stats,
+            "clustermesh": mesh_status_json(self.opts.mesh.as_ref(), inner.mesh_remotes.as_ref()),
         })
     }
 }
@@ -432,6 +436,38 @@ fn mesh_annotate(
     }
 }
 
+/// The `datapath.clustermesh` section of the status report.
+fn mesh_status_json(
+    cfg: Option<&membrane_clustermesh::MeshConfig>,
+    remotes: Option<&membrane_clustermesh::etcd::RemoteStore>,
+) -> Value {
+    let Some(cfg) = cfg else {
+        return Value::Null;
+    };
+    let clusters: BTreeMap<String, Value> = remotes
+        .map(|r| r.status())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(name, s)| {
+            (
+                name,
+                json!({
+                    "connected": s.connected,
+                    "synced": s.synced,
+                    "cluster_id": s.cluster_id,
+                    "services": s.services,
+                    "last_error": s.last_error,
+                }),
+            )
+        })
+        .collect();
+    json!({
+        "cluster_name": cfg.cluster_name,
+        "cluster_id": cfg.cluster_id,
+        "remote_clusters": clusters,
+    })
+}
+
 /// Keeps the maps in step with the store until `shutdown`.
 pub async fn run(handle: Arc<DatapathHandle>, store: Store, shutdown: CancellationToken) {
     let mut rx = store.subscribe();
@@ -443,6 +479,7 @@ pub async fn run(handle: Arc<DatapathHandle>, store: Store, shutdown: Cancellati
         .clone()
         .map(membrane_clustermesh::MeshRuntime::start);
     let mut mesh_rx = mesh.as_ref().map(|m| m.subscribe());
+    handle.lock().mesh_remotes = mesh.as_ref().and_then(|m| m.remote_store().cloned());
     if let Some(m) = &mesh {
         let missing = m.wait_initial_sync().await;
         if !missing.is_empty() {
