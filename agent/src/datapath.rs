@@ -19,7 +19,7 @@ use membrane_crds::{CiliumClusterwideEnvoyConfig, CiliumEnvoyConfig, EnvoyConfig
 use membrane_ebpf::{Datapath, DatapathConfig, DatapathError, ServiceStatus, SyncReport};
 use membrane_lb::maglev::{BackendState, MaglevConfig};
 use membrane_lb::service::{
-    Algorithm, BackendOverrides, L3n4Addr, LbConfig, Protocol, ServiceEntry, parse_state,
+    Affinity, Algorithm, BackendOverrides, L3n4Addr, LbConfig, Protocol, ServiceEntry, parse_state,
     state_str, translate,
 };
 use membrane_store::{Kind, Object, Store, StoreSnapshot};
@@ -45,6 +45,9 @@ pub struct DatapathOptions {
     pub max_services: u32,
     /// Addresses NodePort frontends are exposed on.
     pub node_addresses: Vec<IpAddr>,
+    /// Cluster Mesh (`--cluster-name`, `--cluster-id`, `--kvstore`,
+    /// `--clustermesh-config`); `None` = a single cluster.
+    pub mesh: Option<membrane_clustermesh::MeshConfig>,
 }
 
 impl Default for DatapathOptions {
@@ -56,6 +59,7 @@ impl Default for DatapathOptions {
             maglev_table_size: membrane_lb::maglev::DEFAULT_M,
             max_services: DEFAULT_MAX_SERVICES,
             node_addresses: Vec::new(),
+            mesh: None,
         }
     }
 }
@@ -124,6 +128,12 @@ struct Inner {
     proxy_targets: BTreeMap<SocketAddr, SocketAddr>,
     /// Why programming the redirects last failed, if it did.
     redirect_error: Option<String>,
+    /// Cluster Mesh: generation of the remote services last merged, and
+    /// per frontend its affinity and each backend's cluster id.
+    mesh_gen: u64,
+    mesh_view: BTreeMap<L3n4Addr, (Affinity, BTreeMap<L3n4Addr, u32>)>,
+    /// Remote clusters, for the status report.
+    mesh_remotes: Option<membrane_clustermesh::etcd::RemoteStore>,
 }
 
 impl DatapathHandle {
@@ -167,6 +177,9 @@ impl DatapathHandle {
                 proxy_routing,
                 proxy_targets: BTreeMap::new(),
                 redirect_error: None,
+                mesh_gen: 0,
+                mesh_view: BTreeMap::new(),
+                mesh_remotes: None,
             }),
         })
     }
@@ -192,6 +205,17 @@ impl DatapathHandle {
     /// Translates the snapshot's Services and EndpointSlices and programs
     /// the maps with the difference.
     pub fn sync_store(&self, snap: &StoreSnapshot) {
+        self.sync_store_mesh(snap, &[], 0);
+    }
+
+    /// [`Self::sync_store`] with remote Cluster Mesh services (generation
+    /// `mesh_gen`) merged into the local global services.
+    pub fn sync_store_mesh(
+        &self,
+        snap: &StoreSnapshot,
+        remote: &[membrane_clustermesh::ClusterService],
+        mesh_gen: u64,
+    ) {
         let inputs: Vec<Arc<Object>> = [
             Kind::Service,
             Kind::EndpointSlice,
@@ -203,6 +227,7 @@ impl DatapathHandle {
         .collect();
         let mut inner = self.lock();
         if inner.syncs > 0
+            && inner.mesh_gen == mesh_gen
             && inner.last_inputs.len() == inputs.len()
             && inner
                 .last_inputs
@@ -223,6 +248,19 @@ impl DatapathHandle {
         // `Datapath::sync` itself; baking them into the translation would
         // keep them in its remembered desired state after they are cleared.
         let mut t = translate(&services, &slices, &cfg, &BackendOverrides::new());
+        // --- Cluster Mesh hook: remote backends join local global services.
+        membrane_clustermesh::agent::merge_into(&mut t.state, &services, remote);
+        inner.mesh_gen = mesh_gen;
+        inner.mesh_view = t
+            .state
+            .services
+            .iter()
+            .map(|e| {
+                let clusters = e.backends.iter().map(|b| (b.addr, b.cluster_id)).collect();
+                (e.frontend, (e.affinity, clusters))
+            })
+            .collect();
+        // --- end Cluster Mesh hook.
         let mut l7_frontends = Vec::new();
         t.state.services.retain(|e| {
             let to_envoy = is_l7(&l7, e);
@@ -285,8 +323,17 @@ impl DatapathHandle {
 
     /// `GET /v1/services`: every programmed frontend, as `cilium service list`.
     pub fn list_json(&self) -> Value {
-        let list = self.lock().dp.list();
-        json!({ "services": list.iter().map(service_json).collect::<Vec<_>>() })
+        let inner = self.lock();
+        let list = inner.dp.list();
+        let services: Vec<Value> = list
+            .iter()
+            .map(|s| {
+                let mut v = service_json(s);
+                mesh_annotate(&mut v, inner.mesh_view.get(&s.frontend), s);
+                v
+            })
+            .collect();
+        json!({ "services": services })
     }
 
     /// Sets an operator state (`active`, `quarantined`, `maintenance`) on
@@ -370,23 +417,117 @@ impl DatapathHandle {
                 .collect::<Vec<_>>(),
             "proxy_routing_error": inner.proxy_routing,
             "stats": stats,
+            "clustermesh": mesh_status_json(self.opts.mesh.as_ref(), inner.mesh_remotes.as_ref()),
         })
     }
+}
+
+/// Cluster Mesh: each backend's `cluster_id` and, with an affinity,
+/// whether it is `preferred` (what `service list --clustermesh-affinity`
+/// marks).
+fn mesh_annotate(
+    v: &mut Value,
+    view: Option<&(Affinity, BTreeMap<L3n4Addr, u32>)>,
+    s: &ServiceStatus,
+) {
+    let Some((affinity, clusters)) = view else {
+        return;
+    };
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("clustermesh_affinity".into(), json!(affinity.as_str()));
+    }
+    let Some(bes) = v.get_mut("backends").and_then(|b| b.as_array_mut()) else {
+        return;
+    };
+    for (bv, b) in bes.iter_mut().zip(&s.backends) {
+        let cluster = clusters.get(&b.addr).copied().unwrap_or(0);
+        if let Some(o) = bv.as_object_mut() {
+            o.insert("cluster_id".into(), json!(cluster));
+            o.insert("preferred".into(), json!(affinity.prefers(cluster)));
+        }
+    }
+}
+
+/// The `datapath.clustermesh` section of the status report.
+fn mesh_status_json(
+    cfg: Option<&membrane_clustermesh::MeshConfig>,
+    remotes: Option<&membrane_clustermesh::etcd::RemoteStore>,
+) -> Value {
+    let Some(cfg) = cfg else {
+        return Value::Null;
+    };
+    let clusters: BTreeMap<String, Value> = remotes
+        .map(|r| r.status())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(name, s)| {
+            (
+                name,
+                json!({
+                    "connected": s.connected,
+                    "synced": s.synced,
+                    "cluster_id": s.cluster_id,
+                    "services": s.services,
+                    "last_error": s.last_error,
+                }),
+            )
+        })
+        .collect();
+    json!({
+        "cluster_name": cfg.cluster_name,
+        "cluster_id": cfg.cluster_id,
+        "remote_clusters": clusters,
+    })
 }
 
 /// Keeps the maps in step with the store until `shutdown`.
 pub async fn run(handle: Arc<DatapathHandle>, store: Store, shutdown: CancellationToken) {
     let mut rx = store.subscribe();
+    // --- Cluster Mesh hook: import/export, and wait (bounded by
+    // --clustermesh-sync-timeout) for remote clusters before programming.
+    let mesh = handle
+        .opts
+        .mesh
+        .clone()
+        .map(membrane_clustermesh::MeshRuntime::start);
+    let mut mesh_rx = mesh.as_ref().map(|m| m.subscribe());
+    handle.lock().mesh_remotes = mesh.as_ref().and_then(|m| m.remote_store().cloned());
+    if let Some(m) = &mesh {
+        let missing = m.wait_initial_sync().await;
+        if !missing.is_empty() {
+            warn!(clusters = ?missing, "clustermesh: initial sync timed out; programming services without them");
+        }
+    }
+    // --- end Cluster Mesh hook.
     loop {
         rx.borrow_and_update();
         let snap = store.snapshot();
         let h = handle.clone();
+        let (remote, mesh_gen) = match (&mesh, &mut mesh_rx) {
+            (Some(m), Some(mrx)) => {
+                let services: Vec<Service> = snap.typed::<Service>(None).cloned().collect();
+                let slices: Vec<EndpointSlice> =
+                    snap.typed::<EndpointSlice>(None).cloned().collect();
+                m.export(&services, &slices);
+                (m.remote_services(), *mrx.borrow_and_update())
+            }
+            _ => (Vec::new(), 0),
+        };
         // Map writes are syscalls; keep them off the async workers.
-        if let Err(e) = tokio::task::spawn_blocking(move || h.sync_store(&snap)).await {
+        if let Err(e) =
+            tokio::task::spawn_blocking(move || h.sync_store_mesh(&snap, &remote, mesh_gen)).await
+        {
             warn!(error = %e, "datapath sync task failed");
         }
+        let mesh_changed = async {
+            match &mut mesh_rx {
+                Some(mrx) => mrx.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             r = rx.changed() => if r.is_err() { return },
+            true = mesh_changed => {}
             _ = shutdown.cancelled() => {
                 info!(
                     pin_dir = %handle.opts.pin_dir.display(),
@@ -590,6 +731,7 @@ mod tests {
             backends: vec![],
             algorithm: Algorithm::Random,
             affinity_timeout: None,
+            affinity: Default::default(),
         };
         assert!(is_l7(&l7, &entry("all", 443)));
         assert!(is_l7(&l7, &entry("some", 80)));

@@ -149,9 +149,78 @@ pub fn self_signed_expired(hosts: &[&str]) -> Result<(String, String), CertError
     Ok((cert.pem(), key.serialize_pem()))
 }
 
+/// A private CA issuing server and client certificates, in PEM. For tests
+/// and examples that need mutual TLS (e.g. Cluster Mesh's etcd), never for
+/// production trust.
+pub struct TestCa {
+    cert_pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    pub fn new(common_name: &str) -> Result<TestCa, CertError> {
+        let issue = |e: rcgen::Error| CertError::Issue(e.to_string());
+        let key = rcgen::KeyPair::generate().map_err(issue)?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(issue)?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, common_name.to_owned());
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).map_err(issue)?;
+        Ok(TestCa {
+            cert_pem: cert.pem(),
+            issuer: rcgen::Issuer::new(params, key),
+        })
+    }
+
+    /// The CA certificate (what peers trust).
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// A leaf for `hosts` (DNS names or IP addresses; the first is also the
+    /// common name) usable as both TLS server and client: `(cert, key)`.
+    pub fn issue(&self, hosts: &[&str]) -> Result<(String, String), CertError> {
+        let issue = |e: rcgen::Error| CertError::Issue(e.to_string());
+        let names: Vec<String> = hosts.iter().map(|h| (*h).to_owned()).collect();
+        let key = rcgen::KeyPair::generate().map_err(issue)?;
+        let mut params = rcgen::CertificateParams::new(names).map_err(issue)?;
+        if let Some(cn) = hosts.first() {
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, (*cn).to_owned());
+        }
+        params.is_ca = rcgen::IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::DigitalSignature,
+            rcgen::KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params.signed_by(&key, &self.issuer).map_err(issue)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_ca_issues_a_chain_that_validates() {
+        let ca = TestCa::new("mesh-ca").unwrap();
+        let (crt, key) = ca.issue(&["127.0.0.1", "etcd.local"]).unwrap();
+        let pair = validate_tls_pair(crt.as_bytes(), key.as_bytes()).unwrap();
+        assert_eq!(pair.chain_len, 1);
+        assert!(ca.cert_pem().starts_with("-----BEGIN CERTIFICATE-----"));
+    }
 
     #[test]
     fn accepts_matching_pair() {

@@ -31,6 +31,7 @@ fn svc(vip: &str, port: u16, proto: Protocol, bes: &[String], alg: Algorithm) ->
             addr: L3n4Addr::new(ip(b), 8080, proto),
             state: BackendState::Active,
             weight: 100,
+            cluster_id: 0,
         })
         .collect();
     backends.sort_by_key(|b| b.addr);
@@ -45,6 +46,7 @@ fn svc(vip: &str, port: u16, proto: Protocol, bes: &[String], alg: Algorithm) ->
         backends,
         algorithm: alg,
         affinity_timeout: None,
+        affinity: Default::default(),
     }
 }
 

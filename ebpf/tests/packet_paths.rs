@@ -42,6 +42,7 @@ fn entry(
             addr: L3n4Addr::new(ip(b), bport, proto),
             state: BackendState::Active,
             weight: 100,
+            cluster_id: 0,
         })
         .collect();
     bs.sort_by_key(|b| b.addr);
@@ -56,6 +57,7 @@ fn entry(
         backends: bs,
         algorithm,
         affinity_timeout: None,
+        affinity: Default::default(),
     }
 }
 

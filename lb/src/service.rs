@@ -13,6 +13,8 @@ use std::str::FromStr;
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
+pub use crate::affinity::Affinity;
+use crate::affinity::mesh_annotations;
 pub use crate::maglev::Protocol;
 use crate::maglev::{self, BackendState, DEFAULT_BACKEND_WEIGHT, MaglevBackend, MaglevConfig};
 
@@ -131,6 +133,8 @@ pub struct Backend {
     pub addr: L3n4Addr,
     pub state: BackendState,
     pub weight: u16,
+    /// Cluster Mesh cluster id of the backend; 0 = this cluster.
+    pub cluster_id: u32,
 }
 
 /// `namespace/name` of a Kubernetes Service.
@@ -159,13 +163,30 @@ pub struct ServiceEntry {
     pub algorithm: Algorithm,
     /// ClientIP session affinity timeout in seconds; `None` = no affinity.
     pub affinity_timeout: Option<u32>,
+    /// Cluster Mesh affinity of a global service ([`Affinity::None`] otherwise).
+    pub affinity: Affinity,
 }
 
 impl ServiceEntry {
     /// Backends new flows may be sent to: the active ones, or the
     /// terminating ones while none is active (Cilium's graceful termination).
     /// Quarantined and maintenance backends never are; weight 0 is maintenance.
+    /// With a Cluster Mesh affinity, only the preferred cluster's backends
+    /// while one of them is active; otherwise every cluster's.
     pub fn selectable(&self) -> Vec<&Backend> {
+        let healthy = |b: &Backend| b.state == BackendState::Active && b.weight > 0;
+        if self.affinity != Affinity::None
+            && self
+                .backends
+                .iter()
+                .any(|b| healthy(b) && self.affinity.prefers(b.cluster_id))
+        {
+            return self
+                .backends
+                .iter()
+                .filter(|b| healthy(b) && self.affinity.prefers(b.cluster_id))
+                .collect();
+        }
         let pick = |s: BackendState| -> Vec<&Backend> {
             self.backends
                 .iter()
@@ -180,6 +201,12 @@ impl ServiceEntry {
         }
     }
 
+    /// Whether `cluster mesh affinity` prefers this backend (what
+    /// `service list --clustermesh-affinity` marks `(preferred)`).
+    pub fn is_preferred(&self, b: &Backend) -> bool {
+        self.affinity.prefers(b.cluster_id)
+    }
+
     /// Cilium's Maglev table for this frontend, with `id` naming each backend.
     /// Empty when no backend is selectable.
     pub fn maglev_table(&self, cfg: &MaglevConfig, id: impl Fn(&L3n4Addr) -> u32) -> Vec<u32> {
@@ -190,7 +217,7 @@ impl ServiceEntry {
                 addr: b.addr.addr,
                 port: b.addr.port,
                 proto: b.addr.proto,
-                cluster_id: 0,
+                cluster_id: b.cluster_id,
                 weight: b.weight,
                 // Participation was decided above; Maglev hashes every
                 // participant as active, as Cilium does.
@@ -364,6 +391,12 @@ fn translate_one(
         },
     };
 
+    let (mesh, problems) = mesh_annotations(svc.metadata.annotations.as_ref());
+    for p in problems {
+        out.errors.push(err(&p.field, p.message));
+    }
+    let affinity = mesh.affinity;
+
     let affinity_timeout = if spec.session_affinity.as_deref() == Some("ClientIP") {
         let t = spec
             .session_affinity_config
@@ -462,6 +495,7 @@ fn translate_one(
             },
             algorithm,
             affinity_timeout,
+            affinity,
         };
         for (vip, kind) in &vips {
             out.state.services.push(entry(*vip, port, *kind));
@@ -545,6 +579,7 @@ fn backends_for(
                     addr: key,
                     state,
                     weight: DEFAULT_BACKEND_WEIGHT,
+                    cluster_id: 0,
                 });
             }
         }

@@ -365,3 +365,126 @@ fn maglev_table_matches_cilium_check_vector() {
     assert!(t2.iter().all(|id| *id == 1 || *id == 2));
     assert!(!t2.contains(&3));
 }
+
+fn mesh_entry(affinity: &str) -> ServiceEntry {
+    let s = svc(json!({"metadata": {"name": "g", "namespace": "default",
+            "annotations": {"service.cilium.io/global": "true", "service.cilium.io/affinity": affinity}},
+        "spec": {"clusterIP": "10.96.0.8", "ports": [{"port": 80}]}}));
+    let sl = slice(json!({
+        "metadata": {"name": "g-1", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "g"}},
+        "addressType": "IPv4",
+        "ports": [{"port": 80}],
+        "endpoints": [{"addresses": ["10.0.0.1"]}, {"addresses": ["10.0.0.2"]}]
+    }));
+    let t = translate(&[s], &[sl], &cfg(), &BackendOverrides::new());
+    assert!(t.errors.is_empty(), "{:?}", t.errors);
+    let mut e = t.state.services[0].clone();
+    // Two remote backends from cluster 2, as the Cluster Mesh merge adds them.
+    for a in ["10.1.0.1", "10.1.0.2"] {
+        e.backends.push(Backend {
+            addr: L3n4Addr::new(ip(a), 80, Protocol::Tcp),
+            state: BackendState::Active,
+            weight: DEFAULT_BACKEND_WEIGHT,
+            cluster_id: 2,
+        });
+    }
+    e
+}
+
+fn selected(e: &ServiceEntry) -> Vec<String> {
+    e.selectable()
+        .iter()
+        .map(|b| b.addr.addr.to_string())
+        .collect()
+}
+
+#[test]
+fn affinity_from_annotations_only_on_global_services() {
+    assert_eq!(mesh_entry("local").affinity, Affinity::Local);
+    assert_eq!(mesh_entry("remote").affinity, Affinity::Remote);
+    assert_eq!(mesh_entry("none").affinity, Affinity::None);
+    let s = svc(json!({"metadata": {"name": "n", "namespace": "default",
+            "annotations": {"service.cilium.io/affinity": "local"}},
+        "spec": {"clusterIP": "10.96.0.9", "ports": [{"port": 80}]}}));
+    let t = translate(&[s], &[], &cfg(), &BackendOverrides::new());
+    assert_eq!(t.state.services[0].affinity, Affinity::None);
+}
+
+#[test]
+fn affinity_none_uses_every_cluster() {
+    let e = mesh_entry("none");
+    assert_eq!(
+        selected(&e),
+        ["10.0.0.1", "10.0.0.2", "10.1.0.1", "10.1.0.2"]
+    );
+    assert!(e.backends.iter().all(|b| !e.is_preferred(b)));
+}
+
+#[test]
+fn affinity_local_falls_back_to_remote_only_without_a_healthy_local() {
+    let mut e = mesh_entry("local");
+    assert_eq!(selected(&e), ["10.0.0.1", "10.0.0.2"]);
+    let preferred: Vec<bool> = e.backends.iter().map(|b| e.is_preferred(b)).collect();
+    assert_eq!(preferred, [true, true, false, false]);
+    // One local left: still only local.
+    e.backends[0].state = BackendState::Quarantined;
+    assert_eq!(selected(&e), ["10.0.0.2"]);
+    // No healthy local (quarantined, maintenance): remote ones.
+    e.backends[1].state = BackendState::Maintenance;
+    assert_eq!(selected(&e), ["10.1.0.1", "10.1.0.2"]);
+    // A terminating local is not healthy either.
+    e.backends[1].state = BackendState::Terminating;
+    assert_eq!(selected(&e), ["10.1.0.1", "10.1.0.2"]);
+    // Local comes back: remote ones are dropped again.
+    e.backends[0].state = BackendState::Active;
+    assert_eq!(selected(&e), ["10.0.0.1"]);
+}
+
+#[test]
+fn affinity_remote_is_the_reverse() {
+    let mut e = mesh_entry("remote");
+    assert_eq!(selected(&e), ["10.1.0.1", "10.1.0.2"]);
+    e.backends.retain(|b| b.cluster_id == 0);
+    assert_eq!(selected(&e), ["10.0.0.1", "10.0.0.2"]);
+}
+
+#[test]
+fn affinity_nothing_active_anywhere_keeps_terminating_fallback() {
+    let mut e = mesh_entry("local");
+    for b in &mut e.backends {
+        b.state = BackendState::Terminating;
+    }
+    assert_eq!(selected(&e).len(), 4);
+}
+
+#[test]
+fn maglev_over_the_selected_set_hashes_remote_backends_with_cluster_id() {
+    let cfg = MaglevConfig::from_seed_b64(251, crate::maglev::DEFAULT_HASH_SEED).unwrap();
+    let id = |a: &L3n4Addr| match a.addr.to_string().as_str() {
+        "10.0.0.1" => 1,
+        "10.0.0.2" => 2,
+        "10.1.0.1" => 3,
+        _ => 4,
+    };
+    let local = mesh_entry("local").maglev_table(&cfg, id);
+    assert!(local.iter().all(|i| *i == 1 || *i == 2));
+    let remote = mesh_entry("remote").maglev_table(&cfg, id);
+    assert!(remote.iter().all(|i| *i == 3 || *i == 4));
+    // The table equals Maglev over the same backends with `ip@2` hash strings.
+    let mb: Vec<crate::maglev::MaglevBackend> = ["10.1.0.1", "10.1.0.2"]
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let mut b = crate::maglev::MaglevBackend::new(ip(a), 80, 3 + i as u32);
+            b.cluster_id = 2;
+            b
+        })
+        .collect();
+    assert_eq!(mb[0].hash_string(), "[10.1.0.1@2:80/TCP,State:active]");
+    assert_eq!(remote, crate::maglev::lookup_table(&cfg, &mb));
+    let none = mesh_entry("none").maglev_table(&cfg, id);
+    for want in 1..=4 {
+        assert!(none.contains(&want));
+    }
+}

@@ -2,6 +2,7 @@
 
 pub mod apiserver;
 pub mod bench;
+pub mod clustermesh;
 pub mod conformance;
 pub mod echo;
 pub mod endpoint;

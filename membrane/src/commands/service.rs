@@ -50,16 +50,23 @@ pub struct DatapathArgs {
     /// Node addresses NodePort Services are exposed on.
     #[arg(long, value_delimiter = ',')]
     pub node_addresses: Vec<IpAddr>,
+    /// Cluster Mesh (global services across clusters).
+    #[command(flatten)]
+    pub mesh: super::clustermesh::ClusterMeshArgs,
 }
 
 impl DatapathArgs {
     /// With `cni`, pod interfaces are attached as pods come, so no device
     /// needs to be named.
     pub fn options_for(&self, cni: bool) -> Result<Option<DatapathOptions>> {
+        let mesh = self.mesh.config()?;
         match self.datapath {
             DatapathMode::None => {
                 if !self.datapath_devices.is_empty() {
                     bail!("--datapath-devices needs --datapath ebpf");
+                }
+                if mesh.is_some() {
+                    bail!("Cluster Mesh (--cluster-id) needs --datapath ebpf");
                 }
                 Ok(None)
             }
@@ -74,6 +81,7 @@ impl DatapathArgs {
                     maglev_table_size: self.maglev_table_size,
                     max_services: self.max_services,
                     node_addresses: self.node_addresses.clone(),
+                    mesh,
                 }))
             }
         }
@@ -88,6 +96,9 @@ pub enum ServiceCommand {
         /// json, or a table (default).
         #[arg(short = 'o', long)]
         output: Option<String>,
+        /// Mark the backends Cluster Mesh affinity prefers `(preferred)`.
+        #[arg(long)]
+        clustermesh_affinity: bool,
     },
     /// Set backends' state: active, quarantined or maintenance (persisted in
     /// the pinned maps, so it survives a restart).
@@ -104,12 +115,15 @@ pub enum ServiceCommand {
 pub async fn run(api: &Path, command: ServiceCommand) -> Result<ExitCode> {
     let client = ApiClient::new(api);
     match command {
-        ServiceCommand::List { output } => {
+        ServiceCommand::List {
+            output,
+            clustermesh_affinity,
+        } => {
             let v = client.ok(Method::GET, "/v1/services", None).await?;
             let services = v["services"].as_array().cloned().unwrap_or_default();
             match output.as_deref() {
                 Some("json") => println!("{}", serde_json::to_string_pretty(&services)?),
-                None | Some("table") => print!("{}", table(&services)),
+                None | Some("table") => print!("{}", table(&services, clustermesh_affinity)),
                 Some(other) => bail!("unknown output format {other:?} (json or table)"),
             }
         }
@@ -127,8 +141,9 @@ pub async fn run(api: &Path, command: ServiceCommand) -> Result<ExitCode> {
 }
 
 /// `cilium service list`'s table: one row per frontend, one line per
-/// backend as `N => IP:PORT/PROTO (state)`.
-fn table(services: &[Value]) -> String {
+/// backend as `N => IP:PORT/PROTO (state)`, plus ` (preferred)` with
+/// `--clustermesh-affinity` on backends the service's affinity prefers.
+fn table(services: &[Value], clustermesh_affinity: bool) -> String {
     let mut rows: Vec<[String; 4]> = vec![[
         "ID".into(),
         "Frontend".into(),
@@ -142,11 +157,13 @@ fn table(services: &[Value]) -> String {
             .flatten()
             .enumerate()
             .map(|(i, b)| {
+                let preferred = clustermesh_affinity && b["preferred"].as_bool() == Some(true);
                 format!(
-                    "{} => {} ({})",
+                    "{} => {} ({}){}",
                     i + 1,
                     text(b, "/address"),
-                    text(b, "/state")
+                    text(b, "/state"),
+                    if preferred { " (preferred)" } else { "" }
                 )
             })
             .collect();
@@ -200,7 +217,7 @@ mod tests {
                        {"id": 2, "address": "10.244.12.2:8080/TCP", "state": "quarantined"}]}),
             json!({"id": 2, "frontend": "10.96.0.11:53/UDP", "type": "ClusterIP", "backends": []}),
         ];
-        let t = table(&services);
+        let t = table(&services, false);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(
             lines,
@@ -214,6 +231,28 @@ mod tests {
     }
 
     #[test]
+    fn clustermesh_affinity_marks_preferred_backends() {
+        let services = vec![
+            json!({"id": 1, "frontend": "10.96.0.10:80/TCP", "type": "ClusterIP",
+            "clustermesh_affinity": "local",
+            "backends": [
+                {"id": 1, "address": "10.244.11.2:8080/TCP", "state": "active", "cluster_id": 0, "preferred": true},
+                {"id": 2, "address": "10.245.11.2:8080/TCP", "state": "active", "cluster_id": 2, "preferred": false}]}),
+        ];
+        let lines: Vec<String> = table(&services, true).lines().map(str::to_string).collect();
+        assert_eq!(
+            lines,
+            vec![
+                "ID   Frontend            Service Type   Backend",
+                "1    10.96.0.10:80/TCP   ClusterIP      1 => 10.244.11.2:8080/TCP (active) (preferred)",
+                "                                        2 => 10.245.11.2:8080/TCP (active)",
+            ]
+        );
+        // Without the flag, the plain table.
+        assert!(!table(&services, false).contains("preferred"));
+    }
+
+    #[test]
     fn datapath_flags_are_checked() {
         let mut a = DatapathArgs {
             datapath: DatapathMode::Ebpf,
@@ -223,6 +262,7 @@ mod tests {
             maglev_table_size: 251,
             max_services: 16,
             node_addresses: vec![],
+            mesh: Default::default(),
         };
         assert!(a.options_for(false).is_err());
         // With the CNI, pod interfaces are attached as they come.
