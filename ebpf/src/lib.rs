@@ -8,6 +8,10 @@
 //! [`Datapath`] loads it with aya, pins maps and TCX links under a pin
 //! directory (so forwarding survives an agent restart) and syncs maps from a
 //! [`membrane_lb::service::DesiredState`] by writing only differences.
+//!
+//! `bpf/policy.c` enforces L3/L4 policy on both hooks of a pod's host-side
+//! device; [`policy::PolicyDatapath`] loads it and syncs its ipcache and
+//! per-endpoint entries from [`membrane_policy`] (see docs/policy.md).
 
 pub mod datapath;
 pub mod maps;

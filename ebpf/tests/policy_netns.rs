@@ -571,3 +571,49 @@ spec:
         "an answer 1.5 s after the flow went quiet must be judged by policy (dropped)"
     );
 }
+
+/// Maps and links are pinned: a restarted agent finds the entries again,
+/// and enforcement does not stop while no process holds the datapath.
+#[test]
+fn enforcement_survives_a_restart() {
+    let Some((pins, _topo, mut h)) = setup("restart", XABC) else {
+        return;
+    };
+    let (a, b, c) = (
+        h.pod("x", "a").clone(),
+        h.pod("x", "b").clone(),
+        h.pod("x", "c").clone(),
+    );
+    h.apply(
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: from-b, namespace: x}
+spec:
+  endpointSelector: {matchLabels: {pod: a}}
+  ingress: [{fromEndpoints: [{matchLabels: {pod: b}}]}]
+"#,
+    );
+    let entries = h.dp.entry_count(a.endpoint.id);
+    assert!(entries > 0);
+    drop(h);
+    // No process holds the datapath now: the pinned links keep enforcing.
+    assert!(!policy_harness::probe(
+        &c.netns,
+        a.v4(),
+        Probe::Tcp(80),
+        Some(c.v4())
+    ));
+    assert!(policy_harness::probe(
+        &b.netns,
+        a.v4(),
+        Probe::Tcp(80),
+        Some(b.v4())
+    ));
+    let dp = membrane_ebpf::PolicyDatapath::load(&pins.0).expect("reload");
+    assert_eq!(
+        dp.entry_count(a.endpoint.id),
+        entries,
+        "entries restored from the pinned map"
+    );
+}

@@ -194,6 +194,50 @@ impl Probe {
     }
 }
 
+/// `MULTI_PY tcp|udp PORT DST...`: probes every destination at once,
+/// prints one 1/0 per destination.
+const MULTI_PY: &str = r#"
+import socket, sys, threading
+mode, port, dsts = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+res = [0] * len(dsts)
+def one(i, dst):
+    fam = socket.AF_INET6 if ':' in dst else socket.AF_INET
+    try:
+        if mode == 'tcp':
+            s = socket.socket(fam, socket.SOCK_STREAM); s.settimeout(0.8)
+            s.connect((dst, port)); res[i] = int(s.recv(2) == b'ok')
+        else:
+            s = socket.socket(fam, socket.SOCK_DGRAM); s.settimeout(0.8)
+            s.sendto(b'hi', (dst, port)); d, a = s.recvfrom(64); res[i] = int(d == b'ok')
+    except OSError:
+        pass
+ts = [threading.Thread(target=one, args=(i, d)) for i, d in enumerate(dsts)]
+for t in ts: t.start()
+for t in ts: t.join()
+print(' '.join(map(str, res)))
+"#;
+
+/// TCP or UDP probes from `from` to every address in `dsts` at once.
+pub fn probe_many(from: &str, dsts: &[IpAddr], p: Probe) -> Vec<bool> {
+    let (mode, port) = match p {
+        Probe::Tcp(port) => ("tcp", port),
+        Probe::Udp(port) => ("udp", port),
+        other => panic!("probe_many takes TCP or UDP, not {other:?}"),
+    };
+    let out = Command::new("ip")
+        .args(["netns", "exec", from, "python3", "-c", MULTI_PY, mode])
+        .arg(port.to_string())
+        .args(dsts.iter().map(ToString::to_string))
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .expect("run probes");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Vec<bool> = text.split_whitespace().map(|x| x == "1").collect();
+    assert_eq!(v.len(), dsts.len(), "probe output {text:?}");
+    v
+}
+
 /// Sends one probe from namespace `from` (optionally from address `src`).
 pub fn probe(from: &str, dst: IpAddr, p: Probe, src: Option<IpAddr>) -> bool {
     let (mode, arg, id) = match p {
