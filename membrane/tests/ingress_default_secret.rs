@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::*;
 
-const HTTPS_PORT: u16 = 34743;
+const HTTPS_PORT: u16 = 27743;
 
 #[test]
 fn tls_hosts_without_secret_name_get_the_default_certificate() {
@@ -20,7 +20,7 @@ fn tls_hosts_without_secret_name_get_the_default_certificate() {
     backends.start("127.0.163.10", "ds-web");
     let m = Membrane::start_with(
         "127.0.163.128/25",
-        34780,
+        27780,
         HTTPS_PORT,
         &[
             "--ingress-default-secret-namespace",

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use common::*;
 
-const SHARED_PORT: u16 = 34380;
-const DEDICATED_PORT: u16 = 34381;
+const SHARED_PORT: u16 = 27380;
+const DEDICATED_PORT: u16 = 27381;
 
 fn ingress(name: &str, annotations: &str, svc: &str) -> String {
     format!(
@@ -46,8 +46,8 @@ fn host_network_serves_on_the_node_ports() {
     let shared_port = SHARED_PORT.to_string();
     let m = Membrane::start_with(
         "127.0.165.64/27",
-        34382,
-        34383,
+        27382,
+        27383,
         &[
             "--ingress-host-network",
             "--ingress-host-network-shared-listener-port",
@@ -90,7 +90,7 @@ fn host_network_serves_on_the_node_ports() {
     if std::net::TcpListener::bind("[::1]:0").is_ok() {
         let ok = wait_until(Duration::from_secs(10), || {
             served_by(
-                "[::1]:34381".parse().expect("address"),
+                "[::1]:27381".parse().expect("address"),
                 "own.example.com",
                 "/",
             )

@@ -14,8 +14,8 @@ use std::time::Duration;
 use common::*;
 use ingress_support::*;
 
-const HTTP_PORT: u16 = 34280;
-const HTTPS_PORT: u16 = 34643;
+const HTTP_PORT: u16 = 27280;
+const HTTPS_PORT: u16 = 27643;
 
 /// A PROXY protocol v2 header for a TCP/IPv4 connection from `src` to `dst`.
 fn proxy_v2_header(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {

@@ -133,8 +133,8 @@ fn passthrough_serves_two_hosts_by_sni_in_dedicated_mode() {
     run(
         "dedicated",
         "127.0.161.0/24",
-        34080,
-        34443,
+        27080,
+        27443,
         ["127.0.163.1", "127.0.163.2", "127.0.163.3"],
     );
 }
@@ -144,8 +144,8 @@ fn passthrough_serves_two_hosts_by_sni_in_shared_mode() {
     run(
         "shared",
         "127.0.162.0/24",
-        34180,
-        34543,
+        27180,
+        27543,
         ["127.0.164.1", "127.0.164.2", "127.0.164.3"],
     );
 }

@@ -30,7 +30,7 @@ spec:
 
 #[test]
 fn client_side_apply_of_the_quickstart() {
-    let s = ApiServer::start(35101);
+    let s = ApiServer::start(29101);
     let quickstart = repo().join("examples/quickstart");
     let q = quickstart.to_str().expect("path");
     let out = s.ok(&["apply", "-f", q]);
@@ -199,7 +199,7 @@ fn client_side_apply_of_the_quickstart() {
 
 #[test]
 fn server_side_apply_of_the_quickstart_and_a_cec() {
-    let s = ApiServer::start(35102);
+    let s = ApiServer::start(29102);
     let quickstart = repo().join("examples/quickstart");
     let out = s.ok(&[
         "apply",
@@ -295,7 +295,7 @@ fn server_side_apply_of_the_quickstart_and_a_cec() {
 
 #[test]
 fn a_new_crd_is_served_at_once() {
-    let s = ApiServer::start(35103);
+    let s = ApiServer::start(29103);
     let crd = r#"
 apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition

@@ -14,7 +14,7 @@ fn exists(s: &ApiServer, args: &[&str]) -> bool {
 
 #[test]
 fn delete_collects_owned_objects() {
-    let s = ApiServer::start(35131);
+    let s = ApiServer::start(29131);
     s.ok(&[
         "apply",
         "-f",
@@ -101,7 +101,7 @@ spec:
 
 #[test]
 fn finalizers_hold_deletion_and_namespaces_take_their_contents() {
-    let s = ApiServer::start(35132);
+    let s = ApiServer::start(29132);
     s.ok_stdin(
         &["apply", "-f", "-"],
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: held\n  finalizers: [example.com/hold]\n",

@@ -6,7 +6,7 @@ use kubectl_support::{ApiServer, json, repo};
 
 #[test]
 fn describe_shows_events() {
-    let s = ApiServer::start(35121);
+    let s = ApiServer::start(29121);
     s.ok(&[
         "apply",
         "-f",

@@ -7,7 +7,7 @@ use kubectl_support::{ApiServer, json, repo};
 
 #[test]
 fn edit_changes_an_object() {
-    let s = ApiServer::start(35141);
+    let s = ApiServer::start(29141);
     s.ok(&[
         "apply",
         "-f",

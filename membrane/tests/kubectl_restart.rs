@@ -31,7 +31,7 @@ fn snapshot(s: &ApiServer) -> Value {
 
 #[test]
 fn restart_keeps_objects_and_watch_history() {
-    let mut s = ApiServer::start(35151);
+    let mut s = ApiServer::start(29151);
     s.ok(&[
         "apply",
         "-f",
@@ -123,7 +123,7 @@ fn restart_keeps_objects_and_watch_history() {
 
 #[test]
 fn a_watch_from_a_compacted_version_gets_gone() {
-    let mut s = ApiServer::start_with(35152, &["--event-window", "8", "--bookmark-interval", "1"]);
+    let mut s = ApiServer::start_with(29152, &["--event-window", "8", "--bookmark-interval", "1"]);
     s.ok_stdin(
         &["apply", "-f", "-"],
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {v: \"0\"}\n",

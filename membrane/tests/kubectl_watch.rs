@@ -7,7 +7,7 @@ use kubectl_support::ApiServer;
 
 #[test]
 fn get_watch_sees_changes() {
-    let s = ApiServer::start(35111);
+    let s = ApiServer::start(29111);
     s.ok_stdin(
         &["apply", "-f", "-"],
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: first}\ndata: {a: b}\n",

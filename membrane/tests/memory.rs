@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::*;
 
-const PORT: u16 = 33701;
+const PORT: u16 = 30701;
 const CECS: u16 = 10;
 const HOSTS: usize = 2_000;
 
@@ -93,7 +93,7 @@ fn settles_below(m: &Membrane, limit: u64) -> u64 {
 
 #[test]
 fn a_large_cec_does_not_leave_memory_at_its_peak() {
-    let m = Membrane::start("127.0.155.0/24", 33780, 33781);
+    let m = Membrane::start("127.0.155.0/24", 30780, 30781);
     let baseline = rss_mb(&m);
     m.apply(&big_cecs("v0"));
     served(&m, "v0");

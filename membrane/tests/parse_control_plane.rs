@@ -3,7 +3,7 @@
 //! `membrane up .` ignores its own files and stays quiet (issue 8 item 4),
 //! and the apply/delete API's limits and contract (issue 14 items 8, 10).
 //!
-//! Ports 32000-32999 and LB pools 127.0.141.0/24-127.0.145.0/24 only.
+//! Ports 32000-31999 and LB pools 127.0.141.0/24-127.0.145.0/24 only.
 
 mod common;
 

@@ -1,6 +1,6 @@
 //! Issue 14 (faults and hostile input) and issue 8 item 2 (empty EDS), each
 //! reproduced against a real `membrane up` and a real Envoy. Ports
-//! 33000-33999, LB pools and backends in 127.0.151.0/24 … 127.0.155.0/24.
+//! 30000-30999, LB pools and backends in 127.0.151.0/24 … 127.0.155.0/24.
 
 mod common;
 
@@ -67,11 +67,11 @@ fn no_nack_in(m: &Membrane) {
 /// Ingress keeps serving; Envoy is never sent what it would NACK.
 #[test]
 fn bad_endpoint_slices_are_rejected_alone_and_the_ingress_keeps_serving() {
-    const HTTP: u16 = 33080;
+    const HTTP: u16 = 30080;
     let backends = Backends::new();
     backends.start_pod("127.0.155.1", "web", "web-a");
     backends.start_pod("127.0.155.2", "web", "web-b");
-    let m = Membrane::start("127.0.151.0/24", HTTP, 33443);
+    let m = Membrane::start("127.0.151.0/24", HTTP, 30443);
     m.apply(INGRESS_CLASS);
     m.apply(&service_yaml("web", 80, None, "127.0.155.1"));
     m.apply(&ingress_yaml("web", &[("/", "web", 80)]));
@@ -175,7 +175,7 @@ fn bad_endpoint_slices_are_rejected_alone_and_the_ingress_keeps_serving() {
 /// no longer shows in `membrane status`.
 #[test]
 fn a_cec_nacked_for_a_busy_port_is_retried() {
-    let m = Membrane::start("127.0.152.0/24", 33180, 33181);
+    let m = Membrane::start("127.0.152.0/24", 30180, 30181);
     // Fixed ports in the ephemeral range can be taken by any client socket;
     // the kernel hands out a free one to hold instead.
     let (holder, first) = hold_free_port();
@@ -220,16 +220,16 @@ fn a_cec_nacked_for_a_busy_port_is_retried() {
     assert_eq!(body_at(first).as_deref(), Some("busy-ok"));
 
     // A NACK of a deleted object is not shown any more.
-    let holder = std::net::TcpListener::bind("127.0.0.1:33203").expect("hold port");
-    m.apply(&direct_cec("busy3", 33203, "x", "filterChains"));
-    assert_rejected(&m, "CiliumEnvoyConfig default/busy3", &["33203"]);
+    let holder = std::net::TcpListener::bind("127.0.0.1:30203").expect("hold port");
+    m.apply(&direct_cec("busy3", 30203, "x", "filterChains"));
+    assert_rejected(&m, "CiliumEnvoyConfig default/busy3", &["30203"]);
     let lds = |m: &Membrane| {
         m.status()["xds"]["streams"][0]["types"]
             ["type.googleapis.com/envoy.config.listener.v3.Listener"]["last_nack"]
             .clone()
     };
     assert!(!lds(&m).is_null());
-    m.delete(&direct_cec("busy3", 33203, "x", "filterChains"));
+    m.delete(&direct_cec("busy3", 30203, "x", "filterChains"));
     drop(holder);
     assert!(
         wait_until(Duration::from_secs(10), || lds(&m).is_null()),
@@ -237,7 +237,7 @@ fn a_cec_nacked_for_a_busy_port_is_retried() {
         lds(&m)
     );
     let (_, out) = m.cli(&["status"]).expect("cli");
-    assert!(!out.contains("33203"), "{out}");
+    assert!(!out.contains("30203"), "{out}");
 }
 
 /// Item 6: a CEC routing to a cluster another CEC defines is NACKed
@@ -246,7 +246,7 @@ fn a_cec_nacked_for_a_busy_port_is_retried() {
 fn a_cec_waiting_for_another_cecs_cluster_is_retried_when_it_appears() {
     let backends = Backends::new();
     backends.start("127.0.155.10", "provided");
-    let m = Membrane::start("127.0.152.0/24", 33280, 33281);
+    let m = Membrane::start("127.0.152.0/24", 30280, 30281);
     let router = r#"apiVersion: cilium.io/v2
 kind: CiliumEnvoyConfig
 metadata: {name: router, namespace: default}
@@ -254,7 +254,7 @@ spec:
   resources:
   - "@type": type.googleapis.com/envoy.config.listener.v3.Listener
     name: l
-    address: {socketAddress: {address: 127.0.0.1, portValue: 33301}}
+    address: {socketAddress: {address: 127.0.0.1, portValue: 30301}}
     filterChains:
     - filters:
       - name: envoy.filters.network.http_connection_manager
@@ -296,7 +296,7 @@ spec:
         - endpoint: {address: {socketAddress: {address: 127.0.155.10, portValue: 3000}}}
 "#,
     );
-    let addr: SocketAddr = "127.0.0.1:33301".parse().expect("addr");
+    let addr: SocketAddr = "127.0.0.1:30301".parse().expect("addr");
     assert!(
         wait_until(Duration::from_secs(15), || served_by(addr, "x", "/")
             .as_deref()
@@ -311,10 +311,10 @@ spec:
 /// address field), and LB IPAM does not hand that address to an Ingress.
 #[test]
 fn cec_listeners_and_lb_ipam_do_not_share_pool_addresses() {
-    const HTTP: u16 = 33380;
+    const HTTP: u16 = 30380;
     let backends = Backends::new();
     backends.start("127.0.155.20", "pooled");
-    let m = Membrane::start("127.0.153.0/24", HTTP, 33381);
+    let m = Membrane::start("127.0.153.0/24", HTTP, 30381);
     m.apply(
         &direct_cec("squatter", HTTP, "squat", "filterChains").replace("127.0.0.1", "127.0.153.1"),
     );
@@ -351,7 +351,7 @@ fn cec_listeners_and_lb_ipam_do_not_share_pool_addresses() {
 /// listeners at once instead of after its 15 s initial-fetch timeout.
 #[test]
 fn listeners_are_served_at_once_after_envoy_restarts_with_empty_backends() {
-    let m = Membrane::start("127.0.154.0/24", 33480, 33481);
+    let m = Membrane::start("127.0.154.0/24", 30480, 30481);
     m.apply(&service_with_endpoints("zero", &[]));
     m.apply(
         "apiVersion: v1\nkind: Service\nmetadata: {name: noslices, namespace: default}\nspec:\n  ports: [{port: 80, targetPort: 3000}]\n",
@@ -366,7 +366,7 @@ fn listeners_are_served_at_once_after_envoy_restarts_with_empty_backends() {
 "#
         )
     };
-    let mut cec = direct_cec("empty-eds", 33401, "up", "filterChains");
+    let mut cec = direct_cec("empty-eds", 30401, "up", "filterChains");
     cec = cec.replace(
         "spec:\n",
         "spec:\n  backendServices:\n  - {name: zero, namespace: default, number: [\"80\"]}\n  - {name: noslices, namespace: default, number: [\"80\"]}\n  - {name: ghost, namespace: default, number: [\"80\"]}\n",
@@ -378,7 +378,7 @@ fn listeners_are_served_at_once_after_envoy_restarts_with_empty_backends() {
     cec.push_str(&eds_cluster("opaque", "some-opaque-name"));
     m.apply(&cec);
     assert!(
-        wait_until(Duration::from_secs(30), || body_at(33401).as_deref()
+        wait_until(Duration::from_secs(30), || body_at(30401).as_deref()
             == Some("up")),
         "{}",
         m.log()
@@ -395,7 +395,7 @@ fn listeners_are_served_at_once_after_envoy_restarts_with_empty_backends() {
                 m.status()["envoy"]["pid"]
                     .as_i64()
                     .is_some_and(|p| p != pid)
-                    && body_at(33401).as_deref() == Some("up")
+                    && body_at(30401).as_deref() == Some("up")
             }),
             "{}",
             m.log()
@@ -415,7 +415,7 @@ fn listeners_are_served_at_once_after_envoy_restarts_with_empty_backends() {
 /// shown whole without its protobuf dump.
 #[test]
 fn warnings_and_readable_rejections() {
-    let m = Membrane::start("127.0.154.0/24", 33580, 33581);
+    let m = Membrane::start("127.0.154.0/24", 30580, 30581);
     let (crt, key) = expired_pair();
     let indent = |t: &str| {
         t.lines()
@@ -428,7 +428,7 @@ fn warnings_and_readable_rejections() {
         indent(&crt),
         indent(&key)
     ));
-    let rds = direct_cec("rds-missing", 33501, "x", "filterChains").replace(
+    let rds = direct_cec("rds-missing", 30501, "x", "filterChains").replace(
         "          routeConfig:\n            virtualHosts:\n            - name: all\n              domains: [\"*\"]\n              routes:\n              - match: {prefix: /}\n                directResponse: {status: 200, body: {inlineString: x}}\n",
         "          rds: {routeConfigName: nowhere}\n",
     );
@@ -448,7 +448,7 @@ fn warnings_and_readable_rejections() {
 
     // A listener port Envoy's validation refuses: the reason names the
     // problem, without the dump of the whole listener.
-    m.apply(&direct_cec("bad-port", 33502, "x", "filterChains").replace("33502", "70000"));
+    m.apply(&direct_cec("bad-port", 30502, "x", "filterChains").replace("30502", "70000"));
     let reason = assert_rejected(
         &m,
         "CiliumEnvoyConfig default/bad-port",
@@ -477,10 +477,10 @@ fn expired_pair() -> (String, String) {
 /// (valid, and served by Envoy) is accepted and serves HTTPS.
 #[test]
 fn large_rsa_keys_serve_https() {
-    const HTTPS: u16 = 33681;
+    const HTTPS: u16 = 30681;
     let backends = Backends::new();
     backends.start("127.0.155.30", "secure");
-    let m = Membrane::start("127.0.154.0/24", 33680, HTTPS);
+    let m = Membrane::start("127.0.154.0/24", 30680, HTTPS);
     m.apply(INGRESS_CLASS);
     m.apply(&service_yaml("secure", 80, None, "127.0.155.30"));
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../certs/tests/testdata");
