@@ -86,6 +86,7 @@ impl Manager {
             changed: tokio::sync::Notify::new(),
         };
         m.prepare_host().await?;
+        m.restore().await;
         {
             let inner = m.inner.lock().await;
             inner.ipam.save(&ipam_path(&m.opts.state_dir))?;
@@ -101,6 +102,31 @@ impl Manager {
 
     pub fn options(&self) -> &Options {
         &self.opts
+    }
+
+    /// After a restart: endpoints whose host interface still exists get
+    /// the (possibly new) datapath attached again and stay `ready`; the
+    /// others are `not-ready` until DEL or GC removes them.
+    async fn restore(&self) {
+        let mut inner = self.inner.lock().await;
+        for ep in inner.endpoints.values_mut() {
+            let present = matches!(
+                netlink::link_by_name(&self.handle, &ep.host_ifname).await,
+                Ok(Some(_))
+            );
+            ep.state = if present {
+                if let Err(e) = self.hooks.attach(&ep.host_ifname) {
+                    warn!(host = %ep.host_ifname, error = %e, "re-attaching the datapath");
+                }
+                "ready".into()
+            } else {
+                warn!(host = %ep.host_ifname, pod = %ep.pod(), "endpoint's host interface is gone");
+                "not-ready".into()
+            };
+        }
+        if let Err(e) = self.save_endpoints(&inner) {
+            warn!(error = %e, "saving endpoints");
+        }
     }
 
     async fn prepare_host(&self) -> Result<(), EndpointError> {
