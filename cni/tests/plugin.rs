@@ -475,3 +475,73 @@ fn unreachable_route_after_del_fails_connections_at_once() {
     );
     agent.stop();
 }
+
+#[test]
+fn restarted_agent_marks_endpoints_without_interface_not_ready() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let node = Netns::new("node");
+    let s = spec(&dir, vec!["10.123.8.0/24"]);
+    let agent = Agent::start(&node, &s);
+    let conf = conf(&agent.socket, "1.0.0");
+    let (a, b) = (Netns::new("pod"), Netns::new("pod"));
+    let ra = plugin("ADD", "keep", &a.path(), "eth0", "", &conf);
+    let rb = plugin("ADD", "lost", &b.path(), "eth0", "", &conf);
+    assert_eq!((ra.code, rb.code), (0, 0));
+    agent.stop();
+    // The pod's namespace (and with it the veth pair) vanishes while the
+    // agent is down.
+    drop(b);
+    // Namespaces are torn down asynchronously; wait for the veth to go.
+    let mut gone = false;
+    for _ in 0..500 {
+        if node.links().iter().filter(|l| l.starts_with("lxc")).count() == 1 {
+            gone = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(
+        gone,
+        "veth of the deleted namespace still there: {:?}",
+        node.links()
+    );
+    let agent = Agent::start(&node, &s);
+    let eps: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(s.state_dir.join("endpoints.json")).expect("endpoints"),
+    )
+    .expect("json");
+    let state = |cid: &str| {
+        eps.as_array()
+            .expect("list")
+            .iter()
+            .find(|e| e["container_id"] == cid)
+            .map(|e| e["state"].as_str().unwrap_or("").to_string())
+    };
+    assert_eq!(state("keep").as_deref(), Some("ready"));
+    assert_eq!(state("lost").as_deref(), Some("not-ready"));
+    let mut check = conf.clone();
+    check["prevResult"] = ra.json.expect("json");
+    assert_eq!(
+        plugin("CHECK", "keep", &a.path(), "eth0", "", &check).code,
+        0
+    );
+    // GC with only the live attachment listed releases the lost one.
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": "keep", "ifname": "eth0"}]);
+    assert_eq!(plugin("GC", "", "", "", "", &gc).code, 0);
+    let eps: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(s.state_dir.join("endpoints.json")).expect("endpoints"),
+    )
+    .expect("json");
+    let ids: Vec<&str> = eps
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|e| e["container_id"].as_str())
+        .collect();
+    assert_eq!(ids, ["keep"]);
+    agent.stop();
+}

@@ -43,6 +43,7 @@ pub struct Manager {
     hooks: Arc<dyn Hooks>,
     handle: Handle,
     inner: Mutex<Inner>,
+    owner_locks: std::sync::Mutex<BTreeMap<String, Arc<Mutex<()>>>>,
     /// Signalled after every change of allocations (for the IPAM report).
     changed: tokio::sync::Notify,
 }
@@ -81,9 +82,11 @@ impl Manager {
                 endpoints,
                 next_id,
             }),
+            owner_locks: Default::default(),
             changed: tokio::sync::Notify::new(),
         };
         m.prepare_host().await?;
+        m.restore().await;
         {
             let inner = m.inner.lock().await;
             inner.ipam.save(&ipam_path(&m.opts.state_dir))?;
@@ -99,6 +102,31 @@ impl Manager {
 
     pub fn options(&self) -> &Options {
         &self.opts
+    }
+
+    /// After a restart: endpoints whose host interface still exists get
+    /// the (possibly new) datapath attached again and stay `ready`; the
+    /// others are `not-ready` until DEL or GC removes them.
+    async fn restore(&self) {
+        let mut inner = self.inner.lock().await;
+        for ep in inner.endpoints.values_mut() {
+            let present = matches!(
+                netlink::link_by_name(&self.handle, &ep.host_ifname).await,
+                Ok(Some(_))
+            );
+            ep.state = if present {
+                if let Err(e) = self.hooks.attach(&ep.host_ifname) {
+                    warn!(host = %ep.host_ifname, error = %e, "re-attaching the datapath");
+                }
+                "ready".into()
+            } else {
+                warn!(host = %ep.host_ifname, pod = %ep.pod(), "endpoint's host interface is gone");
+                "not-ready".into()
+            };
+        }
+        if let Err(e) = self.save_endpoints(&inner) {
+            warn!(error = %e, "saving endpoints");
+        }
     }
 
     async fn prepare_host(&self) -> Result<(), EndpointError> {
@@ -252,43 +280,65 @@ impl Manager {
         std::fs::rename(&tmp, &path).map_err(|e| err(e.to_string()))
     }
 
+    /// Serialises operations on one attachment; different attachments
+    /// proceed in parallel (kernel work happens outside the state lock).
+    async fn owner_lock(&self, owner: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.owner_locks.lock().unwrap_or_else(|p| p.into_inner());
+            // Drop locks nobody holds or waits for, so the map stays small.
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+            locks.entry(owner.to_string()).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
+
     async fn add(&self, req: &Request) -> Result<Value, EndpointError> {
-        let mut inner = self.inner.lock().await;
         let owner = owner(&req.container_id, &req.ifname);
         let host = host_ifname(&req.container_id, &req.ifname);
+        let _serial = self.owner_lock(&owner).await;
         // A repeated ADD of a complete endpoint answers the same result.
-        if let Some(ep) = inner.endpoints.get(&owner)
+        let existing = self.inner.lock().await.endpoints.get(&owner).cloned();
+        if let Some(ep) = existing
             && ep.netns == req.netns
             && netlink::link_by_name(&self.handle, &host).await?.is_some()
         {
-            return Ok(ep.result.clone());
+            return Ok(ep.result);
         }
         // Leftovers of an attempt cut short (agent restarted mid-ADD).
         netlink::delete_link(&self.handle, &host).await?;
-        let mut addrs = Vec::new();
-        let families: BTreeSet<Family> = inner.ipam.cidrs().iter().map(|c| c.family()).collect();
-        if families.is_empty() {
-            return Err(membrane_ipam::IpamError::NoPool { family: Family::V4 }.into());
-        }
-        for f in families {
-            match inner.ipam.allocate(&owner, f) {
-                Ok(a) => addrs.push(a),
-                Err(e) => {
-                    inner.ipam.release_owner(&owner);
-                    return Err(e.into());
+        let (addrs, gw4) = {
+            let mut inner = self.inner.lock().await;
+            let mut addrs = Vec::new();
+            let families: BTreeSet<Family> =
+                inner.ipam.cidrs().iter().map(|c| c.family()).collect();
+            if families.is_empty() {
+                return Err(membrane_ipam::IpamError::NoPool { family: Family::V4 }.into());
+            }
+            for f in families {
+                match inner.ipam.allocate(&owner, f) {
+                    Ok(a) => addrs.push(a),
+                    Err(e) => {
+                        inner.ipam.release_owner(&owner);
+                        return Err(e.into());
+                    }
                 }
             }
-        }
-        // Persist before the address is used: a restart never reuses it.
-        if let Err(e) = inner.ipam.save(&ipam_path(&self.opts.state_dir)) {
-            inner.ipam.release_owner(&owner);
-            return Err(e.into());
-        }
-        let gw4 = inner.ipam.gateway(Family::V4);
+            // Persist before the address is used: a restart never reuses it.
+            if let Err(e) = inner.ipam.save(&ipam_path(&self.opts.state_dir)) {
+                inner.ipam.release_owner(&owner);
+                return Err(e.into());
+            }
+            (addrs, inner.ipam.gateway(Family::V4))
+        };
         let mtu = req.mtu.unwrap_or(self.opts.mtu);
         match self.setup(req, &host, &addrs, gw4, mtu).await {
             Ok((host_mac, mac)) => {
                 let result = result_json(req, &host, &host_mac, &mac, &addrs, gw4);
+                let labels = self
+                    .hooks
+                    .pod_labels(&req.pod_namespace, &req.pod_name)
+                    .unwrap_or_default();
+                let mut inner = self.inner.lock().await;
                 let id = inner.next_id;
                 inner.next_id += 1;
                 let ep = Endpoint {
@@ -298,10 +348,7 @@ impl Manager {
                     netns: req.netns.clone(),
                     pod_namespace: req.pod_namespace.clone(),
                     pod_name: req.pod_name.clone(),
-                    labels: self
-                        .hooks
-                        .pod_labels(&req.pod_namespace, &req.pod_name)
-                        .unwrap_or_default(),
+                    labels,
                     addrs: addrs.clone(),
                     host_ifname: host.clone(),
                     host_mac,
@@ -325,6 +372,7 @@ impl Manager {
                 if let Err(de) = netlink::delete_link(&self.handle, &host).await {
                     warn!(error = %de, host = %host, "rollback: deleting veth");
                 }
+                let mut inner = self.inner.lock().await;
                 inner.ipam.release_owner(&owner);
                 if let Err(se) = inner.ipam.save(&ipam_path(&self.opts.state_dir)) {
                     warn!(error = %se, "rollback: saving IPAM");
@@ -440,23 +488,15 @@ impl Manager {
 
     /// Undo an ADD; succeeds when there is nothing (left) to undo.
     async fn del(&self, container_id: &str, ifname: &str) -> Result<(), EndpointError> {
-        let mut inner = self.inner.lock().await;
-        self.del_locked(&mut inner, container_id, ifname).await
-    }
-
-    async fn del_locked(
-        &self,
-        inner: &mut Inner,
-        container_id: &str,
-        ifname: &str,
-    ) -> Result<(), EndpointError> {
         let owner = owner(container_id, ifname);
         let host = host_ifname(container_id, ifname);
+        let _serial = self.owner_lock(&owner).await;
         self.hooks.detach(&host);
         // Deleting the host side deletes the peer with its addresses/routes.
         netlink::delete_link(&self.handle, &host).await?;
-        let addrs = inner.ipam.release_owner(&owner);
-        inner.ipam.save(&ipam_path(&self.opts.state_dir))?;
+        // The unreachable routes go in before the addresses are released,
+        // so a new owner's route always replaces them, never the reverse.
+        let addrs = self.inner.lock().await.ipam.addrs_of(&owner);
         if self.opts.unreachable_routes {
             for a in &addrs {
                 netlink::add_route(
@@ -467,8 +507,11 @@ impl Manager {
                 .await?;
             }
         }
+        let mut inner = self.inner.lock().await;
+        inner.ipam.release_owner(&owner);
+        inner.ipam.save(&ipam_path(&self.opts.state_dir))?;
         if inner.endpoints.remove(&owner).is_some() || !addrs.is_empty() {
-            self.save_endpoints(inner)?;
+            self.save_endpoints(&inner)?;
             info!(container = %container_id, ifname, addrs = ?addrs, "endpoint deleted");
         }
         Ok(())
@@ -586,28 +629,32 @@ impl Manager {
 
     /// Release every attachment not in `valid` (CNI GC).
     async fn gc(&self, valid: &[Attachment]) -> Result<(), EndpointError> {
-        let mut inner = self.inner.lock().await;
         let keep: BTreeSet<String> = valid
             .iter()
             .map(|a| owner(&a.container_id, &a.ifname))
             .collect();
-        let mut stale: BTreeSet<String> = inner
-            .ipam
-            .allocations()
-            .into_iter()
-            .map(|a| a.owner)
-            .collect();
-        stale.extend(inner.endpoints.keys().cloned());
-        stale.retain(|o| !keep.contains(o));
+        let stale: BTreeSet<String> = {
+            let inner = self.inner.lock().await;
+            let mut stale: BTreeSet<String> = inner
+                .ipam
+                .allocations()
+                .into_iter()
+                .map(|a| a.owner)
+                .collect();
+            stale.extend(inner.endpoints.keys().cloned());
+            stale.retain(|o| !keep.contains(o));
+            stale
+        };
         for o in stale {
             let Some((cid, ifname)) = o.rsplit_once('/') else {
+                let mut inner = self.inner.lock().await;
                 inner.ipam.release_owner(&o);
+                inner.ipam.save(&ipam_path(&self.opts.state_dir))?;
                 continue;
             };
             info!(container = cid, ifname, "GC: releasing attachment");
-            self.del_locked(&mut inner, cid, ifname).await?;
+            self.del(cid, ifname).await?;
         }
-        inner.ipam.save(&ipam_path(&self.opts.state_dir))?;
         Ok(())
     }
 
@@ -696,4 +743,50 @@ fn load_endpoints(path: &Path) -> Result<BTreeMap<String, Endpoint>, EndpointErr
         .into_iter()
         .map(|e| (owner(&e.container_id, &e.ifname), e))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names_are_cilium_style_and_fit_ifnamsiz() {
+        let a = host_ifname("0123456789abcdef", "eth0");
+        assert!(a.starts_with("lxc") && a.len() == 14, "{a}");
+        assert_eq!(a, host_ifname("0123456789abcdef", "eth0"));
+        assert_ne!(a, host_ifname("0123456789abcdef", "eth1"));
+        assert_ne!(a, host_ifname("0123456789abcdeg", "eth0"));
+    }
+
+    #[test]
+    fn result_has_the_spec_shape() {
+        let req = Request {
+            ifname: "eth0".into(),
+            netns: "/run/netns/p".into(),
+            ..Default::default()
+        };
+        let addrs = [
+            "10.123.0.2".parse().expect("v4"),
+            "fd00:123::2".parse().expect("v6"),
+        ];
+        let r = result_json(
+            &req,
+            "lxcabc",
+            "aa:bb",
+            "cc:dd",
+            &addrs,
+            Some("10.123.0.1".parse().expect("gw")),
+        );
+        assert_eq!(r["interfaces"][1]["sandbox"], "/run/netns/p");
+        assert_eq!(
+            r["ips"][0],
+            json!({"address": "10.123.0.2/32", "gateway": "10.123.0.1", "interface": 1})
+        );
+        assert_eq!(r["ips"][1]["gateway"], "fe80::1");
+        assert_eq!(
+            r["routes"][0],
+            json!({"dst": "0.0.0.0/0", "gw": "10.123.0.1"})
+        );
+        assert_eq!(r["routes"][1], json!({"dst": "::/0", "gw": "fe80::1"}));
+    }
 }
