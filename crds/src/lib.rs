@@ -1,13 +1,20 @@
-//! Rust types of the `cilium.io/v2` custom resources Membrane understands.
+//! Rust types of the `cilium.io/v2` custom resources Membrane understands,
+//! and of Membrane's own `membrane.io` ones.
 //!
 //! The JSON shape follows Cilium's CRDs field for field so that manifests
 //! written for Cilium apply unchanged.
 
 mod envoy_config;
+mod proxy_node_status;
 
 pub use envoy_config::{
     BackendService, CiliumClusterwideEnvoyConfig, CiliumClusterwideEnvoyConfigSpec,
     CiliumEnvoyConfig, CiliumEnvoyConfigSpec, EnvoyConfigSpec, ServiceListener,
+};
+
+pub use proxy_node_status::{
+    ACKED, ConfigAck, MEMBRANE_GROUP, NACKED, PENDING, ProxyNodeStatus, ProxyNodeStatusSpec,
+    ProxyNodeStatusStatus,
 };
 
 use kube::CustomResourceExt;
@@ -25,6 +32,7 @@ pub fn all_crds_yaml() -> String {
     let crds = [
         CiliumEnvoyConfig::crd(),
         CiliumClusterwideEnvoyConfig::crd(),
+        ProxyNodeStatus::crd(),
     ];
     let mut out = String::new();
     for crd in crds {
@@ -41,6 +49,7 @@ pub fn crd_files() -> Vec<(String, String)> {
     let crds = [
         CiliumEnvoyConfig::crd(),
         CiliumClusterwideEnvoyConfig::crd(),
+        ProxyNodeStatus::crd(),
     ];
     crds.into_iter()
         .map(|crd| {

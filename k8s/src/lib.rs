@@ -9,8 +9,14 @@
 //! the store cannot take (a malformed spec) is reported as a problem naming
 //! it and is left out; the rest of its kind keeps flowing.
 
+pub mod events;
+pub mod lease;
+pub mod sink;
 mod write;
 
+pub use events::EventRecorder;
+pub use lease::{CILIUM_OPERATOR_LEASE, LeaderElector, LeaseConfig, LeaseError};
+pub use sink::{KubeSink, Sink, StoreSink, Warning};
 pub use write::{AGENT_MANAGER, OPERATOR_MANAGER, WriteError, Writer};
 
 use std::collections::BTreeSet;
@@ -35,19 +41,94 @@ pub enum K8sError {
     },
     #[error("Kubernetes client: {0}")]
     Client(#[from] kube::Error),
+    #[error("no kubeconfig given and none found ($KUBECONFIG, ~/.kube/config, in-cluster): {0}")]
+    Infer(#[from] kube::config::InferConfigError),
+    #[error("User-Agent {0:?}: not a valid header value")]
+    UserAgent(String),
+    #[error("Node {name}: {source}")]
+    Node { name: String, source: kube::Error },
 }
 
 /// A client for the API a kubeconfig file points at (its current context).
 pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, K8sError> {
+    let config = config_from_kubeconfig(path).await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+async fn config_from_kubeconfig(path: &Path) -> Result<kube::Config, K8sError> {
     let kubeconfig_err = |source| K8sError::Kubeconfig {
         path: path.display().to_string(),
         source,
     };
     let kubeconfig = Kubeconfig::read_from(path).map_err(kubeconfig_err)?;
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+    kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
-        .map_err(kubeconfig_err)?;
+        .map_err(kubeconfig_err)
+}
+
+/// `User-Agent` of `membrane operator` (RBAC audits key on it).
+pub fn operator_user_agent() -> String {
+    format!("membrane-operator/{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// `User-Agent` of `membrane agent`.
+pub fn agent_user_agent() -> String {
+    format!("membrane-agent/{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// A client for `kubeconfig`, else what kubectl would use ($KUBECONFIG,
+/// ~/.kube/config, then the in-cluster service account), sending
+/// `user_agent` on every request.
+pub async fn client_for(
+    kubeconfig: Option<&Path>,
+    user_agent: &str,
+) -> Result<kube::Client, K8sError> {
+    let mut config = match kubeconfig {
+        Some(path) => config_from_kubeconfig(path).await?,
+        None => kube::Config::infer().await?,
+    };
+    let value = http::HeaderValue::from_str(user_agent)
+        .map_err(|_| K8sError::UserAgent(user_agent.to_owned()))?;
+    config.headers.push((http::header::USER_AGENT, value));
     Ok(kube::Client::try_from(config)?)
+}
+
+/// The labels of Node `name`: the Node's own if it exists, else the Node is
+/// created with `labels` (an agent started before its Node was registered).
+pub async fn ensure_node(
+    client: &kube::Client,
+    name: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> Result<std::collections::BTreeMap<String, String>, K8sError> {
+    use k8s_openapi::api::core::v1::Node;
+    let api: Api<Node> = Api::all(client.clone());
+    let node_err = |source| K8sError::Node {
+        name: name.to_owned(),
+        source,
+    };
+    if let Some(node) = api.get_opt(name).await.map_err(node_err)? {
+        return Ok(node.metadata.labels.unwrap_or_default());
+    }
+    let node = Node {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(name.to_owned()),
+            labels: Some(labels.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    match api.create(&kube::api::PostParams::default(), &node).await {
+        Ok(_) => Ok(labels.clone()),
+        // Registered meanwhile: its labels win.
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(api
+            .get(name)
+            .await
+            .map_err(node_err)?
+            .metadata
+            .labels
+            .unwrap_or_default()),
+        Err(e) => Err(node_err(e)),
+    }
 }
 
 /// The API resource of a store kind.

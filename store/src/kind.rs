@@ -16,6 +16,8 @@ pub enum Kind {
     Namespace,
     CiliumEnvoyConfig,
     CiliumClusterwideEnvoyConfig,
+    /// Membrane's per-node ACK report (`membrane.io/v1alpha1`).
+    ProxyNodeStatus,
 }
 
 const ALL: &[Kind] = &[
@@ -28,6 +30,7 @@ const ALL: &[Kind] = &[
     Kind::Namespace,
     Kind::CiliumEnvoyConfig,
     Kind::CiliumClusterwideEnvoyConfig,
+    Kind::ProxyNodeStatus,
 ];
 
 impl Kind {
@@ -59,6 +62,7 @@ impl Kind {
             "ccec" | "ciliumclusterwideenvoyconfig" | "ciliumclusterwideenvoyconfigs" => {
                 Kind::CiliumClusterwideEnvoyConfig
             }
+            "pns" | "proxynodestatus" | "proxynodestatuses" => Kind::ProxyNodeStatus,
             _ => {
                 // Also accept `<plural>.<group>` as kubectl does (e.g. `ingresses.networking.k8s.io`).
                 if let Some((name, group)) = lower.split_once('.')
@@ -77,7 +81,10 @@ impl Kind {
     pub fn namespaced(self) -> bool {
         !matches!(
             self,
-            Kind::Namespace | Kind::IngressClass | Kind::CiliumClusterwideEnvoyConfig
+            Kind::Namespace
+                | Kind::IngressClass
+                | Kind::CiliumClusterwideEnvoyConfig
+                | Kind::ProxyNodeStatus
         )
     }
 
@@ -88,6 +95,7 @@ impl Kind {
             Kind::Service | Kind::Endpoints | Kind::Secret | Kind::Namespace => "v1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
             Kind::CiliumEnvoyConfig | Kind::CiliumClusterwideEnvoyConfig => "cilium.io/v2",
+            Kind::ProxyNodeStatus => "membrane.io/v1alpha1",
         }
     }
 
@@ -111,6 +119,7 @@ impl Kind {
             Kind::Namespace => "Namespace",
             Kind::CiliumEnvoyConfig => "CiliumEnvoyConfig",
             Kind::CiliumClusterwideEnvoyConfig => "CiliumClusterwideEnvoyConfig",
+            Kind::ProxyNodeStatus => "ProxyNodeStatus",
         }
     }
 
@@ -126,6 +135,7 @@ impl Kind {
             Kind::Namespace => "namespaces",
             Kind::CiliumEnvoyConfig => "ciliumenvoyconfigs",
             Kind::CiliumClusterwideEnvoyConfig => "ciliumclusterwideenvoyconfigs",
+            Kind::ProxyNodeStatus => "proxynodestatuses",
         }
     }
 }

@@ -6,7 +6,7 @@ use k8s_openapi::api::core::v1::{Endpoints, Namespace, NamespaceStatus, Secret, 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use membrane_crds::{CiliumClusterwideEnvoyConfig, CiliumEnvoyConfig};
+use membrane_crds::{CiliumClusterwideEnvoyConfig, CiliumEnvoyConfig, ProxyNodeStatus};
 use serde_json::Value;
 
 use crate::{Kind, StoreError};
@@ -63,6 +63,7 @@ pub enum Object {
     Namespace(Namespace),
     CiliumEnvoyConfig(CiliumEnvoyConfig),
     CiliumClusterwideEnvoyConfig(CiliumClusterwideEnvoyConfig),
+    ProxyNodeStatus(ProxyNodeStatus),
 }
 
 impl PartialEq for Object {
@@ -82,6 +83,9 @@ impl PartialEq for Object {
             (Object::CiliumClusterwideEnvoyConfig(a), Object::CiliumClusterwideEnvoyConfig(b)) => {
                 a.metadata == b.metadata && a.spec == b.spec
             }
+            (Object::ProxyNodeStatus(a), Object::ProxyNodeStatus(b)) => {
+                a.metadata == b.metadata && a.spec == b.spec && a.status == b.status
+            }
             _ => false,
         }
     }
@@ -100,6 +104,7 @@ macro_rules! dispatch {
             Object::Namespace($o) => $body,
             Object::CiliumEnvoyConfig($o) => $body,
             Object::CiliumClusterwideEnvoyConfig($o) => $body,
+            Object::ProxyNodeStatus($o) => $body,
         }
     };
 }
@@ -143,6 +148,7 @@ typed!(
     Namespace,
     CiliumEnvoyConfig,
     CiliumClusterwideEnvoyConfig,
+    ProxyNodeStatus,
 );
 
 impl Object {
@@ -157,6 +163,7 @@ impl Object {
             Object::Namespace(_) => Kind::Namespace,
             Object::CiliumEnvoyConfig(_) => Kind::CiliumEnvoyConfig,
             Object::CiliumClusterwideEnvoyConfig(_) => Kind::CiliumClusterwideEnvoyConfig,
+            Object::ProxyNodeStatus(_) => Kind::ProxyNodeStatus,
         }
     }
 
@@ -231,6 +238,7 @@ impl Object {
             Kind::CiliumClusterwideEnvoyConfig => {
                 Object::CiliumClusterwideEnvoyConfig(typed_from(&v)?)
             }
+            Kind::ProxyNodeStatus => Object::ProxyNodeStatus(typed_from(&v)?),
         };
         let mut unknown = Vec::new();
         unknown_fields(&v, &obj.to_value(), &mut String::new(), &mut unknown);
@@ -290,6 +298,7 @@ impl Object {
             Object::Ingress(o) => o.status.is_none(),
             Object::Service(o) => o.status.is_none(),
             Object::Namespace(o) => o.status.is_none(),
+            Object::ProxyNodeStatus(o) => o.status.is_none(),
             _ => true,
         }
     }
@@ -300,6 +309,9 @@ impl Object {
             (Object::Ingress(a), Object::Ingress(b)) => a.status.clone_from(&b.status),
             (Object::Service(a), Object::Service(b)) => a.status.clone_from(&b.status),
             (Object::Namespace(a), Object::Namespace(b)) => a.status.clone_from(&b.status),
+            (Object::ProxyNodeStatus(a), Object::ProxyNodeStatus(b)) => {
+                a.status.clone_from(&b.status)
+            }
             _ => {}
         }
     }
@@ -319,6 +331,7 @@ impl Object {
             Object::Ingress(o) => o.status = parse(status)?,
             Object::Service(o) => o.status = parse(status)?,
             Object::Namespace(o) => o.status = parse(status)?,
+            Object::ProxyNodeStatus(o) => o.status = parse(status)?,
             other => {
                 return Err(StoreError::Invalid(format!(
                     "{} has no status",
@@ -350,6 +363,7 @@ impl Object {
             Object::Ingress(o) => o.status = None,
             Object::Service(o) => o.status = None,
             Object::Namespace(o) => o.status = None,
+            Object::ProxyNodeStatus(o) => o.status = None,
             _ => {}
         }
         o

@@ -6,6 +6,7 @@ pub mod conformance;
 pub mod echo;
 pub mod lb;
 pub mod objects;
+pub mod roles;
 pub mod service;
 pub mod status;
 pub mod translate;

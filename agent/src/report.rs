@@ -1,0 +1,96 @@
+//! This node's ACK report: a `membrane.io/v1alpha1` `ProxyNodeStatus` named
+//! after the node, listing for every CEC/CCEC the node serves (or rejected)
+//! whether its Envoy ACKed the CEC's current generation, is still pending,
+//! or NACKed/rejected it (with why). Cilium's CEC schema stays untouched.
+//!
+//! Written only when it changes, as one status write per change (batched:
+//! one object per node, not one write per CEC).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use membrane_crds::{ACKED, ConfigAck, NACKED, PENDING, ProxyNodeStatus, ProxyNodeStatusSpec};
+use membrane_k8s::Sink;
+use membrane_store::{Kind, Object, ObjectKey};
+use tracing::debug;
+
+use crate::Reconciler;
+
+/// Kinds an agent reports on.
+pub fn is_config(kind: Kind) -> bool {
+    matches!(
+        kind,
+        Kind::CiliumEnvoyConfig | Kind::CiliumClusterwideEnvoyConfig
+    )
+}
+
+/// Publishes this node's report through a [`Sink`].
+pub struct Reporter<'a> {
+    key: ObjectKey,
+    sink: &'a dyn Sink,
+    last: Option<Vec<ConfigAck>>,
+}
+
+impl<'a> Reporter<'a> {
+    /// Declares the node's report object (its labels in `spec`).
+    pub fn new(node: &str, labels: &BTreeMap<String, String>, sink: &'a dyn Sink) -> Self {
+        let mut obj = ProxyNodeStatus::new(
+            node,
+            ProxyNodeStatusSpec {
+                node_labels: labels.clone(),
+            },
+        );
+        obj.metadata.labels = Some([("membrane.io/node".to_owned(), node.to_owned())].into());
+        let obj = Object::ProxyNodeStatus(obj);
+        let key = obj.key();
+        sink.apply_all(vec![obj]);
+        Self {
+            key,
+            sink,
+            last: None,
+        }
+    }
+
+    /// Writes the report if it differs from the last one written.
+    pub fn publish(&mut self, rec: &Reconciler, acked: &BTreeSet<ObjectKey>) {
+        let configs = build(rec, acked);
+        if self.last.as_ref() == Some(&configs) {
+            return;
+        }
+        debug!(configs = configs.len(), "ACK report changed");
+        let status = serde_json::json!({ "configs": configs });
+        self.sink.status(&self.key, status);
+        self.last = Some(configs);
+    }
+}
+
+fn build(rec: &Reconciler, acked: &BTreeSet<ObjectKey>) -> Vec<ConfigAck> {
+    let mut out: BTreeMap<ObjectKey, ConfigAck> = BTreeMap::new();
+    for key in rec.served.keys().filter(|k| is_config(k.kind)) {
+        let state = if acked.contains(key) { ACKED } else { PENDING };
+        out.insert(
+            key.clone(),
+            ack(
+                key,
+                rec.served_generations.get(key).copied().unwrap_or(0),
+                state,
+                None,
+            ),
+        );
+    }
+    for (key, why) in &rec.rejected_configs {
+        let generation = rec.served_generations.get(key).copied().unwrap_or(0);
+        out.insert(key.clone(), ack(key, generation, NACKED, Some(why.clone())));
+    }
+    out.into_values().collect()
+}
+
+fn ack(key: &ObjectKey, generation: i64, state: &str, message: Option<String>) -> ConfigAck {
+    ConfigAck {
+        kind: key.kind.kind_name().to_owned(),
+        namespace: key.namespace.clone(),
+        name: key.name.clone(),
+        generation,
+        state: state.to_owned(),
+        message,
+    }
+}

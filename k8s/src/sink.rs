@@ -1,0 +1,330 @@
+//! The output seam of Membrane's controllers. The Ingress controller, LB
+//! IPAM, Ingress status and the agent's ACK reports write through a
+//! [`Sink`]; whether that is the in-process store (`membrane up`) or the
+//! Kubernetes API (`membrane operator` / `membrane agent`) is decided once,
+//! where the process is wired, and no controller logic depends on it.
+//!
+//! [`KubeSink`] keeps writes off the reconcile pass: a pass only enqueues;
+//! one writer task per process drains the queue, coalescing by object (the
+//! latest desired state of an object wins), retrying failures with
+//! exponential backoff and a conflict at once. Behind a leader gate it
+//! writes only while the gate is open and drops everything queued the
+//! moment it closes: the next leader derives its writes from the state it
+//! reads, not from what this process had queued.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use membrane_store::{Object, ObjectKey, Store};
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use crate::events::EventRecorder;
+use crate::write::{WriteError, Writer};
+
+/// A Warning Event about one object (a rejection), deduplicated by the
+/// recorder: the same warning again raises its count, not a new Event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Warning {
+    pub regarding: ObjectKey,
+    /// The object's uid, so `kubectl describe` finds the Event.
+    pub uid: Option<String>,
+    /// CamelCase reason, e.g. `InvalidIngress`.
+    pub reason: String,
+    /// Human-readable note naming the offending field.
+    pub note: String,
+}
+
+/// Where controllers write what they generate.
+pub trait Sink: Send + Sync {
+    /// Create or update objects (all fields the controller sets).
+    fn apply_all(&self, objs: Vec<Object>);
+    /// Delete an object; one already gone is fine.
+    fn delete(&self, key: &ObjectKey);
+    /// Replace an object's status.
+    fn status(&self, key: &ObjectKey, status: Value);
+    /// Record a Warning Event.
+    fn warn(&self, warning: Warning);
+}
+
+/// Writes into the in-process store, synchronously.
+#[derive(Clone, Debug)]
+pub struct StoreSink(pub Store);
+
+impl Sink for StoreSink {
+    fn apply_all(&self, objs: Vec<Object>) {
+        self.0.apply_all(objs);
+    }
+    fn delete(&self, key: &ObjectKey) {
+        self.0.delete(key);
+    }
+    fn status(&self, key: &ObjectKey, status: Value) {
+        self.0.update_status(key, status);
+    }
+    fn warn(&self, warning: Warning) {
+        // The store has no Events: rejections reach the user through
+        // `membrane status` (the agent's rejection list) instead.
+        debug!(object = %warning.regarding, reason = %warning.reason, "warning");
+    }
+}
+
+#[derive(Debug)]
+enum Op {
+    Apply(Box<Object>),
+    Delete(ObjectKey),
+    Status(ObjectKey, Value),
+    Warn(Warning),
+}
+
+/// What one queued write is about: later writes to the same slot replace
+/// earlier ones still queued.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Slot {
+    Object(ObjectKey),
+    Status(ObjectKey),
+    Event(ObjectKey, String, String),
+}
+
+impl Op {
+    fn slot(&self) -> Slot {
+        match self {
+            Op::Apply(o) => Slot::Object(o.key()),
+            Op::Delete(k) => Slot::Object(k.clone()),
+            Op::Status(k, _) => Slot::Status(k.clone()),
+            Op::Warn(w) => Slot::Event(w.regarding.clone(), w.reason.clone(), w.note.clone()),
+        }
+    }
+}
+
+struct Queued {
+    op: Op,
+    seq: u64,
+    attempts: u32,
+    due: Instant,
+}
+
+/// Writes to a Kubernetes API from a queue (see the module docs).
+#[derive(Clone)]
+pub struct KubeSink {
+    tx: mpsc::UnboundedSender<Op>,
+}
+
+impl std::fmt::Debug for KubeSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeSink").finish_non_exhaustive()
+    }
+}
+
+impl KubeSink {
+    /// Starts the writer task. With a `gate`, writes happen only while it
+    /// reads `true` (leadership); without, always.
+    pub fn spawn(
+        writer: Writer,
+        recorder: Option<EventRecorder>,
+        gate: Option<watch::Receiver<bool>>,
+    ) -> KubeSink {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_loop(rx, writer, recorder, gate));
+        KubeSink { tx }
+    }
+
+    fn send(&self, op: Op) {
+        // The writer only stops with the runtime.
+        let _ = self.tx.send(op);
+    }
+}
+
+impl Sink for KubeSink {
+    fn apply_all(&self, objs: Vec<Object>) {
+        for o in objs {
+            self.send(Op::Apply(Box::new(o)));
+        }
+    }
+    fn delete(&self, key: &ObjectKey) {
+        self.send(Op::Delete(key.clone()));
+    }
+    fn status(&self, key: &ObjectKey, status: Value) {
+        self.send(Op::Status(key.clone(), status));
+    }
+    fn warn(&self, warning: Warning) {
+        self.send(Op::Warn(warning));
+    }
+}
+
+/// Backoff after the `attempts`-th failure: 100 ms doubling up to 10 s.
+fn backoff(attempts: u32) -> Duration {
+    let ms = 100u64.saturating_mul(1 << attempts.saturating_sub(1).min(7));
+    Duration::from_millis(ms.min(10_000))
+}
+
+struct Queue {
+    items: BTreeMap<Slot, Queued>,
+    seq: u64,
+}
+
+impl Queue {
+    fn push(&mut self, op: Op) {
+        self.seq += 1;
+        self.items.insert(
+            op.slot(),
+            Queued {
+                op,
+                seq: self.seq,
+                attempts: 0,
+                due: Instant::now(),
+            },
+        );
+    }
+}
+
+async fn write_loop(
+    mut rx: mpsc::UnboundedReceiver<Op>,
+    writer: Writer,
+    recorder: Option<EventRecorder>,
+    mut gate: Option<watch::Receiver<bool>>,
+) {
+    let mut queue = Queue {
+        items: BTreeMap::new(),
+        seq: 0,
+    };
+    let open = |gate: &Option<watch::Receiver<bool>>| gate.as_ref().is_none_or(|g| *g.borrow());
+    loop {
+        let next_due = queue.items.values().map(|q| q.due).min();
+        let is_open = open(&gate);
+        tokio::select! {
+            op = rx.recv() => match op {
+                Some(op) => queue.push(op),
+                None => return,
+            },
+            _ = sleep_until(next_due), if next_due.is_some() && is_open => {}
+            r = gate_changed(&mut gate) => if r.is_err() { return },
+        }
+        while let Ok(op) = rx.try_recv() {
+            queue.push(op);
+        }
+        if !open(&gate) {
+            if !queue.items.is_empty() {
+                debug!(
+                    dropped = queue.items.len(),
+                    "not leading: queued writes dropped"
+                );
+            }
+            queue.items.clear();
+            continue;
+        }
+        let now = Instant::now();
+        let mut due: Vec<(u64, Slot)> = queue
+            .items
+            .iter()
+            .filter(|(_, q)| q.due <= now)
+            .map(|(s, q)| (q.seq, s.clone()))
+            .collect();
+        due.sort();
+        for (_, slot) in due {
+            // Losing the lease stops writing at once, even mid-batch.
+            if !open(&gate) {
+                queue.items.clear();
+                break;
+            }
+            let Some(q) = queue.items.remove(&slot) else {
+                continue;
+            };
+            let result = perform(&writer, recorder.as_ref(), &q.op).await;
+            while let Ok(op) = rx.try_recv() {
+                queue.push(op);
+            }
+            let Err(e) = result else { continue };
+            // A status for an object that is gone has nothing left to do.
+            if matches!(
+                (&q.op, &e),
+                (Op::Status(..), WriteError::Refused { code: 404, .. })
+            ) {
+                debug!(error = %e, "status of a deleted object dropped");
+                continue;
+            }
+            if queue.items.contains_key(&slot) {
+                // Superseded while in flight: the newer write goes next.
+                continue;
+            }
+            let attempts = q.attempts + 1;
+            let delay = if matches!(e, WriteError::Conflict { .. }) {
+                Duration::ZERO
+            } else {
+                backoff(attempts)
+            };
+            warn!(error = %e, attempts, retry_in_ms = delay.as_millis() as u64, "write failed; retrying");
+            queue.items.insert(
+                slot,
+                Queued {
+                    due: Instant::now() + delay,
+                    attempts,
+                    ..q
+                },
+            );
+        }
+    }
+}
+
+async fn sleep_until(due: Option<Instant>) {
+    match due {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn gate_changed(
+    gate: &mut Option<watch::Receiver<bool>>,
+) -> Result<(), watch::error::RecvError> {
+    match gate {
+        Some(g) => g.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn perform(
+    writer: &Writer,
+    recorder: Option<&EventRecorder>,
+    op: &Op,
+) -> Result<(), WriteError> {
+    match op {
+        Op::Apply(o) => writer.apply(o).await,
+        Op::Delete(k) => writer.delete(k).await,
+        Op::Status(k, s) => writer.apply_status(k, s.clone()).await,
+        Op::Warn(w) => match recorder {
+            Some(r) => r.warn(w).await,
+            None => Ok(()),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        assert_eq!(backoff(1), Duration::from_millis(100));
+        assert_eq!(backoff(2), Duration::from_millis(200));
+        assert_eq!(backoff(5), Duration::from_millis(1600));
+        assert_eq!(backoff(30), Duration::from_millis(10_000));
+    }
+
+    #[test]
+    fn later_writes_to_an_object_replace_queued_ones() {
+        let key = ObjectKey::new(membrane_store::Kind::Service, "a", "s");
+        let mut q = Queue {
+            items: BTreeMap::new(),
+            seq: 0,
+        };
+        q.push(Op::Status(key.clone(), serde_json::json!({"a": 1})));
+        q.push(Op::Delete(key.clone()));
+        q.push(Op::Status(key.clone(), serde_json::json!({"a": 2})));
+        assert_eq!(q.items.len(), 2);
+        match &q.items[&Slot::Status(key)].op {
+            Op::Status(_, v) => assert_eq!(v["a"], 2),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
