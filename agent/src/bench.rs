@@ -222,6 +222,7 @@ impl Harness {
             ports: crate::PortMap::default(),
             node_name: "bench".into(),
             node_labels: Default::default(),
+            proxy_ports: None,
             datapath: None,
         };
         let (_tx, envoy) = tokio::sync::watch::channel(crate::EnvoyState::default());

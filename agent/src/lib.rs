@@ -76,6 +76,8 @@ pub struct AgentConfig {
     pub ports: PortMap,
     pub node_name: String,
     pub node_labels: BTreeMap<String, String>,
+    /// Ports for listeners without an address (default 10000-20000).
+    pub proxy_ports: Option<std::ops::RangeInclusive<u16>>,
     /// The eBPF service datapath (`--datapath ebpf`); `None` = no datapath.
     pub datapath: Option<datapath::DatapathOptions>,
 }
@@ -231,6 +233,9 @@ impl Reconciler {
             pipeline: {
                 let mut p = configs::ConfigPipeline::new(ports, config.node_labels.clone());
                 p.set_lb_pool(Some(config.lb_pool));
+                if let Some(range) = config.proxy_ports.clone() {
+                    p.set_proxy_port_range(range);
+                }
                 p
             },
             node_labels: config.node_labels.clone(),

@@ -26,8 +26,9 @@ pub const MEMBRANE_GROUP: &str = "membrane.io";
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ProxyNodeStatusSpec {
-    /// The labels the agent selects CECs with (`nodeSelector`).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    /// The labels the agent selects CECs with (`nodeSelector`). Always
+    /// written, empty or not, so what is read back equals what was written.
+    #[serde(default)]
     pub node_labels: BTreeMap<String, String>,
 }
 
@@ -35,7 +36,7 @@ pub struct ProxyNodeStatusSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProxyNodeStatusStatus {
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub configs: Vec<ConfigAck>,
 }
 

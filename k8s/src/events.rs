@@ -18,6 +18,9 @@ use sha2::{Digest, Sha256};
 use crate::sink::Warning;
 use crate::write::WriteError;
 
+/// (object, reason, note): what makes two warnings the same Event.
+type EventId = (ObjectKey, String, String);
+
 /// Records Warning Events as one reporting controller and instance.
 #[derive(Clone)]
 pub struct EventRecorder {
@@ -25,7 +28,7 @@ pub struct EventRecorder {
     controller: String,
     instance: String,
     /// (object, reason, note) → (Event name, count so far).
-    seen: Arc<Mutex<HashMap<(ObjectKey, String, String), (String, i64)>>>,
+    seen: Arc<Mutex<HashMap<EventId, (String, i64)>>>,
 }
 
 fn events_resource() -> ApiResource {

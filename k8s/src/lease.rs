@@ -91,9 +91,18 @@ impl LeaderElector {
 
     async fn run(mut self, tx: watch::Sender<bool>) {
         let mut last_renew: Option<Instant> = None;
-        let attempt_limit = self.config.retry_period.min(self.config.renew_deadline);
         while !tx.is_closed() {
             let started = Instant::now();
+            // A leader's attempt may take until its renew deadline, and no
+            // longer: at the deadline it must know it has stopped leading.
+            let attempt_limit = match last_renew.filter(|_| *tx.borrow()) {
+                Some(t) => self
+                    .config
+                    .renew_deadline
+                    .saturating_sub(t.elapsed())
+                    .max(Duration::from_millis(1)),
+                None => self.config.renew_deadline,
+            };
             let outcome =
                 match tokio::time::timeout(attempt_limit, self.try_acquire_or_renew()).await {
                     Ok(r) => r,

@@ -185,8 +185,24 @@ pub struct AgentArgs {
     /// Port Ingress HTTPS (service port 443) is served on.
     #[arg(long, default_value_t = 443)]
     pub https_port: u16,
+    /// Ports listeners without an address are given, `FIRST-LAST`.
+    #[arg(long, default_value = "10000-20000", value_parser = parse_port_range)]
+    pub proxy_ports: std::ops::RangeInclusive<u16>,
     #[command(flatten)]
     pub datapath: super::service::DatapathArgs,
+}
+
+fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let err = || format!("{s:?}: expected FIRST-LAST, e.g. 10000-20000");
+    let (a, b) = s.split_once('-').ok_or_else(err)?;
+    let (a, b): (u16, u16) = (
+        a.trim().parse().map_err(|_| err())?,
+        b.trim().parse().map_err(|_| err())?,
+    );
+    if a == 0 || a > b {
+        return Err(err());
+    }
+    Ok(a..=b)
 }
 
 /// The kinds an agent reads.
@@ -224,6 +240,7 @@ pub async fn agent(args: AgentArgs, api_socket: PathBuf) -> Result<ExitCode> {
         },
         node_name: args.node_name.clone(),
         node_labels,
+        proxy_ports: Some(args.proxy_ports.clone()),
         datapath: args.datapath.options()?,
     };
     let shutdown = CancellationToken::new();

@@ -1,0 +1,525 @@
+//! Kubernetes mode end to end, every role its own process: `membrane
+//! apiserver`, two `membrane operator`s (leader-elected) and two `membrane
+//! agent`s (node labels role=a / role=b, each with its own Envoy, run
+//! directory and admin port). kubectl is the client.
+//!
+//! - a CEC with `nodeSelector: {role: a}` is served by node a's Envoy only;
+//! - an Ingress gets its address only once both agents report an ACK of
+//!   its CEC's current generation, and is served at that address at once;
+//! - SIGKILL of the leading operator hands the Lease over within the lease
+//!   time, and status keeps being written (a second Ingress gets an address);
+//! - deleting an Ingress removes its CEC, Service and EndpointSlice;
+//! - `kubectl describe` of a bad Ingress shows a Warning Event naming the field.
+//!
+//! Ports 20000-20999 and addresses in 127.20.0.0/16 only.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+mod kubectl_support;
+
+use common::{
+    Backends, INGRESS_CLASS, envoy_bin, http_get, ingress_yaml, require_envoy, service_yaml,
+    stop_child, wait_until,
+};
+use kubectl_support::{ApiServer, BIN};
+
+const API_PORT: u16 = 20001;
+const HTTP_PORT: u16 = 20080;
+const HTTPS_PORT: u16 = 20443;
+const POOL: &str = "127.20.0.0/24";
+const BACKEND_IP: &str = "127.20.200.1";
+const NODE_A_ONLY: &str = "127.20.1.200:20081";
+/// Short leases so the handover is quick; the same code paths as Cilium's
+/// 15 s / 10 s / 2 s defaults.
+const LEASE: Duration = Duration::from_secs(4);
+const RETRY: Duration = Duration::from_millis(500);
+
+/// A role process, killed by PID on drop.
+struct Role {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Role {
+    fn spawn(name: &str, dir: &Path, args: &[String]) -> Role {
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new(BIN)
+            .args(args)
+            .env("MEMBRANE_LOG", "info,membrane_k8s=debug")
+            .stdin(Stdio::null())
+            .stdout(
+                std::fs::File::create(dir.join(format!("{name}.out")))
+                    .map(Stdio::from)
+                    .expect("stdout"),
+            )
+            .stderr(std::fs::File::create(&log).map(Stdio::from).expect("log"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Role {
+            name: name.to_owned(),
+            child: Some(child),
+            log,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or_default()
+    }
+
+    fn kill_hard(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SIGKILL by PID: no chance to release the Lease.
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        format!(
+            "---- {} ----\n{}",
+            self.name,
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        )
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c);
+        }
+    }
+}
+
+/// Agents share this machine's loopback, so each gets its own proxy ports
+/// (in a cluster every node has its own).
+fn agent(
+    api: &ApiServer,
+    dir: &Path,
+    node: &str,
+    labels: &str,
+    admin_port: u16,
+    proxy_ports: &str,
+) -> Role {
+    let run = dir.join(node);
+    std::fs::create_dir_all(&run).expect("run dir");
+    let args: Vec<String> = [
+        "agent",
+        "--api-socket",
+        &run.join("api.sock").display().to_string(),
+        "--kubeconfig",
+        &api.kubeconfig.display().to_string(),
+        "--node-name",
+        node,
+        "--node-labels",
+        labels,
+        "--run-dir",
+        &run.display().to_string(),
+        "--envoy-bin",
+        &envoy_bin().display().to_string(),
+        "--envoy-admin-port",
+        &admin_port.to_string(),
+        "--lb-pool",
+        POOL,
+        "--http-port",
+        &HTTP_PORT.to_string(),
+        "--https-port",
+        &HTTPS_PORT.to_string(),
+        "--proxy-ports",
+        proxy_ports,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    Role::spawn(node, dir, &args)
+}
+
+fn operator(api: &ApiServer, dir: &Path, identity: &str) -> Role {
+    let args: Vec<String> = [
+        "operator",
+        "--kubeconfig",
+        &api.kubeconfig.display().to_string(),
+        "--identity",
+        identity,
+        "--lb-pool",
+        POOL,
+        "--leader-election-lease-duration",
+        &format!("{}s", LEASE.as_secs()),
+        "--leader-election-renew-deadline",
+        "3s",
+        "--leader-election-retry-period",
+        &format!("{}ms", RETRY.as_millis()),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    Role::spawn(identity, dir, &args)
+}
+
+fn logs(roles: &[&Role], api: &ApiServer) -> String {
+    let mut out: String = roles.iter().map(|r| r.log()).collect::<Vec<_>>().join("\n");
+    let api_log = api.log();
+    let tail: Vec<&str> = api_log.lines().rev().take(40).collect();
+    out.push_str("\n---- apiserver (tail) ----\n");
+    out.push_str(&tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+    out
+}
+
+fn get(api: &ApiServer, args: &[&str]) -> Option<String> {
+    let out = api.kubectl(args);
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn ingress_ip(api: &ApiServer, name: &str) -> Option<String> {
+    get(
+        api,
+        &[
+            "get",
+            "ingress",
+            name,
+            "-o",
+            "jsonpath={.status.loadBalancer.ingress[0].ip}",
+        ],
+    )
+    .filter(|s| !s.is_empty())
+}
+
+/// The state node `node` reports for a CEC, with the generation it is about.
+fn reported(api: &ApiServer, node: &str, cec: &str) -> Option<(String, i64)> {
+    let json = get(api, &["get", "proxynodestatus", node, "-o", "json"])?;
+    let v: serde_json::Value = serde_json::from_str(&json).ok()?;
+    v["status"]["configs"]
+        .as_array()?
+        .iter()
+        .find(|c| c["name"] == cec)
+        .map(|c| {
+            (
+                c["state"].as_str().unwrap_or_default().to_owned(),
+                c["generation"].as_i64().unwrap_or(-1),
+            )
+        })
+}
+
+fn generation(api: &ApiServer, kind: &str, name: &str) -> Option<i64> {
+    get(
+        api,
+        &["get", kind, name, "-o", "jsonpath={.metadata.generation}"],
+    )?
+    .parse()
+    .ok()
+}
+
+fn lease_holder(api: &ApiServer) -> Option<String> {
+    get(
+        api,
+        &[
+            "get",
+            "lease",
+            "-n",
+            "kube-system",
+            "cilium-operator-resource-lock",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ],
+    )
+    .filter(|s| !s.is_empty())
+}
+
+fn exists(api: &ApiServer, kind: &str, name: &str) -> bool {
+    api.kubectl(&["get", kind, name]).status.success()
+}
+
+fn admin_listeners(port: u16) -> String {
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    http_get(addr, "admin", "/listeners")
+        .map(|(_, b)| b)
+        .unwrap_or_default()
+}
+
+#[test]
+fn operator_and_agents_as_separate_processes() {
+    require_envoy();
+    let api = ApiServer::start(API_PORT);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backends = Backends::new();
+    backends.start(BACKEND_IP, "echo");
+    api.ok_stdin(&["apply", "-f", "-"], INGRESS_CLASS);
+    api.ok_stdin(
+        &["apply", "-f", "-"],
+        &service_yaml("echo", 80, None, BACKEND_IP),
+    );
+
+    let node_a = agent(&api, dir.path(), "node-a", "role=a", 20901, "20100-20199");
+    let node_b = agent(&api, dir.path(), "node-b", "role=b", 20902, "20200-20299");
+    let mut op1 = operator(&api, dir.path(), "op-1");
+    let mut op2 = operator(&api, dir.path(), "op-2");
+    let all = |extra: &[&Role]| {
+        let mut v: Vec<&Role> = vec![&node_a, &node_b];
+        v.extend_from_slice(extra);
+        logs(&v, &api)
+    };
+
+    // The agents registered their Nodes with the labels they were given.
+    let labelled = wait_until(Duration::from_secs(60), || {
+        get(
+            &api,
+            &[
+                "get",
+                "node",
+                "node-a",
+                "-o",
+                "jsonpath={.metadata.labels.role}",
+            ],
+        )
+        .as_deref()
+            == Some("a")
+            && get(
+                &api,
+                &[
+                    "get",
+                    "node",
+                    "node-b",
+                    "-o",
+                    "jsonpath={.metadata.labels.role}",
+                ],
+            )
+            .as_deref()
+                == Some("b")
+    });
+    assert!(labelled, "Nodes not registered\n{}", all(&[&op1, &op2]));
+
+    // A CEC for role=a nodes only: node a serves it, node b does not.
+    api.ok_stdin(
+        &["apply", "-f", "-"],
+        &format!(
+            r#"apiVersion: cilium.io/v2
+kind: CiliumEnvoyConfig
+metadata: {{name: only-a, namespace: default}}
+spec:
+  nodeSelector: {{matchLabels: {{role: a}}}}
+  resources:
+  - "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+    name: direct
+    address: {{socketAddress: {{address: {ip}, portValue: {port}}}}}
+    filterChains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typedConfig:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          statPrefix: direct
+          routeConfig:
+            virtualHosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{prefix: /}}
+                directResponse: {{status: 200, body: {{inlineString: served-by-a}}}}
+          httpFilters:
+          - name: envoy.filters.http.router
+            typedConfig: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+"#,
+            ip = NODE_A_ONLY.split(':').next().unwrap_or_default(),
+            port = NODE_A_ONLY.split(':').nth(1).unwrap_or_default(),
+        ),
+    );
+    let addr: SocketAddr = NODE_A_ONLY.parse().expect("addr");
+    let served = wait_until(
+        Duration::from_secs(60),
+        || matches!(http_get(addr, "x", "/"), Ok((200, body)) if body == "served-by-a"),
+    );
+    assert!(served, "CEC only-a not served\n{}", all(&[&op1, &op2]));
+    let gen_a = generation(&api, "cec", "only-a").expect("generation");
+    let acked = wait_until(Duration::from_secs(30), || {
+        reported(&api, "node-a", "only-a") == Some(("Acked".into(), gen_a))
+    });
+    assert!(acked, "node-a does not report only-a ACKed\n{}", all(&[]));
+    assert!(
+        admin_listeners(20901).contains("only-a/direct"),
+        "{}",
+        admin_listeners(20901)
+    );
+    assert!(
+        !admin_listeners(20902).contains("only-a/direct"),
+        "node b serves only-a:\n{}",
+        admin_listeners(20902)
+    );
+    assert_eq!(
+        reported(&api, "node-b", "only-a"),
+        None,
+        "node b reports a CEC it does not select"
+    );
+
+    // An Ingress: its address appears only after both agents ACKed, and is
+    // served the moment it appears.
+    api.ok_stdin(
+        &["apply", "-f", "-"],
+        &ingress_yaml("web", &[("/", "echo", 80)]),
+    );
+    let mut ip = None;
+    let appeared = wait_until(Duration::from_secs(60), || {
+        ip = ingress_ip(&api, "web");
+        ip.is_some()
+    });
+    assert!(
+        appeared,
+        "Ingress web got no address\n{}",
+        all(&[&op1, &op2])
+    );
+    let ip = ip.unwrap_or_default();
+    let at: SocketAddr = format!("{ip}:{HTTP_PORT}")
+        .parse()
+        .expect("ingress address");
+    let first = http_get(at, "web.example", "/");
+    assert!(
+        matches!(&first, Ok((200, _))),
+        "address written before it serves: {first:?}\n{}",
+        all(&[&op1, &op2])
+    );
+    let cec = "cilium-ingress-default-web";
+    let gen_web = generation(&api, "cec", cec).expect("generation of the generated CEC");
+    for node in ["node-a", "node-b"] {
+        assert_eq!(
+            reported(&api, node, cec),
+            Some(("Acked".into(), gen_web)),
+            "{node}"
+        );
+    }
+    // Generated objects are owned by the Ingress and managed by the operator.
+    let owners = get(
+        &api,
+        &[
+            "get",
+            "cec",
+            cec,
+            "-o",
+            "jsonpath={.metadata.ownerReferences[0].kind}/{.metadata.ownerReferences[0].name}",
+        ],
+    );
+    assert_eq!(owners.as_deref(), Some("Ingress/web"));
+    let managers = get(
+        &api,
+        &[
+            "get",
+            "svc",
+            "cilium-ingress-web",
+            "-o",
+            "jsonpath={.metadata.managedFields[*].manager}",
+        ],
+    )
+    .unwrap_or_default();
+    assert!(
+        managers.contains("membrane-operator"),
+        "managers: {managers}"
+    );
+
+    // Failover: SIGKILL the leader; the other takes the Lease within the
+    // lease time (plus retry and polling slack) and keeps writing status.
+    let leader = lease_holder(&api).expect("a leader holds the Lease");
+    let (dead, survivor) = if leader == "op-1" {
+        (&mut op1, "op-2")
+    } else {
+        (&mut op2, "op-1")
+    };
+    eprintln!("leader {leader} (pid {}) killed", dead.pid());
+    dead.kill_hard();
+    let killed = Instant::now();
+    let killed_at = k8s_openapi::jiff::Timestamp::now();
+    api.ok_stdin(
+        &["apply", "-f", "-"],
+        &ingress_yaml("second", &[("/", "echo", 80)]),
+    );
+    let handed_over = wait_until(LEASE * 3, || {
+        lease_holder(&api).as_deref() == Some(survivor)
+    });
+    assert!(
+        handed_over,
+        "no handover to {survivor}\n{}",
+        all(&[&op1, &op2])
+    );
+    // When the survivor took the Lease, by the Lease's own acquireTime: at
+    // most the lease duration after the kill, plus one retry period for the
+    // candidate to notice (and one of slack).
+    let acquired = get(
+        &api,
+        &[
+            "get",
+            "lease",
+            "-n",
+            "kube-system",
+            "cilium-operator-resource-lock",
+            "-o",
+            "jsonpath={.spec.acquireTime}",
+        ],
+    )
+    .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+    .expect("acquireTime");
+    let handover = Duration::try_from(acquired.duration_since(killed_at)).unwrap_or_default();
+    eprintln!(
+        "handover to {survivor} {handover:?} after the kill (lease {LEASE:?}, retry {RETRY:?}); seen by kubectl after {:?}",
+        killed.elapsed()
+    );
+    assert!(handover <= LEASE + RETRY * 2, "handover took {handover:?}");
+    let second = wait_until(Duration::from_secs(60), || {
+        ingress_ip(&api, "second").is_some()
+    });
+    assert!(
+        second,
+        "Ingress second got no address after failover\n{}",
+        all(&[&op1, &op2])
+    );
+
+    // Deleting the Ingress removes what was generated for it.
+    api.ok(&["delete", "ingress", "web"]);
+    let gone = wait_until(Duration::from_secs(60), || {
+        !exists(&api, "cec", cec)
+            && !exists(&api, "svc", "cilium-ingress-web")
+            && !exists(&api, "endpointslice", "cilium-ingress-web")
+    });
+    assert!(
+        gone,
+        "generated objects of web remain\n{}",
+        all(&[&op1, &op2])
+    );
+    assert!(exists(&api, "cec", "cilium-ingress-default-second"));
+
+    // A bad Ingress: a Warning Event on it names the field.
+    api.ok_stdin(
+        &["apply", "-f", "-"],
+        &ingress_yaml("bad", &[("/", "missing", 80)]),
+    );
+    let mut described = String::new();
+    let warned = wait_until(Duration::from_secs(60), || {
+        described = get(&api, &["describe", "ingress", "bad"]).unwrap_or_default();
+        described.contains("Warning") && described.contains("MissingBackend")
+    });
+    assert!(
+        warned,
+        "no Warning Event:\n{described}\n{}",
+        all(&[&op1, &op2])
+    );
+    assert!(
+        described.contains("backend.service.name"),
+        "the Event does not name the field:\n{described}"
+    );
+    // Deduplicated: one Event for the problem, however many passes ran.
+    let events = get(
+        &api,
+        &[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=bad",
+            "-o",
+            "name",
+        ],
+    )
+    .unwrap_or_default();
+    assert_eq!(events.lines().count(), 1, "events: {events}");
+}
