@@ -153,3 +153,71 @@ fn classify(key: &ObjectKey, e: kube::Error) -> WriteError {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{Request, Response};
+    use kube::client::Body;
+    use membrane_store::Kind;
+
+    async fn body_json(req: Request<Body>) -> serde_json::Value {
+        let bytes = req.into_body().collect_bytes().await.expect("body");
+        serde_json::from_slice(&bytes).expect("json body")
+    }
+
+    /// The first warning creates an events.k8s.io/v1 Event regarding the
+    /// object; the same warning again patches `series.count` on that Event
+    /// instead of creating a second one.
+    #[tokio::test]
+    async fn a_repeated_warning_raises_the_series_count() {
+        let (mock, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(mock, "default");
+        let server = tokio::spawn(async move {
+            let (req, send) = handle.next_request().await.expect("create");
+            assert_eq!(req.method().as_str(), "POST");
+            assert_eq!(
+                req.uri().path(),
+                "/apis/events.k8s.io/v1/namespaces/shop/events"
+            );
+            let body = body_json(req).await;
+            assert_eq!(body["type"], "Warning");
+            assert_eq!(body["reason"], "MissingBackend");
+            assert_eq!(body["regarding"]["kind"], "Ingress");
+            assert_eq!(body["regarding"]["name"], "web");
+            assert_eq!(body["regarding"]["uid"], "u-1");
+            assert_eq!(body["reportingController"], "membrane-operator");
+            let name = body["metadata"]["name"].as_str().expect("name").to_owned();
+            assert!(name.starts_with("web."), "{name}");
+            send.send_response(
+                Response::builder()
+                    .body(Body::from(serde_json::to_vec(&body).expect("json")))
+                    .expect("response"),
+            );
+            let (req, send) = handle.next_request().await.expect("patch");
+            assert_eq!(req.method().as_str(), "PATCH");
+            assert_eq!(
+                req.uri().path(),
+                format!("/apis/events.k8s.io/v1/namespaces/shop/events/{name}")
+            );
+            let patch = body_json(req).await;
+            assert_eq!(patch["series"]["count"], 2);
+            send.send_response(
+                Response::builder()
+                    .body(Body::from(serde_json::to_vec(&body).expect("json")))
+                    .expect("response"),
+            );
+        });
+        let recorder = EventRecorder::new(client, "membrane-operator", "op-1");
+        let w = Warning {
+            regarding: ObjectKey::new(Kind::Ingress, "shop", "web"),
+            uid: Some("u-1".into()),
+            reason: "MissingBackend".into(),
+            note: "spec.rules[0].http.paths[0].backend.service.name: Service shop/x not found"
+                .into(),
+        };
+        recorder.warn(&w).await.expect("first");
+        recorder.warn(&w).await.expect("repeat");
+        server.await.expect("mock server");
+    }
+}

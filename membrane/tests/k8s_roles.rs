@@ -9,7 +9,8 @@
 //! - SIGKILL of the leading operator hands the Lease over within the lease
 //!   time, and status keeps being written (a second Ingress gets an address);
 //! - deleting an Ingress removes its CEC, Service and EndpointSlice;
-//! - `kubectl describe` of a bad Ingress shows a Warning Event naming the field.
+//! - `kubectl describe` of a bad Ingress shows a Warning Event naming the field;
+//! - an agent stopped with SIGTERM withdraws its ProxyNodeStatus.
 //!
 //! Ports 20000-20999 and addresses in 127.20.0.0/16 only.
 
@@ -522,4 +523,11 @@ spec:
     )
     .unwrap_or_default();
     assert_eq!(events.lines().count(), 1, "events: {events}");
+
+    // An agent stopped cleanly withdraws its report.
+    drop(node_b);
+    let withdrawn = wait_until(Duration::from_secs(30), || {
+        !exists(&api, "proxynodestatus", "node-b")
+    });
+    assert!(withdrawn, "node-b's ProxyNodeStatus remains after SIGTERM");
 }

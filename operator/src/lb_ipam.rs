@@ -184,4 +184,56 @@ spec:
         let svc = snap.get_typed::<Service>("default", "lb").expect("service");
         assert_eq!(lb_ip(svc), Some(Ipv4Addr::new(127, 0, 100, 3)));
     }
+
+    /// A sink that records status writes without applying them, as an
+    /// asynchronous writer looks to the next pass.
+    #[derive(Default)]
+    struct Pending(std::sync::Mutex<Vec<(ObjectKey, serde_json::Value)>>);
+
+    impl Sink for Pending {
+        fn apply_all(&self, _: Vec<membrane_store::Object>) {}
+        fn delete(&self, _: &ObjectKey) {}
+        fn status(&self, key: &ObjectKey, status: serde_json::Value) {
+            if let Ok(mut w) = self.0.lock() {
+                w.push((key.clone(), status));
+            }
+        }
+        fn warn(&self, _: membrane_k8s::Warning) {}
+    }
+
+    #[test]
+    fn an_address_whose_write_is_in_flight_is_not_given_twice() {
+        let store = Store::new();
+        let svc = |name: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  type: LoadBalancer\n  ports: [{{port: 80}}]\n"
+            )
+        };
+        for obj in membrane_store::parse_documents(&svc("b")).expect("yaml") {
+            store.apply(obj);
+        }
+        let pool: Pool = "127.0.100.0/30".parse().expect("pool");
+        let sink = Pending::default();
+        let mut ipam = LbIpam::default();
+        ipam.reconcile(&pool, &sink, &store.snapshot());
+        // Before b's status is visible, a Service sorting first appears.
+        for obj in membrane_store::parse_documents(&svc("a")).expect("yaml") {
+            store.apply(obj);
+        }
+        ipam.reconcile(&pool, &sink, &store.snapshot());
+        let writes = sink.0.lock().expect("lock").clone();
+        let ip_of = |name: &str| {
+            writes
+                .iter()
+                .rev()
+                .find(|(k, _)| k.name == name)
+                .map(|(_, v)| v["loadBalancer"]["ingress"][0]["ip"].clone())
+        };
+        assert_eq!(
+            ip_of("b"),
+            Some("127.0.100.1".into()),
+            "b keeps its address"
+        );
+        assert_eq!(ip_of("a"), Some("127.0.100.2".into()), "a gets another one");
+    }
 }

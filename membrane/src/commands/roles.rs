@@ -256,11 +256,17 @@ pub async fn agent(args: AgentArgs, api_socket: PathBuf) -> Result<ExitCode> {
         _ = shutdown.cancelled() => return Ok(ExitCode::SUCCESS),
     }
     info!("caches synced; serving");
-    let reports = Arc::new(KubeSink::spawn(
-        Writer::new(client, AGENT_MANAGER),
-        None,
-        None,
-    ));
+    let writer = Writer::new(client, AGENT_MANAGER);
+    let reports = Arc::new(KubeSink::spawn(writer.clone(), None, None));
+    let node = args.node_name.clone();
     membrane_agent::run(config, store, reports, None, shutdown).await?;
+    // A node that stops cleanly withdraws its report, so it no longer holds
+    // Ingress addresses back (a crashed one's report stays: see docs).
+    let report = membrane_store::ObjectKey::new(Kind::ProxyNodeStatus, "", &node);
+    match tokio::time::timeout(Duration::from_secs(5), writer.delete(&report)).await {
+        Ok(Ok(())) => info!(%node, "ProxyNodeStatus withdrawn"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "withdrawing the ProxyNodeStatus"),
+        Err(_) => tracing::warn!("withdrawing the ProxyNodeStatus: no answer within 5 s"),
+    }
     Ok(ExitCode::SUCCESS)
 }
