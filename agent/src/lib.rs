@@ -214,6 +214,9 @@ pub struct Reconciler {
     pub served: BTreeMap<ObjectKey, Vec<(&'static str, String)>>,
     /// `metadata.generation` of each served CEC as the last pass read it.
     pub served_generations: BTreeMap<ObjectKey, i64>,
+    /// LB addresses of each served CEC's `spec.services`, as the last pass
+    /// read them (the content it built binds them).
+    pub served_addresses: BTreeMap<ObjectKey, Vec<String>>,
     /// CECs/CCECs rejected by the last pass (NACK quarantine included).
     pub rejected_configs: BTreeMap<ObjectKey, String>,
     logged: BTreeMap<String, String>,
@@ -244,6 +247,7 @@ impl Reconciler {
             xds_snapshot: Snapshot::new(),
             served: BTreeMap::new(),
             served_generations: BTreeMap::new(),
+            served_addresses: BTreeMap::new(),
             rejected_configs: BTreeMap::new(),
             logged: BTreeMap::new(),
             warned: BTreeMap::new(),
@@ -296,6 +300,11 @@ impl Reconciler {
             .keys()
             .chain(self.rejected_configs.keys())
             .filter_map(|k| Some((k.clone(), snap.get(k)?.meta().generation.unwrap_or(0))))
+            .collect();
+        self.served_addresses = pass
+            .served
+            .keys()
+            .filter_map(|k| Some((k.clone(), report::frontends(&snap, snap.get(k)?))))
             .collect();
         self.served = pass.served;
         if let Some(dp) = &state.datapath {

@@ -8,9 +8,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use k8s_openapi::api::core::v1::Service;
 use membrane_crds::{ACKED, ConfigAck, NACKED, PENDING, ProxyNodeStatus, ProxyNodeStatusSpec};
 use membrane_k8s::Sink;
-use membrane_store::{Kind, Object, ObjectKey};
+use membrane_store::{Kind, Object, ObjectKey, StoreSnapshot};
 use tracing::debug;
 
 use crate::Reconciler;
@@ -21,6 +22,31 @@ pub fn is_config(kind: Kind) -> bool {
         kind,
         Kind::CiliumEnvoyConfig | Kind::CiliumClusterwideEnvoyConfig
     )
+}
+
+/// The LB addresses of the Services a CEC/CCEC lists in `spec.services`.
+pub fn frontends(snap: &StoreSnapshot, obj: &Object) -> Vec<String> {
+    let (services, default_ns) = match obj {
+        Object::CiliumEnvoyConfig(c) => (&c.spec.services, c.metadata.namespace.as_deref()),
+        Object::CiliumClusterwideEnvoyConfig(c) => (&c.spec.services, None),
+        _ => return Vec::new(),
+    };
+    let mut out: Vec<String> = services
+        .iter()
+        .filter_map(|s| {
+            let ns = if s.namespace.is_empty() {
+                default_ns.unwrap_or("default")
+            } else {
+                s.namespace.as_str()
+            };
+            snap.get_typed::<Service>(ns, &s.name)
+                .and_then(crate::lb_ipam::lb_ip)
+                .map(|ip| ip.to_string())
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Publishes this node's report through a [`Sink`].
@@ -67,15 +93,10 @@ fn build(rec: &Reconciler, acked: &BTreeSet<ObjectKey>) -> Vec<ConfigAck> {
     let mut out: BTreeMap<ObjectKey, ConfigAck> = BTreeMap::new();
     for key in rec.served.keys().filter(|k| is_config(k.kind)) {
         let state = if acked.contains(key) { ACKED } else { PENDING };
-        out.insert(
-            key.clone(),
-            ack(
-                key,
-                rec.served_generations.get(key).copied().unwrap_or(0),
-                state,
-                None,
-            ),
-        );
+        let generation = rec.served_generations.get(key).copied().unwrap_or(0);
+        let mut a = ack(key, generation, state, None);
+        a.addresses = rec.served_addresses.get(key).cloned().unwrap_or_default();
+        out.insert(key.clone(), a);
     }
     for (key, why) in &rec.rejected_configs {
         let generation = rec.served_generations.get(key).copied().unwrap_or(0);
@@ -90,6 +111,7 @@ fn ack(key: &ObjectKey, generation: i64, state: &str, message: Option<String>) -
         namespace: key.namespace.clone(),
         name: key.name.clone(),
         generation,
+        addresses: Vec::new(),
         state: state.to_owned(),
         message,
     }

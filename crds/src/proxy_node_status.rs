@@ -51,6 +51,10 @@ pub struct ConfigAck {
     pub name: String,
     /// `metadata.generation` of the content this answer is about.
     pub generation: i64,
+    /// The LoadBalancer addresses of the CEC's `spec.services` the content
+    /// was built with (an ACK covers listeners bound on them).
+    #[serde(default)]
+    pub addresses: Vec<String>,
     /// `Acked`, `Nacked` or `Pending`.
     pub state: String,
     /// Why it was NACKed or rejected.

@@ -5,14 +5,16 @@
 //! where the process is wired, and no controller logic depends on it.
 //!
 //! [`KubeSink`] keeps writes off the reconcile pass: a pass only enqueues;
-//! one writer task per process drains the queue, coalescing by object (the
-//! latest desired state of an object wins), retrying failures with
-//! exponential backoff and a conflict at once. Behind a leader gate it
+//! one writer task per process drains the queue with a few writes in
+//! flight, coalescing by object (the latest desired state of an object
+//! wins; a repeat of the write in flight is dropped), retrying failures
+//! with exponential backoff and a conflict at once. Behind a leader gate it
 //! writes only while the gate is open and drops everything queued the
 //! moment it closes: the next leader derives its writes from the state it
 //! reads, not from what this process had queued.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use membrane_store::{Object, ObjectKey, Store};
@@ -70,7 +72,7 @@ impl Sink for StoreSink {
     }
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug, PartialEq)]
 enum Op {
     Apply(Box<Object>),
     Delete(ObjectKey),
@@ -179,92 +181,128 @@ impl Queue {
     }
 }
 
+/// Writes in flight at once: the API answers each in milliseconds, and
+/// hundreds of objects written one by one would keep an Ingress waiting
+/// for seconds.
+const PARALLEL: usize = 16;
+
+/// A finished write: its slot, op, seq, attempts so far, and outcome.
+type Landed = (Slot, Arc<Op>, u64, u32, Result<(), WriteError>);
+type Flight = futures::future::BoxFuture<'static, Landed>;
+
 async fn write_loop(
     mut rx: mpsc::UnboundedReceiver<Op>,
     writer: Writer,
     recorder: Option<EventRecorder>,
     mut gate: Option<watch::Receiver<bool>>,
 ) {
+    use futures::StreamExt;
     let mut queue = Queue {
         items: BTreeMap::new(),
         seq: 0,
     };
+    let mut flights: futures::stream::FuturesUnordered<Flight> = Default::default();
+    // The op of every slot in flight: the same op again is dropped (a pass
+    // repeating a write it cannot see yet), a different one waits its turn.
+    let mut flying: BTreeMap<Slot, Arc<Op>> = BTreeMap::new();
     let open = |gate: &Option<watch::Receiver<bool>>| gate.as_ref().is_none_or(|g| *g.borrow());
+    let enqueue = |queue: &mut Queue, flying: &BTreeMap<Slot, Arc<Op>>, op: Op| {
+        if flying.get(&op.slot()).is_some_and(|f| **f == op) {
+            return;
+        }
+        queue.push(op);
+    };
     loop {
         let next_due = queue.items.values().map(|q| q.due).min();
         let is_open = open(&gate);
         tokio::select! {
             op = rx.recv() => match op {
-                Some(op) => queue.push(op),
+                Some(op) => enqueue(&mut queue, &flying, op),
                 None => return,
             },
+            Some((slot, op, seq, attempts, result)) = flights.next(), if !flights.is_empty() => {
+                flying.remove(&slot);
+                while let Ok(op) = rx.try_recv() {
+                    enqueue(&mut queue, &flying, op);
+                }
+                if let Err(e) = result {
+                    let op = Arc::try_unwrap(op).unwrap_or_else(|shared| (*shared).clone());
+                    retry(&mut queue, slot, Queued { op, seq, attempts, due: Instant::now() }, e);
+                }
+            }
             _ = sleep_until(next_due), if next_due.is_some() && is_open => {}
             r = gate_changed(&mut gate) => if r.is_err() { return },
         }
         while let Ok(op) = rx.try_recv() {
-            queue.push(op);
+            enqueue(&mut queue, &flying, op);
         }
         if !open(&gate) {
-            if !queue.items.is_empty() {
+            // Losing the lease stops writing at once: queued writes are
+            // dropped and those in flight abandoned.
+            if !queue.items.is_empty() || !flights.is_empty() {
                 debug!(
-                    dropped = queue.items.len(),
-                    "not leading: queued writes dropped"
+                    dropped = queue.items.len() + flights.len(),
+                    "not leading: writes dropped"
                 );
             }
             queue.items.clear();
+            flights = Default::default();
+            flying.clear();
             continue;
         }
         let now = Instant::now();
         let mut due: Vec<(u64, Slot)> = queue
             .items
             .iter()
-            .filter(|(_, q)| q.due <= now)
+            .filter(|(s, q)| q.due <= now && !flying.contains_key(*s))
             .map(|(s, q)| (q.seq, s.clone()))
             .collect();
         due.sort();
-        for (_, slot) in due {
-            // Losing the lease stops writing at once, even mid-batch.
-            if !open(&gate) {
-                queue.items.clear();
-                break;
-            }
+        for (_, slot) in due.into_iter().take(PARALLEL.saturating_sub(flights.len())) {
             let Some(q) = queue.items.remove(&slot) else {
                 continue;
             };
-            let result = perform(&writer, recorder.as_ref(), &q.op).await;
-            while let Ok(op) = rx.try_recv() {
-                queue.push(op);
-            }
-            let Err(e) = result else { continue };
-            // A status for an object that is gone has nothing left to do.
-            if matches!(
-                (&q.op, &e),
-                (Op::Status(..), WriteError::Refused { code: 404, .. })
-            ) {
-                debug!(error = %e, "status of a deleted object dropped");
-                continue;
-            }
-            if queue.items.contains_key(&slot) {
-                // Superseded while in flight: the newer write goes next.
-                continue;
-            }
-            let attempts = q.attempts + 1;
-            let delay = if matches!(e, WriteError::Conflict { .. }) {
-                Duration::ZERO
-            } else {
-                backoff(attempts)
-            };
-            warn!(error = %e, attempts, retry_in_ms = delay.as_millis() as u64, "write failed; retrying");
-            queue.items.insert(
-                slot,
-                Queued {
-                    due: Instant::now() + delay,
-                    attempts,
-                    ..q
-                },
-            );
+            let op = Arc::new(q.op);
+            flying.insert(slot.clone(), op.clone());
+            let (writer, recorder) = (writer.clone(), recorder.clone());
+            let (seq, attempts) = (q.seq, q.attempts);
+            flights.push(Box::pin(async move {
+                let result = perform(&writer, recorder.as_ref(), &op).await;
+                (slot, op, seq, attempts, result)
+            }));
         }
     }
+}
+
+/// A failed write goes back into the queue, unless a newer one for the
+/// same slot arrived meanwhile.
+fn retry(queue: &mut Queue, slot: Slot, q: Queued, e: WriteError) {
+    // A status for an object that is gone has nothing left to do.
+    if matches!(
+        (&q.op, &e),
+        (Op::Status(..), WriteError::Refused { code: 404, .. })
+    ) {
+        debug!(error = %e, "status of a deleted object dropped");
+        return;
+    }
+    if queue.items.contains_key(&slot) {
+        return;
+    }
+    let attempts = q.attempts + 1;
+    let delay = if matches!(e, WriteError::Conflict { .. }) {
+        Duration::ZERO
+    } else {
+        backoff(attempts)
+    };
+    warn!(error = %e, attempts, retry_in_ms = delay.as_millis() as u64, "write failed; retrying");
+    queue.items.insert(
+        slot,
+        Queued {
+            due: Instant::now() + delay,
+            attempts,
+            ..q
+        },
+    );
 }
 
 async fn sleep_until(due: Option<Instant>) {

@@ -531,3 +531,158 @@ spec:
     });
     assert!(withdrawn, "node-b's ProxyNodeStatus remains after SIGTERM");
 }
+
+/// Issue 9 in Kubernetes mode: 100 Ingresses × 10 paths applied with
+/// kubectl, one operator, one agent. Once the agent reports every CEC
+/// ACKed and every LB Service has its address, nothing else changes: the
+/// only work left is the operator's status writes, so an ACK → status
+/// wake-up lost anywhere would leave Ingresses without an address for
+/// good. The operator's check runs after every wake-up against current
+/// state, so every Ingress gets its address; the time this takes is
+/// printed (it is bounded by the API server's write rate, here a
+/// debug-build SQLite server fsyncing every write on a shared machine).
+#[test]
+fn many_ingresses_get_addresses_after_the_final_ack() {
+    const INGRESSES: usize = 100;
+    const PATHS: usize = 10;
+    /// Generous: the point is that the addresses come at all, with no
+    /// unrelated event to wake the operator.
+    const BOUND: Duration = Duration::from_secs(30);
+    require_envoy();
+    let api = ApiServer::start(20002);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut docs = vec![INGRESS_CLASS.to_owned()];
+    for s in 0..INGRESSES {
+        docs.push(service_yaml(
+            &format!("svc-{s}"),
+            80,
+            None,
+            &format!("10.1.{}.{}", s / 250, s % 250 + 1),
+        ));
+    }
+    for i in 0..INGRESSES {
+        let routes: Vec<(String, String)> = (0..PATHS)
+            .map(|j| {
+                (
+                    format!("/i{i}/r{j}"),
+                    format!("svc-{}", (i + j) % INGRESSES),
+                )
+            })
+            .collect();
+        let routes: Vec<(&str, &str, u16)> = routes
+            .iter()
+            .map(|(p, s)| (p.as_str(), s.as_str(), 80))
+            .collect();
+        docs.push(ingress_yaml(&format!("ing-{i}"), &routes));
+    }
+    let manifest = dir.path().join("many.yaml");
+    std::fs::write(&manifest, docs.join("\n---\n")).expect("write");
+    api.ok(&["apply", "-f", manifest.to_str().unwrap_or_default()]);
+
+    let run = dir.path().join("node-m");
+    std::fs::create_dir_all(&run).expect("run dir");
+    let node_args: Vec<String> = [
+        "agent",
+        "--api-socket",
+        &run.join("api.sock").display().to_string(),
+        "--kubeconfig",
+        &api.kubeconfig.display().to_string(),
+        "--node-name",
+        "node-m",
+        "--run-dir",
+        &run.display().to_string(),
+        "--envoy-bin",
+        &envoy_bin().display().to_string(),
+        "--lb-pool",
+        "127.20.2.0/24",
+        "--http-port",
+        "20180",
+        "--https-port",
+        "20543",
+        "--proxy-ports",
+        "20300-20599",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let node = Role::spawn("node-m", dir.path(), &node_args);
+    let op_args: Vec<String> = [
+        "operator",
+        "--kubeconfig",
+        &api.kubeconfig.display().to_string(),
+        "--lb-pool",
+        "127.20.2.0/24",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let op = Role::spawn("op-m", dir.path(), &op_args);
+
+    let count = |kind: &str, pointer: &str, want: &str| {
+        let out = get(&api, &["get", kind, "-o", "json"]).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        v["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|i| match i.pointer(pointer) {
+                Some(x) if want.is_empty() => !x.is_null(),
+                Some(x) => x == want,
+                None => false,
+            })
+            .count()
+    };
+    let acks = || {
+        let out =
+            get(&api, &["get", "proxynodestatus", "node-m", "-o", "json"]).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        v["status"]["configs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["state"] == "Acked")
+            .count()
+    };
+    // Bounded polls, slow enough not to starve the roles of CPU.
+    let poll = |limit: Duration, f: &mut dyn FnMut() -> bool| {
+        let deadline = Instant::now() + limit;
+        loop {
+            if f() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    };
+    let started = Instant::now();
+    let settled = poll(Duration::from_secs(300), &mut || {
+        acks() == INGRESSES
+            && count("services", "/status/loadBalancer/ingress/0/ip", "") == INGRESSES
+    });
+    assert!(
+        settled,
+        "agent never reported every CEC ACKed with every LB address given\n{}",
+        logs(&[&node, &op], &api)
+    );
+    let acked_at = Instant::now();
+    eprintln!(
+        "every CEC ACKed, every LB address given after {:?}",
+        acked_at - started
+    );
+    let mut addressed = 0;
+    let done = poll(BOUND, &mut || {
+        addressed = count("ingresses", "/status/loadBalancer/ingress/0/ip", "");
+        addressed == INGRESSES
+    });
+    eprintln!(
+        "{addressed}/{INGRESSES} Ingresses addressed {:?} after the final ACK",
+        acked_at.elapsed()
+    );
+    assert!(
+        done,
+        "only {addressed} of {INGRESSES} Ingresses have an address {BOUND:?} after the final ACK\n{}",
+        logs(&[&node, &op], &api)
+    );
+}

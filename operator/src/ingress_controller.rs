@@ -157,7 +157,18 @@ fn fingerprint(ing: &Ingress, snap: &StoreSnapshot, default_secret: Option<&Secr
             .and_then(|o| o.meta().resource_version.clone())
             .unwrap_or_else(|| "-".into())
     };
-    let mut fp = ing.metadata.resource_version.clone().unwrap_or_default();
+    // The Ingress's spec (generation), annotations and labels, not its
+    // resourceVersion: a status write must not cause a re-translation (in
+    // Kubernetes mode that would be three needless writes per Ingress).
+    let meta = &ing.metadata;
+    let mut fp = match meta.generation {
+        Some(g) => format!(
+            "g{g} {:?} {:?}",
+            meta.annotations.as_ref(),
+            meta.labels.as_ref()
+        ),
+        None => meta.resource_version.clone().unwrap_or_default(),
+    };
     let spec = ing.spec.as_ref();
     let backends = spec
         .and_then(|s| s.default_backend.as_ref())

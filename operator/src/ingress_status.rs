@@ -33,9 +33,6 @@ impl StatusWriter {
         let mut still_managed = BTreeSet::new();
         for m in managed {
             still_managed.insert(m.ingress.clone());
-            if !acked_everywhere(snap, &reports, &m.cec) {
-                continue;
-            }
             let Some(ip) = snap
                 .get_typed::<Service>(&m.service.namespace, &m.service.name)
                 .and_then(lb_ip)
@@ -43,6 +40,10 @@ impl StatusWriter {
                 continue;
             };
             let ip = ip.to_string();
+            // The ACK must cover listeners on this very address.
+            if !acked_everywhere(snap, &reports, &m.cec, Some(&ip)) {
+                continue;
+            }
             self.written.insert(m.ingress.clone());
             if ingress_ip(snap, &m.ingress).as_deref() == Some(ip.as_str()) {
                 continue;
@@ -82,11 +83,13 @@ fn ingress_ip(snap: &StoreSnapshot, key: &ObjectKey) -> Option<String> {
 }
 
 /// Whether at least one agent serves `cec` and every agent whose node its
-/// `nodeSelector` selects reports an ACK of its current generation.
+/// `nodeSelector` selects reports an ACK of its current generation (built
+/// with `address` as its Service's LB address, if given).
 pub fn acked_everywhere(
     snap: &StoreSnapshot,
     reports: &[&ProxyNodeStatus],
     cec: &ObjectKey,
+    address: Option<&str>,
 ) -> bool {
     let Some(obj) = snap.get(cec) else {
         return false;
@@ -109,6 +112,7 @@ pub fn acked_everywhere(
                 && c.name == cec.name
                 && c.generation == generation
                 && c.state == ACKED
+                && address.is_none_or(|a| c.addresses.iter().any(|x| x == a))
         });
         if !acked {
             return false;
@@ -177,11 +181,18 @@ mod tests {
         let check = |store: &Store| {
             let snap = store.snapshot();
             let reports: Vec<&ProxyNodeStatus> = snap.typed::<ProxyNodeStatus>(None).collect();
-            acked_everywhere(&snap, &reports, &cec)
+            acked_everywhere(&snap, &reports, &cec, None)
         };
         assert!(!check(&store), "no agent serves it yet");
         report(&store, "a", "{role: edge}", 1, ACKED);
         assert!(check(&store));
+        // An ACK of content built before the Service had its LB address
+        // does not cover that address.
+        {
+            let snap = store.snapshot();
+            let reports: Vec<&ProxyNodeStatus> = snap.typed::<ProxyNodeStatus>(None).collect();
+            assert!(!acked_everywhere(&snap, &reports, &cec, Some("127.0.0.9")));
+        }
         // A node the selector does not pick has no say.
         report(&store, "b", "{role: other}", 0, "Pending");
         assert!(check(&store));
