@@ -76,6 +76,8 @@ pub struct AgentConfig {
     pub ports: PortMap,
     pub node_name: String,
     pub node_labels: BTreeMap<String, String>,
+    /// Later values of `node_labels` (the Node was relabelled).
+    pub node_labels_updates: Option<watch::Receiver<BTreeMap<String, String>>>,
     /// Ports for listeners without an address (default 10000-20000).
     pub proxy_ports: Option<std::ops::RangeInclusive<u16>>,
     /// The eBPF service datapath (`--datapath ebpf`); `None` = no datapath.
@@ -254,6 +256,15 @@ impl Reconciler {
         }
     }
 
+    /// This node's labels changed: select CECs by the new ones.
+    pub fn set_node_labels(&mut self, labels: BTreeMap<String, String>) {
+        self.pipeline.set_node_labels(labels.clone());
+        self.node_labels = labels;
+        // Hand the snapshot to the cache again: with or without labels it
+        // is the default node's or this node's own.
+        self.last_resources = None;
+    }
+
     /// Give nodes that connected or changed labels their snapshots.
     pub fn node_pass(&mut self, state: &AgentState) {
         self.nodes.pass(
@@ -376,6 +387,7 @@ async fn reconcile_loop(
     let mut ack_rx = state.cache.subscribe();
     let mut rec = Reconciler::new(config, controller);
     let mut reporter = report::Reporter::new(&config.node_name, &config.node_labels, reports);
+    let mut labels_rx = config.node_labels_updates.clone();
     let mut nacks = nack::NackHandler::default();
     let mut store_dirty = true;
 
@@ -411,8 +423,33 @@ async fn reconcile_loop(
             r = store_rx.changed() => { if r.is_err() { return; } true }
             r = ack_rx.changed() => { if r.is_err() { return; } false }
             _ = configs::retry_timer(rec.pipeline.next_wake()) => false,
+            labels = next_labels(&mut labels_rx) => match labels {
+                Some(labels) => {
+                    info!(?labels, "node labels changed");
+                    reporter.set_labels(&labels);
+                    rec.set_node_labels(labels);
+                    true
+                }
+                None => {
+                    labels_rx = None;
+                    false
+                }
+            },
             _ = shutdown.cancelled() => return,
         };
+    }
+}
+
+/// The next label set, or `None` once the updates end.
+async fn next_labels(
+    rx: &mut Option<watch::Receiver<BTreeMap<String, String>>>,
+) -> Option<BTreeMap<String, String>> {
+    match rx {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => Some(rx.borrow_and_update().clone()),
+            Err(_) => None,
+        },
+        None => std::future::pending().await,
     }
 }
 

@@ -52,6 +52,7 @@ pub fn frontends(snap: &StoreSnapshot, obj: &Object) -> Vec<String> {
 /// Publishes this node's report through a [`Sink`].
 pub struct Reporter<'a> {
     key: ObjectKey,
+    node: String,
     sink: &'a dyn Sink,
     last: Option<Vec<ConfigAck>>,
 }
@@ -59,21 +60,18 @@ pub struct Reporter<'a> {
 impl<'a> Reporter<'a> {
     /// Declares the node's report object (its labels in `spec`).
     pub fn new(node: &str, labels: &BTreeMap<String, String>, sink: &'a dyn Sink) -> Self {
-        let mut obj = ProxyNodeStatus::new(
-            node,
-            ProxyNodeStatusSpec {
-                node_labels: labels.clone(),
-            },
-        );
-        obj.metadata.labels = Some([("membrane.io/node".to_owned(), node.to_owned())].into());
-        let obj = Object::ProxyNodeStatus(obj);
-        let key = obj.key();
-        sink.apply_all(vec![obj]);
+        let key = declare(node, labels, sink);
         Self {
             key,
+            node: node.to_owned(),
             sink,
             last: None,
         }
+    }
+
+    /// The node's labels changed: the report says so.
+    pub fn set_labels(&mut self, labels: &BTreeMap<String, String>) {
+        declare(&self.node, labels, self.sink);
     }
 
     /// Writes the report if it differs from the last one written.
@@ -87,6 +85,21 @@ impl<'a> Reporter<'a> {
         self.sink.status(&self.key, status);
         self.last = Some(configs);
     }
+}
+
+/// Creates or updates the node's report object (labels in `spec`).
+fn declare(node: &str, labels: &BTreeMap<String, String>, sink: &dyn Sink) -> ObjectKey {
+    let mut obj = ProxyNodeStatus::new(
+        node,
+        ProxyNodeStatusSpec {
+            node_labels: labels.clone(),
+        },
+    );
+    obj.metadata.labels = Some([("membrane.io/node".to_owned(), node.to_owned())].into());
+    let obj = Object::ProxyNodeStatus(obj);
+    let key = obj.key();
+    sink.apply_all(vec![obj]);
+    key
 }
 
 fn build(rec: &Reconciler, acked: &BTreeSet<ObjectKey>) -> Vec<ConfigAck> {

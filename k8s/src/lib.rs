@@ -93,6 +93,41 @@ pub async fn client_for(
     Ok(kube::Client::try_from(config)?)
 }
 
+/// Follows the labels of Node `name`, starting from `initial`: the
+/// receiver sees every change (a deleted Node keeps its last labels).
+pub fn watch_node_labels(
+    client: kube::Client,
+    name: &str,
+    initial: std::collections::BTreeMap<String, String>,
+) -> watch::Receiver<std::collections::BTreeMap<String, String>> {
+    use k8s_openapi::api::core::v1::Node;
+    let (tx, rx) = watch::channel(initial);
+    let api: Api<Node> = Api::all(client);
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let name = name.to_owned();
+    tokio::spawn(async move {
+        let mut events = watcher::watcher(api, config).default_backoff().boxed();
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(Event::Apply(node) | Event::InitApply(node)) => {
+                    let labels = node.metadata.labels.unwrap_or_default();
+                    tx.send_if_modified(|l| {
+                        let changed = *l != labels;
+                        *l = labels;
+                        changed
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => warn!(node = %name, error = %e, "kube: Node watch failed; retrying"),
+            }
+            if tx.is_closed() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 /// The labels of Node `name`: the Node's own if it exists, else the Node is
 /// created with `labels` (an agent started before its Node was registered).
 pub async fn ensure_node(

@@ -10,6 +10,7 @@
 //!   time, and status keeps being written (a second Ingress gets an address);
 //! - deleting an Ingress removes its CEC, Service and EndpointSlice;
 //! - `kubectl describe` of a bad Ingress shows a Warning Event naming the field;
+//! - relabelling a Node moves the CECs its agent serves;
 //! - an agent stopped with SIGTERM withdraws its ProxyNodeStatus.
 //!
 //! Ports 20000-20999 and addresses in 127.20.0.0/16 only.
@@ -523,6 +524,33 @@ spec:
     )
     .unwrap_or_default();
     assert_eq!(events.lines().count(), 1, "events: {events}");
+
+    // Relabelling a Node moves CECs: node b now matches only-a's selector.
+    api.ok(&["label", "node", "node-b", "role=a", "--overwrite"]);
+    let moved = wait_until(Duration::from_secs(30), || {
+        reported(&api, "node-b", "only-a") == Some(("Acked".into(), gen_a))
+            && admin_listeners(20902).contains("only-a/direct")
+    });
+    assert!(
+        moved,
+        "node b does not serve only-a after relabelling\n{}",
+        node_b.log()
+    );
+    let labels = get(
+        &api,
+        &[
+            "get",
+            "proxynodestatus",
+            "node-b",
+            "-o",
+            "jsonpath={.spec.nodeLabels.role}",
+        ],
+    );
+    assert_eq!(
+        labels.as_deref(),
+        Some("a"),
+        "the report carries the new labels"
+    );
 
     // An agent stopped cleanly withdraws its report.
     drop(node_b);

@@ -239,6 +239,11 @@ pub async fn agent(args: AgentArgs, api_socket: PathBuf) -> Result<ExitCode> {
             transparent: false,
         },
         node_name: args.node_name.clone(),
+        node_labels_updates: Some(membrane_k8s::watch_node_labels(
+            client.clone(),
+            &args.node_name,
+            node_labels.clone(),
+        )),
         node_labels,
         proxy_ports: Some(args.proxy_ports.clone()),
         datapath: args.datapath.options()?,
