@@ -222,6 +222,7 @@ impl Harness {
             ports: crate::PortMap::default(),
             node_name: "bench".into(),
             node_labels: Default::default(),
+            node_uid: None,
             node_labels_updates: None,
             proxy_ports: None,
             datapath: None,

@@ -76,6 +76,9 @@ pub struct AgentConfig {
     pub ports: PortMap,
     pub node_name: String,
     pub node_labels: BTreeMap<String, String>,
+    /// uid of this node's Node object, if there is one: the node's report
+    /// is owned by it, so deleting the Node garbage-collects the report.
+    pub node_uid: Option<String>,
     /// Later values of `node_labels` (the Node was relabelled).
     pub node_labels_updates: Option<watch::Receiver<BTreeMap<String, String>>>,
     /// Ports for listeners without an address (default 10000-20000).
@@ -386,7 +389,12 @@ async fn reconcile_loop(
     let mut store_rx = store.subscribe();
     let mut ack_rx = state.cache.subscribe();
     let mut rec = Reconciler::new(config, controller);
-    let mut reporter = report::Reporter::new(&config.node_name, &config.node_labels, reports);
+    let mut reporter = report::Reporter::new(
+        &config.node_name,
+        config.node_uid.as_deref(),
+        &config.node_labels,
+        reports,
+    );
     let mut labels_rx = config.node_labels_updates.clone();
     let mut nacks = nack::NackHandler::default();
     let mut store_dirty = true;

@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use membrane_crds::{ACKED, ConfigAck, NACKED, PENDING, ProxyNodeStatus, ProxyNodeStatusSpec};
 use membrane_k8s::Sink;
 use membrane_store::{Kind, Object, ObjectKey, StoreSnapshot};
@@ -53,17 +54,24 @@ pub fn frontends(snap: &StoreSnapshot, obj: &Object) -> Vec<String> {
 pub struct Reporter<'a> {
     key: ObjectKey,
     node: String,
+    node_uid: Option<String>,
     sink: &'a dyn Sink,
     last: Option<Vec<ConfigAck>>,
 }
 
 impl<'a> Reporter<'a> {
     /// Declares the node's report object (its labels in `spec`).
-    pub fn new(node: &str, labels: &BTreeMap<String, String>, sink: &'a dyn Sink) -> Self {
-        let key = declare(node, labels, sink);
+    pub fn new(
+        node: &str,
+        node_uid: Option<&str>,
+        labels: &BTreeMap<String, String>,
+        sink: &'a dyn Sink,
+    ) -> Self {
+        let key = declare(node, node_uid, labels, sink);
         Self {
             key,
             node: node.to_owned(),
+            node_uid: node_uid.map(str::to_owned),
             sink,
             last: None,
         }
@@ -71,7 +79,7 @@ impl<'a> Reporter<'a> {
 
     /// The node's labels changed: the report says so.
     pub fn set_labels(&mut self, labels: &BTreeMap<String, String>) {
-        declare(&self.node, labels, self.sink);
+        declare(&self.node, self.node_uid.as_deref(), labels, self.sink);
     }
 
     /// Writes the report if it differs from the last one written.
@@ -88,7 +96,12 @@ impl<'a> Reporter<'a> {
 }
 
 /// Creates or updates the node's report object (labels in `spec`).
-fn declare(node: &str, labels: &BTreeMap<String, String>, sink: &dyn Sink) -> ObjectKey {
+fn declare(
+    node: &str,
+    node_uid: Option<&str>,
+    labels: &BTreeMap<String, String>,
+    sink: &dyn Sink,
+) -> ObjectKey {
     let mut obj = ProxyNodeStatus::new(
         node,
         ProxyNodeStatusSpec {
@@ -96,6 +109,17 @@ fn declare(node: &str, labels: &BTreeMap<String, String>, sink: &dyn Sink) -> Ob
         },
     );
     obj.metadata.labels = Some([("membrane.io/node".to_owned(), node.to_owned())].into());
+    // Owned by the Node: a node removed from the cluster takes its report
+    // (and its say over Ingress addresses) with it.
+    obj.metadata.owner_references = node_uid.map(|uid| {
+        vec![OwnerReference {
+            api_version: "v1".into(),
+            kind: "Node".into(),
+            name: node.to_owned(),
+            uid: uid.to_owned(),
+            ..Default::default()
+        }]
+    });
     let obj = Object::ProxyNodeStatus(obj);
     let key = obj.key();
     sink.apply_all(vec![obj]);

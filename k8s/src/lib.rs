@@ -128,21 +128,32 @@ pub fn watch_node_labels(
     rx
 }
 
-/// The labels of Node `name`: the Node's own if it exists, else the Node is
-/// created with `labels` (an agent started before its Node was registered).
+/// A Node as an agent sees it at start.
+#[derive(Clone, Debug, Default)]
+pub struct NodeInfo {
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub uid: Option<String>,
+}
+
+/// Node `name`: the existing one, else the Node is created with `labels`
+/// (an agent started before its Node was registered).
 pub async fn ensure_node(
     client: &kube::Client,
     name: &str,
     labels: &std::collections::BTreeMap<String, String>,
-) -> Result<std::collections::BTreeMap<String, String>, K8sError> {
+) -> Result<NodeInfo, K8sError> {
     use k8s_openapi::api::core::v1::Node;
     let api: Api<Node> = Api::all(client.clone());
     let node_err = |source| K8sError::Node {
         name: name.to_owned(),
         source,
     };
+    let info = |node: Node| NodeInfo {
+        labels: node.metadata.labels.unwrap_or_default(),
+        uid: node.metadata.uid,
+    };
     if let Some(node) = api.get_opt(name).await.map_err(node_err)? {
-        return Ok(node.metadata.labels.unwrap_or_default());
+        return Ok(info(node));
     }
     let node = Node {
         metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
@@ -153,15 +164,11 @@ pub async fn ensure_node(
         ..Default::default()
     };
     match api.create(&kube::api::PostParams::default(), &node).await {
-        Ok(_) => Ok(labels.clone()),
+        Ok(created) => Ok(info(created)),
         // Registered meanwhile: its labels win.
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(api
-            .get(name)
-            .await
-            .map_err(node_err)?
-            .metadata
-            .labels
-            .unwrap_or_default()),
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            Ok(info(api.get(name).await.map_err(node_err)?))
+        }
         Err(e) => Err(node_err(e)),
     }
 }

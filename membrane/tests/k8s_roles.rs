@@ -9,9 +9,11 @@
 //! - SIGKILL of the leading operator hands the Lease over within the lease
 //!   time, and status keeps being written (a second Ingress gets an address);
 //! - deleting an Ingress removes its CEC, Service and EndpointSlice;
-//! - `kubectl describe` of a bad Ingress shows a Warning Event naming the field;
+//! - `kubectl describe` of a bad Ingress shows a Warning Event naming the field,
+//!   and of a CEC an agent rejected one naming the node;
 //! - relabelling a Node moves the CECs its agent serves;
-//! - an agent stopped with SIGTERM withdraws its ProxyNodeStatus.
+//! - an agent stopped with SIGTERM withdraws its ProxyNodeStatus, and a
+//!   deleted Node's report is garbage-collected.
 //!
 //! Ports 20000-20999 and addresses in 127.20.0.0/16 only.
 
@@ -525,6 +527,27 @@ spec:
     .unwrap_or_default();
     assert_eq!(events.lines().count(), 1, "events: {events}");
 
+    // A CEC the agent cannot take: a Warning Event on it names the node.
+    api.ok_stdin(
+        &["apply", "-f", "-"],
+        r#"apiVersion: cilium.io/v2
+kind: CiliumEnvoyConfig
+metadata: {name: broken, namespace: default}
+spec:
+  nodeSelector: {matchLabels: {role: a}}
+  resources:
+  - "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+    name: broken
+    noSuchField: 1
+"#,
+    );
+    let mut described = String::new();
+    let warned = wait_until(Duration::from_secs(60), || {
+        described = get(&api, &["describe", "cec", "broken"]).unwrap_or_default();
+        described.contains("ConfigRejected") && described.contains("node node-a")
+    });
+    assert!(warned, "no Warning Event on the CEC:\n{described}");
+
     // Relabelling a Node moves CECs: node b now matches only-a's selector.
     api.ok(&["label", "node", "node-b", "role=a", "--overwrite"]);
     let moved = wait_until(Duration::from_secs(30), || {
@@ -558,6 +581,14 @@ spec:
         !exists(&api, "proxynodestatus", "node-b")
     });
     assert!(withdrawn, "node-b's ProxyNodeStatus remains after SIGTERM");
+
+    // A Node removed from the cluster takes its agent's report with it
+    // (the report is owned by the Node; garbage collection).
+    api.ok(&["delete", "node", "node-a"]);
+    let collected = wait_until(Duration::from_secs(30), || {
+        !exists(&api, "proxynodestatus", "node-a")
+    });
+    assert!(collected, "node-a's ProxyNodeStatus outlives its Node");
 }
 
 /// Issue 9 in Kubernetes mode: 100 Ingresses × 10 paths applied with

@@ -16,6 +16,7 @@ pub mod lb_ipam;
 
 use std::collections::BTreeMap;
 
+use membrane_crds::{NACKED, ProxyNodeStatus};
 use membrane_ingress::{LoadBalancerMode, TranslateOptions};
 use membrane_k8s::{KubeSource, Sink, Warning};
 use membrane_store::{Kind, ObjectKey, Store};
@@ -83,8 +84,26 @@ impl Operator {
         rejected.extend(ingress.rejected);
         let snap = store.snapshot();
         self.status.reconcile(sink, &snap, &ingress.managed);
+        // What agents rejected (Envoy NACKs, CECs they cannot parse) is
+        // reported as well, on the CEC, naming the node.
+        let mut warnings = rejected.clone();
+        for report in snap.typed::<ProxyNodeStatus>(None) {
+            let node = report.metadata.name.as_deref().unwrap_or_default();
+            for c in report.status.iter().flat_map(|s| &s.configs) {
+                let Some(kind) = Kind::from_type(membrane_crds::API_VERSION, &c.kind) else {
+                    continue;
+                };
+                if c.state != NACKED {
+                    continue;
+                }
+                let why = c.message.as_deref().unwrap_or("rejected");
+                warnings
+                    .entry(ObjectKey::new(kind, &c.namespace, &c.name))
+                    .or_insert_with(|| format!("node {node}: {why}"));
+            }
+        }
         // One Event per distinct rejection; the recorder counts repeats.
-        for (key, why) in &rejected {
+        for (key, why) in &warnings {
             if self.warned.get(key) == Some(why) {
                 continue;
             }
@@ -95,7 +114,7 @@ impl Operator {
                 note: why.clone(),
             });
         }
-        self.warned = rejected.clone();
+        self.warned = warnings;
         OperatorPass {
             rejected,
             managed: ingress.managed,
@@ -111,6 +130,7 @@ fn reason_of(kind: Kind, why: &str) -> &'static str {
         }
         Kind::Ingress => "InvalidIngress",
         Kind::Service => "AddressUnavailable",
+        Kind::CiliumEnvoyConfig | Kind::CiliumClusterwideEnvoyConfig => "ConfigRejected",
         _ => "Rejected",
     }
 }

@@ -219,10 +219,11 @@ pub async fn agent(args: AgentArgs, api_socket: PathBuf) -> Result<ExitCode> {
     let client = membrane_k8s::client_for(args.kubeconfig.as_deref(), &user_agent)
         .await
         .context("connecting to the Kubernetes API")?;
-    let node_labels =
+    let node =
         membrane_k8s::ensure_node(&client, &args.node_name, &parse_labels(&args.node_labels)?)
             .await
             .context("reading this node's labels")?;
+    let node_labels = node.labels;
     info!(node = %args.node_name, labels = ?node_labels, "membrane agent starting");
     let config = AgentConfig {
         run_dir: args.run_dir.clone(),
@@ -239,6 +240,7 @@ pub async fn agent(args: AgentArgs, api_socket: PathBuf) -> Result<ExitCode> {
             transparent: false,
         },
         node_name: args.node_name.clone(),
+        node_uid: node.uid,
         node_labels_updates: Some(membrane_k8s::watch_node_labels(
             client.clone(),
             &args.node_name,
@@ -263,13 +265,13 @@ pub async fn agent(args: AgentArgs, api_socket: PathBuf) -> Result<ExitCode> {
     info!("caches synced; serving");
     let writer = Writer::new(client, AGENT_MANAGER);
     let reports = Arc::new(KubeSink::spawn(writer.clone(), None, None));
-    let node = args.node_name.clone();
+    let node_name = args.node_name.clone();
     membrane_agent::run(config, store, reports, None, shutdown).await?;
     // A node that stops cleanly withdraws its report, so it no longer holds
     // Ingress addresses back (a crashed one's report stays: see docs).
-    let report = membrane_store::ObjectKey::new(Kind::ProxyNodeStatus, "", &node);
+    let report = membrane_store::ObjectKey::new(Kind::ProxyNodeStatus, "", &node_name);
     match tokio::time::timeout(Duration::from_secs(5), writer.delete(&report)).await {
-        Ok(Ok(())) => info!(%node, "ProxyNodeStatus withdrawn"),
+        Ok(Ok(())) => info!(node = %node_name, "ProxyNodeStatus withdrawn"),
         Ok(Err(e)) => tracing::warn!(error = %e, "withdrawing the ProxyNodeStatus"),
         Err(_) => tracing::warn!("withdrawing the ProxyNodeStatus: no answer within 5 s"),
     }

@@ -214,6 +214,7 @@ pub async fn run(args: UpArgs, api_socket: PathBuf) -> Result<ExitCode> {
         },
         node_name: args.node_name.clone(),
         node_labels: parse_labels(&args.node_labels)?,
+        node_uid: None,
         node_labels_updates: None,
         proxy_ports: None,
         datapath: args.datapath.options()?,
