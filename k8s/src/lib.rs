@@ -376,3 +376,46 @@ mod tests {
         assert_eq!(cec.kind, "CiliumEnvoyConfig");
     }
 }
+
+#[cfg(test)]
+mod user_agent_tests {
+    use std::io::{Read, Write};
+
+    /// Every request of a client made by [`super::client_for`] carries the
+    /// role's User-Agent (an RBAC audit keys on it).
+    #[tokio::test]
+    async fn clients_send_the_role_user_agent() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:20950").expect("bind 20950");
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().expect("accept");
+            let mut buf = [0u8; 4096];
+            let n = conn.read(&mut buf).expect("read");
+            let request = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+            let body = r#"{"major":"1","minor":"33","gitVersion":"v1.33.0"}"#;
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            request
+        });
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            "apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: 'http://127.0.0.1:20950'}}]\nusers: [{name: u, user: {}}]\ncontexts: [{name: x, context: {cluster: c, user: u}}]\ncurrent-context: x\n",
+        )
+        .expect("write kubeconfig");
+        let client = super::client_for(Some(&kubeconfig), &super::operator_user_agent())
+            .await
+            .expect("client");
+        let _ = client.apiserver_version().await;
+        let request = server.join().expect("server");
+        let want = format!(
+            "user-agent: membrane-operator/{}",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(request.contains(&want), "{request}");
+        assert_eq!(request.matches("user-agent:").count(), 1, "{request}");
+    }
+}
