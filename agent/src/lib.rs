@@ -284,7 +284,6 @@ impl Reconciler {
     pub fn store_pass(&mut self, state: &AgentState) {
         let store = &state.store;
         let t0 = std::time::Instant::now();
-        let t1 = t0.elapsed();
         let controlled = match self.controller.as_mut() {
             Some(c) => c.pass(store),
             None => ControllerPass::default(),
@@ -347,8 +346,7 @@ impl Reconciler {
         );
         // Where a pass spends its time (MEMBRANE_LOG=membrane_agent=debug).
         debug!(
-            ipam_ms = t1.as_secs_f64() * 1e3,
-            ingress_ms = (t2 - t1).as_secs_f64() * 1e3,
+            operator_ms = t2.as_secs_f64() * 1e3,
             pipeline_ms = (t3 - t2).as_secs_f64() * 1e3,
             total_ms = t0.elapsed().as_secs_f64() * 1e3,
             "store pass"

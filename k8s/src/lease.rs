@@ -82,11 +82,12 @@ impl LeaderElector {
     }
 
     /// Starts campaigning; the receiver reads `true` while this process leads.
-    /// The campaign ends when every receiver is dropped.
-    pub fn spawn(self) -> watch::Receiver<bool> {
+    /// The campaign ends when every receiver is dropped or the task is
+    /// aborted (before [`release`]).
+    pub fn spawn(self) -> (watch::Receiver<bool>, tokio::task::JoinHandle<()>) {
         let (tx, rx) = watch::channel(false);
-        tokio::spawn(self.run(tx));
-        rx
+        let task = tokio::spawn(self.run(tx));
+        (rx, task)
     }
 
     async fn run(mut self, tx: watch::Sender<bool>) {
@@ -225,6 +226,38 @@ impl LeaderElector {
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
             Err(e) => Err(self.err(e)),
         }
+    }
+}
+
+/// Gives the Lease up if `identity` holds it (a clean shutdown, as
+/// Cilium's operator does with ReleaseOnCancel): the next candidate takes
+/// over at its next attempt instead of after the lease duration.
+pub async fn release(client: kube::Client, config: &LeaseConfig) -> Result<bool, LeaseError> {
+    let api: Api<Lease> = Api::namespaced(client, &config.namespace);
+    let err = |source| LeaseError::Api {
+        namespace: config.namespace.clone(),
+        name: config.name.clone(),
+        source,
+    };
+    let Some(mut lease) = api.get_opt(&config.name).await.map_err(err)? else {
+        return Ok(false);
+    };
+    let Some(spec) = lease.spec.as_mut() else {
+        return Ok(false);
+    };
+    if spec.holder_identity.as_deref() != Some(config.identity.as_str()) {
+        return Ok(false);
+    }
+    spec.holder_identity = None;
+    spec.renew_time = Some(MicroTime(Timestamp::now()));
+    match api
+        .replace(&config.name, &PostParams::default(), &lease)
+        .await
+    {
+        Ok(_) => Ok(true),
+        // Someone else wrote it meanwhile: it is not ours to release.
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        Err(e) => Err(err(e)),
     }
 }
 

@@ -75,6 +75,12 @@ impl Role {
         self.child.as_ref().map(Child::id).unwrap_or_default()
     }
 
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c);
+        }
+    }
+
     fn kill_hard(&mut self) {
         if let Some(mut c) = self.child.take() {
             // SIGKILL by PID: no chance to release the Lease.
@@ -477,6 +483,48 @@ spec:
         second,
         "Ingress second got no address after failover\n{}",
         all(&[&op1, &op2])
+    );
+
+    // A leader stopped cleanly (SIGTERM) releases the Lease: a third
+    // operator takes over at its next attempt, not a lease duration later.
+    let op3 = operator(&api, dir.path(), "op-3");
+    let campaigning = wait_until(Duration::from_secs(30), || {
+        op3.log().contains("operator: caches synced")
+    });
+    assert!(campaigning, "op-3 did not start\n{}", op3.log());
+    let leader_role = if survivor == "op-1" {
+        &mut op1
+    } else {
+        &mut op2
+    };
+    let stopped_at = k8s_openapi::jiff::Timestamp::now();
+    leader_role.stop();
+    let released = wait_until(LEASE * 2, || lease_holder(&api).as_deref() == Some("op-3"));
+    assert!(
+        released,
+        "op-3 never took over\n{}",
+        all(&[&op1, &op2, &op3])
+    );
+    let acquired = get(
+        &api,
+        &[
+            "get",
+            "lease",
+            "-n",
+            "kube-system",
+            "cilium-operator-resource-lock",
+            "-o",
+            "jsonpath={.spec.acquireTime}",
+        ],
+    )
+    .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+    .expect("acquireTime");
+    let clean_handover =
+        Duration::try_from(acquired.duration_since(stopped_at)).unwrap_or_default();
+    eprintln!("clean handover to op-3 {clean_handover:?} after SIGTERM");
+    assert!(
+        clean_handover < LEASE / 2,
+        "the Lease was not released: handover took {clean_handover:?}"
     );
 
     // Deleting the Ingress removes what was generated for it.

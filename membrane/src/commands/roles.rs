@@ -124,16 +124,13 @@ pub async fn operator(args: OperatorArgs) -> Result<ExitCode> {
             ingress
         },
     };
-    let leader = LeaderElector::new(
-        client.clone(),
-        LeaseConfig {
-            lease_duration: args.leader_election_lease_duration,
-            renew_deadline: args.leader_election_renew_deadline,
-            retry_period: args.leader_election_retry_period,
-            ..LeaseConfig::cilium_defaults(&args.leader_election_namespace, &identity)
-        },
-    )
-    .spawn();
+    let lease = LeaseConfig {
+        lease_duration: args.leader_election_lease_duration,
+        renew_deadline: args.leader_election_renew_deadline,
+        retry_period: args.leader_election_retry_period,
+        ..LeaseConfig::cilium_defaults(&args.leader_election_namespace, &identity)
+    };
+    let (leader, campaign) = LeaderElector::new(client.clone(), lease.clone()).spawn();
     let recorder = EventRecorder::new(client.clone(), "membrane-operator", &identity);
     let sink = KubeSink::spawn(
         Writer::new(client.clone(), OPERATOR_MANAGER),
@@ -143,7 +140,28 @@ pub async fn operator(args: OperatorArgs) -> Result<ExitCode> {
     info!(%identity, "membrane operator starting");
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    membrane_operator::run(config, client, &sink, leader, shutdown.cancelled_owned()).await;
+    membrane_operator::run(
+        config,
+        client.clone(),
+        &sink,
+        leader.clone(),
+        shutdown.cancelled_owned(),
+    )
+    .await;
+    // A clean stop hands the Lease over at once (no renewal after it).
+    campaign.abort();
+    let _ = campaign.await;
+    match tokio::time::timeout(
+        lease.renew_deadline,
+        membrane_k8s::lease::release(client, &lease),
+    )
+    .await
+    {
+        Ok(Ok(true)) => info!(%identity, "leader election: lease released"),
+        Ok(Ok(false)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "leader election: releasing the lease"),
+        Err(_) => tracing::warn!("leader election: releasing the lease timed out"),
+    }
     Ok(ExitCode::SUCCESS)
 }
 
