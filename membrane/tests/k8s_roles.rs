@@ -8,6 +8,7 @@
 //!   its CEC's current generation, and is served at that address at once;
 //! - SIGKILL of the leading operator hands the Lease over within the lease
 //!   time, and status keeps being written (a second Ingress gets an address);
+//! - a TLS Ingress's Secret is synced into cilium-secrets;
 //! - deleting an Ingress removes its CEC, Service and EndpointSlice;
 //! - `kubectl describe` of a bad Ingress shows a Warning Event naming the field,
 //!   and of a CEC an agent rejected one naming the node;
@@ -246,6 +247,12 @@ fn exists(api: &ApiServer, kind: &str, name: &str) -> bool {
     api.kubectl(&["get", kind, name]).status.success()
 }
 
+fn exists_in(api: &ApiServer, namespace: &str, kind: &str, name: &str) -> bool {
+    api.kubectl(&["get", "-n", namespace, kind, name])
+        .status
+        .success()
+}
+
 fn admin_listeners(port: u16) -> String {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     http_get(addr, "admin", "/listeners")
@@ -427,6 +434,48 @@ spec:
     assert!(
         managers.contains("membrane-operator"),
         "managers: {managers}"
+    );
+
+    // TLS: the operator copies the Secret into cilium-secrets for SDS, and
+    // the Ingress gets its address once both agents ACKed the TLS chain.
+    api.ok(&["create", "namespace", "cilium-secrets"]);
+    let (crt, key) = membrane_certs::self_signed(&["tls.example"]).expect("certificate");
+    let (crt_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&crt_path, crt).expect("write cert");
+    std::fs::write(&key_path, key).expect("write key");
+    api.ok(&[
+        "create",
+        "secret",
+        "tls",
+        "web-tls",
+        "--cert",
+        crt_path.to_str().unwrap_or_default(),
+        "--key",
+        key_path.to_str().unwrap_or_default(),
+    ]);
+    api.ok_stdin(
+        &["apply", "-f", "-"],
+        r#"apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: secure, namespace: default}
+spec:
+  ingressClassName: cilium
+  tls: [{hosts: [tls.example], secretName: web-tls}]
+  rules:
+  - host: tls.example
+    http:
+      paths:
+      - {path: /, pathType: Prefix, backend: {service: {name: echo, port: {number: 80}}}}
+"#,
+    );
+    let synced = wait_until(Duration::from_secs(60), || {
+        exists_in(&api, "cilium-secrets", "secret", "default-web-tls")
+            && ingress_ip(&api, "secure").is_some()
+    });
+    assert!(
+        synced,
+        "TLS Secret not synced or Ingress secure not addressed\n{}",
+        all(&[&op1, &op2])
     );
 
     // Failover: SIGKILL the leader; the other takes the Lease within the
