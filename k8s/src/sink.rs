@@ -349,6 +349,69 @@ mod tests {
         assert_eq!(backoff(30), Duration::from_millis(10_000));
     }
 
+    /// Only the leader writes: nothing goes out while the gate is closed,
+    /// what was queued then is dropped, and a write made while open is a
+    /// server-side apply of the status with the operator's field manager.
+    #[tokio::test]
+    async fn writes_only_while_the_gate_is_open() {
+        use http::{Request, Response};
+        use kube::client::Body;
+        let (mock, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(mock, "default");
+        let (gate_tx, gate_rx) = watch::channel(false);
+        let sink = KubeSink::spawn(
+            Writer::new(client, crate::OPERATOR_MANAGER),
+            None,
+            Some(gate_rx),
+        );
+        let key = ObjectKey::new(membrane_store::Kind::Ingress, "a", "web");
+        let quiet = Duration::from_millis(300);
+        sink.status(
+            &key,
+            serde_json::json!({"loadBalancer": {"ingress": [{"ip": "10.0.0.1"}]}}),
+        );
+        assert!(
+            tokio::time::timeout(quiet, handle.next_request())
+                .await
+                .is_err(),
+            "a standby wrote"
+        );
+        gate_tx.send_replace(true);
+        assert!(
+            tokio::time::timeout(quiet, handle.next_request())
+                .await
+                .is_err(),
+            "a write queued while standing by went out"
+        );
+        sink.status(
+            &key,
+            serde_json::json!({"loadBalancer": {"ingress": [{"ip": "10.0.0.2"}]}}),
+        );
+        let (req, send) = tokio::time::timeout(Duration::from_secs(10), handle.next_request())
+            .await
+            .expect("the leader writes")
+            .expect("request");
+        assert_eq!(req.method().as_str(), "PATCH");
+        assert_eq!(
+            req.uri().path(),
+            "/apis/networking.k8s.io/v1/namespaces/a/ingresses/web/status"
+        );
+        let query = req.uri().query().unwrap_or_default().to_owned();
+        assert!(query.contains("fieldManager=membrane-operator"), "{query}");
+        assert!(query.contains("force=true"), "{query}");
+        let bytes = req.into_body().collect_bytes().await.expect("body");
+        let body: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+        assert_eq!(
+            body["status"]["loadBalancer"]["ingress"][0]["ip"],
+            "10.0.0.2"
+        );
+        send.send_response(
+            Response::builder()
+                .body(Body::from(serde_json::to_vec(&body).expect("json")))
+                .expect("response"),
+        );
+    }
+
     #[test]
     fn later_writes_to_an_object_replace_queued_ones() {
         let key = ObjectKey::new(membrane_store::Kind::Service, "a", "s");
