@@ -4,6 +4,27 @@
 //! `membrane bench xds --scenario translate`.
 
 use membrane_agent::bench::{Workload, translation};
+use membrane_agent::{Controller, ControllerPass};
+use membrane_k8s::StoreSink;
+use membrane_operator::{Operator, OperatorConfig};
+use membrane_store::Store;
+
+/// The operator's pass in the agent's loop, as `membrane up` runs it.
+struct InProcess(Operator);
+
+impl Controller for InProcess {
+    fn pass(&mut self, store: &Store) -> ControllerPass {
+        let pass = self.0.pass(store, &StoreSink(store.clone()));
+        ControllerPass {
+            rejected: pass.rejected,
+            generated: pass
+                .managed
+                .into_iter()
+                .map(|m| (m.ingress, m.cec))
+                .collect(),
+        }
+    }
+}
 
 fn main() {
     // MEMBRANE_LOG=membrane_agent=debug prints where each pass spends time.
@@ -15,7 +36,13 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
     let w = Workload::routes(routes);
-    match translation(&w, 50) {
+    let operator = Operator::new(&OperatorConfig {
+        lb_pool: "127.100.0.0/16".parse().expect("pool"),
+        secrets_namespace: "cilium-secrets".into(),
+        ingress_default_lb_mode: Default::default(),
+        ingress: Default::default(),
+    });
+    match translation(&w, 50, Box::new(InProcess(operator))) {
         Ok(report) => print!("{report}"),
         Err(e) => {
             eprintln!("error: {e}");

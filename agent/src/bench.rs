@@ -204,7 +204,12 @@ pub struct Harness {
 }
 
 impl Harness {
-    pub fn new(lb_pool: &str) -> Result<Self, crate::lb_ipam::PoolError> {
+    /// `controller`: the operator's pass (as `membrane up` runs it), so
+    /// Ingresses in the store become CECs.
+    pub fn new(
+        lb_pool: &str,
+        controller: Option<Box<dyn crate::Controller>>,
+    ) -> Result<Self, crate::lb_ipam::PoolError> {
         let config = crate::AgentConfig {
             run_dir: std::env::temp_dir(),
             api_socket: std::env::temp_dir().join("membrane-bench.sock"),
@@ -217,9 +222,9 @@ impl Harness {
             ports: crate::PortMap::default(),
             node_name: "bench".into(),
             node_labels: Default::default(),
-            secrets_namespace: "cilium-secrets".into(),
-            ingress_default_lb_mode: Default::default(),
-            ingress: Default::default(),
+            node_uid: None,
+            node_labels_updates: None,
+            proxy_ports: None,
             datapath: None,
             cni: None,
         };
@@ -236,7 +241,7 @@ impl Harness {
             endpoints: None,
         };
         Ok(Self {
-            reconciler: Reconciler::new(&config),
+            reconciler: Reconciler::new(&config, controller),
             state,
         })
     }
@@ -276,7 +281,11 @@ pub enum BenchError {
 
 /// Translation + pipeline + snapshot for `w`, then `samples` incremental
 /// passes of each kind.
-pub fn translation(w: &Workload, samples: usize) -> Result<TranslationReport, BenchError> {
+pub fn translation(
+    w: &Workload,
+    samples: usize,
+    controller: Box<dyn crate::Controller>,
+) -> Result<TranslationReport, BenchError> {
     use k8s_openapi::api::networking::v1::Ingress;
     let objects = w.store_objects(&pod_ip)?;
     let ingresses: Vec<Ingress> = objects
@@ -315,7 +324,7 @@ pub fn translation(w: &Workload, samples: usize) -> Result<TranslationReport, Be
     drop(snapshot);
 
     // The live path: the agent's pass on a store.
-    let mut h = Harness::new("127.100.0.0/16")?;
+    let mut h = Harness::new("127.100.0.0/16", Some(controller))?;
     h.state.store.apply_all(objects);
     let first_pass = h.settle();
     let resources = h.reconciler.xds_snapshot.len();

@@ -331,6 +331,18 @@ impl ConfigPipeline {
         self.lb_pool = pool;
     }
 
+    /// The node's labels changed (its Node was relabelled): `nodeSelector`s
+    /// are evaluated against these from the next pass on.
+    pub fn set_node_labels(&mut self, labels: BTreeMap<String, String>) {
+        self.node_labels = labels;
+    }
+
+    /// Ports address-less listeners are given (default 10000-20000); set
+    /// before the first pass.
+    pub fn set_proxy_port_range(&mut self, range: std::ops::RangeInclusive<u16>) {
+        self.proxy_ports = ProxyPorts::new(range);
+    }
+
     /// Envoy ACKed everything `key` served in the latest pass: that version
     /// becomes the one to fall back to if a later version is NACKed, and a
     /// quarantined version being retried is cleared.

@@ -1,5 +1,7 @@
-//! The Membrane agent: the one place where the store, the Ingress
-//! controller, CEC processing, the xDS server and Envoy are wired together.
+//! The Membrane agent: the one place where the store, CEC processing, the
+//! xDS server and Envoy are wired together. In `membrane up` the operator's
+//! reconcile pass runs inside the agent's loop (a [`Controller`]); in
+//! Kubernetes mode the operator is a process of its own.
 
 pub mod api;
 pub mod api_services;
@@ -12,13 +14,12 @@ pub mod datapath;
 pub mod endpoints;
 pub mod envoy;
 pub mod envoy_pb;
-pub mod ingress_controller;
-pub mod ingress_status;
 pub mod lb_ipam;
 pub mod nack;
 pub mod nodes;
 pub mod placement;
 pub mod ports;
+pub mod report;
 pub mod secrets;
 pub mod state;
 
@@ -26,7 +27,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use membrane_ingress::TranslateOptions;
+use membrane_k8s::Sink;
 use membrane_store::{ObjectKey, Store};
 use membrane_xds::{Snapshot, SnapshotCache};
 use tokio::sync::watch;
@@ -78,11 +79,13 @@ pub struct AgentConfig {
     pub ports: PortMap,
     pub node_name: String,
     pub node_labels: BTreeMap<String, String>,
-    pub secrets_namespace: String,
-    /// Mode of Ingresses without `ingress.cilium.io/loadbalancer-mode`.
-    pub ingress_default_lb_mode: membrane_ingress::LoadBalancerMode,
-    /// The Ingress controller's other feature flags.
-    pub ingress: ingress_controller::IngressOptions,
+    /// uid of this node's Node object, if there is one: the node's report
+    /// is owned by it, so deleting the Node garbage-collects the report.
+    pub node_uid: Option<String>,
+    /// Later values of `node_labels` (the Node was relabelled).
+    pub node_labels_updates: Option<watch::Receiver<BTreeMap<String, String>>>,
+    /// Ports for listeners without an address (default 10000-20000).
+    pub proxy_ports: Option<std::ops::RangeInclusive<u16>>,
     /// The eBPF service datapath (`--datapath ebpf`); `None` = no datapath.
     pub datapath: Option<datapath::DatapathOptions>,
     /// Pods through `membrane-cni` (`--enable-cni`); `None` = no CNI.
@@ -98,10 +101,30 @@ impl AgentConfig {
     }
 }
 
-/// Run until `shutdown`; Envoy is stopped before this returns.
+/// A controller that runs at the start of every store pass, before the CEC
+/// pipeline (the operator, in `membrane up`), writing into the same store.
+pub trait Controller: Send {
+    fn pass(&mut self, store: &Store) -> ControllerPass;
+}
+
+/// What a [`Controller`] pass found.
+#[derive(Debug, Default)]
+pub struct ControllerPass {
+    /// Objects it rejected, with why.
+    pub rejected: BTreeMap<ObjectKey, String>,
+    /// `(Ingress, CEC generated from it)`: an Ingress answers for its CEC's
+    /// rejection.
+    pub generated: Vec<(ObjectKey, ObjectKey)>,
+}
+
+/// Run until `shutdown`; Envoy is stopped before this returns. `reports`
+/// receives this node's `ProxyNodeStatus` (ACK reports); `controller`, if
+/// any, runs in every store pass.
 pub async fn run(
     config: AgentConfig,
     store: Store,
+    reports: std::sync::Arc<dyn Sink>,
+    controller: Option<Box<dyn Controller>>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     std::fs::create_dir_all(&config.run_dir).map_err(|source| AgentError::RunDir {
@@ -182,7 +205,14 @@ pub async fn run(
     ));
     info!(api = %config.api_socket.display(), node = %node_id, "membrane agent running");
 
-    reconcile_loop(&config, &state, shutdown.clone()).await;
+    reconcile_loop(
+        &config,
+        &state,
+        reports.as_ref(),
+        controller,
+        shutdown.clone(),
+    )
+    .await;
 
     shutdown.cancel();
     let _ = envoy_task.await;
@@ -197,9 +227,7 @@ pub async fn run(
 /// What one store-triggered pass keeps between passes: the pipeline's
 /// caches and what the latest pass produced.
 pub struct Reconciler {
-    lb_pool: Pool,
-    opts: TranslateOptions,
-    ingress: ingress_controller::IngressController,
+    controller: Option<Box<dyn Controller>>,
     pipeline: configs::ConfigPipeline,
     node_labels: BTreeMap<String, String>,
     /// Snapshots of the other nodes' Envoys.
@@ -207,14 +235,20 @@ pub struct Reconciler {
     /// The resources behind the snapshot last handed to the cache.
     last_resources: Option<Vec<configs::Built>>,
     pub xds_snapshot: Snapshot,
-    pub managed: Vec<ingress_controller::ManagedIngress>,
     pub served: BTreeMap<ObjectKey, Vec<(&'static str, String)>>,
+    /// `metadata.generation` of each served CEC as the last pass read it.
+    pub served_generations: BTreeMap<ObjectKey, i64>,
+    /// LB addresses of each served CEC's `spec.services`, as the last pass
+    /// read them (the content it built binds them).
+    pub served_addresses: BTreeMap<ObjectKey, Vec<String>>,
+    /// CECs/CCECs rejected by the last pass (NACK quarantine included).
+    pub rejected_configs: BTreeMap<ObjectKey, String>,
     logged: BTreeMap<String, String>,
     warned: BTreeMap<String, String>,
 }
 
 impl Reconciler {
-    pub fn new(config: &AgentConfig) -> Self {
+    pub fn new(config: &AgentConfig, controller: Option<Box<dyn Controller>>) -> Self {
         // With the eBPF datapath, frontends are redirected to listeners by
         // the program rather than bound by Envoy.
         let ports = PortMap {
@@ -222,27 +256,35 @@ impl Reconciler {
             ..config.ports
         };
         Self {
-            lb_pool: config.lb_pool,
-            opts: config.ingress.apply(TranslateOptions {
-                secrets_namespace: config.secrets_namespace.clone(),
-                default_lb_mode: config.ingress_default_lb_mode,
-                ..TranslateOptions::default()
-            }),
-            ingress: Default::default(),
+            controller,
             pipeline: {
                 let mut p = configs::ConfigPipeline::new(ports, config.node_labels.clone());
                 p.set_lb_pool(Some(config.lb_pool));
+                if let Some(range) = config.proxy_ports.clone() {
+                    p.set_proxy_port_range(range);
+                }
                 p
             },
             node_labels: config.node_labels.clone(),
             nodes: nodes::NodeSnapshots::new(ports),
             last_resources: None,
             xds_snapshot: Snapshot::new(),
-            managed: Vec::new(),
             served: BTreeMap::new(),
+            served_generations: BTreeMap::new(),
+            served_addresses: BTreeMap::new(),
+            rejected_configs: BTreeMap::new(),
             logged: BTreeMap::new(),
             warned: BTreeMap::new(),
         }
+    }
+
+    /// This node's labels changed: select CECs by the new ones.
+    pub fn set_node_labels(&mut self, labels: BTreeMap<String, String>) {
+        self.pipeline.set_node_labels(labels.clone());
+        self.node_labels = labels;
+        // Hand the snapshot to the cache again: with or without labels it
+        // is the default node's or this node's own.
+        self.last_resources = None;
     }
 
     /// Give nodes that connected or changed labels their snapshots.
@@ -261,27 +303,41 @@ impl Reconciler {
     pub fn store_pass(&mut self, state: &AgentState) {
         let store = &state.store;
         let t0 = std::time::Instant::now();
-        let snap = store.snapshot();
-        let mut rejected = lb_ipam::reconcile(&self.lb_pool, store, &snap);
-        let t1 = t0.elapsed();
-        let snap = store.snapshot();
-        let ingress = self.ingress.reconcile(store, &snap, &self.opts);
+        let controlled = match self.controller.as_mut() {
+            Some(c) => c.pass(store),
+            None => ControllerPass::default(),
+        };
+        let mut rejected = controlled.rejected;
         let t2 = t0.elapsed();
-        rejected.extend(ingress.rejected);
-        self.managed = ingress.managed;
         let snap = store.snapshot();
         let pass = self.pipeline.run(&snap);
         let t3 = t0.elapsed();
         rejected.extend(pass.rejected);
         configs::publish_warnings(&mut self.warned, pass.warnings, &state.warnings);
+        self.rejected_configs = rejected
+            .iter()
+            .filter(|(k, _)| report::is_config(k.kind))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         // An Ingress answers for the CEC generated from it.
-        for m in &self.managed {
-            if let Some(why) = rejected.get(&m.cec).cloned() {
+        for (ingress, cec) in &controlled.generated {
+            if let Some(why) = rejected.get(cec).cloned() {
                 rejected
-                    .entry(m.ingress.clone())
-                    .or_insert_with(|| format!("{}: its {why}", m.ingress));
+                    .entry(ingress.clone())
+                    .or_insert_with(|| format!("{ingress}: its {why}"));
             }
         }
+        self.served_generations = pass
+            .served
+            .keys()
+            .chain(self.rejected_configs.keys())
+            .filter_map(|k| Some((k.clone(), snap.get(k)?.meta().generation.unwrap_or(0))))
+            .collect();
+        self.served_addresses = pass
+            .served
+            .keys()
+            .filter_map(|k| Some((k.clone(), report::frontends(&snap, snap.get(k)?))))
+            .collect();
         self.served = pass.served;
         if let Some(dp) = &state.datapath {
             dp.set_proxy_targets(pass.redirects);
@@ -309,8 +365,7 @@ impl Reconciler {
         );
         // Where a pass spends its time (MEMBRANE_LOG=membrane_agent=debug).
         debug!(
-            ipam_ms = t1.as_secs_f64() * 1e3,
-            ingress_ms = (t2 - t1).as_secs_f64() * 1e3,
+            operator_ms = t2.as_secs_f64() * 1e3,
             pipeline_ms = (t3 - t2).as_secs_f64() * 1e3,
             total_ms = t0.elapsed().as_secs_f64() * 1e3,
             "store pass"
@@ -336,13 +391,28 @@ impl Reconciler {
 
 /// The level-triggered control loop: on every store change recompute the
 /// desired configuration from the whole store (the pipeline reuses what it
-/// built for unchanged objects); on every xDS ACK update Ingress status.
-async fn reconcile_loop(config: &AgentConfig, state: &AgentState, shutdown: CancellationToken) {
+/// built for unchanged objects); after every wake-up (store change or xDS
+/// ACK) compare what Envoy ACKed with what it was sent and publish this
+/// node's ACK report if it changed. The operator writes Ingress status from
+/// those reports (in `membrane up`, in the next store pass).
+async fn reconcile_loop(
+    config: &AgentConfig,
+    state: &AgentState,
+    reports: &dyn Sink,
+    controller: Option<Box<dyn Controller>>,
+    shutdown: CancellationToken,
+) {
     let store = &state.store;
     let mut store_rx = store.subscribe();
     let mut ack_rx = state.cache.subscribe();
-    let mut rec = Reconciler::new(config);
-    let mut status_writer = ingress_status::StatusWriter::default();
+    let mut rec = Reconciler::new(config, controller);
+    let mut reporter = report::Reporter::new(
+        &config.node_name,
+        config.node_uid.as_deref(),
+        &config.node_labels,
+        reports,
+    );
+    let mut labels_rx = config.node_labels_updates.clone();
     let mut nacks = nack::NackHandler::default();
     let mut store_dirty = true;
 
@@ -356,17 +426,8 @@ async fn reconcile_loop(config: &AgentConfig, state: &AgentState, shutdown: Canc
         if !store_dirty && rec.nodes.nodes_changed(&state.cache, &state.node_id) {
             rec.node_pass(state);
         }
-        status_writer.reconcile(
-            store,
-            &store.snapshot(),
-            &rec.managed,
-            &rec.served,
-            &rec.xds_snapshot,
-            &state.cache,
-            &state.node_id,
-        );
-
-        // Remember what Envoy fully ACKed, then act on new NACKs.
+        // Remember what Envoy fully ACKed, report it, then act on new NACKs.
+        let mut acked = std::collections::BTreeSet::new();
         for (key, resources) in &rec.served {
             let all_acked = resources.iter().all(|(t, n)| {
                 let current = rec.xds_snapshot.get(t, n).map(|r| r.hash);
@@ -374,8 +435,10 @@ async fn reconcile_loop(config: &AgentConfig, state: &AgentState, shutdown: Canc
             });
             if all_acked {
                 rec.pipeline.mark_acked(key);
+                acked.insert(key.clone());
             }
         }
+        reporter.publish(&rec, &acked);
         if nacks.handle(&mut rec, state) {
             store_dirty = true;
             continue;
@@ -385,8 +448,33 @@ async fn reconcile_loop(config: &AgentConfig, state: &AgentState, shutdown: Canc
             r = store_rx.changed() => { if r.is_err() { return; } true }
             r = ack_rx.changed() => { if r.is_err() { return; } false }
             _ = configs::retry_timer(rec.pipeline.next_wake()) => false,
+            labels = next_labels(&mut labels_rx) => match labels {
+                Some(labels) => {
+                    info!(?labels, "node labels changed");
+                    reporter.set_labels(&labels);
+                    rec.set_node_labels(labels);
+                    true
+                }
+                None => {
+                    labels_rx = None;
+                    false
+                }
+            },
             _ = shutdown.cancelled() => return,
         };
+    }
+}
+
+/// The next label set, or `None` once the updates end.
+async fn next_labels(
+    rx: &mut Option<watch::Receiver<BTreeMap<String, String>>>,
+) -> Option<BTreeMap<String, String>> {
+    match rx {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => Some(rx.borrow_and_update().clone()),
+            Err(_) => None,
+        },
+        None => std::future::pending().await,
     }
 }
 

@@ -221,6 +221,15 @@ const TABLE: &[Row] = &[
         true,
     ),
     Row(
+        "membrane.io",
+        "v1alpha1",
+        "proxynodestatuses",
+        "ProxyNodeStatus",
+        false,
+        &["pns"],
+        true,
+    ),
+    Row(
         "cilium.io",
         "v2",
         "ciliumnodes",

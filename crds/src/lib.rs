@@ -1,4 +1,5 @@
-//! Rust types of the `cilium.io/v2` custom resources Membrane understands.
+//! Rust types of the `cilium.io/v2` custom resources Membrane understands,
+//! and of Membrane's own `membrane.io` ones.
 //!
 //! The JSON shape follows Cilium's CRDs field for field so that manifests
 //! written for Cilium apply unchanged.
@@ -6,6 +7,7 @@
 mod envoy_config;
 mod network_policy;
 mod node;
+mod proxy_node_status;
 
 pub use envoy_config::{
     BackendService, CiliumClusterwideEnvoyConfig, CiliumClusterwideEnvoyConfigSpec,
@@ -19,6 +21,11 @@ pub use network_policy::{
     CidrRule, CiliumClusterwideNetworkPolicy, CiliumNetworkPolicy, DefaultDenyConfig,
     EgressDenyRule, EgressRule, IcmpField, IcmpRule, IngressDenyRule, IngressRule,
     NetworkPolicyStatus, PolicyRule, PortDenyRule, PortProtocol, PortRule,
+};
+
+pub use proxy_node_status::{
+    ACKED, ConfigAck, MEMBRANE_GROUP, NACKED, PENDING, ProxyNodeStatus, ProxyNodeStatusSpec,
+    ProxyNodeStatusStatus,
 };
 
 use kube::CustomResourceExt;
@@ -38,6 +45,7 @@ pub fn all_crds_yaml() -> String {
         CiliumClusterwideEnvoyConfig::crd(),
         CiliumNetworkPolicy::crd(),
         CiliumClusterwideNetworkPolicy::crd(),
+        ProxyNodeStatus::crd(),
     ];
     let mut out = String::new();
     for crd in crds {
@@ -56,6 +64,7 @@ pub fn crd_files() -> Vec<(String, String)> {
         CiliumClusterwideEnvoyConfig::crd(),
         CiliumNetworkPolicy::crd(),
         CiliumClusterwideNetworkPolicy::crd(),
+        ProxyNodeStatus::crd(),
     ];
     crds.into_iter()
         .map(|crd| {

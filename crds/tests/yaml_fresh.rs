@@ -8,7 +8,7 @@ fn checked_in_crd_yaml_is_fresh() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("yaml");
     let update = std::env::var_os("UPDATE_GOLDEN").is_some_and(|v| v == "1");
     let files = membrane_crds::crd_files();
-    assert_eq!(files.len(), 4);
+    assert_eq!(files.len(), 5);
     for (name, yaml) in files {
         let path = dir.join(&name);
         if update {

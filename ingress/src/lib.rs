@@ -30,6 +30,7 @@ mod envoy;
 mod error;
 mod model;
 pub mod names;
+pub mod pool;
 mod references;
 mod render;
 mod shared;
@@ -48,6 +49,7 @@ pub use class::{
 pub use envoy::{CLUSTER_TYPE, LISTENER_TYPE, ROUTE_CONFIGURATION_TYPE};
 pub use error::IngressError;
 pub use model::SecretRef;
+pub use pool::{Pool, PoolError, lb_ip};
 pub use references::{Lookup, TLS_SECRET_TYPE, validate_references, validate_references_with};
 pub use render::{cecs_to_yaml, to_yaml};
 pub use shared::{

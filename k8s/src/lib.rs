@@ -9,8 +9,14 @@
 //! the store cannot take (a malformed spec) is reported as a problem naming
 //! it and is left out; the rest of its kind keeps flowing.
 
+pub mod events;
+pub mod lease;
+pub mod sink;
 mod write;
 
+pub use events::EventRecorder;
+pub use lease::{CILIUM_OPERATOR_LEASE, LeaderElector, LeaseConfig, LeaseError};
+pub use sink::{KubeSink, Sink, StoreSink, Warning};
 pub use write::{AGENT_MANAGER, OPERATOR_MANAGER, WriteError, Writer};
 
 use std::collections::BTreeSet;
@@ -35,19 +41,136 @@ pub enum K8sError {
     },
     #[error("Kubernetes client: {0}")]
     Client(#[from] kube::Error),
+    #[error("no kubeconfig given and none found ($KUBECONFIG, ~/.kube/config, in-cluster): {0}")]
+    Infer(#[from] kube::config::InferConfigError),
+    #[error("User-Agent {0:?}: not a valid header value")]
+    UserAgent(String),
+    #[error("Node {name}: {source}")]
+    Node { name: String, source: kube::Error },
 }
 
 /// A client for the API a kubeconfig file points at (its current context).
 pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, K8sError> {
+    let config = config_from_kubeconfig(path).await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+async fn config_from_kubeconfig(path: &Path) -> Result<kube::Config, K8sError> {
     let kubeconfig_err = |source| K8sError::Kubeconfig {
         path: path.display().to_string(),
         source,
     };
     let kubeconfig = Kubeconfig::read_from(path).map_err(kubeconfig_err)?;
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+    kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
-        .map_err(kubeconfig_err)?;
+        .map_err(kubeconfig_err)
+}
+
+/// `User-Agent` of `membrane operator` (RBAC audits key on it).
+pub fn operator_user_agent() -> String {
+    format!("membrane-operator/{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// `User-Agent` of `membrane agent`.
+pub fn agent_user_agent() -> String {
+    format!("membrane-agent/{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// A client for `kubeconfig`, else what kubectl would use ($KUBECONFIG,
+/// ~/.kube/config, then the in-cluster service account), sending
+/// `user_agent` on every request.
+pub async fn client_for(
+    kubeconfig: Option<&Path>,
+    user_agent: &str,
+) -> Result<kube::Client, K8sError> {
+    let mut config = match kubeconfig {
+        Some(path) => config_from_kubeconfig(path).await?,
+        None => kube::Config::infer().await?,
+    };
+    let value = http::HeaderValue::from_str(user_agent)
+        .map_err(|_| K8sError::UserAgent(user_agent.to_owned()))?;
+    config.headers.push((http::header::USER_AGENT, value));
     Ok(kube::Client::try_from(config)?)
+}
+
+/// Follows the labels of Node `name`, starting from `initial`: the
+/// receiver sees every change (a deleted Node keeps its last labels).
+pub fn watch_node_labels(
+    client: kube::Client,
+    name: &str,
+    initial: std::collections::BTreeMap<String, String>,
+) -> watch::Receiver<std::collections::BTreeMap<String, String>> {
+    use k8s_openapi::api::core::v1::Node;
+    let (tx, rx) = watch::channel(initial);
+    let api: Api<Node> = Api::all(client);
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let name = name.to_owned();
+    tokio::spawn(async move {
+        let mut events = watcher::watcher(api, config).default_backoff().boxed();
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(Event::Apply(node) | Event::InitApply(node)) => {
+                    let labels = node.metadata.labels.unwrap_or_default();
+                    tx.send_if_modified(|l| {
+                        let changed = *l != labels;
+                        *l = labels;
+                        changed
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => warn!(node = %name, error = %e, "kube: Node watch failed; retrying"),
+            }
+            if tx.is_closed() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// A Node as an agent sees it at start.
+#[derive(Clone, Debug, Default)]
+pub struct NodeInfo {
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub uid: Option<String>,
+}
+
+/// Node `name`: the existing one, else the Node is created with `labels`
+/// (an agent started before its Node was registered).
+pub async fn ensure_node(
+    client: &kube::Client,
+    name: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> Result<NodeInfo, K8sError> {
+    use k8s_openapi::api::core::v1::Node;
+    let api: Api<Node> = Api::all(client.clone());
+    let node_err = |source| K8sError::Node {
+        name: name.to_owned(),
+        source,
+    };
+    let info = |node: Node| NodeInfo {
+        labels: node.metadata.labels.unwrap_or_default(),
+        uid: node.metadata.uid,
+    };
+    if let Some(node) = api.get_opt(name).await.map_err(node_err)? {
+        return Ok(info(node));
+    }
+    let node = Node {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(name.to_owned()),
+            labels: Some(labels.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    match api.create(&kube::api::PostParams::default(), &node).await {
+        Ok(created) => Ok(info(created)),
+        // Registered meanwhile: its labels win.
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            Ok(info(api.get(name).await.map_err(node_err)?))
+        }
+        Err(e) => Err(node_err(e)),
+    }
 }
 
 /// The API resource of a store kind.
@@ -251,5 +374,48 @@ mod tests {
         let cec = api_resource(Kind::CiliumEnvoyConfig);
         assert_eq!(cec.api_version, "cilium.io/v2");
         assert_eq!(cec.kind, "CiliumEnvoyConfig");
+    }
+}
+
+#[cfg(test)]
+mod user_agent_tests {
+    use std::io::{Read, Write};
+
+    /// Every request of a client made by [`super::client_for`] carries the
+    /// role's User-Agent (an RBAC audit keys on it).
+    #[tokio::test]
+    async fn clients_send_the_role_user_agent() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:20950").expect("bind 20950");
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().expect("accept");
+            let mut buf = [0u8; 4096];
+            let n = conn.read(&mut buf).expect("read");
+            let request = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+            let body = r#"{"major":"1","minor":"33","gitVersion":"v1.33.0"}"#;
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            request
+        });
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            "apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: 'http://127.0.0.1:20950'}}]\nusers: [{name: u, user: {}}]\ncontexts: [{name: x, context: {cluster: c, user: u}}]\ncurrent-context: x\n",
+        )
+        .expect("write kubeconfig");
+        let client = super::client_for(Some(&kubeconfig), &super::operator_user_agent())
+            .await
+            .expect("client");
+        let _ = client.apiserver_version().await;
+        let request = server.join().expect("server");
+        let want = format!(
+            "user-agent: membrane-operator/{}",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(request.contains(&want), "{request}");
+        assert_eq!(request.matches("user-agent:").count(), 1, "{request}");
     }
 }

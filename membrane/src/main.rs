@@ -33,6 +33,13 @@ enum Command {
     /// Serve the embedded Kubernetes-compatible API alone (kubectl works
     /// against it); objects persist in `--data-dir`.
     Apiserver(commands::apiserver::ApiserverArgs),
+    /// Kubernetes mode, one per cluster (leader-elected): Ingress
+    /// controller, LB IPAM, CEC/Service/EndpointSlice writer, secret sync,
+    /// Ingress status, Warning Events.
+    Operator(Box<commands::roles::OperatorArgs>),
+    /// Kubernetes mode, one per node: CEC/CCEC processing, xDS, its Envoy,
+    /// the datapath; reports ACKs in its ProxyNodeStatus.
+    Agent(Box<commands::roles::AgentArgs>),
     /// Create or update the objects in a file (`-` for stdin).
     Apply {
         #[arg(short = 'f', long = "filename")]
@@ -157,6 +164,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Up(args) => commands::up::run(*args, api).await,
         Command::Apiserver(args) => commands::apiserver::run(args).await,
+        Command::Operator(args) => commands::roles::operator(*args).await,
+        Command::Agent(args) => commands::roles::agent(*args, api).await,
         Command::Apply { file } => commands::objects::apply(&api, &file, "/v1/apply").await,
         Command::Delete { file } => commands::objects::apply(&api, &file, "/v1/delete").await,
         Command::Get {

@@ -21,6 +21,8 @@ pub enum Kind {
     NetworkPolicy,
     Pod,
     CiliumNode,
+    /// Membrane's per-node ACK report (`membrane.io/v1alpha1`).
+    ProxyNodeStatus,
 }
 
 const ALL: &[Kind] = &[
@@ -38,6 +40,7 @@ const ALL: &[Kind] = &[
     Kind::NetworkPolicy,
     Kind::Pod,
     Kind::CiliumNode,
+    Kind::ProxyNodeStatus,
 ];
 
 impl Kind {
@@ -78,6 +81,7 @@ impl Kind {
             "networkpolicy" | "networkpolicies" | "netpol" => Kind::NetworkPolicy,
             "pod" | "pods" | "po" => Kind::Pod,
             "ciliumnode" | "ciliumnodes" | "cn" => Kind::CiliumNode,
+            "pns" | "proxynodestatus" | "proxynodestatuses" => Kind::ProxyNodeStatus,
             _ => {
                 // Also accept `<plural>.<group>` as kubectl does (e.g. `ingresses.networking.k8s.io`).
                 if let Some((name, group)) = lower.split_once('.')
@@ -101,6 +105,7 @@ impl Kind {
                 | Kind::CiliumClusterwideEnvoyConfig
                 | Kind::CiliumClusterwideNetworkPolicy
                 | Kind::CiliumNode
+                | Kind::ProxyNodeStatus
         )
     }
 
@@ -115,6 +120,7 @@ impl Kind {
             | Kind::CiliumNetworkPolicy
             | Kind::CiliumClusterwideNetworkPolicy
             | Kind::CiliumNode => "cilium.io/v2",
+            Kind::ProxyNodeStatus => "membrane.io/v1alpha1",
         }
     }
 
@@ -143,6 +149,7 @@ impl Kind {
             Kind::NetworkPolicy => "NetworkPolicy",
             Kind::Pod => "Pod",
             Kind::CiliumNode => "CiliumNode",
+            Kind::ProxyNodeStatus => "ProxyNodeStatus",
         }
     }
 
@@ -163,6 +170,7 @@ impl Kind {
             Kind::NetworkPolicy => "networkpolicies",
             Kind::Pod => "pods",
             Kind::CiliumNode => "ciliumnodes",
+            Kind::ProxyNodeStatus => "proxynodestatuses",
         }
     }
 }

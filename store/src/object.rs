@@ -8,7 +8,7 @@ use k8s_openapi::api::networking::v1::{Ingress, IngressClass, NetworkPolicy};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use membrane_crds::{
     CiliumClusterwideEnvoyConfig, CiliumClusterwideNetworkPolicy, CiliumEnvoyConfig,
-    CiliumNetworkPolicy, CiliumNode,
+    CiliumNetworkPolicy, CiliumNode, ProxyNodeStatus,
 };
 use serde_json::Value;
 
@@ -71,6 +71,7 @@ pub enum Object {
     NetworkPolicy(NetworkPolicy),
     Pod(Pod),
     CiliumNode(CiliumNode),
+    ProxyNodeStatus(ProxyNodeStatus),
 }
 
 impl PartialEq for Object {
@@ -100,6 +101,9 @@ impl PartialEq for Object {
             (Object::CiliumNode(a), Object::CiliumNode(b)) => {
                 a.metadata == b.metadata && a.spec == b.spec && a.status == b.status
             }
+            (Object::ProxyNodeStatus(a), Object::ProxyNodeStatus(b)) => {
+                a.metadata == b.metadata && a.spec == b.spec && a.status == b.status
+            }
             _ => false,
         }
     }
@@ -123,6 +127,7 @@ macro_rules! dispatch {
             Object::NetworkPolicy($o) => $body,
             Object::Pod($o) => $body,
             Object::CiliumNode($o) => $body,
+            Object::ProxyNodeStatus($o) => $body,
         }
     };
 }
@@ -171,6 +176,7 @@ typed!(
     NetworkPolicy,
     Pod,
     CiliumNode,
+    ProxyNodeStatus,
 );
 
 impl Object {
@@ -190,6 +196,7 @@ impl Object {
             Object::NetworkPolicy(_) => Kind::NetworkPolicy,
             Object::Pod(_) => Kind::Pod,
             Object::CiliumNode(_) => Kind::CiliumNode,
+            Object::ProxyNodeStatus(_) => Kind::ProxyNodeStatus,
         }
     }
 
@@ -271,6 +278,7 @@ impl Object {
             Kind::NetworkPolicy => Object::NetworkPolicy(typed_from(&v)?),
             Kind::Pod => Object::Pod(typed_from(&v)?),
             Kind::CiliumNode => Object::CiliumNode(typed_from(&v)?),
+            Kind::ProxyNodeStatus => Object::ProxyNodeStatus(typed_from(&v)?),
         };
         let mut unknown = Vec::new();
         unknown_fields(&v, &obj.to_value(), &mut String::new(), &mut unknown);
@@ -332,6 +340,7 @@ impl Object {
             Object::Namespace(o) => o.status.is_none(),
             Object::Pod(o) => o.status.is_none(),
             Object::CiliumNode(o) => o.status.is_none(),
+            Object::ProxyNodeStatus(o) => o.status.is_none(),
             _ => true,
         }
     }
@@ -344,6 +353,9 @@ impl Object {
             (Object::Namespace(a), Object::Namespace(b)) => a.status.clone_from(&b.status),
             (Object::Pod(a), Object::Pod(b)) => a.status.clone_from(&b.status),
             (Object::CiliumNode(a), Object::CiliumNode(b)) => a.status.clone_from(&b.status),
+            (Object::ProxyNodeStatus(a), Object::ProxyNodeStatus(b)) => {
+                a.status.clone_from(&b.status)
+            }
             _ => {}
         }
     }
@@ -365,6 +377,7 @@ impl Object {
             Object::Namespace(o) => o.status = parse(status)?,
             Object::Pod(o) => o.status = parse(status)?,
             Object::CiliumNode(o) => o.status = parse(status)?,
+            Object::ProxyNodeStatus(o) => o.status = parse(status)?,
             other => {
                 return Err(StoreError::Invalid(format!(
                     "{} has no status",
@@ -398,6 +411,7 @@ impl Object {
             Object::Namespace(o) => o.status = None,
             Object::Pod(o) => o.status = None,
             Object::CiliumNode(o) => o.status = None,
+            Object::ProxyNodeStatus(o) => o.status = None,
             _ => {}
         }
         o

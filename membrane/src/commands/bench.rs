@@ -135,7 +135,11 @@ fn translate(args: &XdsArgs) -> Result<()> {
          pipeline, snapshot) after one change, 50 samples each"
     );
     let w = membrane_agent::bench::Workload::routes(args.translate_routes);
-    let report = membrane_agent::bench::translation(&w, 50)?;
+    let report = membrane_agent::bench::translation(
+        &w,
+        50,
+        super::roles::in_process_operator("127.100.0.0/16".parse()?),
+    )?;
     print!("{report}");
     Ok(())
 }

@@ -9,6 +9,7 @@ pub mod endpoint;
 pub mod lb;
 pub mod objects;
 pub mod policy;
+pub mod roles;
 pub mod service;
 pub mod status;
 pub mod translate;

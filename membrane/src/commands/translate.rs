@@ -13,7 +13,7 @@ use super::read_input;
 pub fn run(
     file: &Path,
     default_lb_mode: membrane_ingress::LoadBalancerMode,
-    ingress: &membrane_agent::ingress_controller::IngressOptions,
+    ingress: &membrane_operator::IngressOptions,
 ) -> Result<ExitCode> {
     let text = read_input(file)?;
     let ingresses: Vec<Ingress> = membrane_store::parse_documents(&text)?

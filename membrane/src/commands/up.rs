@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use membrane_agent::{AgentConfig, Pool, PortMap, XdsProtocol};
+use membrane_operator::OperatorConfig;
 use membrane_store::{ManifestDir, Store};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
@@ -175,7 +176,7 @@ pub struct IngressFlags {
 }
 
 impl IngressFlags {
-    pub fn options(&self) -> Result<membrane_agent::ingress_controller::IngressOptions> {
+    pub fn options(&self) -> Result<membrane_operator::IngressOptions> {
         let default_secret = match (
             &self.ingress_default_secret_namespace,
             &self.ingress_default_secret_name,
@@ -198,7 +199,7 @@ impl IngressFlags {
                     })
             })
             .collect::<Result<BTreeMap<String, String>>>()?;
-        Ok(membrane_agent::ingress_controller::IngressOptions {
+        Ok(membrane_operator::IngressOptions {
             enforce_https: self.enforce_ingress_https,
             default_secret,
             proxy_protocol: self.enable_ingress_proxy_protocol,
@@ -221,7 +222,7 @@ impl IngressFlags {
 
 /// Whether this node can bind IPv6 sockets (host network listeners bind
 /// `::` only then, as Cilium binds only the families it has enabled).
-fn ipv6_available() -> bool {
+pub(crate) fn ipv6_available() -> bool {
     let ok = std::net::TcpListener::bind("[::]:0").is_ok();
     if !ok {
         info!("no IPv6 on this node: host network Ingress listeners bind 0.0.0.0 only");
@@ -229,7 +230,7 @@ fn ipv6_available() -> bool {
     ok
 }
 
-fn parse_protocol(s: &str) -> Result<XdsProtocol, String> {
+pub(crate) fn parse_protocol(s: &str) -> Result<XdsProtocol, String> {
     match s {
         "sotw" => Ok(XdsProtocol::Sotw),
         "delta" => Ok(XdsProtocol::Delta),
@@ -237,7 +238,7 @@ fn parse_protocol(s: &str) -> Result<XdsProtocol, String> {
     }
 }
 
-fn parse_labels(s: &str) -> Result<BTreeMap<String, String>> {
+pub(crate) fn parse_labels(s: &str) -> Result<BTreeMap<String, String>> {
     s.split(',')
         .filter(|p| !p.trim().is_empty())
         .map(|p| {
@@ -282,6 +283,14 @@ pub async fn run(args: UpArgs, api_socket: PathBuf) -> Result<ExitCode> {
         },
         node_name: args.node_name.clone(),
         node_labels: parse_labels(&args.node_labels)?,
+        node_uid: None,
+        node_labels_updates: None,
+        proxy_ports: None,
+        datapath: args.datapath.options_for(args.cni.enable_cni)?,
+        cni,
+    };
+    let operator = OperatorConfig {
+        lb_pool: args.lb_pool,
         secrets_namespace: args.secrets_namespace.clone(),
         ingress_default_lb_mode: args.ingress_default_lb_mode,
         ingress: {
@@ -291,8 +300,6 @@ pub async fn run(args: UpArgs, api_socket: PathBuf) -> Result<ExitCode> {
             }
             ingress
         },
-        datapath: args.datapath.options_for(args.cni.enable_cni)?,
-        cni,
     };
 
     let store = Store::new();
@@ -315,7 +322,11 @@ pub async fn run(args: UpArgs, api_socket: PathBuf) -> Result<ExitCode> {
         // The source only ends on error; keep serving what we have.
         let _ = watch_shutdown;
     });
-    membrane_agent::run(config, store, shutdown).await?;
+    // The operator runs inside the agent's loop, on the same store: one
+    // process, the same reconcile code as `membrane operator`.
+    let controller = super::roles::InProcessOperator::new(&operator);
+    let reports = std::sync::Arc::new(membrane_k8s::StoreSink(store.clone()));
+    membrane_agent::run(config, store, reports, Some(Box::new(controller)), shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -323,7 +334,7 @@ fn manifests_name(dir: &std::path::Path) -> String {
     format!("manifests {}", dir.display())
 }
 
-async fn stop_on_signal(shutdown: CancellationToken) {
+pub(crate) async fn stop_on_signal(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),

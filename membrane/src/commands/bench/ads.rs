@@ -58,7 +58,12 @@ fn churn_ip(step: usize) -> String {
 /// agent's store pass; each command is answered `ok` on stdout.
 pub async fn serve(args: ServerArgs) -> Result<ExitCode> {
     let w = server_workload(&args);
-    let mut h = Harness::new("127.100.0.0/16")?;
+    let mut h = Harness::new(
+        "127.100.0.0/16",
+        Some(super::super::roles::in_process_operator(
+            "127.100.0.0/16".parse()?,
+        )),
+    )?;
     h.state.store.apply_all(w.store_objects(&pod_ip)?);
     h.settle();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -1,5 +1,5 @@
 //! The Ingress controller: every managed dedicated-mode Ingress becomes a
-//! CEC, a LoadBalancer Service and an EndpointSlice in the store (as Cilium's
+//! CEC, a LoadBalancer Service and an EndpointSlice in the sink (as Cilium's
 //! operator writes them to the API server); shared-mode Ingresses are merged
 //! into the one shared CEC and Service; TLS Secrets are synced into the
 //! secrets namespace. An Ingress that fails translation, or loses a
@@ -15,10 +15,16 @@ use membrane_crds::CiliumEnvoyConfig;
 use membrane_ingress::{
     HostNetwork, INGRESS_LABEL, LoadBalancerMode, Lookup, SecretRef, SharedPart, TranslateOptions,
 };
-use membrane_store::{Kind, Object, ObjectKey, Store, StoreSnapshot};
+use membrane_k8s::Sink;
+use membrane_store::{Kind, Object, ObjectKey, StoreSnapshot};
+use sha2::{Digest, Sha256};
 
 const SYNCED_LABEL: &str = "membrane.io/synced-secret";
 const SOURCE_ANNOTATION: &str = "membrane.io/source-secret";
+/// Hash of what the controller generated, stamped on the object: the next
+/// pass knows an object is still as written without waiting to read back
+/// the resourceVersion of a write that may still be in flight.
+pub const APPLIED_HASH_ANNOTATION: &str = "membrane.io/applied-hash";
 
 /// The Ingress controller's feature flags (`membrane up --ingress-*`,
 /// Cilium's `ingressController.*` Helm values).
@@ -96,8 +102,8 @@ pub struct IngressPass {
 /// The outcome of translating one Ingress, remembered across passes.
 #[derive(Debug, Clone)]
 enum Memo {
-    /// Dedicated objects applied to the store, with their resourceVersions
-    /// (if someone else changes them, they are applied again).
+    /// Dedicated objects written, with the hash stamped on them (if someone
+    /// else changes or deletes them, they are written again).
     Dedicated {
         managed: ManagedIngress,
         applied: Vec<(ObjectKey, String)>,
@@ -151,7 +157,18 @@ fn fingerprint(ing: &Ingress, snap: &StoreSnapshot, default_secret: Option<&Secr
             .and_then(|o| o.meta().resource_version.clone())
             .unwrap_or_else(|| "-".into())
     };
-    let mut fp = ing.metadata.resource_version.clone().unwrap_or_default();
+    // The Ingress's spec (generation), annotations and labels, not its
+    // resourceVersion: a status write must not cause a re-translation (in
+    // Kubernetes mode that would be three needless writes per Ingress).
+    let meta = &ing.metadata;
+    let mut fp = match meta.generation {
+        Some(g) => format!(
+            "g{g} {:?} {:?}",
+            meta.annotations.as_ref(),
+            meta.labels.as_ref()
+        ),
+        None => meta.resource_version.clone().unwrap_or_default(),
+    };
     let spec = ing.spec.as_ref();
     let backends = spec
         .and_then(|s| s.default_backend.as_ref())
@@ -185,25 +202,34 @@ fn fingerprint(ing: &Ingress, snap: &StoreSnapshot, default_secret: Option<&Secr
     fp
 }
 
-/// Whether every object still has the resourceVersion we left it at.
+/// Whether every object is (still) as the controller wrote it.
 fn untouched(snap: &StoreSnapshot, applied: &[(ObjectKey, String)]) -> bool {
-    applied.iter().all(|(k, rv)| {
-        snap.get(k)
-            .and_then(|o| o.meta().resource_version.as_deref().map(|v| v == rv))
-            .unwrap_or(false)
+    applied.iter().all(|(k, hash)| {
+        snap.get(k).is_some_and(|o| {
+            o.meta()
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(APPLIED_HASH_ANNOTATION))
+                == Some(hash)
+        })
     })
 }
 
-/// Apply objects and record the resourceVersions they ended up with.
-fn apply_recorded(store: &Store, objects: Vec<Object>) -> Vec<(ObjectKey, String)> {
-    let keys: Vec<ObjectKey> = objects.iter().map(Object::key).collect();
-    store.apply_all(objects);
-    keys.into_iter()
-        .filter_map(|k| {
-            let rv = store.get(&k)?.meta().resource_version.clone()?;
-            Some((k, rv))
-        })
-        .collect()
+/// Stamp each object with the hash of its content, write them, and record
+/// the hashes.
+fn apply_recorded(sink: &dyn Sink, mut objects: Vec<Object>) -> Vec<(ObjectKey, String)> {
+    let mut recorded = Vec::with_capacity(objects.len());
+    for obj in &mut objects {
+        let digest = Sha256::digest(obj.to_value().to_string());
+        let hash: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        obj.meta_mut()
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(APPLIED_HASH_ANNOTATION.to_owned(), hash.clone());
+        recorded.push((obj.key(), hash));
+    }
+    sink.apply_all(objects);
+    recorded
 }
 
 fn key_of(kind: Kind, meta: &ObjectMeta) -> ObjectKey {
@@ -225,7 +251,7 @@ fn owner_ingress(meta: &ObjectMeta) -> Option<String> {
 
 /// The Ingress controller. It remembers the last good shared-mode part of
 /// every shared Ingress: the shared CEC merges many Ingresses, so unlike in
-/// dedicated mode the store holds no per-Ingress object to fall back to.
+/// dedicated mode the sink holds no per-Ingress object to fall back to.
 #[derive(Debug, Default)]
 pub struct IngressController {
     last_good: HashMap<ObjectKey, SharedPart>,
@@ -250,7 +276,7 @@ impl IngressController {
     /// including across a mode switch, until its new form works.
     pub fn reconcile(
         &mut self,
-        store: &Store,
+        sink: &dyn Sink,
         snap: &StoreSnapshot,
         opts: &TranslateOptions,
     ) -> IngressPass {
@@ -303,7 +329,7 @@ impl IngressController {
                                         service: key_of(Kind::Service, &t.service.metadata),
                                     },
                                     applied: apply_recorded(
-                                        store,
+                                        sink,
                                         vec![
                                             Object::CiliumEnvoyConfig(t.cec),
                                             Object::Service(t.service),
@@ -374,15 +400,15 @@ impl IngressController {
             .collect();
         self.memo.retain(|k, _| live.contains(k));
         self.apply_shared(
-            store,
+            sink,
             snap,
             opts,
             &shared_keys,
             &mut pass,
             &mut dedicated_owners,
         );
-        garbage_collect(store, snap, &dedicated_owners);
-        sync_secrets(store, snap, &wanted_secrets, &opts.secrets_namespace);
+        garbage_collect(sink, snap, &dedicated_owners);
+        sync_secrets(sink, snap, &wanted_secrets, &opts.secrets_namespace);
         pass
     }
 
@@ -390,7 +416,7 @@ impl IngressController {
     /// or remove those when no Ingress is in shared mode.
     fn apply_shared(
         &mut self,
-        store: &Store,
+        sink: &dyn Sink,
         snap: &StoreSnapshot,
         opts: &TranslateOptions,
         shared_keys: &BTreeSet<ObjectKey>,
@@ -409,7 +435,7 @@ impl IngressController {
         if shared_keys.is_empty() {
             self.serving.clear();
             self.shared_memo = None;
-            delete_shared(store, snap, opts, &cec_key);
+            delete_shared(sink, snap, opts, &cec_key);
             return;
         }
         // Unchanged inputs and untouched outputs: replay the last merge.
@@ -422,7 +448,7 @@ impl IngressController {
             .collect();
         let memo = match self.shared_memo.take() {
             Some(m) if m.inputs == inputs && untouched(snap, &m.applied) => m,
-            _ => self.merge_shared(store, opts, shared_keys, inputs, &cec_key, &service_key),
+            _ => self.merge_shared(sink, opts, shared_keys, inputs, &cec_key, &service_key),
         };
         for (key, error) in &memo.conflicts {
             pass.rejected
@@ -440,7 +466,7 @@ impl IngressController {
 
     fn merge_shared(
         &mut self,
-        store: &Store,
+        sink: &dyn Sink,
         opts: &TranslateOptions,
         shared_keys: &BTreeSet<ObjectKey>,
         inputs: Vec<(ObjectKey, String)>,
@@ -479,7 +505,7 @@ impl IngressController {
             })
             .collect();
         let applied = apply_recorded(
-            store,
+            sink,
             vec![
                 Object::CiliumEnvoyConfig(t.cec),
                 Object::Service(t.service),
@@ -513,7 +539,7 @@ fn dedicated_last_good(snap: &StoreSnapshot, key: &ObjectKey) -> Option<ManagedI
 /// controller writes (a CEC for the shared Service, a Service and
 /// EndpointSlice labelled as Ingress load balancer), never a user's own.
 fn delete_shared(
-    store: &Store,
+    sink: &dyn Sink,
     snap: &StoreSnapshot,
     opts: &TranslateOptions,
     cec_key: &ObjectKey,
@@ -526,7 +552,7 @@ fn delete_shared(
                 })
             });
     if ours_cec {
-        store.delete(cec_key);
+        sink.delete(cec_key);
     }
     for kind in [Kind::Service, Kind::EndpointSlice] {
         let key = ObjectKey {
@@ -542,7 +568,7 @@ fn delete_shared(
                     .is_some_and(|l| l.get(INGRESS_LABEL).is_some_and(|v| v == "true"))
         });
         if ours {
-            store.delete(&key);
+            sink.delete(&key);
         }
     }
 }
@@ -555,7 +581,7 @@ fn generated_cec(snap: &StoreSnapshot, ingress: &ObjectKey) -> Option<ObjectKey>
 
 /// Delete dedicated objects whose Ingress is gone, no longer ours, or has
 /// moved to the shared load balancer.
-fn garbage_collect(store: &Store, snap: &StoreSnapshot, owners: &BTreeSet<(String, String)>) {
+fn garbage_collect(sink: &dyn Sink, snap: &StoreSnapshot, owners: &BTreeSet<(String, String)>) {
     for kind in [Kind::CiliumEnvoyConfig, Kind::Service, Kind::EndpointSlice] {
         let stale: Vec<ObjectKey> = snap
             .list(kind, None)
@@ -568,7 +594,7 @@ fn garbage_collect(store: &Store, snap: &StoreSnapshot, owners: &BTreeSet<(Strin
             .map(|o| o.key())
             .collect();
         for key in stale {
-            store.delete(&key);
+            sink.delete(&key);
         }
     }
 }
@@ -576,7 +602,7 @@ fn garbage_collect(store: &Store, snap: &StoreSnapshot, owners: &BTreeSet<(Strin
 /// Copy each referenced TLS Secret to `<secrets-ns>/<ns>-<name>`, as Cilium's
 /// operator does, and remove copies nobody references any more.
 fn sync_secrets(
-    store: &Store,
+    sink: &dyn Sink,
     snap: &StoreSnapshot,
     wanted: &BTreeMap<(String, String), (String, String)>,
     secrets_ns: &str,
@@ -599,7 +625,7 @@ fn sync_secrets(
             data: src.data.clone(),
             ..Default::default()
         };
-        store.apply(Object::Secret(copy));
+        sink.apply_all(vec![Object::Secret(copy)]);
     }
     let stale: Vec<ObjectKey> = snap
         .typed::<Secret>(Some(secrets_ns))
@@ -613,7 +639,7 @@ fn sync_secrets(
         .filter(|k| !wanted.contains_key(&(k.namespace.clone(), k.name.clone())))
         .collect();
     for key in stale {
-        store.delete(&key);
+        sink.delete(&key);
     }
 }
 
@@ -621,6 +647,8 @@ fn sync_secrets(
 mod tests {
     use super::*;
     use k8s_openapi::api::networking::v1::Ingress;
+    use membrane_k8s::StoreSink;
+    use membrane_store::Store;
 
     fn apply_yaml<T: serde::de::DeserializeOwned>(yaml: &str) -> T {
         serde_yaml_ng::from_str(yaml).expect("valid YAML")
@@ -660,7 +688,7 @@ spec:
 
     fn run(ctl: &mut IngressController, store: &Store) -> IngressPass {
         let opts = TranslateOptions::default();
-        ctl.reconcile(store, &store.snapshot(), &opts)
+        ctl.reconcile(&StoreSink(store.clone()), &store.snapshot(), &opts)
     }
 
     /// Paths in the shared CEC's insecure route configuration.
@@ -729,7 +757,7 @@ spec:
 
         // A stateless pass has no last good part: only a/one remains.
         let pass = IngressController::default().reconcile(
-            &store,
+            &StoreSink(store.clone()),
             &store.snapshot(),
             &TranslateOptions::default(),
         );
@@ -898,7 +926,7 @@ spec:
         let copy = key(Kind::Secret, "cilium-secrets", "certs-default");
 
         // Missing default secret: rejected, naming it.
-        let pass = ctl.reconcile(&store, &store.snapshot(), &opts);
+        let pass = ctl.reconcile(&StoreSink(store.clone()), &store.snapshot(), &opts);
         let why = &pass.rejected[&key(Kind::Ingress, "a", "web")];
         assert!(why.contains("certs/default"), "{why}");
 
@@ -906,13 +934,13 @@ spec:
         store.apply(Object::Secret(apply_yaml(
             "metadata: {name: default, namespace: certs}\ntype: kubernetes.io/tls\ndata: {tls.crt: Yw==, tls.key: aw==}\n",
         )));
-        let pass = ctl.reconcile(&store, &store.snapshot(), &opts);
+        let pass = ctl.reconcile(&StoreSink(store.clone()), &store.snapshot(), &opts);
         assert!(pass.rejected.is_empty(), "{:?}", pass.rejected);
         assert!(store.get(&copy).is_some());
 
         // No Ingress needs it any more: the copy goes.
         store.delete(&key(Kind::Ingress, "a", "web"));
-        ctl.reconcile(&store, &store.snapshot(), &opts);
+        ctl.reconcile(&StoreSink(store.clone()), &store.snapshot(), &opts);
         assert!(store.get(&copy).is_none());
     }
 

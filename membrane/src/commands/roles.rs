@@ -1,0 +1,298 @@
+//! Kubernetes mode: `membrane operator` (one per cluster, leader-elected)
+//! and `membrane agent` (one per node), each against a Kubernetes API
+//! (a cluster's, or `membrane apiserver`). Both run the same reconcile code
+//! as `membrane up`; only where their output goes differs (a queued
+//! server-side-apply writer here, the in-process store there).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use membrane_agent::{AgentConfig, Controller, ControllerPass, Pool, PortMap, XdsProtocol};
+use membrane_k8s::{
+    AGENT_MANAGER, EventRecorder, KubeSink, KubeSource, LeaderElector, LeaseConfig,
+    OPERATOR_MANAGER, StoreSink, Writer,
+};
+use membrane_operator::{Operator, OperatorConfig};
+use membrane_store::{Kind, Store};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use super::up::{IngressFlags, ipv6_available, parse_labels, parse_protocol, stop_on_signal};
+
+/// The operator's pass inside the agent's loop (`membrane up`), writing
+/// synchronously into the same store.
+pub struct InProcessOperator(Operator);
+
+impl InProcessOperator {
+    pub fn new(config: &OperatorConfig) -> Self {
+        Self(Operator::new(config))
+    }
+}
+
+impl Controller for InProcessOperator {
+    fn pass(&mut self, store: &Store) -> ControllerPass {
+        let pass = self.0.pass(store, &StoreSink(store.clone()));
+        ControllerPass {
+            rejected: pass.rejected,
+            generated: pass
+                .managed
+                .into_iter()
+                .map(|m| (m.ingress, m.cec))
+                .collect(),
+        }
+    }
+}
+
+/// The in-process operator with default Ingress options (benchmarks).
+pub fn in_process_operator(lb_pool: Pool) -> Box<dyn Controller> {
+    Box::new(InProcessOperator::new(&OperatorConfig {
+        lb_pool,
+        secrets_namespace: "cilium-secrets".into(),
+        ingress_default_lb_mode: Default::default(),
+        ingress: Default::default(),
+    }))
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct OperatorArgs {
+    /// kubeconfig of the API to use (default: $KUBECONFIG, ~/.kube/config,
+    /// then the in-cluster service account, as kubectl).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Pool LoadBalancer Service addresses come from.
+    #[arg(long, default_value = "127.0.100.0/24")]
+    pub lb_pool: Pool,
+    /// Namespace TLS Secrets are synced to for SDS, as Cilium's.
+    #[arg(long, default_value = "cilium-secrets")]
+    pub secrets_namespace: String,
+    /// Load-balancer mode of Ingresses without the
+    /// `ingress.cilium.io/loadbalancer-mode` annotation: dedicated or shared.
+    #[arg(long, default_value = "dedicated")]
+    pub ingress_default_lb_mode: membrane_ingress::LoadBalancerMode,
+    #[command(flatten)]
+    pub ingress: IngressFlags,
+    /// Namespace of the leader-election Lease `cilium-operator-resource-lock`.
+    #[arg(long, default_value = "kube-system")]
+    pub leader_election_namespace: String,
+    /// How long a Lease holds without renewal.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub leader_election_lease_duration: Duration,
+    /// How long a leader keeps leading while renewals fail.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub leader_election_renew_deadline: Duration,
+    /// Time between acquire/renew attempts.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub leader_election_retry_period: Duration,
+    /// Leader-election identity (default: `<hostname>-<pid>-<random>`).
+    #[arg(long)]
+    pub identity: Option<String>,
+}
+
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "membrane".into());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    format!("{host}-{}-{nanos:08x}", std::process::id())
+}
+
+pub async fn operator(args: OperatorArgs) -> Result<ExitCode> {
+    anyhow::ensure!(
+        args.leader_election_renew_deadline < args.leader_election_lease_duration,
+        "--leader-election-renew-deadline must be shorter than --leader-election-lease-duration"
+    );
+    let user_agent = membrane_k8s::operator_user_agent();
+    let client = membrane_k8s::client_for(args.kubeconfig.as_deref(), &user_agent)
+        .await
+        .context("connecting to the Kubernetes API")?;
+    let identity = args.identity.clone().unwrap_or_else(default_identity);
+    let config = OperatorConfig {
+        lb_pool: args.lb_pool,
+        secrets_namespace: args.secrets_namespace.clone(),
+        ingress_default_lb_mode: args.ingress_default_lb_mode,
+        ingress: {
+            let mut ingress = args.ingress.options()?;
+            if let Some(h) = ingress.host_network.as_mut() {
+                h.ipv6 = ipv6_available();
+            }
+            ingress
+        },
+    };
+    let lease = LeaseConfig {
+        lease_duration: args.leader_election_lease_duration,
+        renew_deadline: args.leader_election_renew_deadline,
+        retry_period: args.leader_election_retry_period,
+        ..LeaseConfig::cilium_defaults(&args.leader_election_namespace, &identity)
+    };
+    let (leader, campaign) = LeaderElector::new(client.clone(), lease.clone()).spawn();
+    let recorder = EventRecorder::new(client.clone(), "membrane-operator", &identity);
+    let sink = KubeSink::spawn(
+        Writer::new(client.clone(), OPERATOR_MANAGER),
+        Some(recorder),
+        Some(leader.clone()),
+    );
+    info!(%identity, "membrane operator starting");
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    membrane_operator::run(
+        config,
+        client.clone(),
+        &sink,
+        leader.clone(),
+        shutdown.cancelled_owned(),
+    )
+    .await;
+    // A clean stop hands the Lease over at once (no renewal after it).
+    campaign.abort();
+    let _ = campaign.await;
+    match tokio::time::timeout(
+        lease.renew_deadline,
+        membrane_k8s::lease::release(client, &lease),
+    )
+    .await
+    {
+        Ok(Ok(true)) => info!(%identity, "leader election: lease released"),
+        Ok(Ok(false)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "leader election: releasing the lease"),
+        Err(_) => tracing::warn!("leader election: releasing the lease timed out"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// kubeconfig of the API to use (default as kubectl).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name (its Node object, its `ProxyNodeStatus`, Envoy's
+    /// node id `membrane~<name>`).
+    #[arg(long)]
+    pub node_name: String,
+    /// Labels of the Node if it does not exist yet (it is created with
+    /// them); an existing Node's own labels win. `k=v,k2=v2`.
+    #[arg(long, default_value = "")]
+    pub node_labels: String,
+    /// Where the xDS socket, Envoy bootstrap and Envoy log go.
+    #[arg(long)]
+    pub run_dir: PathBuf,
+    /// Envoy binary (else $MEMBRANE_ENVOY, .venv/bin/envoy, PATH).
+    #[arg(long)]
+    pub envoy_bin: Option<PathBuf>,
+    /// Also expose Envoy admin on 127.0.0.1:PORT (0 picks a free one).
+    #[arg(long)]
+    pub envoy_admin_port: Option<u16>,
+    #[arg(long, default_value_t = 2)]
+    pub envoy_concurrency: u16,
+    #[arg(long, default_value = "warning")]
+    pub envoy_log_level: String,
+    /// xDS variant Envoy uses: sotw or delta.
+    #[arg(long, default_value = "delta", value_parser = parse_protocol)]
+    pub xds_protocol: XdsProtocol,
+    /// Pool LoadBalancer Service addresses come from (kept off CEC listeners).
+    #[arg(long, default_value = "127.0.100.0/24")]
+    pub lb_pool: Pool,
+    /// Port Ingress HTTP (service port 80) is served on.
+    #[arg(long, default_value_t = 80)]
+    pub http_port: u16,
+    /// Port Ingress HTTPS (service port 443) is served on.
+    #[arg(long, default_value_t = 443)]
+    pub https_port: u16,
+    /// Ports listeners without an address are given, `FIRST-LAST`.
+    #[arg(long, default_value = "10000-20000", value_parser = parse_port_range)]
+    pub proxy_ports: std::ops::RangeInclusive<u16>,
+    #[command(flatten)]
+    pub datapath: super::service::DatapathArgs,
+}
+
+fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let err = || format!("{s:?}: expected FIRST-LAST, e.g. 10000-20000");
+    let (a, b) = s.split_once('-').ok_or_else(err)?;
+    let (a, b): (u16, u16) = (
+        a.trim().parse().map_err(|_| err())?,
+        b.trim().parse().map_err(|_| err())?,
+    );
+    if a == 0 || a > b {
+        return Err(err());
+    }
+    Ok(a..=b)
+}
+
+/// The kinds an agent reads.
+const AGENT_KINDS: &[Kind] = &[
+    Kind::Service,
+    Kind::EndpointSlice,
+    Kind::Secret,
+    Kind::CiliumEnvoyConfig,
+    Kind::CiliumClusterwideEnvoyConfig,
+];
+
+pub async fn agent(args: AgentArgs, api_socket: PathBuf) -> Result<ExitCode> {
+    let user_agent = membrane_k8s::agent_user_agent();
+    let client = membrane_k8s::client_for(args.kubeconfig.as_deref(), &user_agent)
+        .await
+        .context("connecting to the Kubernetes API")?;
+    let node =
+        membrane_k8s::ensure_node(&client, &args.node_name, &parse_labels(&args.node_labels)?)
+            .await
+            .context("reading this node's labels")?;
+    let node_labels = node.labels;
+    info!(node = %args.node_name, labels = ?node_labels, "membrane agent starting");
+    let config = AgentConfig {
+        run_dir: args.run_dir.clone(),
+        api_socket,
+        envoy_bin: args.envoy_bin.clone(),
+        envoy_admin_port: args.envoy_admin_port,
+        envoy_concurrency: args.envoy_concurrency,
+        envoy_log_level: args.envoy_log_level.clone(),
+        xds_protocol: args.xds_protocol,
+        lb_pool: args.lb_pool,
+        ports: PortMap {
+            http: args.http_port,
+            https: args.https_port,
+            transparent: false,
+        },
+        node_name: args.node_name.clone(),
+        node_uid: node.uid,
+        node_labels_updates: Some(membrane_k8s::watch_node_labels(
+            client.clone(),
+            &args.node_name,
+            node_labels.clone(),
+        )),
+        node_labels,
+        proxy_ports: Some(args.proxy_ports.clone()),
+        datapath: args.datapath.options_for(false)?,
+        cni: None,
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    let store = Store::new();
+    let source = KubeSource::with_kinds(client.clone(), AGENT_KINDS.to_vec());
+    let mut synced = source.synced();
+    let _source = store.spawn_source(source);
+    // Ready only once every watch has listed: Envoy's first configuration
+    // is complete, never a partial cache.
+    tokio::select! {
+        ok = synced.wait() => anyhow::ensure!(ok, "the API watches stopped before syncing"),
+        _ = shutdown.cancelled() => return Ok(ExitCode::SUCCESS),
+    }
+    info!("caches synced; serving");
+    let writer = Writer::new(client, AGENT_MANAGER);
+    let reports = Arc::new(KubeSink::spawn(writer.clone(), None, None));
+    let node_name = args.node_name.clone();
+    membrane_agent::run(config, store, reports, None, shutdown).await?;
+    // A node that stops cleanly withdraws its report, so it no longer holds
+    // Ingress addresses back (a crashed one's report stays: see docs).
+    let report = membrane_store::ObjectKey::new(Kind::ProxyNodeStatus, "", &node_name);
+    match tokio::time::timeout(Duration::from_secs(5), writer.delete(&report)).await {
+        Ok(Ok(())) => info!(node = %node_name, "ProxyNodeStatus withdrawn"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "withdrawing the ProxyNodeStatus"),
+        Err(_) => tracing::warn!("withdrawing the ProxyNodeStatus: no answer within 5 s"),
+    }
+    Ok(ExitCode::SUCCESS)
+}

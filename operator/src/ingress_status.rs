@@ -1,0 +1,211 @@
+//! Ingress status: `status.loadBalancer.ingress[0].ip` is written only once
+//! every agent serving the Ingress's CEC reports (in its `ProxyNodeStatus`)
+//! that its Envoy ACKed the CEC at its current generation — never merely
+//! because a config was computed.
+//!
+//! The check is level-triggered: it runs on every pass against the state
+//! the pass reads (the CEC's generation, the agents' reports, the Service's
+//! address), and every input is an object whose change wakes the loop, so
+//! no wake-up can be lost between an ACK and the status write (issue 9).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::networking::v1::Ingress;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use membrane_crds::{ACKED, ProxyNodeStatus};
+use membrane_ingress::lb_ip;
+use membrane_k8s::Sink;
+use membrane_store::{Kind, Object, ObjectKey, StoreSnapshot};
+use serde_json::json;
+
+use crate::ingress_controller::ManagedIngress;
+
+/// Remembers which Ingresses carry a status written by us.
+#[derive(Debug, Default)]
+pub struct StatusWriter {
+    written: BTreeSet<ObjectKey>,
+}
+
+impl StatusWriter {
+    pub fn reconcile(&mut self, sink: &dyn Sink, snap: &StoreSnapshot, managed: &[ManagedIngress]) {
+        let reports: Vec<&ProxyNodeStatus> = snap.typed::<ProxyNodeStatus>(None).collect();
+        let mut still_managed = BTreeSet::new();
+        for m in managed {
+            still_managed.insert(m.ingress.clone());
+            let Some(ip) = snap
+                .get_typed::<Service>(&m.service.namespace, &m.service.name)
+                .and_then(lb_ip)
+            else {
+                continue;
+            };
+            let ip = ip.to_string();
+            // The ACK must cover listeners on this very address.
+            if !acked_everywhere(snap, &reports, &m.cec, Some(&ip)) {
+                continue;
+            }
+            self.written.insert(m.ingress.clone());
+            if ingress_ip(snap, &m.ingress).as_deref() == Some(ip.as_str()) {
+                continue;
+            }
+            sink.status(
+                &m.ingress,
+                json!({"loadBalancer": {"ingress": [{"ip": ip}]}}),
+            );
+        }
+        // An Ingress that is no longer ours loses the address we gave it.
+        let dropped: Vec<ObjectKey> = self
+            .written
+            .iter()
+            .filter(|k| !still_managed.contains(*k))
+            .cloned()
+            .collect();
+        for key in dropped {
+            if key.kind == Kind::Ingress && ingress_ip(snap, &key).is_some() {
+                sink.status(&key, json!({"loadBalancer": {}}));
+            }
+            self.written.remove(&key);
+        }
+    }
+}
+
+fn ingress_ip(snap: &StoreSnapshot, key: &ObjectKey) -> Option<String> {
+    snap.get_typed::<Ingress>(&key.namespace, &key.name)?
+        .status
+        .as_ref()?
+        .load_balancer
+        .as_ref()?
+        .ingress
+        .as_ref()?
+        .first()?
+        .ip
+        .clone()
+}
+
+/// Whether at least one agent serves `cec` and every agent whose node its
+/// `nodeSelector` selects reports an ACK of its current generation (built
+/// with `address` as its Service's LB address, if given).
+pub fn acked_everywhere(
+    snap: &StoreSnapshot,
+    reports: &[&ProxyNodeStatus],
+    cec: &ObjectKey,
+    address: Option<&str>,
+) -> bool {
+    let Some(obj) = snap.get(cec) else {
+        return false;
+    };
+    let selector = match obj.as_ref() {
+        Object::CiliumEnvoyConfig(c) => c.spec.node_selector.as_ref(),
+        Object::CiliumClusterwideEnvoyConfig(c) => c.spec.node_selector.as_ref(),
+        _ => return false,
+    };
+    let generation = obj.meta().generation.unwrap_or(0);
+    let mut serving = 0;
+    for report in reports {
+        if !selects(selector, &report.spec.node_labels) {
+            continue;
+        }
+        serving += 1;
+        let acked = report.status.iter().flat_map(|s| &s.configs).any(|c| {
+            c.kind == cec.kind.kind_name()
+                && c.namespace == cec.namespace
+                && c.name == cec.name
+                && c.generation == generation
+                && c.state == ACKED
+                && address.is_none_or(|a| c.addresses.iter().any(|x| x == a))
+        });
+        if !acked {
+            return false;
+        }
+    }
+    serving > 0
+}
+
+/// Whether a node with `labels` is selected (`None` selects every node);
+/// the same rule the agent applies to CEC `nodeSelector`s.
+pub fn selects(selector: Option<&LabelSelector>, labels: &BTreeMap<String, String>) -> bool {
+    let Some(sel) = selector else { return true };
+    let labels_match = sel
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let exprs_match = sel.match_expressions.iter().flatten().all(|e| {
+        let values = e.values.clone().unwrap_or_default();
+        let value = labels.get(&e.key);
+        match e.operator.as_str() {
+            "In" => value.is_some_and(|v| values.contains(v)),
+            "NotIn" => value.is_none_or(|v| !values.contains(v)),
+            "Exists" => value.is_some(),
+            "DoesNotExist" => value.is_none(),
+            _ => false,
+        }
+    });
+    labels_match && exprs_match
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use membrane_store::Store;
+
+    fn apply(store: &Store, yaml: &str) {
+        for obj in membrane_store::parse_documents(yaml).expect("yaml") {
+            store.apply(obj);
+        }
+    }
+
+    fn report(store: &Store, node: &str, labels: &str, generation: i64, state: &str) {
+        apply(
+            store,
+            &format!(
+                "apiVersion: membrane.io/v1alpha1\nkind: ProxyNodeStatus\nmetadata: {{name: {node}}}\nspec: {{nodeLabels: {labels}}}\n"
+            ),
+        );
+        let key = ObjectKey::new(Kind::ProxyNodeStatus, "", node);
+        assert!(store.update_status(
+            &key,
+            json!({"configs": [{"kind": "CiliumEnvoyConfig", "namespace": "default", "name": "c",
+                                "generation": generation, "state": state}]}),
+        ));
+    }
+
+    #[test]
+    fn every_selected_agent_must_ack_the_current_generation() {
+        let store = Store::new();
+        apply(
+            &store,
+            "apiVersion: cilium.io/v2\nkind: CiliumEnvoyConfig\nmetadata: {name: c, namespace: default}\nspec:\n  nodeSelector: {matchLabels: {role: edge}}\n  resources: []\n",
+        );
+        let cec = ObjectKey::new(Kind::CiliumEnvoyConfig, "default", "c");
+        let check = |store: &Store| {
+            let snap = store.snapshot();
+            let reports: Vec<&ProxyNodeStatus> = snap.typed::<ProxyNodeStatus>(None).collect();
+            acked_everywhere(&snap, &reports, &cec, None)
+        };
+        assert!(!check(&store), "no agent serves it yet");
+        report(&store, "a", "{role: edge}", 1, ACKED);
+        assert!(check(&store));
+        // An ACK of content built before the Service had its LB address
+        // does not cover that address.
+        {
+            let snap = store.snapshot();
+            let reports: Vec<&ProxyNodeStatus> = snap.typed::<ProxyNodeStatus>(None).collect();
+            assert!(!acked_everywhere(&snap, &reports, &cec, Some("127.0.0.9")));
+        }
+        // A node the selector does not pick has no say.
+        report(&store, "b", "{role: other}", 0, "Pending");
+        assert!(check(&store));
+        // A second selected node that has not ACKed holds the address back.
+        report(&store, "c", "{role: edge}", 1, "Pending");
+        assert!(!check(&store));
+        report(&store, "c", "{role: edge}", 1, ACKED);
+        assert!(check(&store));
+        // New content: the old ACKs no longer count.
+        apply(
+            &store,
+            "apiVersion: cilium.io/v2\nkind: CiliumEnvoyConfig\nmetadata: {name: c, namespace: default}\nspec:\n  nodeSelector: {matchLabels: {role: edge}}\n  resources: [{\"@type\": type.googleapis.com/envoy.config.listener.v3.Listener, name: l}]\n",
+        );
+        assert!(!check(&store));
+    }
+}
