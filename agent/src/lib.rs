@@ -11,6 +11,7 @@ pub mod datapath;
 pub mod endpoints;
 pub mod envoy;
 pub mod envoy_pb;
+pub mod incremental;
 pub mod ingress_controller;
 pub mod ingress_status;
 pub mod lb_ipam;
@@ -192,6 +193,7 @@ pub struct Reconciler {
     pub served: BTreeMap<ObjectKey, Vec<(&'static str, String)>>,
     logged: BTreeMap<String, String>,
     warned: BTreeMap<String, String>,
+    incr: incremental::PassState,
 }
 
 impl Reconciler {
@@ -223,6 +225,7 @@ impl Reconciler {
             served: BTreeMap::new(),
             logged: BTreeMap::new(),
             warned: BTreeMap::new(),
+            incr: Default::default(),
         }
     }
 
@@ -237,24 +240,81 @@ impl Reconciler {
         );
     }
 
-    /// Recompute the desired configuration from the store and hand it to
-    /// the xDS cache if it changed; record what is rejected.
+    /// Recompute the desired configuration from what changed in the store
+    /// since the last pass and hand the changed resources to the xDS cache;
+    /// record what is rejected.
     pub fn store_pass(&mut self, state: &AgentState) {
         let store = &state.store;
         let t0 = std::time::Instant::now();
+        // ---- incremental control plane (see incremental.rs) ----
+        // LB IPAM and the Ingress controller run unless the change is one
+        // they never read (EndpointSlices of workloads).
+        let (front_rev, front_changes) = self.incr.front_changes(store);
         let snap = store.snapshot();
-        let mut rejected = lb_ipam::reconcile(&self.lb_pool, store, &snap);
+        if incremental::front_needed(&front_changes, &snap) {
+            let mut rejected = lb_ipam::reconcile(&self.lb_pool, store, &snap);
+            let snap = store.snapshot();
+            let ingress = self.ingress.reconcile(store, &snap, &self.opts);
+            rejected.extend(ingress.rejected);
+            self.managed = ingress.managed;
+            self.incr.front_rejected = rejected;
+        }
+        self.incr.front_seen = Some(front_rev);
         let t1 = t0.elapsed();
+        let (pipeline_rev, changes) = self.incr.pipeline_changes(store);
         let snap = store.snapshot();
-        let ingress = self.ingress.reconcile(store, &snap, &self.opts);
+        let outcome = self.pipeline.run_changes(&snap, &changes);
+        self.incr.pipeline_seen = Some(pipeline_rev);
         let t2 = t0.elapsed();
-        rejected.extend(ingress.rejected);
-        self.managed = ingress.managed;
-        let snap = store.snapshot();
-        let pass = self.pipeline.run(&snap);
-        let t3 = t0.elapsed();
-        rejected.extend(pass.rejected);
-        configs::publish_warnings(&mut self.warned, pass.warnings, &state.warnings);
+        let resources_changed = match outcome {
+            configs::PassOutcome::Unchanged => false,
+            configs::PassOutcome::Endpoints(eds) => {
+                incremental::patch_rejected(&mut self.incr.pipeline_rejected, eds.rejected);
+                self.incr.publish_endpoints(
+                    &mut self.last_resources,
+                    &mut self.xds_snapshot,
+                    eds.updated,
+                )
+            }
+            configs::PassOutcome::Full(pass) => {
+                self.incr.pipeline_rejected = pass.rejected;
+                configs::publish_warnings(&mut self.warned, pass.warnings, &state.warnings);
+                self.served = pass.served;
+                if let Some(dp) = &state.datapath {
+                    dp.set_proxy_targets(pass.redirects);
+                }
+                // Resources are shared and carry their content hash: the
+                // snapshot is updated by the resources that differ only.
+                incremental::publish_full(
+                    &mut self.last_resources,
+                    &mut self.xds_snapshot,
+                    pass.resources,
+                )
+            }
+        };
+        if resources_changed {
+            // Without labels of its own the agent's node is the default
+            // node; with labels, its snapshot is node-specific.
+            let own = (!self.node_labels.is_empty()).then_some(state.node_id.as_str());
+            state.cache.set_snapshot(own, self.xds_snapshot.clone());
+        }
+        if resources_changed || !changes.is_empty() {
+            self.nodes.pass(
+                &snap,
+                &state.cache,
+                &state.node_id,
+                &self.node_labels,
+                &self.xds_snapshot,
+            );
+        }
+        let mut rejected = self.incr.front_rejected.clone();
+        rejected.extend(
+            self.incr
+                .pipeline_rejected
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        // ---- end of the incremental part ----
         // An Ingress answers for the CEC generated from it.
         for m in &self.managed {
             if let Some(why) = rejected.get(&m.cec).cloned() {
@@ -263,36 +323,10 @@ impl Reconciler {
                     .or_insert_with(|| format!("{}: its {why}", m.ingress));
             }
         }
-        self.served = pass.served;
-        if let Some(dp) = &state.datapath {
-            dp.set_proxy_targets(pass.redirects);
-        }
-        // Resources are shared and carry their content hash: comparing
-        // identities and hashes is enough, no bytes are compared.
-        if !self
-            .last_resources
-            .as_ref()
-            .is_some_and(|last| same_resources(last, &pass.resources))
-        {
-            self.xds_snapshot = build_snapshot(&pass.resources);
-            // Without labels of its own the agent's node is the default
-            // node; with labels, its snapshot is node-specific.
-            let own = (!self.node_labels.is_empty()).then_some(state.node_id.as_str());
-            state.cache.set_snapshot(own, self.xds_snapshot.clone());
-            self.last_resources = Some(pass.resources);
-        }
-        self.nodes.pass(
-            &snap,
-            &state.cache,
-            &state.node_id,
-            &self.node_labels,
-            &self.xds_snapshot,
-        );
         // Where a pass spends its time (MEMBRANE_LOG=membrane_agent=debug).
         debug!(
-            ipam_ms = t1.as_secs_f64() * 1e3,
-            ingress_ms = (t2 - t1).as_secs_f64() * 1e3,
-            pipeline_ms = (t3 - t2).as_secs_f64() * 1e3,
+            front_ms = t1.as_secs_f64() * 1e3,
+            pipeline_ms = (t2 - t1).as_secs_f64() * 1e3,
             total_ms = t0.elapsed().as_secs_f64() * 1e3,
             "store pass"
         );
