@@ -148,6 +148,9 @@ fn full(pipeline: &mut ConfigPipeline, store: &Store) -> View {
     )
 }
 
+/// What a step does, how the incremental side must handle it, the change.
+type Step = (&'static str, &'static str, Box<dyn Fn(&Store)>);
+
 #[test]
 fn incremental_passes_serve_what_full_passes_serve() {
     let store = Store::new();
@@ -165,7 +168,7 @@ fn incremental_passes_serve_what_full_passes_serve() {
         outcomes: Vec::new(),
     };
     let mut reference = ConfigPipeline::new(PortMap::default(), BTreeMap::new());
-    let steps: Vec<(&str, &str, Box<dyn Fn(&Store)>)> = vec![
+    let steps: Vec<Step> = vec![
         ("start", "full", Box::new(|_| {})),
         ("nothing", "unchanged", Box::new(|_| {})),
         (
