@@ -72,9 +72,10 @@ impl Changes {
     }
 }
 
-/// Entries kept in the change log; a consumer further behind resyncs. A
-/// resync costs one full pass, so the bound only caps memory.
-pub const CHANGE_LOG_CAPACITY: usize = 65_536;
+/// Entries kept in the change log (about 1 MiB); a consumer further
+/// behind resyncs. Only bulk loads get that far ahead of a reader, and for
+/// those one full pass is the cheaper way anyway.
+pub const CHANGE_LOG_CAPACITY: usize = 8_192;
 
 /// The typed object store shared by sources (writers) and controllers
 /// (readers). Cloning is cheap; all clones share one store.
