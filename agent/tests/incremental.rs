@@ -296,3 +296,91 @@ fn incremental_passes_serve_what_full_passes_serve() {
     assert!(rejected.contains_key(&slice_key), "{rejected:?}");
     assert_eq!(incr.outcomes.last().copied(), Some("endpoints"));
 }
+
+/// A shared CEC split into parts (as `membrane_ingress::split_shared_cec`
+/// writes them, route configuration fragments included) serves exactly
+/// what the unsplit CEC serves; a change to one part is seen.
+#[test]
+fn split_shared_cec_parts_serve_what_the_whole_cec_serves() {
+    use membrane_ingress::{TranslateOptions, merge_shared, shared_part, split_shared_cec};
+    use membrane_store::Object;
+
+    let opts = TranslateOptions::default();
+    let mut shared_parts = Vec::new();
+    for i in 0..40 {
+        let paths: String = (0..5)
+            .map(|j| {
+                format!(
+                    "{{path: /i{i}/r{j}, pathType: Prefix, backend: {{service: {{name: svc-{}, port: {{number: 80}}}}}}}}, ",
+                    (i * 5 + j) % 30
+                )
+            })
+            .collect();
+        let yaml = format!(
+            "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: ing-{i}, namespace: bench, annotations: {{ingress.cilium.io/loadbalancer-mode: shared}}}}\nspec: {{ingressClassName: cilium, rules: [{{http: {{paths: [{paths}]}}}}]}}\n"
+        );
+        let Object::Ingress(ing) = parse_documents(&yaml).expect("yaml").remove(0) else {
+            panic!("not an Ingress");
+        };
+        shared_parts.push(shared_part(&ing, &opts).expect("translates"));
+    }
+    let whole = merge_shared(&shared_parts, &opts).cec;
+    let split = split_shared_cec(&whole, 8 * 1024).expect("splits");
+    assert!(split.len() > 3, "{} parts", split.len());
+    let fragments = split
+        .iter()
+        .flat_map(|c| &c.spec.config.resources)
+        .filter(|r| {
+            r["name"]
+                .as_str()
+                .is_some_and(|n| n.contains("~membrane-part-"))
+        })
+        .count();
+    assert!(fragments > 0, "the route configuration is fragmented");
+
+    let one = Store::new();
+    one.apply(Object::CiliumEnvoyConfig(whole.clone()));
+    let many = Store::new();
+    many.apply_all(split.into_iter().map(Object::CiliumEnvoyConfig).collect());
+    let mut p1 = ConfigPipeline::new(PortMap::default(), BTreeMap::new());
+    let mut p2 = ConfigPipeline::new(PortMap::default(), BTreeMap::new());
+    let a = full(&mut p1, &one);
+    let b = full(&mut p2, &many);
+    assert!(a.1.is_empty(), "{:?}", a.1);
+    assert_eq!(a, b);
+    let served = p2.run(&many.snapshot()).served;
+    assert!(
+        served.contains_key(&ObjectKey::new(
+            Kind::CiliumEnvoyConfig,
+            "kube-system",
+            "cilium-ingress"
+        )),
+        "the first part answers for the whole: {:?}",
+        served.keys().collect::<Vec<_>>()
+    );
+
+    // One part changes (a cluster's timeout): the joined config follows.
+    let is_cluster =
+        |r: &serde_json::Value| r["@type"].as_str().is_some_and(|t| t.ends_with(".Cluster"));
+    let mut part = many
+        .snapshot()
+        .typed::<membrane_crds::CiliumEnvoyConfig>(Some("kube-system"))
+        .find(|c| {
+            c.metadata.name.as_deref() != Some("cilium-ingress")
+                && c.spec.config.resources.iter().any(is_cluster)
+        })
+        .cloned()
+        .expect("a later part holds clusters");
+    let cluster = part
+        .spec
+        .config
+        .resources
+        .iter_mut()
+        .find(|r| is_cluster(r))
+        .expect("a cluster");
+    cluster["connectTimeout"] = "7s".into();
+    many.apply(Object::CiliumEnvoyConfig(part));
+    let c = full(&mut p2, &many);
+    assert_ne!(c, b, "the change is served");
+    assert!(c.1.is_empty(), "{:?}", c.1);
+}
