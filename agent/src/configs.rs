@@ -8,6 +8,14 @@
 //! rejected whole; its last good version keeps serving and no other CEC is
 //! affected. Conflicts between CECs (same listener address, same resource
 //! name) are settled first come, first served: the older object keeps it.
+//!
+//! Passes follow the change ([`ConfigPipeline::run_changes`]): a store
+//! change that touches nothing the pipeline reads costs nothing; one that
+//! touches only EndpointSlices/Endpoints re-renders the assignments of the
+//! Services behind them without walking the CECs; otherwise the CECs are
+//! walked (conflicts are first come first served, so one CEC can change
+//! what another serves), but Service-, slice- and Secret-derived work is
+//! redone only for what changed.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -18,17 +26,17 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::jiff::Timestamp;
 use membrane_crds::EnvoyConfigSpec;
-use membrane_store::{Kind, Object, ObjectKey, StoreSnapshot};
+use membrane_store::{Changes, Kind, Object, ObjectKey, StoreSnapshot};
 use membrane_xds::Resource;
 use membrane_xds::codec::type_url;
 
 use crate::cec::{ParsedCec, parse_cec};
-use crate::endpoints::{SliceIndex, Validator, empty_assignment};
+use crate::endpoints::{SliceIndex, Validator, empty_assignment, slice_service};
 use crate::envoy_pb::*;
 use crate::lb_ipam::{Pool, lb_ip};
 use crate::placement::{PortMap, bound_addresses, collides, frontends, place, redirect_targets};
 use crate::ports::ProxyPorts;
-use crate::secrets::tls_secrets;
+use crate::secrets::{BadSecret, tls_secrets};
 
 /// One Envoy resource ready for the snapshot: encoded and hashed once per
 /// object version, then shared by every pass and every xDS stream.
@@ -52,6 +60,86 @@ pub struct ConfigPass {
     /// eBPF datapath only: VIP → proxy listener address of the CEC that
     /// claims it (first come, first served).
     pub redirects: BTreeMap<std::net::SocketAddr, std::net::SocketAddr>,
+}
+
+/// What changed in the store since the pipeline's last pass, reduced to
+/// what the pipeline reads.
+#[derive(Debug, Clone, Default)]
+pub struct PipelineChanges {
+    /// Anything may have changed: the first pass, or a reader that fell
+    /// behind the store's change log.
+    pub resync: bool,
+    /// A CEC or CCEC changed.
+    pub configs: bool,
+    /// Services that changed (frontends, LB addresses, EDS ports).
+    pub services: BTreeSet<ObjectKey>,
+    /// EndpointSlices and Endpoints that changed.
+    pub endpoints: BTreeSet<ObjectKey>,
+    /// A Secret changed.
+    pub secrets: bool,
+}
+
+impl PipelineChanges {
+    /// Everything is to be looked at again.
+    pub fn resync() -> Self {
+        Self {
+            resync: true,
+            ..Self::default()
+        }
+    }
+
+    /// The store's change log (see [`membrane_store::Store::changes_since`]).
+    pub fn from_store(changes: &Changes) -> Self {
+        let Changes::Keys(keys) = changes else {
+            return Self::resync();
+        };
+        let mut out = Self::default();
+        for c in keys {
+            match c.key.kind {
+                Kind::CiliumEnvoyConfig | Kind::CiliumClusterwideEnvoyConfig => out.configs = true,
+                Kind::Service => {
+                    out.services.insert(c.key.clone());
+                }
+                Kind::EndpointSlice | Kind::Endpoints => {
+                    out.endpoints.insert(c.key.clone());
+                }
+                Kind::Secret => out.secrets = true,
+                // Ingresses, classes, namespaces, nodes...: read by others.
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// Nothing the pipeline reads changed.
+    pub fn is_empty(&self) -> bool {
+        !self.resync
+            && !self.configs
+            && !self.secrets
+            && self.services.is_empty()
+            && self.endpoints.is_empty()
+    }
+}
+
+/// What [`ConfigPipeline::run_changes`] did.
+#[derive(Debug)]
+pub enum PassOutcome {
+    /// Nothing it reads changed: the previous pass stands.
+    Unchanged,
+    /// Only assignments changed; everything else of the previous pass stands.
+    Endpoints(EndpointsPass),
+    /// A pass over every CEC.
+    Full(ConfigPass),
+}
+
+/// Result of an EndpointSlice/Endpoints-only change.
+#[derive(Debug, Default)]
+pub struct EndpointsPass {
+    /// Served assignments with new content: the previous resource and its
+    /// replacement (same name).
+    pub updated: Vec<(Built, Built)>,
+    /// Rejection state of the changed objects: why, or `None` when fine.
+    pub rejected: Vec<(ObjectKey, Option<String>)>,
 }
 
 /// One CEC version, decoded, with everything that does not depend on where
@@ -246,7 +334,28 @@ pub struct ConfigPipeline {
     /// EDS by namespace, Service and port selection.
     eds: HashMap<String, HashMap<String, HashMap<Vec<String>, CachedEds>>>,
     generation: u64,
+    /// The next pass must walk everything: a quarantine or retry changed
+    /// what serves without a store change.
+    force_full: bool,
+    /// Which Service each EndpointSlice feeds, and the reverse, kept across
+    /// passes so a slice change (or deletion) finds its Service at once.
+    slice_service: HashMap<ObjectKey, (String, String)>,
+    service_slices: HashMap<(String, String), BTreeSet<ObjectKey>>,
+    /// TLS Secrets as validated at the last Secret change (re-checked now
+    /// and then: certificates expire without a change).
+    secrets: Option<(SecretsChecked, Instant)>,
+    /// Per CEC version: its LB pool check, valid while no Service changes.
+    pool_checked: HashMap<ObjectKey, (Arc<Prepared>, Option<String>)>,
+    /// Split shared CECs joined back, by their first part: the versions of
+    /// all parts and the joined spec.
+    joined: HashMap<ObjectKey, (String, Arc<EnvoyConfigSpec>)>,
 }
+
+type SecretsChecked = (Vec<Secret>, Vec<BadSecret>, Vec<BadSecret>);
+
+/// How long validated Secrets are reused without a Secret change (for
+/// expiry warnings).
+const SECRETS_RECHECK: Duration = Duration::from_secs(60);
 
 /// A Service's EDS inputs (name, resourceVersion) and its assignments.
 type EdsServing = (Vec<(String, String)>, Vec<Built>);
@@ -322,6 +431,12 @@ impl ConfigPipeline {
             placed: HashMap::new(),
             eds: HashMap::new(),
             generation: 0,
+            force_full: true,
+            slice_service: HashMap::new(),
+            service_slices: HashMap::new(),
+            secrets: None,
+            pool_checked: HashMap::new(),
+            joined: HashMap::new(),
         }
     }
 
@@ -380,6 +495,15 @@ impl ConfigPipeline {
     /// the object changes or a retry is accepted. A Service's
     /// assignments are quarantined until its Service or slices change.
     pub fn quarantine(&mut self, key: &ObjectKey, reason: String) -> Quarantined {
+        let q = self.quarantine_inner(key, reason);
+        if q != Quarantined::No {
+            // What serves changes without a store change.
+            self.force_full = true;
+        }
+        q
+    }
+
+    fn quarantine_inner(&mut self, key: &ObjectKey, reason: String) -> Quarantined {
         if key.kind == Kind::Secret {
             let Some((rv, _)) = self.secret_serving.get(key) else {
                 return Quarantined::No;
@@ -509,6 +633,7 @@ impl ConfigPipeline {
                 any = true;
             }
         }
+        self.force_full |= any;
         any
     }
 
@@ -528,8 +653,198 @@ impl ConfigPipeline {
         }
     }
 
+    /// A pass over everything in `snap`, as if all of it changed.
     pub fn run(&mut self, snap: &StoreSnapshot) -> ConfigPass {
+        self.full(snap, &PipelineChanges::resync())
+    }
+
+    /// A pass that does the work `changes` (since the previous pass, with
+    /// `snap` at or after them) calls for; see [`PassOutcome`].
+    pub fn run_changes(&mut self, snap: &StoreSnapshot, changes: &PipelineChanges) -> PassOutcome {
+        if changes.resync
+            || self.force_full
+            || changes.configs
+            || changes.secrets
+            || !changes.services.is_empty()
+        {
+            return PassOutcome::Full(self.full(snap, changes));
+        }
+        if changes.endpoints.is_empty() {
+            return PassOutcome::Unchanged;
+        }
+        match self.endpoints_only(snap, &changes.endpoints) {
+            Some(p) => PassOutcome::Endpoints(p),
+            None => PassOutcome::Full(self.full(snap, changes)),
+        }
+    }
+
+    /// Update the slice ↔ Service index and the validator for `changes`;
+    /// the Services whose EDS inputs may differ (`None`: all of them).
+    fn refresh_endpoints(
+        &mut self,
+        snap: &StoreSnapshot,
+        changes: &PipelineChanges,
+    ) -> Option<HashSet<(String, String)>> {
+        if changes.resync {
+            self.validator.refresh(snap);
+            self.slice_service.clear();
+            self.service_slices.clear();
+            for obj in snap.list(Kind::EndpointSlice, None) {
+                if let Some(svc) = slice_service(obj) {
+                    let key = obj.key();
+                    self.service_slices
+                        .entry(svc.clone())
+                        .or_default()
+                        .insert(key.clone());
+                    self.slice_service.insert(key, svc);
+                }
+            }
+            return None;
+        }
+        self.validator
+            .refresh_keys(snap, changes.services.iter().chain(&changes.endpoints));
+        let mut dirty: HashSet<(String, String)> = changes
+            .services
+            .iter()
+            .map(|k| (k.namespace.clone(), k.name.clone()))
+            .collect();
+        for key in &changes.endpoints {
+            if key.kind == Kind::Endpoints {
+                dirty.insert((key.namespace.clone(), key.name.clone()));
+                continue;
+            }
+            if let Some(old) = self.slice_service.remove(key) {
+                if let Some(set) = self.service_slices.get_mut(&old) {
+                    set.remove(key);
+                    if set.is_empty() {
+                        self.service_slices.remove(&old);
+                    }
+                }
+                dirty.insert(old);
+            }
+            if let Some(svc) = snap.get(key).and_then(|o| slice_service(o)) {
+                self.service_slices
+                    .entry(svc.clone())
+                    .or_default()
+                    .insert(key.clone());
+                self.slice_service.insert(key.clone(), svc.clone());
+                dirty.insert(svc);
+            }
+        }
+        Some(dirty)
+    }
+
+    /// The slices of the given Services, from the index.
+    fn slices_of<'s>(
+        &'s self,
+        services: impl IntoIterator<Item = (&'s str, &'s str)>,
+    ) -> Vec<&'s ObjectKey> {
+        let mut out = Vec::new();
+        for (ns, name) in services {
+            if let Some(set) = self.service_slices.get(&(ns.to_owned(), name.to_owned())) {
+                out.extend(set.iter());
+            }
+        }
+        out
+    }
+
+    /// EndpointSlices/Endpoints changed and nothing else: re-render the
+    /// assignments of the Services behind them. `None` when a full pass is
+    /// needed instead (a Service whose assignments Envoy rejected).
+    fn endpoints_only(
+        &mut self,
+        snap: &StoreSnapshot,
+        keys: &BTreeSet<ObjectKey>,
+    ) -> Option<EndpointsPass> {
+        // The Services fed before and after the change; decided before
+        // anything is updated, so that bailing out leaves state untouched.
+        let mut services: BTreeSet<(String, String)> = BTreeSet::new();
+        for key in keys {
+            match key.kind {
+                Kind::Endpoints => {
+                    services.insert((key.namespace.clone(), key.name.clone()));
+                }
+                Kind::EndpointSlice => {
+                    services.extend(self.slice_service.get(key).cloned());
+                    services.extend(snap.get(key).and_then(|o| slice_service(o)));
+                }
+                _ => return None,
+            }
+        }
+        if services.iter().any(|(ns, name)| {
+            self.eds_quarantined
+                .contains_key(&ObjectKey::new(Kind::Service, ns, name))
+        }) {
+            return None;
+        }
+        let changes = PipelineChanges {
+            endpoints: keys.clone(),
+            ..PipelineChanges::default()
+        };
+        self.refresh_endpoints(snap, &changes);
+        let mut out = EndpointsPass::default();
+        for key in keys.iter().filter(|k| k.kind == Kind::EndpointSlice) {
+            out.rejected
+                .push((key.clone(), self.validator.rejection(key)));
+        }
+        let slices: Vec<ObjectKey> = self
+            .slices_of(services.iter().map(|(n, s)| (n.as_str(), s.as_str())))
+            .into_iter()
+            .cloned()
+            .collect();
+        let index = SliceIndex::with_validator_for(snap, &self.validator, &slices);
+        for (ns, name) in &services {
+            let Some(by_ports) = self.eds.get_mut(ns).and_then(|m| m.get_mut(name)) else {
+                // No CEC wants this Service's endpoints.
+                continue;
+            };
+            let mut changed = false;
+            for (ports, c) in by_ports.iter_mut() {
+                if index.inputs_equal(snap, ns, name, &c.inputs) {
+                    continue;
+                }
+                c.resources = index
+                    .assignments(snap, ns, name, ports)
+                    .into_iter()
+                    .map(|cla| built(cla.cluster_name.clone(), to_any(&cla)))
+                    .collect();
+                c.inputs = index.inputs(snap, ns, name);
+                changed = true;
+            }
+            if !changed {
+                continue;
+            }
+            let svc_key = ObjectKey::new(Kind::Service, ns, name);
+            let Some((inputs, published)) = self.eds_serving.get_mut(&svc_key) else {
+                continue;
+            };
+            *inputs = index.inputs(snap, ns, name);
+            // The names a Service publishes follow from its ports, not its
+            // slices: each published assignment gets its new content.
+            for r in published.iter_mut() {
+                let Some(new) = by_ports
+                    .values()
+                    .flat_map(|c| &c.resources)
+                    .find(|n| n.name == r.name)
+                else {
+                    continue;
+                };
+                if new.hash != r.hash {
+                    out.updated.push((r.clone(), new.clone()));
+                    *r = new.clone();
+                }
+            }
+        }
+        Some(out)
+    }
+
+    fn full(&mut self, snap: &StoreSnapshot, changes: &PipelineChanges) -> ConfigPass {
+        self.force_full = false;
+        // Service-derived results (frontends, LB pool checks) of unchanged
+        // CEC versions still hold when no Service changed.
+        let services_same = !changes.resync && changes.services.is_empty();
         let mut pass = ConfigPass::default();
+        let (joined, parts) = self.join_split(snap);
         let mut configs: Vec<(ObjectKey, &EnvoyConfigSpec, &str, Option<Timestamp>)> = Vec::new();
         for kind in [Kind::CiliumEnvoyConfig, Kind::CiliumClusterwideEnvoyConfig] {
             for obj in snap.list(kind, None) {
@@ -538,13 +853,16 @@ impl ConfigPipeline {
                     Object::CiliumClusterwideEnvoyConfig(c) => (&c.spec.config, &c.metadata),
                     _ => continue,
                 };
+                let key = obj.key();
+                if parts.contains(&key) {
+                    continue;
+                }
                 let created = meta.creation_timestamp.as_ref().map(|t| t.0);
-                configs.push((
-                    obj.key(),
-                    spec,
-                    meta.resource_version.as_deref().unwrap_or_default(),
-                    created,
-                ));
+                let (spec, rv) = match joined.get(&key) {
+                    Some((rv, spec)) => (spec.as_ref(), rv.as_str()),
+                    None => (spec, meta.resource_version.as_deref().unwrap_or_default()),
+                };
+                configs.push((key, spec, rv, created));
             }
         }
         // First come, first served on conflicts. Creation times have whole
@@ -564,6 +882,7 @@ impl ConfigPipeline {
         self.quarantined
             .retain(|k, q| rvs.get(k).is_some_and(|rv| *rv == q.resource_version));
         self.placed.retain(|k, _| live.contains(k));
+        self.pool_checked.retain(|k, _| live.contains(k));
         self.serving.clear();
         let fingerprint = {
             use std::hash::{Hash, Hasher};
@@ -653,11 +972,21 @@ impl ConfigPipeline {
         for (i, prepared, nacked) in &resolved {
             let (key, spec, rv, _) = &configs[*i];
             let nacked = *nacked;
-            if let Some(msg) = self.pool_violation(snap, key, spec, prepared) {
+            let violation = match self.pool_checked.get(key) {
+                Some((p, v)) if services_same && Arc::ptr_eq(p, prepared) => v.clone(),
+                _ => {
+                    let v = self.pool_violation(snap, key, spec, prepared);
+                    self.pool_checked
+                        .insert(key.clone(), (prepared.clone(), v.clone()));
+                    v
+                }
+            };
+            if let Some(msg) = violation {
                 pass.rejected.insert(key.clone(), msg);
                 continue;
             }
-            let (listeners, bound) = match self.place_listeners(snap, key, spec, prepared, &binds) {
+            let placed = self.place_listeners(snap, key, spec, prepared, &binds, services_same);
+            let (listeners, bound) = match placed {
                 Ok(v) => v,
                 Err((index, why)) => {
                     pass.rejected.insert(
@@ -736,12 +1065,42 @@ impl ConfigPipeline {
         // EDS: refresh the cached assignments whose inputs changed, then
         // publish each name once (CEC-defined endpoints take precedence).
         self.account_memory();
-        self.validator.refresh(snap);
+        // Only the Services whose inputs changed (all on a resync) and
+        // selections not computed yet need the slices looked at.
+        let dirty = self.refresh_endpoints(snap, changes);
         pass.rejected.extend(self.validator.rejected());
-        let index = SliceIndex::with_validator(snap, &self.validator);
+        let is_clean = |ns: &str, name: &str| {
+            dirty
+                .as_ref()
+                .is_some_and(|d| !d.contains(&(ns.to_owned(), name.to_owned())))
+        };
+        let cached = |eds: &HashMap<String, HashMap<String, HashMap<Vec<String>, CachedEds>>>,
+                      ns: &str,
+                      name: &str,
+                      ports: &[String]| {
+            eds.get(ns)
+                .and_then(|m| m.get(name))
+                .is_some_and(|m| m.contains_key(ports))
+        };
+        let index = match &dirty {
+            None => SliceIndex::with_validator(snap, &self.validator),
+            Some(_) => {
+                let mut todo: Vec<(&str, &str)> = eds_wanted
+                    .iter()
+                    .filter(|(ns, name, ports)| {
+                        !is_clean(ns, name) || !cached(&self.eds, ns, name, ports)
+                    })
+                    .map(|(ns, name, _)| (*ns, *name))
+                    .collect();
+                todo.dedup();
+                let keys = self.slices_of(todo);
+                SliceIndex::with_validator_for(snap, &self.validator, keys)
+            }
+        };
         self.generation += 1;
         let generation = self.generation;
         for (ns, name, ports) in &eds_wanted {
+            let clean = is_clean(ns, name);
             let by_ports = self
                 .eds
                 .entry((*ns).to_owned())
@@ -749,6 +1108,9 @@ impl ConfigPipeline {
                 .entry((*name).to_owned())
                 .or_default();
             match by_ports.get_mut(ports.as_ref()) {
+                Some(c) if clean => {
+                    c.generation = generation;
+                }
                 Some(c) if index.inputs_equal(snap, ns, name, &c.inputs) => {
                     c.generation = generation;
                 }
@@ -885,7 +1247,20 @@ impl ConfigPipeline {
             }
         }
 
-        let (secrets, bad, expiring) = tls_secrets(snap);
+        let recheck = changes.resync
+            || changes.secrets
+            || self
+                .secrets
+                .as_ref()
+                .is_none_or(|(_, at)| at.elapsed() > SECRETS_RECHECK);
+        if recheck {
+            self.secrets = Some((tls_secrets(snap), Instant::now()));
+        }
+        // Taken out for the loop below (which reads other fields), then
+        // put back.
+        let checked = self.secrets.take();
+        let empty: SecretsChecked = Default::default();
+        let (secrets, bad, expiring) = checked.as_ref().map_or(&empty, |(s, _)| s);
         let mut secret_names: HashSet<String> = pass
             .resources
             .iter()
@@ -907,7 +1282,7 @@ impl ConfigPipeline {
                 .unwrap_or_default();
             let fresh = match self.secret_serving.get(&key) {
                 Some((old_rv, b)) if *old_rv == rv => b.clone(),
-                _ => built(s.name.clone(), to_any(&s)),
+                _ => built(s.name.clone(), to_any(s)),
             };
             // Envoy rejected this version: serve what it last ACKed.
             let serve = match self.secret_quarantined.get(&key) {
@@ -930,11 +1305,7 @@ impl ConfigPipeline {
             .retain(|k, _| secret_serving.contains_key(k));
         self.secret_serving = secret_serving;
         for b in bad {
-            let key = ObjectKey {
-                kind: Kind::Secret,
-                namespace: b.namespace,
-                name: b.name,
-            };
+            let key = ObjectKey::new(Kind::Secret, &b.namespace, &b.name);
             let msg = format!("{key}: {}", b.reason);
             pass.rejected.insert(key, msg);
         }
@@ -943,8 +1314,86 @@ impl ConfigPipeline {
             let msg = format!("{key}: {}", w.reason);
             pass.warnings.insert(key, msg);
         }
+        self.secrets = checked;
         pass
     }
+    /// Split shared CECs (parts labelled `membrane.io/shared-part-of`)
+    /// joined back into their first part: the joined specs with the
+    /// versions of all their parts, and the keys of the other parts.
+    /// Parts without their first part are ordinary CECs.
+    #[allow(clippy::type_complexity)]
+    fn join_split(
+        &mut self,
+        snap: &StoreSnapshot,
+    ) -> (
+        HashMap<ObjectKey, (String, Arc<EnvoyConfigSpec>)>,
+        HashSet<ObjectKey>,
+    ) {
+        use membrane_crds::CiliumEnvoyConfig;
+        let mut groups: BTreeMap<ObjectKey, Vec<(usize, &CiliumEnvoyConfig)>> = BTreeMap::new();
+        for obj in snap.list(Kind::CiliumEnvoyConfig, None) {
+            let Object::CiliumEnvoyConfig(c) = obj.as_ref() else {
+                continue;
+            };
+            let Some(head) = c
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(membrane_ingress::SHARED_PART_OF_LABEL))
+            else {
+                continue;
+            };
+            let name = c.metadata.name.as_deref().unwrap_or_default();
+            let Some(k) = name
+                .strip_prefix(head.as_str())
+                .and_then(|s| s.strip_prefix('-'))
+                .and_then(|s| s.parse::<usize>().ok())
+            else {
+                continue;
+            };
+            let head = ObjectKey::new(Kind::CiliumEnvoyConfig, &obj.key().namespace, head);
+            groups.entry(head).or_default().push((k, c));
+        }
+        let mut joined = HashMap::new();
+        let mut parts = HashSet::new();
+        for (head_key, mut group) in groups {
+            let Some(Object::CiliumEnvoyConfig(head)) = snap.get(&head_key).map(|o| o.as_ref())
+            else {
+                continue;
+            };
+            group.sort_by_key(|(k, _)| *k);
+            let rv_of =
+                |c: &CiliumEnvoyConfig| c.metadata.resource_version.clone().unwrap_or_default();
+            let mut rv = rv_of(head);
+            for (k, c) in &group {
+                rv.push_str(&format!("+{k}:{}", rv_of(c)));
+            }
+            let spec = match self.joined.get(&head_key) {
+                Some((old, spec)) if *old == rv => spec.clone(),
+                _ => {
+                    let all: Vec<CiliumEnvoyConfig> = std::iter::once(head)
+                        .chain(group.iter().map(|(_, c)| *c))
+                        .cloned()
+                        .collect();
+                    match membrane_ingress::join_shared_cecs(&all) {
+                        Some(j) => Arc::new(j.spec.config),
+                        None => continue,
+                    }
+                }
+            };
+            for (_, c) in &group {
+                parts.insert(ObjectKey::new(
+                    Kind::CiliumEnvoyConfig,
+                    &head_key.namespace,
+                    c.metadata.name.as_deref().unwrap_or_default(),
+                ));
+            }
+            joined.insert(head_key, (rv, spec));
+        }
+        self.joined = joined.clone();
+        (joined, parts)
+    }
+
     /// A listener address from the LB pool that is not the address of a
     /// Service in the CEC's `spec.services`: the next Service assigned it
     /// would be broken.
@@ -1019,8 +1468,13 @@ impl ConfigPipeline {
         spec: &EnvoyConfigSpec,
         prepared: &Arc<Prepared>,
         binds: &Binds,
+        services_same: bool,
     ) -> Result<(Vec<Built>, Vec<(usize, String, String, u32)>), (usize, String)> {
-        let fe = frontends(snap, &key.namespace, spec, &prepared.parsed, self.ports);
+        let fe = match self.placed.get(key) {
+            // Frontends come from the Services: unchanged with them.
+            Some(p) if services_same && Arc::ptr_eq(&p.prepared, prepared) => p.key.0.clone(),
+            _ => frontends(snap, &key.namespace, spec, &prepared.parsed, self.ports),
+        };
         // Proxy ports are stable per listener name, so asking for them here
         // gives what `place` will assign.
         let mut proxy = Vec::new();

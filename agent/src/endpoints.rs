@@ -23,6 +23,19 @@ use crate::envoy_pb::*;
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
+/// The Service an EndpointSlice belongs to: `(namespace, name)` from its
+/// `kubernetes.io/service-name` label.
+pub fn slice_service(obj: &Object) -> Option<(String, String)> {
+    let Object::EndpointSlice(s) = obj else {
+        return None;
+    };
+    let svc = s.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    Some((
+        s.metadata.namespace.clone().unwrap_or_default(),
+        svc.clone(),
+    ))
+}
+
 /// Assignments for the ports of Service `ns/name` selected by `ports` (port
 /// numbers or names as strings; empty selects all). A missing Service, a
 /// missing port or a Service without ready endpoints gives empty
@@ -116,45 +129,74 @@ impl Validator {
         for kind in [Kind::Service, Kind::EndpointSlice] {
             for obj in snap.list(kind, None) {
                 let key = obj.key();
-                let rv = obj.meta().resource_version.as_deref().unwrap_or_default();
-                let entry = match self.checked.remove(&key) {
-                    Some(c) if c.resource_version == rv => c,
-                    previous => {
-                        let error = match obj.as_ref() {
-                            Object::Service(s) => validate_service(s).err(),
-                            Object::EndpointSlice(s) => validate_slice(s).err(),
-                            _ => None,
-                        };
-                        let good = if error.is_none() {
-                            Some(obj.clone())
-                        } else {
-                            previous.and_then(|p| p.good)
-                        };
-                        Checked {
-                            resource_version: rv.to_owned(),
-                            error,
-                            good,
-                        }
-                    }
-                };
+                let entry = Self::check(self.checked.remove(&key), obj);
                 live.insert(key, entry);
             }
         }
         self.checked = live;
     }
 
+    /// Like [`Self::refresh`] for the objects `keys` only (the ones a store
+    /// change touched); keys of other kinds are ignored.
+    pub fn refresh_keys<'k>(
+        &mut self,
+        snap: &StoreSnapshot,
+        keys: impl IntoIterator<Item = &'k ObjectKey>,
+    ) {
+        for key in keys {
+            if !matches!(key.kind, Kind::Service | Kind::EndpointSlice) {
+                continue;
+            }
+            let previous = self.checked.remove(key);
+            if let Some(obj) = snap.get(key) {
+                let entry = Self::check(previous, obj);
+                self.checked.insert(key.clone(), entry);
+            }
+        }
+    }
+
+    /// Validate `obj` unless `previous` checked this very version.
+    fn check(previous: Option<Checked>, obj: &Arc<Object>) -> Checked {
+        let rv = obj.meta().resource_version.as_deref().unwrap_or_default();
+        match previous {
+            Some(c) if c.resource_version == rv => c,
+            previous => {
+                let error = match obj.as_ref() {
+                    Object::Service(s) => validate_service(s).err(),
+                    Object::EndpointSlice(s) => validate_slice(s).err(),
+                    _ => None,
+                };
+                let good = if error.is_none() {
+                    Some(obj.clone())
+                } else {
+                    previous.and_then(|p| p.good)
+                };
+                Checked {
+                    resource_version: rv.to_owned(),
+                    error,
+                    good,
+                }
+            }
+        }
+    }
+
+    /// Why `key` is rejected now, as [`Self::rejected`] words it.
+    pub fn rejection(&self, key: &ObjectKey) -> Option<String> {
+        let c = self.checked.get(key)?;
+        let e = c.error.as_ref()?;
+        let fallback = match (key.kind, &c.good) {
+            (Kind::EndpointSlice, Some(_)) => "; serving its last good version",
+            _ => "",
+        };
+        Some(format!("{key}: {e}{fallback}"))
+    }
+
     /// Rejected Services and EndpointSlices, with why (naming the object).
     pub fn rejected(&self) -> BTreeMap<ObjectKey, String> {
         self.checked
             .iter()
-            .filter_map(|(k, c)| {
-                let e = c.error.as_ref()?;
-                let fallback = match (k.kind, &c.good) {
-                    (Kind::EndpointSlice, Some(_)) => "; serving its last good version",
-                    _ => "",
-                };
-                Some((k.clone(), format!("{k}: {e}{fallback}")))
-            })
+            .filter(|(_, c)| c.error.is_some())
+            .filter_map(|(k, _)| Some((k.clone(), self.rejection(k)?)))
             .collect()
     }
 
@@ -191,6 +233,23 @@ impl<'a> SliceIndex<'a> {
         Self::build(
             snap.list(Kind::EndpointSlice, None)
                 .filter_map(|obj| v.usable(&obj.key(), obj))
+                .filter_map(|obj| match obj.as_ref() {
+                    Object::EndpointSlice(s) => Some(s),
+                    _ => None,
+                }),
+        )
+    }
+
+    /// Like [`Self::with_validator`] for the slices `keys` only (those of
+    /// the Services a change touched), in the given order.
+    pub fn with_validator_for<'k>(
+        snap: &'a StoreSnapshot,
+        v: &'a Validator,
+        keys: impl IntoIterator<Item = &'k ObjectKey>,
+    ) -> Self {
+        Self::build(
+            keys.into_iter()
+                .filter_map(|k| v.usable(k, snap.get(k)?))
                 .filter_map(|obj| match obj.as_ref() {
                     Object::EndpointSlice(s) => Some(s),
                     _ => None,

@@ -14,6 +14,7 @@ pub mod datapath;
 pub mod endpoints;
 pub mod envoy;
 pub mod envoy_pb;
+pub mod incremental;
 pub mod lb_ipam;
 pub mod nack;
 pub mod nodes;
@@ -245,6 +246,9 @@ pub struct Reconciler {
     pub rejected_configs: BTreeMap<ObjectKey, String>,
     logged: BTreeMap<String, String>,
     warned: BTreeMap<String, String>,
+    incr: incremental::PassState,
+    /// `(Ingress, CEC generated from it)` as the controller last reported.
+    generated: Vec<(ObjectKey, ObjectKey)>,
 }
 
 impl Reconciler {
@@ -275,6 +279,8 @@ impl Reconciler {
             rejected_configs: BTreeMap::new(),
             logged: BTreeMap::new(),
             warned: BTreeMap::new(),
+            incr: Default::default(),
+            generated: Vec::new(),
         }
     }
 
@@ -298,75 +304,115 @@ impl Reconciler {
         );
     }
 
-    /// Recompute the desired configuration from the store and hand it to
-    /// the xDS cache if it changed; record what is rejected.
+    /// Recompute the desired configuration from what changed in the store
+    /// since the last pass and hand the changed resources to the xDS cache;
+    /// record what is rejected.
     pub fn store_pass(&mut self, state: &AgentState) {
         let store = &state.store;
         let t0 = std::time::Instant::now();
-        let controlled = match self.controller.as_mut() {
-            Some(c) => c.pass(store),
-            None => ControllerPass::default(),
-        };
-        let mut rejected = controlled.rejected;
-        let t2 = t0.elapsed();
+        // ---- incremental control plane (see incremental.rs) ----
+        // The controller (LB IPAM, Ingress controller, status) runs unless
+        // the change is one it never reads (EndpointSlices of workloads).
+        let (front_rev, front_changes) = self.incr.front_changes(store);
         let snap = store.snapshot();
-        let pass = self.pipeline.run(&snap);
-        let t3 = t0.elapsed();
-        rejected.extend(pass.rejected);
-        configs::publish_warnings(&mut self.warned, pass.warnings, &state.warnings);
+        if incremental::front_needed(&front_changes, &snap) {
+            let controlled = match self.controller.as_mut() {
+                Some(c) => c.pass(store),
+                None => ControllerPass::default(),
+            };
+            self.incr.front_rejected = controlled.rejected;
+            self.generated = controlled.generated;
+        }
+        self.incr.front_seen = Some(front_rev);
+        let t1 = t0.elapsed();
+        let (pipeline_rev, changes) = self.incr.pipeline_changes(store);
+        let snap = store.snapshot();
+        let outcome = self.pipeline.run_changes(&snap, &changes);
+        self.incr.pipeline_seen = Some(pipeline_rev);
+        let t2 = t0.elapsed();
+        let mut full_pass = false;
+        let resources_changed = match outcome {
+            configs::PassOutcome::Unchanged => false,
+            configs::PassOutcome::Endpoints(eds) => {
+                incremental::patch_rejected(&mut self.incr.pipeline_rejected, eds.rejected);
+                self.incr.publish_endpoints(
+                    &mut self.last_resources,
+                    &mut self.xds_snapshot,
+                    eds.updated,
+                )
+            }
+            configs::PassOutcome::Full(pass) => {
+                full_pass = true;
+                self.incr.pipeline_rejected = pass.rejected;
+                configs::publish_warnings(&mut self.warned, pass.warnings, &state.warnings);
+                self.served = pass.served;
+                if let Some(dp) = &state.datapath {
+                    dp.set_proxy_targets(pass.redirects);
+                }
+                // Resources are shared and carry their content hash: the
+                // snapshot is updated by the resources that differ only.
+                incremental::publish_full(
+                    &mut self.last_resources,
+                    &mut self.xds_snapshot,
+                    pass.resources,
+                )
+            }
+        };
+        if resources_changed {
+            // Without labels of its own the agent's node is the default
+            // node; with labels, its snapshot is node-specific.
+            let own = (!self.node_labels.is_empty()).then_some(state.node_id.as_str());
+            state.cache.set_snapshot(own, self.xds_snapshot.clone());
+        }
+        if resources_changed || !changes.is_empty() {
+            self.nodes.pass(
+                &snap,
+                &state.cache,
+                &state.node_id,
+                &self.node_labels,
+                &self.xds_snapshot,
+            );
+        }
+        let mut rejected = self.incr.front_rejected.clone();
+        rejected.extend(
+            self.incr
+                .pipeline_rejected
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
         self.rejected_configs = rejected
             .iter()
             .filter(|(k, _)| report::is_config(k.kind))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        if full_pass {
+            // What the ACK reports name: generation and LB addresses of
+            // each served (or rejected) CEC as this pass read it.
+            self.served_generations = self
+                .served
+                .keys()
+                .chain(self.rejected_configs.keys())
+                .filter_map(|k| Some((k.clone(), snap.get(k)?.meta().generation.unwrap_or(0))))
+                .collect();
+            self.served_addresses = self
+                .served
+                .keys()
+                .filter_map(|k| Some((k.clone(), report::frontends(&snap, snap.get(k)?))))
+                .collect();
+        }
+        // ---- end of the incremental part ----
         // An Ingress answers for the CEC generated from it.
-        for (ingress, cec) in &controlled.generated {
+        for (ingress, cec) in &self.generated {
             if let Some(why) = rejected.get(cec).cloned() {
                 rejected
                     .entry(ingress.clone())
                     .or_insert_with(|| format!("{ingress}: its {why}"));
             }
         }
-        self.served_generations = pass
-            .served
-            .keys()
-            .chain(self.rejected_configs.keys())
-            .filter_map(|k| Some((k.clone(), snap.get(k)?.meta().generation.unwrap_or(0))))
-            .collect();
-        self.served_addresses = pass
-            .served
-            .keys()
-            .filter_map(|k| Some((k.clone(), report::frontends(&snap, snap.get(k)?))))
-            .collect();
-        self.served = pass.served;
-        if let Some(dp) = &state.datapath {
-            dp.set_proxy_targets(pass.redirects);
-        }
-        // Resources are shared and carry their content hash: comparing
-        // identities and hashes is enough, no bytes are compared.
-        if !self
-            .last_resources
-            .as_ref()
-            .is_some_and(|last| same_resources(last, &pass.resources))
-        {
-            self.xds_snapshot = build_snapshot(&pass.resources);
-            // Without labels of its own the agent's node is the default
-            // node; with labels, its snapshot is node-specific.
-            let own = (!self.node_labels.is_empty()).then_some(state.node_id.as_str());
-            state.cache.set_snapshot(own, self.xds_snapshot.clone());
-            self.last_resources = Some(pass.resources);
-        }
-        self.nodes.pass(
-            &snap,
-            &state.cache,
-            &state.node_id,
-            &self.node_labels,
-            &self.xds_snapshot,
-        );
         // Where a pass spends its time (MEMBRANE_LOG=membrane_agent=debug).
         debug!(
-            operator_ms = t2.as_secs_f64() * 1e3,
-            pipeline_ms = (t3 - t2).as_secs_f64() * 1e3,
+            operator_ms = t1.as_secs_f64() * 1e3,
+            pipeline_ms = (t2 - t1).as_secs_f64() * 1e3,
             total_ms = t0.elapsed().as_secs_f64() * 1e3,
             "store pass"
         );

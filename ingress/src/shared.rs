@@ -507,3 +507,312 @@ pub fn translate_cluster(ingresses: &[Ingress], opts: &TranslateOptions) -> Clus
     out.rejected.extend(outcome.rejected);
     out
 }
+
+// ---------------------------------------------------------------------------
+// Splitting the shared CEC into objects that fit etcd's request limit.
+
+/// The largest object Membrane writes: etcd's default request limit
+/// (`--max-request-bytes`, 1.5 MiB) less room for the request around it;
+/// Cilium's single shared CEC breaks at about 1.5 MB.
+pub const MAX_OBJECT_BYTES: usize = 1 << 20;
+
+/// Label on every part of a split shared CEC but the first: the name of
+/// the first, which the parts are joined back into.
+pub const SHARED_PART_OF_LABEL: &str = "membrane.io/shared-part-of";
+
+/// Name suffix of a RouteConfiguration fragment: routes of a route
+/// configuration too large for one object, continued in another part.
+const FRAGMENT_SEP: &str = "~membrane-part-";
+
+/// Why the shared CEC cannot be split.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SplitError {
+    #[error(
+        "CiliumEnvoyConfig {cec}: {field} alone serializes to {bytes} bytes, more than the {max}-byte object limit"
+    )]
+    TooLarge {
+        cec: String,
+        field: String,
+        bytes: usize,
+        max: usize,
+    },
+    #[error("CiliumEnvoyConfig {cec}: serializing: {reason}")]
+    Serialize { cec: String, reason: String },
+}
+
+fn json_len(v: &impl serde::Serialize, cec: &str) -> Result<usize, SplitError> {
+    serde_json::to_vec(v)
+        .map(|b| b.len())
+        .map_err(|e| SplitError::Serialize {
+            cec: cec.to_owned(),
+            reason: e.to_string(),
+        })
+}
+
+fn is_route_config(r: &serde_json::Value) -> bool {
+    r["@type"]
+        .as_str()
+        .is_some_and(|t| t.ends_with(".RouteConfiguration"))
+}
+
+/// A route configuration larger than `budget` as fragments of at most
+/// `budget` bytes each: the first keeps every field and the first routes of
+/// each virtual host, the others (named `<name>~membrane-part-<k>`) carry
+/// only virtual-host names and the following routes, in order.
+fn fragment_route_config(
+    rc: &serde_json::Value,
+    budget: usize,
+    cec: &str,
+    field: &str,
+) -> Result<Vec<serde_json::Value>, SplitError> {
+    use serde_json::{Value, json};
+    let name = rc["name"].as_str().unwrap_or_default().to_owned();
+    let mut base = rc.clone();
+    let vhosts = match base.get_mut("virtualHosts").map(Value::take) {
+        Some(Value::Array(v)) => v,
+        _ => Vec::new(),
+    };
+    // The base with every virtual host but without routes.
+    let mut skeleton = Vec::new();
+    let mut routes_of = Vec::new();
+    for mut vh in vhosts {
+        let routes = match vh.get_mut("routes").map(Value::take) {
+            Some(Value::Array(r)) => r,
+            _ => Vec::new(),
+        };
+        // An empty list stands for the routes (kept only if it was there).
+        if let Some(o) = vh.as_object_mut()
+            && o.contains_key("routes")
+        {
+            o.insert("routes".to_owned(), Value::Array(Vec::new()));
+        }
+        skeleton.push(vh);
+        routes_of.push(routes);
+    }
+    base["virtualHosts"] = Value::Array(skeleton.clone());
+    let too_large = |bytes| SplitError::TooLarge {
+        cec: cec.to_owned(),
+        field: field.to_owned(),
+        bytes,
+        max: budget,
+    };
+    let base_len = json_len(&base, cec)?;
+    if base_len > budget {
+        return Err(too_large(base_len));
+    }
+    let mut out: Vec<Value> = Vec::new();
+    // The fragment being filled: its JSON and its size so far.
+    let mut current = base;
+    let mut used = base_len;
+    let type_url = rc["@type"].clone();
+    let fresh = |k: usize| json!({"@type": type_url, "name": format!("{name}{FRAGMENT_SEP}{k}"), "virtualHosts": []});
+    for (vi, routes) in routes_of.into_iter().enumerate() {
+        let vh_name = skeleton[vi]["name"].clone();
+        for route in routes {
+            let len = json_len(&route, cec)? + 1;
+            // The virtual host this route goes into, in the fragment being filled.
+            let in_current = |c: &Value| {
+                c["virtualHosts"]
+                    .as_array()
+                    .and_then(|v| v.iter().position(|h| h["name"] == vh_name))
+            };
+            let overhead = if in_current(&current).is_some() {
+                0
+            } else {
+                json_len(&json!({"name": vh_name, "routes": []}), cec)? + 1
+            };
+            if used + len + overhead > budget {
+                out.push(std::mem::replace(&mut current, fresh(out.len() + 1)));
+                used = json_len(&current, cec)?;
+            }
+            let idx = match in_current(&current) {
+                Some(i) => i,
+                None => {
+                    let hosts = current["virtualHosts"].as_array_mut();
+                    let Some(hosts) = hosts else { continue };
+                    hosts.push(json!({"name": vh_name, "routes": []}));
+                    used += json_len(&json!({"name": vh_name, "routes": []}), cec)? + 1;
+                    hosts.len() - 1
+                }
+            };
+            if used + len > budget {
+                return Err(too_large(len));
+            }
+            match current["virtualHosts"][idx].get_mut("routes") {
+                Some(Value::Array(r)) => r.push(route),
+                _ => current["virtualHosts"][idx]["routes"] = Value::Array(vec![route]),
+            }
+            used += len;
+        }
+    }
+    out.push(current);
+    Ok(out)
+}
+
+/// Splits a generated CEC (the shared one) into objects that each
+/// serialize to at most `max_bytes`: the first keeps the name,
+/// `spec.services` and the node selector; the others are named
+/// `<name>-<k>` and labelled [`SHARED_PART_OF_LABEL`]. Resources keep
+/// their order and are never split, except a route configuration larger
+/// than an object, whose routes continue in fragments (see
+/// [`join_shared_cecs`], which gives back the CEC this was given).
+pub fn split_shared_cec(
+    cec: &CiliumEnvoyConfig,
+    max_bytes: usize,
+) -> Result<Vec<CiliumEnvoyConfig>, SplitError> {
+    use membrane_crds::{CiliumEnvoyConfigSpec, EnvoyConfigSpec};
+    let name = cec.metadata.name.clone().unwrap_or_default();
+    let id = format!(
+        "{}/{name}",
+        cec.metadata.namespace.as_deref().unwrap_or_default()
+    );
+    if json_len(cec, &id)? <= max_bytes {
+        return Ok(vec![cec.clone()]);
+    }
+    let spec = &cec.spec.config;
+    let part = |k: usize, spec: EnvoyConfigSpec| {
+        let mut c = CiliumEnvoyConfig::new(
+            &if k == 0 {
+                name.clone()
+            } else {
+                format!("{name}-{k}")
+            },
+            CiliumEnvoyConfigSpec::from(spec),
+        );
+        c.metadata = part_meta(cec, k, &name);
+        c
+    };
+    // Room for resources in a part: the limit less an empty part (with
+    // `spec.services`, the largest metadata), less a margin for the
+    // part's name and separators.
+    let empty = part(
+        0,
+        EnvoyConfigSpec {
+            services: spec.services.clone(),
+            node_selector: spec.node_selector.clone(),
+            ..Default::default()
+        },
+    );
+    let budget = max_bytes.saturating_sub(json_len(&empty, &id)? + 64);
+    // Resources and backend services as items to pack, in order.
+    enum Item {
+        Resource(serde_json::Value),
+        Backend(membrane_crds::BackendService),
+    }
+    let mut items: Vec<(Item, usize)> = Vec::new();
+    for (i, r) in spec.resources.iter().enumerate() {
+        let len = json_len(r, &id)? + 1;
+        if len <= budget {
+            items.push((Item::Resource(r.clone()), len));
+            continue;
+        }
+        let field = format!("spec.resources[{i}]");
+        if !is_route_config(r) {
+            return Err(SplitError::TooLarge {
+                cec: id,
+                field,
+                bytes: len,
+                max: budget,
+            });
+        }
+        for f in fragment_route_config(r, budget, &id, &field)? {
+            let len = json_len(&f, &id)? + 1;
+            items.push((Item::Resource(f), len));
+        }
+    }
+    for b in &spec.backend_services {
+        let len = json_len(b, &id)? + 1;
+        items.push((Item::Backend(b.clone()), len));
+    }
+    let mut specs: Vec<EnvoyConfigSpec> = vec![EnvoyConfigSpec {
+        services: spec.services.clone(),
+        node_selector: spec.node_selector.clone(),
+        ..Default::default()
+    }];
+    let mut used = 0usize;
+    for (item, len) in items {
+        if used + len > budget {
+            specs.push(EnvoyConfigSpec {
+                node_selector: spec.node_selector.clone(),
+                ..Default::default()
+            });
+            used = 0;
+        }
+        used += len;
+        let Some(s) = specs.last_mut() else { continue };
+        match item {
+            Item::Resource(r) => s.resources.push(r),
+            Item::Backend(b) => s.backend_services.push(b),
+        }
+    }
+    Ok(specs
+        .into_iter()
+        .enumerate()
+        .map(|(k, s)| part(k, s))
+        .collect())
+}
+
+/// Metadata of part `k` of a split CEC.
+fn part_meta(
+    cec: &CiliumEnvoyConfig,
+    k: usize,
+    name: &str,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+    let mut meta = cec.metadata.clone();
+    if k > 0 {
+        meta.name = Some(format!("{name}-{k}"));
+        meta.labels
+            .get_or_insert_with(BTreeMap::new)
+            .insert(SHARED_PART_OF_LABEL.to_owned(), name.to_owned());
+        meta.uid = None;
+        meta.resource_version = None;
+    }
+    meta
+}
+
+/// The CEC that [`split_shared_cec`] split into `parts` (the first part
+/// first, the others in order): resources and backend services
+/// concatenated, route-configuration fragments merged back into their
+/// route configuration.
+pub fn join_shared_cecs(parts: &[CiliumEnvoyConfig]) -> Option<CiliumEnvoyConfig> {
+    use serde_json::Value;
+    let first = parts.first()?;
+    let mut out = first.clone();
+    let spec = &mut out.spec.config;
+    for p in &parts[1..] {
+        spec.resources
+            .extend(p.spec.config.resources.iter().cloned());
+        spec.backend_services
+            .extend(p.spec.config.backend_services.iter().cloned());
+    }
+    let mut joined: Vec<Value> = Vec::with_capacity(spec.resources.len());
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for r in std::mem::take(&mut spec.resources) {
+        let name = r["name"].as_str().unwrap_or_default().to_owned();
+        let base = name
+            .rsplit_once(FRAGMENT_SEP)
+            .map(|(b, _)| b.to_owned())
+            .filter(|_| is_route_config(&r));
+        let Some(&at) = base.as_ref().and_then(|b| index.get(b)) else {
+            if is_route_config(&r) {
+                index.insert(name, joined.len());
+            }
+            joined.push(r);
+            continue;
+        };
+        for vh in r["virtualHosts"].as_array().into_iter().flatten() {
+            let target = joined[at]["virtualHosts"]
+                .as_array_mut()
+                .and_then(|hosts| hosts.iter_mut().find(|h| h["name"] == vh["name"]));
+            let Some(target) = target else { continue };
+            let more = vh["routes"].as_array().cloned().unwrap_or_default();
+            match target.get_mut("routes") {
+                Some(Value::Array(routes)) => routes.extend(more),
+                _ => target["routes"] = Value::Array(more),
+            }
+        }
+    }
+    spec.resources = joined;
+    out.metadata.labels = first.metadata.labels.clone();
+    Some(out)
+}

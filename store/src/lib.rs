@@ -2,7 +2,8 @@
 //!
 //! Sources (a watched manifest directory, the local apply API, later kube
 //! reflectors) write Kubernetes objects into a [`Store`]; controllers read
-//! consistent [`StoreSnapshot`]s and wake up on [`Store::subscribe`].
+//! consistent [`StoreSnapshot`]s and wake up on [`Store::subscribe`]; [`Store::changes_since`]
+//! tells them which keys changed, so their work can follow the change.
 //! Everything downstream of the store is the same whichever source fed it.
 
 mod error;
@@ -22,7 +23,10 @@ pub use parse::{
     parse_documents_lenient, parse_keys, run_parse,
 };
 pub use source::{DEFAULT_SCOPE, Source, SourceWriter};
-pub use store::{Change, ScopeUpdate, Store, StoreSnapshot};
+pub use store::{
+    CHANGE_LOG_CAPACITY, Change, Changes, KeyChange, KeyChangeKind, ScopeUpdate, Store,
+    StoreSnapshot,
+};
 
 /// Re-exported so users name the same types the store holds.
 pub use k8s_openapi;

@@ -1,4 +1,4 @@
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -35,6 +35,48 @@ impl std::fmt::Display for Change {
     }
 }
 
+/// What happened to one object at one revision (see [`Store::changes_since`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KeyChangeKind {
+    Created,
+    /// Anything outside `status` changed (metadata or spec).
+    Updated,
+    /// Only `status` changed ([`Store::update_status`]).
+    StatusUpdated,
+    Deleted,
+}
+
+/// One entry of the store's change log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyChange {
+    pub revision: u64,
+    pub key: ObjectKey,
+    pub kind: KeyChangeKind,
+}
+
+/// What changed since a revision a consumer last saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Changes {
+    /// Every object change in order (problems, which have no key, bump the
+    /// revision without an entry).
+    Keys(Vec<KeyChange>),
+    /// The consumer fell behind the bounded log (or never read): it must
+    /// re-read the whole snapshot.
+    Resync,
+}
+
+impl Changes {
+    /// Whether nothing changed (a resync always counts as a change).
+    pub fn is_empty(&self) -> bool {
+        matches!(self, Changes::Keys(k) if k.is_empty())
+    }
+}
+
+/// Entries kept in the change log (about 1 MiB); a consumer further
+/// behind resyncs. Only bulk loads get that far ahead of a reader, and for
+/// those one full pass is the cheaper way anyway.
+pub const CHANGE_LOG_CAPACITY: usize = 8_192;
+
 /// The typed object store shared by sources (writers) and controllers
 /// (readers). Cloning is cheap; all clones share one store.
 #[derive(Clone)]
@@ -57,6 +99,11 @@ struct State {
     revision: u64,
     problems: BTreeMap<String, String>,
     scopes: BTreeMap<ScopeId, BTreeMap<ObjectKey, Object>>,
+    /// The latest object changes, oldest first, at most
+    /// [`CHANGE_LOG_CAPACITY`].
+    log: VecDeque<KeyChange>,
+    /// Changes at or below this revision may have left the log.
+    log_floor: u64,
 }
 
 /// One change to the set of objects a source scope owns, see
@@ -188,6 +235,7 @@ impl Store {
             let rv = state.next_revision();
             updated.meta_mut().resource_version = Some(rv.to_string());
             Arc::make_mut(&mut state.objects).insert(key.clone(), Arc::new(updated));
+            state.log(key.clone(), KeyChangeKind::StatusUpdated);
             true
         })
     }
@@ -195,6 +243,15 @@ impl Store {
     /// Receives the revision, bumped on every change (objects or problems).
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.inner.tx.subscribe()
+    }
+
+    /// The object changes after revision `since`, and the revision they
+    /// lead to (read a snapshot at or after it to see their content).
+    /// [`Changes::Resync`] when the bounded log no longer reaches back to
+    /// `since`. A consumer keeps the returned revision for its next call.
+    pub fn changes_since(&self, since: u64) -> (u64, Changes) {
+        let state = self.lock();
+        (state.revision, state.changes_since(since))
     }
 
     pub fn revision(&self) -> u64 {
@@ -266,6 +323,32 @@ impl State {
         self.revision
     }
 
+    /// Records a change of `key` at the current revision.
+    fn log(&mut self, key: ObjectKey, kind: KeyChangeKind) {
+        while self.log.len() >= CHANGE_LOG_CAPACITY {
+            if let Some(old) = self.log.pop_front() {
+                self.log_floor = old.revision;
+            }
+        }
+        self.log.push_back(KeyChange {
+            revision: self.revision,
+            key,
+            kind,
+        });
+    }
+
+    fn changes_since(&self, since: u64) -> Changes {
+        if since >= self.revision {
+            return Changes::Keys(Vec::new());
+        }
+        if since < self.log_floor {
+            return Changes::Resync;
+        }
+        // Entries are in revision order: skip what the consumer saw.
+        let start = self.log.partition_point(|c| c.revision <= since);
+        Changes::Keys(self.log.range(start..).cloned().collect())
+    }
+
     fn apply(&mut self, mut obj: Object) -> Change {
         obj.normalize();
         let key = obj.key();
@@ -317,7 +400,12 @@ impl State {
         };
         let rv = self.next_revision();
         obj.meta_mut().resource_version = Some(rv.to_string());
-        Arc::make_mut(&mut self.objects).insert(key, Arc::new(obj));
+        let kind = match change {
+            Change::Created => KeyChangeKind::Created,
+            _ => KeyChangeKind::Updated,
+        };
+        Arc::make_mut(&mut self.objects).insert(key.clone(), Arc::new(obj));
+        self.log(key, kind);
         change
     }
 
@@ -340,11 +428,17 @@ impl State {
                 .filter(|k| cascade_all || !claimed.contains(k))
                 .cloned()
                 .collect();
-            for k in doomed {
-                objects.remove(&k);
+            for k in &doomed {
+                objects.remove(k);
             }
+            self.next_revision();
+            for k in doomed {
+                self.log(k, KeyChangeKind::Deleted);
+            }
+        } else {
+            self.next_revision();
         }
-        self.next_revision();
+        self.log(key.clone(), KeyChangeKind::Deleted);
         Some(Arc::unwrap_or_clone(removed))
     }
 

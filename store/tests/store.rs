@@ -1,6 +1,9 @@
 use membrane_store::k8s_openapi::api::core::v1::Service;
 use membrane_store::k8s_openapi::api::networking::v1::Ingress;
-use membrane_store::{Change, Kind, Object, ObjectKey, Store, parse_documents};
+use membrane_store::{
+    CHANGE_LOG_CAPACITY, Change, Changes, KeyChangeKind, Kind, Object, ObjectKey, Store,
+    parse_documents,
+};
 use serde_json::json;
 
 fn obj(yaml: &str) -> Object {
@@ -283,4 +286,85 @@ fn batch_apply_and_delete_notify_once() {
     let deleted = store.delete_all(&keys);
     assert!(deleted[0].is_some() && deleted[1].is_none());
     assert_eq!(store.list(Kind::Service, None).len(), 1);
+}
+
+fn change_kinds(changes: &Changes) -> Vec<(u64, String, KeyChangeKind)> {
+    match changes {
+        Changes::Keys(k) => k
+            .iter()
+            .map(|c| (c.revision, c.key.to_string(), c.kind))
+            .collect(),
+        Changes::Resync => panic!("unexpected resync"),
+    }
+}
+
+#[test]
+fn change_log_carries_keys_in_order() {
+    let store = Store::new();
+    let key = ObjectKey::new(Kind::Ingress, "", "web");
+    let (start, none) = store.changes_since(0);
+    assert_eq!((start, none), (0, Changes::Keys(Vec::new())));
+
+    store.apply(ingress("a.com", "1"));
+    store.apply(ingress("a.com", "1")); // unchanged: no entry
+    store.apply(ingress("b.com", "1"));
+    store.set_problem("file x", Some("bad".into())); // no key, only a revision
+    assert!(store.update_status(
+        &key,
+        json!({"loadBalancer": {"ingress": [{"ip": "10.0.0.1"}]}})
+    ));
+    store.delete(&key);
+    let (rev, changes) = store.changes_since(start);
+    assert_eq!(rev, store.revision());
+    assert_eq!(
+        change_kinds(&changes),
+        vec![
+            (1, "Ingress default/web".into(), KeyChangeKind::Created),
+            (2, "Ingress default/web".into(), KeyChangeKind::Updated),
+            (
+                4,
+                "Ingress default/web".into(),
+                KeyChangeKind::StatusUpdated
+            ),
+            (5, "Ingress default/web".into(), KeyChangeKind::Deleted),
+        ]
+    );
+    // Reading from a later revision gives only what came after it.
+    assert_eq!(change_kinds(&store.changes_since(3).1).len(), 2);
+    assert!(store.changes_since(rev).1.is_empty());
+}
+
+#[test]
+fn change_log_names_objects_a_namespace_delete_removes() {
+    let store = Store::new();
+    store.apply_all(vec![
+        obj("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n"),
+        obj("apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: shop}\n"),
+    ]);
+    let (rev, _) = store.changes_since(0);
+    store.delete(&ObjectKey::new(Kind::Namespace, "", "shop"));
+    let keys: Vec<String> = change_kinds(&store.changes_since(rev).1)
+        .into_iter()
+        .map(|(_, k, kind)| {
+            assert_eq!(kind, KeyChangeKind::Deleted);
+            k
+        })
+        .collect();
+    assert_eq!(keys, vec!["Service shop/a", "Namespace shop"]);
+}
+
+#[test]
+fn change_log_is_bounded_and_asks_laggards_to_resync() {
+    let store = Store::new();
+    let n = CHANGE_LOG_CAPACITY + 10;
+    for i in 0..n {
+        store.apply(ingress("a.com", &i.to_string()));
+    }
+    assert_eq!(store.changes_since(0).1, Changes::Resync);
+    assert_eq!(store.changes_since(9).1, Changes::Resync);
+    // Exactly the oldest revision still covered works.
+    let (_, changes) = store.changes_since(10);
+    assert_eq!(change_kinds(&changes).len(), CHANGE_LOG_CAPACITY);
+    let recent = store.changes_since(n as u64 - 1).1;
+    assert_eq!(change_kinds(&recent).len(), 1);
 }

@@ -167,6 +167,38 @@ impl Snapshot {
         Ok(())
     }
 
+    /// Keyed update: puts `upserts` (replacing resources of the same type
+    /// and name) and drops `removals` (`(type_url, name)`). Only the types
+    /// touched get a new map (and version); the others stay shared, so
+    /// streams skip them without comparing.
+    pub fn update(
+        &mut self,
+        upserts: impl IntoIterator<Item = Arc<Resource>>,
+        removals: impl IntoIterator<Item = (String, String)>,
+    ) {
+        for (type_url, name) in removals {
+            if let Some(entry) = self.types.get_mut(&type_url)
+                && entry.map.contains_key(&name)
+            {
+                entry.version = OnceLock::new();
+                Arc::make_mut(&mut entry.map).remove(&name);
+            }
+        }
+        for r in upserts {
+            let entry = self.types.entry(r.type_url.clone()).or_default();
+            if entry
+                .map
+                .get(&r.name)
+                .is_some_and(|old| Arc::ptr_eq(old, &r))
+            {
+                continue;
+            }
+            entry.version = OnceLock::new();
+            Arc::make_mut(&mut entry.map).insert(r.name.clone(), r);
+        }
+        self.types.retain(|_, e| !e.map.is_empty());
+    }
+
     pub fn get(&self, type_url: &str, name: &str) -> Option<&Arc<Resource>> {
         self.types.get(type_url)?.map.get(name)
     }

@@ -8,6 +8,7 @@
 //! | `rss` | VmRSS of a real `membrane up` serving 1,000 and 10,000 routes |
 //! | `streams` | 1,000 concurrent ADS streams against the xDS server: its RSS |
 //! | `churn` | CPU and bytes sent per step while 5,000 endpoints churn |
+//! | `endpoints` | one EndpointSlice change → Envoy sends to the new endpoint, over 10,000 Services |
 
 mod ads;
 mod live;
@@ -36,6 +37,7 @@ pub enum Scenario {
     Rss,
     Streams,
     Churn,
+    Endpoints,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,9 +85,18 @@ pub struct XdsArgs {
     /// Envoy binary for `apply` and `rss` (else $MEMBRANE_ENVOY, .venv, PATH).
     #[arg(long)]
     pub envoy_bin: Option<std::path::PathBuf>,
-    /// Port Ingress HTTP is served on in `apply` and `rss`.
+    /// Port Ingress HTTP is served on in `apply`, `rss` and `endpoints`.
     #[arg(long, default_value_t = 18080)]
     pub http_port: u16,
+    /// Load-balancer pool of the `membrane up` under test.
+    #[arg(long, default_value = "127.100.0.0/16")]
+    pub lb_pool: String,
+    /// Port of the echo backends (the Services' targetPort).
+    #[arg(long, default_value_t = 3000)]
+    pub echo_port: u16,
+    /// `endpoints`: Services (one Ingress with one path each).
+    #[arg(long, default_value_t = 10_000)]
+    pub services: usize,
 }
 
 pub async fn run(cmd: BenchCommand) -> Result<ExitCode> {
@@ -120,6 +131,9 @@ async fn xds(args: XdsArgs) -> Result<ExitCode> {
     }
     if all || args.scenario == Scenario::Churn {
         ads::churn(&args).await?;
+    }
+    if all || args.scenario == Scenario::Endpoints {
+        live::endpoints(&args).await?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -15,14 +15,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::{Mode, XdsArgs, procfs, summary};
 use crate::client::ApiClient;
 
-/// Echo "pods" the Services' endpoints point at (`127.1.0.1-4:3000`).
+/// Echo "pods" the Services' endpoints point at (`127.1.0.1-4`, port
+/// `--echo-port`).
 const ECHO_PODS: usize = 4;
 
 fn echo_ip(service: usize, endpoint: usize) -> String {
     format!("127.1.0.{}", (service + endpoint) % ECHO_PODS + 1)
 }
 
-fn workload(routes: usize, paths: usize, mode: Mode) -> Workload {
+fn workload(args: &XdsArgs, routes: usize, paths: usize, mode: Mode) -> Workload {
     let paths = paths.max(1);
     let ingresses = routes.div_ceil(paths).max(1);
     Workload {
@@ -32,7 +33,7 @@ fn workload(routes: usize, paths: usize, mode: Mode) -> Workload {
         endpoints: 1,
         shared: mode == Mode::Shared,
         namespace: "bench".into(),
-        target_port: 3000,
+        target_port: args.echo_port,
     }
 }
 
@@ -65,7 +66,7 @@ impl Live {
             .arg(&manifests)
             .arg("--run-dir")
             .arg(dir.join("run"))
-            .args(["--envoy-admin-port", "0", "--lb-pool", "127.100.0.0/16"])
+            .args(["--envoy-admin-port", "0", "--lb-pool", &args.lb_pool])
             .args(["--http-port", &args.http_port.to_string()])
             .args(["--https-port", &(args.http_port + 1).to_string()])
             // MEMBRANE_BENCH_LOG=membrane_agent=debug shows where passes spend time.
@@ -216,12 +217,12 @@ async fn served(addr: SocketAddr, path: &str) -> bool {
     )
 }
 
-async fn start_echo_pods() -> Result<()> {
+async fn start_echo_pods(port: u16) -> Result<()> {
     for p in 1..=ECHO_PODS {
         let ip = format!("127.1.0.{p}");
-        let listener = tokio::net::TcpListener::bind(format!("{ip}:3000"))
+        let listener = tokio::net::TcpListener::bind(format!("{ip}:{port}"))
             .await
-            .with_context(|| format!("binding echo backend {ip}:3000"))?;
+            .with_context(|| format!("binding echo backend {ip}:{port}"))?;
         let id = membrane_conformance::echo::EchoIdentity {
             namespace: "bench".into(),
             ingress: "bench".into(),
@@ -239,7 +240,7 @@ async fn start_echo_pods() -> Result<()> {
 
 /// Scenario `apply`.
 pub async fn apply(args: &XdsArgs) -> Result<()> {
-    let w = workload(args.routes, args.paths, args.mode);
+    let w = workload(args, args.routes, args.paths, args.mode);
     println!(
         "\n== apply: one Ingress change → first 200 through Envoy, {} existing routes ({} Ingresses × {} paths, {:?} mode) ==",
         w.total_routes(),
@@ -254,7 +255,7 @@ pub async fn apply(args: &XdsArgs) -> Result<()> {
          Content-Length) returns 200 from an in-process echo backend. 5 warm-up changes are not \
          counted; 300 ms pause between changes so status writes from the previous change are done."
     );
-    start_echo_pods().await?;
+    start_echo_pods(args.echo_port).await?;
     let live = Live::start(args, &w).await?;
     let (ips, ready) = live.wait_ready(&w, Duration::from_secs(600)).await?;
     println!(
@@ -322,7 +323,7 @@ pub async fn rss(args: &XdsArgs) -> Result<()> {
          membrane process (not Envoy) from /proc/PID/status, after 2 s idle"
     );
     for &routes in &args.rss_routes {
-        let w = workload(routes, args.paths, args.mode);
+        let w = workload(args, routes, args.paths, args.mode);
         let live = Live::start(args, &w).await?;
         let (_, ready) = live.wait_ready(&w, Duration::from_secs(1200)).await?;
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -339,5 +340,84 @@ pub async fn rss(args: &XdsArgs) -> Result<()> {
         );
         drop(live);
     }
+    Ok(())
+}
+
+/// Scenario `endpoints`.
+pub async fn endpoints(args: &XdsArgs) -> Result<()> {
+    let w = workload(args, args.services, 1, args.mode);
+    println!(
+        "\n== endpoints: one EndpointSlice change → Envoy sends to the new endpoint, {} Services \
+         ({} Ingresses × 1 path, {:?} mode) ==",
+        w.services, w.ingresses, args.mode
+    );
+    println!(
+        "method: real `membrane up` + Envoy (delta xDS); each change POSTs one EndpointSlice that \
+         moves its Service's only endpoint to another echo pod; the clock runs from before the \
+         POST until a GET through Envoy (fresh connection per probe, 1 ms apart) is answered by \
+         the new pod. 5 warm-up changes are not counted; 300 ms pause between changes."
+    );
+    start_echo_pods(args.echo_port).await?;
+    let live = Live::start(args, &w).await?;
+    let (ips, ready) = live.wait_ready(&w, Duration::from_secs(1200)).await?;
+    println!(
+        "start-up: every Ingress served (address in status) after {:.1} s; membrane RSS {:.1} MiB",
+        ready.as_secs_f64(),
+        procfs::rss(live.pid()).map(procfs::mib).unwrap_or(0.0)
+    );
+    // Service s currently points at pod `echo_ip(s, 0)`.
+    let mut pod_of: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut samples = Vec::new();
+    let warmup = 5;
+    for k in 0..args.changes + warmup {
+        let i = (k * 7919) % w.ingresses;
+        let s = w.service_of(i, 0);
+        let ip = ips
+            .get(&w.ingress_name(i))
+            .context("Ingress without address")?;
+        let addr: SocketAddr = format!("{ip}:{}", args.http_port).parse()?;
+        let path = w.path(i, 0);
+        let current = *pod_of.entry(s).or_insert_with(|| (s % ECHO_PODS) + 1);
+        let next = current % ECHO_PODS + 1;
+        let [_, slice] = w.service(s, &|_, _| format!("127.1.0.{next}"));
+        let want = format!("echo-{next}\"");
+        let start = Instant::now();
+        live.api
+            .ok(
+                Method::POST,
+                "/v1/apply",
+                Some(serde_json::to_string(&slice)?),
+            )
+            .await
+            .context("POST /v1/apply")?;
+        loop {
+            let answer = tokio::time::timeout(Duration::from_secs(2), get(addr, &path)).await;
+            if matches!(&answer, Ok(Ok((200, body))) if body.contains(&want)) {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!(
+                    "{path} on {addr} not served by pod {next} 30 s after the change; last answer \
+                     {answer:?}; log tail:\n{}",
+                    live.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let took = start.elapsed();
+        pod_of.insert(s, next);
+        if k >= warmup {
+            samples.push(took);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    println!(
+        "EndpointSlice change → new endpoint answers: {}",
+        summary(&samples)
+    );
+    println!(
+        "membrane RSS after the changes: {:.1} MiB",
+        procfs::rss(live.pid()).map(procfs::mib).unwrap_or(0.0)
+    );
     Ok(())
 }

@@ -1,0 +1,224 @@
+//! Bookkeeping of the agent's incremental store pass: which store changes
+//! each stage has seen, the rejections of stages that did not run, and the
+//! keyed update of the xDS snapshot from a pass's resources.
+//!
+//! Each stage reads the store's change log from the revision it last saw
+//! ([`membrane_store::Store::changes_since`]); a stage that fell behind the
+//! log, or runs for the first time, gets a resync (a full pass).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use membrane_ingress::INGRESS_LABEL;
+use membrane_store::{Changes, Kind, ObjectKey, Store, StoreSnapshot};
+use membrane_xds::Snapshot;
+
+use crate::configs::{Built, PipelineChanges};
+
+/// What the incremental pass keeps between passes.
+#[derive(Debug, Default)]
+pub struct PassState {
+    /// Store revision LB IPAM and the Ingress controller last ran at.
+    pub front_seen: Option<u64>,
+    /// Store revision the config pipeline last saw.
+    pub pipeline_seen: Option<u64>,
+    /// Rejections by LB IPAM and the Ingress controller at their last run.
+    pub front_rejected: BTreeMap<ObjectKey, String>,
+    /// Rejections by the config pipeline, patched by endpoint-only passes.
+    pub pipeline_rejected: BTreeMap<ObjectKey, String>,
+}
+
+impl PassState {
+    /// The changes LB IPAM and the Ingress controller have not seen.
+    pub fn front_changes(&self, store: &Store) -> (u64, Changes) {
+        since(store, self.front_seen)
+    }
+
+    /// The changes the pipeline has not seen, reduced to what it reads.
+    pub fn pipeline_changes(&self, store: &Store) -> (u64, PipelineChanges) {
+        let (rev, changes) = since(store, self.pipeline_seen);
+        (rev, PipelineChanges::from_store(&changes))
+    }
+
+    /// An endpoint-only pass: replace the changed assignments in the last
+    /// resources and the snapshot. True when the snapshot changed.
+    pub fn publish_endpoints(
+        &mut self,
+        last: &mut Option<Vec<Built>>,
+        snapshot: &mut Snapshot,
+        updated: Vec<(Built, Built)>,
+    ) -> bool {
+        if updated.is_empty() {
+            return false;
+        }
+        if let Some(last) = last.as_mut() {
+            for (old, new) in &updated {
+                if let Some(slot) = last.iter_mut().find(|r| Arc::ptr_eq(r, old)) {
+                    *slot = new.clone();
+                }
+            }
+        }
+        snapshot.update(updated.into_iter().map(|(_, new)| new), Vec::new());
+        true
+    }
+}
+
+fn since(store: &Store, seen: Option<u64>) -> (u64, Changes) {
+    match seen {
+        Some(rev) => store.changes_since(rev),
+        None => (store.revision(), Changes::Resync),
+    }
+}
+
+/// Whether LB IPAM and the Ingress controller must run for `changes`: they
+/// read everything but the EndpointSlices/Endpoints of workloads (slices
+/// the controller generates are its own to restore).
+pub fn front_needed(changes: &Changes, snap: &StoreSnapshot) -> bool {
+    let Changes::Keys(keys) = changes else {
+        return true;
+    };
+    keys.iter().any(|c| match c.key.kind {
+        Kind::Endpoints => false,
+        // Workload slices are owned by their Service; the controller only
+        // reads the slices generated for Ingresses.
+        Kind::EndpointSlice => snap.get(&c.key).is_none_or(|o| {
+            let meta = o.meta();
+            meta.owner_references
+                .as_ref()
+                .is_some_and(|o| o.iter().any(|r| r.kind == "Ingress"))
+                || meta
+                    .labels
+                    .as_ref()
+                    .is_some_and(|l| l.contains_key(INGRESS_LABEL))
+        }),
+        _ => true,
+    })
+}
+
+/// Apply an endpoint-only pass's rejection changes.
+pub fn patch_rejected(
+    rejected: &mut BTreeMap<ObjectKey, String>,
+    changes: Vec<(ObjectKey, Option<String>)>,
+) {
+    for (key, why) in changes {
+        match why {
+            Some(why) => rejected.insert(key, why),
+            None => rejected.remove(&key),
+        };
+    }
+}
+
+/// Same resource: the same `Arc`, or the same type, name and content hash.
+fn same(a: &Built, b: &Built) -> bool {
+    Arc::ptr_eq(a, b) || (a.hash == b.hash && a.name == b.name && a.type_url == b.type_url)
+}
+
+/// A full pass's resources into the snapshot: only the resources that
+/// differ from the last pass's are put or removed. Both lists come in the
+/// pipeline's stable order, so what changed lies between a common prefix
+/// and a common suffix; only that window is compared by name. True when
+/// the snapshot changed.
+pub fn publish_full(
+    last: &mut Option<Vec<Built>>,
+    snapshot: &mut Snapshot,
+    new: Vec<Built>,
+) -> bool {
+    let Some(old) = last.as_ref() else {
+        *snapshot = crate::build_snapshot(&new);
+        *last = Some(new);
+        return true;
+    };
+    let prefix = old.iter().zip(&new).take_while(|(a, b)| same(a, b)).count();
+    if prefix == old.len() && prefix == new.len() {
+        return false;
+    }
+    let room = old.len().min(new.len()) - prefix;
+    let suffix = old
+        .iter()
+        .rev()
+        .zip(new.iter().rev())
+        .take(room)
+        .take_while(|(a, b)| same(a, b))
+        .count();
+    let old_window = &old[prefix..old.len() - suffix];
+    let new_window = &new[prefix..new.len() - suffix];
+    let mut gone: HashMap<(&str, &str), &Built> = old_window
+        .iter()
+        .map(|r| ((r.type_url.as_str(), r.name.as_str()), r))
+        .collect();
+    let mut upserts = Vec::new();
+    for r in new_window {
+        match gone.remove(&(r.type_url.as_str(), r.name.as_str())) {
+            Some(o) if same(o, r) => {}
+            _ => upserts.push(r.clone()),
+        }
+    }
+    let removals: Vec<(String, String)> = gone
+        .into_keys()
+        .map(|(t, n)| (t.to_owned(), n.to_owned()))
+        .collect();
+    let changed = !upserts.is_empty() || !removals.is_empty();
+    if changed {
+        snapshot.update(upserts, removals);
+    }
+    *last = Some(new);
+    changed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envoy_pb::Any;
+    use membrane_xds::Resource;
+
+    fn res(t: &str, name: &str, body: u8) -> Built {
+        Arc::new(Resource::with_name(
+            name,
+            Any {
+                type_url: t.to_owned(),
+                value: vec![body],
+            },
+        ))
+    }
+
+    /// The keyed update gives the snapshot a rebuild from scratch gives,
+    /// whatever changed where.
+    #[test]
+    fn keyed_update_equals_rebuild() {
+        let l = "type.googleapis.com/envoy.config.listener.v3.Listener";
+        let c = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+        let base: Vec<Built> = (0..20)
+            .map(|i| res(if i % 3 == 0 { l } else { c }, &format!("r{i}"), 0))
+            .collect();
+        let mut cases: Vec<Vec<Built>> = Vec::new();
+        // unchanged, one changed in the middle, one inserted, one removed,
+        // first and last changed, everything different, empty.
+        cases.push(base.clone());
+        let mut v = base.clone();
+        v[7] = res(c, "r7", 1);
+        cases.push(v);
+        let mut v = base.clone();
+        v.insert(5, res(c, "new", 0));
+        cases.push(v);
+        let mut v = base.clone();
+        v.remove(11);
+        cases.push(v);
+        let mut v = base.clone();
+        v[0] = res(l, "r0", 2);
+        v[19] = res(c, "r19", 2);
+        cases.push(v);
+        cases.push((0..5).map(|i| res(l, &format!("x{i}"), 0)).collect());
+        cases.push(Vec::new());
+        for (n, case) in cases.into_iter().enumerate() {
+            let mut last = Some(base.clone());
+            let mut snap = crate::build_snapshot(&base);
+            let changed = publish_full(&mut last, &mut snap, case.clone());
+            assert_eq!(snap, crate::build_snapshot(&case), "case {n}");
+            assert_eq!(changed, n != 0, "case {n}");
+            // Hashes too, not only names: content changes are visible.
+            for r in &case {
+                assert_eq!(snap.get(&r.type_url, &r.name).map(|x| x.hash), Some(r.hash));
+            }
+        }
+    }
+}
