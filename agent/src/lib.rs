@@ -291,6 +291,9 @@ impl Reconciler {
         // Hand the snapshot to the cache again: with or without labels it
         // is the default node's or this node's own.
         self.last_resources = None;
+        // Which CECs select this node changed although no object did: the
+        // next pass walks every CEC.
+        self.incr.pipeline_seen = None;
     }
 
     /// Give nodes that connected or changed labels their snapshots.
