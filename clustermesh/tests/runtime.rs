@@ -102,8 +102,8 @@ async fn two_runtimes_share_a_global_service() {
     let c1 = echo(1, "local", &[1, 2]);
     let c2 = echo(2, "none", &[1, 2]);
     // Each exports before waiting, so neither waits for the other's canary.
-    r1.export(&[c1.0.clone()], &[c1.1.clone()]);
-    r2.export(&[c2.0.clone()], &[c2.1.clone()]);
+    r1.export(std::slice::from_ref(&c1.0), std::slice::from_ref(&c1.1));
+    r2.export(std::slice::from_ref(&c2.0), std::slice::from_ref(&c2.1));
     let (m1, m2) = tokio::join!(r1.wait_initial_sync(), r2.wait_initial_sync());
     assert!(m1.is_empty() && m2.is_empty(), "{m1:?} {m2:?}");
 
@@ -124,7 +124,10 @@ async fn two_runtimes_share_a_global_service() {
 
     // cluster1 loses its endpoints: it fails over to cluster2's.
     let empty = echo(1, "local", &[]);
-    r1.export(&[empty.0.clone()], &[empty.1.clone()]);
+    r1.export(
+        std::slice::from_ref(&empty.0),
+        std::slice::from_ref(&empty.1),
+    );
     assert_eq!(
         selected(&empty, &r1),
         [("10.2.0.1".to_string(), 2), ("10.2.0.2".to_string(), 2)]
@@ -146,7 +149,7 @@ async fn two_runtimes_share_a_global_service() {
         let want = pods.len();
         let c = echo(2, "none", &pods);
         let t0 = Instant::now();
-        r2.export(&[c.0.clone()], &[c.1.clone()]);
+        r2.export(std::slice::from_ref(&c.0), std::slice::from_ref(&c.1));
         loop {
             let n = r1
                 .remote_services()
