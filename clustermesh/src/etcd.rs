@@ -14,8 +14,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use etcd_client::{
     Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions,
-    WatchOptions,
+    Txn, TxnOp, WatchOptions,
 };
+
+/// Operations per etcd transaction (etcd's `--max-txn-ops` default is 128).
+const TXN_MAX_OPS: usize = 100;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -224,27 +227,46 @@ impl Exporter {
                 )
             })
             .collect();
-        for (k, v) in &want {
-            if self.written.get(k) != Some(v) {
-                let put = PutOptions::new().with_lease(self.lease);
-                self.client
-                    .put(k.as_str(), v.as_str(), Some(put))
-                    .await
-                    .map_err(&err)?;
-                self.written.insert(k.clone(), v.clone());
-                stats.put += 1;
-            }
-        }
+        let puts: Vec<(&String, &String)> = want
+            .iter()
+            .filter(|(k, v)| self.written.get(*k) != Some(*v))
+            .collect();
         let gone: Vec<String> = self
             .written
             .keys()
             .filter(|k| !want.contains_key(*k))
             .cloned()
             .collect();
+        // Batched into transactions: one etcd commit (and fsync) per batch
+        // instead of per key. etcd's default limit is 128 operations.
+        let mut ops: Vec<TxnOp> = puts
+            .iter()
+            .map(|(k, v)| {
+                TxnOp::put(
+                    k.as_str(),
+                    v.as_str(),
+                    Some(PutOptions::new().with_lease(self.lease)),
+                )
+            })
+            .collect();
+        ops.extend(gone.iter().map(|k| TxnOp::delete(k.as_str(), None)));
+        while !ops.is_empty() {
+            let rest = ops.split_off(ops.len().min(TXN_MAX_OPS));
+            let batch = std::mem::replace(&mut ops, rest);
+            self.client
+                .txn(Txn::new().and_then(batch))
+                .await
+                .map_err(&err)?;
+        }
+        stats.put = puts.len();
+        stats.deleted = gone.len();
+        let puts: Vec<(String, String)> = puts
+            .into_iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        self.written.extend(puts);
         for k in gone {
-            self.client.delete(k.as_str(), None).await.map_err(&err)?;
             self.written.remove(&k);
-            stats.deleted += 1;
         }
         if !self.synced {
             let put = PutOptions::new().with_lease(self.lease);

@@ -176,3 +176,56 @@ async fn two_runtimes_share_a_global_service() {
         lat.len()
     );
 }
+
+/// Export cost with 1,000 global services: the first full export, a no-op
+/// re-sync, and one changed service (numbers printed for docs/benchmarks.md;
+/// the assertions only check what was written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_cost_with_1000_global_services() {
+    use membrane_clustermesh::etcd::{ExportOptions, Exporter};
+    use membrane_clustermesh::export::cluster_services;
+    if !etcd_available() {
+        return;
+    }
+    let pki = Pki::new();
+    let e = Etcd::start(&pki, 25155, 25156);
+    let c = client(&pki, &e).await;
+    let mut services = Vec::new();
+    let mut slices = Vec::new();
+    for i in 0..1000u32 {
+        let (mut s, mut sl) = echo(1, "none", &[1, 2, 3]);
+        s.metadata.name = Some(format!("svc-{i}"));
+        sl.metadata.name = Some(format!("svc-{i}-1"));
+        sl.metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert("kubernetes.io/service-name".into(), format!("svc-{i}"));
+        services.push(s);
+        slices.push(sl);
+    }
+    let t0 = Instant::now();
+    let want = cluster_services(&services, &slices, "cluster1", 1);
+    let build = t0.elapsed();
+    assert_eq!(want.len(), 1000);
+    let mut ex = Exporter::start(c.clone(), "cluster1", 1, ExportOptions::default())
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    let st = ex.sync(&want).await.unwrap();
+    let first = t0.elapsed();
+    assert_eq!(st.put, 1000);
+    let t0 = Instant::now();
+    assert_eq!(ex.sync(&want).await.unwrap().put, 0);
+    let noop = t0.elapsed();
+    let mut changed = want.clone();
+    if let Some(s) = changed.values_mut().next() {
+        s.backends.clear();
+    }
+    let t0 = Instant::now();
+    assert_eq!(ex.sync(&changed).await.unwrap().put, 1);
+    let one = t0.elapsed();
+    eprintln!(
+        "export 1000 global services: build {build:?}, first export {first:?}, no-op re-sync {noop:?}, one change {one:?}"
+    );
+}
