@@ -502,7 +502,10 @@ pub async fn run(handle: Arc<DatapathHandle>, store: Store, shutdown: Cancellati
                 let slices: Vec<EndpointSlice> =
                     snap.typed::<EndpointSlice>(None).cloned().collect();
                 m.export(&services, &slices);
-                (m.remote_services(), *mrx.borrow_and_update())
+                // Generation first: a change racing with the read then
+                // wakes the loop again instead of being marked as seen.
+                let generation = *mrx.borrow_and_update();
+                (m.remote_services(), generation)
             }
             _ => (Vec::new(), 0),
         };
