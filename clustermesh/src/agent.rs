@@ -216,18 +216,24 @@ async fn export_loop(
             )
             .await?;
             loop {
-                let Some(want) = rx.borrow_and_update().clone() else {
+                let Some(want) = rx.borrow().clone() else {
                     if rx.changed().await.is_err() {
                         return Ok(());
                     }
                     continue;
                 };
+                rx.mark_unchanged();
                 let st = ex.sync(&want).await?;
                 if st.put + st.deleted > 0 {
                     tracing::info!(cluster = %name, put = st.put, deleted = st.deleted, "clustermesh: exported services");
                 }
-                if rx.changed().await.is_err() {
-                    return Ok::<(), crate::MeshError>(());
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() {
+                        return Ok::<(), crate::MeshError>(());
+                    },
+                    _ = ex.lost() => {
+                        return Err(crate::MeshError::ExportLeaseLost { cluster: name.clone() });
+                    }
                 }
             }
         };

@@ -124,6 +124,16 @@ pub struct Exporter {
     written: BTreeMap<String, String>,
     synced: bool,
     keepalive: JoinHandle<()>,
+    lost: watch::Receiver<bool>,
+}
+
+/// Marks the lease lost when the keep-alive task ends, however it ends.
+struct LostOnDrop(watch::Sender<bool>);
+
+impl Drop for LostOnDrop {
+    fn drop(&mut self) {
+        self.0.send_replace(true);
+    }
 }
 
 impl Drop for Exporter {
@@ -167,7 +177,11 @@ impl Exporter {
         let (mut keeper, mut responses) = client.lease_keep_alive(lease).await.map_err(&err)?;
         let mut hb_client = client.clone();
         let name = cluster.to_string();
+        let (lost_tx, lost_rx) = watch::channel(false);
         let keepalive = tokio::spawn(async move {
+            // Whatever ends this loop means the lease may expire: tell the
+            // owner, which reconnects with a new lease and rewrites all.
+            let _lost = LostOnDrop(lost_tx);
             let every = Duration::from_secs((ttl as u64 / 3).max(1));
             let mut tick = tokio::time::interval(every);
             let mut hb = tokio::time::interval(opts.heartbeat);
@@ -176,6 +190,7 @@ impl Exporter {
                     _ = tick.tick() => {
                         if let Err(e) = keeper.keep_alive().await {
                             tracing::warn!(cluster = %name, error = %e, "clustermesh: lease keep-alive failed");
+                            return;
                         }
                     }
                     _ = hb.tick() => {
@@ -185,6 +200,11 @@ impl Exporter {
                         }
                     }
                     r = responses.message() => match r {
+                        // TTL 0: the lease is gone (expired, or etcd lost it).
+                        Ok(Some(resp)) if resp.ttl() <= 0 => {
+                            tracing::warn!(cluster = %name, "clustermesh: export lease expired");
+                            return;
+                        }
                         Ok(Some(_)) => {}
                         Ok(None) | Err(_) => {
                             tracing::warn!(cluster = %name, "clustermesh: lease keep-alive stream ended");
@@ -202,7 +222,15 @@ impl Exporter {
             written: BTreeMap::new(),
             synced: false,
             keepalive,
+            lost: lost_rx,
         })
+    }
+
+    /// Resolves when the lease can no longer be kept alive (etcd restarted
+    /// or unreachable): the owner must start a new exporter.
+    pub async fn lost(&mut self) {
+        // An error means the keep-alive task is gone: lost as well.
+        let _ = self.lost.wait_for(|l| *l).await;
     }
 
     pub fn cluster_id(&self) -> u32 {

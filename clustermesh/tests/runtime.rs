@@ -229,3 +229,57 @@ async fn export_cost_with_1000_global_services() {
         "export 1000 global services: build {build:?}, first export {first:?}, no-op re-sync {noop:?}, one change {one:?}"
     );
 }
+
+/// An etcd restart ends the export lease's keep-alive: the agent takes a new
+/// lease and rewrites its keys (otherwise they would expire with the old one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_moves_to_a_new_lease_after_an_etcd_restart() {
+    if !etcd_available() {
+        return;
+    }
+    let pki = Pki::new();
+    let mut e = Etcd::start(&pki, 25157, 25158);
+    let mut c = client(&pki, &e).await;
+    let dir = tempfile::tempdir().unwrap();
+    let own = dir.path().join("own.yaml");
+    std::fs::write(&own, pki.client_config(&e).to_yaml()).unwrap();
+    let mut cfg = MeshConfig::new("cluster1", 1);
+    cfg.kvstore_config = Some(own);
+    let r = MeshRuntime::start(cfg);
+    let svc = echo(1, "none", &[1]);
+    r.export(std::slice::from_ref(&svc.0), std::slice::from_ref(&svc.1));
+    let key = "cilium/state/services/v1/cluster1/default/echo";
+    let mut first = 0;
+    for _ in 0..100 {
+        if let Some(kv) = c.get(key, None).await.unwrap().kvs().first() {
+            first = kv.lease();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_ne!(first, 0, "service never exported");
+
+    e.kill();
+    e.restart();
+    c = client(&pki, &e).await;
+    let mut moved = false;
+    for _ in 0..200 {
+        if let Some(kv) = c
+            .get(key, None)
+            .await
+            .ok()
+            .and_then(|r| r.kvs().first().cloned())
+            && kv.lease() != first
+            && kv.lease() != 0
+        {
+            moved = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        moved,
+        "export still on the old lease after the etcd restart"
+    );
+    drop(r);
+}
