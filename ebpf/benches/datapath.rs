@@ -142,7 +142,7 @@ fn entry(vip: std::net::IpAddr, bes: &[String]) -> ServiceEntry {
                 addr: L3n4Addr::new(b.parse().unwrap(), 8080, Protocol::Tcp),
                 state: BackendState::Active,
                 weight: 100,
-            cluster_id: 0,
+                cluster_id: 0,
             })
             .collect(),
         algorithm: Algorithm::Random,
