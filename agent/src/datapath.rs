@@ -493,6 +493,11 @@ pub async fn run(handle: Arc<DatapathHandle>, store: Store, shutdown: Cancellati
     let mut mesh_rx = mesh.as_ref().map(|m| m.subscribe());
     handle.lock().mesh_remotes = mesh.as_ref().and_then(|m| m.remote_store().cloned());
     if let Some(m) = &mesh {
+        // Export first: the other clusters may be waiting for our canary.
+        let snap = store.snapshot();
+        let services: Vec<Service> = snap.typed::<Service>(None).cloned().collect();
+        let slices: Vec<EndpointSlice> = snap.typed::<EndpointSlice>(None).cloned().collect();
+        m.export(&services, &slices);
         let missing = m.wait_initial_sync().await;
         if !missing.is_empty() {
             warn!(clusters = ?missing, "clustermesh: initial sync timed out; programming services without them");
@@ -509,7 +514,10 @@ pub async fn run(handle: Arc<DatapathHandle>, store: Store, shutdown: Cancellati
                 let slices: Vec<EndpointSlice> =
                     snap.typed::<EndpointSlice>(None).cloned().collect();
                 m.export(&services, &slices);
-                (m.remote_services(), *mrx.borrow_and_update())
+                // Generation first: a change racing with the read then
+                // wakes the loop again instead of being marked as seen.
+                let generation = *mrx.borrow_and_update();
+                (m.remote_services(), generation)
             }
             _ => (Vec::new(), 0),
         };

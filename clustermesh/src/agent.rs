@@ -60,7 +60,9 @@ impl MeshConfig {
 pub struct MeshRuntime {
     cfg: MeshConfig,
     mesh: Option<Mesh>,
-    export_tx: watch::Sender<BTreeMap<String, ClusterService>>,
+    /// `None` until the agent hands over its first view of the store: the
+    /// sync canary must not claim an export that has not happened.
+    export_tx: watch::Sender<Option<BTreeMap<String, ClusterService>>>,
     export_task: Option<JoinHandle<()>>,
     local_changes: watch::Sender<u64>,
 }
@@ -87,7 +89,7 @@ impl MeshRuntime {
                 },
             )
         });
-        let (export_tx, export_rx) = watch::channel(BTreeMap::new());
+        let (export_tx, export_rx) = watch::channel(None);
         let export_task = cfg
             .kvstore_config
             .clone()
@@ -152,10 +154,10 @@ impl MeshRuntime {
             self.cfg.cluster_id,
         );
         self.export_tx.send_if_modified(|cur| {
-            if *cur == want {
+            if cur.as_ref() == Some(&want) {
                 false
             } else {
-                *cur = want;
+                *cur = Some(want);
                 true
             }
         });
@@ -195,7 +197,7 @@ pub fn merge_into(
 async fn export_loop(
     cfg: MeshConfig,
     path: PathBuf,
-    mut rx: watch::Receiver<BTreeMap<String, ClusterService>>,
+    mut rx: watch::Receiver<Option<BTreeMap<String, ClusterService>>>,
 ) {
     let name = cfg.cluster_name.clone();
     let mut backoff = Duration::from_millis(200);
@@ -214,13 +216,24 @@ async fn export_loop(
             )
             .await?;
             loop {
-                let want = rx.borrow_and_update().clone();
+                let Some(want) = rx.borrow().clone() else {
+                    if rx.changed().await.is_err() {
+                        return Ok(());
+                    }
+                    continue;
+                };
+                rx.mark_unchanged();
                 let st = ex.sync(&want).await?;
                 if st.put + st.deleted > 0 {
                     tracing::info!(cluster = %name, put = st.put, deleted = st.deleted, "clustermesh: exported services");
                 }
-                if rx.changed().await.is_err() {
-                    return Ok::<(), crate::MeshError>(());
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() {
+                        return Ok::<(), crate::MeshError>(());
+                    },
+                    _ = ex.lost() => {
+                        return Err(crate::MeshError::ExportLeaseLost { cluster: name.clone() });
+                    }
                 }
             }
         };

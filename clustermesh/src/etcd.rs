@@ -14,8 +14,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use etcd_client::{
     Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions,
-    WatchOptions,
+    Txn, TxnOp, WatchOptions,
 };
+
+/// Operations per etcd transaction (etcd's `--max-txn-ops` default is 128).
+const TXN_MAX_OPS: usize = 100;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -121,6 +124,16 @@ pub struct Exporter {
     written: BTreeMap<String, String>,
     synced: bool,
     keepalive: JoinHandle<()>,
+    lost: watch::Receiver<bool>,
+}
+
+/// Marks the lease lost when the keep-alive task ends, however it ends.
+struct LostOnDrop(watch::Sender<bool>);
+
+impl Drop for LostOnDrop {
+    fn drop(&mut self) {
+        self.0.send_replace(true);
+    }
 }
 
 impl Drop for Exporter {
@@ -164,7 +177,11 @@ impl Exporter {
         let (mut keeper, mut responses) = client.lease_keep_alive(lease).await.map_err(&err)?;
         let mut hb_client = client.clone();
         let name = cluster.to_string();
+        let (lost_tx, lost_rx) = watch::channel(false);
         let keepalive = tokio::spawn(async move {
+            // Whatever ends this loop means the lease may expire: tell the
+            // owner, which reconnects with a new lease and rewrites all.
+            let _lost = LostOnDrop(lost_tx);
             let every = Duration::from_secs((ttl as u64 / 3).max(1));
             let mut tick = tokio::time::interval(every);
             let mut hb = tokio::time::interval(opts.heartbeat);
@@ -173,6 +190,7 @@ impl Exporter {
                     _ = tick.tick() => {
                         if let Err(e) = keeper.keep_alive().await {
                             tracing::warn!(cluster = %name, error = %e, "clustermesh: lease keep-alive failed");
+                            return;
                         }
                     }
                     _ = hb.tick() => {
@@ -182,6 +200,11 @@ impl Exporter {
                         }
                     }
                     r = responses.message() => match r {
+                        // TTL 0: the lease is gone (expired, or etcd lost it).
+                        Ok(Some(resp)) if resp.ttl() <= 0 => {
+                            tracing::warn!(cluster = %name, "clustermesh: export lease expired");
+                            return;
+                        }
                         Ok(Some(_)) => {}
                         Ok(None) | Err(_) => {
                             tracing::warn!(cluster = %name, "clustermesh: lease keep-alive stream ended");
@@ -199,7 +222,15 @@ impl Exporter {
             written: BTreeMap::new(),
             synced: false,
             keepalive,
+            lost: lost_rx,
         })
+    }
+
+    /// Resolves when the lease can no longer be kept alive (etcd restarted
+    /// or unreachable): the owner must start a new exporter.
+    pub async fn lost(&mut self) {
+        // An error means the keep-alive task is gone: lost as well.
+        let _ = self.lost.wait_for(|l| *l).await;
     }
 
     pub fn cluster_id(&self) -> u32 {
@@ -224,27 +255,46 @@ impl Exporter {
                 )
             })
             .collect();
-        for (k, v) in &want {
-            if self.written.get(k) != Some(v) {
-                let put = PutOptions::new().with_lease(self.lease);
-                self.client
-                    .put(k.as_str(), v.as_str(), Some(put))
-                    .await
-                    .map_err(&err)?;
-                self.written.insert(k.clone(), v.clone());
-                stats.put += 1;
-            }
-        }
+        let puts: Vec<(&String, &String)> = want
+            .iter()
+            .filter(|(k, v)| self.written.get(*k) != Some(*v))
+            .collect();
         let gone: Vec<String> = self
             .written
             .keys()
             .filter(|k| !want.contains_key(*k))
             .cloned()
             .collect();
+        // Batched into transactions: one etcd commit (and fsync) per batch
+        // instead of per key. etcd's default limit is 128 operations.
+        let mut ops: Vec<TxnOp> = puts
+            .iter()
+            .map(|(k, v)| {
+                TxnOp::put(
+                    k.as_str(),
+                    v.as_str(),
+                    Some(PutOptions::new().with_lease(self.lease)),
+                )
+            })
+            .collect();
+        ops.extend(gone.iter().map(|k| TxnOp::delete(k.as_str(), None)));
+        while !ops.is_empty() {
+            let rest = ops.split_off(ops.len().min(TXN_MAX_OPS));
+            let batch = std::mem::replace(&mut ops, rest);
+            self.client
+                .txn(Txn::new().and_then(batch))
+                .await
+                .map_err(&err)?;
+        }
+        stats.put = puts.len();
+        stats.deleted = gone.len();
+        let puts: Vec<(String, String)> = puts
+            .into_iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        self.written.extend(puts);
         for k in gone {
-            self.client.delete(k.as_str(), None).await.map_err(&err)?;
             self.written.remove(&k);
-            stats.deleted += 1;
         }
         if !self.synced {
             let put = PutOptions::new().with_lease(self.lease);

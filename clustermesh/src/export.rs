@@ -132,9 +132,33 @@ pub fn cluster_services(
     cluster: &str,
     cluster_id: u32,
 ) -> BTreeMap<String, ClusterService> {
+    // Slices indexed by their Service once: linear in the store, not
+    // services × slices.
+    let mut by_svc: BTreeMap<(&str, &str), Vec<EndpointSlice>> = BTreeMap::new();
+    for s in slices {
+        if let Some(name) = s
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_SERVICE_NAME))
+        {
+            let ns = s.metadata.namespace.as_deref().unwrap_or("default");
+            by_svc
+                .entry((ns, name.as_str()))
+                .or_default()
+                .push(s.clone());
+        }
+    }
+    let none = Vec::new();
     services
         .iter()
-        .filter_map(|s| cluster_service(s, slices, cluster, cluster_id))
+        .filter(|s| mesh_annotations(s.metadata.annotations.as_ref()).0.global)
+        .filter_map(|s| {
+            let ns = s.metadata.namespace.as_deref().unwrap_or("default");
+            let name = s.metadata.name.as_deref().unwrap_or_default();
+            let mine = by_svc.get(&(ns, name)).unwrap_or(&none);
+            cluster_service(s, mine, cluster, cluster_id)
+        })
         .map(|cs| (format!("{}/{}", cs.namespace, cs.name), cs))
         .collect()
 }

@@ -53,6 +53,8 @@ pub enum MeshError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cluster {cluster}: the export lease could not be kept alive")]
+    ExportLeaseLost { cluster: String },
     #[error("cluster {cluster}: initial sync did not complete within {secs}s")]
     SyncTimeout { cluster: String, secs: u64 },
 }

@@ -229,7 +229,9 @@ async fn exports_ciliums_json_under_a_lease_that_expires_with_the_cluster() {
     let (svc, slice) = global_echo();
     let services = cluster_services(&[svc], &[slice], "cluster1", 1);
     let opts = ExportOptions {
-        lease_ttl: Duration::from_secs(3),
+        // Short, but with room for a loaded machine: keep-alives go every
+        // TTL/3.
+        lease_ttl: Duration::from_secs(5),
         heartbeat: Duration::from_millis(500),
     };
     let mut ex = Exporter::start(c.clone(), "cluster1", 1, opts)
@@ -270,12 +272,12 @@ async fn exports_ciliums_json_under_a_lease_that_expires_with_the_cluster() {
     ex.sync(&services).await.unwrap();
 
     // The lease is kept alive past its TTL while the exporter lives...
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
     assert_eq!(c.get(key, None).await.unwrap().kvs().len(), 1);
     // ...and every key expires once the cluster is gone.
     drop(ex);
     let mut gone = false;
-    for _ in 0..100 {
+    for _ in 0..150 {
         let r = c
             .get("cilium/", Some(GetOptions::new().with_prefix()))
             .await
