@@ -216,8 +216,15 @@ pub async fn respond(
             Err(_) => error(StatusCode::BAD_REQUEST, "request body is not UTF-8"),
         },
         (&Method::GET, "/v1/endpoints") => match &state.endpoints {
-            Some(m) => reply(StatusCode::OK, crate::cni::list_json(&m.list().await)),
+            Some(m) => reply(
+                StatusCode::OK,
+                crate::cni::list_json(&m.list().await, state.policy.as_deref()),
+            ),
             None => reply(StatusCode::OK, json!([])),
+        },
+        (&Method::GET, "/v1/policy") => match &state.policy {
+            Some(p) => reply(StatusCode::OK, p.report()),
+            None => reply(StatusCode::OK, json!({"endpoints": []})),
         },
         (&Method::GET, p) if p.starts_with("/v1/objects/") => {
             get_objects(state, &p["/v1/objects/".len()..], query)
