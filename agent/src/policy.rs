@@ -8,6 +8,7 @@
 //! [`follow`] recomputes when a policy input or the endpoint set changes.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -199,6 +200,9 @@ impl Inner {
             .map(|o| o.to_value())
             .collect();
         let mut m = Manifests::from_values(&values);
+        // The node's own addresses are identity `host` (allow-localhost
+        // admits them, as Cilium does), not `world`.
+        m.cluster.host_ips = host_addresses();
         // Local endpoints carry the CNI's addresses and ids; Pods of other
         // nodes (with addresses in their status) are peers only.
         let local_pods: BTreeSet<(String, String)> = self
@@ -325,6 +329,43 @@ impl Inner {
             "error": self.errors.get(&id),
         })
     }
+}
+
+/// Addresses of this network namespace's interfaces (loopback aside).
+fn host_addresses() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list freed below; every node
+    // and address pointer is checked for null before being read.
+    unsafe {
+        if libc::getifaddrs(&mut head) != 0 {
+            warn!(error = %std::io::Error::last_os_error(), "listing the node's addresses");
+            return out;
+        }
+        let mut cur = head;
+        while !cur.is_null() {
+            let sa = (*cur).ifa_addr;
+            if !sa.is_null() {
+                match i32::from((*sa).sa_family) {
+                    libc::AF_INET => {
+                        let a = &*(sa as *const libc::sockaddr_in);
+                        out.push(IpAddr::from(u32::from_be(a.sin_addr.s_addr).to_be_bytes()));
+                    }
+                    libc::AF_INET6 => {
+                        let a = &*(sa as *const libc::sockaddr_in6);
+                        out.push(IpAddr::from(a.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            cur = (*cur).ifa_next;
+        }
+        libc::freeifaddrs(head);
+    }
+    out.retain(|a| !a.is_loopback());
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Datapath endpoint ids are 32-bit.

@@ -241,6 +241,18 @@ fn a_policy_applied_with_membrane_apply_drops_and_admits_real_packets() {
         "client -> web admitted"
     );
 
+    // The node itself is identity `host`, admitted (allow-localhost).
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", node.ns.path()))
+        .args(["curl", "-s", "--max-time", "1", &url])
+        .output()
+        .expect("curl from the node");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "web",
+        "node -> web admitted"
+    );
+
     // Columns and `policy get`.
     let eps = node.endpoints();
     let by_pod = |p: &str| -> Value {
