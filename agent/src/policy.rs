@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use membrane_ebpf::policy::{PolicyDatapath, PolicyDatapathError};
 use membrane_endpoint::Manager;
-use membrane_policy::manifest::Manifests;
+use membrane_policy::manifest::{Manifests, parse_dport, parse_party, trace_report};
 use membrane_policy::{Identities, State};
 use membrane_store::{Kind, Object, Store, StoreSnapshot};
 use serde_json::{Value, json};
@@ -49,6 +49,8 @@ struct Inner {
     last_inputs: Vec<Arc<Object>>,
     last_endpoints: BTreeMap<u32, membrane_endpoint::Endpoint>,
     state: Option<State>,
+    /// The cluster and policies `state` was built from (for traces).
+    inputs: Manifests,
     /// Per endpoint id: why it could not be programmed.
     errors: BTreeMap<u32, String>,
     /// Policies (or parts) that were not translated.
@@ -72,6 +74,7 @@ impl PolicyHandle {
                 last_inputs: Vec::new(),
                 last_endpoints: BTreeMap::new(),
                 state: None,
+                inputs: Manifests::default(),
                 errors: BTreeMap::new(),
                 policy_errors: Vec::new(),
                 computations: 0,
@@ -160,6 +163,28 @@ impl PolicyHandle {
             "computations": inner.computations,
             "lastComputationMicros": inner.last_duration.as_micros() as u64,
         })
+    }
+
+    /// `POST /v1/policy/trace` (`membrane policy trace` without files): one
+    /// packet under the policies and endpoints in force on this node.
+    /// `body`: `{"src": .., "dst": .., "dport": "80/TCP"}`, the CLI's syntax.
+    pub fn trace(&self, body: &Value) -> Result<Value, String> {
+        let field = |k: &str| {
+            body[k]
+                .as_str()
+                .ok_or_else(|| format!("trace request: {k}: missing"))
+        };
+        let src = parse_party(field("src")?).map_err(|e| format!("src: {e}"))?;
+        let dst = parse_party(field("dst")?).map_err(|e| format!("dst: {e}"))?;
+        let dport = body["dport"].as_str().unwrap_or("0/TCP");
+        let (proto, port) = parse_dport(dport).map_err(|e| format!("dport: {e}"))?;
+        let inner = self.lock();
+        let (t, report) = trace_report(&inner.inputs, &src, &dst, proto, port);
+        Ok(json!({
+            "verdict": if t.verdict == membrane_policy::Verdict::Allow { "ALLOWED" } else { "DENIED" },
+            "deciding": t.deciding().map(|d| d.reason.to_string()),
+            "report": report,
+        }))
     }
 
     /// Identity and enforcement of one endpoint, for `membrane endpoint list`.
@@ -256,7 +281,7 @@ impl Inner {
             .cloned()
             .chain(m.policies.errors.iter().map(ToString::to_string))
             .collect();
-        let state = State::build(&m.cluster, m.policies, self.ids.clone());
+        let state = State::build(&m.cluster, m.policies.clone(), self.ids.clone());
         self.ids = state.identities.clone();
         self.errors.clear();
         if let Err(e) = self.dp.sync_ipcache(&state.ipcache) {
@@ -284,6 +309,7 @@ impl Inner {
         self.last_inputs = inputs;
         self.last_endpoints = self.endpoints.clone();
         self.state = Some(state);
+        self.inputs = m;
         self.computations += 1;
         self.last_duration = start.elapsed();
         info!(

@@ -314,33 +314,72 @@ fn a_policy_applied_with_membrane_apply_drops_and_admits_real_packets() {
     // The trace names the deciding rule.
     let dir = node.dir.path().join("policy");
     let dir = dir.to_str().expect("utf8");
-    let trace = |src: &str| {
-        let (code, out) = node.cli(&[
-            "policy",
-            "trace",
-            "-f",
-            dir,
-            "--src",
-            &format!("k8s:app={src},k8s:io.kubernetes.pod.namespace=shop"),
-            "--dst",
-            "k8s:app=web,k8s:io.kubernetes.pod.namespace=shop",
-            "--dport",
-            "26081/TCP",
-        ]);
+    // With the manifests, and live: the agent's own state.
+    let trace = |src: &str, files: bool| {
+        let mut args = vec!["policy", "trace"];
+        if files {
+            args.extend(["-f", dir]);
+        }
+        let src = format!("k8s:app={src},k8s:io.kubernetes.pod.namespace=shop");
+        let (code, out) = node.cli(
+            &[
+                &args[..],
+                &[
+                    "--src",
+                    &src,
+                    "--dst",
+                    "k8s:app=web,k8s:io.kubernetes.pod.namespace=shop",
+                    "--dport",
+                    "26081/TCP",
+                ],
+            ]
+            .concat(),
+        );
         assert_eq!(code, 0, "{out}");
         out
     };
-    let t = trace("client");
+    for files in [true, false] {
+        let t = trace("client", files);
+        assert!(
+            t.contains(
+                "Ingress: ALLOWED by CiliumNetworkPolicy shop/web-from-client spec.ingress[0]"
+            ) && t.contains("Final verdict: ALLOWED"),
+            "{t}"
+        );
+        let t = trace("other", files);
+        assert!(
+            t.contains("Ingress: DENIED  default deny (CiliumNetworkPolicy shop/web-from-client")
+                && t.contains("Final verdict: DENIED"),
+            "{t}"
+        );
+    }
+    // Addresses, live: each resolves to its endpoint's identity.
+    let (code, t) = node.cli(&[
+        "policy",
+        "trace",
+        "--src",
+        &ips["other"],
+        "--dst",
+        &ips["web"],
+        "--dport",
+        "26081/TCP",
+    ]);
+    assert_eq!(code, 0, "{t}");
+    assert!(t.contains("Final verdict: DENIED"), "{t}");
+    let (code, t) = node.cli(&[
+        "policy",
+        "trace",
+        "--src",
+        &ips["client"],
+        "--dst",
+        &ips["web"],
+        "--dport",
+        "26081/TCP",
+    ]);
+    assert_eq!(code, 0, "{t}");
     assert!(
-        t.contains("Ingress: ALLOWED by CiliumNetworkPolicy shop/web-from-client spec.ingress[0]")
-            && t.contains("Final verdict: ALLOWED"),
-        "{t}"
-    );
-    let t = trace("other");
-    assert!(
-        t.contains("Ingress: DENIED  default deny (CiliumNetworkPolicy shop/web-from-client")
-            && t.contains("Final verdict: DENIED"),
-        "{t}"
+        t.contains("ALLOWED by CiliumNetworkPolicy shop/web-from-client spec.ingress[0]"),
+        "client's address resolves to its identity: {t}"
     );
 
     // Deleted: admitted again.

@@ -38,14 +38,16 @@ pub struct TraceArgs {
     /// Destination port and protocol, e.g. 80/TCP, 53/UDP, 8/ICMP (type).
     #[arg(long, default_value = "0/TCP")]
     pub dport: String,
-    /// Manifest files or directories (`-` for stdin).
-    #[arg(short = 'f', long = "filename", required = true)]
+    /// Manifest files or directories (`-` for stdin); without any, the
+    /// agent traces under the policies and endpoints in force on its node.
+    #[arg(short = 'f', long = "filename")]
     pub files: Vec<PathBuf>,
 }
 
 pub async fn run(api: &Path, cmd: PolicyCommand) -> Result<ExitCode> {
     match cmd {
         PolicyCommand::Get { output } => get(api, output.as_deref()).await,
+        PolicyCommand::Trace(a) if a.files.is_empty() => live_trace(api, a).await,
         PolicyCommand::Trace(a) => trace(a),
     }
 }
@@ -121,6 +123,19 @@ fn table(report: &Value) -> String {
         }
     }
     out
+}
+
+async fn live_trace(api: &Path, a: TraceArgs) -> Result<ExitCode> {
+    // Checked here too, so a typo is reported without a round trip.
+    parse_party(&a.src).map_err(anyhow::Error::msg)?;
+    parse_party(&a.dst).map_err(anyhow::Error::msg)?;
+    parse_dport(&a.dport).map_err(anyhow::Error::msg)?;
+    let body = serde_json::json!({"src": a.src, "dst": a.dst, "dport": a.dport});
+    let r = ApiClient::new(api)
+        .ok(Method::POST, "/v1/policy/trace", Some(body.to_string()))
+        .await?;
+    print!("{}", r["report"].as_str().unwrap_or_default());
+    Ok(ExitCode::SUCCESS)
 }
 
 fn trace(a: TraceArgs) -> Result<ExitCode> {
