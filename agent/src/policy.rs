@@ -136,8 +136,22 @@ impl PolicyHandle {
     }
 
     /// The endpoint manager's current set (after DEL, GC, restarts).
+    /// Endpoints restored from an earlier run get the programs again (the
+    /// pinned links are reused), so their devices are known.
     pub fn set_endpoints(&self, eps: &[membrane_endpoint::Endpoint]) {
         let mut inner = self.lock();
+        for e in eps {
+            if !inner.ifindex.contains_key(&e.host_ifname) {
+                match inner.dp.attach(&e.host_ifname) {
+                    Ok(idx) => {
+                        inner.ifindex.insert(e.host_ifname.clone(), idx);
+                    }
+                    Err(err) => {
+                        warn!(pod = %e.pod(), ifname = %e.host_ifname, error = %err, "policy programs not attached")
+                    }
+                }
+            }
+        }
         inner.endpoints = eps
             .iter()
             .filter_map(|e| Some((policy_id(e.id).ok()?, e.clone())))

@@ -393,6 +393,31 @@ fn a_policy_applied_with_membrane_apply_drops_and_admits_real_packets() {
     let (_, out) = node.cli(&["policy", "get", "-o", "json"]);
     assert!(!out.contains("web-from-client"), "{out}");
 
+    // From the watched directory; a restarted agent enforces it from its
+    // first pass (the pinned programs and entries never stop enforcing)
+    // and follows changes again.
+    // (`membrane apply`'d objects live in memory; the Pods go there too.)
+    let manifests = node.dir.path().join("manifests");
+    std::fs::copy(&pods, manifests.join("pods.yaml")).expect("copy");
+    let watched = manifests.join("cnp.yaml");
+    std::fs::write(&watched, CNP).expect("write");
+    let ok = wait_until(Duration::from_secs(10), || curl(&ns["other"], &url).0 == 28);
+    assert!(ok, "policy from the watched directory\n{}", node.log());
+    node.stop();
+    assert_eq!(
+        curl(&ns["other"], &url).0,
+        28,
+        "other -> web, agent stopped"
+    );
+    node.start();
+    assert_eq!(curl(&ns["other"], &url).0, 28, "other -> web after restart");
+    assert_eq!(curl(&ns["client"], &url), (0, "web".into()));
+    std::fs::remove_file(&watched).expect("rm");
+    let ok = wait_until(Duration::from_secs(10), || {
+        curl(&ns["other"], &url) == (0, "web".into())
+    });
+    assert!(ok, "other -> web after the file's removal\n{}", node.log());
+
     for (cid, n) in ns.iter().map(|(k, v)| (*k, v)).chain([("web2", &web2)]) {
         assert_eq!(node.plugin("DEL", cid, &n.path(), "").0, 0, "DEL {cid}");
     }
