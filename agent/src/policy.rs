@@ -99,18 +99,19 @@ impl PolicyHandle {
     /// Stop enforcing on a removed endpoint's host device.
     pub fn detach(&self, ifname: &str) {
         let mut inner = self.lock();
-        if let Some(idx) = inner.ifindex.remove(ifname) {
-            let gone: Vec<u32> = inner
-                .endpoints
-                .iter()
-                .filter(|(_, e)| e.host_ifname == ifname)
-                .map(|(id, _)| *id)
-                .collect();
-            for id in gone {
-                inner.endpoints.remove(&id);
-                if let Err(e) = inner.dp.remove_endpoint(idx, id) {
-                    warn!(ifname, error = %e, "removing policy entries");
-                }
+        let idx = inner.ifindex.remove(ifname);
+        let gone: Vec<u32> = inner
+            .endpoints
+            .iter()
+            .filter(|(_, e)| e.host_ifname == ifname)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            inner.endpoints.remove(&id);
+            if let Some(idx) = idx
+                && let Err(e) = inner.dp.remove_endpoint(idx, id)
+            {
+                warn!(ifname, error = %e, "removing policy entries");
             }
         }
         if let Err(e) = inner.dp.detach(ifname) {
@@ -135,7 +136,7 @@ impl PolicyHandle {
         }
     }
 
-    /// The endpoint manager's current set (after DEL, GC, restarts).
+    /// The endpoint manager's current set (labels, restarts).
     /// Endpoints restored from an earlier run get the programs again (the
     /// pinned links are reused), so their devices are known.
     pub fn set_endpoints(&self, eps: &[membrane_endpoint::Endpoint]) {
@@ -152,10 +153,14 @@ impl PolicyHandle {
                 }
             }
         }
-        inner.endpoints = eps
-            .iter()
-            .filter_map(|e| Some((policy_id(e.id).ok()?, e.clone())))
-            .collect();
+        // Merged, not replaced: an ADD may have registered an endpoint
+        // after `eps` was listed. Endpoints leave through `detach` (DEL,
+        // GC and failed ADDs all call it).
+        for e in eps {
+            if let Ok(id) = policy_id(e.id) {
+                inner.endpoints.insert(id, e.clone());
+            }
+        }
     }
 
     /// Recompute if a policy input changed; returns whether it did.

@@ -421,5 +421,12 @@ fn a_policy_applied_with_membrane_apply_drops_and_admits_real_packets() {
     for (cid, n) in ns.iter().map(|(k, v)| (*k, v)).chain([("web2", &web2)]) {
         assert_eq!(node.plugin("DEL", cid, &n.path(), "").0, 0, "DEL {cid}");
     }
+    let (_, out) = node.cli(&["policy", "get", "-o", "json"]);
+    let report: Value = serde_json::from_str(&out).expect("policy get json");
+    assert_eq!(
+        report["endpoints"],
+        serde_json::json!([]),
+        "after DEL: {out}"
+    );
     node.stop();
 }
