@@ -182,7 +182,8 @@ async fn handle(state: &AgentState, req: Request<Incoming>) -> Response<Full<Byt
                 Err(resp) => return resp,
             }
         }
-        (&Method::POST, "/v1/services/backends") => match read_body(req).await {
+        (&Method::POST, "/v1/services/backends" | "/v1/policy/trace") => match read_body(req).await
+        {
             Ok(b) => Bytes::from(b),
             Err(resp) => return resp,
         },
@@ -216,8 +217,30 @@ pub async fn respond(
             Err(_) => error(StatusCode::BAD_REQUEST, "request body is not UTF-8"),
         },
         (&Method::GET, "/v1/endpoints") => match &state.endpoints {
-            Some(m) => reply(StatusCode::OK, crate::cni::list_json(&m.list().await)),
+            Some(m) => reply(
+                StatusCode::OK,
+                crate::cni::list_json(&m.list().await, state.policy.as_deref()),
+            ),
             None => reply(StatusCode::OK, json!([])),
+        },
+        (&Method::POST, "/v1/policy/trace") => {
+            let Some(p) = &state.policy else {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "policy is enforced only with --enable-cni and --datapath ebpf",
+                );
+            };
+            match serde_json::from_slice::<Value>(&body) {
+                Ok(v) => match p.trace(&v) {
+                    Ok(r) => reply(StatusCode::OK, r),
+                    Err(e) => error(StatusCode::BAD_REQUEST, e),
+                },
+                Err(e) => error(StatusCode::BAD_REQUEST, format!("trace request: {e}")),
+            }
+        }
+        (&Method::GET, "/v1/policy") => match &state.policy {
+            Some(p) => reply(StatusCode::OK, p.report()),
+            None => reply(StatusCode::OK, json!({"endpoints": []})),
         },
         (&Method::GET, p) if p.starts_with("/v1/objects/") => {
             get_objects(state, &p["/v1/objects/".len()..], query)

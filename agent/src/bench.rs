@@ -239,6 +239,7 @@ impl Harness {
             warnings: Default::default(),
             datapath: None,
             endpoints: None,
+            policy: None,
         };
         Ok(Self {
             reconciler: Reconciler::new(&config, controller),

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::datapath::DatapathHandle;
+use crate::policy::PolicyHandle;
 
 /// Name of the conflist and of the network it defines.
 pub const NETWORK_NAME: &str = "membrane";
@@ -156,10 +157,12 @@ pub fn install(opts: &CniOptions) -> Result<PathBuf, CniStartError> {
     Ok(dst)
 }
 
-/// Pod labels from the store; the datapath on every endpoint's host side.
+/// Pod labels from the store; the datapath and policy on every endpoint's
+/// host side.
 struct AgentHooks {
     store: Store,
     datapath: Option<Arc<DatapathHandle>>,
+    policy: Option<Arc<PolicyHandle>>,
 }
 
 impl Hooks for AgentHooks {
@@ -168,14 +171,26 @@ impl Hooks for AgentHooks {
         Some(pod.metadata.labels.unwrap_or_default())
     }
     fn attach(&self, host_ifname: &str) -> Result<(), String> {
-        match &self.datapath {
-            Some(dp) => dp.attach_device(host_ifname),
+        if let Some(dp) = &self.datapath {
+            dp.attach_device(host_ifname)?;
+        }
+        match &self.policy {
+            Some(p) => p.attach(host_ifname),
             None => Ok(()),
         }
     }
     fn detach(&self, host_ifname: &str) {
+        if let Some(p) = &self.policy {
+            p.detach(host_ifname);
+        }
         if let Some(dp) = &self.datapath {
             dp.detach_device(host_ifname);
+        }
+    }
+    fn ready(&self, ep: &membrane_endpoint::Endpoint) -> Result<(), String> {
+        match &self.policy {
+            Some(p) => p.ready(&self.store.snapshot(), ep),
+            None => Ok(()),
         }
     }
 }
@@ -187,6 +202,7 @@ pub async fn start(
     node: &str,
     store: &Store,
     datapath: Option<Arc<DatapathHandle>>,
+    policy: Option<Arc<PolicyHandle>>,
     shutdown: CancellationToken,
 ) -> Result<Arc<Manager>, CniStartError> {
     let cidrs = node_cidrs(store, node, opts)?;
@@ -202,9 +218,18 @@ pub async fn start(
         Arc::new(AgentHooks {
             store: store.clone(),
             datapath,
+            policy: policy.clone(),
         }),
     )
     .await?;
+    if let Some(p) = policy {
+        tokio::spawn(crate::policy::follow(
+            p,
+            manager.clone(),
+            store.clone(),
+            shutdown.clone(),
+        ));
+    }
     {
         let m = manager.clone();
         let socket = opts.socket.clone();
@@ -334,11 +359,19 @@ pub fn reconcile_cilium_node(
 }
 
 /// `membrane endpoint list -o json`.
-pub fn list_json(endpoints: &[membrane_endpoint::Endpoint]) -> serde_json::Value {
+pub fn list_json(
+    endpoints: &[membrane_endpoint::Endpoint],
+    policy: Option<&PolicyHandle>,
+) -> serde_json::Value {
     serde_json::Value::Array(
         endpoints
             .iter()
             .map(|e| {
+                let cols = policy.and_then(|p| p.endpoint_columns(e.id));
+                let col = |k: &str| {
+                    cols.as_ref()
+                        .map_or(serde_json::Value::Null, |c| c[k].clone())
+                };
                 json!({
                     "id": e.id,
                     "pod": e.pod(),
@@ -348,6 +381,9 @@ pub fn list_json(endpoints: &[membrane_endpoint::Endpoint]) -> serde_json::Value
                     "node": e.node,
                     "state": e.state,
                     "labels": e.labels,
+                    "identity": col("identity"),
+                    "ingressEnforcement": col("ingressEnforcement"),
+                    "egressEnforcement": col("egressEnforcement"),
                 })
             })
             .collect(),

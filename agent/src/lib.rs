@@ -19,6 +19,7 @@ pub mod lb_ipam;
 pub mod nack;
 pub mod nodes;
 pub mod placement;
+pub mod policy;
 pub mod ports;
 pub mod report;
 pub mod secrets;
@@ -56,6 +57,8 @@ pub enum AgentError {
     Datapath(#[from] datapath::DatapathStartError),
     #[error(transparent)]
     Cni(#[from] cni::CniStartError),
+    #[error("policy datapath: {0}")]
+    Policy(#[from] Box<membrane_ebpf::policy::PolicyDatapathError>),
     #[error("run directory {path}: {source}")]
     RunDir {
         path: PathBuf,
@@ -140,6 +143,13 @@ pub async fn run(
         Some(opts) => Some(Arc::new(datapath::DatapathHandle::start(opts)?)),
         None => None,
     };
+    // L3/L4 policy: with the CNI's endpoints on the eBPF datapath.
+    let policy = match (&config.cni, &config.datapath) {
+        (Some(_), Some(dp)) => Some(Arc::new(
+            policy::PolicyHandle::start(&dp.pin_dir).map_err(Box::new)?,
+        )),
+        _ => None,
+    };
     let endpoints = match &config.cni {
         Some(opts) => Some(
             cni::start(
@@ -147,6 +157,7 @@ pub async fn run(
                 &config.node_name,
                 &store,
                 datapath.clone(),
+                policy.clone(),
                 shutdown.clone(),
             )
             .await?,
@@ -163,6 +174,7 @@ pub async fn run(
         warnings: Default::default(),
         datapath: datapath.clone(),
         endpoints,
+        policy,
     });
     let datapath_task =
         datapath.map(|h| tokio::spawn(datapath::run(h, store.clone(), shutdown.clone())));

@@ -28,6 +28,8 @@ pub struct AgentState {
     pub datapath: Option<std::sync::Arc<crate::datapath::DatapathHandle>>,
     /// Pod endpoints set up through `membrane-cni` (`--enable-cni`).
     pub endpoints: Option<std::sync::Arc<membrane_endpoint::Manager>>,
+    /// L3/L4 policy on those endpoints (`--enable-cni --datapath ebpf`).
+    pub policy: Option<std::sync::Arc<crate::policy::PolicyHandle>>,
 }
 
 impl AgentState {

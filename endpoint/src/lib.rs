@@ -55,6 +55,12 @@ pub trait Hooks: Send + Sync {
     }
     /// Detach from a removed endpoint's host interface.
     fn detach(&self, _host_ifname: &str) {}
+    /// The endpoint is complete and about to be registered: whatever must
+    /// hold from its first packet (policy) is programmed here, before ADD
+    /// returns. An error fails the ADD (and rolls it back).
+    fn ready(&self, _endpoint: &Endpoint) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// No hooks (tests, or an agent without datapath and store).

@@ -358,6 +358,12 @@ impl Manager {
                     state: "ready".into(),
                     result: result.clone(),
                 };
+                if let Err(why) = self.hooks.ready(&ep) {
+                    // Kernel work happens outside the state lock.
+                    drop(inner);
+                    self.rollback(&owner, &host).await;
+                    return Err(EndpointError::Datapath { ifname: host, why });
+                }
                 inner.endpoints.insert(owner, ep);
                 if let Err(e) = self.save_endpoints(&inner) {
                     warn!(error = %e, "saving endpoints");
@@ -366,19 +372,23 @@ impl Manager {
                 Ok(result)
             }
             Err(e) => {
-                // Nothing half-configured stays: the veth (and with it the
-                // peer and its addresses and routes) goes, the addresses too.
-                self.hooks.detach(&host);
-                if let Err(de) = netlink::delete_link(&self.handle, &host).await {
-                    warn!(error = %de, host = %host, "rollback: deleting veth");
-                }
-                let mut inner = self.inner.lock().await;
-                inner.ipam.release_owner(&owner);
-                if let Err(se) = inner.ipam.save(&ipam_path(&self.opts.state_dir)) {
-                    warn!(error = %se, "rollback: saving IPAM");
-                }
+                self.rollback(&owner, &host).await;
                 Err(e)
             }
+        }
+    }
+
+    /// Nothing half-configured stays: the veth (and with it the peer and
+    /// its addresses and routes) goes, the addresses too.
+    async fn rollback(&self, owner: &str, host: &str) {
+        self.hooks.detach(host);
+        if let Err(de) = netlink::delete_link(&self.handle, host).await {
+            warn!(error = %de, host = %host, "rollback: deleting veth");
+        }
+        let mut inner = self.inner.lock().await;
+        inner.ipam.release_owner(owner);
+        if let Err(se) = inner.ipam.save(&ipam_path(&self.opts.state_dir)) {
+            warn!(error = %se, "rollback: saving IPAM");
         }
     }
 

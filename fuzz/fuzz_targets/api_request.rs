@@ -47,6 +47,7 @@ fn state() -> AgentState {
         nacks_isolated: Default::default(),
         datapath: None,
         endpoints: None,
+        policy: None,
     }
 }
 

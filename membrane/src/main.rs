@@ -103,7 +103,8 @@ enum Command {
         #[command(subcommand)]
         command: commands::bench::BenchCommand,
     },
-    /// Network policy tools (`membrane policy trace`).
+    /// Network policy: `membrane policy get` (in force on this node's
+    /// endpoints) and `membrane policy trace`.
     Policy {
         #[command(subcommand)]
         command: commands::policy::PolicyCommand,
@@ -201,7 +202,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Lb { command } => commands::lb::run(command),
-        Command::Policy { command } => commands::policy::run(command),
+        Command::Policy { command } => commands::policy::run(&api, command).await,
         Command::Endpoint { command } => commands::endpoint::run(&api, command).await,
         Command::Service { command } => commands::service::run(&api, command).await,
         Command::Conformance { suite } => commands::conformance::run(suite).await,

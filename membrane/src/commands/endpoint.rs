@@ -12,7 +12,8 @@ use crate::client::ApiClient;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum EndpointCommand {
-    /// Every endpoint: id, pod, IPs, host interface, node, state.
+    /// Every endpoint: id, pod, IPs, host interface, node, state, policy
+    /// identity and enforcement per direction.
     List {
         /// json, yaml or table (default).
         #[arg(short = 'o', long)]
@@ -35,7 +36,7 @@ pub async fn run(api: &Path, command: EndpointCommand) -> Result<ExitCode> {
 }
 
 fn table(list: &Value) -> String {
-    let rows: Vec<[String; 6]> = list
+    let rows: Vec<[String; 9]> = list
         .as_array()
         .into_iter()
         .flatten()
@@ -53,10 +54,27 @@ fn table(list: &Value) -> String {
                 e["interface"].as_str().unwrap_or("").to_string(),
                 e["node"].as_str().unwrap_or("").to_string(),
                 e["state"].as_str().unwrap_or("").to_string(),
+                match &e["identity"] {
+                    Value::Null => "-".into(),
+                    v => v.to_string(),
+                },
+                enforcement(&e["ingressEnforcement"]),
+                enforcement(&e["egressEnforcement"]),
             ]
         })
         .collect();
-    let head = ["ID", "POD", "IPS", "INTERFACE", "NODE", "STATE"].map(String::from);
+    let head = [
+        "ID",
+        "POD",
+        "IPS",
+        "INTERFACE",
+        "NODE",
+        "STATE",
+        "IDENTITY",
+        "INGRESS-ENFORCEMENT",
+        "EGRESS-ENFORCEMENT",
+    ]
+    .map(String::from);
     let mut widths = head.clone().map(|h| h.len());
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -74,4 +92,13 @@ fn table(list: &Value) -> String {
         out.push('\n');
     }
     out
+}
+
+/// Cilium's column values: policy enforced in that direction or not.
+fn enforcement(v: &Value) -> String {
+    match v.as_bool() {
+        Some(true) => "Enabled".into(),
+        Some(false) => "Disabled".into(),
+        None => "-".into(),
+    }
 }
