@@ -477,3 +477,83 @@ fn every_rendered_object_is_a_valid_kubernetes_object() {
         assert!(kinds.len() >= 15, "{kinds:?}");
     }
 }
+
+/// Cluster Mesh values (named as Cilium's): the agent gets the cluster's
+/// name and id, its own etcd and the directory of remote clusters, and the
+/// rendered files are what `membrane-clustermesh` reads.
+#[test]
+fn cluster_mesh_values_render_files_the_agent_reads() {
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let values = json!({
+        "cluster": {"name": "c1", "id": 3},
+        "etcd": {"enabled": true, "endpoints": ["https://etcd.c1.example:2379"], "ssl": true},
+        "clustermesh": {"config": {"enabled": true, "clusters": [
+            {"name": "c2", "port": 2380,
+             "tls": {"cert": b64("CERT"), "key": b64("KEY"), "caCert": b64("CA")}},
+            {"name": "c3", "address": "etcd.c3.example"},
+        ]}},
+    });
+    let Some(r) = render(&values) else { return };
+    assert_lints_clean(&r);
+    let agent = r.get("DaemonSet", "membrane-agent");
+    let a = args(container(agent, "membrane-agent"));
+    for flag in [
+        "--cluster-name=c1",
+        "--cluster-id=3",
+        "--kvstore=etcd",
+        "--kvstore-opt=etcd.config=/var/lib/etcd-config/etcd.config",
+        "--clustermesh-config=/var/lib/cilium/clustermesh",
+    ] {
+        assert!(a.iter().any(|x| x == flag), "agent lacks {flag}: {a:?}");
+    }
+
+    // The remote clusters' Secret, written out as the kubelet mounts it.
+    let secret = r.get("Secret", "cilium-clustermesh");
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (file, data) in secret["data"].as_object().expect("data") {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(data.as_str().expect("string"))
+            .expect("base64");
+        std::fs::write(dir.path().join(file), bytes).expect("write");
+    }
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("c2.crt")).expect("c2.crt"),
+        "CERT"
+    );
+    let mesh = membrane_clustermesh::read_mesh_dir(dir.path(), "c1").expect("mesh dir parses");
+    let text = format!("{mesh:?}");
+    assert!(text.contains("https://c2.mesh.cilium.io:2380"), "{text}");
+    assert!(
+        text.contains("/var/lib/cilium/clustermesh/c2-ca.crt"),
+        "{text}"
+    );
+    assert!(text.contains("https://etcd.c3.example:2379"), "{text}");
+    let c2 = dir.path().join("c2");
+    let parsed = membrane_clustermesh::EtcdConfig::load(&c2).expect("c2 parses");
+    assert!(parsed.uses_tls());
+
+    // This cluster's etcd config.
+    let cm = r.get("ConfigMap", "membrane-etcd-config");
+    let etcd = cm["data"]["etcd.config"].as_str().expect("etcd.config");
+    let own = membrane_clustermesh::EtcdConfig::parse(std::path::Path::new("etcd.config"), etcd)
+        .expect("etcd.config parses");
+    assert_eq!(own.endpoints, ["https://etcd.c1.example:2379"]);
+    assert!(own.uses_tls());
+
+    // Off by default: no mesh flags, no Secret.
+    let Some(plain) = render(&json!({})) else {
+        return;
+    };
+    let a = args(container(
+        plain.get("DaemonSet", "membrane-agent"),
+        "membrane-agent",
+    ));
+    assert!(!a.iter().any(|x| x.starts_with("--cluster")), "{a:?}");
+    assert!(
+        plain
+            .objects
+            .iter()
+            .all(|o| o["kind"] != "Secret" || o["metadata"]["name"] != "cilium-clustermesh")
+    );
+}
