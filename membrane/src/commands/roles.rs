@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use membrane_agent::{AgentConfig, Controller, ControllerPass, Pool, PortMap, XdsProtocol};
+use membrane_agent::{AgentConfig, Controller, ControllerPass, Pool, PortMap};
 use membrane_k8s::{
     AGENT_MANAGER, EventRecorder, KubeSink, KubeSource, LeaderElector, LeaseConfig,
     OPERATOR_MANAGER, StoreSink, Writer,
@@ -20,7 +20,7 @@ use membrane_store::{Kind, Store};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use super::up::{IngressFlags, ipv6_available, parse_labels, parse_protocol, stop_on_signal};
+use super::up::{IngressFlags, ipv6_available, parse_labels, stop_on_signal};
 
 /// The operator's pass inside the agent's loop (`membrane up`), writing
 /// synchronously into the same store.
@@ -181,28 +181,11 @@ pub struct AgentArgs {
     /// Where the xDS socket, Envoy bootstrap and Envoy log go.
     #[arg(long)]
     pub run_dir: PathBuf,
-    /// Envoy binary (else $MEMBRANE_ENVOY, .venv/bin/envoy, PATH).
-    #[arg(long)]
-    pub envoy_bin: Option<PathBuf>,
-    /// Also expose Envoy admin on 127.0.0.1:PORT (0 picks a free one).
-    #[arg(long)]
-    pub envoy_admin_port: Option<u16>,
-    #[arg(long, default_value_t = 2)]
-    pub envoy_concurrency: u16,
-    #[arg(long, default_value = "warning")]
-    pub envoy_log_level: String,
-    /// xDS variant Envoy uses: sotw or delta.
-    #[arg(long, default_value = "delta", value_parser = parse_protocol)]
-    pub xds_protocol: XdsProtocol,
+    #[command(flatten)]
+    pub envoy: super::up::EnvoyFlags,
     /// Pool LoadBalancer Service addresses come from (kept off CEC listeners).
     #[arg(long, default_value = "127.0.100.0/24")]
     pub lb_pool: Pool,
-    /// Port Ingress HTTP (service port 80) is served on.
-    #[arg(long, default_value_t = 80)]
-    pub http_port: u16,
-    /// Port Ingress HTTPS (service port 443) is served on.
-    #[arg(long, default_value_t = 443)]
-    pub https_port: u16,
     /// Ports listeners without an address are given, `FIRST-LAST`.
     #[arg(long, default_value = "10000-20000", value_parser = parse_port_range)]
     pub proxy_ports: std::ops::RangeInclusive<u16>,
@@ -246,15 +229,15 @@ pub async fn agent(args: AgentArgs, api_socket: PathBuf) -> Result<ExitCode> {
     let config = AgentConfig {
         run_dir: args.run_dir.clone(),
         api_socket,
-        envoy_bin: args.envoy_bin.clone(),
-        envoy_admin_port: args.envoy_admin_port,
-        envoy_concurrency: args.envoy_concurrency,
-        envoy_log_level: args.envoy_log_level.clone(),
-        xds_protocol: args.xds_protocol,
+        envoy_bin: args.envoy.envoy_bin.clone(),
+        envoy_admin_port: args.envoy.envoy_admin_port,
+        envoy_concurrency: args.envoy.envoy_concurrency,
+        envoy_log_level: args.envoy.envoy_log_level.clone(),
+        xds_protocol: args.envoy.xds_protocol,
         lb_pool: args.lb_pool,
         ports: PortMap {
-            http: args.http_port,
-            https: args.https_port,
+            http: args.envoy.http_port,
+            https: args.envoy.https_port,
             transparent: false,
         },
         node_name: args.node_name.clone(),

@@ -21,29 +21,11 @@ pub struct UpArgs {
     /// (default: `run` next to the API socket).
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
-    /// Envoy binary (else $MEMBRANE_ENVOY, .venv/bin/envoy, PATH).
-    #[arg(long)]
-    pub envoy_bin: Option<PathBuf>,
-    /// Also expose Envoy admin on 127.0.0.1:PORT (0 picks a free one).
-    /// Default: admin only on the unix socket `<run-dir>/envoy-admin.sock`.
-    #[arg(long)]
-    pub envoy_admin_port: Option<u16>,
-    #[arg(long, default_value_t = 2)]
-    pub envoy_concurrency: u16,
-    #[arg(long, default_value = "warning")]
-    pub envoy_log_level: String,
-    /// xDS variant Envoy uses: sotw or delta.
-    #[arg(long, default_value = "delta", value_parser = parse_protocol)]
-    pub xds_protocol: XdsProtocol,
+    #[command(flatten)]
+    pub envoy: EnvoyFlags,
     /// Pool LoadBalancer Service addresses come from.
     #[arg(long, default_value = "127.0.100.0/24")]
     pub lb_pool: Pool,
-    /// Port Ingress HTTP (service port 80) is served on.
-    #[arg(long, default_value_t = 80)]
-    pub http_port: u16,
-    /// Port Ingress HTTPS (service port 443) is served on.
-    #[arg(long, default_value_t = 443)]
-    pub https_port: u16,
     /// Node name (Envoy node id `membrane~<name>`).
     #[arg(long, default_value = "local")]
     pub node_name: String,
@@ -129,6 +111,32 @@ impl CniArgs {
             unreachable_routes: self.unreachable_routes,
         })
     }
+}
+
+/// Envoy and the ports it serves Ingresses on, shared by `membrane up` and
+/// `membrane agent`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EnvoyFlags {
+    /// Envoy binary (else $MEMBRANE_ENVOY, .venv/bin/envoy, PATH).
+    #[arg(long)]
+    pub envoy_bin: Option<PathBuf>,
+    /// Also expose Envoy admin on 127.0.0.1:PORT (0 picks a free one).
+    /// Default: admin only on the unix socket `<run-dir>/envoy-admin.sock`.
+    #[arg(long)]
+    pub envoy_admin_port: Option<u16>,
+    #[arg(long, default_value_t = 2)]
+    pub envoy_concurrency: u16,
+    #[arg(long, default_value = "warning")]
+    pub envoy_log_level: String,
+    /// xDS variant Envoy uses: sotw or delta.
+    #[arg(long, default_value = "delta", value_parser = parse_protocol)]
+    pub xds_protocol: XdsProtocol,
+    /// Port Ingress HTTP (service port 80) is served on.
+    #[arg(long, default_value_t = 80)]
+    pub http_port: u16,
+    /// Port Ingress HTTPS (service port 443) is served on.
+    #[arg(long, default_value_t = 443)]
+    pub https_port: u16,
 }
 
 /// The Ingress controller's feature flags, shared by `membrane up` and
@@ -230,7 +238,7 @@ pub(crate) fn ipv6_available() -> bool {
     ok
 }
 
-pub(crate) fn parse_protocol(s: &str) -> Result<XdsProtocol, String> {
+fn parse_protocol(s: &str) -> Result<XdsProtocol, String> {
     match s {
         "sotw" => Ok(XdsProtocol::Sotw),
         "delta" => Ok(XdsProtocol::Delta),
@@ -269,15 +277,15 @@ pub async fn run(args: UpArgs, api_socket: PathBuf) -> Result<ExitCode> {
     let config = AgentConfig {
         run_dir,
         api_socket,
-        envoy_bin: args.envoy_bin.clone(),
-        envoy_admin_port: args.envoy_admin_port,
-        envoy_concurrency: args.envoy_concurrency,
-        envoy_log_level: args.envoy_log_level.clone(),
-        xds_protocol: args.xds_protocol,
+        envoy_bin: args.envoy.envoy_bin.clone(),
+        envoy_admin_port: args.envoy.envoy_admin_port,
+        envoy_concurrency: args.envoy.envoy_concurrency,
+        envoy_log_level: args.envoy.envoy_log_level.clone(),
+        xds_protocol: args.envoy.xds_protocol,
         lb_pool: args.lb_pool,
         ports: PortMap {
-            http: args.http_port,
-            https: args.https_port,
+            http: args.envoy.http_port,
+            https: args.envoy.https_port,
             // Set by the agent from `datapath`.
             transparent: false,
         },
