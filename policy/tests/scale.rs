@@ -9,7 +9,7 @@ use membrane_policy::{Cluster, Endpoint, Identities, PolicySet, State};
 use serde_json::json;
 
 #[test]
-#[ignore]
+#[ignore = "a measurement for docs/benchmarks.md, not a check; run with --ignored --nocapture"]
 fn thousand_endpoints_ten_thousand_rules() {
     let mut c = Cluster {
         allow_localhost: true,
