@@ -9,6 +9,7 @@
 //! the test skips, except under `CI=true`, where it fails.
 
 mod common;
+mod ebpf_up;
 #[path = "../../ebpf/tests/common/mod.rs"]
 mod netns;
 
@@ -18,7 +19,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{BIN, require_envoy, wait_until};
+use common::wait_until;
+use ebpf_up::{Agent, Up};
 use netns::{Netns, Proc, echo_server, which_backend};
 use serde_json::Value;
 
@@ -232,134 +234,49 @@ fn etcd_config(endpoint: &str, pki: &Path) -> String {
     )
 }
 
-struct Agent {
-    child: Child,
-    api: PathBuf,
-    log: PathBuf,
+/// `membrane up --datapath ebpf` of cluster `cluster` in `node`, connected
+/// to its own etcd and to the other cluster's through `dir/clustermesh`.
+fn start_agent(
+    dir: &Path,
+    node: &Netns,
+    pins: &Path,
+    devices: &str,
+    cluster: u32,
+    pool: &str,
+) -> Agent {
+    let etcd = format!("etcd.config={}", dir.join("etcd.yaml").display());
+    let mesh = dir.join("clustermesh").display().to_string();
+    Up::new(dir, &node.name, pins, devices)
+        .lb_pool(pool)
+        .ports(25280, 25281)
+        .args(["--cluster-name", &format!("cluster{cluster}")])
+        .args(["--cluster-id", &cluster.to_string()])
+        .args(["--kvstore", "etcd", "--kvstore-opt", &etcd])
+        .args(["--clustermesh-config", &mesh])
+        .args(["--clustermesh-sync-timeout", "20s"])
+        .ready_timeout(Duration::from_secs(60))
+        .start()
 }
 
-impl Agent {
-    fn start(
-        dir: &Path,
-        node: &Netns,
-        pins: &Path,
-        devices: &str,
-        cluster: u32,
-        pool: &str,
-    ) -> Agent {
-        require_envoy();
-        std::fs::create_dir_all(dir.join("manifests")).expect("mkdir");
-        let api = dir.join("api.sock");
-        let log = dir.join("membrane.log");
-        let out = std::fs::File::create(&log).expect("log");
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/var/run/netns/{}", node.name))
-            .arg(BIN)
-            .arg("--api-socket")
-            .arg(&api)
-            .arg("up")
-            .arg(dir.join("manifests"))
-            .arg("--run-dir")
-            .arg(dir.join("run"))
-            .args(["--envoy-admin-port", "0", "--lb-pool", pool])
-            .args(["--http-port", "25280", "--https-port", "25281"])
-            .args(["--datapath", "ebpf", "--datapath-devices", devices])
-            .arg("--bpf-pin-dir")
-            .arg(pins)
-            .args(["--maglev-table-size", "251", "--max-services", "64"])
-            .args(["--cluster-name", &format!("cluster{cluster}")])
-            .args(["--cluster-id", &cluster.to_string()])
-            .args(["--kvstore", "etcd", "--kvstore-opt"])
-            .arg(format!("etcd.config={}", dir.join("etcd.yaml").display()))
-            .arg("--clustermesh-config")
-            .arg(dir.join("clustermesh"))
-            .args(["--clustermesh-sync-timeout", "20s"])
-            .env("MEMBRANE_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("log"))
-            .stderr(out)
-            .spawn()
-            .expect("spawn nsenter membrane up");
-        let mut a = Agent { child, api, log };
-        let ready = wait_until(Duration::from_secs(60), || {
-            if let Ok(Some(_)) = a.child.try_wait() {
-                return true;
-            }
-            a.status().is_some_and(|s| {
-                s["envoy"]["running"] == true && s["datapath"]["syncs"].as_u64().unwrap_or(0) > 0
-            })
-        });
-        let exited = matches!(a.child.try_wait(), Ok(Some(_)));
-        assert!(
-            ready && !exited,
-            "membrane up (cluster{cluster}) did not become ready:\n{}",
-            a.log_text()
-        );
-        a
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn cli(&self, args: &[&str]) -> (i32, String, String) {
-        let out = Command::new(BIN)
-            .arg("--api-socket")
-            .arg(&self.api)
-            .args(args)
-            .output()
-            .expect("run membrane");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-
-    fn status(&self) -> Option<Value> {
-        let (_, out, _) = self.cli(&["status", "-o", "json"]);
-        serde_json::from_str(&out).ok()
-    }
-
-    /// Backend addresses of the global Service's TCP frontend.
-    fn backends(&self) -> Vec<String> {
-        let (code, out, err) = self.cli(&["service", "list", "-o", "json"]);
-        assert_eq!(code, 0, "service list: {err}");
-        let v: Vec<Value> = serde_json::from_str(&out).unwrap_or_default();
-        v.iter()
-            .find(|s| s["frontend"] == format!("{VIP}:80/TCP"))
-            .and_then(|s| s["backends"].as_array())
-            .into_iter()
-            .flatten()
-            .filter_map(|b| b["address"].as_str().map(str::to_string))
-            .collect()
-    }
-
-    fn apply(&self, dir: &Path, yaml: &str) {
-        let f = dir.join(format!("apply-{}.yaml", common::rand_suffix()));
-        std::fs::write(&f, yaml).expect("write");
-        let (code, out, err) = self.cli(&["apply", "-f", f.to_str().unwrap_or_default()]);
-        assert_eq!(code, 0, "apply failed: {out}{err}");
-    }
-
-    fn remote(&self, cluster: &str) -> Value {
-        self.status()
-            .map(|s| s["datapath"]["clustermesh"]["remote_clusters"][cluster].clone())
-            .unwrap_or(Value::Null)
-    }
+/// Backend addresses of the global Service's TCP frontend.
+fn backends(agent: &Agent) -> Vec<String> {
+    agent
+        .services()
+        .iter()
+        .find(|s| s["frontend"] == format!("{VIP}:80/TCP"))
+        .and_then(|s| s["backends"].as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|b| b["address"].as_str().map(str::to_string))
+        .collect()
 }
 
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "---- membrane log ({}) ----\n{}",
-                self.api.display(),
-                self.log_text()
-            );
-        }
-        common::stop_child(&mut self.child);
-    }
+/// The agent's view of remote cluster `cluster`.
+fn remote(agent: &Agent, cluster: &str) -> Value {
+    agent
+        .status()
+        .map(|s| s["datapath"]["clustermesh"]["remote_clusters"][cluster].clone())
+        .unwrap_or(Value::Null)
 }
 
 /// The global Service `default/echo` of one cluster with `extra`
@@ -418,9 +335,9 @@ endpoints:{eps}"#
 
 fn wait_backends(agent: &Agent, n: usize, what: &str) {
     assert!(
-        wait_until(Duration::from_secs(30), || agent.backends().len() == n),
+        wait_until(Duration::from_secs(30), || backends(agent).len() == n),
         "{what}: expected {n} backends, have {:?}; status {:?}",
-        agent.backends(),
+        backends(agent),
         agent.status().map(|s| s["datapath"]["clustermesh"].clone())
     );
 }
@@ -493,7 +410,7 @@ fn two_clusters_global_service_affinity_and_failover() {
     }
     let pins1 = netns::PinDir::new("mesh1");
     let pins2 = netns::PinDir::new("mesh2");
-    let a1 = Agent::start(
+    let a1 = start_agent(
         &d1,
         &mesh.node1,
         &pins1.0,
@@ -501,14 +418,14 @@ fn two_clusters_global_service_affinity_and_failover() {
         1,
         "127.25.1.0/24",
     );
-    let a2 = Agent::start(&d2, &mesh.node2, &pins2.0, "hp1,hp2,lk", 2, "127.25.2.0/24");
+    let a2 = start_agent(&d2, &mesh.node2, &pins2.0, "hp1,hp2,lk", 2, "127.25.2.0/24");
 
     // A global service balances over both clusters.
     a2.apply(&d2, &echo(2, &[], &[1, 2]));
     a1.apply(&d1, &echo(1, &[], &[1, 2]));
     wait_backends(&a1, 4, "cluster1 merges cluster2's backends");
     wait_backends(&a2, 4, "cluster2 merges cluster1's backends");
-    let r = a1.remote("cluster2");
+    let r = remote(&a1, "cluster2");
     assert!(
         r["connected"] == true && r["synced"] == true && r["cluster_id"] == 2,
         "{r}"
@@ -600,21 +517,21 @@ fn two_clusters_global_service_affinity_and_failover() {
     assert!(
         wait_until(
             Duration::from_secs(20),
-            || a1.remote("cluster2")["connected"] == false
+            || remote(&a1, "cluster2")["connected"] == false
         ),
         "disconnect not noticed: {}",
-        a1.remote("cluster2")
+        remote(&a1, "cluster2")
     );
-    assert_eq!(a1.backends().len(), 4);
+    assert_eq!(backends(&a1).len(), 4);
     wait_traffic(&mesh, &["c2p1", "c2p2"], "remote etcd down");
     // Meanwhile cluster2 drops a backend; its return resyncs, no duplicates.
     a2.apply(&d2, &echo(2, &[], &[1]));
     etcd2.restart();
     wait_backends(&a1, 3, "resync after the remote etcd returned");
-    let bes = a1.backends();
+    let bes = backends(&a1);
     let unique: BTreeSet<&String> = bes.iter().collect();
     assert_eq!(unique.len(), bes.len(), "duplicates: {bes:?}");
-    assert!(a1.remote("cluster2")["connected"] == true);
+    assert!(remote(&a1, "cluster2")["connected"] == true);
     wait_traffic(&mesh, &["c2p1"], "after resync");
 
     // none again: everything that is left.
@@ -638,7 +555,7 @@ fn two_clusters_global_service_affinity_and_failover() {
         let t0 = std::time::Instant::now();
         a2.apply(&d2, &echo(2, &[], pods));
         assert!(
-            wait_until(Duration::from_secs(10), || a1.backends().len() == want),
+            wait_until(Duration::from_secs(10), || backends(&a1).len() == want),
             "change {i} not seen"
         );
         lat.push(t0.elapsed());

@@ -9,167 +9,23 @@
 //! where it fails.
 
 mod common;
+mod ebpf_up;
 #[path = "../../ebpf/tests/common/mod.rs"]
 mod netns;
 mod netns_pods;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{BIN, require_envoy, wait_until};
+use common::wait_until;
+use ebpf_up::{Up, nsenter_available};
 use netns::{PinDir, Topology, ask, connect, which_backend, which_backend_udp};
 use netns_pods::echo_and_http;
 use serde_json::Value;
 
 const VIP: &str = "10.96.0.10";
-
-fn nsenter_available() -> bool {
-    let ok = Command::new("nsenter")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-        assert!(!ci, "nsenter (util-linux) is required (CI=true)");
-        eprintln!("SKIPPED: nsenter not found");
-    }
-    ok
-}
-
-/// One `membrane up --datapath ebpf` inside the node namespace, stopped
-/// (SIGTERM, then SIGKILL, by PID) on drop.
-struct Agent {
-    child: Child,
-    api: PathBuf,
-    log: PathBuf,
-    stopped: bool,
-}
-
-impl Agent {
-    /// `nsenter --net` only switches the network namespace: unlike
-    /// `ip netns exec` it does not remount /sys, so /sys/fs/bpf (and the
-    /// pins that outlive the agent) stay the host's.
-    fn start(dir: &Path, node_ns: &str, pins: &Path, devices: &str, run: u32) -> Agent {
-        Self::start_with_pool(dir, node_ns, pins, devices, run, "127.0.100.0/24")
-    }
-
-    fn start_with_pool(
-        dir: &Path,
-        node_ns: &str,
-        pins: &Path,
-        devices: &str,
-        run: u32,
-        lb_pool: &str,
-    ) -> Agent {
-        require_envoy();
-        let api = dir.join("api.sock");
-        let log = dir.join(format!("membrane-{run}.log"));
-        let out = std::fs::File::create(&log).expect("log");
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/var/run/netns/{node_ns}"))
-            .arg(BIN)
-            .arg("--api-socket")
-            .arg(&api)
-            .arg("up")
-            .arg(dir.join("manifests"))
-            .arg("--run-dir")
-            .arg(dir.join("run"))
-            .args(["--envoy-admin-port", "0", "--lb-pool", lb_pool])
-            .args(["--http-port", "18080", "--https-port", "18443"])
-            .args(["--datapath", "ebpf", "--datapath-devices", devices])
-            .arg("--bpf-pin-dir")
-            .arg(pins)
-            .args(["--maglev-table-size", "251", "--max-services", "64"])
-            .env("MEMBRANE_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("log"))
-            .stderr(out)
-            .spawn()
-            .expect("spawn nsenter membrane up");
-        let mut a = Agent {
-            child,
-            api,
-            log,
-            stopped: false,
-        };
-        let ready = wait_until(Duration::from_secs(30), || {
-            if let Ok(Some(_)) = a.child.try_wait() {
-                return true;
-            }
-            a.status().is_some_and(|s| {
-                s["envoy"]["running"] == true
-                    && s["datapath"]["mode"] == "ebpf"
-                    && s["datapath"]["syncs"].as_u64().unwrap_or(0) > 0
-            })
-        });
-        let exited = matches!(a.child.try_wait(), Ok(Some(_)));
-        assert!(
-            ready && !exited,
-            "membrane up --datapath ebpf did not become ready:\n{}",
-            a.log_text()
-        );
-        a
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The CLI against this agent, from the root network namespace (the
-    /// API socket is a file): (exit code, stdout, stderr).
-    fn cli(&self, args: &[&str]) -> (i32, String, String) {
-        let out = Command::new(BIN)
-            .arg("--api-socket")
-            .arg(&self.api)
-            .args(args)
-            .output()
-            .expect("run membrane");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-
-    fn status(&self) -> Option<Value> {
-        let (_, out, _) = self.cli(&["status", "-o", "json"]);
-        serde_json::from_str(&out).ok()
-    }
-
-    fn services(&self) -> Vec<Value> {
-        let (code, out, err) = self.cli(&["service", "list", "-o", "json"]);
-        assert_eq!(code, 0, "service list failed: {err}");
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
-    }
-
-    fn apply(&self, dir: &Path, yaml: &str) {
-        let f = dir.join(format!("apply-{}.yaml", common::rand_suffix()));
-        std::fs::write(&f, yaml).expect("write");
-        let (code, out, err) = self.cli(&["apply", "-f", f.to_str().unwrap_or_default()]);
-        assert_eq!(code, 0, "apply failed: {out}{err}");
-    }
-
-    /// Graceful stop (SIGTERM), as an operator restarting the agent would.
-    fn stop(&mut self) {
-        if std::mem::replace(&mut self.stopped, true) {
-            return; // reaped: the PID may belong to someone else now
-        }
-        common::stop_child(&mut self.child);
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("---- membrane log ----\n{}", self.log_text());
-        }
-        self.stop();
-    }
-}
 
 /// A ClusterIP Service (TCP 80 and UDP 53 → 8080) over the three backend pods.
 fn echo_service() -> String {
@@ -279,7 +135,7 @@ fn agent_programs_services_quarantines_and_survives_restart() {
     let dir = tmp.path();
     std::fs::create_dir_all(dir.join("manifests")).expect("mkdir");
 
-    let mut agent = Agent::start(dir, &topo.node.name, &pins.0, &devices, 1);
+    let mut agent = Up::new(dir, &topo.node.name, &pins.0, &devices).start();
     let st = agent.status().expect("status");
     let attached: BTreeSet<String> = st["datapath"]["devices"]
         .as_array()
@@ -414,7 +270,7 @@ fn agent_programs_services_quarantines_and_survives_restart() {
     let down = backends_seen(&topo, 15);
     assert!(!down.contains("be2"), "{down:?}");
 
-    let agent2 = Agent::start(dir, &topo.node.name, &pins.0, &devices, 2);
+    let agent2 = Up::new(dir, &topo.node.name, &pins.0, &devices).start();
     assert!(
         agent2.log_text().contains("datapath state restored"),
         "{}",
@@ -579,7 +435,7 @@ fn cec_service_frontend_is_redirected_to_envoy() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
     std::fs::create_dir_all(dir.join("manifests")).expect("mkdir");
-    let agent = Agent::start(dir, &topo.node.name, &pins.0, &devices, 1);
+    let agent = Up::new(dir, &topo.node.name, &pins.0, &devices).start();
     agent.apply(dir, &web_service_and_cec());
     // A plain Service next to it still goes through the BPF load balancer.
     agent.apply(dir, &echo_service());
@@ -726,7 +582,9 @@ fn ingress_vip_is_redirected_to_proxy_port_on_lo() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
     std::fs::create_dir_all(dir.join("manifests")).expect("mkdir");
-    let agent = Agent::start_with_pool(dir, &ns.name, &pins.0, "lo", 1, "127.0.120.0/24");
+    let agent = Up::new(dir, &ns.name, &pins.0, "lo")
+        .lb_pool("127.0.120.0/24")
+        .start();
     agent.apply(dir, INGRESS_WEB);
 
     // The VIP:80 frontend appears in the redirect map, pointing at a proxy

@@ -11,153 +11,23 @@
 //! under `CI=true`, where it fails.
 
 mod common;
+mod ebpf_up;
 #[path = "../../ebpf/tests/common/mod.rs"]
 mod netns;
 mod netns_pods;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
-use common::{BIN, require_envoy, wait_until};
+use common::wait_until;
+use ebpf_up::{Up, nsenter_available};
 use netns::Topology;
 use netns_pods::echo_and_http;
-use serde_json::Value;
 
 const VIP: &str = "10.96.0.40";
 const REQUESTS: usize = 400;
-
-fn nsenter_available() -> bool {
-    let ok = Command::new("nsenter")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-        assert!(!ci, "nsenter (util-linux) is required (CI=true)");
-        eprintln!("SKIPPED: nsenter not found");
-    }
-    ok
-}
-
-/// A BPF pin directory of this test, removed on drop.
-struct Pins(PathBuf);
-
-impl Pins {
-    fn new() -> Pins {
-        let p = PathBuf::from(format!(
-            "/sys/fs/bpf/membrane-envoy-{}-split",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        Pins(p)
-    }
-}
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.0)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            eprintln!("removing {}: {e}", self.0.display());
-        }
-    }
-}
-
-/// `membrane up --datapath ebpf` inside the node namespace (`nsenter --net`
-/// keeps the host's /sys/fs/bpf), stopped by PID on drop.
-struct Agent {
-    child: Child,
-    api: PathBuf,
-    log: PathBuf,
-}
-
-impl Agent {
-    fn start(dir: &Path, node_ns: &str, pins: &Path, devices: &str) -> Agent {
-        require_envoy();
-        std::fs::create_dir_all(dir.join("manifests")).expect("mkdir");
-        let api = dir.join("api.sock");
-        let log = dir.join("membrane.log");
-        let out = std::fs::File::create(&log).expect("log");
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/var/run/netns/{node_ns}"))
-            .arg(BIN)
-            .arg("--api-socket")
-            .arg(&api)
-            .arg("up")
-            .arg(dir.join("manifests"))
-            .arg("--run-dir")
-            .arg(dir.join("run"))
-            .args(["--lb-pool", "127.0.135.0/24"])
-            .args(["--http-port", "31088", "--https-port", "31448"])
-            .args(["--datapath", "ebpf", "--datapath-devices", devices])
-            .arg("--bpf-pin-dir")
-            .arg(pins)
-            .args(["--maglev-table-size", "251", "--max-services", "64"])
-            .env("MEMBRANE_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("log"))
-            .stderr(out)
-            .spawn()
-            .expect("spawn nsenter membrane up");
-        let mut a = Agent { child, api, log };
-        let ready = wait_until(Duration::from_secs(30), || {
-            if let Ok(Some(_)) = a.child.try_wait() {
-                return true;
-            }
-            a.status().is_some_and(|s| {
-                s["ready"] == true
-                    && s["datapath"]["mode"] == "ebpf"
-                    && s["datapath"]["syncs"].as_u64().unwrap_or(0) > 0
-            })
-        });
-        let exited = matches!(a.child.try_wait(), Ok(Some(_)));
-        assert!(
-            ready && !exited,
-            "membrane up --datapath ebpf did not become ready:\n{}",
-            a.log_text()
-        );
-        a
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn cli(&self, args: &[&str]) -> (i32, String) {
-        let out = Command::new(BIN)
-            .arg("--api-socket")
-            .arg(&self.api)
-            .args(args)
-            .output()
-            .expect("run membrane");
-        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.push_str(&String::from_utf8_lossy(&out.stderr));
-        (out.status.code().unwrap_or(-1), text)
-    }
-
-    fn status(&self) -> Option<Value> {
-        serde_json::from_str(&self.cli(&["status", "-o", "json"]).1).ok()
-    }
-
-    fn apply_file(&self, path: &Path) {
-        let (code, out) = self.cli(&["apply", "-f", path.to_str().expect("utf-8 path")]);
-        assert_eq!(code, 0, "apply {}: {out}", path.display());
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("---- membrane log ----\n{}", self.log_text());
-        }
-        // nsenter execs membrane, so the PID is membrane's.
-        common::stop_child(&mut self.child);
-    }
-}
 
 /// A ClusterIP Service on port 5000 (→ 8081) over the backend pods `pods`.
 fn service(name: &str, cluster_ip: &str, pods: &[usize]) -> String {
@@ -214,12 +84,16 @@ fn cilium_weighted_split_example_splits_90_10_through_the_redirected_frontend() 
     if !netns::prerequisites() || !nsenter_available() {
         return;
     }
-    let pins = Pins::new();
+    let pins = netns::PinDir::new("wsplit");
     let topo = Topology::with_servers("wsplit", echo_and_http);
     let devices = topo.node_ifaces.join(",");
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    let agent = Agent::start(dir, &topo.node.name, &pins.0, &devices);
+    let agent = Up::new(dir, &topo.node.name, &pins.0, &devices)
+        .lb_pool("127.0.135.0/24")
+        .ports(31088, 31448)
+        .wait_envoy_ready()
+        .start();
 
     let services = dir.join("helloworld-services.yaml");
     let yaml = [
@@ -278,6 +152,6 @@ fn cilium_weighted_split_example_splits_90_10_through_the_redirected_frontend() 
         "helloworld-v1 got {v1} of {REQUESTS} ({share:.3}), expected about 0.9"
     );
 
-    let (code, out) = agent.cli(&["status"]);
-    assert_eq!(code, 0, "status fails:\n{out}");
+    let (code, out, err) = agent.cli(&["status"]);
+    assert_eq!(code, 0, "status fails:\n{out}{err}");
 }
