@@ -254,6 +254,9 @@ pub struct Reconciler {
     /// LB addresses of each served CEC's `spec.services`, as the last pass
     /// read them (the content it built binds them).
     pub served_addresses: BTreeMap<ObjectKey, Vec<String>>,
+    /// The other parts of each served split CEC, with their generations:
+    /// the report answers for them as for the CEC they are joined into.
+    pub served_parts: BTreeMap<ObjectKey, Vec<(ObjectKey, i64)>>,
     /// CECs/CCECs rejected by the last pass (NACK quarantine included).
     pub rejected_configs: BTreeMap<ObjectKey, String>,
     logged: BTreeMap<String, String>,
@@ -288,6 +291,7 @@ impl Reconciler {
             served: BTreeMap::new(),
             served_generations: BTreeMap::new(),
             served_addresses: BTreeMap::new(),
+            served_parts: BTreeMap::new(),
             rejected_configs: BTreeMap::new(),
             logged: BTreeMap::new(),
             warned: BTreeMap::new(),
@@ -414,6 +418,7 @@ impl Reconciler {
                 .keys()
                 .filter_map(|k| Some((k.clone(), report::frontends(&snap, snap.get(k)?))))
                 .collect();
+            self.served_parts = report::split_parts(&snap, self.served.keys());
         }
         // ---- end of the incremental part ----
         // An Ingress answers for the CEC generated from it.

@@ -50,6 +50,38 @@ pub fn frontends(snap: &StoreSnapshot, obj: &Object) -> Vec<String> {
     out
 }
 
+/// The parts (beyond the first) of each split CEC among `served`, with
+/// their generations.
+pub fn split_parts<'a>(
+    snap: &StoreSnapshot,
+    served: impl Iterator<Item = &'a ObjectKey>,
+) -> BTreeMap<ObjectKey, Vec<(ObjectKey, i64)>> {
+    let heads: BTreeSet<&ObjectKey> = served
+        .filter(|k| k.kind == Kind::CiliumEnvoyConfig)
+        .collect();
+    let mut out: BTreeMap<ObjectKey, Vec<(ObjectKey, i64)>> = BTreeMap::new();
+    if heads.is_empty() {
+        return out;
+    }
+    for obj in snap.list(Kind::CiliumEnvoyConfig, None) {
+        let meta = obj.meta();
+        let Some(head) = meta
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(membrane_ingress::SHARED_PART_OF_LABEL))
+        else {
+            continue;
+        };
+        let key = obj.key();
+        let head = ObjectKey::new(Kind::CiliumEnvoyConfig, &key.namespace, head);
+        if heads.contains(&head) {
+            let generation = meta.generation.unwrap_or(0);
+            out.entry(head).or_default().push((key, generation));
+        }
+    }
+    out
+}
+
 /// Publishes this node's report through a [`Sink`].
 pub struct Reporter<'a> {
     key: ObjectKey,
@@ -134,6 +166,9 @@ fn build(rec: &Reconciler, acked: &BTreeSet<ObjectKey>) -> Vec<ConfigAck> {
         let mut a = ack(key, generation, state, None);
         a.addresses = rec.served_addresses.get(key).cloned().unwrap_or_default();
         out.insert(key.clone(), a);
+        for (part, generation) in rec.served_parts.get(key).into_iter().flatten() {
+            out.insert(part.clone(), ack(part, *generation, state, None));
+        }
     }
     for (key, why) in &rec.rejected_configs {
         let generation = rec.served_generations.get(key).copied().unwrap_or(0);
@@ -151,5 +186,31 @@ fn ack(key: &ObjectKey, generation: i64, state: &str, message: Option<String>) -
         addresses: Vec::new(),
         state: state.to_owned(),
         message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use membrane_store::Store;
+
+    #[test]
+    fn parts_of_served_split_cecs_are_found_with_their_generations() {
+        let store = Store::new();
+        let yaml = "apiVersion: cilium.io/v2\nkind: CiliumEnvoyConfig\nmetadata: {name: c, namespace: a}\nspec: {resources: []}\n---\napiVersion: cilium.io/v2\nkind: CiliumEnvoyConfig\nmetadata: {name: c-1, namespace: a, labels: {membrane.io/shared-part-of: c}}\nspec: {resources: []}\n---\napiVersion: cilium.io/v2\nkind: CiliumEnvoyConfig\nmetadata: {name: c-1, namespace: b, labels: {membrane.io/shared-part-of: c}}\nspec: {resources: []}\n";
+        for obj in membrane_store::parse_documents(yaml).expect("yaml") {
+            store.apply(obj);
+        }
+        let head = ObjectKey::new(Kind::CiliumEnvoyConfig, "a", "c");
+        let parts = split_parts(&store.snapshot(), [&head].into_iter());
+        assert_eq!(
+            parts.get(&head),
+            Some(&vec![(
+                ObjectKey::new(Kind::CiliumEnvoyConfig, "a", "c-1"),
+                1
+            )]),
+            "only the part in the head's namespace: {parts:?}"
+        );
+        assert_eq!(parts.len(), 1);
     }
 }

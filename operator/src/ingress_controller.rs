@@ -18,6 +18,7 @@ use membrane_ingress::{
 use membrane_k8s::Sink;
 use membrane_store::{Kind, Object, ObjectKey, StoreSnapshot};
 use sha2::{Digest, Sha256};
+use tracing::warn;
 
 const SYNCED_LABEL: &str = "membrane.io/synced-secret";
 const SOURCE_ANNOTATION: &str = "membrane.io/source-secret";
@@ -25,6 +26,12 @@ const SOURCE_ANNOTATION: &str = "membrane.io/source-secret";
 /// pass knows an object is still as written without waiting to read back
 /// the resourceVersion of a write that may still be in flight.
 pub const APPLIED_HASH_ANNOTATION: &str = "membrane.io/applied-hash";
+/// The most a generated object may serialize to before it is written: etcd
+/// refuses requests over 1.5 MiB and Cilium's shared CEC breaks at about
+/// that size, so the shared CEC is split into parts below 1 MiB, leaving
+/// room for what the API server adds (managedFields, the hash annotation,
+/// owner references).
+pub const PART_BUDGET: usize = membrane_ingress::MAX_OBJECT_BYTES - 64 * 1024;
 
 /// The Ingress controller's feature flags (`membrane up --ingress-*`,
 /// Cilium's `ingressController.*` Helm values).
@@ -264,9 +271,20 @@ pub struct IngressController {
     /// `(namespace, name)` of the Ingresses in the current shared CEC: they
     /// win conflicts against newcomers of the same age.
     serving: BTreeSet<(String, String)>,
+    /// Largest shared CEC part written; `None` is [`PART_BUDGET`].
+    part_budget: Option<usize>,
 }
 
 impl IngressController {
+    /// A controller that splits the shared CEC into parts of at most
+    /// `bytes` (tests use a small budget instead of thousands of routes).
+    pub fn with_part_budget(bytes: usize) -> Self {
+        Self {
+            part_budget: Some(bytes),
+            ..Self::default()
+        }
+    }
+
     /// Run one reconcile pass.
     ///
     /// Dedicated Ingresses get their own CEC, Service and EndpointSlice;
@@ -448,7 +466,15 @@ impl IngressController {
             .collect();
         let memo = match self.shared_memo.take() {
             Some(m) if m.inputs == inputs && untouched(snap, &m.applied) => m,
-            _ => self.merge_shared(sink, opts, shared_keys, inputs, &cec_key, &service_key),
+            _ => self.merge_shared(
+                sink,
+                snap,
+                opts,
+                shared_keys,
+                inputs,
+                &cec_key,
+                &service_key,
+            ),
         };
         for (key, error) in &memo.conflicts {
             pass.rejected
@@ -464,9 +490,11 @@ impl IngressController {
         self.shared_memo = Some(memo);
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn merge_shared(
         &mut self,
         sink: &dyn Sink,
+        snap: &StoreSnapshot,
         opts: &TranslateOptions,
         shared_keys: &BTreeSet<ObjectKey>,
         inputs: Vec<(ObjectKey, String)>,
@@ -504,14 +532,35 @@ impl IngressController {
                 service: service_key.clone(),
             })
             .collect();
-        let applied = apply_recorded(
-            sink,
-            vec![
-                Object::CiliumEnvoyConfig(t.cec),
-                Object::Service(t.service),
-                Object::EndpointSlice(t.endpoint_slice),
-            ],
-        );
+        // Parts beyond the first go out before it, so an agent that sees the
+        // new first part finds its parts; parts no longer produced go last.
+        let parts = match membrane_ingress::split_shared_cec(
+            &t.cec,
+            self.part_budget.unwrap_or(PART_BUDGET),
+        ) {
+            Ok(parts) => parts,
+            Err(e) => {
+                // One resource alone is over the budget: write it whole and
+                // let the API server say no rather than drop routes here.
+                warn!(cec = %cec_key, error = %e, "shared CEC cannot be split");
+                vec![t.cec]
+            }
+        };
+        let names: BTreeSet<String> = parts
+            .iter()
+            .filter_map(|c| c.metadata.name.clone())
+            .collect();
+        let mut objects: Vec<Object> = Vec::with_capacity(parts.len() + 2);
+        let mut parts = parts.into_iter();
+        let head = parts.next();
+        objects.extend(parts.map(Object::CiliumEnvoyConfig));
+        objects.extend(head.map(Object::CiliumEnvoyConfig));
+        objects.push(Object::Service(t.service));
+        objects.push(Object::EndpointSlice(t.endpoint_slice));
+        let applied = apply_recorded(sink, objects);
+        for stale in shared_parts(snap, cec_key).filter(|k| !names.contains(&k.name)) {
+            sink.delete(&stale);
+        }
         SharedMemo {
             inputs,
             applied,
@@ -552,6 +601,9 @@ fn delete_shared(
                 })
             });
     if ours_cec {
+        for part in shared_parts(snap, cec_key) {
+            sink.delete(&part);
+        }
         sink.delete(cec_key);
     }
     for kind in [Kind::Service, Kind::EndpointSlice] {
@@ -571,6 +623,22 @@ fn delete_shared(
             sink.delete(&key);
         }
     }
+}
+
+/// The parts (beyond the first) of the split CEC `head`.
+fn shared_parts<'a>(
+    snap: &'a StoreSnapshot,
+    head: &'a ObjectKey,
+) -> impl Iterator<Item = ObjectKey> + 'a {
+    snap.list(Kind::CiliumEnvoyConfig, Some(&head.namespace))
+        .filter(|o| {
+            o.meta()
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(membrane_ingress::SHARED_PART_OF_LABEL))
+                .is_some_and(|h| *h == head.name)
+        })
+        .map(|o| o.key())
 }
 
 fn generated_cec(snap: &StoreSnapshot, ingress: &ObjectKey) -> Option<ObjectKey> {
@@ -715,6 +783,102 @@ spec:
             .iter()
             .find(|m| m.ingress == key(Kind::Ingress, ns, name))
             .map(|m| m.cec.clone())
+    }
+
+    /// The shared CEC's first part and its other parts, joined.
+    fn shared_joined(store: &Store) -> Option<(usize, CiliumEnvoyConfig)> {
+        let mut parts: Vec<CiliumEnvoyConfig> = store
+            .snapshot()
+            .typed::<CiliumEnvoyConfig>(Some("kube-system"))
+            .filter(|c| {
+                c.metadata.name.as_deref() == Some("cilium-ingress")
+                    || c.metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(membrane_ingress::SHARED_PART_OF_LABEL))
+                        .is_some_and(|h| h == "cilium-ingress")
+            })
+            .cloned()
+            .collect();
+        parts.sort_by_key(|c| c.metadata.name.as_deref() != Some("cilium-ingress"));
+        let n = parts.len();
+        membrane_ingress::join_shared_cecs(&parts).map(|j| (n, j))
+    }
+
+    #[test]
+    fn a_large_shared_cec_is_written_in_parts_within_the_budget_and_shrinks_back() {
+        const BUDGET: usize = 6 * 1024;
+        let store = Store::new();
+        store.apply(service("a", "s"));
+        for i in 0..40 {
+            store.apply(ingress(
+                "a",
+                &format!("i{i}"),
+                "shared",
+                &format!("/p{i}"),
+                "s",
+            ));
+        }
+        let mut ctl = IngressController::with_part_budget(BUDGET);
+        let pass = run(&mut ctl, &store);
+        assert!(pass.rejected.is_empty(), "{:?}", pass.rejected);
+        let (n, joined) = shared_joined(&store).expect("parts join");
+        assert!(n >= 2, "{n} parts");
+        for c in store
+            .snapshot()
+            .typed::<CiliumEnvoyConfig>(Some("kube-system"))
+        {
+            let bytes = serde_json::to_vec(c).expect("json").len();
+            assert!(
+                bytes <= BUDGET + 256,
+                "{:?}: {bytes} bytes",
+                c.metadata.name
+            );
+        }
+        let mut paths: Vec<String> = Vec::new();
+        for r in &joined.spec.config.resources {
+            for vh in r["virtualHosts"].as_array().into_iter().flatten() {
+                for route in vh["routes"].as_array().into_iter().flatten() {
+                    let m = &route["match"];
+                    let p = m["pathSeparatedPrefix"].as_str().or(m["prefix"].as_str());
+                    paths.push(p.unwrap_or_default().to_owned());
+                }
+            }
+        }
+        for i in 0..40 {
+            assert!(
+                paths.contains(&format!("/p{i}")),
+                "/p{i} missing: {paths:?}"
+            );
+        }
+
+        // Fewer Ingresses: fewer parts, and the parts no longer needed go.
+        for i in 2..40 {
+            store.delete(&key(Kind::Ingress, "a", &format!("i{i}")));
+        }
+        run(&mut ctl, &store);
+        let (n, _) = shared_joined(&store).expect("parts join");
+        assert_eq!(n, 1, "two small Ingresses fit in one object");
+        assert_eq!(
+            store
+                .snapshot()
+                .typed::<CiliumEnvoyConfig>(Some("kube-system"))
+                .count(),
+            1
+        );
+
+        // No shared Ingress: the CEC and every part are gone.
+        for i in 0..2 {
+            store.delete(&key(Kind::Ingress, "a", &format!("i{i}")));
+        }
+        run(&mut ctl, &store);
+        assert_eq!(
+            store
+                .snapshot()
+                .typed::<CiliumEnvoyConfig>(Some("kube-system"))
+                .count(),
+            0
+        );
     }
 
     #[test]

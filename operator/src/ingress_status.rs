@@ -99,20 +99,49 @@ pub fn acked_everywhere(
         Object::CiliumClusterwideEnvoyConfig(c) => c.spec.node_selector.as_ref(),
         _ => return false,
     };
-    let generation = obj.meta().generation.unwrap_or(0);
+    // A split shared CEC is served as one: every part must be ACKed at its
+    // own current generation too (the address is on the first part only).
+    let mut wanted = vec![(
+        cec.name.as_str(),
+        obj.meta().generation.unwrap_or(0),
+        address,
+    )];
+    if cec.kind == Kind::CiliumEnvoyConfig {
+        wanted.extend(
+            snap.list(Kind::CiliumEnvoyConfig, Some(&cec.namespace))
+                .filter(|o| {
+                    o.meta()
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(membrane_ingress::SHARED_PART_OF_LABEL))
+                        .is_some_and(|h| *h == cec.name)
+                })
+                .map(|o| {
+                    let meta = o.meta();
+                    (
+                        meta.name.as_deref().unwrap_or_default(),
+                        meta.generation.unwrap_or(0),
+                        None,
+                    )
+                }),
+        );
+    }
     let mut serving = 0;
     for report in reports {
         if !selects(selector, &report.spec.node_labels) {
             continue;
         }
         serving += 1;
-        let acked = report.status.iter().flat_map(|s| &s.configs).any(|c| {
-            c.kind == cec.kind.kind_name()
-                && c.namespace == cec.namespace
-                && c.name == cec.name
-                && c.generation == generation
-                && c.state == ACKED
-                && address.is_none_or(|a| c.addresses.iter().any(|x| x == a))
+        let configs = || report.status.iter().flat_map(|s| &s.configs);
+        let acked = wanted.iter().all(|(name, generation, address)| {
+            configs().any(|c| {
+                c.kind == cec.kind.kind_name()
+                    && c.namespace == cec.namespace
+                    && c.name == *name
+                    && c.generation == *generation
+                    && c.state == ACKED
+                    && address.is_none_or(|a| c.addresses.iter().any(|x| x == a))
+            })
         });
         if !acked {
             return false;
@@ -207,5 +236,41 @@ mod tests {
             "apiVersion: cilium.io/v2\nkind: CiliumEnvoyConfig\nmetadata: {name: c, namespace: default}\nspec:\n  nodeSelector: {matchLabels: {role: edge}}\n  resources: [{\"@type\": type.googleapis.com/envoy.config.listener.v3.Listener, name: l}]\n",
         );
         assert!(!check(&store));
+    }
+
+    #[test]
+    fn a_split_cec_counts_as_acked_only_with_every_part_at_its_generation() {
+        let store = Store::new();
+        apply(
+            &store,
+            "apiVersion: cilium.io/v2\nkind: CiliumEnvoyConfig\nmetadata: {name: c, namespace: default}\nspec: {resources: []}\n---\napiVersion: cilium.io/v2\nkind: CiliumEnvoyConfig\nmetadata: {name: c-1, namespace: default, labels: {membrane.io/shared-part-of: c}}\nspec: {resources: []}\n",
+        );
+        let cec = ObjectKey::new(Kind::CiliumEnvoyConfig, "default", "c");
+        let acks = |part_generation: i64| {
+            json!({"configs": [
+                {"kind": "CiliumEnvoyConfig", "namespace": "default", "name": "c",
+                 "generation": 1, "state": ACKED},
+                {"kind": "CiliumEnvoyConfig", "namespace": "default", "name": "c-1",
+                 "generation": part_generation, "state": ACKED},
+            ]})
+        };
+        let check = |store: &Store| {
+            let snap = store.snapshot();
+            let reports: Vec<&ProxyNodeStatus> = snap.typed::<ProxyNodeStatus>(None).collect();
+            acked_everywhere(&snap, &reports, &cec, None)
+        };
+        report(&store, "a", "{}", 1, ACKED);
+        assert!(!check(&store), "the part is not ACKed");
+        let key = ObjectKey::new(Kind::ProxyNodeStatus, "", "a");
+        assert!(store.update_status(&key, acks(1)));
+        assert!(check(&store));
+        // The part alone changes: its new generation must be ACKed too.
+        apply(
+            &store,
+            "apiVersion: cilium.io/v2\nkind: CiliumEnvoyConfig\nmetadata: {name: c-1, namespace: default, labels: {membrane.io/shared-part-of: c}}\nspec:\n  resources: [{\"@type\": type.googleapis.com/envoy.config.listener.v3.Listener, name: l}]\n",
+        );
+        assert!(!check(&store));
+        assert!(store.update_status(&key, acks(2)));
+        assert!(check(&store));
     }
 }
