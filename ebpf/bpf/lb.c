@@ -320,11 +320,16 @@ static __always_inline int host_route(struct __sk_buff *skb, const struct pkt *p
 		__u8 macs[12];
 		__builtin_memcpy(macs, ep->mac, 6);
 		__builtin_memcpy(macs + 6, ep->node_mac, 6);
-		if (!mac_is_zero(macs) && !mac_is_zero(macs + 6) &&
-		    bpf_skb_store_bytes(skb, 0, macs, 12, 0) < 0)
+		int known = !mac_is_zero(macs) && !mac_is_zero(macs + 6);
+		if (known && bpf_skb_store_bytes(skb, 0, macs, 12, 0) < 0)
 			return TC_ACT_OK;
 		if (flags & LB_EP_F_EGRESS_HOOK) {
 			stat_inc(LB_STAT_HOST_ROUTE_EGRESS);
+			/* Transmitted on the host device, so the pod's stack
+			 * checks the destination MAC: without known MACs the
+			 * neighbour table fills them in. */
+			if (!known)
+				return bpf_redirect_neigh(ifindex, NULL, 0, 0);
 			return bpf_redirect(ifindex, 0);
 		}
 		stat_inc(LB_STAT_HOST_ROUTE_PEER);

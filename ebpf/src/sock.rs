@@ -155,11 +155,13 @@ impl SockLb {
                 .try_into()
                 .map_err(perr)?;
             prog.load().map_err(perr)?;
-            // Multi mode: the old instance's link (if pinned) keeps
-            // translating until its pin is replaced below; a frontend it
-            // already translated is a backend the new one leaves alone.
+            // A BPF link (the kernel wants no flags for those) always
+            // coexists with others: the old instance's link (if pinned)
+            // keeps translating until its pin is replaced below, and a
+            // frontend it already translated is a backend the new one
+            // leaves alone.
             let id = prog
-                .attach(&cg, CgroupAttachMode::AllowMultiple)
+                .attach(&cg, CgroupAttachMode::Single)
                 .map_err(perr)?;
             let link = prog.take_link(id).map_err(perr)?;
             let fd_link: FdLink = link.try_into().map_err(|e| SockLbError::Io {
@@ -167,7 +169,8 @@ impl SockLb {
                 source: io::Error::other(format!("{e}")),
             })?;
             let pin = dir.join(name);
-            let tmp = dir.join(format!(".{name}.new"));
+            // bpffs refuses names with dots.
+            let tmp = dir.join(format!("{name}_new"));
             let _ = fs::remove_file(&tmp);
             let pinned = fd_link.pin(&tmp).map_err(|e| SockLbError::Io {
                 what: format!("pinning link at {}", tmp.display()),
@@ -218,7 +221,7 @@ fn link_dir(pin_dir: &Path, cgroup: &Path) -> PathBuf {
         .to_string_lossy()
         .trim_matches('/')
         .chars()
-        .map(|c| if c == '/' { '_' } else { c })
+        .map(|c| if c == '/' || c == '.' { '_' } else { c })
         .collect();
     pin_dir.join("sock-links").join(if name.is_empty() {
         "root".to_string()
