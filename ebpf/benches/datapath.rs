@@ -42,7 +42,10 @@ fn sink_main() {
         std::thread::spawn(move || {
             let mut c = c;
             let mut buf = vec![0u8; 256 * 1024];
-            while std::io::Read::read(&mut c, &mut buf).map(|n| n > 0).unwrap_or(false) {}
+            while std::io::Read::read(&mut c, &mut buf)
+                .map(|n| n > 0)
+                .unwrap_or(false)
+            {}
         });
     }
 }
@@ -136,7 +139,10 @@ fn stream(addr: SocketAddr, secs: f64) -> f64 {
     }
     s.shutdown(std::net::Shutdown::Write).expect("shutdown");
     let mut rest = [0u8; 16];
-    while std::io::Read::read(&mut s, &mut rest).map(|n| n > 0).unwrap_or(false) {}
+    while std::io::Read::read(&mut s, &mut rest)
+        .map(|n| n > 0)
+        .unwrap_or(false)
+    {}
     bytes as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9
 }
 
@@ -144,7 +150,10 @@ fn stream(addr: SocketAddr, secs: f64) -> f64 {
 fn register_pods(t: &Topology, dp: &mut Datapath) {
     let pods: Vec<(String, Vec<std::net::IpAddr>)> = std::iter::once((
         "hc".to_string(),
-        vec!["10.244.1.2".parse().unwrap(), "fd00:244:1::2".parse().unwrap()],
+        vec![
+            "10.244.1.2".parse().unwrap(),
+            "fd00:244:1::2".parse().unwrap(),
+        ],
     ))
     .chain((1..=3).map(|i| {
         (

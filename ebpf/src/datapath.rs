@@ -19,8 +19,8 @@ use membrane_lb::service::{
 use crate::maps::{
     ALG_MAGLEV, ALG_RANDOM, AffinityKey, AffinityValue, BackendValue, CtValue, EP_F_EGRESS_HOOK,
     EpKey, EpValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CT, MAP_ENDPOINTS, MAP_MAGLEV, MAP_REDIRECT,
-    MAP_RNAT, MAP_SERVICES, MAP_SLOTS, MAP_STATS,
-    RnatValue, SlotKey, Stat, SvcKey, SvcValue, Tuple, addr_bytes, addr_from_bytes, state_from_num,
+    MAP_RNAT, MAP_SERVICES, MAP_SLOTS, MAP_STATS, RnatValue, SlotKey, Stat, SvcKey, SvcValue,
+    Tuple, addr_bytes, addr_from_bytes, state_from_num,
 };
 
 /// The compiled object (see build.rs).

@@ -28,6 +28,6 @@ pub use datapath::{
     BackendStatus, DEFAULT_PIN_DIR, Datapath, DatapathConfig, DatapathError, HostRouting,
     LB_OBJECT, PROGRAM_NAME, ServiceStatus, SyncReport, check_bpffs, probe_host_routing,
 };
-pub use sock::{DEFAULT_CGROUP_ROOT, SOCK_OBJECT, SockLb, SockLbError};
 pub use maps::{PROXY_MARK, PROXY_MARK_MASK, Stat};
 pub use policy::{PolicyConfig, PolicyDatapath, PolicyDatapathError, PolicyStat, PolicySyncReport};
+pub use sock::{DEFAULT_CGROUP_ROOT, SOCK_OBJECT, SockLb, SockLbError};

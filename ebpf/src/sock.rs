@@ -160,9 +160,7 @@ impl SockLb {
             // keeps translating until its pin is replaced below, and a
             // frontend it already translated is a backend the new one
             // leaves alone.
-            let id = prog
-                .attach(&cg, CgroupAttachMode::Single)
-                .map_err(perr)?;
+            let id = prog.attach(&cg, CgroupAttachMode::Single).map_err(perr)?;
             let link = prog.take_link(id).map_err(perr)?;
             let fd_link: FdLink = link.try_into().map_err(|e| SockLbError::Io {
                 what: format!("link of {name}"),

@@ -267,7 +267,12 @@ fn host_routing_forwards_without_the_host_stack() {
         assert_eq!(dp.host_routing(), &HostRouting::Bpf);
         topo.attach(&mut dp, true);
         dp.sync(&services(&topo)).expect("sync");
-        assert_eq!(dp.endpoint_entries().len(), 4, "{:?}", dp.endpoint_entries());
+        assert_eq!(
+            dp.endpoint_entries().len(),
+            4,
+            "{:?}",
+            dp.endpoint_entries()
+        );
         topo.forwarding(false);
 
         let (d, d6, v, v6, u) = a.ns.run(|| {
@@ -359,9 +364,7 @@ fn policy_flag_delivers_through_the_egress_hook() {
         }
     });
     topo.forwarding(false);
-    let direct: SocketAddr = format!("{}:8080", topo.pods[1].v4)
-        .parse()
-        .expect("addr");
+    let direct: SocketAddr = format!("{}:8080", topo.pods[1].v4).parse().expect("addr");
     let r = topo.pods[0].ns.run(|| which_backend(direct));
     assert_eq!(r.expect("pod → pod through the egress hook"), "pod2");
     let st = dp.stats().expect("stats");

@@ -50,6 +50,20 @@ pub struct DatapathArgs {
     /// Node addresses NodePort Services are exposed on.
     #[arg(long, value_delimiter = ',')]
     pub node_addresses: Vec<IpAddr>,
+    /// Forward pod traffic through the host stack instead of eBPF host
+    /// routing (which is used when the kernel has bpf_redirect_peer,
+    /// bpf_redirect_neigh and bpf_fib_lookup).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub enable_host_legacy_routing: bool,
+    /// Socket LB: translate services at connect/sendmsg for the processes
+    /// under --cgroup-root, so host-network processes reach ClusterIPs and
+    /// this node's NodePorts.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub enable_socket_lb: bool,
+    /// cgroup v2 directory the socket LB programs attach to (mounted there
+    /// when missing, as Cilium does).
+    #[arg(long, default_value = membrane_agent::datapath::DEFAULT_CGROUP_ROOT)]
+    pub cgroup_root: PathBuf,
     /// Cluster Mesh (global services across clusters).
     #[command(flatten)]
     pub mesh: super::clustermesh::ClusterMeshArgs,
@@ -68,6 +82,9 @@ impl DatapathArgs {
                 if mesh.is_some() {
                     bail!("Cluster Mesh (--cluster-id) needs --datapath ebpf");
                 }
+                if self.enable_socket_lb {
+                    bail!("--enable-socket-lb needs --datapath ebpf");
+                }
                 Ok(None)
             }
             DatapathMode::Ebpf => {
@@ -82,6 +99,8 @@ impl DatapathArgs {
                     max_services: self.max_services,
                     node_addresses: self.node_addresses.clone(),
                     mesh,
+                    host_legacy_routing: self.enable_host_legacy_routing,
+                    socket_lb: self.enable_socket_lb.then(|| self.cgroup_root.clone()),
                 }))
             }
         }
