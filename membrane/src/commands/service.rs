@@ -281,6 +281,9 @@ mod tests {
             maglev_table_size: 251,
             max_services: 16,
             node_addresses: vec![],
+            enable_host_legacy_routing: false,
+            enable_socket_lb: false,
+            cgroup_root: PathBuf::from("/run/cilium/cgroupv2"),
             mesh: Default::default(),
         };
         assert!(a.options_for(false).is_err());
@@ -294,5 +297,50 @@ mod tests {
         assert!(a.options_for(false).is_err());
         a.datapath_devices.clear();
         assert!(a.options_for(false).unwrap().is_none());
+        a.enable_socket_lb = true;
+        let e = a.options_for(true).unwrap_err().to_string();
+        assert!(e.contains("--enable-socket-lb"), "{e}");
+    }
+
+    #[derive(clap::Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        dp: DatapathArgs,
+    }
+
+    #[test]
+    fn host_routing_and_socket_lb_flags_as_cilium() {
+        use clap::Parser;
+        let c = Cli::try_parse_from(["x", "--datapath", "ebpf"]).unwrap();
+        let o = c.dp.options_for(true).unwrap().unwrap();
+        assert!(!o.host_legacy_routing);
+        assert_eq!(o.socket_lb, None);
+        assert_eq!(c.dp.cgroup_root, PathBuf::from("/run/cilium/cgroupv2"));
+
+        let c = Cli::try_parse_from([
+            "x",
+            "--datapath",
+            "ebpf",
+            "--enable-host-legacy-routing",
+            "--enable-socket-lb=true",
+            "--cgroup-root",
+            "/sys/fs/cgroup/x",
+        ])
+        .unwrap();
+        let o = c.dp.options_for(true).unwrap().unwrap();
+        assert!(o.host_legacy_routing);
+        assert_eq!(o.socket_lb, Some(PathBuf::from("/sys/fs/cgroup/x")));
+
+        let c = Cli::try_parse_from([
+            "x",
+            "--datapath",
+            "ebpf",
+            "--enable-host-legacy-routing=false",
+            "--enable-socket-lb",
+        ])
+        .unwrap();
+        let o = c.dp.options_for(true).unwrap().unwrap();
+        assert!(!o.host_legacy_routing);
+        assert_eq!(o.socket_lb, Some(PathBuf::from("/run/cilium/cgroupv2")));
     }
 }
