@@ -287,6 +287,15 @@ static __always_inline void store6(struct bpf_sock_addr *ctx, const __u8 *addr)
 	ctx->user_ip6[3] = w[3];
 }
 
+/* ::ffff:a.b.c.d, what a dual-stack socket uses for an IPv4 peer. */
+static __always_inline int v4_mapped(const __u8 *a)
+{
+	__u32 w[3];
+	__builtin_memcpy(w, a, 12);
+	return w[0] == 0 && w[1] == 0 && w[2] == bpf_htonl(0xffff);
+}
+
+/* An IPv6 socket's address: IPv4-mapped ones are IPv4 frontends. */
 static __always_inline int xlate6(struct bpf_sock_addr *ctx)
 {
 	__u8 proto = sock_proto(ctx);
@@ -295,7 +304,14 @@ static __always_inline int xlate6(struct bpf_sock_addr *ctx)
 	__u8 addr[16];
 	load6(ctx, addr);
 	__be16 port = (__be16)ctx->user_port;
-	translate(ctx, LB_FAMILY_V6, proto, addr, &port);
+	if (v4_mapped(addr)) {
+		__u8 a4[16] = {};
+		__builtin_memcpy(a4, addr + 12, 4);
+		translate(ctx, LB_FAMILY_V4, proto, a4, &port);
+		__builtin_memcpy(addr + 12, a4, 4);
+	} else {
+		translate(ctx, LB_FAMILY_V6, proto, addr, &port);
+	}
 	store6(ctx, addr);
 	ctx->user_port = port;
 	return SYS_PROCEED;
@@ -306,7 +322,16 @@ static __always_inline int rev6(struct bpf_sock_addr *ctx)
 	__u8 addr[16];
 	load6(ctx, addr);
 	__be16 port = (__be16)ctx->user_port;
-	if (reverse(ctx, LB_FAMILY_V6, addr, &port)) {
+	int done;
+	if (v4_mapped(addr)) {
+		__u8 a4[16] = {};
+		__builtin_memcpy(a4, addr + 12, 4);
+		done = reverse(ctx, LB_FAMILY_V4, a4, &port);
+		__builtin_memcpy(addr + 12, a4, 4);
+	} else {
+		done = reverse(ctx, LB_FAMILY_V6, addr, &port);
+	}
+	if (done) {
 		store6(ctx, addr);
 		ctx->user_port = port;
 	}

@@ -436,6 +436,8 @@ out['udp4'] = udp(socket.AF_INET, (vip, 53), False)
 out['udp4c'] = udp(socket.AF_INET, (vip, 53), True)
 out['udp6'] = udp(socket.AF_INET6, (vip6, 53), False)
 out['nodeport'] = tcp(socket.AF_INET, (node, nport))
+out['tcp6mapped'] = tcp(socket.AF_INET6, ('::ffff:' + vip, 80))
+out['udp6mapped'] = udp(socket.AF_INET6, ('::ffff:' + vip, 53), False)
 print(json.dumps(out))
 "#;
 
@@ -500,7 +502,16 @@ fn socket_lb_serves_host_processes_in_its_cgroup() {
     assert_eq!(sock.attached(), 8);
     let r = run_client(&topo.node, Some(&cg), node_addr);
     let name = |k: &str| r[k]["name"].as_str().map(str::to_string);
-    for k in ["tcp4", "tcp6", "udp4", "udp4c", "udp6", "nodeport"] {
+    for k in [
+        "tcp4",
+        "tcp6",
+        "udp4",
+        "udp4c",
+        "udp6",
+        "nodeport",
+        "tcp6mapped",
+        "udp6mapped",
+    ] {
         assert_eq!(name(k).as_deref(), Some("pod1"), "{k}: {r}");
     }
     // The application sees the service, never the backend.
@@ -514,8 +525,20 @@ fn socket_lb_serves_host_processes_in_its_cgroup() {
         serde_json::json!([node_addr, NODE_PORT]),
         "{r}"
     );
+    // Dual-stack sockets: an IPv4-mapped service address is the IPv4 one.
+    let mapped = format!("::ffff:{VIP}");
+    assert_eq!(
+        r["tcp6mapped"]["peer"],
+        serde_json::json!([mapped, 80]),
+        "{r}"
+    );
+    assert_eq!(
+        r["udp6mapped"]["from"],
+        serde_json::json!([mapped, 53]),
+        "{r}"
+    );
     let st = dp.stats().expect("stats");
-    assert!(st[&Stat::SockTranslate] >= 6, "{st:?}");
+    assert!(st[&Stat::SockTranslate] >= 8, "{st:?}");
     assert!(st[&Stat::SockRev] >= 5, "{st:?}");
 
     // A process outside the cgroup is not translated.
