@@ -285,6 +285,12 @@ fn host_routing_and_socket_lb_through_membrane_up() {
     node.start();
     let st = status(&node);
     assert_eq!(st["datapath"]["host_routing"]["mode"], "Legacy", "{st}");
+    assert!(
+        st["datapath"]["host_routing"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("--enable-host-legacy-routing")),
+        "{st}"
+    );
     // Applied objects live in memory only: apply them again, and wait
     // until the datapath holds the Service.
     for f in [&pods, &svc] {
