@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// Programs under `bpf/`, each compiled to `$OUT_DIR/<name>.o`.
-const PROGRAMS: &[&str] = &["lb", "policy"];
+const PROGRAMS: &[&str] = &["lb", "policy", "sock"];
 
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR is set by cargo"));

@@ -184,13 +184,42 @@ impl Hooks for AgentHooks {
             p.detach(host_ifname);
         }
         if let Some(dp) = &self.datapath {
+            dp.unregister_endpoint(host_ifname);
             dp.detach_device(host_ifname);
         }
     }
     fn ready(&self, ep: &membrane_endpoint::Endpoint) -> Result<(), String> {
-        match &self.policy {
-            Some(p) => p.ready(&self.store.snapshot(), ep),
-            None => Ok(()),
+        if let Some(p) = &self.policy {
+            p.ready(&self.store.snapshot(), ep)?;
+        }
+        if let Some(dp) = &self.datapath {
+            // Without the entry host routing still works (FIB lookup), so a
+            // failure here is reported, not fatal to the ADD.
+            // With policy, traffic to the pod must pass the policy program
+            // on the host device's egress hook.
+            self.register(dp, ep);
+        }
+        Ok(())
+    }
+    fn restored(&self, ep: &membrane_endpoint::Endpoint) {
+        // A new pin directory (or a new ifindex) would otherwise leave the
+        // pod to the FIB path until it is re-added.
+        if let Some(dp) = &self.datapath {
+            self.register(dp, ep);
+        }
+    }
+}
+
+impl AgentHooks {
+    fn register(&self, dp: &DatapathHandle, ep: &membrane_endpoint::Endpoint) {
+        if let Err(e) = dp.register_endpoint(
+            &ep.host_ifname,
+            &ep.addrs,
+            self.policy.is_some(),
+            &ep.mac,
+            &ep.host_mac,
+        ) {
+            warn!(host = %ep.host_ifname, error = %e, "registering the endpoint for host routing");
         }
     }
 }

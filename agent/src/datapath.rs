@@ -27,6 +27,9 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+/// Cilium's default `--cgroup-root` (socket LB).
+pub use membrane_ebpf::DEFAULT_CGROUP_ROOT;
+
 /// Default number of service frontends the maps are sized for.
 pub const DEFAULT_MAX_SERVICES: u32 = 1024;
 
@@ -48,6 +51,12 @@ pub struct DatapathOptions {
     /// Cluster Mesh (`--cluster-name`, `--cluster-id`, `--kvstore`,
     /// `--clustermesh-config`); `None` = a single cluster.
     pub mesh: Option<membrane_clustermesh::MeshConfig>,
+    /// `--enable-host-legacy-routing`: the host stack forwards pod traffic
+    /// even when the kernel supports eBPF host routing.
+    pub host_legacy_routing: bool,
+    /// `--enable-socket-lb`: the cgroup (`--cgroup-root`) whose processes
+    /// get service translation at the socket; `None` = off.
+    pub socket_lb: Option<PathBuf>,
 }
 
 impl Default for DatapathOptions {
@@ -60,6 +69,8 @@ impl Default for DatapathOptions {
             max_services: DEFAULT_MAX_SERVICES,
             node_addresses: Vec::new(),
             mesh: None,
+            host_legacy_routing: false,
+            socket_lb: None,
         }
     }
 }
@@ -77,6 +88,8 @@ pub enum DatapathStartError {
         } else { "" }
     )]
     Datapath(Box<DatapathError>),
+    #[error("eBPF datapath: socket LB: {0}")]
+    SockLb(Box<membrane_ebpf::SockLbError>),
     #[error("eBPF datapath: attaching to device {device:?}: {error}")]
     Attach {
         device: String,
@@ -134,6 +147,8 @@ struct Inner {
     mesh_view: BTreeMap<L3n4Addr, (Affinity, BTreeMap<L3n4Addr, u32>)>,
     /// Remote clusters, for the status report.
     mesh_remotes: Option<membrane_clustermesh::etcd::RemoteStore>,
+    /// Socket LB programs, attached while this lives (and pinned).
+    sock_lb: Option<membrane_ebpf::SockLb>,
 }
 
 impl DatapathHandle {
@@ -148,7 +163,15 @@ impl DatapathHandle {
             maglev,
             max_services: opts.max_services,
             flow_hash_seed: maglev.seed(),
+            host_routing: !opts.host_legacy_routing,
         })?;
+        let sock_lb = match &opts.socket_lb {
+            Some(root) => Some(
+                membrane_ebpf::SockLb::attach(dp.config(), root)
+                    .map_err(|e| DatapathStartError::SockLb(Box::new(e)))?,
+            ),
+            None => None,
+        };
         for dev in &opts.devices {
             dp.attach(dev).map_err(|error| DatapathStartError::Attach {
                 device: dev.clone(),
@@ -162,6 +185,8 @@ impl DatapathHandle {
         info!(
             pin_dir = %opts.pin_dir.display(),
             devices = ?opts.devices,
+            host_routing = dp.host_routing().as_str(),
+            socket_lb = ?opts.socket_lb,
             restored_services = dp.list().len(),
             "eBPF datapath loaded"
         );
@@ -180,6 +205,7 @@ impl DatapathHandle {
                 mesh_gen: 0,
                 mesh_view: BTreeMap::new(),
                 mesh_remotes: None,
+                sock_lb,
             }),
         })
     }
@@ -199,6 +225,31 @@ impl DatapathHandle {
     pub fn detach_device(&self, ifname: &str) {
         if let Err(e) = self.lock().dp.detach(ifname) {
             warn!(ifname, error = %e, "detaching the datapath");
+        }
+    }
+
+    /// Registers a pod's addresses for eBPF host routing (delivered to
+    /// `host_ifname`). `egress_hook`: through the device's egress hook, where
+    /// the policy program sees traffic to the pod. MACs as `aa:bb:…`.
+    pub fn register_endpoint(
+        &self,
+        host_ifname: &str,
+        addrs: &[IpAddr],
+        egress_hook: bool,
+        mac: &str,
+        host_mac: &str,
+    ) -> Result<(), String> {
+        let macs = parse_mac(mac).zip(parse_mac(host_mac));
+        self.lock()
+            .dp
+            .upsert_endpoint(host_ifname, addrs, egress_hook, macs)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Forgets a removed pod's addresses.
+    pub fn unregister_endpoint(&self, host_ifname: &str) {
+        if let Err(e) = self.lock().dp.remove_endpoint(host_ifname) {
+            warn!(host_ifname, error = %e, "removing the endpoint from host routing");
         }
     }
 
@@ -416,6 +467,15 @@ impl DatapathHandle {
                 .map(|(fe, to)| json!({"frontend": fe.to_string(), "listener": to.to_string()}))
                 .collect::<Vec<_>>(),
             "proxy_routing_error": inner.proxy_routing,
+            "host_routing": match inner.dp.host_routing() {
+                membrane_ebpf::HostRouting::Bpf => json!({"mode": "BPF"}),
+                membrane_ebpf::HostRouting::Legacy { reason } => json!({"mode": "Legacy", "reason": reason}),
+            },
+            "host_routing_endpoints": inner.dp.endpoint_entries().len(),
+            "socket_lb": match &inner.sock_lb {
+                Some(s) => json!({"enabled": true, "cgroup_root": s.cgroup().display().to_string(), "programs": s.attached()}),
+                None => json!({"enabled": false}),
+            },
             "stats": stats,
             "clustermesh": mesh_status_json(self.opts.mesh.as_ref(), inner.mesh_remotes.as_ref()),
         })
@@ -673,6 +733,16 @@ fn is_l7(l7: &BTreeMap<(String, String), BTreeSet<u16>>, e: &ServiceEntry) -> bo
         .is_some_and(|ports| ports.contains(&0) || ports.contains(&e.frontend.port))
 }
 
+/// `aa:bb:cc:dd:ee:ff` → bytes; `None` when empty or malformed.
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut out {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
 /// `IP:PORT` (every protocol) or `IP:PORT/PROTO`.
 fn parse_backend(s: &str) -> Result<(SocketAddr, Vec<Protocol>), String> {
     let (addr, protos) = match s.rsplit_once('/') {
@@ -716,6 +786,18 @@ mod tests {
         assert_eq!(p, vec![Protocol::Udp]);
         assert!(parse_backend("10.0.0.1").is_err());
         assert!(parse_backend("10.0.0.1:80/ICMP").is_err());
+    }
+
+    #[test]
+    fn macs_parse() {
+        assert_eq!(
+            parse_mac("02:00:0a:f4:01:ff"),
+            Some([2, 0, 0x0a, 0xf4, 1, 0xff])
+        );
+        assert_eq!(parse_mac(""), None);
+        assert_eq!(parse_mac("02:00:0a:f4:01"), None);
+        assert_eq!(parse_mac("02:00:0a:f4:01:ff:00"), None);
+        assert_eq!(parse_mac("zz:00:0a:f4:01:ff"), None);
     }
 
     #[test]

@@ -3,8 +3,15 @@
 //! one connection) and connections per second (CRR: connect, one request,
 //! close), with 1 and with 10,000 services.
 //!
-//! Run as root: `cargo bench -p membrane-ebpf --bench datapath --profile dev`
-//! (`BENCH_SECS`, `BENCH_ROUNDS`, `BENCH_SERVICES` tune it). Needs iptables.
+//! The tc topology runs with eBPF host routing (its pods registered as local
+//! endpoints, so packets go by `bpf_redirect_peer`); a third topology runs
+//! the same program with legacy (host stack) routing for the pod ↔ pod
+//! single-stream TCP throughput comparison.
+//!
+//! Run as root: `cargo bench -p membrane-ebpf --bench datapath` (release;
+//! `--profile dev` for a quick look) (`BENCH_SECS`, `BENCH_ROUNDS`,
+//! `BENCH_SERVICES` tune it; `BENCH_SERVICES=0` skips the many-services
+//! round). Needs iptables.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -25,9 +32,28 @@ use membrane_lb::service::{
 const VIP: &str = "10.96.0.10";
 const ECHO_ENV: &str = "MEMBRANE_BENCH_ECHO";
 
+/// Port of the discard server next to each echo server (throughput).
+const SINK_PORT: u16 = 8081;
+
+/// Reads until EOF, then closes (the sender's drain marks the end).
+fn sink_main() {
+    let l = TcpListener::bind(("::", SINK_PORT)).expect("bind sink");
+    for c in l.incoming().flatten() {
+        std::thread::spawn(move || {
+            let mut c = c;
+            let mut buf = vec![0u8; 256 * 1024];
+            while std::io::Read::read(&mut c, &mut buf)
+                .map(|n| n > 0)
+                .unwrap_or(false)
+            {}
+        });
+    }
+}
+
 /// The backend server: thread per connection, echoes `<name> <line>`.
 fn echo_main(spec: &str) -> ! {
     let (name, port) = spec.split_once(':').expect("name:port");
+    std::thread::spawn(sink_main);
     // Dual-stack (bindv6only is 0 in fresh namespaces).
     let l = TcpListener::bind(("::", port.parse::<u16>().expect("port"))).expect("bind");
     let name = name.to_string();
@@ -98,6 +124,53 @@ fn rr(addr: SocketAddr, secs: f64) -> f64 {
     }
     linger0(r.get_ref());
     n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Single-stream TCP throughput in Gbit/s: write for `secs`, then wait for
+/// the receiver to have read everything (its close after our EOF).
+fn stream(addr: SocketAddr, secs: f64) -> f64 {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    let buf = vec![0x5au8; 128 * 1024];
+    let start = Instant::now();
+    let mut bytes = 0u64;
+    while start.elapsed().as_secs_f64() < secs {
+        s.write_all(&buf).expect("write");
+        bytes += buf.len() as u64;
+    }
+    s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let mut rest = [0u8; 16];
+    while std::io::Read::read(&mut s, &mut rest)
+        .map(|n| n > 0)
+        .unwrap_or(false)
+    {}
+    bytes as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9
+}
+
+/// Registers the topology's pods as local endpoints (host routing).
+fn register_pods(t: &Topology, dp: &mut Datapath) {
+    let pods: Vec<(String, Vec<std::net::IpAddr>)> = std::iter::once((
+        "hc".to_string(),
+        vec![
+            "10.244.1.2".parse().unwrap(),
+            "fd00:244:1::2".parse().unwrap(),
+        ],
+    ))
+    .chain((1..=3).map(|i| {
+        (
+            format!("hb{i}"),
+            vec![
+                backend_ip(i).parse().unwrap(),
+                common::backend_ip6(i).parse().unwrap(),
+            ],
+        )
+    }))
+    .collect();
+    t.node.run(|| {
+        for (ifname, addrs) in &pods {
+            dp.upsert_endpoint(ifname, addrs, false, None)
+                .expect("register endpoint");
+        }
+    });
 }
 
 fn crr(addr: SocketAddr, secs: f64) -> f64 {
@@ -257,11 +330,42 @@ fn main() {
     cfg.max_services = (many + 16) as u32;
     let mut dp = Datapath::load(cfg).expect("load");
     tc.attach_all(&mut dp);
+    assert_eq!(
+        dp.host_routing(),
+        &membrane_ebpf::HostRouting::Bpf,
+        "the kernel lacks eBPF host routing"
+    );
+    register_pods(&tc, &mut dp);
+
+    // Pod ↔ pod single-stream TCP throughput: host routing vs the host
+    // stack (the same program with --enable-host-legacy-routing).
+    {
+        let lpins = PinDir::new("bench-legacy");
+        let leg = Topology::with_servers("bleg", rust_echo);
+        let mut lcfg = lpins.config(251);
+        lcfg.host_routing = false;
+        let mut ldp = Datapath::load(lcfg).expect("load legacy");
+        leg.attach_all(&mut ldp);
+        let sink: SocketAddr = format!("{}:{SINK_PORT}", backend_ip(1)).parse().unwrap();
+        let (mut h, mut l) = (vec![], vec![]);
+        for _ in 0..rounds {
+            h.push(tc.client.run(|| stream(sink, secs)));
+            l.push(leg.client.run(|| stream(sink, secs)));
+        }
+        let (h, l) = (median(h), median(l));
+        println!("| pod → pod TCP stream | Gbit/s |");
+        println!("|---|---:|");
+        println!("| host stack (legacy routing) | {l:.2} |");
+        println!("| eBPF host routing | {h:.2} |");
+        println!("host routing / host stack: ×{:.2}", h / l);
+        println!();
+    }
 
     println!("| services | mode | RR tx/s | CRR conn/s |");
     println!("|---:|---|---:|---:|");
     let mut results = Vec::new();
-    for extra in [0usize, many] {
+    let sizes: Vec<usize> = if many == 0 { vec![0] } else { vec![0, many] };
+    for extra in sizes {
         let t0 = Instant::now();
         iptables_restore(&ipt.node, &iptables_rules(extra, &bes));
         let ipt_setup = t0.elapsed();
@@ -281,7 +385,10 @@ fn main() {
         }
         let (ir, ic, tr, tcc) = (median(ir), median(ic), median(tr), median(tcc));
         println!("| {} | iptables DNAT | {ir:.0} | {ic:.0} |", extra + 1);
-        println!("| {} | membrane tc | {tr:.0} | {tcc:.0} |", extra + 1);
+        println!(
+            "| {} | membrane tc (host routing) | {tr:.0} | {tcc:.0} |",
+            extra + 1
+        );
         results.push((extra + 1, ir, ic, tr, tcc));
     }
     println!();

@@ -29,6 +29,13 @@ volatile const __u32 HASH_SEED = 0x24b7ef82;
  * replies (their restored source is a local address, which the input path
  * would drop as martian) and cheaper for everything else. */
 volatile const __u32 FIB_REDIRECT = 1;
+/* eBPF host routing (Cilium's, not --enable-host-legacy-routing): TCP/UDP
+ * arriving from a pod is forwarded by this program, after service
+ * translation in the same pass, without the host stack: to a local endpoint
+ * by bpf_redirect_peer (lb_endpoints), else by FIB lookup +
+ * bpf_redirect_neigh. 0 = the host stack forwards new traffic. Set by the
+ * loader after probing the helpers. */
+volatile const __u32 HOST_ROUTING = 0;
 
 #define AF_INET 2
 #define AF_INET6 10
@@ -100,6 +107,15 @@ struct {
 	__type(value, struct lb_rnat_value);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lb_redirect SEC(".maps");
+
+/* Local endpoints for host routing; filled by the agent as pods come and go. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct lb_ep_key);
+	__type(value, struct lb_ep_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_endpoints SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -279,6 +295,82 @@ static __always_inline int fib_redirect(struct __sk_buff *skb, const struct pkt 
 	return TC_ACT_OK;
 }
 
+static __always_inline int mac_is_zero(const __u8 *m)
+{
+	return (m[0] | m[1] | m[2] | m[3] | m[4] | m[5]) == 0;
+}
+
+/* eBPF host routing: a local endpoint gets the packet directly (its host
+ * device's peer, i.e. the pod's ingress, skipping the host stack and the
+ * backlog queue), anything else goes to the FIB's next hop. Falls back to
+ * the stack (TC_ACT_OK) when neither applies: local delivery, no route,
+ * forwarding disabled for a remote next hop, or a pod talking to itself. */
+static __always_inline int host_route(struct __sk_buff *skb, const struct pkt *p,
+				      const __u8 *saddr, const __u8 *daddr)
+{
+	struct lb_ep_key k = {};
+	__builtin_memcpy(k.addr, daddr, 16);
+	k.family = p->t.family;
+	struct lb_ep_value *ep = bpf_map_lookup_elem(&lb_endpoints, &k);
+	if (ep) {
+		__u32 ifindex = ep->ifindex;
+		__u32 flags = ep->flags;
+		if (ifindex == 0 || ifindex == skb->ifindex)
+			return TC_ACT_OK;
+		__u8 macs[12];
+		__builtin_memcpy(macs, ep->mac, 6);
+		__builtin_memcpy(macs + 6, ep->node_mac, 6);
+		int known = !mac_is_zero(macs) && !mac_is_zero(macs + 6);
+		if (known && bpf_skb_store_bytes(skb, 0, macs, 12, 0) < 0)
+			return TC_ACT_OK;
+		if (flags & LB_EP_F_EGRESS_HOOK) {
+			stat_inc(LB_STAT_HOST_ROUTE_EGRESS);
+			/* Transmitted on the host device, so the pod's stack
+			 * checks the destination MAC: without known MACs the
+			 * neighbour table fills them in. */
+			if (!known)
+				return bpf_redirect_neigh(ifindex, NULL, 0, 0);
+			return bpf_redirect(ifindex, 0);
+		}
+		stat_inc(LB_STAT_HOST_ROUTE_PEER);
+		return bpf_redirect_peer(ifindex, 0);
+	}
+
+	struct bpf_fib_lookup fib = {};
+	fib.ifindex = skb->ingress_ifindex;
+	fib.l4_protocol = p->t.proto;
+	if (p->t.family == LB_FAMILY_V4) {
+		fib.family = AF_INET;
+		fib.tot_len = skb->len - p->l3_off;
+		__builtin_memcpy(&fib.ipv4_src, saddr, 4);
+		__builtin_memcpy(&fib.ipv4_dst, daddr, 4);
+	} else {
+		fib.family = AF_INET6;
+		__builtin_memcpy(fib.ipv6_src, saddr, 16);
+		__builtin_memcpy(fib.ipv6_dst, daddr, 16);
+	}
+	long r = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (r != BPF_FIB_LKUP_RET_SUCCESS && r != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return TC_ACT_OK;
+	if (fib.ifindex == skb->ifindex)
+		return TC_ACT_OK;
+	stat_inc(LB_STAT_HOST_ROUTE_FIB);
+	return bpf_redirect_neigh(fib.ifindex, NULL, 0, 0);
+}
+
+/* Where a translated packet goes: host routing, or (legacy) the stack for
+ * requests; replies keep their FIB redirect in both modes, since a NodePort
+ * reply's restored source is a local address the input path would drop. */
+static __always_inline int route(struct __sk_buff *skb, const struct pkt *p,
+				 const __u8 *saddr, const __u8 *daddr, int reply)
+{
+	if (HOST_ROUTING)
+		return host_route(skb, p, saddr, daddr);
+	if (reply)
+		return fib_redirect(skb, p, saddr, daddr);
+	return TC_ACT_OK;
+}
+
 static __always_inline __u32 flow_hash(const struct lb_tuple *t)
 {
 	__u32 a = 0, w;
@@ -406,7 +498,7 @@ static __always_inline int forward(struct __sk_buff *skb, struct pkt *p,
 		return TC_ACT_SHOT;
 	}
 	stat_inc(is_new ? LB_STAT_FWD_NEW : LB_STAT_FWD_ESTABLISHED);
-	return fib_redirect(skb, p, p->t.saddr, new_addr);
+	return route(skb, p, p->t.saddr, new_addr, 0);
 }
 
 static __always_inline struct bpf_sock *
@@ -508,7 +600,11 @@ int membrane_lb(struct __sk_buff *skb)
 			return TC_ACT_SHOT;
 		}
 		stat_inc(LB_STAT_REV_NAT);
-		return fib_redirect(skb, &p, v.addr, p.t.daddr);
+		return route(skb, &p, v.addr, p.t.daddr, 1);
 	}
+	/* Not service traffic: with host routing, pod-to-pod and pod-to-world
+	 * packets skip the host stack too. */
+	if (HOST_ROUTING)
+		return host_route(skb, &p, p.t.saddr, p.t.daddr);
 	return TC_ACT_OK;
 }

@@ -29,6 +29,16 @@
 #define LB_STAT_RESELECT 8
 #define LB_STAT_REDIRECT 9
 #define LB_STAT_DROP_NO_LISTENER 10
+/* eBPF host routing: delivered to a local endpoint with bpf_redirect_peer,
+ * through its host-side device's egress hook with bpf_redirect, or to the
+ * FIB's next hop with bpf_redirect_neigh. */
+#define LB_STAT_HOST_ROUTE_PEER 11
+#define LB_STAT_HOST_ROUTE_EGRESS 12
+#define LB_STAT_HOST_ROUTE_FIB 13
+/* Socket LB (sock.c): connect/sendmsg translated to a backend, and
+ * recvmsg/getpeername translated back to the service. */
+#define LB_STAT_SOCK_TRANSLATE 14
+#define LB_STAT_SOCK_REV 15
 #define LB_STAT_MAX 16
 
 /* Packets handed to a local proxy socket carry this mark (under
@@ -106,6 +116,38 @@ struct lb_affinity_value {
 	__u32 backend_id;
 	__u32 pad;
 	__u64 last_seen;
+};
+
+/* A local endpoint (pod address) for eBPF host routing. */
+struct lb_ep_key {
+	__u8 addr[16];
+	__u8 family;
+	__u8 pad[3];
+};
+
+/* Deliver through the host-side device's egress hook (bpf_redirect) instead
+ * of straight into the pod (bpf_redirect_peer): set when a program on that
+ * hook (policy) must see the pod's ingress traffic. */
+#define LB_EP_F_EGRESS_HOOK 1
+
+struct lb_ep_value {
+	/* Host-side (lxc) device of the endpoint. */
+	__u32 ifindex;
+	__u32 flags;
+	/* The pod's MAC and the host side's, written into the frame on
+	 * delivery (all zero: left as they are). */
+	__u8 mac[6];
+	__u8 node_mac[6];
+};
+
+/* Socket LB reverse translation: socket cookie + the backend it was sent
+ * to -> the service address the application asked for. */
+struct lb_sock_rev_key {
+	__u64 cookie;
+	__u8 addr[16];
+	__be16 port;
+	__u8 family;
+	__u8 pad[5];
 };
 
 #endif

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
@@ -17,9 +17,10 @@ use membrane_lb::service::{
 };
 
 use crate::maps::{
-    ALG_MAGLEV, ALG_RANDOM, AffinityKey, AffinityValue, BackendValue, CtValue, MAP_AFFINITY,
-    MAP_BACKENDS, MAP_CT, MAP_MAGLEV, MAP_REDIRECT, MAP_RNAT, MAP_SERVICES, MAP_SLOTS, MAP_STATS,
-    RnatValue, SlotKey, Stat, SvcKey, SvcValue, Tuple, addr_bytes, addr_from_bytes, state_from_num,
+    ALG_MAGLEV, ALG_RANDOM, AffinityKey, AffinityValue, BackendValue, CtValue, EP_F_EGRESS_HOOK,
+    EpKey, EpValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CT, MAP_ENDPOINTS, MAP_MAGLEV, MAP_REDIRECT,
+    MAP_RNAT, MAP_SERVICES, MAP_SLOTS, MAP_STATS, RnatValue, SlotKey, Stat, SvcKey, SvcValue,
+    Tuple, addr_bytes, addr_from_bytes, state_from_num,
 };
 
 /// The compiled object (see build.rs).
@@ -100,6 +101,49 @@ pub struct DatapathConfig {
     pub max_services: u32,
     /// Seed of the in-kernel flow hash that picks a Maglev slot.
     pub flow_hash_seed: u32,
+    /// eBPF host routing wanted (`false`: `--enable-host-legacy-routing`);
+    /// used only when the kernel has the helpers (see [`HostRouting`]).
+    pub host_routing: bool,
+}
+
+/// How packets from pods are forwarded (Cilium's "Host Routing" status).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostRouting {
+    /// By the tc program: `bpf_redirect_peer` to local endpoints,
+    /// `bpf_fib_lookup` + `bpf_redirect_neigh` otherwise.
+    Bpf,
+    /// By the host stack; `reason` says why (flag, or a missing helper).
+    Legacy { reason: String },
+}
+
+impl HostRouting {
+    /// `BPF` or `Legacy`, as `cilium status` shows it.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            HostRouting::Bpf => "BPF",
+            HostRouting::Legacy { .. } => "Legacy",
+        }
+    }
+}
+
+/// Whether the kernel has what eBPF host routing needs (tc programs calling
+/// `bpf_redirect_peer`, `bpf_redirect_neigh`, `bpf_fib_lookup`); `Err` names
+/// what is missing.
+pub fn probe_host_routing() -> Result<(), String> {
+    use aya::programs::ProgramType;
+    use aya::sys::{BpfHelper, is_helper_supported};
+    for (helper, name) in [
+        (BpfHelper::BPF_FUNC_redirect_peer, "bpf_redirect_peer"),
+        (BpfHelper::BPF_FUNC_redirect_neigh, "bpf_redirect_neigh"),
+        (BpfHelper::BPF_FUNC_fib_lookup, "bpf_fib_lookup"),
+    ] {
+        match is_helper_supported(ProgramType::SchedClassifier, helper) {
+            Ok(true) => {}
+            Ok(false) => return Err(format!("the kernel has no {name} for tc programs")),
+            Err(e) => return Err(format!("probing {name}: {e}")),
+        }
+    }
+    Ok(())
 }
 
 impl Default for DatapathConfig {
@@ -109,6 +153,7 @@ impl Default for DatapathConfig {
             maglev: MaglevConfig::default(),
             max_services: 1024,
             flow_hash_seed: MaglevConfig::default().seed(),
+            host_routing: true,
         }
     }
 }
@@ -172,6 +217,10 @@ pub struct Datapath {
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     stats: PerCpuArray<MapData, u64>,
     redirect: HashMap<MapData, SvcKey, RnatValue>,
+    endpoints_map: HashMap<MapData, EpKey, EpValue>,
+    host_routing: HostRouting,
+    /// Mirror of `lb_endpoints`: host device → the endpoint addresses on it.
+    endpoints: BTreeMap<String, BTreeSet<IpAddr>>,
     /// Mirror of `lb_redirect`: frontend → proxy listener.
     redirects: BTreeMap<L3n4Addr, SocketAddr>,
     links: BTreeMap<String, FdLink>,
@@ -237,11 +286,26 @@ impl Datapath {
                 });
             }
         }
+        let host_routing = if !cfg.host_routing {
+            HostRouting::Legacy {
+                reason: "--enable-host-legacy-routing".into(),
+            }
+        } else {
+            match probe_host_routing() {
+                Ok(()) => HostRouting::Bpf,
+                Err(reason) => {
+                    tracing::warn!(%reason, "eBPF host routing unavailable; the host stack forwards");
+                    HostRouting::Legacy { reason }
+                }
+            }
+        };
+        let hr: u32 = (host_routing == HostRouting::Bpf).into();
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&cfg.pin_dir)
             .map_max_entries(MAP_MAGLEV, want)
             .override_global("MAGLEV_M", &m, true)
             .override_global("HASH_SEED", &cfg.flow_hash_seed, true)
+            .override_global("HOST_ROUTING", &hr, true)
             .load(LB_OBJECT)?;
         {
             let prog: &mut SchedClassifier = ebpf
@@ -261,6 +325,8 @@ impl Datapath {
         let affinity = HashMap::try_from(take(MAP_AFFINITY)?).map_err(map_err(MAP_AFFINITY))?;
         let stats = PerCpuArray::try_from(take(MAP_STATS)?).map_err(map_err(MAP_STATS))?;
         let redirect = HashMap::try_from(take(MAP_REDIRECT)?).map_err(map_err(MAP_REDIRECT))?;
+        let endpoints_map =
+            HashMap::try_from(take(MAP_ENDPOINTS)?).map_err(map_err(MAP_ENDPOINTS))?;
         let mut dp = Datapath {
             cfg,
             ebpf,
@@ -273,6 +339,9 @@ impl Datapath {
             affinity,
             stats,
             redirect,
+            endpoints_map,
+            host_routing,
+            endpoints: BTreeMap::new(),
             redirects: BTreeMap::new(),
             links: BTreeMap::new(),
             svcs: BTreeMap::new(),
@@ -289,6 +358,14 @@ impl Datapath {
 
     /// Rebuilds the userspace mirror from the (possibly pinned) maps.
     fn restore(&mut self) -> Result<(), DatapathError> {
+        for kv in self.endpoints_map.iter() {
+            let (k, v) = kv.map_err(map_err(MAP_ENDPOINTS))?;
+            let (Some(a), Some(name)) = (addr_from_bytes(&k.addr, k.family), if_name(v.ifindex))
+            else {
+                continue;
+            };
+            self.endpoints.entry(name).or_default().insert(a);
+        }
         for kv in self.backends.iter() {
             let (id, v) = kv.map_err(map_err(MAP_BACKENDS))?;
             let Some(addr) = v.to_l3n4() else { continue };
@@ -742,6 +819,75 @@ impl Datapath {
         &self.redirects
     }
 
+    /// How packets from pods are forwarded.
+    pub fn host_routing(&self) -> &HostRouting {
+        &self.host_routing
+    }
+
+    /// Registers a local endpoint for host routing: its addresses are
+    /// delivered to `host_ifname` (the pod's host-side veth, in this
+    /// namespace). `egress_hook`: through that device's egress hook
+    /// (`bpf_redirect`, so a program there — policy — sees the packet)
+    /// instead of straight into the pod (`bpf_redirect_peer`). MACs are
+    /// written into delivered frames when both are given. Replaces what
+    /// was registered for the device before.
+    pub fn upsert_endpoint(
+        &mut self,
+        host_ifname: &str,
+        addrs: &[IpAddr],
+        egress_hook: bool,
+        macs: Option<([u8; 6], [u8; 6])>,
+    ) -> Result<(), DatapathError> {
+        let ifindex = if_index(host_ifname)?;
+        let (mac, node_mac) = macs.unwrap_or_default();
+        let v = EpValue {
+            ifindex,
+            flags: if egress_hook { EP_F_EGRESS_HOOK } else { 0 },
+            mac,
+            node_mac,
+        };
+        let want: BTreeSet<IpAddr> = addrs.iter().copied().collect();
+        for a in &want {
+            self.endpoints_map
+                .insert(ep_key(*a), v, 0)
+                .map_err(map_err(MAP_ENDPOINTS))?;
+        }
+        let old = self
+            .endpoints
+            .insert(host_ifname.to_string(), want.clone())
+            .unwrap_or_default();
+        for a in old.difference(&want) {
+            self.remove_endpoint_addr(*a)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets the endpoint behind `host_ifname` (its packets then go
+    /// through the FIB).
+    pub fn remove_endpoint(&mut self, host_ifname: &str) -> Result<(), DatapathError> {
+        let addrs = self.endpoints.remove(host_ifname).unwrap_or_default();
+        for a in addrs {
+            self.remove_endpoint_addr(a)?;
+        }
+        Ok(())
+    }
+
+    fn remove_endpoint_addr(&mut self, a: IpAddr) -> Result<(), DatapathError> {
+        match self.endpoints_map.remove(&ep_key(a)) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(MAP_ENDPOINTS)(e)),
+        }
+    }
+
+    /// Endpoint addresses the kernel map holds → host-side ifindex.
+    pub fn endpoint_entries(&self) -> BTreeMap<IpAddr, u32> {
+        self.endpoints_map
+            .iter()
+            .filter_map(|kv| kv.ok())
+            .filter_map(|(k, v)| Some((addr_from_bytes(&k.addr, k.family)?, v.ifindex)))
+            .collect()
+    }
+
     /// Sets an operator state on a backend (Cilium's `service update
     /// --states`). `Active` clears the override. Persisted in the backend
     /// map, so it survives restarts; selection tables are recomputed.
@@ -959,6 +1105,45 @@ impl Datapath {
             }),
         }
     }
+}
+
+fn ep_key(a: IpAddr) -> EpKey {
+    let (addr, family) = addr_bytes(a);
+    EpKey {
+        addr,
+        family,
+        pad: [0; 3],
+    }
+}
+
+/// Index of a device in this network namespace.
+pub(crate) fn if_index(ifname: &str) -> Result<u32, DatapathError> {
+    let c = std::ffi::CString::new(ifname).map_err(|_| DatapathError::Io {
+        what: format!("device name {ifname:?}"),
+        source: io::Error::from(io::ErrorKind::InvalidInput),
+    })?;
+    // SAFETY: c is a NUL-terminated string that outlives the call.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if i == 0 {
+        return Err(DatapathError::Io {
+            what: format!("device {ifname}"),
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(i)
+}
+
+/// Name of a device in this network namespace.
+fn if_name(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf has IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: on success buf holds a NUL-terminated name.
+    let c = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(c.to_string_lossy().into_owned())
 }
 
 /// Hands out the lowest free id in `1..=max` in O(log n): ids below the

@@ -37,7 +37,13 @@ pub const MAP_REDIRECT: &str = "lb_redirect";
 /// socket; they must be routed to the local table (see `LB_PROXY_MARK`).
 pub const PROXY_MARK: u32 = 0x0e00;
 pub const PROXY_MARK_MASK: u32 = 0x0f00;
-pub const ALL_MAPS: [&str; 9] = [
+/// Local endpoints (pod address → host-side device) for eBPF host routing.
+pub const MAP_ENDPOINTS: &str = "lb_endpoints";
+/// Socket LB: socket cookie + backend → service (bpf/sock.c).
+pub const MAP_SOCK_REV: &str = "lb_sock_rev";
+/// [`EpValue::flags`]: deliver through the host device's egress hook.
+pub const EP_F_EGRESS_HOOK: u32 = 1;
+pub const ALL_MAPS: [&str; 11] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_SLOTS,
@@ -47,6 +53,8 @@ pub const ALL_MAPS: [&str; 9] = [
     MAP_AFFINITY,
     MAP_STATS,
     MAP_REDIRECT,
+    MAP_ENDPOINTS,
+    MAP_SOCK_REV,
 ];
 
 #[repr(C)]
@@ -134,6 +142,38 @@ pub struct AffinityValue {
     pub last_seen: u64,
 }
 
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct EpKey {
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EpValue {
+    /// Host-side device of the endpoint.
+    pub ifindex: u32,
+    /// [`EP_F_EGRESS_HOOK`].
+    pub flags: u32,
+    /// The pod's MAC; all zero = leave the frame's MACs alone.
+    pub mac: [u8; 6],
+    /// The host side's MAC.
+    pub node_mac: [u8; 6],
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct SockRevKey {
+    pub cookie: u64,
+    pub addr: [u8; 16],
+    /// Network byte order.
+    pub port: u16,
+    pub family: u8,
+    pub pad: [u8; 5],
+}
+
 // Sizes the C side has (checked against BTF in tests/btf_layout.rs).
 const _: () = assert!(size_of::<SvcKey>() == 20);
 const _: () = assert!(size_of::<SvcValue>() == 16);
@@ -144,6 +184,9 @@ const _: () = assert!(size_of::<CtValue>() == 16);
 const _: () = assert!(size_of::<RnatValue>() == 20);
 const _: () = assert!(size_of::<AffinityKey>() == 24);
 const _: () = assert!(size_of::<AffinityValue>() == 16);
+const _: () = assert!(size_of::<EpKey>() == 20);
+const _: () = assert!(size_of::<EpValue>() == 20);
+const _: () = assert!(size_of::<SockRevKey>() == 32);
 
 // SAFETY: all of these are #[repr(C)], Copy, made only of integers and
 // integer arrays, with explicit padding fields: every bit pattern is valid
@@ -157,6 +200,9 @@ unsafe impl aya::Pod for CtValue {}
 unsafe impl aya::Pod for RnatValue {}
 unsafe impl aya::Pod for AffinityKey {}
 unsafe impl aya::Pod for AffinityValue {}
+unsafe impl aya::Pod for EpKey {}
+unsafe impl aya::Pod for EpValue {}
+unsafe impl aya::Pod for SockRevKey {}
 
 /// Address in the 16-byte form the maps use (IPv4 in the first 4 bytes).
 pub fn addr_bytes(a: IpAddr) -> ([u8; 16], u8) {
@@ -270,10 +316,15 @@ pub enum Stat {
     Reselect = 8,
     Redirect = 9,
     DropNoListener = 10,
+    HostRoutePeer = 11,
+    HostRouteEgress = 12,
+    HostRouteFib = 13,
+    SockTranslate = 14,
+    SockRev = 15,
 }
 
 impl Stat {
-    pub const ALL: [Stat; 11] = [
+    pub const ALL: [Stat; 16] = [
         Stat::FwdNew,
         Stat::FwdEstablished,
         Stat::RevNat,
@@ -285,6 +336,11 @@ impl Stat {
         Stat::Reselect,
         Stat::Redirect,
         Stat::DropNoListener,
+        Stat::HostRoutePeer,
+        Stat::HostRouteEgress,
+        Stat::HostRouteFib,
+        Stat::SockTranslate,
+        Stat::SockRev,
     ];
 
     pub fn name(self) -> &'static str {
@@ -300,6 +356,11 @@ impl Stat {
             Stat::Reselect => "reselect",
             Stat::Redirect => "redirect_to_proxy",
             Stat::DropNoListener => "drop_no_proxy_listener",
+            Stat::HostRoutePeer => "host_route_redirect_peer",
+            Stat::HostRouteEgress => "host_route_redirect_egress_hook",
+            Stat::HostRouteFib => "host_route_fib",
+            Stat::SockTranslate => "sock_translate",
+            Stat::SockRev => "sock_reverse",
         }
     }
 }

@@ -59,4 +59,19 @@ fn rust_map_types_match_btf() {
         AffinityValue,
         [backend_id, pad, last_seen]
     );
+    check!(s, "lb_ep_key", EpKey, [addr, family, pad]);
+    check!(s, "lb_ep_value", EpValue, [ifindex, flags, mac, node_mac]);
+}
+
+#[test]
+fn sock_map_types_match_btf() {
+    let s = btf_structs(membrane_ebpf::SOCK_OBJECT);
+    check!(s, "lb_svc_key", SvcKey, [addr, port, proto, family]);
+    check!(
+        s,
+        "lb_sock_rev_key",
+        SockRevKey,
+        [cookie, addr, port, family, pad]
+    );
+    check!(s, "lb_rnat_value", RnatValue, [addr, port, pad]);
 }

@@ -61,6 +61,10 @@ pub trait Hooks: Send + Sync {
     fn ready(&self, _endpoint: &Endpoint) -> Result<(), String> {
         Ok(())
     }
+    /// After a restart: an endpoint whose host interface is still there
+    /// (the datapath was attached again); registrations keyed by its
+    /// addresses (host routing) are renewed here.
+    fn restored(&self, _endpoint: &Endpoint) {}
 }
 
 /// No hooks (tests, or an agent without datapath and store).

@@ -118,6 +118,7 @@ impl Manager {
                 if let Err(e) = self.hooks.attach(&ep.host_ifname) {
                     warn!(host = %ep.host_ifname, error = %e, "re-attaching the datapath");
                 }
+                self.hooks.restored(ep);
                 "ready".into()
             } else {
                 warn!(host = %ep.host_ifname, pod = %ep.pod(), "endpoint's host interface is gone");

@@ -50,6 +50,20 @@ pub struct DatapathArgs {
     /// Node addresses NodePort Services are exposed on.
     #[arg(long, value_delimiter = ',')]
     pub node_addresses: Vec<IpAddr>,
+    /// Forward pod traffic through the host stack instead of eBPF host
+    /// routing (which is used when the kernel has bpf_redirect_peer,
+    /// bpf_redirect_neigh and bpf_fib_lookup).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub enable_host_legacy_routing: bool,
+    /// Socket LB: translate services at connect/sendmsg for the processes
+    /// under --cgroup-root, so host-network processes reach ClusterIPs and
+    /// this node's NodePorts.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub enable_socket_lb: bool,
+    /// cgroup v2 directory the socket LB programs attach to (mounted there
+    /// when missing, as Cilium does).
+    #[arg(long, default_value = membrane_agent::datapath::DEFAULT_CGROUP_ROOT)]
+    pub cgroup_root: PathBuf,
     /// Cluster Mesh (global services across clusters).
     #[command(flatten)]
     pub mesh: super::clustermesh::ClusterMeshArgs,
@@ -68,6 +82,9 @@ impl DatapathArgs {
                 if mesh.is_some() {
                     bail!("Cluster Mesh (--cluster-id) needs --datapath ebpf");
                 }
+                if self.enable_socket_lb {
+                    bail!("--enable-socket-lb needs --datapath ebpf");
+                }
                 Ok(None)
             }
             DatapathMode::Ebpf => {
@@ -82,6 +99,8 @@ impl DatapathArgs {
                     max_services: self.max_services,
                     node_addresses: self.node_addresses.clone(),
                     mesh,
+                    host_legacy_routing: self.enable_host_legacy_routing,
+                    socket_lb: self.enable_socket_lb.then(|| self.cgroup_root.clone()),
                 }))
             }
         }
@@ -262,6 +281,9 @@ mod tests {
             maglev_table_size: 251,
             max_services: 16,
             node_addresses: vec![],
+            enable_host_legacy_routing: false,
+            enable_socket_lb: false,
+            cgroup_root: PathBuf::from("/run/cilium/cgroupv2"),
             mesh: Default::default(),
         };
         assert!(a.options_for(false).is_err());
@@ -275,5 +297,50 @@ mod tests {
         assert!(a.options_for(false).is_err());
         a.datapath_devices.clear();
         assert!(a.options_for(false).unwrap().is_none());
+        a.enable_socket_lb = true;
+        let e = a.options_for(true).unwrap_err().to_string();
+        assert!(e.contains("--enable-socket-lb"), "{e}");
+    }
+
+    #[derive(clap::Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        dp: DatapathArgs,
+    }
+
+    #[test]
+    fn host_routing_and_socket_lb_flags_as_cilium() {
+        use clap::Parser;
+        let c = Cli::try_parse_from(["x", "--datapath", "ebpf"]).unwrap();
+        let o = c.dp.options_for(true).unwrap().unwrap();
+        assert!(!o.host_legacy_routing);
+        assert_eq!(o.socket_lb, None);
+        assert_eq!(c.dp.cgroup_root, PathBuf::from("/run/cilium/cgroupv2"));
+
+        let c = Cli::try_parse_from([
+            "x",
+            "--datapath",
+            "ebpf",
+            "--enable-host-legacy-routing",
+            "--enable-socket-lb=true",
+            "--cgroup-root",
+            "/sys/fs/cgroup/x",
+        ])
+        .unwrap();
+        let o = c.dp.options_for(true).unwrap().unwrap();
+        assert!(o.host_legacy_routing);
+        assert_eq!(o.socket_lb, Some(PathBuf::from("/sys/fs/cgroup/x")));
+
+        let c = Cli::try_parse_from([
+            "x",
+            "--datapath",
+            "ebpf",
+            "--enable-host-legacy-routing=false",
+            "--enable-socket-lb",
+        ])
+        .unwrap();
+        let o = c.dp.options_for(true).unwrap().unwrap();
+        assert!(!o.host_legacy_routing);
+        assert_eq!(o.socket_lb, Some(PathBuf::from("/run/cilium/cgroupv2")));
     }
 }

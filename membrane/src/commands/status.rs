@@ -76,6 +76,22 @@ fn human(r: &Value) -> String {
             devices.join(","),
             text(dp, "/pin_dir"),
         ));
+        // As `cilium status`: "Host Routing: BPF|Legacy", "Socket LB: …".
+        let hr = &dp["host_routing"];
+        if let Some(mode) = hr["mode"].as_str() {
+            match hr["reason"].as_str() {
+                Some(why) => out.push_str(&format!("  Host Routing:  {mode} ({why})\n")),
+                None => out.push_str(&format!("  Host Routing:  {mode}\n")),
+            }
+        }
+        if dp["socket_lb"]["enabled"] == true {
+            out.push_str(&format!(
+                "  Socket LB:     Enabled (cgroup {})\n",
+                text(dp, "/socket_lb/cgroup_root")
+            ));
+        } else if dp["socket_lb"].is_object() {
+            out.push_str("  Socket LB:     Disabled\n");
+        }
     }
     out.push_str("xDS:\n");
     out.push_str(&xds_lines(&r["xds"]));
