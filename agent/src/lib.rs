@@ -22,6 +22,7 @@ pub mod placement;
 pub mod policy;
 pub mod ports;
 pub mod report;
+pub mod routing;
 pub mod secrets;
 pub mod state;
 
@@ -150,19 +151,21 @@ pub async fn run(
         )),
         _ => None,
     };
-    let endpoints = match &config.cni {
-        Some(opts) => Some(
-            cni::start(
+    let (endpoints, routing_task) = match &config.cni {
+        Some(opts) => {
+            let started = cni::start(
                 opts,
                 &config.node_name,
                 &store,
+                reports.clone(),
                 datapath.clone(),
                 policy.clone(),
                 shutdown.clone(),
             )
-            .await?,
-        ),
-        None => None,
+            .await?;
+            (Some(started.manager), Some(started.routing))
+        }
+        None => (None, None),
     };
     let state = Arc::new(AgentState {
         store: store.clone(),
@@ -231,6 +234,10 @@ pub async fn run(
     let _ = envoy_task.await;
     let _ = api_task.await;
     if let Some(t) = datapath_task {
+        let _ = t.await;
+    }
+    // Routes to other nodes are removed before the process exits.
+    if let Some(t) = routing_task {
         let _ = t.await;
     }
     let _ = xds_task.await;
