@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use membrane_crds::CiliumNode;
-use membrane_endpoint::routing::{PeerRoute, RouteMode, Router, TUNNEL_OVERHEAD};
+use membrane_endpoint::routing::{PeerRoute, RouteMode, Router, TUNNEL_DEVICE, TUNNEL_OVERHEAD};
 use membrane_store::{Store, StoreSnapshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -168,24 +168,45 @@ pub async fn start(
     };
     let router = Router::start(mode).await?;
     if let Some(dp) = &datapath {
-        let h = membrane_endpoint::netlink::connect()?;
-        let mut devices = Vec::new();
-        if let Some(d) = membrane_endpoint::routing::device_of(&h, node_ip).await? {
-            devices.push(d);
-        }
-        if router.tunnel_index().is_some() {
-            devices.push(membrane_endpoint::routing::TUNNEL_DEVICE.to_string());
-        }
-        for d in devices {
-            if let Err(e) = dp.attach_device(&d) {
-                warn!(device = %d, error = %e, "attaching the datapath");
-            }
-        }
+        external_devices(dp, node_ip, router.tunnel_index().is_some()).await?;
     }
     info!(mode = ?opts.mode, %node_ip, "routing to other nodes");
     Ok(tokio::spawn(follow(
-        router, store, own_node, opts.mode, shutdown,
+        router, store, own_node, opts.mode, datapath, shutdown,
     )))
+}
+
+/// The datapath on the devices where NodePort traffic and replies of
+/// remote backends arrive (the device holding the node address, the tunnel
+/// device), and those devices as the ones a NodePort flow to a remote
+/// backend is SNATed through (to the node address).
+async fn external_devices(
+    dp: &DatapathHandle,
+    node_ip: IpAddr,
+    tunnel: bool,
+) -> Result<(), RoutingError> {
+    let h = membrane_endpoint::netlink::connect()?;
+    let mut devices = Vec::new();
+    if let Some(d) = membrane_endpoint::routing::device_of(&h, node_ip).await? {
+        devices.push(d);
+    }
+    if tunnel {
+        devices.push(TUNNEL_DEVICE.to_string());
+    }
+    let mut snat = std::collections::BTreeMap::new();
+    for d in devices {
+        if let Err(e) = dp.attach_device(&d) {
+            warn!(device = %d, error = %e, "attaching the datapath");
+            continue;
+        }
+        if let Some(l) = membrane_endpoint::netlink::link_by_name(&h, &d).await? {
+            snat.insert(l.header.index, node_ip);
+        }
+    }
+    if let Err(e) = membrane_ebpf::snat::set_snat_devices(dp.pin_dir(), &snat) {
+        warn!(error = %e, "NodePort SNAT devices: NodePort to remote backends will not work");
+    }
+    Ok(())
 }
 
 async fn follow(
@@ -193,6 +214,7 @@ async fn follow(
     store: Store,
     own_node: String,
     mode: RoutingMode,
+    datapath: Option<Arc<DatapathHandle>>,
     shutdown: CancellationToken,
 ) {
     let mut rx = store.subscribe();
@@ -222,6 +244,12 @@ async fn follow(
             _ = shutdown.cancelled() => break,
         }
         // Other changes than CiliumNodes find `wanted` unchanged.
+    }
+    if let Some(dp) = &datapath
+        && router.tunnel_index().is_some()
+    {
+        // The device goes; so must the program's link pinned for it.
+        dp.detach_device(TUNNEL_DEVICE);
     }
     match router.stop().await {
         Ok(()) => info!("routes to other nodes removed"),

@@ -16,6 +16,7 @@
 pub mod datapath;
 pub mod maps;
 pub mod policy;
+pub mod snat;
 
 pub use datapath::{
     BackendStatus, DEFAULT_PIN_DIR, Datapath, DatapathConfig, DatapathError, LB_OBJECT,
