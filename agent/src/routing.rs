@@ -20,6 +20,9 @@ use tracing::{info, warn};
 
 use crate::datapath::DatapathHandle;
 
+/// How often routes are re-applied even without a CiliumNode change.
+const RESYNC: Duration = Duration::from_secs(30);
+
 /// `--routing-mode`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RoutingMode {
@@ -237,10 +240,11 @@ async fn follow(
                 }
             }
         }
-        let sleep = tokio::time::sleep(retry.unwrap_or(Duration::from_secs(3600)));
+        // A periodic pass repairs routes someone else removed or changed.
+        let sleep = tokio::time::sleep(retry.unwrap_or(RESYNC));
         tokio::select! {
             r = rx.changed() => if r.is_err() { break },
-            _ = sleep, if retry.is_some() => {}
+            _ = sleep => applied = None,
             _ = shutdown.cancelled() => break,
         }
         // Other changes than CiliumNodes find `wanted` unchanged.

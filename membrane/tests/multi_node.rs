@@ -199,11 +199,34 @@ struct Node {
     ip: &'static str,
     ns: Netns,
     run: PathBuf,
+    args: Vec<String>,
     agent: Proc,
     _pins: Pins,
 }
 
 impl Node {
+    /// SIGKILL the agent (no shutdown path runs) and the Envoy it started
+    /// (by PID).
+    fn crash(&mut self) {
+        let (_, status) = self.cli(&["status", "-o", "json"]);
+        let envoy = serde_json::from_str::<Value>(&status)
+            .ok()
+            .and_then(|v| v["envoy"]["pid"].as_i64());
+        if let Some(mut c) = self.agent.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(pid) = envoy {
+            // SAFETY: signalling the Envoy this agent started, by PID.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+            }
+        }
+    }
+    /// Start the agent again with the same flags.
+    fn restart(&mut self) {
+        self.agent = spawn_in(&self.ns, &self.run.join("agent-2.log"), &self.args);
+    }
     fn cli(&self, args: &[&str]) -> (bool, String) {
         let mut a = vec![BIN, "--api-socket"];
         let sock = self.run.join("api.sock").display().to_string();
@@ -213,9 +236,10 @@ impl Node {
     }
     fn log(&self) -> String {
         format!(
-            "---- agent {} ----\n{}",
+            "---- agent {} ----\n{}{}",
             self.name,
-            std::fs::read_to_string(self.run.join("agent.log")).unwrap_or_default()
+            std::fs::read_to_string(self.run.join("agent.log")).unwrap_or_default(),
+            std::fs::read_to_string(self.run.join("agent-2.log")).unwrap_or_default()
         )
     }
     fn conflist(&self) -> PathBuf {
@@ -516,6 +540,7 @@ fn start_node(
         ip,
         ns,
         run,
+        args,
         agent,
         _pins: pins,
     }
@@ -869,6 +894,43 @@ fn run(mode: &str) {
     let (la, lb) = (list(&c.nodes[0]), list(&c.nodes[1]));
     assert!(!la.is_empty(), "service list on node a");
     assert_eq!(la, lb, "service lists differ across nodes");
+
+    // A crashed agent leaves its routes (forwarding goes on); restarted,
+    // it keeps what is still wanted (and the tunnel device), removes what
+    // is not (a stale route of its protocol), and traffic flows.
+    let stale = "10.213.99.0/24";
+    c.nodes[1].crash();
+    assert!(c.nodes[1].routes().contains(&cidrs["node-a"]));
+    let ns_b = c.nodes[1].ns.0.clone();
+    sh(&[
+        "ip",
+        "-n",
+        &ns_b,
+        "route",
+        "add",
+        stale,
+        "via",
+        "10.213.250.1",
+        "proto",
+        "77",
+    ]);
+    c.nodes[1].restart();
+    let rebuilt = wait_until(Duration::from_secs(30), || {
+        let r = c.nodes[1].routes();
+        !r.contains(stale) && r.contains(&cidrs["node-a"])
+    });
+    assert!(
+        rebuilt,
+        "after restart: {}\n{}",
+        c.nodes[1].routes(),
+        c.logs()
+    );
+    assert_eq!(
+        probe_until(&b1_ns, &a1_ip, ECHO_PORT, Duration::from_secs(10)).as_deref(),
+        Some("a1"),
+        "b1 → a1 after node b's agent restarted\n{}",
+        c.logs()
+    );
 
     // Stopping node a's agent removes its routes (and the tunnel device);
     // pods on node a then cannot reach node b's pods.
