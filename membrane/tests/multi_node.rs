@@ -11,8 +11,9 @@
 //! - pod a1 ↔ pod b1 across nodes, TCP both ways;
 //! - a ClusterIP with backends on both nodes, reached from a pod on node a:
 //!   both backends answer;
-//! - NodePort on node a's address from a client on the underlay (outside
-//!   every node) reaching a backend only on node b (SNAT through node a);
+//! - NodePort on node a's address, and a LoadBalancer address the underlay
+//!   routes to node a, from a client on the underlay (outside every node)
+//!   reaching a backend only on node b (SNAT through node a);
 //! - Maglev consistent across nodes: the same client flow (address, port)
 //!   to the NodePort of either node lands on the same backend;
 //! - stopping an agent removes its routes (and `cilium_vxlan`), and
@@ -39,6 +40,8 @@ const UNDERLAY_GW: &str = "10.213.250.254";
 const CLUSTER_IP: &str = "10.213.240.10";
 const CLUSTER_IP_B_ONLY: &str = "10.213.240.11";
 const POOL: &str = "10.213.0.0/17";
+/// LoadBalancer addresses; the underlay routes them to node a.
+const LB_POOL: &str = "10.213.241.0/24";
 
 /// A line echo server answering `<name> <line>`.
 const SERVER_PY: &str = r#"
@@ -393,6 +396,30 @@ fn probe_until(ns: &str, host: &str, port: u16, limit: Duration) -> Option<Strin
     }
 }
 
+/// The address LB IPAM gave Service `name`.
+fn wait_for_lb_ip(c: &Cluster, name: &str) -> String {
+    let mut ip = String::new();
+    let ok = wait_until(Duration::from_secs(30), || {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", c.underlay.path()))
+            .arg(kubectl())
+            .arg("--kubeconfig")
+            .arg(&c.kubeconfig)
+            .args(["get", "service", name, "-o"])
+            .arg("jsonpath={.status.loadBalancer.ingress[0].ip}")
+            .output()
+            .expect("kubectl");
+        ip = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        !ip.is_empty()
+    });
+    assert!(
+        ok,
+        "Service {name} got no LoadBalancer address\n{}",
+        c.logs()
+    );
+    ip
+}
+
 fn start_apiserver(underlay: &Netns, dir: &Path) -> (Proc, PathBuf) {
     let data = dir.join("api-data");
     let mut child = Command::new("nsenter")
@@ -501,7 +528,7 @@ fn start_node(
         "--envoy-bin",
         &s(&envoy_bin()),
         "--lb-pool",
-        "127.13.0.0/24",
+        LB_POOL,
         "--http-port",
         "13080",
         "--https-port",
@@ -602,16 +629,21 @@ fn services_yaml(a2: &str, b1: &str) -> String {
             "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {svc}-1\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {svc}\naddressType: IPv4\nports:\n  - port: {ECHO_PORT}\n    protocol: TCP\nendpoints:\n{eps}"
         )
     };
-    let svc = |name: &str, ip: &str, node_port: u16| {
+    let svc = |name: &str, kind: &str, ip: &str, node_port: u16| {
         format!(
-            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  type: NodePort\n  clusterIP: {ip}\n  ports:\n  - port: 80\n    targetPort: {ECHO_PORT}\n    nodePort: {node_port}\n    protocol: TCP\n"
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  type: {kind}\n  clusterIP: {ip}\n  ports:\n  - port: 80\n    targetPort: {ECHO_PORT}\n    nodePort: {node_port}\n    protocol: TCP\n"
         )
     };
     format!(
         "{}---\n{}---\n{}---\n{}",
-        svc("echo", CLUSTER_IP, NODE_PORT_BOTH),
+        svc("echo", "NodePort", CLUSTER_IP, NODE_PORT_BOTH),
         slice("echo", &[(a2, "node-a"), (b1, "node-b")]),
-        svc("only-b", CLUSTER_IP_B_ONLY, NODE_PORT_B_ONLY),
+        svc(
+            "only-b",
+            "LoadBalancer",
+            CLUSTER_IP_B_ONLY,
+            NODE_PORT_B_ONLY
+        ),
         slice("only-b", &[(b1, "node-b")]),
     )
 }
@@ -656,7 +688,7 @@ fn run(mode: &str) {
             "--cluster-pool-ipv4-mask-size".into(),
             "24".into(),
             "--lb-pool".into(),
-            "127.13.1.0/24".into(),
+            LB_POOL.into(),
         ],
     );
     let node_a = start_node(
@@ -820,6 +852,35 @@ fn run(mode: &str) {
         .as_deref(),
         Some("b1"),
         "NodePort 10.213.250.1:{NODE_PORT_B_ONLY} → b1\n{}",
+        c.logs()
+    );
+    // Its LoadBalancer address, routed to node a by the underlay.
+    let lb_ip = wait_for_lb_ip(&c, "only-b");
+    sh(&[
+        "ip",
+        "-n",
+        &ul,
+        "route",
+        "add",
+        LB_POOL,
+        "via",
+        "10.213.250.1",
+    ]);
+    let lb_programmed = wait_until(Duration::from_secs(30), || {
+        c.nodes[0]
+            .cli(&["service", "list"])
+            .1
+            .contains(&format!("{lb_ip}:80"))
+    });
+    assert!(
+        lb_programmed,
+        "LoadBalancer {lb_ip} not programmed\n{}",
+        c.logs()
+    );
+    assert_eq!(
+        probe_until(&ul, &lb_ip, 80, Duration::from_secs(10)).as_deref(),
+        Some("b1"),
+        "LoadBalancer {lb_ip}:80 through node a → b1\n{}",
         c.logs()
     );
     // And the ClusterIP of that Service from node a's pod (remote only).
