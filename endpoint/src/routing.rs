@@ -187,8 +187,24 @@ impl Router {
             tunnel_index: None,
             tunnel_peers: BTreeSet::new(),
         };
-        if let RouteMode::Tunnel { local, port } = mode {
-            r.tunnel_index = Some(r.ensure_tunnel(local, port).await?);
+        match mode {
+            RouteMode::Tunnel { local, port } => {
+                r.tunnel_index = Some(r.ensure_tunnel(local, port).await?);
+            }
+            // Switched from tunnel mode: Membrane's old device (its MAC
+            // says so) goes, and every route through it.
+            RouteMode::Native => {
+                let ours = netlink::link_by_name(&r.handle, TUNNEL_DEVICE)
+                    .await?
+                    .and_then(|l| netlink::mac_of(&l))
+                    .is_some_and(|m| m.starts_with("0a:4d:"));
+                if ours && netlink::delete_link(&r.handle, TUNNEL_DEVICE).await? {
+                    info!(
+                        device = TUNNEL_DEVICE,
+                        "tunnel device of an earlier run removed"
+                    );
+                }
+            }
         }
         Ok(r)
     }
@@ -259,8 +275,10 @@ impl Router {
     }
 
     /// Routes installed by Membrane (this or an earlier run): destination
-    /// CIDR → gateway.
-    pub async fn installed(&self) -> Result<BTreeMap<Cidr, Option<IpAddr>>, EndpointError> {
+    /// CIDR → (gateway, output device).
+    pub async fn installed(
+        &self,
+    ) -> Result<BTreeMap<Cidr, (Option<IpAddr>, Option<u32>)>, EndpointError> {
         let mut out = BTreeMap::new();
         for v6 in [false, true] {
             let msg = if v6 {
@@ -282,8 +300,10 @@ impl Router {
                 }
                 let mut dst = None;
                 let mut gw = None;
+                let mut oif = None;
                 for a in &m.attributes {
                     match a {
+                        RouteAttribute::Oif(i) => oif = Some(*i),
                         RouteAttribute::Destination(RouteAddress::Inet(d)) => {
                             dst = Some(IpAddr::V4(*d))
                         }
@@ -300,7 +320,7 @@ impl Router {
                 if let Some(d) = dst
                     && let Ok(c) = Cidr::new(d, m.header.destination_prefix_length)
                 {
-                    out.insert(c, gw);
+                    out.insert(c, (gw, oif));
                 }
             }
         }
@@ -313,7 +333,7 @@ impl Router {
     pub async fn apply(&mut self, wanted: &BTreeSet<PeerRoute>) -> Result<(), EndpointError> {
         let installed = self.installed().await?;
         let mut first_err = None;
-        for (cidr, gw) in &installed {
+        for (cidr, (gw, _)) in &installed {
             if wanted.iter().any(|p| p.cidr == *cidr) {
                 continue;
             }
@@ -352,7 +372,12 @@ impl Router {
             self.tunnel_peers = peers;
         }
         for p in wanted {
-            if installed.get(&p.cidr) == Some(&Some(p.node_ip)) {
+            // Already there: same next hop (through the tunnel device in
+            // tunnel mode).
+            if let Some((gw, oif)) = installed.get(&p.cidr)
+                && *gw == Some(p.node_ip)
+                && (self.tunnel_index.is_none() || *oif == self.tunnel_index)
+            {
                 continue;
             }
             let m = self.route_msg(p);
