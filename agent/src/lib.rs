@@ -141,7 +141,19 @@ pub async fn run(
     let node_id = config.node_id();
     let (envoy_tx, envoy_rx) = watch::channel(EnvoyState::default());
     let datapath = match config.datapath.clone() {
-        Some(opts) => Some(Arc::new(datapath::DatapathHandle::start(opts)?)),
+        Some(mut opts) => {
+            // With the CNI, NodePorts are on the node's address unless
+            // `--node-addresses` says otherwise (Cilium exposes them on its
+            // devices' addresses).
+            if opts.node_addresses.is_empty()
+                && let Some(cni) = &config.cni
+                && let Ok(Some(ip)) = routing::node_ip(&cni.routing).await
+            {
+                info!(%ip, "NodePort frontends on the node address");
+                opts.node_addresses.push(ip);
+            }
+            Some(Arc::new(datapath::DatapathHandle::start(opts)?))
+        }
         None => None,
     };
     // L3/L4 policy: with the CNI's endpoints on the eBPF datapath.

@@ -552,14 +552,14 @@ fn start_node(
         "maglev",
         "--maglev-table-size",
         "251",
-        "--node-addresses",
-        ip,
     ]
     .iter()
     .map(|a| a.to_string())
     .collect();
+    // Node a names its address and its NodePort addresses; node b's are
+    // detected (and NodePorts default to it).
     if explicit_ip {
-        args.extend(["--node-ip".to_string(), ip.to_string()]);
+        args.extend(["--node-ip", ip, "--node-addresses", ip].map(String::from));
     }
     let agent = spawn_in(&ns, &run.join("agent.log"), &args);
     Node {
