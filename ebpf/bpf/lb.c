@@ -108,7 +108,9 @@ struct {
  * translated back here.
  *
  * External devices (the node's underlay device, the tunnel device) ->
- * the address to SNAT to when a flow leaves through them (port unused). */
+ * the address to SNAT to when a flow leaves through them; `port` holds the
+ * address's family (LB_FAMILY_V4/V6), only flows of that family are
+ * SNATed. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 64);
@@ -371,7 +373,7 @@ static __always_inline int nodeport_snat(struct __sk_buff *skb, struct pkt *p,
 		return 0;
 	__u32 out = fib_egress(skb, p, be->addr);
 	struct lb_rnat_value *dev = out ? bpf_map_lookup_elem(&lb_snat_dev, &out) : NULL;
-	if (!dev)
+	if (!dev || dev->port != p->t.family)
 		return 0;
 
 	struct lb_rnat_value snat = {};

@@ -25,7 +25,8 @@ fn addr16(ip: IpAddr) -> [u8; 16] {
     a
 }
 
-/// Make `lb_snat_dev` hold exactly `devices` (ifindex → SNAT address).
+/// Make `lb_snat_dev` hold exactly `devices` (ifindex → SNAT address;
+/// flows of the address's family only).
 pub fn set_snat_devices(
     pin_dir: &Path,
     devices: &BTreeMap<u32, IpAddr>,
@@ -46,9 +47,11 @@ pub fn set_snat_devices(
         map.remove(&k).map_err(map_err)?;
     }
     for (ifindex, ip) in devices {
+        // `port` carries the family: `nodeport_snat` SNATs only flows of it.
+        let family = if ip.is_ipv4() { 4 } else { 6 };
         let v = RnatValue {
             addr: addr16(*ip),
-            port: 0,
+            port: family,
             pad: [0; 2],
         };
         map.insert(ifindex, v, 0).map_err(map_err)?;
