@@ -16,6 +16,9 @@
 //!   reaching a backend only on node b (SNAT through node a);
 //! - Maglev consistent across nodes: the same client flow (address, port)
 //!   to the NodePort of either node lands on the same backend;
+//! - a crashed agent's routes stay; restarted, it removes a stale one;
+//! - a deleted CiliumNode's routes (tunnel: FDB entries) go on the other
+//!   node;
 //! - stopping an agent removes its routes (and `cilium_vxlan`), and
 //!   cross-node traffic from its pods then fails.
 //!
@@ -346,6 +349,22 @@ impl Cluster {
         assert!(
             out.status.success(),
             "kubectl apply: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn kubectl(&self, args: &[&str]) {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", self.underlay.path()))
+            .arg(kubectl())
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .expect("kubectl");
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
@@ -992,6 +1011,22 @@ fn run(mode: &str) {
         "b1 → a1 after node b's agent restarted\n{}",
         c.logs()
     );
+
+    // A CiliumNode deleted: the other node's routes to it go (and, in
+    // tunnel mode, its neighbour and FDB entries).
+    c.kubectl(&["delete", "ciliumnode", "node-a"]);
+    let withdrawn = wait_until(Duration::from_secs(30), || {
+        !c.nodes[1].routes().contains(&cidrs["node-a"])
+    });
+    assert!(
+        withdrawn,
+        "node b still routes to node a: {}",
+        c.nodes[1].routes()
+    );
+    if mode == "tunnel" {
+        let (_, fdb) = output(&["bridge", "-n", &ns_b, "fdb", "show", "dev", "cilium_vxlan"]);
+        assert!(!fdb.contains("dst 10.213.250.1"), "{fdb}");
+    }
 
     // Stopping node a's agent removes its routes (and the tunnel device);
     // pods on node a then cannot reach node b's pods.
