@@ -54,6 +54,7 @@ pub struct OperatorPass {
 pub struct Operator {
     pool: Pool,
     cluster_pool: node_ipam::ClusterPoolConfig,
+    node_ipam: node_ipam::NodeIpam,
     opts: TranslateOptions,
     ipam: lb_ipam::LbIpam,
     ingress: ingress_controller::IngressController,
@@ -67,6 +68,7 @@ impl Operator {
         Self {
             pool: config.lb_pool,
             cluster_pool: config.cluster_pool.clone(),
+            node_ipam: Default::default(),
             opts: config.ingress.apply(TranslateOptions {
                 secrets_namespace: config.secrets_namespace.clone(),
                 default_lb_mode: config.ingress_default_lb_mode,
@@ -85,7 +87,7 @@ impl Operator {
     pub fn pass(&mut self, store: &Store, sink: &dyn Sink) -> OperatorPass {
         let snap = store.snapshot();
         let mut rejected = self.ipam.reconcile(&self.pool, sink, &snap);
-        rejected.extend(node_ipam::reconcile(&snap, &self.cluster_pool, sink));
+        rejected.extend(self.node_ipam.reconcile(&snap, &self.cluster_pool, sink));
         let snap = store.snapshot();
         let ingress = self.ingress.reconcile(sink, &snap, &self.opts);
         rejected.extend(ingress.rejected);

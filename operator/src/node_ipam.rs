@@ -112,48 +112,80 @@ fn write_spec(current: Option<CiliumNode>, node: &str, cidrs: &[Cidr], sink: &dy
     sink.apply_all(vec![Object::CiliumNode(cn)]);
 }
 
-/// One pass over every CiliumNode: nodes without pod CIDRs get them,
-/// depleted families grow, released CIDRs are withdrawn. Returns the nodes
-/// that could not be served (cluster pool exhausted), with why.
-pub fn reconcile(
-    snap: &StoreSnapshot,
-    cluster_pool: &[(Cidr, u8)],
-    sink: &dyn Sink,
-) -> BTreeMap<ObjectKey, String> {
-    let mut rejected = BTreeMap::new();
-    if cluster_pool.is_empty() {
-        return rejected;
-    }
-    let mut pool = match ClusterPool::new(cluster_pool.to_vec()) {
-        Ok(p) => p,
-        Err(e) => {
-            warn!(error = %e, "cluster pool");
+/// The operator's memory between passes: what it last wrote to each
+/// node's `spec.ipam.podCIDRs`. In Kubernetes mode a write reaches the
+/// store only when the watch brings it back, so a pass that trusted the
+/// store alone could hand a CIDR written a moment ago to another node.
+#[derive(Debug, Default)]
+pub struct NodeIpam {
+    written: BTreeMap<String, Vec<Cidr>>,
+}
+
+impl NodeIpam {
+    /// One pass over every CiliumNode: nodes without pod CIDRs get them,
+    /// depleted families grow, released CIDRs are withdrawn. Returns the
+    /// nodes that could not be served (cluster pool exhausted), with why.
+    pub fn reconcile(
+        &mut self,
+        snap: &StoreSnapshot,
+        cluster_pool: &[(Cidr, u8)],
+        sink: &dyn Sink,
+    ) -> BTreeMap<ObjectKey, String> {
+        let mut rejected = BTreeMap::new();
+        if cluster_pool.is_empty() {
             return rejected;
         }
-    };
-    let mut nodes: Vec<&CiliumNode> = snap.typed::<CiliumNode>(None).collect();
-    nodes.sort_by_key(|n| name_of(n));
-    // Every CIDR already handed out is taken before any node grows.
-    for n in &nodes {
-        for c in spec_cidrs(n) {
-            pool.occupy(&name_of(n), c);
-        }
-    }
-    for n in nodes {
-        let name = name_of(n);
-        let spec = spec_cidrs(n);
-        match pool.reconcile_node(&name, &spec, &status_states(n)) {
-            Ok(new_spec) if new_spec != spec => write_spec(Some(n.clone()), &name, &new_spec, sink),
-            Ok(_) => {}
+        let mut pool = match ClusterPool::new(cluster_pool.to_vec()) {
+            Ok(p) => p,
             Err(e) => {
-                rejected.insert(
-                    ObjectKey::new(Kind::CiliumNode, "", &name),
-                    format!("CiliumNode {name}: spec.ipam.podCIDRs: {e}"),
-                );
+                warn!(error = %e, "cluster pool");
+                return rejected;
+            }
+        };
+        let mut nodes: Vec<&CiliumNode> = snap.typed::<CiliumNode>(None).collect();
+        nodes.sort_by_key(|n| name_of(n));
+        self.written
+            .retain(|name, _| nodes.iter().any(|n| name_of(n) == *name));
+        // What each node holds: what this operator wrote last (the write
+        // may not be back yet), else what the store says.
+        let held: Vec<(String, Vec<Cidr>)> = nodes
+            .iter()
+            .map(|n| {
+                let name = name_of(n);
+                let cidrs = self
+                    .written
+                    .get(&name)
+                    .cloned()
+                    .unwrap_or_else(|| spec_cidrs(n));
+                (name, cidrs)
+            })
+            .collect();
+        // Every CIDR already handed out is taken before any node grows.
+        for (name, cidrs) in &held {
+            for c in cidrs {
+                pool.occupy(name, *c);
             }
         }
+        for (n, (name, cidrs)) in nodes.into_iter().zip(held) {
+            match pool.reconcile_node(&name, &cidrs, &status_states(n)) {
+                Ok(new_spec) => {
+                    // Written while the store differs: a repeat of a write
+                    // in flight is dropped by the writer.
+                    if new_spec != spec_cidrs(n) {
+                        write_spec(Some(n.clone()), &name, &new_spec, sink);
+                    }
+                    self.written.insert(name, new_spec);
+                }
+                Err(e) => {
+                    rejected.insert(
+                        ObjectKey::new(Kind::CiliumNode, "", &name),
+                        format!("CiliumNode {name}: spec.ipam.podCIDRs: {e}"),
+                    );
+                }
+            }
+        }
+        rejected
     }
-    rejected
 }
 
 #[cfg(test)]
@@ -180,7 +212,8 @@ mod tests {
             );
             store.apply(Object::CiliumNode(cn));
         }
-        assert!(reconcile(&store.snapshot(), &pool, &sink).is_empty());
+        let mut ipam = NodeIpam::default();
+        assert!(ipam.reconcile(&store.snapshot(), &pool, &sink).is_empty());
         let a = node(&store, "a");
         assert_eq!(a.spec.ipam.pod_cidrs, ["10.213.0.0/24"]);
         // The agent's fields stay.
@@ -188,7 +221,7 @@ mod tests {
         assert_eq!(node(&store, "b").spec.ipam.pod_cidrs, ["10.213.1.0/24"]);
         // A stable state is a no-op.
         let before = store.snapshot();
-        reconcile(&before, &pool, &sink);
+        ipam.reconcile(&before, &pool, &sink);
         assert_eq!(node(&store, "a").spec, a.spec);
 
         let report = |state: &str, cidrs: &[&str]| CiliumNodeStatus {
@@ -213,7 +246,7 @@ mod tests {
             &key,
             serde_json::to_value(report("depleted", &["10.213.0.0/24"])).expect("status"),
         );
-        reconcile(&store.snapshot(), &pool, &sink);
+        ipam.reconcile(&store.snapshot(), &pool, &sink);
         assert_eq!(
             node(&store, "a").spec.ipam.pod_cidrs,
             ["10.213.0.0/24", "10.213.2.0/24"]
@@ -222,17 +255,58 @@ mod tests {
             &key,
             serde_json::to_value(report("released", &["10.213.2.0/24"])).expect("status"),
         );
-        reconcile(&store.snapshot(), &pool, &sink);
+        ipam.reconcile(&store.snapshot(), &pool, &sink);
         assert_eq!(node(&store, "a").spec.ipam.pod_cidrs, ["10.213.0.0/24"]);
 
         // Exhaustion is reported, naming the node and the field.
         let tiny = vec![("10.213.0.0/23".parse().expect("pool"), 24)];
         store.apply(Object::CiliumNode(CiliumNode::new("c", Default::default())));
-        let rejected = reconcile(&store.snapshot(), &tiny, &sink);
+        let rejected = NodeIpam::default().reconcile(&store.snapshot(), &tiny, &sink);
         let why = rejected
             .get(&ObjectKey::new(Kind::CiliumNode, "", "c"))
             .expect("c rejected");
         assert!(why.contains("CiliumNode c: spec.ipam.podCIDRs"), "{why}");
+    }
+
+    /// Records applies without writing them: the store lags, as the
+    /// watch does in Kubernetes mode.
+    #[derive(Default)]
+    struct Lagging(std::sync::Mutex<Vec<Object>>);
+    impl Sink for Lagging {
+        fn apply_all(&self, objs: Vec<Object>) {
+            self.0.lock().expect("lock").extend(objs);
+        }
+        fn delete(&self, _: &ObjectKey) {}
+        fn status(&self, _: &ObjectKey, _: serde_json::Value) {}
+        fn warn(&self, _: membrane_k8s::Warning) {}
+    }
+
+    #[test]
+    fn a_write_not_back_yet_is_not_handed_out_again() {
+        let store = Store::new();
+        let sink = Lagging::default();
+        let pool = vec![("10.213.0.0/22".parse().expect("pool"), 24)];
+        let mut ipam = NodeIpam::default();
+        // node-b first; its CIDR is written but the store does not show it
+        // when node-a (sorted first) appears.
+        store.apply(Object::CiliumNode(CiliumNode::new(
+            "node-b",
+            Default::default(),
+        )));
+        ipam.reconcile(&store.snapshot(), &pool, &sink);
+        store.apply(Object::CiliumNode(CiliumNode::new(
+            "node-a",
+            Default::default(),
+        )));
+        ipam.reconcile(&store.snapshot(), &pool, &sink);
+        let mut last: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for o in sink.0.lock().expect("lock").iter() {
+            if let Object::CiliumNode(n) = o {
+                last.insert(name_of(n), n.spec.ipam.pod_cidrs.clone());
+            }
+        }
+        assert_eq!(last["node-b"], ["10.213.0.0/24"]);
+        assert_eq!(last["node-a"], ["10.213.1.0/24"]);
     }
 
     #[test]
