@@ -41,6 +41,7 @@ fn main() {
         secrets_namespace: "cilium-secrets".into(),
         ingress_default_lb_mode: Default::default(),
         ingress: Default::default(),
+        cluster_pool: Vec::new(),
     });
     match translation(&w, 50, Box::new(InProcess(operator))) {
         Ok(report) => print!("{report}"),

@@ -6,11 +6,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use membrane_crds::{CiliumNode, CiliumNodeSpec, NodeIpamSpec, PodCidrStatus};
+use membrane_crds::{CiliumNode, PodCidrStatus};
 use membrane_endpoint::{Hooks, Manager};
-use membrane_ipam::{Cidr, ClusterPool, NodeAllocator};
+use membrane_ipam::{Cidr, NodeAllocator};
+use membrane_k8s::Sink;
 use membrane_store::k8s_openapi::api::core::v1::Pod;
-use membrane_store::k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use membrane_store::{Kind, Object, ObjectKey, Store};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -39,10 +39,11 @@ pub struct CniOptions {
     pub conf_dir: PathBuf,
     /// The `membrane-cni` binary to install (default: next to this one).
     pub plugin_bin: Option<PathBuf>,
-    /// Cluster pool per family: (CIDR, node mask size).
-    pub cluster_pool: Vec<(Cidr, u8)>,
+    /// Pod MTU (tunnel overhead already taken off).
     pub mtu: u32,
     pub unreachable_routes: bool,
+    /// How pods on other nodes are reached, and this node's address.
+    pub routing: crate::routing::RoutingOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +52,10 @@ pub enum CniStartError {
     Ipam(#[from] membrane_ipam::IpamError),
     #[error(transparent)]
     Endpoint(#[from] membrane_endpoint::EndpointError),
+    #[error(transparent)]
+    Routing(#[from] crate::routing::RoutingError),
+    #[error("stopped before the operator allocated pod CIDRs to CiliumNode {0}")]
+    Stopped(String),
     #[error("installing the CNI plugin: {what}: {source}")]
     Install {
         what: String,
@@ -58,62 +63,92 @@ pub enum CniStartError {
     },
 }
 
-/// The node's pod CIDRs from the cluster pool, as the operator allocates
-/// them: kept if the node's CiliumNode (or the agent's saved state) already
-/// holds some, else the first free ones; recorded on the CiliumNode.
-pub fn node_cidrs(
+/// The pod CIDRs this node's agent used before (its saved IPAM state), so
+/// the operator of `membrane up` can give them back after a restart.
+pub fn saved_cidrs(opts: &CniOptions) -> Vec<Cidr> {
+    match NodeAllocator::load(&opts.state_dir.join("ipam.json")) {
+        Ok(Some(saved)) => saved.cidrs().to_vec(),
+        _ => Vec::new(),
+    }
+}
+
+fn own_node(store: &Store, node: &str) -> Option<CiliumNode> {
+    match store
+        .get(&ObjectKey::new(Kind::CiliumNode, "", node))
+        .as_deref()
+    {
+        Some(Object::CiliumNode(n)) => Some(n.clone()),
+        _ => None,
+    }
+}
+
+fn spec_cidrs(cn: &CiliumNode) -> Vec<Cidr> {
+    cn.spec
+        .ipam
+        .pod_cidrs
+        .iter()
+        .filter_map(|c| c.parse().ok())
+        .collect()
+}
+
+/// Create or update this node's CiliumNode with its InternalIP (the agent's
+/// part of the spec, as Cilium's agent; the operator adds pod CIDRs).
+/// Written only when the address differs.
+pub fn publish_node(store: &Store, sink: &dyn Sink, node: &str, node_ip: std::net::IpAddr) {
+    let current = own_node(store, node);
+    if current
+        .as_ref()
+        .is_some_and(|cn| crate::routing::internal_ips(cn) == [node_ip])
+    {
+        return;
+    }
+    let mut cn = current.unwrap_or_else(|| CiliumNode::new(node, Default::default()));
+    cn.spec
+        .other
+        .insert("addresses".into(), crate::routing::addresses_value(node_ip));
+    cn.status = None;
+    info!(node, %node_ip, "CiliumNode address");
+    sink.apply_all(vec![Object::CiliumNode(cn)]);
+}
+
+/// Create this node's CiliumNode if it does not exist yet (no address).
+fn publish_node_without_address(store: &Store, sink: &dyn Sink, node: &str) {
+    if own_node(store, node).is_none() {
+        sink.apply_all(vec![Object::CiliumNode(CiliumNode::new(
+            node,
+            Default::default(),
+        ))]);
+    }
+}
+
+/// Wait until the operator has given this node pod CIDRs.
+async fn wait_for_cidrs(
     store: &Store,
     node: &str,
-    opts: &CniOptions,
+    shutdown: &CancellationToken,
 ) -> Result<Vec<Cidr>, CniStartError> {
-    let mut pool = ClusterPool::new(opts.cluster_pool.clone())?;
-    let snap = store.snapshot();
-    let mut own_existing = Vec::new();
-    for n in snap.typed::<CiliumNode>(None) {
-        let name = n.metadata.name.clone().unwrap_or_default();
-        for c in &n.spec.ipam.pod_cidrs {
-            match c.parse::<Cidr>() {
-                Ok(c) => {
-                    pool.occupy(&name, c);
-                    if name == node {
-                        own_existing.push(c);
-                    }
-                }
-                Err(e) => warn!(node = %name, error = %e, "CiliumNode spec.ipam.podCIDRs"),
-            }
+    let mut rx = store.subscribe();
+    let mut logged = false;
+    loop {
+        rx.borrow_and_update();
+        let cidrs = own_node(store, node)
+            .map(|n| spec_cidrs(&n))
+            .unwrap_or_default();
+        if !cidrs.is_empty() {
+            return Ok(cidrs);
+        }
+        if !logged {
+            info!(
+                node,
+                "waiting for the operator to allocate pod CIDRs (CiliumNode spec.ipam.podCIDRs)"
+            );
+            logged = true;
+        }
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return Err(CniStartError::Stopped(node.into())) },
+            _ = shutdown.cancelled() => return Err(CniStartError::Stopped(node.into())),
         }
     }
-    // Without a CiliumNode (the embedded API starts empty), the CIDRs the
-    // agent used before keep their addresses valid.
-    if own_existing.is_empty()
-        && let Ok(Some(saved)) = NodeAllocator::load(&opts.state_dir.join("ipam.json"))
-    {
-        for c in saved.cidrs() {
-            pool.occupy(node, *c);
-        }
-    }
-    let cidrs = pool.allocate(node)?;
-    let pod_cidrs: Vec<String> = cidrs.iter().map(ToString::to_string).collect();
-    let key = ObjectKey::new(Kind::CiliumNode, "", node);
-    let mut cn = match store.get(&key).as_deref() {
-        Some(Object::CiliumNode(n)) => n.clone(),
-        _ => CiliumNode {
-            metadata: ObjectMeta {
-                name: Some(node.to_string()),
-                ..Default::default()
-            },
-            spec: CiliumNodeSpec::default(),
-            status: None,
-        },
-    };
-    if cn.spec.ipam.pod_cidrs != pod_cidrs {
-        cn.spec.ipam = NodeIpamSpec {
-            pod_cidrs,
-            ..cn.spec.ipam
-        };
-        store.apply(Object::CiliumNode(cn));
-    }
-    Ok(cidrs)
 }
 
 /// Copy the plugin binary (atomically: temp file + rename, so a runtime
@@ -224,17 +259,41 @@ impl AgentHooks {
     }
 }
 
-/// Start the endpoint manager and install the plugin; the socket is served
-/// (and labels follow Pod changes) until `shutdown`.
+/// A started CNI: the endpoint manager and the task keeping routes to other
+/// nodes (it removes them once `shutdown` fires; await it before exiting).
+pub struct Started {
+    pub manager: Arc<Manager>,
+    pub routing: tokio::task::JoinHandle<()>,
+}
+
+/// Publish this node's CiliumNode, wait for its pod CIDRs, start the
+/// endpoint manager and the routes to other nodes, and install the plugin;
+/// the socket is served (and labels follow Pod changes) until `shutdown`.
+/// `sink` is where the agent writes its CiliumNode (spec.addresses,
+/// status).
 pub async fn start(
     opts: &CniOptions,
     node: &str,
     store: &Store,
+    sink: Arc<dyn Sink>,
     datapath: Option<Arc<DatapathHandle>>,
     policy: Option<Arc<PolicyHandle>>,
     shutdown: CancellationToken,
-) -> Result<Arc<Manager>, CniStartError> {
-    let cidrs = node_cidrs(store, node, opts)?;
+) -> Result<Started, CniStartError> {
+    let node_ip = crate::routing::node_ip(&opts.routing).await?;
+    match node_ip {
+        Some(ip) => publish_node(store, sink.as_ref(), node, ip),
+        // Still a pod network on this node; the operator allocates for a
+        // CiliumNode without addresses too.
+        None => {
+            warn!(
+                node,
+                "no node address found (pass --node-ip): no routes to other nodes"
+            );
+            publish_node_without_address(store, sink.as_ref(), node);
+        }
+    }
+    let cidrs = wait_for_cidrs(store, node, &shutdown).await?;
     info!(node, cidrs = ?cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(), "pod CIDRs");
     let manager = Manager::start(
         membrane_endpoint::Options {
@@ -246,11 +305,25 @@ pub async fn start(
         },
         Arc::new(AgentHooks {
             store: store.clone(),
-            datapath,
+            datapath: datapath.clone(),
             policy: policy.clone(),
         }),
     )
     .await?;
+    let routing = match node_ip {
+        Some(ip) => {
+            crate::routing::start(
+                &opts.routing,
+                ip,
+                node.to_string(),
+                store.clone(),
+                datapath,
+                shutdown.clone(),
+            )
+            .await?
+        }
+        None => tokio::spawn(async {}),
+    };
     if let Some(p) = policy {
         tokio::spawn(crate::policy::follow(
             p,
@@ -272,29 +345,29 @@ pub async fn start(
     tokio::spawn(follow(
         manager.clone(),
         store.clone(),
+        sink,
         node.to_string(),
-        opts.clone(),
         shutdown,
     ));
     install(opts)?;
-    Ok(manager)
+    Ok(Started { manager, routing })
 }
 
 /// Keep endpoints and IPAM in step with the store: labels follow Pod
 /// objects; after every allocation change the CIDR states go to the
-/// CiliumNode status, the cluster pool adds or withdraws CIDRs, and the
-/// allocator follows the CiliumNode's spec.
+/// CiliumNode status (the operator adds or withdraws CIDRs from them), and
+/// the allocator follows the CiliumNode's spec.
 async fn follow(
     m: Arc<Manager>,
     store: Store,
+    sink: Arc<dyn Sink>,
     node: String,
-    opts: CniOptions,
     shutdown: CancellationToken,
 ) {
     let mut rx = store.subscribe();
     loop {
         m.refresh_labels().await;
-        if let Err(e) = ipam_pass(&m, &store, &node, &opts).await {
+        if let Err(e) = ipam_pass(&m, &store, sink.as_ref(), &node).await {
             warn!(error = %e, node = %node, "pod CIDR reconciliation");
         }
         tokio::select! {
@@ -308,15 +381,14 @@ async fn follow(
 async fn ipam_pass(
     m: &Manager,
     store: &Store,
+    sink: &dyn Sink,
     node: &str,
-    opts: &CniOptions,
 ) -> Result<(), CniStartError> {
     let states = m.ipam_report().await;
     let key = ObjectKey::new(Kind::CiliumNode, "", node);
-    let Some(Object::CiliumNode(cn)) = store.get(&key).as_deref().cloned() else {
+    let Some(cn) = own_node(store, node) else {
         return Ok(());
     };
-    // Agent: report each CIDR's state.
     let reported: BTreeMap<String, PodCidrStatus> = states
         .iter()
         .map(|(c, s)| {
@@ -332,59 +404,14 @@ async fn ipam_pass(
         let mut status = cn.status.clone().unwrap_or_default();
         status.ipam.pod_cidrs = reported;
         if let Ok(v) = serde_json::to_value(&status) {
-            store.update_status(&key, v);
+            sink.status(&key, v);
         }
     }
-    let spec = reconcile_cilium_node(store, &opts.cluster_pool, node, &states)?;
-    // Agent: allocate from what the CiliumNode now holds.
-    m.set_pod_cidrs(spec).await?;
+    let spec = spec_cidrs(&cn);
+    if !spec.is_empty() {
+        m.set_pod_cidrs(spec).await?;
+    }
     Ok(())
-}
-
-/// The operator's cluster-pool pass for one node: withdraw CIDRs its agent
-/// released, add one when a family is depleted; writes the CiliumNode's
-/// `spec.ipam.podCIDRs` and returns them.
-pub fn reconcile_cilium_node(
-    store: &Store,
-    cluster_pool: &[(Cidr, u8)],
-    node: &str,
-    states: &BTreeMap<Cidr, membrane_ipam::CidrState>,
-) -> Result<Vec<Cidr>, CniStartError> {
-    let mut pool = ClusterPool::new(cluster_pool.to_vec())?;
-    let snap = store.snapshot();
-    let mut mine = None;
-    for n in snap.typed::<CiliumNode>(None) {
-        let name = n.metadata.name.clone().unwrap_or_default();
-        if name == node {
-            mine = Some(n.clone());
-            continue;
-        }
-        for c in n.spec.ipam.pod_cidrs.iter().filter_map(|c| c.parse().ok()) {
-            pool.occupy(&name, c);
-        }
-    }
-    let Some(mut cn) = mine else {
-        return Ok(Vec::new());
-    };
-    let spec: Vec<Cidr> = cn
-        .spec
-        .ipam
-        .pod_cidrs
-        .iter()
-        .filter_map(|c| c.parse().ok())
-        .collect();
-    let new_spec = pool.reconcile_node(node, &spec, states)?;
-    if new_spec != spec {
-        info!(
-            node,
-            from = ?spec.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            to = ?new_spec.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "CiliumNode pod CIDRs"
-        );
-        cn.spec.ipam.pod_cidrs = new_spec.iter().map(ToString::to_string).collect();
-        store.apply(Object::CiliumNode(cn));
-    }
-    Ok(new_spec)
 }
 
 /// `membrane endpoint list -o json`.

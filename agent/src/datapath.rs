@@ -216,6 +216,11 @@ impl DatapathHandle {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Where maps and links are pinned.
+    pub fn pin_dir(&self) -> &std::path::Path {
+        &self.opts.pin_dir
+    }
+
     /// Attach the programs to a new endpoint's host interface.
     pub fn attach_device(&self, ifname: &str) -> Result<(), String> {
         self.lock().dp.attach(ifname).map_err(|e| e.to_string())

@@ -22,6 +22,7 @@ pub mod placement;
 pub mod policy;
 pub mod ports;
 pub mod report;
+pub mod routing;
 pub mod secrets;
 pub mod state;
 
@@ -140,7 +141,19 @@ pub async fn run(
     let node_id = config.node_id();
     let (envoy_tx, envoy_rx) = watch::channel(EnvoyState::default());
     let datapath = match config.datapath.clone() {
-        Some(opts) => Some(Arc::new(datapath::DatapathHandle::start(opts)?)),
+        Some(mut opts) => {
+            // With the CNI, NodePorts are on the node's address unless
+            // `--node-addresses` says otherwise (Cilium exposes them on its
+            // devices' addresses).
+            if opts.node_addresses.is_empty()
+                && let Some(cni) = &config.cni
+                && let Ok(Some(ip)) = routing::node_ip(&cni.routing).await
+            {
+                info!(%ip, "NodePort frontends on the node address");
+                opts.node_addresses.push(ip);
+            }
+            Some(Arc::new(datapath::DatapathHandle::start(opts)?))
+        }
         None => None,
     };
     // L3/L4 policy: with the CNI's endpoints on the eBPF datapath.
@@ -150,19 +163,21 @@ pub async fn run(
         )),
         _ => None,
     };
-    let endpoints = match &config.cni {
-        Some(opts) => Some(
-            cni::start(
+    let (endpoints, routing_task) = match &config.cni {
+        Some(opts) => {
+            let started = cni::start(
                 opts,
                 &config.node_name,
                 &store,
+                reports.clone(),
                 datapath.clone(),
                 policy.clone(),
                 shutdown.clone(),
             )
-            .await?,
-        ),
-        None => None,
+            .await?;
+            (Some(started.manager), Some(started.routing))
+        }
+        None => (None, None),
     };
     let state = Arc::new(AgentState {
         store: store.clone(),
@@ -231,6 +246,10 @@ pub async fn run(
     let _ = envoy_task.await;
     let _ = api_task.await;
     if let Some(t) = datapath_task {
+        let _ = t.await;
+    }
+    // Routes to other nodes are removed before the process exits.
+    if let Some(t) = routing_task {
         let _ = t.await;
     }
     let _ = xds_task.await;

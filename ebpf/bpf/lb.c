@@ -117,6 +117,49 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lb_endpoints SEC(".maps");
 
+/* NodePort to a backend on another node (Cilium's default SNAT mode of
+ * its kube-proxy replacement): a flow that comes in on an external device
+ * and leaves through one again (the backend is remote) gets this node's
+ * address as its source, so the reply comes back through this node and is
+ * translated back here.
+ *
+ * External devices (the node's underlay device, the tunnel device) ->
+ * the address to SNAT to when a flow leaves through them; `port` holds the
+ * address's family (LB_FAMILY_V4/V6), only flows of that family are
+ * SNATed. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, __u32);
+	__type(value, struct lb_rnat_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_snat_dev SEC(".maps");
+
+/* Original tuple (client -> frontend) -> the SNAT address and port. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct lb_tuple);
+	__type(value, struct lb_rnat_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_snat_fwd SEC(".maps");
+
+/* What a reply (backend -> SNAT address:port) is translated back to. */
+struct lb_snat_rev_value {
+	__u8 client[16];
+	__u8 frontend[16];
+	__be16 client_port;
+	__be16 frontend_port;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct lb_tuple);
+	__type(value, struct lb_snat_rev_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_snat_rev SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, LB_STAT_MAX);
@@ -382,6 +425,110 @@ static __always_inline __u32 flow_hash(const struct lb_tuple *t)
 	return jhash_3words(a, ((__u32)t->dport << 16) | t->sport, t->proto, HASH_SEED);
 }
 
+/* Egress device of a route to `daddr`; 0 when the FIB has none. */
+static __always_inline __u32 fib_egress(struct __sk_buff *skb, const struct pkt *p,
+					const __u8 *daddr)
+{
+	struct bpf_fib_lookup fib = {};
+
+	fib.ifindex = skb->ingress_ifindex;
+	fib.l4_protocol = p->t.proto;
+	if (p->t.family == LB_FAMILY_V4) {
+		fib.family = AF_INET;
+		fib.tot_len = skb->len - p->l3_off;
+		__builtin_memcpy(&fib.ipv4_src, p->t.saddr, 4);
+		__builtin_memcpy(&fib.ipv4_dst, daddr, 4);
+	} else {
+		fib.family = AF_INET6;
+		__builtin_memcpy(fib.ipv6_src, p->t.saddr, 16);
+		__builtin_memcpy(fib.ipv6_dst, daddr, 16);
+	}
+	long r = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (r == BPF_FIB_LKUP_RET_SUCCESS || r == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return fib.ifindex;
+	return 0;
+}
+
+#define SNAT_PORT_MIN 32768
+#define SNAT_PORT_RANGE 28232
+#define SNAT_TRIES 8
+
+/* After DNAT to `be`: when the flow came in on an external device and the
+ * backend is reached through one (another node), rewrite the source to the
+ * node's address and a port no other flow to that backend uses. Returns
+ * 0 when done or not needed, -1 to drop. */
+static __always_inline int nodeport_snat(struct __sk_buff *skb, struct pkt *p,
+					 const struct lb_backend *be)
+{
+	__u32 in = skb->ingress_ifindex;
+	if (!bpf_map_lookup_elem(&lb_snat_dev, &in))
+		return 0;
+	__u32 out = fib_egress(skb, p, be->addr);
+	struct lb_rnat_value *dev = out ? bpf_map_lookup_elem(&lb_snat_dev, &out) : NULL;
+	if (!dev || dev->port != p->t.family)
+		return 0;
+
+	struct lb_rnat_value snat = {};
+	struct lb_rnat_value *known = bpf_map_lookup_elem(&lb_snat_fwd, &p->t);
+	struct lb_tuple rk = {};
+	__builtin_memcpy(rk.saddr, be->addr, 16);
+	rk.sport = be->port;
+	rk.proto = p->t.proto;
+	rk.family = p->t.family;
+	if (known) {
+		snat = *known;
+		__builtin_memcpy(rk.daddr, snat.addr, 16);
+		rk.dport = snat.port;
+	} else {
+		__builtin_memcpy(snat.addr, dev->addr, 16);
+		__builtin_memcpy(rk.daddr, dev->addr, 16);
+		__u32 h = flow_hash(&p->t);
+		int found = 0;
+#pragma unroll
+		for (int i = 0; i < SNAT_TRIES; i++) {
+			/* The client's own port first: most flows keep it. */
+			__be16 port = i == 0 ? p->t.sport
+				: bpf_htons(SNAT_PORT_MIN + (h + i * 7919) % SNAT_PORT_RANGE);
+			rk.dport = port;
+			if (!bpf_map_lookup_elem(&lb_snat_rev, &rk)) {
+				snat.port = port;
+				found = 1;
+				break;
+			}
+		}
+		if (!found)
+			return -1;
+		bpf_map_update_elem(&lb_snat_fwd, &p->t, &snat, BPF_ANY);
+	}
+	struct lb_snat_rev_value rv = {};
+	__builtin_memcpy(rv.client, p->t.saddr, 16);
+	__builtin_memcpy(rv.frontend, p->t.daddr, 16);
+	rv.client_port = p->t.sport;
+	rv.frontend_port = p->t.dport;
+	bpf_map_update_elem(&lb_snat_rev, &rk, &rv, BPF_ANY);
+	return rewrite(skb, p, 0, p->t.saddr, snat.addr, p->t.sport, snat.port);
+}
+
+/* A reply to a SNATed NodePort flow: back to the client, from the
+ * frontend. 1 = handled (verdict in *verdict), 0 = not such a reply. */
+static __always_inline int nodeport_snat_reply(struct __sk_buff *skb, struct pkt *p,
+					       int *verdict)
+{
+	struct lb_snat_rev_value *found = bpf_map_lookup_elem(&lb_snat_rev, &p->t);
+	if (!found)
+		return 0;
+	struct lb_snat_rev_value v = *found;
+	if (rewrite(skb, p, 1, p->t.daddr, v.client, p->t.dport, v.client_port) < 0 ||
+	    rewrite(skb, p, 0, p->t.saddr, v.frontend, p->t.sport, v.frontend_port) < 0) {
+		stat_inc(LB_STAT_DROP_REWRITE);
+		*verdict = TC_ACT_SHOT;
+		return 1;
+	}
+	stat_inc(LB_STAT_REV_NAT);
+	*verdict = fib_redirect(skb, p, v.frontend, v.client);
+	return 1;
+}
+
 static __always_inline struct lb_backend *backend_of(__u32 id)
 {
 	return bpf_map_lookup_elem(&lb_backends, &id);
@@ -493,7 +640,8 @@ static __always_inline int forward(struct __sk_buff *skb, struct pkt *p,
 
 	__u8 new_addr[16];
 	__builtin_memcpy(new_addr, be->addr, 16);
-	if (rewrite(skb, p, 1, p->t.daddr, new_addr, p->t.dport, be->port) < 0) {
+	if (rewrite(skb, p, 1, p->t.daddr, new_addr, p->t.dport, be->port) < 0 ||
+	    nodeport_snat(skb, p, be) < 0) {
 		stat_inc(LB_STAT_DROP_REWRITE);
 		return TC_ACT_SHOT;
 	}
@@ -591,6 +739,10 @@ int membrane_lb(struct __sk_buff *skb)
 		struct lb_svc_value v = *svc;
 		return forward(skb, &p, &v);
 	}
+
+	int verdict;
+	if (nodeport_snat_reply(skb, &p, &verdict))
+		return verdict;
 
 	struct lb_rnat_value *rn = bpf_map_lookup_elem(&lb_rnat, &p.t);
 	if (rn) {

@@ -23,6 +23,7 @@ pub mod datapath;
 pub mod maps;
 pub mod policy;
 pub mod sock;
+pub mod snat;
 
 pub use datapath::{
     BackendStatus, DEFAULT_PIN_DIR, Datapath, DatapathConfig, DatapathError, HostRouting,

@@ -8,6 +8,7 @@
 
 mod manager;
 pub mod netlink;
+pub mod routing;
 mod server;
 
 use std::collections::BTreeMap;

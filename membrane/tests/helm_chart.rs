@@ -76,6 +76,8 @@ fn default_values_render_the_operator_the_agent_and_their_rbac() {
             "operator",
             "--leader-election-namespace=kube-system",
             "--secrets-namespace=cilium-secrets",
+            "--cluster-pool-ipv4-cidr=10.244.0.0/16",
+            "--cluster-pool-ipv4-mask-size=24",
             "--ingress-default-lb-mode=dedicated",
             "--enforce-ingress-https=true",
             "--ingress-lb-annotation-prefixes=lbipam.cilium.io,service.beta.kubernetes.io,service.kubernetes.io,cloud.google.com",
@@ -239,6 +241,10 @@ fn cilium_style_values_reach_the_flags_the_ingress_class_and_the_shared_service(
                 "nodes": {"matchLabels": {"role": "edge"}},
             },
         },
+        "ipam": {"operator": {
+            "clusterPoolIPv4PodCIDRList": ["10.42.0.0/16"],
+            "clusterPoolIPv4MaskSize": 26,
+        }},
     });
     let Some(r) = render(&values) else { return };
     assert_lints_clean(&r);
@@ -251,6 +257,8 @@ fn cilium_style_values_reach_the_flags_the_ingress_class_and_the_shared_service(
     let op_args = args(op);
     for want in [
         "--secrets-namespace=ingress-secrets",
+        "--cluster-pool-ipv4-cidr=10.42.0.0/16",
+        "--cluster-pool-ipv4-mask-size=26",
         "--ingress-default-lb-mode=shared",
         "--enforce-ingress-https=false",
         "--enable-ingress-proxy-protocol",

@@ -135,6 +135,11 @@ async fn seed(kubeconfig: &Path) {
                "spec": {"ingressClassName": "cilium", "rules": [{"http": {"paths": [
                    {"path": "/", "pathType": "Prefix",
                     "backend": {"service": {"name": "web", "port": {"number": 80}}}}]}}]}}),
+        // An agent's CiliumNode (the agent creates it; the operator adds
+        // pod CIDRs).
+        json!({"apiVersion": "cilium.io/v2", "kind": "CiliumNode",
+               "metadata": {"name": "node-a"},
+               "spec": {"addresses": [{"type": "InternalIP", "ip": "192.0.2.1"}]}}),
     ];
     for v in objects {
         let obj = object(v.clone());
@@ -185,11 +190,21 @@ async fn drive_operator(kubeconfig: &Path) -> Vec<tokio::task::JoinHandle<()>> {
                 Kind::Secret,
                 Kind::CiliumEnvoyConfig,
                 Kind::CiliumClusterwideEnvoyConfig,
+                Kind::CiliumNode,
             ],
         ),
     )
     .await;
     let w = Writer::new(c.clone(), OPERATOR_MANAGER);
+    // Cluster-pool IPAM: pod CIDRs on an existing CiliumNode.
+    w.apply(&object(
+        json!({"apiVersion": "cilium.io/v2", "kind": "CiliumNode",
+        "metadata": {"name": "node-a"},
+        "spec": {"addresses": [{"type": "InternalIP", "ip": "192.0.2.1"}],
+                 "ipam": {"podCIDRs": ["10.244.0.0/24"]}}}),
+    ))
+    .await
+    .expect("operator applies pod CIDRs");
     let generated = [
         object(
             json!({"apiVersion": "cilium.io/v2", "kind": "CiliumEnvoyConfig",
@@ -335,7 +350,7 @@ fn audit_of_both_roles(port: u16) -> Vec<AuditEntry> {
         t.extend(drive_agent(&server.kubeconfig()).await);
         t
     });
-    // 7 operator kinds, 4 agent kinds plus the Secrets of one namespace.
+    // 8 operator kinds, 4 agent kinds plus the Secrets of one namespace.
     let watches = |prefix: &str| {
         read_audit_log(&server.audit_log())
             .iter()
@@ -345,7 +360,7 @@ fn audit_of_both_roles(port: u16) -> Vec<AuditEntry> {
             .len()
     };
     let all_watching = wait_until(Duration::from_secs(30), || {
-        watches("membrane-operator/") >= 7 && watches("membrane-agent/") >= 5
+        watches("membrane-operator/") >= 8 && watches("membrane-agent/") >= 5
     });
     assert!(
         all_watching,

@@ -13,6 +13,7 @@
 pub mod ingress_controller;
 pub mod ingress_status;
 pub mod lb_ipam;
+pub mod node_ipam;
 
 use std::collections::BTreeMap;
 
@@ -34,6 +35,9 @@ pub struct OperatorConfig {
     /// Mode of Ingresses without `ingress.cilium.io/loadbalancer-mode`.
     pub ingress_default_lb_mode: LoadBalancerMode,
     pub ingress: IngressOptions,
+    /// Cluster pool node pod CIDRs are carved from (`--cluster-pool-*`);
+    /// empty: pod CIDRs are not allocated.
+    pub cluster_pool: node_ipam::ClusterPoolConfig,
 }
 
 /// What one pass found.
@@ -49,6 +53,8 @@ pub struct OperatorPass {
 #[derive(Debug)]
 pub struct Operator {
     pool: Pool,
+    cluster_pool: node_ipam::ClusterPoolConfig,
+    node_ipam: node_ipam::NodeIpam,
     opts: TranslateOptions,
     ipam: lb_ipam::LbIpam,
     ingress: ingress_controller::IngressController,
@@ -61,6 +67,8 @@ impl Operator {
     pub fn new(config: &OperatorConfig) -> Self {
         Self {
             pool: config.lb_pool,
+            cluster_pool: config.cluster_pool.clone(),
+            node_ipam: Default::default(),
             opts: config.ingress.apply(TranslateOptions {
                 secrets_namespace: config.secrets_namespace.clone(),
                 default_lb_mode: config.ingress_default_lb_mode,
@@ -79,6 +87,7 @@ impl Operator {
     pub fn pass(&mut self, store: &Store, sink: &dyn Sink) -> OperatorPass {
         let snap = store.snapshot();
         let mut rejected = self.ipam.reconcile(&self.pool, sink, &snap);
+        rejected.extend(self.node_ipam.reconcile(&snap, &self.cluster_pool, sink));
         let snap = store.snapshot();
         let ingress = self.ingress.reconcile(sink, &snap, &self.opts);
         rejected.extend(ingress.rejected);
@@ -131,6 +140,7 @@ fn reason_of(kind: Kind, why: &str) -> &'static str {
         Kind::Ingress => "InvalidIngress",
         Kind::Service => "AddressUnavailable",
         Kind::CiliumEnvoyConfig | Kind::CiliumClusterwideEnvoyConfig => "ConfigRejected",
+        Kind::CiliumNode => "PodCIDRUnavailable",
         _ => "Rejected",
     }
 }
@@ -145,6 +155,7 @@ pub const WATCHED_KINDS: &[Kind] = &[
     Kind::CiliumEnvoyConfig,
     Kind::CiliumClusterwideEnvoyConfig,
     Kind::ProxyNodeStatus,
+    Kind::CiliumNode,
 ];
 
 /// `membrane operator`: watch the API, and while `leader` reads true run

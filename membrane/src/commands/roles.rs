@@ -53,6 +53,7 @@ pub fn in_process_operator(lb_pool: Pool) -> Box<dyn Controller> {
         secrets_namespace: "cilium-secrets".into(),
         ingress_default_lb_mode: Default::default(),
         ingress: Default::default(),
+        cluster_pool: Vec::new(),
     }))
 }
 
@@ -74,6 +75,9 @@ pub struct OperatorArgs {
     pub ingress_default_lb_mode: membrane_ingress::LoadBalancerMode,
     #[command(flatten)]
     pub ingress: IngressFlags,
+    /// Pod CIDRs handed to every CiliumNode (cluster-pool IPAM).
+    #[command(flatten)]
+    pub cluster_pool: super::up::ClusterPoolArgs,
     /// Namespace of the leader-election Lease `cilium-operator-resource-lock`.
     #[arg(long, default_value = "kube-system")]
     pub leader_election_namespace: String,
@@ -116,6 +120,7 @@ pub async fn operator(args: OperatorArgs) -> Result<ExitCode> {
         lb_pool: args.lb_pool,
         secrets_namespace: args.secrets_namespace.clone(),
         ingress_default_lb_mode: args.ingress_default_lb_mode,
+        cluster_pool: args.cluster_pool.pools(),
         ingress: {
             let mut ingress = args.ingress.options()?;
             if let Some(h) = ingress.host_network.as_mut() {
@@ -191,6 +196,8 @@ pub struct AgentArgs {
     pub proxy_ports: std::ops::RangeInclusive<u16>,
     #[command(flatten)]
     pub datapath: super::service::DatapathArgs,
+    #[command(flatten)]
+    pub cni: super::up::CniArgs,
 }
 
 fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
@@ -249,13 +256,18 @@ pub async fn agent(args: AgentArgs, api_socket: PathBuf) -> Result<ExitCode> {
         )),
         node_labels,
         proxy_ports: Some(args.proxy_ports.clone()),
-        datapath: args.datapath.options_for(false)?,
-        cni: None,
+        datapath: args.datapath.options_for(args.cni.enable_cni)?,
+        cni: args.cni.options(&args.run_dir),
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     let store = Store::new();
-    let source = KubeSource::with_kinds(client.clone(), AGENT_KINDS.to_vec());
+    let mut kinds = AGENT_KINDS.to_vec();
+    if args.cni.enable_cni {
+        // Pod labels for endpoints; CiliumNodes for pod CIDRs and routes.
+        kinds.extend([Kind::Pod, Kind::CiliumNode]);
+    }
+    let source = KubeSource::with_kinds(client.clone(), kinds);
     let mut synced = source.synced();
     let _source = store.spawn_source(source);
     // Ready only once every watch has listed: Envoy's first configuration

@@ -63,6 +63,24 @@ pub struct CniArgs {
     /// The `membrane-cni` binary to install (default: next to `membrane`).
     #[arg(long)]
     pub cni_plugin_bin: Option<PathBuf>,
+    #[command(flatten)]
+    pub pool: ClusterPoolArgs,
+    /// MTU of pod interfaces (in tunnel mode the VXLAN overhead, 50 bytes,
+    /// is taken off, as Cilium does).
+    #[arg(long, default_value_t = 1500)]
+    pub mtu: u32,
+    /// After a pod's deletion, answer its old address with ICMP
+    /// unreachable until the address is reused.
+    #[arg(long)]
+    pub unreachable_routes: bool,
+    #[command(flatten)]
+    pub routing: RoutingArgs,
+}
+
+/// The cluster pool node pod CIDRs are carved from (Cilium's operator
+/// flags; `membrane up` runs the operator in-process).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClusterPoolArgs {
     /// Cluster pool node pod CIDRs are carved from.
     #[arg(long, default_value = "10.244.0.0/16")]
     pub cluster_pool_ipv4_cidr: membrane_ipam::Cidr,
@@ -76,13 +94,42 @@ pub struct CniArgs {
     pub cluster_pool_ipv6_cidr: membrane_ipam::Cidr,
     #[arg(long, default_value_t = 120)]
     pub cluster_pool_ipv6_mask_size: u8,
-    /// MTU of pod interfaces.
-    #[arg(long, default_value_t = 1500)]
-    pub mtu: u32,
-    /// After a pod's deletion, answer its old address with ICMP
-    /// unreachable until the address is reused.
+}
+
+impl ClusterPoolArgs {
+    /// (cluster CIDR, node mask size) per enabled family.
+    pub fn pools(&self) -> Vec<(membrane_ipam::Cidr, u8)> {
+        let mut pools = vec![(
+            self.cluster_pool_ipv4_cidr,
+            self.cluster_pool_ipv4_mask_size,
+        )];
+        if self.enable_ipv6 {
+            pools.push((
+                self.cluster_pool_ipv6_cidr,
+                self.cluster_pool_ipv6_mask_size,
+            ));
+        }
+        pools
+    }
+}
+
+/// How pods reach pods on other nodes (Cilium's flag names and defaults).
+#[derive(clap::Args, Debug, Clone)]
+pub struct RoutingArgs {
+    /// native: a route per remote node's pod CIDR via its InternalIP;
+    /// tunnel: encapsulated to the remote node (device `cilium_vxlan`).
+    #[arg(long, default_value = "tunnel")]
+    pub routing_mode: membrane_agent::routing::RoutingMode,
+    /// Encapsulation in tunnel mode (only vxlan).
+    #[arg(long, default_value = "vxlan")]
+    pub tunnel_protocol: membrane_agent::routing::TunnelProtocol,
+    /// UDP port of the tunnel.
+    #[arg(long, default_value_t = 8472)]
+    pub tunnel_port: u16,
+    /// This node's InternalIP in its CiliumNode (default: the address of the
+    /// device holding the default route, else the first global address).
     #[arg(long)]
-    pub unreachable_routes: bool,
+    pub node_ip: Option<std::net::IpAddr>,
 }
 
 impl CniArgs {
@@ -90,25 +137,21 @@ impl CniArgs {
         if !self.enable_cni {
             return None;
         }
-        let mut cluster_pool = vec![(
-            self.cluster_pool_ipv4_cidr,
-            self.cluster_pool_ipv4_mask_size,
-        )];
-        if self.enable_ipv6 {
-            cluster_pool.push((
-                self.cluster_pool_ipv6_cidr,
-                self.cluster_pool_ipv6_mask_size,
-            ));
-        }
+        let routing = membrane_agent::routing::RoutingOptions {
+            mode: self.routing.routing_mode,
+            tunnel_protocol: self.routing.tunnel_protocol,
+            tunnel_port: self.routing.tunnel_port,
+            node_ip: self.routing.node_ip,
+        };
         Some(membrane_agent::cni::CniOptions {
             socket: membrane_agent::cni::default_socket(run_dir),
             state_dir: run_dir.join("cni"),
             bin_dir: self.cni_bin_dir.clone(),
             conf_dir: self.cni_conf_dir.clone(),
             plugin_bin: self.cni_plugin_bin.clone(),
-            cluster_pool,
-            mtu: self.mtu,
+            mtu: routing.pod_mtu(self.mtu),
             unreachable_routes: self.unreachable_routes,
+            routing,
         })
     }
 }
@@ -301,6 +344,11 @@ pub async fn run(args: UpArgs, api_socket: PathBuf) -> Result<ExitCode> {
         lb_pool: args.lb_pool,
         secrets_namespace: args.secrets_namespace.clone(),
         ingress_default_lb_mode: args.ingress_default_lb_mode,
+        cluster_pool: if args.cni.enable_cni {
+            args.cni.pool.pools()
+        } else {
+            Vec::new()
+        },
         ingress: {
             let mut ingress = args.ingress.options()?;
             if let Some(h) = ingress.host_network.as_mut() {
@@ -332,6 +380,19 @@ pub async fn run(args: UpArgs, api_socket: PathBuf) -> Result<ExitCode> {
     });
     // The operator runs inside the agent's loop, on the same store: one
     // process, the same reconcile code as `membrane operator`.
+    // The operator's pod CIDR allocation for this node runs before the
+    // agent starts, so the node's pod network comes up at once (and gets
+    // back the CIDRs its saved state holds).
+    if let Some(cni) = &config.cni {
+        membrane_operator::node_ipam::allocate_node(
+            &store.snapshot(),
+            &operator.cluster_pool,
+            &config.node_name,
+            &membrane_agent::cni::saved_cidrs(cni),
+            &membrane_k8s::StoreSink(store.clone()),
+        )
+        .context("allocating this node's pod CIDRs from the cluster pool")?;
+    }
     let controller = super::roles::InProcessOperator::new(&operator);
     let reports = std::sync::Arc::new(membrane_k8s::StoreSink(store.clone()));
     membrane_agent::run(config, store, reports, Some(Box::new(controller)), shutdown).await?;
