@@ -456,7 +456,7 @@ static __always_inline __u32 fib_egress(struct __sk_buff *skb, const struct pkt 
 /* After DNAT to `be`: when the flow came in on an external device and the
  * backend is reached through one (another node), rewrite the source to the
  * node's address and a port no other flow to that backend uses. Returns
- * 0 when done or not needed, -1 to drop. */
+ * 1 when the source was rewritten, 0 when not needed, -1 to drop. */
 static __always_inline int nodeport_snat(struct __sk_buff *skb, struct pkt *p,
 					 const struct lb_backend *be)
 {
@@ -506,7 +506,7 @@ static __always_inline int nodeport_snat(struct __sk_buff *skb, struct pkt *p,
 	rv.client_port = p->t.sport;
 	rv.frontend_port = p->t.dport;
 	bpf_map_update_elem(&lb_snat_rev, &rk, &rv, BPF_ANY);
-	return rewrite(skb, p, 0, p->t.saddr, snat.addr, p->t.sport, snat.port);
+	return rewrite(skb, p, 0, p->t.saddr, snat.addr, p->t.sport, snat.port) < 0 ? -1 : 1;
 }
 
 /* A reply to a SNATed NodePort flow: back to the client, from the
@@ -640,12 +640,19 @@ static __always_inline int forward(struct __sk_buff *skb, struct pkt *p,
 
 	__u8 new_addr[16];
 	__builtin_memcpy(new_addr, be->addr, 16);
+	int snat = -1;
 	if (rewrite(skb, p, 1, p->t.daddr, new_addr, p->t.dport, be->port) < 0 ||
-	    nodeport_snat(skb, p, be) < 0) {
+	    (snat = nodeport_snat(skb, p, be)) < 0) {
 		stat_inc(LB_STAT_DROP_REWRITE);
 		return TC_ACT_SHOT;
 	}
 	stat_inc(is_new ? LB_STAT_FWD_NEW : LB_STAT_FWD_ESTABLISHED);
+	/* A SNATed NodePort flow now has a local source address and leaves
+	 * through an external device, often the one it came in on: the stack
+	 * would drop it as a martian and host routing hands same-device
+	 * traffic to the stack, so it always goes to the FIB's next hop. */
+	if (snat > 0)
+		return fib_redirect(skb, p, p->t.saddr, new_addr);
 	return route(skb, p, p->t.saddr, new_addr, 0);
 }
 
