@@ -87,6 +87,8 @@ pub struct Store {
 struct Inner {
     state: Mutex<State>,
     tx: watch::Sender<u64>,
+    /// The API this store mirrors, if any (see [`crate::Upstream`]).
+    upstream: std::sync::OnceLock<crate::SharedUpstream>,
 }
 
 /// Which source scope claims an object, with the version it supplied.
@@ -139,8 +141,20 @@ impl Store {
             inner: Arc::new(Inner {
                 state: Mutex::new(State::default()),
                 tx,
+                upstream: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Marks this store as a mirror of `upstream`: the local API then
+    /// writes and reads through it. Set once; later calls are ignored.
+    pub fn set_upstream(&self, upstream: crate::SharedUpstream) {
+        let _ = self.inner.upstream.set(upstream);
+    }
+
+    /// The API this store mirrors, if it mirrors one.
+    pub fn upstream(&self) -> Option<crate::SharedUpstream> {
+        self.inner.upstream.get().cloned()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
