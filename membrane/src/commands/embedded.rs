@@ -239,6 +239,26 @@ impl Upstream for ApiObjects {
         keys.iter().map(|k| self.delete_one(k)).collect()
     }
 
+    fn status(&self, key: &ObjectKey, status: Value) -> Result<(), String> {
+        let res = self.resource(key.kind).map_err(|e| format!("{key}: {e}"))?;
+        // The whole status is replaced, as the store did: an apply would
+        // merge maps (a CIDR dropped from a status map would linger).
+        let patch = json!([{"op": "add", "path": "/status", "value": status}]);
+        let sub = if res.status { "status" } else { "" };
+        self.api
+            .patch(
+                &res,
+                Self::namespace_of(key),
+                &key.name,
+                PatchType::Json,
+                patch,
+                sub,
+                &self.opts(),
+            )
+            .map(drop)
+            .map_err(|e| format!("{key}: status: {e}"))
+    }
+
     fn get(&self, key: &ObjectKey) -> Result<Option<Object>, String> {
         let res = self.resource(key.kind)?;
         match self.api.get(&res, Self::namespace_of(key), &key.name) {

@@ -331,11 +331,18 @@ pub async fn run(args: UpArgs, api_socket: PathBuf) -> Result<ExitCode> {
     // The agent's store mirrors the API; the local API (`membrane apply`)
     // writes into the API and reads its writes back from it.
     let store = Store::new();
-    store.set_upstream(Arc::new(ApiObjects::new(
-        api.clone(),
-        gc.clone(),
-        LOCAL_API_MANAGER,
-    )));
+    // (The agent's own direct writes, the CNI's CiliumNode, go to the API
+    // as the agent's.)
+    store
+        .set_upstream(
+            Arc::new(ApiObjects::new(api.clone(), gc.clone(), LOCAL_API_MANAGER)),
+            Arc::new(ApiObjects::new(
+                api.clone(),
+                gc.clone(),
+                membrane_k8s::AGENT_MANAGER,
+            )),
+        )
+        .context("starting the store's API writer")?;
 
     // The watched directory is an API client. Applied before the watches
     // start, so the first configuration Envoy sees has every object.
