@@ -394,3 +394,98 @@ fn restarts_keep_objects_and_watch_history() {
         "a change before rv0 was replayed: {seen:?}"
     );
 }
+
+/// The watched directory is an API client: it applies what its files
+/// declare and deletes only what it applied (not what kubectl created),
+/// also when a file went away while Membrane was down; an unchanged
+/// rewrite of a file writes nothing.
+#[test]
+fn the_manifest_directory_applies_and_deletes_only_its_own() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir_all(&manifests).expect("mkdir");
+    std::fs::write(
+        manifests.join("a.yaml"),
+        service_yaml("from-file-a", 80, None, "127.24.12.1"),
+    )
+    .expect("write");
+    std::fs::write(
+        manifests.join("b.yaml"),
+        service_yaml("from-file-b", 80, None, "127.24.12.2"),
+    )
+    .expect("write");
+    let m = Membrane::start_on(
+        dir,
+        &manifests,
+        "127.24.2.0/24",
+        24280,
+        24643,
+        &["--api-listen", "127.0.0.1:24003"],
+    );
+    let k = Kubectl::for_membrane(&m);
+    assert!(k.exists("service", "from-file-a") && k.exists("service", "from-file-b"));
+    let managers = k.ok(
+        &[
+            "get",
+            "service",
+            "from-file-a",
+            "-o",
+            "jsonpath={.metadata.managedFields[*].manager}",
+        ],
+        None,
+    );
+    assert!(managers.contains("membrane-manifests"), "{managers}");
+    k.ok(
+        &["apply", "-f", "-"],
+        Some(&service_yaml("by-kubectl", 80, None, "127.24.12.3")),
+    );
+
+    // The same content written again: nothing is written to the API.
+    let rv = resource_version(&k, "service", "from-file-a");
+    std::fs::write(
+        manifests.join("a.yaml"),
+        service_yaml("from-file-a", 80, None, "127.24.12.1"),
+    )
+    .expect("rewrite");
+    // A real change in another file, after it, proves the reload happened.
+    std::fs::write(
+        manifests.join("c.yaml"),
+        service_yaml("from-file-c", 80, None, "127.24.12.4"),
+    )
+    .expect("write");
+    assert!(
+        wait_until(Duration::from_secs(10), || k
+            .exists("service", "from-file-c")),
+        "c.yaml not applied:\n{}",
+        m.log()
+    );
+    assert_eq!(resource_version(&k, "service", "from-file-a"), rv);
+
+    // A removed file deletes its objects; kubectl's stay.
+    std::fs::remove_file(manifests.join("a.yaml")).expect("rm");
+    assert!(
+        wait_until(Duration::from_secs(10), || !k
+            .exists("service", "from-file-a")),
+        "from-file-a not deleted:\n{}",
+        m.log()
+    );
+    assert!(k.exists("service", "by-kubectl"));
+
+    // A file removed while Membrane is down: its objects go at the next start.
+    let mut m = m;
+    let dir = std::mem::replace(&mut m.dir, tempfile::tempdir().expect("tempdir"));
+    drop(m);
+    std::fs::remove_file(manifests.join("b.yaml")).expect("rm");
+    let m = Membrane::start_on(
+        dir,
+        &manifests,
+        "127.24.2.0/24",
+        24280,
+        24643,
+        &["--api-listen", "127.0.0.1:24003"],
+    );
+    let k = Kubectl::for_membrane(&m);
+    assert!(!k.exists("service", "from-file-b"), "{}", m.log());
+    assert!(k.exists("service", "from-file-c"));
+    assert!(k.exists("service", "by-kubectl"));
+}
