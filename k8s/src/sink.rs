@@ -251,10 +251,22 @@ async fn write_loop(
             continue;
         }
         let now = Instant::now();
+        // A status waits for a write of its object in flight or queued
+        // before it: the status subresource of an object not created yet
+        // is not found. (A write of the object queued after the status does
+        // not hold it back: a pass repeating an apply must not starve it.)
+        let object_pending = |s: &Slot, seq: u64| match s {
+            Slot::Status(k) => {
+                let object = Slot::Object(k.clone());
+                flying.contains_key(&object)
+                    || queue.items.get(&object).is_some_and(|o| o.seq < seq)
+            }
+            _ => false,
+        };
         let mut due: Vec<(u64, Slot)> = queue
             .items
             .iter()
-            .filter(|(s, q)| q.due <= now && !flying.contains_key(*s))
+            .filter(|(s, q)| q.due <= now && !flying.contains_key(*s) && !object_pending(s, q.seq))
             .map(|(s, q)| (q.seq, s.clone()))
             .collect();
         due.sort();
@@ -277,12 +289,16 @@ async fn write_loop(
 /// A failed write goes back into the queue, unless a newer one for the
 /// same slot arrived meanwhile.
 fn retry(queue: &mut Queue, slot: Slot, q: Queued, e: WriteError) {
-    // A status for an object that is gone has nothing left to do.
+    // A status for an object that is gone has nothing left to do, nor has
+    // an Event in a namespace that is gone.
     if matches!(
         (&q.op, &e),
-        (Op::Status(..), WriteError::Refused { code: 404, .. })
+        (
+            Op::Status(..) | Op::Warn(..),
+            WriteError::Refused { code: 404, .. }
+        )
     ) {
-        debug!(error = %e, "status of a deleted object dropped");
+        debug!(error = %e, "write about a deleted object dropped");
         return;
     }
     if queue.items.contains_key(&slot) {

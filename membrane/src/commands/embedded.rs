@@ -95,7 +95,7 @@ impl ApiObjects {
     /// Creates namespace `ns` if missing: manifests and `membrane apply`
     /// never needed a Namespace object before their objects (the store had
     /// no such check), and must keep working as they did.
-    fn ensure_namespace(&self, ns: &str) -> Result<(), String> {
+    pub fn ensure_namespace(&self, ns: &str) -> Result<(), String> {
         let res = self.resource(Kind::Namespace)?;
         match self.api.get(&res, None, ns) {
             Ok(_) => return Ok(()),

@@ -358,15 +358,18 @@ pub async fn run(args: UpArgs, api_socket: PathBuf) -> Result<ExitCode> {
             store.clone(),
         );
         let node_name = args.node_name.clone();
+        let secrets_namespace = args.secrets_namespace.clone();
         tokio::task::spawn_blocking(move || {
             // This node as the flags declare it (an agent alone would keep
             // an existing Node's labels; here the flags are the source).
             super::embedded::declare_node(&api, &node_name, &node_labels);
-            let mut sync = ManifestSync::new(
-                ApiObjects::new(api, gc, MANIFESTS_MANAGER),
-                manifest_store,
-                report,
-            );
+            let objects = ApiObjects::new(api, gc, MANIFESTS_MANAGER);
+            // TLS Secrets are synced into it (in a cluster the chart
+            // creates it).
+            if let Err(e) = objects.ensure_namespace(&secrets_namespace) {
+                error!(error = %e, "creating the secrets namespace");
+            }
+            let mut sync = ManifestSync::new(objects, manifest_store, report);
             sync.sync();
             sync
         })
