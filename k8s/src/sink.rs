@@ -301,6 +301,19 @@ fn retry(queue: &mut Queue, slot: Slot, q: Queued, e: WriteError) {
         debug!(error = %e, "write about a deleted object dropped");
         return;
     }
+    // A write into a namespace that is gone or being deleted can never
+    // land; the next pass derives what is still wanted from what it reads.
+    if let WriteError::Refused {
+        code: 403 | 404,
+        message,
+        ..
+    } = &e
+        && (message.contains("because it is being terminated")
+            || (message.starts_with("namespaces \"") && message.ends_with("not found")))
+    {
+        warn!(error = %e, "namespace gone: write dropped");
+        return;
+    }
     if queue.items.contains_key(&slot) {
         return;
     }
