@@ -231,8 +231,20 @@ impl ApiObjects {
 }
 
 impl Upstream for ApiObjects {
+    /// In dependency order (Namespaces, classes, Services and Secrets,
+    /// slices, then the rest), so the controllers never see an Ingress of
+    /// the same request before its Services; results in input order.
     fn apply(&self, objs: &[Object]) -> Vec<Result<Change, String>> {
-        objs.iter().map(|o| self.apply_one(o)).collect()
+        let mut order: Vec<usize> = (0..objs.len()).collect();
+        order.sort_by_key(|&i| apply_rank(objs[i].kind()));
+        let mut results: Vec<Option<Result<Change, String>>> = vec![None; objs.len()];
+        for i in order {
+            results[i] = Some(self.apply_one(&objs[i]));
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err("not applied".into())))
+            .collect()
     }
 
     fn delete(&self, keys: &[ObjectKey]) -> Vec<Result<bool, String>> {
