@@ -616,7 +616,10 @@ fn status_apply_of_a_missing_object_is_not_found() {
         )
         .expect_err("status of a missing object");
     assert_eq!(code(err), 404);
-    assert!(api.get(&svc, Some("default"), "s").is_err(), "nothing created");
+    assert!(
+        api.get(&svc, Some("default"), "s").is_err(),
+        "nothing created"
+    );
     api.create(
         &svc,
         Some("default"),
