@@ -441,6 +441,51 @@ mod tests {
         );
     }
 
+    /// A status queued after its object's apply is sent only once that
+    /// apply is answered: the status of an object not created yet is 404.
+    #[tokio::test]
+    async fn a_status_waits_for_its_objects_apply() {
+        use http::{Request, Response};
+        use kube::client::Body;
+        let (mock, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(mock, "default");
+        let sink = KubeSink::spawn(Writer::new(client, crate::AGENT_MANAGER), None, None);
+        let obj = Object::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "s", "namespace": "a"},
+            "spec": {"ports": [{"port": 80}]},
+        }))
+        .expect("service");
+        let key = obj.key();
+        sink.apply_all(vec![obj]);
+        sink.status(
+            &key,
+            serde_json::json!({"loadBalancer": {"ingress": [{"ip": "10.0.0.1"}]}}),
+        );
+        let (req, send) = tokio::time::timeout(Duration::from_secs(10), handle.next_request())
+            .await
+            .expect("the apply goes out")
+            .expect("request");
+        assert_eq!(req.uri().path(), "/api/v1/namespaces/a/services/s");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), handle.next_request())
+                .await
+                .is_err(),
+            "the status went out before its object's apply was answered"
+        );
+        let bytes = req.into_body().collect_bytes().await.expect("body");
+        send.send_response(
+            Response::builder()
+                .body(Body::from(bytes.to_vec()))
+                .expect("response"),
+        );
+        let (req, _send) = tokio::time::timeout(Duration::from_secs(10), handle.next_request())
+            .await
+            .expect("the status goes out")
+            .expect("request");
+        assert_eq!(req.uri().path(), "/api/v1/namespaces/a/services/s/status");
+    }
+
     #[test]
     fn later_writes_to_an_object_replace_queued_ones() {
         let key = ObjectKey::new(membrane_store::Kind::Service, "a", "s");
