@@ -243,7 +243,7 @@ pub async fn respond(
             None => reply(StatusCode::OK, json!({"endpoints": []})),
         },
         (&Method::GET, p) if p.starts_with("/v1/objects/") => {
-            get_objects(state, &p["/v1/objects/".len()..], query)
+            get_objects(state, &p["/v1/objects/".len()..], query).await
         }
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
     }
@@ -319,6 +319,9 @@ async fn apply(state: &AgentState, body: Bytes) -> Response<Full<Bytes>> {
         Ok(o) => o,
         Err(resp) => return resp,
     };
+    if let Some(upstream) = state.store.upstream() {
+        return apply_upstream(upstream, objects).await;
+    }
     // One atomic change: the agent never sees half of a multi-document file.
     let keys: Vec<ObjectKey> = objects.iter().map(|o| o.key()).collect();
     let changes = state.store.apply_all(objects);
@@ -338,6 +341,9 @@ async fn delete(state: &AgentState, body: Bytes) -> Response<Full<Bytes>> {
         Ok(k) => k,
         Err(resp) => return resp,
     };
+    if let Some(upstream) = state.store.upstream() {
+        return delete_upstream(upstream, keys).await;
+    }
     let deleted = state.store.delete_all(&keys);
     let results: Vec<Value> = keys
         .iter()
@@ -350,7 +356,87 @@ async fn delete(state: &AgentState, body: Bytes) -> Response<Full<Bytes>> {
     reply(StatusCode::OK, json!({ "results": results }))
 }
 
-fn get_objects(state: &AgentState, kind: &str, query: &str) -> Response<Full<Bytes>> {
+/// One result line per object, as `membrane apply` prints them.
+fn result_json(key: &ObjectKey, result: &str) -> Value {
+    json!({"kind": key.kind.kind_name(), "namespace": key.namespace, "name": key.name, "result": result})
+}
+
+/// Runs a call to the API server off the async workers (SQLite commits).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Response<Full<Bytes>>> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("API server call: {e}"),
+        )
+    })
+}
+
+/// The answer of a write through the API server: every object's result;
+/// 422 naming each object the API refused (the others are written, as
+/// kubectl does).
+fn write_reply(results: Vec<Value>, refused: Vec<String>) -> Response<Full<Bytes>> {
+    if refused.is_empty() {
+        reply(StatusCode::OK, json!({ "results": results }))
+    } else {
+        reply(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({"error": refused.join("; "), "results": results}),
+        )
+    }
+}
+
+/// `/v1/apply` when the store mirrors an API server (`membrane up`): the
+/// objects are applied there, in document order.
+async fn apply_upstream(
+    upstream: membrane_store::SharedUpstream,
+    objects: Vec<membrane_store::Object>,
+) -> Response<Full<Bytes>> {
+    let keys: Vec<ObjectKey> = objects.iter().map(|o| o.key()).collect();
+    let outcomes = match blocking(move || upstream.apply(&objects)).await {
+        Ok(o) => o,
+        Err(resp) => return resp,
+    };
+    let mut results = Vec::new();
+    let mut refused = Vec::new();
+    for (key, outcome) in keys.iter().zip(outcomes) {
+        match outcome {
+            Ok(change) => results.push(result_json(key, change.as_str())),
+            Err(e) => {
+                results.push(result_json(key, "refused"));
+                refused.push(e);
+            }
+        }
+    }
+    write_reply(results, refused)
+}
+
+async fn delete_upstream(
+    upstream: membrane_store::SharedUpstream,
+    keys: Vec<ObjectKey>,
+) -> Response<Full<Bytes>> {
+    let for_call = keys.clone();
+    let outcomes = match blocking(move || upstream.delete(&for_call)).await {
+        Ok(o) => o,
+        Err(resp) => return resp,
+    };
+    let mut results = Vec::new();
+    let mut refused = Vec::new();
+    for (key, outcome) in keys.iter().zip(outcomes) {
+        match outcome {
+            Ok(true) => results.push(result_json(key, "deleted")),
+            Ok(false) => results.push(result_json(key, "not found")),
+            Err(e) => {
+                results.push(result_json(key, "refused"));
+                refused.push(e);
+            }
+        }
+    }
+    write_reply(results, refused)
+}
+
+async fn get_objects(state: &AgentState, kind: &str, query: &str) -> Response<Full<Bytes>> {
     let kind = match Kind::parse(kind) {
         Ok(k) => k,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
@@ -380,16 +466,35 @@ fn get_objects(state: &AgentState, kind: &str, query: &str) -> Response<Full<Byt
             namespace: ns,
             name,
         };
-        return match state.store.get(&key) {
-            Some(obj) => reply(StatusCode::OK, json!({"items": [obj.to_value()]})),
+        // Read your writes: from the API server a store mirrors, if any.
+        let found = match state.store.upstream() {
+            Some(upstream) => {
+                let k = key.clone();
+                match blocking(move || upstream.get(&k)).await {
+                    Ok(Ok(o)) => o.map(|o| o.to_value()),
+                    Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+                    Err(resp) => return resp,
+                }
+            }
+            None => state.store.get(&key).map(|o| o.to_value()),
+        };
+        return match found {
+            Some(obj) => reply(StatusCode::OK, json!({"items": [obj]})),
             None => error(StatusCode::NOT_FOUND, format!("{key} not found")),
         };
     }
-    let items: Vec<Value> = state
-        .store
-        .list(kind, namespace.as_deref())
-        .iter()
-        .map(|o| o.to_value())
-        .collect();
+    let items: Vec<Value> = match state.store.upstream() {
+        Some(upstream) => match blocking(move || upstream.list(kind, namespace.as_deref())).await {
+            Ok(Ok(objs)) => objs.iter().map(|o| o.to_value()).collect(),
+            Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            Err(resp) => return resp,
+        },
+        None => state
+            .store
+            .list(kind, namespace.as_deref())
+            .iter()
+            .map(|o| o.to_value())
+            .collect(),
+    };
     reply(StatusCode::OK, json!({ "items": items }))
 }

@@ -664,6 +664,12 @@ impl Api {
                         subresource: sub,
                     };
                     match cur {
+                        // As Kubernetes: the status subresource of an object
+                        // that does not exist is not found (an apply of the
+                        // status alone never creates an object without spec).
+                        None if !sub.is_empty() => {
+                            Err(ApiError::not_found(&qualified, name).into())
+                        }
                         None => {
                             let merged =
                                 ssa::apply(None, &applied, &compared, &w, opts.force, res.status)?;

@@ -69,6 +69,7 @@ pub struct ApiServer {
     listener: TcpListener,
     config: Config,
     audit: Option<Arc<audit::AuditLog>>,
+    gc: Arc<Notify>,
 }
 
 impl ApiServer {
@@ -91,6 +92,7 @@ impl ApiServer {
             listener,
             config,
             audit,
+            gc: Arc::new(Notify::new()),
         })
     }
 
@@ -105,10 +107,16 @@ impl ApiServer {
         self.api.clone()
     }
 
+    /// Wakes garbage collection (after an in-process delete; deletes over
+    /// HTTP wake it themselves).
+    pub fn gc_waker(&self) -> Arc<Notify> {
+        self.gc.clone()
+    }
+
     /// Serve until `shutdown` completes.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let addr = self.local_addr()?;
-        let gc = Arc::new(Notify::new());
+        let gc = self.gc.clone();
         let http = Arc::new(http::Http {
             api: self.api.clone(),
             server_addr: addr.to_string(),

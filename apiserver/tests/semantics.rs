@@ -592,3 +592,53 @@ fn events_expire_after_their_ttl() {
         1
     );
 }
+
+/// An apply to `/status` of a missing object is 404 (as Kubernetes): a
+/// status write never creates an object without its spec; once the object
+/// exists the same apply lands.
+#[test]
+fn status_apply_of_a_missing_object_is_not_found() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = Api::open(dir.path(), 1000).expect("open");
+    let svc = res(&api, "", "v1", "services");
+    let status = json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "s", "namespace": "default"},
+        "status": {"loadBalancer": {"ingress": [{"ip": "10.0.0.1"}]}}});
+    let err = api
+        .patch(
+            &svc,
+            Some("default"),
+            "s",
+            PatchType::Apply,
+            status.clone(),
+            "status",
+            &opts("op"),
+        )
+        .expect_err("status of a missing object");
+    assert_eq!(code(err), 404);
+    assert!(
+        api.get(&svc, Some("default"), "s").is_err(),
+        "nothing created"
+    );
+    api.create(
+        &svc,
+        Some("default"),
+        json!({"metadata": {"name": "s"}, "spec": {"ports": [{"port": 80}]}}),
+        &opts("op"),
+    )
+    .expect("create");
+    let (o, created) = api
+        .patch(
+            &svc,
+            Some("default"),
+            "s",
+            PatchType::Apply,
+            status,
+            "status",
+            &opts("op"),
+        )
+        .expect("status apply");
+    assert!(!created);
+    assert_eq!(o["status"]["loadBalancer"]["ingress"][0]["ip"], "10.0.0.1");
+    assert_eq!(o["spec"]["ports"][0]["port"], 80);
+}

@@ -19,6 +19,10 @@ pub use lease::{CILIUM_OPERATOR_LEASE, LeaderElector, LeaseConfig, LeaseError};
 pub use sink::{KubeSink, Sink, StoreSink, Warning};
 pub use write::{AGENT_MANAGER, OPERATOR_MANAGER, WriteError, Writer};
 
+/// The client type every function here takes (so binaries need not name
+/// kube-rs themselves).
+pub use kube::Client;
+
 use std::collections::BTreeSet;
 use std::path::Path;
 

@@ -251,10 +251,22 @@ async fn write_loop(
             continue;
         }
         let now = Instant::now();
+        // A status waits for a write of its object in flight or queued
+        // before it: the status subresource of an object not created yet
+        // is not found. (A write of the object queued after the status does
+        // not hold it back: a pass repeating an apply must not starve it.)
+        let object_pending = |s: &Slot, seq: u64| match s {
+            Slot::Status(k) => {
+                let object = Slot::Object(k.clone());
+                flying.contains_key(&object)
+                    || queue.items.get(&object).is_some_and(|o| o.seq < seq)
+            }
+            _ => false,
+        };
         let mut due: Vec<(u64, Slot)> = queue
             .items
             .iter()
-            .filter(|(s, q)| q.due <= now && !flying.contains_key(*s))
+            .filter(|(s, q)| q.due <= now && !flying.contains_key(*s) && !object_pending(s, q.seq))
             .map(|(s, q)| (q.seq, s.clone()))
             .collect();
         due.sort();
@@ -277,12 +289,29 @@ async fn write_loop(
 /// A failed write goes back into the queue, unless a newer one for the
 /// same slot arrived meanwhile.
 fn retry(queue: &mut Queue, slot: Slot, q: Queued, e: WriteError) {
-    // A status for an object that is gone has nothing left to do.
+    // A status for an object that is gone has nothing left to do, nor has
+    // an Event in a namespace that is gone.
     if matches!(
         (&q.op, &e),
-        (Op::Status(..), WriteError::Refused { code: 404, .. })
+        (
+            Op::Status(..) | Op::Warn(..),
+            WriteError::Refused { code: 404, .. }
+        )
     ) {
-        debug!(error = %e, "status of a deleted object dropped");
+        debug!(error = %e, "write about a deleted object dropped");
+        return;
+    }
+    // A write into a namespace that is gone or being deleted can never
+    // land; the next pass derives what is still wanted from what it reads.
+    if let WriteError::Refused {
+        code: 403 | 404,
+        message,
+        ..
+    } = &e
+        && (message.contains("because it is being terminated")
+            || (message.starts_with("namespaces \"") && message.ends_with("not found")))
+    {
+        warn!(error = %e, "namespace gone: write dropped");
         return;
     }
     if queue.items.contains_key(&slot) {
@@ -410,6 +439,51 @@ mod tests {
                 .body(Body::from(serde_json::to_vec(&body).expect("json")))
                 .expect("response"),
         );
+    }
+
+    /// A status queued after its object's apply is sent only once that
+    /// apply is answered: the status of an object not created yet is 404.
+    #[tokio::test]
+    async fn a_status_waits_for_its_objects_apply() {
+        use http::{Request, Response};
+        use kube::client::Body;
+        let (mock, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(mock, "default");
+        let sink = KubeSink::spawn(Writer::new(client, crate::AGENT_MANAGER), None, None);
+        let obj = Object::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "s", "namespace": "a"},
+            "spec": {"ports": [{"port": 80}]},
+        }))
+        .expect("service");
+        let key = obj.key();
+        sink.apply_all(vec![obj]);
+        sink.status(
+            &key,
+            serde_json::json!({"loadBalancer": {"ingress": [{"ip": "10.0.0.1"}]}}),
+        );
+        let (req, send) = tokio::time::timeout(Duration::from_secs(10), handle.next_request())
+            .await
+            .expect("the apply goes out")
+            .expect("request");
+        assert_eq!(req.uri().path(), "/api/v1/namespaces/a/services/s");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), handle.next_request())
+                .await
+                .is_err(),
+            "the status went out before its object's apply was answered"
+        );
+        let bytes = req.into_body().collect_bytes().await.expect("body");
+        send.send_response(
+            Response::builder()
+                .body(Body::from(bytes.to_vec()))
+                .expect("response"),
+        );
+        let (req, _send) = tokio::time::timeout(Duration::from_secs(10), handle.next_request())
+            .await
+            .expect("the status goes out")
+            .expect("request");
+        assert_eq!(req.uri().path(), "/api/v1/namespaces/a/services/s/status");
     }
 
     #[test]

@@ -256,13 +256,17 @@ fn agent_programs_services_quarantines_and_survives_restart() {
     assert_eq!(stats["drop_no_backend"], 0, "{stats}");
 
     // An established connection, then a restart of the agent. Objects
-    // applied through the API live in memory only; the manifest directory
-    // plays the API server's part for the next instance.
+    // applied through the local API persist in the embedded API's data
+    // directory (in the run directory): the echo Service comes back by
+    // itself; the bad one is deleted first so nothing is rejected after.
     let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
     let mut conn = topo.client_run(|| connect(vip).expect("connect"));
     let first = ask(&mut conn, "before").expect("ask before restart");
     assert!(first == "be1" || first == "be3", "{first}");
-    std::fs::write(dir.join("manifests/echo.yaml"), echo_service()).expect("write");
+    let bad = dir.join("bad-service.yaml");
+    std::fs::write(&bad, BAD_SERVICE).expect("write");
+    let (code, out, err) = agent.cli(&["delete", "-f", bad.to_str().unwrap_or_default()]);
+    assert_eq!(code, 0, "delete failed: {out}{err}");
     agent.stop();
 
     // With no agent at all, the pinned program keeps forwarding.

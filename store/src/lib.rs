@@ -13,6 +13,7 @@ mod object;
 mod parse;
 mod source;
 mod store;
+mod upstream;
 
 pub use error::StoreError;
 pub use kind::Kind;
@@ -27,6 +28,7 @@ pub use store::{
     CHANGE_LOG_CAPACITY, Change, Changes, KeyChange, KeyChangeKind, ScopeUpdate, Store,
     StoreSnapshot,
 };
+pub use upstream::{SharedUpstream, Upstream};
 
 /// Re-exported so users name the same types the store holds.
 pub use k8s_openapi;

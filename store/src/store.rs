@@ -87,6 +87,8 @@ pub struct Store {
 struct Inner {
     state: Mutex<State>,
     tx: watch::Sender<u64>,
+    /// The API this store mirrors, if any (see [`crate::Upstream`]).
+    upstream: std::sync::OnceLock<crate::upstream::Mirror>,
 }
 
 /// Which source scope claims an object, with the version it supplied.
@@ -139,7 +141,37 @@ impl Store {
             inner: Arc::new(Inner {
                 state: Mutex::new(State::default()),
                 tx,
+                upstream: std::sync::OnceLock::new(),
             }),
+        }
+    }
+
+    /// Marks this store as a mirror of an API: the local API writes into
+    /// and reads from `api`; direct writes to this store ([`Self::apply`],
+    /// [`Self::update_status`], [`Self::delete`]) are also made through
+    /// `writer` (see [`crate::Upstream`]). Set once; later calls are ignored.
+    pub fn set_upstream(
+        &self,
+        api: crate::SharedUpstream,
+        writer: crate::SharedUpstream,
+    ) -> std::io::Result<()> {
+        if self.inner.upstream.get().is_none() {
+            let _ = self
+                .inner
+                .upstream
+                .set(crate::upstream::Mirror::new(api, writer)?);
+        }
+        Ok(())
+    }
+
+    /// The API this store mirrors, if it mirrors one.
+    pub fn upstream(&self) -> Option<crate::SharedUpstream> {
+        self.inner.upstream.get().map(|m| m.api.clone())
+    }
+
+    fn forward(&self, op: impl FnOnce() -> crate::upstream::Forward) {
+        if let Some(m) = self.inner.upstream.get() {
+            m.send(op());
         }
     }
 
@@ -168,6 +200,7 @@ impl Store {
     /// status changes. A missing status keeps the stored one. Unchanged
     /// content gives [`Change::Unchanged`] and no notification.
     pub fn apply(&self, obj: Object) -> Change {
+        self.forward(|| crate::upstream::Forward::Apply(Box::new(obj.clone())));
         self.write(|state| state.apply(obj))
     }
 
@@ -175,17 +208,24 @@ impl Store {
     /// results are in input order. For the apply API, which validates every
     /// document first and then applies all of them.
     pub fn apply_all(&self, objs: Vec<Object>) -> Vec<Change> {
+        for o in &objs {
+            self.forward(|| crate::upstream::Forward::Apply(Box::new(o.clone())));
+        }
         self.write(|state| objs.into_iter().map(|o| state.apply(o)).collect())
     }
 
     /// Deletes several objects as one atomic change; results in input order.
     pub fn delete_all(&self, keys: &[ObjectKey]) -> Vec<Option<Object>> {
+        for k in keys {
+            self.forward(|| crate::upstream::Forward::Delete(k.clone()));
+        }
         self.write(|state| keys.iter().map(|k| state.delete(k, true)).collect())
     }
 
     /// Deletes an object; deleting a Namespace deletes every object in it.
     /// Returns the deleted object.
     pub fn delete(&self, key: &ObjectKey) -> Option<Object> {
+        self.forward(|| crate::upstream::Forward::Delete(key.clone()));
         self.write(|state| state.delete(key, true))
     }
 
@@ -220,6 +260,7 @@ impl Store {
     /// false if the object is gone, its kind has no status, or `status` does
     /// not fit the kind's status type.
     pub fn update_status(&self, key: &ObjectKey, status: Value) -> bool {
+        self.forward(|| crate::upstream::Forward::Status(key.clone(), status.clone()));
         self.write(|state| {
             let Some(existing) = state.objects.get(key) else {
                 return false;

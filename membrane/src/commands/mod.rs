@@ -5,6 +5,7 @@ pub mod bench;
 pub mod clustermesh;
 pub mod conformance;
 pub mod echo;
+pub mod embedded;
 pub mod endpoint;
 pub mod lb;
 pub mod objects;

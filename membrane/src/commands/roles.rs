@@ -1,40 +1,53 @@
 //! Kubernetes mode: `membrane operator` (one per cluster, leader-elected)
 //! and `membrane agent` (one per node), each against a Kubernetes API
-//! (a cluster's, or `membrane apiserver`). Both run the same reconcile code
-//! as `membrane up`; only where their output goes differs (a queued
-//! server-side-apply writer here, the in-process store there).
+//! (a cluster's, or `membrane apiserver`). `membrane up` runs both in one
+//! process against its embedded API through the same functions here
+//! ([`operator_config`], [`agent_config`], [`serve_agent`]).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use anyhow::{Context, Result};
 use membrane_agent::{AgentConfig, Controller, ControllerPass, Pool, PortMap};
 use membrane_k8s::{
     AGENT_MANAGER, EventRecorder, KubeSink, KubeSource, LeaderElector, LeaseConfig,
-    OPERATOR_MANAGER, StoreSink, Writer,
+    OPERATOR_MANAGER, Sink, StoreSink, Writer,
 };
 use membrane_operator::{Operator, OperatorConfig};
 use membrane_store::{Kind, Store};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use super::up::{IngressFlags, ipv6_available, parse_labels, stop_on_signal};
+use super::up::{EnvoyFlags, IngressFlags, ipv6_available, parse_labels, stop_on_signal};
 
-/// The operator's pass inside the agent's loop (`membrane up`), writing
-/// synchronously into the same store.
-pub struct InProcessOperator(Operator);
+/// The operator's pass inside the agent's loop (`membrane up`, and the
+/// benchmarks), writing through `sink`: the embedded API's queued writer
+/// in `membrane up`; without one (benchmarks only, which measure the
+/// control plane without an API server), straight into the store it reads.
+pub struct InProcessOperator {
+    operator: Operator,
+    sink: Option<Arc<dyn Sink>>,
+}
 
 impl InProcessOperator {
-    pub fn new(config: &OperatorConfig) -> Self {
-        Self(Operator::new(config))
+    pub fn new(config: &OperatorConfig, sink: Option<Arc<dyn Sink>>) -> Self {
+        Self {
+            operator: Operator::new(config),
+            sink,
+        }
     }
 }
 
 impl Controller for InProcessOperator {
     fn pass(&mut self, store: &Store) -> ControllerPass {
-        let pass = self.0.pass(store, &StoreSink(store.clone()));
+        let pass = match &self.sink {
+            Some(sink) => self.operator.pass(store, sink.as_ref()),
+            None => self.operator.pass(store, &StoreSink(store.clone())),
+        };
         ControllerPass {
             rejected: pass.rejected,
             generated: pass
@@ -46,15 +59,136 @@ impl Controller for InProcessOperator {
     }
 }
 
-/// The in-process operator with default Ingress options (benchmarks).
+/// The in-process operator with default Ingress options, writing into the
+/// store (benchmarks).
 pub fn in_process_operator(lb_pool: Pool) -> Box<dyn Controller> {
-    Box::new(InProcessOperator::new(&OperatorConfig {
+    Box::new(InProcessOperator::new(
+        &OperatorConfig {
+            lb_pool,
+            secrets_namespace: "cilium-secrets".into(),
+            ingress_default_lb_mode: Default::default(),
+            ingress: Default::default(),
+            cluster_pool: Default::default(),
+        },
+        None,
+    ))
+}
+
+/// The operator's configuration from its flags (`membrane operator` and
+/// `membrane up` share them).
+pub(crate) fn operator_config(
+    lb_pool: Pool,
+    secrets_namespace: &str,
+    ingress_default_lb_mode: membrane_ingress::LoadBalancerMode,
+    ingress: &IngressFlags,
+    cluster_pool: membrane_operator::node_ipam::ClusterPoolConfig,
+) -> Result<OperatorConfig> {
+    let mut ingress = ingress.options()?;
+    if let Some(h) = ingress.host_network.as_mut() {
+        h.ipv6 = ipv6_available();
+    }
+    Ok(OperatorConfig {
         lb_pool,
-        secrets_namespace: "cilium-secrets".into(),
-        ingress_default_lb_mode: Default::default(),
-        ingress: Default::default(),
-        cluster_pool: Vec::new(),
-    }))
+        secrets_namespace: secrets_namespace.to_owned(),
+        ingress_default_lb_mode,
+        ingress,
+        cluster_pool,
+    })
+}
+
+/// The agent's wiring that differs between `membrane agent` and
+/// `membrane up` (everything else comes from the shared flags).
+pub(crate) struct AgentSetup {
+    pub run_dir: PathBuf,
+    pub api_socket: PathBuf,
+    pub lb_pool: Pool,
+    pub node_name: String,
+    pub node: membrane_k8s::NodeInfo,
+    pub node_labels_updates: Option<tokio::sync::watch::Receiver<BTreeMap<String, String>>>,
+    pub proxy_ports: Option<std::ops::RangeInclusive<u16>>,
+    pub datapath: Option<membrane_agent::datapath::DatapathOptions>,
+    pub cni: Option<membrane_agent::cni::CniOptions>,
+}
+
+/// The agent's configuration (`membrane agent` and `membrane up`).
+pub(crate) fn agent_config(envoy: &EnvoyFlags, setup: AgentSetup) -> AgentConfig {
+    AgentConfig {
+        run_dir: setup.run_dir,
+        api_socket: setup.api_socket,
+        envoy_bin: envoy.envoy_bin.clone(),
+        envoy_admin_port: envoy.envoy_admin_port,
+        envoy_concurrency: envoy.envoy_concurrency,
+        envoy_log_level: envoy.envoy_log_level.clone(),
+        xds_protocol: envoy.xds_protocol,
+        lb_pool: setup.lb_pool,
+        ports: PortMap {
+            http: envoy.http_port,
+            https: envoy.https_port,
+            // Set by the agent from `datapath`.
+            transparent: false,
+        },
+        node_name: setup.node_name,
+        node_uid: setup.node.uid,
+        node_labels: setup.node.labels,
+        node_labels_updates: setup.node_labels_updates,
+        proxy_ports: setup.proxy_ports,
+        datapath: setup.datapath,
+        cni: setup.cni,
+    }
+}
+
+/// Node `name` (registered with `labels` if new) and a follower of its
+/// labels.
+pub(crate) async fn register_node(
+    client: &membrane_k8s::Client,
+    name: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<(
+    membrane_k8s::NodeInfo,
+    tokio::sync::watch::Receiver<BTreeMap<String, String>>,
+)> {
+    let node = membrane_k8s::ensure_node(client, name, labels)
+        .await
+        .context("reading this node's labels")?;
+    let updates = membrane_k8s::watch_node_labels(client.clone(), name, node.labels.clone());
+    Ok((node, updates))
+}
+
+/// Runs the agent against an API until `shutdown`: watches `kinds` into
+/// `store`, serves once every watch has listed, reports ACKs in its
+/// ProxyNodeStatus (withdrawn on a clean stop). `controller` runs in every
+/// store pass (`membrane up`'s operator).
+pub(crate) async fn serve_agent(
+    client: membrane_k8s::Client,
+    store: Store,
+    kinds: Vec<Kind>,
+    config: AgentConfig,
+    controller: Option<Box<dyn Controller>>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let source = KubeSource::with_kinds(client.clone(), kinds);
+    let mut synced = source.synced();
+    let _source = store.spawn_source(source);
+    // Ready only once every watch has listed: Envoy's first configuration
+    // is complete, never a partial cache.
+    tokio::select! {
+        ok = synced.wait() => anyhow::ensure!(ok, "the API watches stopped before syncing"),
+        _ = shutdown.cancelled() => return Ok(()),
+    }
+    info!("caches synced; serving");
+    let writer = Writer::new(client, AGENT_MANAGER);
+    let reports = Arc::new(KubeSink::spawn(writer.clone(), None, None));
+    let node_name = config.node_name.clone();
+    membrane_agent::run(config, store, reports, controller, shutdown).await?;
+    // A node that stops cleanly withdraws its report, so it no longer holds
+    // Ingress addresses back (a crashed one's report stays: see docs).
+    let report = membrane_store::ObjectKey::new(Kind::ProxyNodeStatus, "", &node_name);
+    match tokio::time::timeout(Duration::from_secs(5), writer.delete(&report)).await {
+        Ok(Ok(())) => info!(node = %node_name, "ProxyNodeStatus withdrawn"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "withdrawing the ProxyNodeStatus"),
+        Err(_) => tracing::warn!("withdrawing the ProxyNodeStatus: no answer within 5 s"),
+    }
+    Ok(())
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -116,19 +250,13 @@ pub async fn operator(args: OperatorArgs) -> Result<ExitCode> {
         .await
         .context("connecting to the Kubernetes API")?;
     let identity = args.identity.clone().unwrap_or_else(default_identity);
-    let config = OperatorConfig {
-        lb_pool: args.lb_pool,
-        secrets_namespace: args.secrets_namespace.clone(),
-        ingress_default_lb_mode: args.ingress_default_lb_mode,
-        cluster_pool: args.cluster_pool.pools(),
-        ingress: {
-            let mut ingress = args.ingress.options()?;
-            if let Some(h) = ingress.host_network.as_mut() {
-                h.ipv6 = ipv6_available();
-            }
-            ingress
-        },
-    };
+    let config = operator_config(
+        args.lb_pool,
+        &args.secrets_namespace,
+        args.ingress_default_lb_mode,
+        &args.ingress,
+        args.cluster_pool.pools(),
+    )?;
     let lease = LeaseConfig {
         lease_duration: args.leader_election_lease_duration,
         renew_deadline: args.leader_election_renew_deadline,
@@ -227,67 +355,38 @@ pub async fn agent(args: AgentArgs, api_socket: PathBuf) -> Result<ExitCode> {
     let client = membrane_k8s::client_for(args.kubeconfig.as_deref(), &user_agent)
         .await
         .context("connecting to the Kubernetes API")?;
-    let node =
-        membrane_k8s::ensure_node(&client, &args.node_name, &parse_labels(&args.node_labels)?)
-            .await
-            .context("reading this node's labels")?;
-    let node_labels = node.labels;
-    info!(node = %args.node_name, labels = ?node_labels, "membrane agent starting");
-    let config = AgentConfig {
-        run_dir: args.run_dir.clone(),
-        api_socket,
-        envoy_bin: args.envoy.envoy_bin.clone(),
-        envoy_admin_port: args.envoy.envoy_admin_port,
-        envoy_concurrency: args.envoy.envoy_concurrency,
-        envoy_log_level: args.envoy.envoy_log_level.clone(),
-        xds_protocol: args.envoy.xds_protocol,
-        lb_pool: args.lb_pool,
-        ports: PortMap {
-            http: args.envoy.http_port,
-            https: args.envoy.https_port,
-            transparent: false,
+    let (node, node_labels_updates) =
+        register_node(&client, &args.node_name, &parse_labels(&args.node_labels)?).await?;
+    info!(node = %args.node_name, labels = ?node.labels, "membrane agent starting");
+    let config = agent_config(
+        &args.envoy,
+        AgentSetup {
+            run_dir: args.run_dir.clone(),
+            api_socket,
+            lb_pool: args.lb_pool,
+            node_name: args.node_name.clone(),
+            node,
+            node_labels_updates: Some(node_labels_updates),
+            proxy_ports: Some(args.proxy_ports.clone()),
+            datapath: args.datapath.options_for(args.cni.enable_cni)?,
+            cni: args.cni.options(&args.run_dir),
         },
-        node_name: args.node_name.clone(),
-        node_uid: node.uid,
-        node_labels_updates: Some(membrane_k8s::watch_node_labels(
-            client.clone(),
-            &args.node_name,
-            node_labels.clone(),
-        )),
-        node_labels,
-        proxy_ports: Some(args.proxy_ports.clone()),
-        datapath: args.datapath.options_for(args.cni.enable_cni)?,
-        cni: args.cni.options(&args.run_dir),
-    };
+    );
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    let store = Store::new();
     let mut kinds = AGENT_KINDS.to_vec();
     if args.cni.enable_cni {
         // Pod labels for endpoints; CiliumNodes for pod CIDRs and routes.
         kinds.extend([Kind::Pod, Kind::CiliumNode]);
     }
-    let source = KubeSource::with_kinds(client.clone(), kinds);
-    let mut synced = source.synced();
-    let _source = store.spawn_source(source);
-    // Ready only once every watch has listed: Envoy's first configuration
-    // is complete, never a partial cache.
-    tokio::select! {
-        ok = synced.wait() => anyhow::ensure!(ok, "the API watches stopped before syncing"),
-        _ = shutdown.cancelled() => return Ok(ExitCode::SUCCESS),
-    }
-    info!("caches synced; serving");
-    let writer = Writer::new(client, AGENT_MANAGER);
-    let reports = Arc::new(KubeSink::spawn(writer.clone(), None, None));
-    let node_name = args.node_name.clone();
-    membrane_agent::run(config, store, reports, None, shutdown).await?;
-    // A node that stops cleanly withdraws its report, so it no longer holds
-    // Ingress addresses back (a crashed one's report stays: see docs).
-    let report = membrane_store::ObjectKey::new(Kind::ProxyNodeStatus, "", &node_name);
-    match tokio::time::timeout(Duration::from_secs(5), writer.delete(&report)).await {
-        Ok(Ok(())) => info!(node = %node_name, "ProxyNodeStatus withdrawn"),
-        Ok(Err(e)) => tracing::warn!(error = %e, "withdrawing the ProxyNodeStatus"),
-        Err(_) => tracing::warn!("withdrawing the ProxyNodeStatus: no answer within 5 s"),
-    }
+    serve_agent(
+        client,
+        Store::new(),
+        kinds,
+        config,
+        None,
+        shutdown,
+    )
+    .await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,14 +1,19 @@
-//! `membrane up [DIR]`: the embedded mode. A manifest directory (watched)
-//! plus the local API feed the store; the agent serves it through Envoy.
+//! `membrane up [DIR]`: the embedded mode. One process serves a
+//! Kubernetes-compatible API (persisted in `--data-dir`, kubeconfig in the
+//! run directory) and runs the operator and the agent against it through
+//! the same kube-rs code as `membrane operator` / `membrane agent`. The
+//! watched manifest directory and the local API are clients of that API.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result};
-use membrane_agent::{AgentConfig, Pool, PortMap, XdsProtocol};
-use membrane_operator::OperatorConfig;
-use membrane_store::{ManifestDir, Store};
+use membrane_agent::{Pool, XdsProtocol};
+use membrane_k8s::{EventRecorder, KubeSink, OPERATOR_MANAGER, Writer};
+use membrane_store::{Kind, ManifestDir, Store};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
@@ -17,10 +22,23 @@ pub struct UpArgs {
     /// Directory of manifests (multi-document YAML/JSON), watched for changes.
     #[arg(default_value = "examples/quickstart")]
     pub dir: PathBuf,
-    /// Where the xDS socket, Envoy bootstrap and Envoy log go
-    /// (default: `run` next to the API socket).
+    /// Where the xDS socket, Envoy bootstrap, Envoy log and the kubeconfig
+    /// of the embedded Kubernetes API go (default: `run` next to the API
+    /// socket).
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
+    /// Directory of the embedded Kubernetes API's database: objects applied
+    /// through it survive restarts (default `<run-dir>/api`).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Address the embedded Kubernetes API listens on (plain HTTP; port 0
+    /// picks a free one, printed at start and written to the kubeconfig).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub api_listen: std::net::SocketAddr,
+    /// Append one JSON line per request to the embedded API to FILE (as
+    /// `membrane apiserver --audit-log`).
+    #[arg(long, value_name = "FILE")]
+    pub api_audit_log: Option<PathBuf>,
     #[command(flatten)]
     pub envoy: EnvoyFlags,
     /// Pool LoadBalancer Service addresses come from.
@@ -301,6 +319,9 @@ pub(crate) fn parse_labels(s: &str) -> Result<BTreeMap<String, String>> {
 }
 
 pub async fn run(args: UpArgs, api_socket: PathBuf) -> Result<ExitCode> {
+    use super::embedded::{ApiObjects, LOCAL_API_MANAGER, MANIFESTS_MANAGER, ManifestSync};
+    use super::roles::{self, AgentSetup, InProcessOperator};
+
     anyhow::ensure!(
         args.dir.is_dir(),
         "{}: not a directory of manifests",
@@ -312,77 +333,145 @@ pub async fn run(args: UpArgs, api_socket: PathBuf) -> Result<ExitCode> {
             .map(|p| p.join("run"))
             .unwrap_or_else(|| PathBuf::from("membrane-run"))
     });
+    let data_dir = args.data_dir.clone().unwrap_or_else(|| run_dir.join("api"));
     // The run directory may lie inside the watched one (`membrane up .`):
     // its files are Membrane's own, never manifests, and its writes must not
     // wake the watcher.
     let manifests = ManifestDir::new(args.dir.clone()).ignoring(&run_dir);
     let cni = args.cni.options(&run_dir);
-    let config = AgentConfig {
-        run_dir,
-        api_socket,
-        envoy_bin: args.envoy.envoy_bin.clone(),
-        envoy_admin_port: args.envoy.envoy_admin_port,
-        envoy_concurrency: args.envoy.envoy_concurrency,
-        envoy_log_level: args.envoy.envoy_log_level.clone(),
-        xds_protocol: args.envoy.xds_protocol,
-        lb_pool: args.lb_pool,
-        ports: PortMap {
-            http: args.envoy.http_port,
-            https: args.envoy.https_port,
-            // Set by the agent from `datapath`.
-            transparent: false,
-        },
-        node_name: args.node_name.clone(),
-        node_labels: parse_labels(&args.node_labels)?,
-        node_uid: None,
-        node_labels_updates: None,
-        proxy_ports: None,
-        datapath: args.datapath.options_for(args.cni.enable_cni)?,
-        cni,
-    };
-    let operator = OperatorConfig {
-        lb_pool: args.lb_pool,
-        secrets_namespace: args.secrets_namespace.clone(),
-        ingress_default_lb_mode: args.ingress_default_lb_mode,
-        cluster_pool: if args.cni.enable_cni {
+    let operator = roles::operator_config(
+        args.lb_pool,
+        &args.secrets_namespace,
+        args.ingress_default_lb_mode,
+        &args.ingress,
+        if args.cni.enable_cni {
             args.cni.pool.pools()
         } else {
             Vec::new()
         },
-        ingress: {
-            let mut ingress = args.ingress.options()?;
-            if let Some(h) = ingress.host_network.as_mut() {
-                h.ipv6 = ipv6_available();
-            }
-            ingress
-        },
-    };
+    )?;
+    let node_labels = parse_labels(&args.node_labels)?;
+    let datapath = args.datapath.options_for(args.cni.enable_cni)?;
 
+    // The embedded Kubernetes API: everything below is its client.
+    let mut api_config = membrane_apiserver::Config::new(args.api_listen, &data_dir);
+    api_config.audit_log = args.api_audit_log.clone();
+    let server = membrane_apiserver::ApiServer::bind(api_config)
+        .await
+        .with_context(|| {
+            format!(
+                "starting the Kubernetes API on {} (data in {})",
+                args.api_listen,
+                data_dir.display()
+            )
+        })?;
+    let addr = server.local_addr()?;
+    let kubeconfig = run_dir.join("kubeconfig");
+    membrane_apiserver::write_kubeconfig(&kubeconfig, addr)?;
+    println!("kubeconfig: {}", kubeconfig.display());
+    println!("serving the Kubernetes API on http://{addr}");
+    info!(%addr, kubeconfig = %kubeconfig.display(), data_dir = %data_dir.display(), "Kubernetes API ready");
+    let api = server.api();
+    let gc = server.gc_waker();
+    let api_stop = CancellationToken::new();
+    let api_task = tokio::spawn(server.serve(api_stop.clone().cancelled_owned()));
+
+    // The agent's store mirrors the API; the local API (`membrane apply`)
+    // writes into the API and reads its writes back from it.
     let store = Store::new();
-    // Start complete: the first configuration Envoy sees has every object.
+    // (The agent's own direct writes, the CNI's CiliumNode, go to the API
+    // as the agent's.)
+    store
+        .set_upstream(
+            Arc::new(ApiObjects::new(api.clone(), gc.clone(), LOCAL_API_MANAGER)),
+            Arc::new(ApiObjects::new(
+                api.clone(),
+                gc.clone(),
+                membrane_k8s::AGENT_MANAGER,
+            )),
+        )
+        .context("starting the store's API writer")?;
+
+    // The watched directory is an API client. Applied before the watches
+    // start, so the first configuration Envoy sees has every object.
+    let manifest_store = Store::new();
     manifests
-        .load_once(&store.writer(&manifests_name(&args.dir)))
+        .load_once(&manifest_store.writer(&manifests_name(&args.dir)))
         .with_context(|| format!("reading {}", args.dir.display()))?;
-    let source = store.spawn_source(manifests);
+    let sync = {
+        let (api, gc, manifest_store, report) = (
+            api.clone(),
+            gc.clone(),
+            manifest_store.clone(),
+            store.clone(),
+        );
+        let node_name = args.node_name.clone();
+        let secrets_namespace = args.secrets_namespace.clone();
+        tokio::task::spawn_blocking(move || {
+            // This node as the flags declare it (an agent alone would keep
+            // an existing Node's labels; here the flags are the source).
+            super::embedded::declare_node(&api, &node_name, &node_labels);
+            let objects = ApiObjects::new(api, gc, MANIFESTS_MANAGER);
+            // TLS Secrets are synced into it (in a cluster the chart
+            // creates it).
+            if let Err(e) = objects.ensure_namespace(&secrets_namespace) {
+                error!(error = %e, "creating the secrets namespace");
+            }
+            let mut sync = ManifestSync::new(objects, manifest_store, report);
+            sync.sync();
+            sync
+        })
+        .await
+        .context("applying the manifest directory")?
+    };
+    let manifest_task = tokio::spawn(follow_manifests(
+        manifest_store.clone(),
+        manifest_store.spawn_source(manifests),
+        sync,
+    ));
     info!(dir = %args.dir.display(), "watching manifests");
 
-    let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
-    let watch_shutdown = shutdown.clone();
-    tokio::spawn(async move {
-        match source.await {
-            Ok(Err(e)) => error!(error = %e, "manifest directory source stopped"),
-            Err(e) => error!(error = %e, "manifest directory source panicked"),
-            Ok(Ok(())) => {}
-        }
-        // The source only ends on error; keep serving what we have.
-        let _ = watch_shutdown;
-    });
-    // The operator runs inside the agent's loop, on the same store: one
-    // process, the same reconcile code as `membrane operator`.
+    // The operator and the agent, through the same kube-rs code as
+    // `membrane operator` / `membrane agent`; the operator's pass runs in
+    // the agent's loop on the one store (its rejections reach `membrane
+    // status`), its writes queued to the API as the operator's.
+    let operator_client =
+        membrane_k8s::client_for(Some(&kubeconfig), &membrane_k8s::operator_user_agent())
+            .await
+            .context("connecting to the embedded API")?;
+    let agent_client =
+        membrane_k8s::client_for(Some(&kubeconfig), &membrane_k8s::agent_user_agent())
+            .await
+            .context("connecting to the embedded API")?;
+    let (node, node_labels_updates) =
+        roles::register_node(&agent_client, &args.node_name, &BTreeMap::new()).await?;
+    let config = roles::agent_config(
+        &args.envoy,
+        AgentSetup {
+            run_dir,
+            api_socket,
+            lb_pool: args.lb_pool,
+            node_name: args.node_name.clone(),
+            node,
+            node_labels_updates: Some(node_labels_updates),
+            proxy_ports: None,
+            datapath,
+            cni,
+        },
+    );
+    let identity = format!("membrane-up-{}", args.node_name);
+    let recorder = EventRecorder::new(operator_client.clone(), "membrane-operator", &identity);
+    let sink = KubeSink::spawn(
+        Writer::new(operator_client, OPERATOR_MANAGER),
+        Some(recorder),
+        None,
+    );
+    let controller = InProcessOperator::new(&operator, Some(Arc::new(sink)));
+
     // The operator's pod CIDR allocation for this node runs before the
-    // agent starts, so the node's pod network comes up at once (and gets
-    // back the CIDRs its saved state holds).
+    // agent starts (the agent waits for its CIDRs, and the operator's pass
+    // runs in the agent's loop), so the node's pod network comes up at once
+    // and gets back the CIDRs its saved state holds.
     if let Some(cni) = &config.cni {
         membrane_operator::node_ipam::allocate_node(
             &store.snapshot(),
@@ -393,10 +482,58 @@ pub async fn run(args: UpArgs, api_socket: PathBuf) -> Result<ExitCode> {
         )
         .context("allocating this node's pod CIDRs from the cluster pool")?;
     }
-    let controller = super::roles::InProcessOperator::new(&operator);
-    let reports = std::sync::Arc::new(membrane_k8s::StoreSink(store.clone()));
-    membrane_agent::run(config, store, reports, Some(Box::new(controller)), shutdown).await?;
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    let served = roles::serve_agent(
+        agent_client,
+        store,
+        Kind::all().to_vec(),
+        config,
+        Some(Box::new(controller)),
+        shutdown,
+    )
+    .await;
+    manifest_task.abort();
+    api_stop.cancel();
+    match api_task.await {
+        Ok(Ok(())) => info!("Kubernetes API stopped"),
+        Ok(Err(e)) => error!(error = %e, "Kubernetes API"),
+        Err(e) => error!(error = %e, "Kubernetes API task"),
+    }
+    served?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Applies the manifest directory to the API on every change of it.
+async fn follow_manifests(
+    manifests: Store,
+    source: tokio::task::JoinHandle<Result<(), membrane_store::StoreError>>,
+    mut sync: super::embedded::ManifestSync,
+) {
+    tokio::spawn(async move {
+        match source.await {
+            Ok(Err(e)) => error!(error = %e, "manifest directory source stopped"),
+            Err(e) => error!(error = %e, "manifest directory source panicked"),
+            // The source only ends on error; keep serving what we have.
+            Ok(Ok(())) => {}
+        }
+    });
+    let mut changes = manifests.subscribe();
+    while changes.changed().await.is_ok() {
+        sync = match tokio::task::spawn_blocking(move || {
+            sync.sync();
+            sync
+        })
+        .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                error!(error = %e, "applying the manifest directory failed; no longer following it");
+                return;
+            }
+        };
+    }
 }
 
 fn manifests_name(dir: &std::path::Path) -> String {
