@@ -22,8 +22,8 @@
 pub mod datapath;
 pub mod maps;
 pub mod policy;
-pub mod sock;
 pub mod snat;
+pub mod sock;
 
 pub use datapath::{
     BackendStatus, DEFAULT_PIN_DIR, Datapath, DatapathConfig, DatapathError, HostRouting,

@@ -379,14 +379,6 @@ pub async fn agent(args: AgentArgs, api_socket: PathBuf) -> Result<ExitCode> {
         // Pod labels for endpoints; CiliumNodes for pod CIDRs and routes.
         kinds.extend([Kind::Pod, Kind::CiliumNode]);
     }
-    serve_agent(
-        client,
-        Store::new(),
-        kinds,
-        config,
-        None,
-        shutdown,
-    )
-    .await?;
+    serve_agent(client, Store::new(), kinds, config, None, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
