@@ -236,7 +236,7 @@ const TABLE: &[Row] = &[
         "CiliumNode",
         false,
         &["cn", "ciliumn"],
-        false,
+        true,
     ),
     Row(
         "cilium.io",

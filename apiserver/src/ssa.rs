@@ -485,6 +485,23 @@ pub fn apply(
             .any(|m| !(m.manager == w.manager && m.operation == "Apply") && m.fields.contains(p));
         if !owned_elsewhere {
             remove_at(&mut obj, p);
+            // The maps that only held it go too (a map key this manager
+            // stopped setting leaves no `{}` behind), unless someone owns
+            // the empty map itself or the applied configuration sets it.
+            for depth in (1..p.len()).rev() {
+                let parent = &p[..depth];
+                if !parent.last().is_some_and(|s| s.starts_with("f:")) {
+                    break;
+                }
+                let empty = value_at(&obj, parent)
+                    .is_some_and(|v| v.as_object().is_some_and(|m| m.is_empty()));
+                let kept = managed.iter().any(|m| m.fields.contains(parent))
+                    || value_at(applied, parent).is_some();
+                if !empty || kept {
+                    break;
+                }
+                remove_at(&mut obj, parent);
+            }
         }
     }
     let mut applied_body = applied.clone();
@@ -565,6 +582,22 @@ mod tests {
                 .fields
                 .contains(&vec!["f:data".to_string(), "f:x".to_string()])
         );
+    }
+
+    #[test]
+    fn a_map_key_no_longer_applied_leaves_no_empty_map() {
+        let first = json!({"metadata": {"name": "x"},
+                           "status": {"cidrs": {"a": {"state": "in-use"}, "b": {"state": "released"}}}});
+        let obj = apply(None, &first, &first, &w("agent"), false, false).expect("apply");
+        let second =
+            json!({"metadata": {"name": "x"}, "status": {"cidrs": {"a": {"state": "in-use"}}}});
+        let obj = apply(Some(&obj), &second, &second, &w("agent"), false, false).expect("apply");
+        assert_eq!(obj["status"]["cidrs"], json!({"a": {"state": "in-use"}}));
+        // Nothing applied any more: the whole status goes, not `{}`s.
+        let third = json!({"metadata": {"name": "x"}});
+        let obj = apply(Some(&obj), &third, &third, &w("agent"), false, false).expect("apply");
+        assert!(obj.get("status").is_none(), "{obj}");
+        assert_eq!(obj["metadata"]["name"], "x");
     }
 
     #[test]

@@ -472,15 +472,29 @@ pub async fn run(args: UpArgs, api_socket: PathBuf) -> Result<ExitCode> {
     // agent starts (the agent waits for its CIDRs, and the operator's pass
     // runs in the agent's loop), so the node's pod network comes up at once
     // and gets back the CIDRs its saved state holds.
+    // Written to the API before the watches list, so the agent starts
+    // with them and `membrane get ciliumnode` shows them at once.
     if let Some(cni) = &config.cni {
+        let allocated = Store::new();
         membrane_operator::node_ipam::allocate_node(
             &store.snapshot(),
             &operator.cluster_pool,
             &config.node_name,
             &membrane_agent::cni::saved_cidrs(cni),
-            &membrane_k8s::StoreSink(store.clone()),
+            &membrane_k8s::StoreSink(allocated.clone()),
         )
         .context("allocating this node's pod CIDRs from the cluster pool")?;
+        let objects = ApiObjects::new(api.clone(), gc.clone(), OPERATOR_MANAGER);
+        tokio::task::spawn_blocking(move || {
+            for obj in allocated.snapshot().list(Kind::CiliumNode, None) {
+                objects
+                    .apply_one(obj.as_ref())
+                    .map_err(anyhow::Error::msg)?;
+            }
+            anyhow::Ok(())
+        })
+        .await
+        .context("writing this node's pod CIDRs")??;
     }
 
     let shutdown = CancellationToken::new();

@@ -230,7 +230,7 @@ impl Node {
     }
     pub fn pod_cidrs(&self) -> Value {
         let (code, out) = self.cli(&["get", "ciliumnode", "node-a", "-o", "json"]);
-        assert_eq!(code, 0, "{out}");
+        assert_eq!(code, 0, "{out}\n{}", self.log());
         let v: Value = serde_json::from_str(&out).expect("json");
         v["spec"]["ipam"]["podCIDRs"].clone()
     }
