@@ -513,6 +513,88 @@ impl State {
         })
     }
 
+    /// Local endpoints whose compiled policy may differ from what `old`
+    /// compiled for them: new endpoints, those whose identity or named
+    /// ports changed, and those a changed rule or enforcement selects. A
+    /// rule counts as changed when its text or its resolved peer set did,
+    /// so an identity that appears or goes reaches exactly the endpoints
+    /// with rules referring to it. Endpoints outside the result compile
+    /// exactly as before and need no map writes.
+    pub fn changed_endpoints(&self, old: &State) -> BTreeSet<u32> {
+        let local = || self.endpoints.iter().filter(|(e, _)| e.id != 0);
+        if self.allow_localhost != old.allow_localhost {
+            return local().map(|(e, _)| e.id).collect();
+        }
+        let before: HashMap<u32, (&Endpoint, u32)> = old
+            .endpoints
+            .iter()
+            .filter(|(e, _)| e.id != 0)
+            .map(|(e, id)| (e.id, (e, *id)))
+            .collect();
+        let mut out = BTreeSet::new();
+        for (e, ident) in local() {
+            match before.get(&e.id) {
+                Some((o, oi)) if oi == ident && o.named_ports == e.named_ports => {}
+                _ => {
+                    out.insert(e.id);
+                }
+            }
+        }
+        // Multiset differences (a policy may repeat a rule).
+        let mut rules: HashMap<(&Rule, &(bool, BTreeSet<u32>)), i64> = HashMap::new();
+        for (r, p) in self.policies.rules.iter().zip(&self.rule_peers) {
+            *rules.entry((r, &**p)).or_default() += 1;
+        }
+        for (r, p) in old.policies.rules.iter().zip(&old.rule_peers) {
+            *rules.entry((r, &**p)).or_default() -= 1;
+        }
+        let mut subjects: BTreeSet<&Selector> = rules
+            .into_iter()
+            .filter(|(_, n)| *n != 0)
+            .map(|((r, _), _)| &r.subject)
+            .collect();
+        let mut enf: HashMap<&crate::rules::Enforcement, i64> = HashMap::new();
+        for e in &self.policies.enforcements {
+            *enf.entry(e).or_default() += 1;
+        }
+        for e in &old.policies.enforcements {
+            *enf.entry(e).or_default() -= 1;
+        }
+        subjects.extend(
+            enf.into_iter()
+                .filter(|(_, n)| *n != 0)
+                .map(|(e, _)| &e.subject),
+        );
+        // Egress named ports resolve against every endpoint's ports.
+        let named_changed = self.all_named != old.all_named;
+        let mut by_identity: HashMap<u32, bool> = HashMap::new();
+        for (e, ident) in local() {
+            if out.contains(&e.id) {
+                continue;
+            }
+            let hit = *by_identity.entry(*ident).or_insert_with(|| {
+                let Some(labels) = self.labels(*ident) else {
+                    return true;
+                };
+                subjects.iter().any(|s| s.matches(labels))
+                    || (named_changed
+                        && self.rules_of.get(ident).is_some_and(|rs| {
+                            rs.iter().any(|&i| {
+                                let r = &self.policies.rules[i];
+                                r.direction == Direction::Egress
+                                    && r.l4.as_deref().is_some_and(|l| {
+                                        l.iter().any(|x| matches!(x, L4::Named { .. }))
+                                    })
+                            })
+                        }))
+            });
+            if hit {
+                out.insert(e.id);
+            }
+        }
+        out
+    }
+
     /// Both ends of a packet: the source endpoint's egress (if the source
     /// is a known endpoint) and the destination's ingress.
     pub fn trace(&self, src: IpAddr, dst: IpAddr, proto: u8, port: u16) -> Trace {

@@ -108,7 +108,7 @@ pub enum Peer {
 }
 
 /// One L4 match.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum L4 {
     /// Protocol numbers and an inclusive port range.
     Ports { protos: Vec<u8>, lo: u16, hi: u16 },
@@ -119,7 +119,7 @@ pub enum L4 {
 }
 
 /// One allow or deny item.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Rule {
     pub origin: RuleRef,
     /// Endpoints the rule applies to.
@@ -133,7 +133,7 @@ pub struct Rule {
 
 /// "A rule selecting these endpoints has this direction": default deny
 /// unless the rule turned it off (`enableDefaultDeny`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Enforcement {
     pub origin: RuleRef,
     pub subject: Selector,
