@@ -10,7 +10,7 @@ use ipnet::IpNet;
 
 use crate::identity::{ANY_IDENTITY, Identities, IdentityInfo, IdentityKind, IpCache, Reserved};
 use crate::labels::{LabelSet, Selector};
-use crate::rules::{Direction, L4, Peer, PolicySet, Rule, RuleRef};
+use crate::rules::{Direction, L4, Peer, PolicyKind, PolicySet, Rule, RuleRef};
 
 /// A named container port of an endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -520,7 +520,7 @@ impl State {
     /// so an identity that appears or goes reaches exactly the endpoints
     /// with rules referring to it. Endpoints outside the result compile
     /// exactly as before and need no map writes.
-    pub fn changed_endpoints(&self, old: &State) -> BTreeSet<u32> {
+    pub fn changed_endpoints<'a>(&'a self, old: &'a State) -> BTreeSet<u32> {
         let local = || self.endpoints.iter().filter(|(e, _)| e.id != 0);
         if self.allow_localhost != old.allow_localhost {
             return local().map(|(e, _)| e.id).collect();
@@ -540,19 +540,49 @@ impl State {
                 }
             }
         }
-        // Multiset differences (a policy may repeat a rule).
-        let mut rules: HashMap<(&Rule, &(bool, BTreeSet<u32>)), i64> = HashMap::new();
-        for (r, p) in self.policies.rules.iter().zip(&self.rule_peers) {
-            *rules.entry((r, &**p)).or_default() += 1;
+        // Rules come in contiguous runs per policy object: a run equal to
+        // the same object's run before (text and resolved peers) changes
+        // nothing; otherwise every subject of the object's runs, before
+        // and after, is affected.
+        type Runs<'a> = HashMap<(PolicyKind, Option<&'a str>, &'a str), Vec<(usize, usize)>>;
+        let runs = |rules: &'a [Rule]| {
+            let mut m: Runs<'a> = HashMap::new();
+            for (k, r) in rule_runs(rules) {
+                m.entry(k).or_default().push(r);
+            }
+            m
+        };
+        let (old_runs, new_runs) = (runs(&old.policies.rules), runs(&self.policies.rules));
+        let mut subjects: BTreeSet<&Selector> = BTreeSet::new();
+        for (key, now) in &new_runs {
+            let before = old_runs.get(key).map(Vec::as_slice).unwrap_or(&[]);
+            // (Two objects of one name only come from files; their runs
+            // are compared in order.)
+            let same = now.len() == before.len()
+                && now.iter().zip(before).all(|(&(lo, hi), &(olo, ohi))| {
+                    ohi - olo == hi - lo
+                        && (lo..hi).zip(olo..ohi).all(|(i, j)| {
+                            self.policies.rules[i] == old.policies.rules[j]
+                                && (Arc::ptr_eq(&self.rule_peers[i], &old.rule_peers[j])
+                                    || self.rule_peers[i] == old.rule_peers[j])
+                        })
+                });
+            if !same {
+                for &(lo, hi) in now {
+                    subjects.extend(self.policies.rules[lo..hi].iter().map(|r| &r.subject));
+                }
+                for &(lo, hi) in before {
+                    subjects.extend(old.policies.rules[lo..hi].iter().map(|r| &r.subject));
+                }
+            }
         }
-        for (r, p) in old.policies.rules.iter().zip(&old.rule_peers) {
-            *rules.entry((r, &**p)).or_default() -= 1;
+        for (key, before) in &old_runs {
+            if !new_runs.contains_key(key) {
+                for &(lo, hi) in before {
+                    subjects.extend(old.policies.rules[lo..hi].iter().map(|r| &r.subject));
+                }
+            }
         }
-        let mut subjects: BTreeSet<&Selector> = rules
-            .into_iter()
-            .filter(|(_, n)| *n != 0)
-            .map(|((r, _), _)| &r.subject)
-            .collect();
         let mut enf: HashMap<&crate::rules::Enforcement, i64> = HashMap::new();
         for e in &self.policies.enforcements {
             *enf.entry(e).or_default() += 1;
@@ -640,6 +670,30 @@ impl State {
             verdict,
         }
     }
+}
+
+/// Runs of consecutive rules from one policy object: (kind, namespace,
+/// name) → index range.
+fn rule_runs(
+    rules: &[Rule],
+) -> impl Iterator<Item = ((PolicyKind, Option<&str>, &str), (usize, usize))> + '_ {
+    fn key(r: &Rule) -> (PolicyKind, Option<&str>, &str) {
+        (
+            r.origin.kind,
+            r.origin.namespace.as_deref(),
+            r.origin.name.as_str(),
+        )
+    }
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let first = rules.get(i)?;
+        let k = key(first);
+        let lo = i;
+        while rules.get(i).is_some_and(|r| key(r) == k) {
+            i += 1;
+        }
+        Some((k, (lo, i)))
+    })
 }
 
 /// One end of a traced packet.
