@@ -1,8 +1,8 @@
-//! The upstream Kubernetes network-policy test model, shared by the
-//! harness that makes veth pods itself (`ebpf/tests/policy_model.rs`) and
-//! the one whose pods come from `membrane-cni` under `membrane up`
-//! (`membrane/tests/policy_model_cni.rs`, which includes this file by
-//! path). Pure data and the probe scripts: no harness types.
+//! The upstream Kubernetes network-policy test model and the pod server
+//! and probe scripts, shared by the veth harness (`policy_harness`, for
+//! the Cilium cases) and the run through `membrane up` with pods from
+//! `membrane-cni` (`membrane/tests/policy_model_cni.rs`, which includes
+//! this file by path). Pure data and scripts: no harness types.
 //!
 //! Namespaces x, y, z (`ns=<name>`, `kubernetes.io/metadata.name`), pods
 //! a, b, c in each (`pod=<name>`), servers on ports 80 and 81 over TCP and
