@@ -4,9 +4,13 @@
 //! run as a runtime runs it, each case of the shared model
 //! (`ebpf/tests/policy_cases`) applied with `membrane apply` (the previous
 //! case's policies removed with `membrane delete`), and every pod × pod
-//! cell probed with real packets over TCP and UDP 80 and 81. `membrane
-//! policy trace` (live) names the deciding rule of an allowed and a denied
-//! cell; after CNI DEL the pods' addresses are gone from the ipcache.
+//! cell probed with real packets over TCP and UDP 80 and 81. Then Cilium
+//! cases on the same pods: deny precedence (a port deny beside an allow, a
+//! peer deny beside `fromEntities: all`) and CVE-2023-39347 (a pod
+//! relabelled with another namespace's labels through `membrane apply`).
+//! `membrane policy trace` (live) names the deciding rule of allowed and
+//! denied cells; after CNI DEL the pods' addresses are gone from the
+//! kernel's ipcache.
 //! Needs root, iproute2, python3 and Envoy (in CI a missing one fails).
 
 mod cni_node;
@@ -22,7 +26,7 @@ use std::time::Duration;
 
 use cni_node::{Netns, Node, Pins, Proc, ip_of, prerequisites};
 use common::{require_envoy, wait_until};
-use policy_cases::{MODEL, ModelPod, NAMED_PORT, SERVER_PY, steps, wrong_cells};
+use policy_cases::{L4, MODEL, ModelPod, NAMED_PORT, SERVER_PY, Step, steps, wrong_cells};
 use serde_json::Value;
 
 /// Ports, pools and addresses of this test (polperf's ranges).
@@ -62,18 +66,98 @@ fn in_force(r: &Value) -> BTreeSet<String> {
         .collect()
 }
 
-/// `NetworkPolicy ns/name` for each policy of a step's YAML.
+/// `Kind ns/name` (or `Kind name`) for each policy of a step's YAML.
 fn names(yaml: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for doc in yaml.split("---\n").filter(|d| !d.trim().is_empty()) {
         let v: Value = serde_yaml_ng::from_str(doc).expect("step yaml");
-        out.insert(format!(
-            "NetworkPolicy {}/{}",
-            v["metadata"]["namespace"].as_str().unwrap_or_default(),
-            v["metadata"]["name"].as_str().unwrap_or_default()
-        ));
+        let kind = v["kind"].as_str().unwrap_or_default();
+        let name = v["metadata"]["name"].as_str().unwrap_or_default();
+        out.insert(match v["metadata"]["namespace"].as_str() {
+            Some(ns) => format!("{kind} {ns}/{name}"),
+            None => format!("{kind} {name}"),
+        });
     }
     out
+}
+
+/// Applies one case's policies in place of the previous case's and waits
+/// until the agent has them in force.
+struct Cases<'a> {
+    node: &'a Node,
+    dir: PathBuf,
+    /// The previous case's file and policy names.
+    previous: Option<(PathBuf, BTreeSet<String>)>,
+    n: usize,
+}
+
+impl Cases<'_> {
+    fn apply(&mut self, what: &str, policies: &str) {
+        let node = self.node;
+        self.n += 1;
+        let before = report(node)["computations"].as_u64().unwrap_or(0);
+        let want = names(policies);
+        let mut changed = false;
+        match self.previous.take() {
+            // Same policies, new content: an update in place.
+            Some((_, prev)) if prev == want => {}
+            Some((p, _)) => {
+                let (code, out) = node.cli(&["delete", "-f", p.to_str().expect("utf8")]);
+                assert_eq!(code, 0, "{out}");
+                changed = true;
+            }
+            None => {}
+        }
+        if !policies.is_empty() {
+            let p = self.dir.join(format!("case{}.yaml", self.n));
+            std::fs::write(&p, policies).expect("write");
+            let (code, out) = node.cli(&["apply", "-f", p.to_str().expect("utf8")]);
+            assert_eq!(code, 0, "{what}: {out}");
+            self.previous = Some((p, want.clone()));
+            changed = true;
+        }
+        // Programmed: the agent recomputed after the change and the
+        // case's policies (only those) are in force.
+        let ok = wait_until(Duration::from_secs(10), || {
+            let r = report(node);
+            (!changed || r["computations"].as_u64().unwrap_or(0) > before) && in_force(&r) == want
+        });
+        assert!(ok, "{what}: policies never in force\n{}", node.log());
+    }
+}
+
+/// Every cell of `step`; a wrong cell fails with the agent's live trace.
+fn check(node: &Node, pods: &[ModelPod], step: &Step) {
+    let wrong = wrong_cells(pods, step);
+    if wrong.is_empty() {
+        return;
+    }
+    let explained: Vec<String> = wrong
+        .iter()
+        .map(|w| {
+            let dport = format!("{}/{:?}", w.port, w.l4).to_uppercase();
+            let t = trace(node, pods[w.src].ip, pods[w.dst].ip, &dport);
+            format!("{}\n{t}", w.describe(pods))
+        })
+        .collect();
+    panic!(
+        "{}: {} wrong cells:\n{}",
+        step.what,
+        wrong.len(),
+        explained.join("\n")
+    );
+}
+
+/// The trace of `src -> dst` contains every line of `want`.
+#[track_caller]
+fn assert_trace(node: &Node, src: IpAddr, dst: IpAddr, dport: &str, want: &[&str]) {
+    let t = trace(node, src, dst, dport);
+    for w in want {
+        assert!(
+            t.contains(w),
+            "trace {src} -> {dst} {dport}: want {w:?}\n{t}"
+        );
+    }
 }
 
 fn trace(node: &Node, src: IpAddr, dst: IpAddr, dport: &str) -> String {
@@ -175,81 +259,115 @@ fn kubernetes_policy_model_on_cni_pods() {
         })
         .collect();
 
-    // The previous step's file and policy names.
-    let mut previous: Option<(PathBuf, BTreeSet<String>)> = None;
+    let mut cases = Cases {
+        node: &node,
+        dir: dir.clone(),
+        previous: None,
+        n: 0,
+    };
+    let ip = |ns: &str, pod: &str| {
+        MODEL
+            .iter()
+            .position(|m| *m == (ns, pod))
+            .map(|i| ips[i])
+            .expect("model pod")
+    };
     for (i, step) in steps().iter().enumerate() {
-        let before = report(&node)["computations"].as_u64().unwrap_or(0);
-        let want = names(&step.policies);
-        let mut changed = false;
-        match previous.take() {
-            // Same policies, new content: an update in place.
-            Some((_, prev)) if prev == want => {}
-            Some((p, _)) => {
-                let (code, out) = node.cli(&["delete", "-f", p.to_str().expect("utf8")]);
-                assert_eq!(code, 0, "{out}");
-                changed = true;
-            }
-            None => {}
-        }
-        if !step.policies.is_empty() {
-            let p = dir.join(format!("step{i}.yaml"));
-            std::fs::write(&p, &step.policies).expect("write");
-            let (code, out) = node.cli(&["apply", "-f", p.to_str().expect("utf8")]);
-            assert_eq!(code, 0, "{}: {out}", step.what);
-            previous = Some((p, want.clone()));
-            changed = true;
-        }
-        // Programmed: the agent recomputed after the change and the
-        // step's policies (only those) are in force.
-        let ok = wait_until(Duration::from_secs(10), || {
-            let r = report(&node);
-            (!changed || r["computations"].as_u64().unwrap_or(0) > before) && in_force(&r) == want
-        });
-        assert!(ok, "{}: policies never in force\n{}", step.what, node.log());
-        // The servers answer before the first step is judged.
-        let wrong = if i == 0 {
-            let mut w = Vec::new();
+        cases.apply(step.what, &step.policies);
+        if i == 0 {
+            // The servers answer before the first case is judged.
             let ok = wait_until(Duration::from_secs(20), || {
-                w = wrong_cells(&pods, step);
-                w.is_empty()
+                wrong_cells(&pods, step).is_empty()
             });
-            if ok { Vec::new() } else { w }
-        } else {
-            wrong_cells(&pods, step)
-        };
-        if !wrong.is_empty() {
-            let explained: Vec<String> = wrong
-                .iter()
-                .map(|w| {
-                    let dport = format!("{}/{:?}", w.port, w.l4).to_uppercase();
-                    let t = trace(&node, pods[w.src].ip, pods[w.dst].ip, &dport);
-                    format!("{}\n{t}", w.describe(&pods))
-                })
-                .collect();
-            panic!(
-                "{}: {} wrong cells:\n{}",
-                step.what,
-                wrong.len(),
-                explained.join("\n")
-            );
+            assert!(ok, "servers never answered");
         }
+        check(&node, &pods, step);
         // The live trace names the deciding rule, allowed and denied.
         if step.what.starts_with("podSelector") {
-            let (xa, xb, xc) = (ips[0], ips[1], ips[2]);
-            let t = trace(&node, xb, xa, "80/TCP");
-            assert!(
-                t.contains("Ingress: ALLOWED by NetworkPolicy x/a-from-b spec.ingress[0]")
-                    && t.contains("Final verdict: ALLOWED"),
-                "{t}"
+            assert_trace(
+                &node,
+                ip("x", "b"),
+                ip("x", "a"),
+                "80/TCP",
+                &[
+                    "Ingress: ALLOWED by NetworkPolicy x/a-from-b spec.ingress[0]",
+                    "Final verdict: ALLOWED",
+                ],
             );
-            let t = trace(&node, xc, xa, "80/TCP");
-            assert!(
-                t.contains("Ingress: DENIED  default deny (NetworkPolicy x/a-from-b")
-                    && t.contains("Final verdict: DENIED"),
-                "{t}"
+            assert_trace(
+                &node,
+                ip("x", "c"),
+                ip("x", "a"),
+                "80/TCP",
+                &[
+                    "Ingress: DENIED  default deny (NetworkPolicy x/a-from-b",
+                    "Final verdict: DENIED",
+                ],
             );
         }
     }
+
+    // Cilium's cases on the same pods. Deny precedence: a deny of port 80
+    // beside an allow from b.
+    let deny80 = Step {
+        what: "ingressDeny 80 beside an allow from b",
+        policies: "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: deny80, namespace: x}\nspec:\n  endpointSelector: {matchLabels: {pod: a}}\n  ingress: [{fromEndpoints: [{matchLabels: {pod: b}}]}]\n  ingressDeny: [{toPorts: [{ports: [{port: \"80\", protocol: TCP}]}]}]\n".into(),
+        expect: |c| !(c.dn == "x" && c.dp == "a") || (c.sn == "x" && c.sp == "b" && !(c.l4 == L4::Tcp && c.port == 80)),
+    };
+    cases.apply(deny80.what, &deny80.policies);
+    check(&node, &pods, &deny80);
+    assert_trace(
+        &node,
+        ip("x", "b"),
+        ip("x", "a"),
+        "80/TCP",
+        &["Ingress: DENIED  by CiliumNetworkPolicy x/deny80 spec.ingressDeny[0]"],
+    );
+    assert_trace(
+        &node,
+        ip("x", "b"),
+        ip("x", "a"),
+        "81/TCP",
+        &["Ingress: ALLOWED by CiliumNetworkPolicy x/deny80 spec.ingress[0]"],
+    );
+    // A peer deny drops everything from b, whatever else allows it.
+    let peer_deny = Step {
+        what: "a peer deny beside fromEntities all",
+        policies: "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: deny80, namespace: x}\nspec:\n  endpointSelector: {matchLabels: {pod: a}}\n  ingress: [{fromEntities: [all]}]\n  ingressDeny: [{fromEndpoints: [{matchLabels: {pod: b}}]}]\n".into(),
+        expect: |c| !(c.dn == "x" && c.dp == "a" && c.sn == "x" && c.sp == "b"),
+    };
+    cases.apply(peer_deny.what, &peer_deny.policies);
+    check(&node, &pods, &peer_deny);
+
+    // CVE-2023-39347: y/b relabelled with x's namespace labels stays y's.
+    let fake = cluster_yaml().replace(
+        "name: b, namespace: y, labels: {pod: b}",
+        "name: b, namespace: y, labels: {pod: b, io.kubernetes.pod.namespace: x, io.cilium.k8s.namespace.labels.ns: x}",
+    );
+    assert_ne!(fake, cluster_yaml());
+    let relabelled = dir.join("relabelled.yaml");
+    std::fs::write(&relabelled, fake).expect("write");
+    let (code, out) = node.cli(&["apply", "-f", relabelled.to_str().expect("utf8")]);
+    assert_eq!(code, 0, "{out}");
+    let fake_ns = Step {
+        what: "CVE-2023-39347: a fake namespace label grants nothing",
+        policies: "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: from-b, namespace: x}\nspec:\n  endpointSelector: {matchLabels: {pod: a}}\n  ingress: [{fromEndpoints: [{matchLabels: {pod: b}}]}]\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: from-ns-x, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: x}}}], ports: [{port: 81}]}]\n".into(),
+        expect: |c| {
+            !(c.dn == "x" && c.dp == "a")
+                || (c.sn == "x" && c.sp == "b")
+                || (c.sn == "x" && c.l4 == L4::Tcp && c.port == 81)
+        },
+    };
+    cases.apply(fake_ns.what, &fake_ns.policies);
+    check(&node, &pods, &fake_ns);
+    assert_trace(
+        &node,
+        ip("y", "b"),
+        ip("x", "a"),
+        "81/TCP",
+        &["Final verdict: DENIED"],
+    );
+    cases.apply("no policy", "");
 
     // CNI DEL: the endpoints leave the report and their addresses the
     // kernel's ipcache at once.
