@@ -365,6 +365,7 @@ impl State {
             .iter()
             .enumerate()
             .filter(move |(_, r)| r.direction == dir && r.subject.matches(&labels))
+            .map(|(i, r)| (i, &**r))
     }
 
     /// The rule that put `dir` of this identity into default deny, if any.
@@ -545,7 +546,7 @@ impl State {
         // nothing; otherwise every subject of the object's runs, before
         // and after, is affected.
         type Runs<'a> = HashMap<(PolicyKind, Option<&'a str>, &'a str), Vec<(usize, usize)>>;
-        let runs = |rules: &'a [Rule]| {
+        let runs = |rules: &'a [Arc<Rule>]| {
             let mut m: Runs<'a> = HashMap::new();
             for (k, r) in rule_runs(rules) {
                 m.entry(k).or_default().push(r);
@@ -562,7 +563,8 @@ impl State {
                 && now.iter().zip(before).all(|(&(lo, hi), &(olo, ohi))| {
                     ohi - olo == hi - lo
                         && (lo..hi).zip(olo..ohi).all(|(i, j)| {
-                            self.policies.rules[i] == old.policies.rules[j]
+                            (Arc::ptr_eq(&self.policies.rules[i], &old.policies.rules[j])
+                                || self.policies.rules[i] == old.policies.rules[j])
                                 && (Arc::ptr_eq(&self.rule_peers[i], &old.rule_peers[j])
                                     || self.rule_peers[i] == old.rule_peers[j])
                         })
@@ -675,7 +677,7 @@ impl State {
 /// Runs of consecutive rules from one policy object: (kind, namespace,
 /// name) → index range.
 fn rule_runs(
-    rules: &[Rule],
+    rules: &[Arc<Rule>],
 ) -> impl Iterator<Item = ((PolicyKind, Option<&str>, &str), (usize, usize))> + '_ {
     fn key(r: &Rule) -> (PolicyKind, Option<&str>, &str) {
         (
