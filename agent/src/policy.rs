@@ -313,7 +313,12 @@ impl Inner {
             .cloned()
             .chain(m.policies.errors.iter().map(ToString::to_string))
             .collect();
-        let state = State::build(&m.cluster, m.policies.clone(), self.ids.clone());
+        let state = State::build_with(
+            &m.cluster,
+            m.policies.clone(),
+            self.ids.clone(),
+            self.state.as_ref(),
+        );
         self.ids = state.identities.clone();
         // Endpoints that failed last time are retried.
         let failed: BTreeSet<u32> = std::mem::take(&mut self.errors).into_keys().collect();

@@ -223,7 +223,7 @@ fn apply_latency_1000_endpoints_10000_rules() {
         let apply = |dp: &mut PolicyDatapath, set: PolicySet, prev: Option<&State>, full: bool| {
             let t = std::time::Instant::now();
             let ids = prev.map(|p| p.identities.clone()).unwrap_or_default();
-            let s = State::build(&c, set, ids);
+            let s = State::build_with(&c, set, ids, prev);
             let build = t.elapsed();
             dp.sync_ipcache(&s.ipcache).expect("ipcache");
             let ipcache = t.elapsed() - build;

@@ -248,12 +248,32 @@ pub struct State {
     rules_of: HashMap<u32, Vec<usize>>,
     allow_localhost: bool,
     all_named: Vec<NamedPort>,
+    /// Resolved peer lists and subjects, kept for the next build.
+    peer_sets: HashMap<Vec<Peer>, Arc<(bool, BTreeSet<u32>)>>,
+    subject_sets: HashMap<Selector, Arc<BTreeSet<u32>>>,
+    /// Identities of the endpoints `subject_sets` was resolved over.
+    ep_ids: BTreeSet<u32>,
 }
 
 impl State {
     /// Allocates identities (reusing those in `ids`), fills the ipcache and
     /// resolves every rule's peers.
-    pub fn build(cluster: &Cluster, policies: PolicySet, mut ids: Identities) -> State {
+    pub fn build(cluster: &Cluster, policies: PolicySet, ids: Identities) -> State {
+        Self::build_with(cluster, policies, ids, None)
+    }
+
+    /// Like [`State::build`], reusing what `prev` resolved: a peer list or
+    /// subject seen before is only matched against the identities (resp.
+    /// endpoint identities) that are new since, instead of all of them.
+    /// Identities never change their labels, so this equals a fresh build
+    /// (checked by the property tests); if `prev`'s identities are not a
+    /// subset of `ids`, everything is resolved afresh.
+    pub fn build_with(
+        cluster: &Cluster,
+        policies: PolicySet,
+        mut ids: Identities,
+        prev: Option<&State>,
+    ) -> State {
         let empty = BTreeMap::new();
         let mut ipcache = IpCache::with_world();
         for rule in &policies.rules {
@@ -286,6 +306,20 @@ impl State {
         for ip in &cluster.host_ips {
             ipcache.insert_ip(*ip, Reserved::Host.id());
         }
+        // Reuse `prev` only if every identity it knew is still here,
+        // unchanged; then only identities added since need matching.
+        let prev = prev.filter(|p| {
+            p.identities
+                .iter()
+                .all(|i| ids.get(i.id).is_some_and(|n| n == i))
+        });
+        let added: Vec<&IdentityInfo> = match prev {
+            Some(p) => ids
+                .iter()
+                .filter(|i| p.identities.get(i.id).is_none())
+                .collect(),
+            None => ids.iter().collect(),
+        };
         // Selector caches: identical peer lists and identical subjects are
         // resolved once (policies repeat them a lot).
         let mut peer_cache: HashMap<&[Peer], Arc<(bool, BTreeSet<u32>)>> = HashMap::new();
@@ -297,36 +331,76 @@ impl State {
                     if r.peers.contains(&Peer::All) {
                         return Arc::new((true, BTreeSet::new()));
                     }
-                    let set = ids
-                        .iter()
-                        .filter(|info| r.peers.iter().any(|p| peer_matches(p, info)))
-                        .map(|info| info.id)
-                        .collect();
-                    Arc::new((false, set))
+                    let matches =
+                        |info: &IdentityInfo| r.peers.iter().any(|p| peer_matches(p, info));
+                    match prev.and_then(|p| p.peer_sets.get(r.peers.as_slice())) {
+                        Some(old) => {
+                            let new: Vec<u32> =
+                                added.iter().filter(|i| matches(i)).map(|i| i.id).collect();
+                            if new.is_empty() {
+                                return old.clone();
+                            }
+                            let mut set = old.1.clone();
+                            set.extend(new);
+                            Arc::new((false, set))
+                        }
+                        None => {
+                            let set = ids
+                                .iter()
+                                .filter(|i| matches(i))
+                                .map(|info| info.id)
+                                .collect();
+                            Arc::new((false, set))
+                        }
+                    }
                 })
                 .clone();
             rule_peers.push(set);
         }
         let ep_ids: BTreeSet<u32> = endpoints.iter().map(|(_, id)| *id).collect();
-        let mut subject_cache: HashMap<&Selector, Vec<u32>> = HashMap::new();
+        let new_ep_ids: Vec<u32> = match prev {
+            Some(p) => ep_ids.difference(&p.ep_ids).copied().collect(),
+            None => ep_ids.iter().copied().collect(),
+        };
+        let mut subject_cache: HashMap<&Selector, Arc<BTreeSet<u32>>> = HashMap::new();
         let mut rules_of: HashMap<u32, Vec<usize>> = HashMap::new();
         for (i, r) in policies.rules.iter().enumerate() {
             let matched = subject_cache.entry(&r.subject).or_insert_with(|| {
-                ep_ids
-                    .iter()
-                    .copied()
-                    .filter(|id| {
-                        ids.get(*id)
-                            .is_some_and(|info| r.subject.matches(&info.labels))
-                    })
-                    .collect()
+                let matches = |id: &u32| {
+                    ids.get(*id)
+                        .is_some_and(|info| r.subject.matches(&info.labels))
+                };
+                match prev.and_then(|p| p.subject_sets.get(&r.subject)) {
+                    Some(old) => {
+                        // Endpoint identities that left drop out; new ones
+                        // are matched.
+                        let mut set: BTreeSet<u32> = old
+                            .iter()
+                            .copied()
+                            .filter(|id| ep_ids.contains(id))
+                            .collect();
+                        set.extend(new_ep_ids.iter().copied().filter(matches));
+                        if set == **old {
+                            old.clone()
+                        } else {
+                            Arc::new(set)
+                        }
+                    }
+                    None => Arc::new(ep_ids.iter().copied().filter(matches).collect()),
+                }
             });
             for id in matched.iter() {
                 rules_of.entry(*id).or_default().push(i);
             }
         }
-        drop(peer_cache);
-        drop(subject_cache);
+        let peer_sets = peer_cache
+            .into_iter()
+            .map(|(k, v)| (k.to_vec(), v))
+            .collect();
+        let subject_sets = subject_cache
+            .into_iter()
+            .map(|(k, v)| (k.clone(), v))
+            .collect();
         State {
             identities: ids,
             ipcache,
@@ -336,6 +410,9 @@ impl State {
             rules_of,
             allow_localhost: cluster.allow_localhost,
             all_named: all_named.into_iter().collect(),
+            peer_sets,
+            subject_sets,
+            ep_ids,
         }
     }
 

@@ -355,7 +355,7 @@ fn incremental_recompile_covers_every_change() {
         let old = State::build(&c0, policies(&docs.join("---\n")), Identities::default());
         let mut docs1 = docs.clone();
         let mut c1 = c0.clone();
-        match r.random_range(0..6) {
+        match r.random_range(0..8) {
             0 => docs1.push(random_policies(&mut r)),
             1 => {
                 let i = r.random_range(0..docs1.len());
@@ -375,15 +375,40 @@ fn incremental_recompile_covers_every_change() {
                 let i = r.random_range(0..c1.endpoints.len());
                 c1.endpoints[i].named_ports.pop();
             }
+            // A label no pod had: a new identity.
+            5 => {
+                let i = r.random_range(0..c1.endpoints.len());
+                c1.endpoints[i]
+                    .labels
+                    .insert("pod".into(), format!("new{case}"));
+            }
+            // A new pod.
+            6 => {
+                let mut ep = c1.endpoints[r.random_range(0..c1.endpoints.len())].clone();
+                ep.id = 100;
+                ep.ips = vec![ip("10.124.9.9")];
+                if r.random_bool(0.5) {
+                    ep.labels.insert("pod".into(), format!("new{case}"));
+                }
+                c1.endpoints.push(ep);
+            }
             _ => {
                 let i = r.random_range(0..c1.endpoints.len());
                 c1.endpoints.remove(i);
             }
         }
         let yaml1 = docs1.join("---\n");
-        let new = State::build(&c1, policies(&yaml1), old.identities.clone());
+        // Built reusing what `old` resolved, and afresh: the same.
+        let new = State::build_with(&c1, policies(&yaml1), old.identities.clone(), Some(&old));
+        let fresh = State::build(&c1, policies(&yaml1), old.identities.clone());
         let changed = new.changed_endpoints(&old);
         for (ep, _) in new.endpoints() {
+            assert_eq!(
+                new.compile(ep.id),
+                fresh.compile(ep.id),
+                "case {case} (POLICY_SEED={seed}): endpoint {} differs when built from the previous state\n{yaml1}",
+                ep.id
+            );
             if changed.contains(&ep.id) {
                 recompiled += 1;
                 continue;
@@ -398,7 +423,7 @@ fn incremental_recompile_covers_every_change() {
             );
         }
         // Nothing changed: nothing to recompile.
-        let same = State::build(&c1, policies(&yaml1), new.identities.clone());
+        let same = State::build_with(&c1, policies(&yaml1), new.identities.clone(), Some(&new));
         assert!(
             same.changed_endpoints(&new).is_empty(),
             "case {case}: an identical rebuild reported changes"
