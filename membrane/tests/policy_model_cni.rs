@@ -6,8 +6,9 @@
 //! case's policies removed with `membrane delete`), and every pod × pod
 //! cell probed with real packets over TCP and UDP 80 and 81. Then Cilium
 //! cases on the same pods: deny precedence (a port deny beside an allow, a
-//! peer deny beside `fromEntities: all`) and CVE-2023-39347 (a pod
-//! relabelled with another namespace's labels through `membrane apply`).
+//! peer deny beside `fromEntities: all`), CVE-2023-39347 (a pod
+//! relabelled with another namespace's labels through `membrane apply`)
+//! and CVE-2025-64715 (an egress selector matching nobody).
 //! `membrane policy trace` (live) names the deciding rule of allowed and
 //! denied cells; after CNI DEL the pods' addresses are gone from the
 //! kernel's ipcache.
@@ -366,6 +367,25 @@ fn kubernetes_policy_model_on_cni_pods() {
         ip("x", "a"),
         "81/TCP",
         &["Final verdict: DENIED"],
+    );
+    // CVE-2025-64715: a peer selector matching no pod selects nobody; it
+    // must not widen x/a's egress to everyone.
+    let empty_peer = Step {
+        what: "CVE-2025-64715: an empty selector result allows nothing",
+        policies: "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: to-nobody, namespace: x}\nspec:\n  endpointSelector: {matchLabels: {pod: a}}\n  egress: [{toEndpoints: [{matchLabels: {pod: nosuch}}]}]\n".into(),
+        expect: |c| !(c.sn == "x" && c.sp == "a"),
+    };
+    cases.apply(empty_peer.what, &empty_peer.policies);
+    check(&node, &pods, &empty_peer);
+    assert_trace(
+        &node,
+        ip("x", "a"),
+        ip("x", "b"),
+        "80/TCP",
+        &[
+            "Egress : DENIED  default deny (CiliumNetworkPolicy x/to-nobody",
+            "Final verdict: DENIED",
+        ],
     );
     cases.apply("no policy", "");
 
