@@ -7,7 +7,7 @@
 //! returns, so its first packet is already under policy; afterwards
 //! [`follow`] recomputes when a policy input or the endpoint set changes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -49,6 +49,13 @@ struct Inner {
     last_inputs: Vec<Arc<Object>>,
     last_endpoints: BTreeMap<u32, membrane_endpoint::Endpoint>,
     state: Option<State>,
+    /// Endpoint id → the device it was last programmed behind; an
+    /// endpoint is rewritten when its compiled policy may have changed
+    /// (`State::changed_endpoints`) or its device did.
+    programmed: BTreeMap<u32, u32>,
+    /// Each input object's translation, by object identity: a change
+    /// re-reads only the objects that changed.
+    translated: HashMap<usize, (Arc<Object>, Manifests)>,
     /// The cluster and policies `state` was built from (for traces).
     inputs: Manifests,
     /// Per endpoint id: why it could not be programmed.
@@ -74,6 +81,8 @@ impl PolicyHandle {
                 last_inputs: Vec::new(),
                 last_endpoints: BTreeMap::new(),
                 state: None,
+                programmed: BTreeMap::new(),
+                translated: HashMap::new(),
                 inputs: Manifests::default(),
                 errors: BTreeMap::new(),
                 policy_errors: Vec::new(),
@@ -107,7 +116,14 @@ impl PolicyHandle {
             .map(|(id, _)| *id)
             .collect();
         for id in gone {
-            inner.endpoints.remove(&id);
+            inner.programmed.remove(&id);
+            // Its addresses stop carrying its identity now, not at the next
+            // recompute (a new pod may get them first).
+            if let Some(ep) = inner.endpoints.remove(&id)
+                && let Err(e) = inner.dp.remove_ipcache_hosts(&ep.addrs)
+            {
+                warn!(ifname, error = %e, "removing ipcache entries");
+            }
             if let Some(idx) = idx
                 && let Err(e) = inner.dp.remove_endpoint(idx, id)
             {
@@ -176,8 +192,14 @@ impl PolicyHandle {
         for (id, ep) in &inner.endpoints {
             eps.push(inner.endpoint_json(*id, ep));
         }
+        // Read back from the kernel: what packets are judged by.
+        let ipcache = inner.dp.ipcache_entries().unwrap_or_else(|e| {
+            warn!(error = %e, "reading the policy ipcache");
+            BTreeMap::new()
+        });
         json!({
             "endpoints": eps,
+            "ipcache": ipcache,
             "errors": inner.policy_errors,
             "computations": inner.computations,
             "lastComputationMicros": inner.last_duration.as_micros() as u64,
@@ -238,12 +260,7 @@ impl Inner {
             return false;
         }
         let start = Instant::now();
-        let values: Vec<Value> = inputs
-            .iter()
-            .filter(|o| o.kind() != Kind::Pod)
-            .map(|o| o.to_value())
-            .collect();
-        let mut m = Manifests::from_values(&values);
+        let mut m = self.translate(&inputs);
         // The node's own addresses are identity `host` (allow-localhost
         // admits them, as Cilium does), not `world`.
         m.cluster.host_ips = host_addresses();
@@ -254,14 +271,10 @@ impl Inner {
             .values()
             .map(|e| (e.pod_namespace.clone(), e.pod_name.clone()))
             .collect();
-        let mut pod_values = Vec::new();
         // Local pods' labels come from the Pod itself when the store has it
         // (the endpoint's copy may lag behind a label change).
         let mut from_pod: BTreeMap<(String, String), membrane_policy::Endpoint> = BTreeMap::new();
-        for o in inputs.iter().filter(|o| o.kind() == Kind::Pod) {
-            pod_values.push(o.to_value());
-        }
-        for ep in Manifests::from_values(&pod_values).cluster.endpoints {
+        for ep in std::mem::take(&mut m.cluster.endpoints) {
             let key = (ep.namespace.clone(), ep.name.clone());
             if local_pods.contains(&key) {
                 from_pod.insert(key, ep);
@@ -300,25 +313,44 @@ impl Inner {
             .cloned()
             .chain(m.policies.errors.iter().map(ToString::to_string))
             .collect();
-        let state = State::build(&m.cluster, m.policies.clone(), self.ids.clone());
+        let state = State::build_with(
+            &m.cluster,
+            m.policies.clone(),
+            self.ids.clone(),
+            self.state.as_ref(),
+        );
         self.ids = state.identities.clone();
-        self.errors.clear();
+        // Endpoints that failed last time are retried.
+        let failed: BTreeSet<u32> = std::mem::take(&mut self.errors).into_keys().collect();
         if let Err(e) = self.dp.sync_ipcache(&state.ipcache) {
             warn!(error = %e, "policy ipcache");
             for id in self.endpoints.keys() {
                 self.errors.insert(*id, format!("ipcache: {e}"));
             }
         }
-        let mut written = 0;
+        // Only endpoints whose entries may differ are compiled and
+        // written; the rest keep what the kernel has.
+        let changed = self.state.as_ref().map(|old| state.changed_endpoints(old));
+        let (mut written, mut compiled) = (0, 0);
         for (id, ep) in &self.endpoints {
             let Some(idx) = self.ifindex.get(&ep.host_ifname).copied() else {
                 continue;
             };
+            let stale = changed.as_ref().is_none_or(|c| c.contains(id))
+                || self.programmed.get(id) != Some(&idx)
+                || failed.contains(id);
+            if !stale {
+                continue;
+            }
             let Some(pol) = state.compile(*id) else {
                 continue;
             };
+            compiled += 1;
             match self.dp.sync_endpoint(idx, &pol) {
-                Ok(r) => written += r.entries_written + r.entries_removed,
+                Ok(r) => {
+                    written += r.entries_written + r.entries_removed;
+                    self.programmed.insert(*id, idx);
+                }
                 Err(e) => {
                     warn!(endpoint = *id, pod = %ep.pod(), error = %e, "policy not programmed");
                     self.errors.insert(*id, e.to_string());
@@ -333,11 +365,50 @@ impl Inner {
         self.last_duration = start.elapsed();
         info!(
             endpoints = self.endpoints.len(),
+            compiled,
             entries_changed = written,
             micros = self.last_duration.as_micros() as u64,
             "policy programmed"
         );
         true
+    }
+
+    /// The inputs as one [`Manifests`]; objects seen before (same `Arc`)
+    /// reuse their translation.
+    fn translate(&mut self, inputs: &[Arc<Object>]) -> Manifests {
+        let mut cache = std::mem::take(&mut self.translated);
+        let mut m = Manifests::from_values(&[]);
+        for o in inputs {
+            // The key is the object's address; the entry keeps the `Arc`
+            // alive, so the address cannot be reused while cached.
+            let key = Arc::as_ptr(o) as usize;
+            let entry = match cache.remove(&key) {
+                Some(e) => e,
+                None => (o.clone(), Manifests::from_values(&[o.to_value()])),
+            };
+            let part = &entry.1;
+            m.policies.rules.extend(part.policies.rules.iter().cloned());
+            m.policies
+                .enforcements
+                .extend(part.policies.enforcements.iter().cloned());
+            m.policies
+                .errors
+                .extend(part.policies.errors.iter().cloned());
+            m.errors.extend(part.errors.iter().cloned());
+            if o.kind() == Kind::Namespace {
+                m.cluster.namespaces.extend(
+                    part.cluster
+                        .namespaces
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone())),
+                );
+            }
+            m.cluster
+                .endpoints
+                .extend(part.cluster.endpoints.iter().cloned());
+            self.translated.insert(key, entry);
+        }
+        m
     }
 
     fn endpoint_json(&self, id: u32, ep: &membrane_endpoint::Endpoint) -> Value {

@@ -421,19 +421,7 @@ impl PolicyDatapath {
     pub fn sync_ipcache(&mut self, cache: &IpCache) -> Result<usize, PolicyDatapathError> {
         let mut want = BTreeMap::new();
         for (net, id) in &cache.entries {
-            let mut k = IpcacheKey::default();
-            let (family, bits) = match net.addr() {
-                IpAddr::V4(a) => {
-                    k.addr[..4].copy_from_slice(&a.octets());
-                    (4, net.prefix_len() as u32)
-                }
-                IpAddr::V6(a) => {
-                    k.addr.copy_from_slice(&a.octets());
-                    (6, net.prefix_len() as u32)
-                }
-            };
-            k.family = family;
-            want.insert((32 + bits, k), *id);
+            want.insert(ipcache_key(net.addr(), net.prefix_len()), *id);
         }
         let mut written = 0;
         for (key, id) in &want {
@@ -463,6 +451,41 @@ impl PolicyDatapath {
         }
         self.ipcache_mirror = want;
         Ok(written)
+    }
+
+    /// Removes the host entries (/32, /128) of `addrs` from the ipcache:
+    /// a deleted endpoint's addresses stop carrying its identity at once,
+    /// before the next full sync (which would drop them too).
+    pub fn remove_ipcache_hosts(&mut self, addrs: &[IpAddr]) -> Result<usize, PolicyDatapathError> {
+        let mut removed = 0;
+        for a in addrs {
+            let key = ipcache_key(*a, if a.is_ipv4() { 32 } else { 128 });
+            if self.ipcache_mirror.remove(&key).is_none() {
+                continue;
+            }
+            match self.ipcache.remove(&Key::new(key.0, key.1)) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(MAP_IPCACHE)(e)),
+            }
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// The kernel's ipcache, read back from the map: `addr/len` → identity.
+    pub fn ipcache_entries(&self) -> Result<BTreeMap<String, u32>, PolicyDatapathError> {
+        let mut out = BTreeMap::new();
+        for kv in self.ipcache.iter() {
+            let (k, v) = kv.map_err(map_err(MAP_IPCACHE))?;
+            let d = k.data();
+            let len = k.prefix_len().saturating_sub(32);
+            let addr = match d.family {
+                4 => IpAddr::from([d.addr[0], d.addr[1], d.addr[2], d.addr[3]]),
+                _ => IpAddr::from(d.addr),
+            };
+            out.insert(format!("{addr}/{len}"), v.identity);
+        }
+        Ok(out)
     }
 
     /// Programs one endpoint behind device `ifindex`: its entries first
@@ -619,4 +642,21 @@ impl PolicyDatapath {
     pub fn attached(&self) -> BTreeSet<String> {
         self.links.keys().cloned().collect()
     }
+}
+
+/// The trie key of `addr/prefix_len` (the key's first 32 bits, family and
+/// padding, are always matched).
+fn ipcache_key(addr: IpAddr, prefix_len: u8) -> (u32, IpcacheKey) {
+    let mut k = IpcacheKey::default();
+    match addr {
+        IpAddr::V4(a) => {
+            k.addr[..4].copy_from_slice(&a.octets());
+            k.family = 4;
+        }
+        IpAddr::V6(a) => {
+            k.addr.copy_from_slice(&a.octets());
+            k.family = 6;
+        }
+    }
+    (32 + prefix_len as u32, k)
 }

@@ -4,6 +4,7 @@
 //! model's trace (which also names the deciding rule).
 
 mod common;
+mod policy_cases;
 mod policy_harness;
 
 use std::net::IpAddr;

@@ -10,7 +10,7 @@ use ipnet::IpNet;
 
 use crate::identity::{ANY_IDENTITY, Identities, IdentityInfo, IdentityKind, IpCache, Reserved};
 use crate::labels::{LabelSet, Selector};
-use crate::rules::{Direction, L4, Peer, PolicySet, Rule, RuleRef};
+use crate::rules::{Direction, L4, Peer, PolicyKind, PolicySet, Rule, RuleRef};
 
 /// A named container port of an endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -248,12 +248,32 @@ pub struct State {
     rules_of: HashMap<u32, Vec<usize>>,
     allow_localhost: bool,
     all_named: Vec<NamedPort>,
+    /// Resolved peer lists and subjects, kept for the next build.
+    peer_sets: HashMap<Vec<Peer>, Arc<(bool, BTreeSet<u32>)>>,
+    subject_sets: HashMap<Selector, Arc<BTreeSet<u32>>>,
+    /// Identities of the endpoints `subject_sets` was resolved over.
+    ep_ids: BTreeSet<u32>,
 }
 
 impl State {
     /// Allocates identities (reusing those in `ids`), fills the ipcache and
     /// resolves every rule's peers.
-    pub fn build(cluster: &Cluster, policies: PolicySet, mut ids: Identities) -> State {
+    pub fn build(cluster: &Cluster, policies: PolicySet, ids: Identities) -> State {
+        Self::build_with(cluster, policies, ids, None)
+    }
+
+    /// Like [`State::build`], reusing what `prev` resolved: a peer list or
+    /// subject seen before is only matched against the identities (resp.
+    /// endpoint identities) that are new since, instead of all of them.
+    /// Identities never change their labels, so this equals a fresh build
+    /// (checked by the property tests); if `prev`'s identities are not a
+    /// subset of `ids`, everything is resolved afresh.
+    pub fn build_with(
+        cluster: &Cluster,
+        policies: PolicySet,
+        mut ids: Identities,
+        prev: Option<&State>,
+    ) -> State {
         let empty = BTreeMap::new();
         let mut ipcache = IpCache::with_world();
         for rule in &policies.rules {
@@ -286,6 +306,20 @@ impl State {
         for ip in &cluster.host_ips {
             ipcache.insert_ip(*ip, Reserved::Host.id());
         }
+        // Reuse `prev` only if every identity it knew is still here,
+        // unchanged; then only identities added since need matching.
+        let prev = prev.filter(|p| {
+            p.identities
+                .iter()
+                .all(|i| ids.get(i.id).is_some_and(|n| n == i))
+        });
+        let added: Vec<&IdentityInfo> = match prev {
+            Some(p) => ids
+                .iter()
+                .filter(|i| p.identities.get(i.id).is_none())
+                .collect(),
+            None => ids.iter().collect(),
+        };
         // Selector caches: identical peer lists and identical subjects are
         // resolved once (policies repeat them a lot).
         let mut peer_cache: HashMap<&[Peer], Arc<(bool, BTreeSet<u32>)>> = HashMap::new();
@@ -297,36 +331,76 @@ impl State {
                     if r.peers.contains(&Peer::All) {
                         return Arc::new((true, BTreeSet::new()));
                     }
-                    let set = ids
-                        .iter()
-                        .filter(|info| r.peers.iter().any(|p| peer_matches(p, info)))
-                        .map(|info| info.id)
-                        .collect();
-                    Arc::new((false, set))
+                    let matches =
+                        |info: &IdentityInfo| r.peers.iter().any(|p| peer_matches(p, info));
+                    match prev.and_then(|p| p.peer_sets.get(r.peers.as_slice())) {
+                        Some(old) => {
+                            let new: Vec<u32> =
+                                added.iter().filter(|i| matches(i)).map(|i| i.id).collect();
+                            if new.is_empty() {
+                                return old.clone();
+                            }
+                            let mut set = old.1.clone();
+                            set.extend(new);
+                            Arc::new((false, set))
+                        }
+                        None => {
+                            let set = ids
+                                .iter()
+                                .filter(|i| matches(i))
+                                .map(|info| info.id)
+                                .collect();
+                            Arc::new((false, set))
+                        }
+                    }
                 })
                 .clone();
             rule_peers.push(set);
         }
         let ep_ids: BTreeSet<u32> = endpoints.iter().map(|(_, id)| *id).collect();
-        let mut subject_cache: HashMap<&Selector, Vec<u32>> = HashMap::new();
+        let new_ep_ids: Vec<u32> = match prev {
+            Some(p) => ep_ids.difference(&p.ep_ids).copied().collect(),
+            None => ep_ids.iter().copied().collect(),
+        };
+        let mut subject_cache: HashMap<&Selector, Arc<BTreeSet<u32>>> = HashMap::new();
         let mut rules_of: HashMap<u32, Vec<usize>> = HashMap::new();
         for (i, r) in policies.rules.iter().enumerate() {
             let matched = subject_cache.entry(&r.subject).or_insert_with(|| {
-                ep_ids
-                    .iter()
-                    .copied()
-                    .filter(|id| {
-                        ids.get(*id)
-                            .is_some_and(|info| r.subject.matches(&info.labels))
-                    })
-                    .collect()
+                let matches = |id: &u32| {
+                    ids.get(*id)
+                        .is_some_and(|info| r.subject.matches(&info.labels))
+                };
+                match prev.and_then(|p| p.subject_sets.get(&r.subject)) {
+                    Some(old) => {
+                        // Endpoint identities that left drop out; new ones
+                        // are matched.
+                        let mut set: BTreeSet<u32> = old
+                            .iter()
+                            .copied()
+                            .filter(|id| ep_ids.contains(id))
+                            .collect();
+                        set.extend(new_ep_ids.iter().copied().filter(matches));
+                        if set == **old {
+                            old.clone()
+                        } else {
+                            Arc::new(set)
+                        }
+                    }
+                    None => Arc::new(ep_ids.iter().copied().filter(matches).collect()),
+                }
             });
             for id in matched.iter() {
                 rules_of.entry(*id).or_default().push(i);
             }
         }
-        drop(peer_cache);
-        drop(subject_cache);
+        let peer_sets = peer_cache
+            .into_iter()
+            .map(|(k, v)| (k.to_vec(), v))
+            .collect();
+        let subject_sets = subject_cache
+            .into_iter()
+            .map(|(k, v)| (k.clone(), v))
+            .collect();
         State {
             identities: ids,
             ipcache,
@@ -336,6 +410,9 @@ impl State {
             rules_of,
             allow_localhost: cluster.allow_localhost,
             all_named: all_named.into_iter().collect(),
+            peer_sets,
+            subject_sets,
+            ep_ids,
         }
     }
 
@@ -365,6 +442,7 @@ impl State {
             .iter()
             .enumerate()
             .filter(move |(_, r)| r.direction == dir && r.subject.matches(&labels))
+            .map(|(i, r)| (i, &**r))
     }
 
     /// The rule that put `dir` of this identity into default deny, if any.
@@ -513,6 +591,119 @@ impl State {
         })
     }
 
+    /// Local endpoints whose compiled policy may differ from what `old`
+    /// compiled for them: new endpoints, those whose identity or named
+    /// ports changed, and those a changed rule or enforcement selects. A
+    /// rule counts as changed when its text or its resolved peer set did,
+    /// so an identity that appears or goes reaches exactly the endpoints
+    /// with rules referring to it. Endpoints outside the result compile
+    /// exactly as before and need no map writes.
+    pub fn changed_endpoints<'a>(&'a self, old: &'a State) -> BTreeSet<u32> {
+        let local = || self.endpoints.iter().filter(|(e, _)| e.id != 0);
+        if self.allow_localhost != old.allow_localhost {
+            return local().map(|(e, _)| e.id).collect();
+        }
+        let before: HashMap<u32, (&Endpoint, u32)> = old
+            .endpoints
+            .iter()
+            .filter(|(e, _)| e.id != 0)
+            .map(|(e, id)| (e.id, (e, *id)))
+            .collect();
+        let mut out = BTreeSet::new();
+        for (e, ident) in local() {
+            match before.get(&e.id) {
+                Some((o, oi)) if oi == ident && o.named_ports == e.named_ports => {}
+                _ => {
+                    out.insert(e.id);
+                }
+            }
+        }
+        // Rules come in contiguous runs per policy object: a run equal to
+        // the same object's run before (text and resolved peers) changes
+        // nothing; otherwise every subject of the object's runs, before
+        // and after, is affected.
+        type Runs<'a> = HashMap<(PolicyKind, Option<&'a str>, &'a str), Vec<(usize, usize)>>;
+        let runs = |rules: &'a [Arc<Rule>]| {
+            let mut m: Runs<'a> = HashMap::new();
+            for (k, r) in rule_runs(rules) {
+                m.entry(k).or_default().push(r);
+            }
+            m
+        };
+        let (old_runs, new_runs) = (runs(&old.policies.rules), runs(&self.policies.rules));
+        let mut subjects: BTreeSet<&Selector> = BTreeSet::new();
+        for (key, now) in &new_runs {
+            let before = old_runs.get(key).map(Vec::as_slice).unwrap_or(&[]);
+            // (Two objects of one name only come from files; their runs
+            // are compared in order.)
+            let same = now.len() == before.len()
+                && now.iter().zip(before).all(|(&(lo, hi), &(olo, ohi))| {
+                    ohi - olo == hi - lo
+                        && (lo..hi).zip(olo..ohi).all(|(i, j)| {
+                            (Arc::ptr_eq(&self.policies.rules[i], &old.policies.rules[j])
+                                || self.policies.rules[i] == old.policies.rules[j])
+                                && (Arc::ptr_eq(&self.rule_peers[i], &old.rule_peers[j])
+                                    || self.rule_peers[i] == old.rule_peers[j])
+                        })
+                });
+            if !same {
+                for &(lo, hi) in now {
+                    subjects.extend(self.policies.rules[lo..hi].iter().map(|r| &r.subject));
+                }
+                for &(lo, hi) in before {
+                    subjects.extend(old.policies.rules[lo..hi].iter().map(|r| &r.subject));
+                }
+            }
+        }
+        for (key, before) in &old_runs {
+            if !new_runs.contains_key(key) {
+                for &(lo, hi) in before {
+                    subjects.extend(old.policies.rules[lo..hi].iter().map(|r| &r.subject));
+                }
+            }
+        }
+        let mut enf: HashMap<&crate::rules::Enforcement, i64> = HashMap::new();
+        for e in &self.policies.enforcements {
+            *enf.entry(e).or_default() += 1;
+        }
+        for e in &old.policies.enforcements {
+            *enf.entry(e).or_default() -= 1;
+        }
+        subjects.extend(
+            enf.into_iter()
+                .filter(|(_, n)| *n != 0)
+                .map(|(e, _)| &e.subject),
+        );
+        // Egress named ports resolve against every endpoint's ports.
+        let named_changed = self.all_named != old.all_named;
+        let mut by_identity: HashMap<u32, bool> = HashMap::new();
+        for (e, ident) in local() {
+            if out.contains(&e.id) {
+                continue;
+            }
+            let hit = *by_identity.entry(*ident).or_insert_with(|| {
+                let Some(labels) = self.labels(*ident) else {
+                    return true;
+                };
+                subjects.iter().any(|s| s.matches(labels))
+                    || (named_changed
+                        && self.rules_of.get(ident).is_some_and(|rs| {
+                            rs.iter().any(|&i| {
+                                let r = &self.policies.rules[i];
+                                r.direction == Direction::Egress
+                                    && r.l4.as_deref().is_some_and(|l| {
+                                        l.iter().any(|x| matches!(x, L4::Named { .. }))
+                                    })
+                            })
+                        }))
+            });
+            if hit {
+                out.insert(e.id);
+            }
+        }
+        out
+    }
+
     /// Both ends of a packet: the source endpoint's egress (if the source
     /// is a known endpoint) and the destination's ingress.
     pub fn trace(&self, src: IpAddr, dst: IpAddr, proto: u8, port: u16) -> Trace {
@@ -558,6 +749,30 @@ impl State {
             verdict,
         }
     }
+}
+
+/// Runs of consecutive rules from one policy object: (kind, namespace,
+/// name) → index range.
+fn rule_runs(
+    rules: &[Arc<Rule>],
+) -> impl Iterator<Item = ((PolicyKind, Option<&str>, &str), (usize, usize))> + '_ {
+    fn key(r: &Rule) -> (PolicyKind, Option<&str>, &str) {
+        (
+            r.origin.kind,
+            r.origin.namespace.as_deref(),
+            r.origin.name.as_str(),
+        )
+    }
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let first = rules.get(i)?;
+        let k = key(first);
+        let lo = i;
+        while rules.get(i).is_some_and(|r| key(r) == k) {
+            i += 1;
+        }
+        Some((k, (lo, i)))
+    })
 }
 
 /// One end of a traced packet.

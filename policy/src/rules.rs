@@ -2,6 +2,7 @@
 //! CiliumClusterwideNetworkPolicy and Kubernetes NetworkPolicy.
 
 use std::fmt;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
@@ -108,7 +109,7 @@ pub enum Peer {
 }
 
 /// One L4 match.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum L4 {
     /// Protocol numbers and an inclusive port range.
     Ports { protos: Vec<u8>, lo: u16, hi: u16 },
@@ -119,7 +120,7 @@ pub enum L4 {
 }
 
 /// One allow or deny item.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Rule {
     pub origin: RuleRef,
     /// Endpoints the rule applies to.
@@ -133,7 +134,7 @@ pub struct Rule {
 
 /// "A rule selecting these endpoints has this direction": default deny
 /// unless the rule turned it off (`enableDefaultDeny`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Enforcement {
     pub origin: RuleRef,
     pub subject: Selector,
@@ -144,7 +145,10 @@ pub struct Enforcement {
 /// Translated policies, ready to compile.
 #[derive(Debug, Clone, Default)]
 pub struct PolicySet {
-    pub rules: Vec<Rule>,
+    /// Shared: a set merged from per-object translations (the agent) or
+    /// copied for a change costs a pointer per rule, and a rule that did
+    /// not change is the same allocation before and after.
+    pub rules: Vec<Arc<Rule>>,
     pub enforcements: Vec<Enforcement>,
     /// Parts that were not translated; each names object and field. Parts
     /// in error never widen what is allowed (see [`Translator`]).
@@ -483,14 +487,14 @@ impl Translator {
             ));
             return;
         }
-        out.rules.push(Rule {
+        out.rules.push(Arc::new(Rule {
             origin,
             subject: subject.clone(),
             direction,
             deny,
             peers,
             l4,
-        });
+        }));
     }
 
     fn item_inner(
@@ -967,7 +971,7 @@ fn translate_np(p: &NetworkPolicy, out: &mut PolicySet) {
                 })
             })();
             match res {
-                Ok(r) => out.rules.push(r),
+                Ok(r) => out.rules.push(Arc::new(r)),
                 Err(e) => out.errors.push(e),
             }
         }

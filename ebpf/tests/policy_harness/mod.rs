@@ -15,34 +15,10 @@ use membrane_policy::rules::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 use membrane_policy::{Cluster, Endpoint, Identities, NamedPort, PolicySet, State, Verdict};
 
 use crate::common::{Netns, PinDir, Proc, sh, wait_for};
+use crate::policy_cases::SERVER_PY;
 
 /// Ports every pod serves over TCP and UDP.
 pub const PORTS: [u16; 6] = [79, 80, 81, 443, 444, 445];
-
-const SERVER_PY: &str = r#"
-import selectors, socket, sys
-sel = selectors.DefaultSelector()
-for p in map(int, sys.argv[1:]):
-    t = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    t.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    t.bind(('::', p)); t.listen(512); t.setblocking(False)
-    sel.register(t, selectors.EVENT_READ, 't')
-    u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    u.bind(('::', p)); u.setblocking(False)
-    sel.register(u, selectors.EVENT_READ, 'u')
-while True:
-    for k, _ in sel.select():
-        s = k.fileobj
-        try:
-            if k.data == 't':
-                c, _ = s.accept(); c.sendall(b'ok'); c.close()
-            else:
-                d, a = s.recvfrom(2048); s.sendto(b'ok', a)
-        except OSError:
-            pass
-"#;
 
 /// `probe MODE DST PORT_OR_TYPE [SRC] [ICMP_ID]`: exit 0 when the peer
 /// answered, 1 on timeout or refusal.
@@ -192,50 +168,6 @@ impl Probe {
             Probe::Icmp(t, _) => (if v6 { PROTO_ICMPV6 } else { PROTO_ICMP }, t as u16),
         }
     }
-}
-
-/// `MULTI_PY tcp|udp PORT DST...`: probes every destination at once,
-/// prints one 1/0 per destination.
-const MULTI_PY: &str = r#"
-import socket, sys, threading
-mode, port, dsts = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-res = [0] * len(dsts)
-def one(i, dst):
-    fam = socket.AF_INET6 if ':' in dst else socket.AF_INET
-    try:
-        if mode == 'tcp':
-            s = socket.socket(fam, socket.SOCK_STREAM); s.settimeout(0.8)
-            s.connect((dst, port)); res[i] = int(s.recv(2) == b'ok')
-        else:
-            s = socket.socket(fam, socket.SOCK_DGRAM); s.settimeout(0.8)
-            s.sendto(b'hi', (dst, port)); d, a = s.recvfrom(64); res[i] = int(d == b'ok')
-    except OSError:
-        pass
-ts = [threading.Thread(target=one, args=(i, d)) for i, d in enumerate(dsts)]
-for t in ts: t.start()
-for t in ts: t.join()
-print(' '.join(map(str, res)))
-"#;
-
-/// TCP or UDP probes from `from` to every address in `dsts` at once.
-pub fn probe_many(from: &str, dsts: &[IpAddr], p: Probe) -> Vec<bool> {
-    let (mode, port) = match p {
-        Probe::Tcp(port) => ("tcp", port),
-        Probe::Udp(port) => ("udp", port),
-        other => panic!("probe_many takes TCP or UDP, not {other:?}"),
-    };
-    let out = Command::new("ip")
-        .args(["netns", "exec", from, "python3", "-c", MULTI_PY, mode])
-        .arg(port.to_string())
-        .args(dsts.iter().map(ToString::to_string))
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .expect("run probes");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let v: Vec<bool> = text.split_whitespace().map(|x| x == "1").collect();
-    assert_eq!(v.len(), dsts.len(), "probe output {text:?}");
-    v
 }
 
 /// Sends one probe from namespace `from` (optionally from address `src`).
