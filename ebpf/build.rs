@@ -31,6 +31,7 @@ fn main() {
         assert!(status.success(), "{clang} failed to compile {c}");
     }
     println!("cargo:rerun-if-changed=bpf/lb.h");
+    println!("cargo:rerun-if-changed=bpf/lb_maps.h");
     println!("cargo:rerun-if-changed=bpf/policy.h");
     println!("cargo:rerun-if-env-changed=CLANG");
 }

@@ -11,6 +11,7 @@
 #include <bpf/bpf_helpers.h>
 
 #include "lb.h"
+#include "lb_maps.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -20,54 +21,6 @@ volatile const __u32 HASH_SEED = 0x24b7ef82;
 
 #define SYS_PROCEED 1
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
-	__type(key, struct lb_svc_key);
-	__type(value, struct lb_svc_value);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} lb_services SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
-	__type(key, __u32);
-	__type(value, struct lb_backend);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} lb_backends SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 262144);
-	__type(key, struct lb_slot_key);
-	__type(value, __u32);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} lb_slots SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u32);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} lb_maglev SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, struct lb_affinity_key);
-	__type(value, struct lb_affinity_value);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} lb_affinity SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, LB_STAT_MAX);
-	__type(key, __u32);
-	__type(value, __u64);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} lb_stats SEC(".maps");
-
 /* Socket cookie + backend -> service, for recvmsg and getpeername. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -76,15 +29,6 @@ struct {
 	__type(value, struct lb_rnat_value);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lb_sock_rev SEC(".maps");
-
-static __always_inline void stat_inc(__u32 idx)
-{
-	__u64 *v = bpf_map_lookup_elem(&lb_stats, &idx);
-	if (v)
-		__sync_fetch_and_add(v, 1);
-}
-
-#define rol32(w, s) (((w) << (s)) | ((w) >> (32 - (s))))
 
 static __always_inline __u32 jhash_2words(__u32 a, __u32 b, __u32 initval)
 {
