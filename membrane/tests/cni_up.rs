@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use cni_node::{Netns, Node, Pins, Proc, ip_of, prerequisites};
+use cni_node::{HTTP_PY, Netns, Node, Pins, Proc, ip_of, prerequisites};
 use common::{require_envoy, wait_until};
 use serde_json::{Value, json};
 
@@ -101,23 +101,6 @@ fn up_installs_the_plugin_and_registers_labelled_endpoints() {
     assert_eq!(node.endpoints(), json!([]));
     node.stop();
 }
-
-/// Backend pod: an HTTP server answering with the pod's name.
-const HTTP_PY: &str = r#"
-import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-name, port = sys.argv[1], int(sys.argv[2])
-class H(BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = name.encode()
-        self.send_response(200)
-        self.send_header('content-length', str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-ThreadingHTTPServer(('0.0.0.0', port), H).serve_forever()
-"#;
 
 fn curl(ns: &Netns, url: &str) -> Option<String> {
     let out = Command::new("ip")

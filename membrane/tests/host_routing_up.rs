@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use cni_node::{Netns, Node, Pins, Proc, ip_of, prerequisites};
+use cni_node::{HTTP_PY, Netns, Node, Pins, Proc, ip_of, prerequisites};
 use common::{require_envoy, wait_until};
 use serde_json::Value;
 
@@ -24,22 +24,6 @@ const HTTP: u16 = 14080;
 const HTTPS: u16 = 14443;
 const SERVER: u16 = 14081;
 const VIP: &str = "10.96.114.10";
-
-const HTTP_PY: &str = r#"
-import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-name, port = sys.argv[1], int(sys.argv[2])
-class H(BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = name.encode()
-        self.send_response(200)
-        self.send_header('content-length', str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-ThreadingHTTPServer(('0.0.0.0', port), H).serve_forever()
-"#;
 
 /// A namespace named with this test's prefix (`mbh-`).
 fn netns(tag: &str) -> Netns {

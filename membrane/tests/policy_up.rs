@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use cni_node::{Netns, Node, Pins, Proc, ip_of, prerequisites};
+use cni_node::{HTTP_PY, Netns, Node, Pins, Proc, ip_of, prerequisites};
 use common::{require_envoy, wait_until};
 use serde_json::Value;
 
@@ -23,22 +23,6 @@ use serde_json::Value;
 const HTTP: u16 = 26080;
 const HTTPS: u16 = 26443;
 const SERVER: u16 = 26081;
-
-const HTTP_PY: &str = r#"
-import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-name, port = sys.argv[1], int(sys.argv[2])
-class H(BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = name.encode()
-        self.send_response(200)
-        self.send_header('content-length', str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-ThreadingHTTPServer(('0.0.0.0', port), H).serve_forever()
-"#;
 
 /// Connects to ip:port every 10 ms (100 ms timeout each) until one attempt
 /// times out (a dropped SYN: a refused or accepted connection answers at

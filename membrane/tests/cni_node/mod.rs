@@ -12,6 +12,24 @@ use std::time::Duration;
 use crate::common::{self, BIN, stop_child, wait_until};
 use serde_json::Value;
 
+/// A pod's HTTP server (`python3 -c HTTP_PY NAME PORT`): answers every GET
+/// with the pod's name.
+pub const HTTP_PY: &str = r#"
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+name, port = sys.argv[1], int(sys.argv[2])
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = name.encode()
+        self.send_response(200)
+        self.send_header('content-length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+ThreadingHTTPServer(('0.0.0.0', port), H).serve_forever()
+"#;
+
 pub fn prerequisites() -> bool {
     let root = unsafe { libc::geteuid() } == 0;
     let ip = Command::new("ip")
