@@ -537,7 +537,7 @@ fn cilium_policy_cases_on_cni_pods() {
             w7,
             "80/TCP",
             &[
-                &format!("Egress : DENIED  by CiliumNetworkPolicy x/{name} spec.egressDeny[0]")
+                format!("Egress : DENIED  by CiliumNetworkPolicy x/{name} spec.egressDeny[0]")
                     .as_str(),
                 "Final verdict: DENIED",
             ],
