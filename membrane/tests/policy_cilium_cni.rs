@@ -262,7 +262,7 @@ kind: CiliumNetworkPolicy
 metadata: {name: closed, namespace: x}
 spec:
   endpointSelector: {matchLabels: {pod: a}}
-  ingress: [{}]
+  ingress: [{fromEndpoints: [{matchLabels: {pod: c}}]}]
 ";
 
 #[test]
@@ -274,7 +274,11 @@ fn cilium_policy_cases_on_cni_pods() {
     let (_pins, mut node) = start_node("polcni", LB_POOL, (HTTP, HTTPS), |n| wire_world(n, &world));
     let pods = Pods::add(&node, &[("x", "a"), ("x", "b"), ("x", "c")], &PORTS);
     let _world_server = serve(&world.0, &PORTS);
-    let (na, nb) = (pods.ns("x", "a").to_string(), pods.ns("x", "b").to_string());
+    let (na, nb, nc) = (
+        pods.ns("x", "a").to_string(),
+        pods.ns("x", "b").to_string(),
+        pods.ns("x", "c").to_string(),
+    );
     let (a, b, c) = (pods.ip("x", "a"), pods.ip("x", "b"), pods.ip("x", "c"));
     let (a6, b6) = (pods.ip6("x", "a"), pods.ip6("x", "b"));
     let (nw, nn) = (world.0.clone(), node.ns.0.clone());
@@ -509,16 +513,18 @@ fn cilium_policy_cases_on_cni_pods() {
         .replace("name: cve", "name: cve-no-default-deny")
         .replace("  - toEntities: [all]\n", "")
         + "  enableDefaultDeny: {egress: false}\n";
-    for (what, name, yaml) in [
+    for (what, name, yaml, allowed) in [
         (
             "CVE-2024-47825 beside toEntities all",
             "cve",
             CVE_2024_47825.to_string(),
+            "Egress : ALLOWED by CiliumNetworkPolicy x/cve spec.egress[1]",
         ),
         (
             "CVE-2024-47825 with enableDefaultDeny false",
             "cve-no-default-deny",
             no_default_deny,
+            "Egress : ALLOWED no policy selects the endpoint in this direction",
         ),
     ] {
         cases.apply(what, &yaml);
@@ -544,10 +550,10 @@ fn cilium_policy_cases_on_cni_pods() {
                 "Final verdict: DENIED",
             ],
         );
-        assert_trace(&node, a, w2, "80/TCP", &["Final verdict: ALLOWED"]);
+        assert_trace(&node, a, w2, "80/TCP", &[allowed, "Final verdict: ALLOWED"]);
     }
 
-    // GHSA-c66w-hq56-4q97: a accepts nothing; its own echoes come back
+    // GHSA-c66w-hq56-4q97: a accepts only c; its own echoes to b come back
     // (conntrack), but an echo *request* from b reusing their IDs is new
     // traffic into a and is dropped.
     cases.apply("GHSA-c66w-hq56-4q97", CLOSED);
@@ -567,9 +573,19 @@ fn cilium_policy_cases_on_cni_pods() {
             cell(&nb, b, a, Probe::Icmp(8, 0x4242), false),
             cell(&nb, b6, a6, Probe::Icmp(128, 0x4343), false),
             cell(&nb, b, a, Probe::Tcp(80), false),
+            cell(&nc, c, a, icmp(8), true),
         ],
     );
-    assert_trace(&node, a, b, "8/ICMP", &["Final verdict: ALLOWED"]);
+    assert_trace(
+        &node,
+        c,
+        a,
+        "8/ICMP",
+        &[
+            "Ingress: ALLOWED by CiliumNetworkPolicy x/closed spec.ingress[0]",
+            "Final verdict: ALLOWED",
+        ],
+    );
     assert_trace(
         &node,
         b,
