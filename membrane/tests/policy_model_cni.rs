@@ -18,261 +18,31 @@ mod cni_node;
 mod common;
 #[path = "../../ebpf/tests/policy_cases/mod.rs"]
 mod policy_cases;
+mod policy_support;
 
-use std::collections::BTreeSet;
-use std::net::IpAddr;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use cni_node::{Netns, Node, Pins, Proc, ip_of, prerequisites};
-use common::{require_envoy, wait_until};
-use policy_cases::{L4, MODEL, ModelPod, NAMED_PORT, SERVER_PY, Step, steps, wrong_cells};
-use serde_json::Value;
+use common::wait_until;
+use policy_cases::{L4, MODEL, Step, steps, wrong_cells};
+use policy_support::{Cases, Pods, assert_trace, check, cluster_yaml, report, start_node};
 
 /// Ports, pools and addresses of this test (polperf's ranges).
 const HTTP: u16 = 15080;
 const HTTPS: u16 = 15443;
 
-fn cluster_yaml() -> String {
-    let mut y = String::new();
-    for ns in ["x", "y", "z"] {
-        y.push_str(&format!(
-            "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{ns: {ns}}}}}\n"
-        ));
-    }
-    for (ns, pod) in MODEL {
-        y.push_str(&format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: {ns}, labels: {{pod: {pod}}}}}\nspec:\n  containers: [{{name: c, image: agnhost, ports: [{{name: {NAMED_PORT}, containerPort: 81, protocol: TCP}}, {{containerPort: 80}}]}}]\n"
-        ));
-    }
-    y
-}
-
-/// The agent's policy report (`membrane policy get -o json`).
-fn report(node: &Node) -> Value {
-    let (code, out) = node.cli(&["policy", "get", "-o", "json"]);
-    assert_eq!(code, 0, "{out}");
-    serde_json::from_str(&out).expect("policy get json")
-}
-
-/// Policy names (`Kind ns/name`) in force on any endpoint.
-fn in_force(r: &Value) -> BTreeSet<String> {
-    r["endpoints"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|e| e["policies"].as_array().into_iter().flatten())
-        .filter_map(|p| p.as_str().map(str::to_string))
-        .collect()
-}
-
-/// `Kind ns/name` (or `Kind name`) for each policy of a step's YAML.
-fn names(yaml: &str) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    for doc in yaml.split("---\n").filter(|d| !d.trim().is_empty()) {
-        let v: Value = serde_yaml_ng::from_str(doc).expect("step yaml");
-        let kind = v["kind"].as_str().unwrap_or_default();
-        let name = v["metadata"]["name"].as_str().unwrap_or_default();
-        out.insert(match v["metadata"]["namespace"].as_str() {
-            Some(ns) => format!("{kind} {ns}/{name}"),
-            None => format!("{kind} {name}"),
-        });
-    }
-    out
-}
-
-/// Applies one case's policies in place of the previous case's and waits
-/// until the agent has them in force.
-struct Cases<'a> {
-    node: &'a Node,
-    dir: PathBuf,
-    /// The previous case's file and policy names.
-    previous: Option<(PathBuf, BTreeSet<String>)>,
-    n: usize,
-}
-
-impl Cases<'_> {
-    fn apply(&mut self, what: &str, policies: &str) {
-        let node = self.node;
-        self.n += 1;
-        let before = report(node)["computations"].as_u64().unwrap_or(0);
-        let want = names(policies);
-        let mut changed = false;
-        match self.previous.take() {
-            // Same policies, new content: an update in place.
-            Some((_, prev)) if prev == want => {}
-            Some((p, _)) => {
-                let (code, out) = node.cli(&["delete", "-f", p.to_str().expect("utf8")]);
-                assert_eq!(code, 0, "{out}");
-                changed = true;
-            }
-            None => {}
-        }
-        if !policies.is_empty() {
-            let p = self.dir.join(format!("case{}.yaml", self.n));
-            std::fs::write(&p, policies).expect("write");
-            let (code, out) = node.cli(&["apply", "-f", p.to_str().expect("utf8")]);
-            assert_eq!(code, 0, "{what}: {out}");
-            self.previous = Some((p, want.clone()));
-            changed = true;
-        }
-        // Programmed: the agent recomputed after the change and the
-        // case's policies (only those) are in force.
-        let ok = wait_until(Duration::from_secs(10), || {
-            let r = report(node);
-            (!changed || r["computations"].as_u64().unwrap_or(0) > before) && in_force(&r) == want
-        });
-        assert!(ok, "{what}: policies never in force\n{}", node.log());
-    }
-}
-
-/// Every cell of `step`; a wrong cell fails with the agent's live trace.
-fn check(node: &Node, pods: &[ModelPod], step: &Step) {
-    let wrong = wrong_cells(pods, step);
-    if wrong.is_empty() {
-        return;
-    }
-    let explained: Vec<String> = wrong
-        .iter()
-        .map(|w| {
-            let dport = format!("{}/{:?}", w.port, w.l4).to_uppercase();
-            let t = trace(node, pods[w.src].ip, pods[w.dst].ip, &dport);
-            format!("{}\n{t}", w.describe(pods))
-        })
-        .collect();
-    panic!(
-        "{}: {} wrong cells:\n{}",
-        step.what,
-        wrong.len(),
-        explained.join("\n")
-    );
-}
-
-/// The trace of `src -> dst` contains every line of `want`.
-#[track_caller]
-fn assert_trace(node: &Node, src: IpAddr, dst: IpAddr, dport: &str, want: &[&str]) {
-    let t = trace(node, src, dst, dport);
-    for w in want {
-        assert!(
-            t.contains(w),
-            "trace {src} -> {dst} {dport}: want {w:?}\n{t}"
-        );
-    }
-}
-
-fn trace(node: &Node, src: IpAddr, dst: IpAddr, dport: &str) -> String {
-    let (code, out) = node.cli(&[
-        "policy",
-        "trace",
-        "--src",
-        &src.to_string(),
-        "--dst",
-        &dst.to_string(),
-        "--dport",
-        dport,
-    ]);
-    assert_eq!(code, 0, "{out}");
-    out
-}
-
 #[test]
 fn kubernetes_policy_model_on_cni_pods() {
-    if !prerequisites() {
+    if !policy_support::prerequisites() {
         return;
     }
-    require_envoy();
-    let py = Command::new("python3")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !py {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI: needs python3"
-        );
-        eprintln!("skipping: needs python3");
-        return;
-    }
-    let pins = Pins(PathBuf::from(format!(
-        "/sys/fs/bpf/membrane-polmodel-test-{}",
-        common::rand_suffix()
-    )));
-    let mut node = Node::new();
-    node.lb_pool = "127.15.1.0/24".into();
-    node.v4_pool = ("10.215.0.0/16".into(), "24".into());
-    node.v6_pool = "fd00:215::/48".into();
-    node.ports = (HTTP, HTTPS);
-    node.extra = ["--datapath", "ebpf", "--bpf-pin-dir"]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([pins.0.display().to_string()])
-        .chain(["--maglev-table-size", "251", "--max-services", "64"].map(String::from))
-        .collect();
-    node.start();
-    let dir = node.dir.path().join("policy");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    let cluster = dir.join("cluster.yaml");
-    std::fs::write(&cluster, cluster_yaml()).expect("write");
-    let (code, out) = node.cli(&["apply", "-f", cluster.to_str().expect("utf8")]);
-    assert_eq!(code, 0, "{out}");
-
+    let (_pins, mut node) = start_node("polmodel", "127.15.1.0/24", (HTTP, HTTPS), |_| {});
     // The pods, through the plugin; a server on 80 and 81 in each.
-    let mut netns = Vec::new();
-    let mut ips = Vec::new();
-    for (ns, pod) in MODEL {
-        let n = Netns::new("pol");
-        let (code, r) = node.plugin(
-            "ADD",
-            &format!("{ns}-{pod}"),
-            &n.path(),
-            &format!("K8S_POD_NAMESPACE={ns};K8S_POD_NAME={pod}"),
-        );
-        assert_eq!(code, 0, "ADD {ns}/{pod}: {r}\n{}", node.log());
-        let ip: IpAddr = ip_of(&r, false).parse().expect("pod address");
-        ips.push(ip);
-        netns.push(n);
-    }
-    let _servers: Vec<Proc> = netns
-        .iter()
-        .map(|n| {
-            Proc(
-                Command::new("ip")
-                    .args([
-                        "netns", "exec", &n.0, "python3", "-c", SERVER_PY, "80", "81",
-                    ])
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .spawn()
-                    .expect("server"),
-            )
-        })
-        .collect();
-    let pods: Vec<ModelPod> = MODEL
-        .iter()
-        .zip(&netns)
-        .zip(&ips)
-        .map(|(((ns, pod), n), ip)| ModelPod {
-            ns,
-            name: pod,
-            netns: &n.0,
-            ip: *ip,
-        })
-        .collect();
-
-    let mut cases = Cases {
-        node: &node,
-        dir: dir.clone(),
-        previous: None,
-        n: 0,
-    };
-    let ip = |ns: &str, pod: &str| {
-        MODEL
-            .iter()
-            .position(|m| *m == (ns, pod))
-            .map(|i| ips[i])
-            .expect("model pod")
-    };
+    let added = Pods::add(&node, &MODEL, &[80, 81]);
+    let pods = added.model();
+    let ips = &added.v4;
+    let dir = node.dir.path().join("policy");
+    let mut cases = Cases::new(&node);
+    let ip = |ns: &str, pod: &str| added.ip(ns, pod);
     for (i, step) in steps().iter().enumerate() {
         cases.apply(step.what, &step.policies);
         if i == 0 {
@@ -341,11 +111,11 @@ fn kubernetes_policy_model_on_cni_pods() {
     check(&node, &pods, &peer_deny);
 
     // CVE-2023-39347: y/b relabelled with x's namespace labels stays y's.
-    let fake = cluster_yaml().replace(
+    let fake = cluster_yaml(&MODEL).replace(
         "name: b, namespace: y, labels: {pod: b}",
         "name: b, namespace: y, labels: {pod: b, io.kubernetes.pod.namespace: x, io.cilium.k8s.namespace.labels.ns: x}",
     );
-    assert_ne!(fake, cluster_yaml());
+    assert_ne!(fake, cluster_yaml(&MODEL));
     let relabelled = dir.join("relabelled.yaml");
     std::fs::write(&relabelled, fake).expect("write");
     let (code, out) = node.cli(&["apply", "-f", relabelled.to_str().expect("utf8")]);
@@ -391,7 +161,7 @@ fn kubernetes_policy_model_on_cni_pods() {
 
     // CNI DEL: the endpoints leave the report and their addresses the
     // kernel's ipcache at once.
-    for ((ns, pod), n) in MODEL.iter().zip(&netns) {
+    for ((ns, pod), n) in MODEL.iter().zip(&added.netns) {
         let (code, r) = node.plugin("DEL", &format!("{ns}-{pod}"), &n.path(), "");
         assert_eq!(code, 0, "DEL {ns}/{pod}: {r}");
     }
@@ -400,7 +170,7 @@ fn kubernetes_policy_model_on_cni_pods() {
     let r = report(&node);
     let ipcache = r["ipcache"].as_object().expect("ipcache in the report");
     assert!(!ipcache.is_empty(), "{r}");
-    for ip in &ips {
+    for ip in ips {
         assert!(
             !ipcache.contains_key(&format!("{ip}/32")),
             "{ip} still in the ipcache after DEL: {r}"

@@ -15,97 +15,13 @@ use membrane_policy::rules::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 use membrane_policy::{Cluster, Endpoint, Identities, NamedPort, PolicySet, State, Verdict};
 
 use crate::common::{Netns, PinDir, Proc, sh, wait_for};
+// The probe script and `Probe` live in `policy_cases`, shared with the
+// runs through `membrane up` (membrane/tests).
 use crate::policy_cases::SERVER_PY;
+pub use crate::policy_cases::{Probe, probe};
 
 /// Ports every pod serves over TCP and UDP.
 pub const PORTS: [u16; 6] = [79, 80, 81, 443, 444, 445];
-
-/// `probe MODE DST PORT_OR_TYPE [SRC] [ICMP_ID]`: exit 0 when the peer
-/// answered, 1 on timeout or refusal.
-const PROBE_PY: &str = r#"
-import socket, struct, sys, time
-mode, dst, arg = sys.argv[1], sys.argv[2], int(sys.argv[3])
-src = sys.argv[4] if len(sys.argv) > 4 and sys.argv[4] != '-' else None
-ident = int(sys.argv[5]) if len(sys.argv) > 5 else 0x4d42
-v6 = ':' in dst
-fam = socket.AF_INET6 if v6 else socket.AF_INET
-T = 0.8
-def csum(b):
-    if len(b) % 2: b += b'\0'
-    s = sum(struct.unpack('!%dH' % (len(b) // 2), b))
-    s = (s >> 16) + (s & 0xffff); s += s >> 16
-    return ~s & 0xffff
-try:
-    if mode == 'tcp':
-        s = socket.socket(fam, socket.SOCK_STREAM)
-        if src: s.bind((src, 0))
-        s.settimeout(T); s.connect((dst, arg))
-        s.settimeout(T); ok = s.recv(2) == b'ok'
-        sys.exit(0 if ok else 1)
-    if mode == 'udp':
-        s = socket.socket(fam, socket.SOCK_DGRAM)
-        if src: s.bind((src, 0))
-        s.settimeout(T); s.sendto(b'hi', (dst, arg))
-        d, a = s.recvfrom(64)
-        sys.exit(0 if d == b'ok' else 1)
-    if mode == 'udp-refused':
-        # An ICMP port unreachable must reach the sender: a connected UDP
-        # socket reports it as ECONNREFUSED.
-        s = socket.socket(fam, socket.SOCK_DGRAM)
-        if src: s.bind((src, 0))
-        s.connect((dst, arg)); s.settimeout(T)
-        s.send(b'hi')
-        try:
-            s.recv(64)
-        except ConnectionRefusedError:
-            sys.exit(0)
-        sys.exit(1)
-    if mode == 'icmp-error':
-        # An unsolicited destination-unreachable quoting a flow nobody has.
-        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-        inner = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 28, 1, 0, 64, 17, 0,
-                            socket.inet_aton(dst), socket.inet_aton('192.0.2.99'))
-        inner += struct.pack('!HHHH', 1234, arg, 8, 0)
-        body = b'\0\0\0\0' + inner
-        msg = struct.pack('!BBH', 3, 3, 0) + body
-        msg = struct.pack('!BBH', 3, 3, csum(msg)) + body
-        s.sendto(msg, (dst, 0))
-        sys.exit(0)
-    if mode == 'late-reply':
-        # From port 40000 to dst:arg; the peer answers at once and again
-        # after the delay in argv[5] ms (see LATE_PEER_PY); exit 0 when the
-        # second answer arrives.
-        s = socket.socket(fam, socket.SOCK_DGRAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((src or ('::' if v6 else '0.0.0.0'), 40000))
-        s.settimeout(T); s.sendto(b'hi', (dst, arg))
-        s.recvfrom(64)
-        s.settimeout(ident / 1000.0 + 1.0)
-        d, a = s.recvfrom(64)
-        sys.exit(0 if d == b'again' else 1)
-    if mode == 'icmp':
-        proto = socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP
-        s = socket.socket(fam, socket.SOCK_RAW, proto)
-        if src: s.bind((src, 0))
-        typ = arg
-        body = struct.pack('!HH', ident, 1) + b'membrane-policy-test' + (b'\0' * 12 if typ == 13 else b'')
-        hdr = struct.pack('!BBH', typ, 0, 0) + body
-        if not v6:
-            hdr = struct.pack('!BBH', typ, 0, csum(hdr)) + body
-        want = {8: 0, 13: 14, 128: 129, 0: 0, 129: 129}.get(typ, -1)
-        s.sendto(hdr, (dst, 0))
-        end = time.time() + T
-        while time.time() < end:
-            s.settimeout(max(0.01, end - time.time()))
-            d, a = s.recvfrom(2048)
-            if not v6: d = d[(d[0] & 0xf) * 4:]
-            if a[0] != dst: continue
-            if d[0] == want and struct.unpack('!H', d[4:6])[0] == ident:
-                sys.exit(0)
-        sys.exit(1)
-except (OSError, socket.timeout):
-    sys.exit(1)
-"#;
 
 /// `LATE_PEER_PY PORT DELAY_MS`: answers each datagram at once and again
 /// after DELAY_MS (a reply arriving after the flow went quiet).
@@ -140,24 +56,6 @@ impl Pod {
     }
 }
 
-/// What to send.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Probe {
-    Tcp(u16),
-    Udp(u16),
-    /// UDP to a closed port: succeeds when the ICMP port unreachable
-    /// comes back (an error related to the sender's flow).
-    UdpRefused(u16),
-    /// Sends an unsolicited IPv4 destination unreachable (always "succeeds").
-    IcmpError(u16),
-    /// UDP from port 40000 to a [`LATE_PEER_PY`] peer on this port whose
-    /// second answer comes after the given milliseconds: succeeds when
-    /// that late answer arrives.
-    LateReply(u16, u16),
-    /// ICMP or ICMPv6 (by destination family) of this type, with an id.
-    Icmp(u8, u16),
-}
-
 impl Probe {
     pub fn proto_port(self, v6: bool) -> (u8, u16) {
         match self {
@@ -168,31 +66,6 @@ impl Probe {
             Probe::Icmp(t, _) => (if v6 { PROTO_ICMPV6 } else { PROTO_ICMP }, t as u16),
         }
     }
-}
-
-/// Sends one probe from namespace `from` (optionally from address `src`).
-pub fn probe(from: &str, dst: IpAddr, p: Probe, src: Option<IpAddr>) -> bool {
-    let (mode, arg, id) = match p {
-        Probe::Tcp(port) => ("tcp", port.to_string(), 0),
-        Probe::Udp(port) => ("udp", port.to_string(), 0),
-        Probe::UdpRefused(port) => ("udp-refused", port.to_string(), 0),
-        Probe::IcmpError(port) => ("icmp-error", port.to_string(), 0),
-        Probe::LateReply(port, ms) => ("late-reply", port.to_string(), ms),
-        Probe::Icmp(t, id) => ("icmp", t.to_string(), id),
-    };
-    let src = src.map_or("-".to_string(), |s| s.to_string());
-    Command::new("ip")
-        .args(["netns", "exec", from, "python3", "-c", PROBE_PY, mode])
-        .arg(dst.to_string())
-        .arg(arg)
-        .arg(src)
-        .arg(id.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
 }
 
 /// The datapath, the cluster model and the endpoints it enforces on.
