@@ -44,7 +44,14 @@ fn kubernetes_policy_model_on_cni_pods() {
     let mut cases = Cases::new(&node);
     let ip = |ns: &str, pod: &str| added.ip(ns, pod);
     for (i, step) in steps().iter().enumerate() {
-        cases.apply(step.what, &step.policies);
+        let in_place = cases.apply(step.what, &step.policies);
+        if in_place {
+            // The update is programmed asynchronously; `check` below judges
+            // whatever is in force after at most this wait.
+            wait_until(Duration::from_secs(10), || {
+                wrong_cells(&pods, step).is_empty()
+            });
+        }
         if i == 0 {
             // The servers answer before the first case is judged.
             let ok = wait_until(Duration::from_secs(20), || {

@@ -233,15 +233,19 @@ impl<'a> Cases<'a> {
         }
     }
 
-    pub fn apply(&mut self, what: &str, policies: &str) {
+    /// Returns whether this was an update in place (the same policies with
+    /// new content): "in force" cannot tell the old content from the new
+    /// then, so the caller waits for the new behaviour.
+    pub fn apply(&mut self, what: &str, policies: &str) -> bool {
         let node = self.node;
         self.n += 1;
         let before = report(node)["computations"].as_u64().unwrap_or(0);
         let want = names(policies);
         let mut changed = false;
+        let mut in_place = false;
         match self.previous.take() {
             // Same policies, new content: an update in place.
-            Some((_, prev)) if prev == want => {}
+            Some((_, prev)) if prev == want => in_place = !want.is_empty(),
             Some((p, _)) => {
                 let (code, out) = node.cli(&["delete", "-f", p.to_str().expect("utf8")]);
                 assert_eq!(code, 0, "{out}");
@@ -264,6 +268,7 @@ impl<'a> Cases<'a> {
             (!changed || r["computations"].as_u64().unwrap_or(0) > before) && in_force(&r) == want
         });
         assert!(ok, "{what}: policies never in force\n{}", node.log());
+        in_place
     }
 }
 
