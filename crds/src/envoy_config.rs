@@ -5,6 +5,8 @@
 //! kind, so the clusterwide spec wraps the shared [`EnvoyConfigSpec`] and
 //! dereferences to it.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -128,4 +130,28 @@ fn envoy_resources_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema
             "x-kubernetes-preserve-unknown-fields": true
         }
     })
+}
+
+/// Whether a node with `labels` is selected by a CEC/CCEC `nodeSelector`
+/// (`None` selects every node): the agent serves by it, the operator waits
+/// for the ACKs of exactly those nodes.
+pub fn selects_node(selector: Option<&LabelSelector>, labels: &BTreeMap<String, String>) -> bool {
+    let Some(sel) = selector else { return true };
+    let labels_match = sel
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let exprs_match = sel.match_expressions.iter().flatten().all(|e| {
+        let values = e.values.clone().unwrap_or_default();
+        let value = labels.get(&e.key);
+        match e.operator.as_str() {
+            "In" => value.is_some_and(|v| values.contains(v)),
+            "NotIn" => value.is_none_or(|v| !values.contains(v)),
+            "Exists" => value.is_some(),
+            "DoesNotExist" => value.is_none(),
+            _ => false,
+        }
+    });
+    labels_match && exprs_match
 }

@@ -8,11 +8,10 @@
 //! address), and every input is an object whose change wakes the loop, so
 //! no wake-up can be lost between an ACK and the status write (issue 9).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::networking::v1::Ingress;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use membrane_crds::{ACKED, ProxyNodeStatus};
 use membrane_ingress::lb_ip;
 use membrane_k8s::Sink;
@@ -150,28 +149,7 @@ pub fn acked_everywhere(
     serving > 0
 }
 
-/// Whether a node with `labels` is selected (`None` selects every node);
-/// the same rule the agent applies to CEC `nodeSelector`s.
-pub fn selects(selector: Option<&LabelSelector>, labels: &BTreeMap<String, String>) -> bool {
-    let Some(sel) = selector else { return true };
-    let labels_match = sel
-        .match_labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
-    let exprs_match = sel.match_expressions.iter().flatten().all(|e| {
-        let values = e.values.clone().unwrap_or_default();
-        let value = labels.get(&e.key);
-        match e.operator.as_str() {
-            "In" => value.is_some_and(|v| values.contains(v)),
-            "NotIn" => value.is_none_or(|v| !values.contains(v)),
-            "Exists" => value.is_some(),
-            "DoesNotExist" => value.is_none(),
-            _ => false,
-        }
-    });
-    labels_match && exprs_match
-}
+pub use membrane_crds::selects_node as selects;
 
 #[cfg(test)]
 mod tests {
