@@ -1334,17 +1334,12 @@ impl ConfigPipeline {
             let Object::CiliumEnvoyConfig(c) = obj.as_ref() else {
                 continue;
             };
-            let Some(head) = c
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(membrane_ingress::SHARED_PART_OF_LABEL))
-            else {
+            let Some(head) = membrane_ingress::shared_part_of(&c.metadata) else {
                 continue;
             };
             let name = c.metadata.name.as_deref().unwrap_or_default();
             let Some(k) = name
-                .strip_prefix(head.as_str())
+                .strip_prefix(head)
                 .and_then(|s| s.strip_prefix('-'))
                 .and_then(|s| s.parse::<usize>().ok())
             else {

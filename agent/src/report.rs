@@ -65,11 +65,7 @@ pub fn split_parts<'a>(
     }
     for obj in snap.list(Kind::CiliumEnvoyConfig, None) {
         let meta = obj.meta();
-        let Some(head) = meta
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(membrane_ingress::SHARED_PART_OF_LABEL))
-        else {
+        let Some(head) = membrane_ingress::shared_part_of(meta) else {
             continue;
         };
         let key = obj.key();

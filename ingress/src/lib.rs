@@ -56,7 +56,7 @@ pub use shared::{
     ClusterTranslation, IngressRejection, LOADBALANCER_MODE, LoadBalancerMode, MAX_OBJECT_BYTES,
     SHARED_PART_OF_LABEL, SHARED_PORTS, SharedOutcome, SharedPart, SharedTranslation, SplitError,
     join_shared_cecs, loadbalancer_mode, merge_shared, merge_shared_preferring, shared_part,
-    split_shared_cec, translate_cluster, translate_shared,
+    shared_part_of, split_shared_cec, translate_cluster, translate_shared,
 };
 pub use translate::{
     DEFAULT_HOST_LISTENER_PORT, DEFAULT_LB_ANNOTATION_PREFIXES, HostNetwork, INGRESS_LABEL,

@@ -520,6 +520,16 @@ pub const MAX_OBJECT_BYTES: usize = 1 << 20;
 /// the first, which the parts are joined back into.
 pub const SHARED_PART_OF_LABEL: &str = "membrane.io/shared-part-of";
 
+/// The name of the first part, if `meta` is a later part of a split CEC.
+pub fn shared_part_of(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Option<&str> {
+    meta.labels
+        .as_ref()?
+        .get(SHARED_PART_OF_LABEL)
+        .map(String::as_str)
+}
+
 /// Name suffix of a RouteConfiguration fragment: routes of a route
 /// configuration too large for one object, continued in another part.
 const FRAGMENT_SEP: &str = "~membrane-part-";

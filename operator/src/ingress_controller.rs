@@ -631,13 +631,7 @@ fn shared_parts<'a>(
     head: &'a ObjectKey,
 ) -> impl Iterator<Item = ObjectKey> + 'a {
     snap.list(Kind::CiliumEnvoyConfig, Some(&head.namespace))
-        .filter(|o| {
-            o.meta()
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(membrane_ingress::SHARED_PART_OF_LABEL))
-                .is_some_and(|h| *h == head.name)
-        })
+        .filter(|o| membrane_ingress::shared_part_of(o.meta()) == Some(head.name.as_str()))
         .map(|o| o.key())
 }
 
@@ -792,11 +786,7 @@ spec:
             .typed::<CiliumEnvoyConfig>(Some("kube-system"))
             .filter(|c| {
                 c.metadata.name.as_deref() == Some("cilium-ingress")
-                    || c.metadata
-                        .labels
-                        .as_ref()
-                        .and_then(|l| l.get(membrane_ingress::SHARED_PART_OF_LABEL))
-                        .is_some_and(|h| h == "cilium-ingress")
+                    || membrane_ingress::shared_part_of(&c.metadata) == Some("cilium-ingress")
             })
             .cloned()
             .collect();

@@ -108,13 +108,7 @@ pub fn acked_everywhere(
     if cec.kind == Kind::CiliumEnvoyConfig {
         wanted.extend(
             snap.list(Kind::CiliumEnvoyConfig, Some(&cec.namespace))
-                .filter(|o| {
-                    o.meta()
-                        .labels
-                        .as_ref()
-                        .and_then(|l| l.get(membrane_ingress::SHARED_PART_OF_LABEL))
-                        .is_some_and(|h| *h == cec.name)
-                })
+                .filter(|o| membrane_ingress::shared_part_of(o.meta()) == Some(cec.name.as_str()))
                 .map(|o| {
                     let meta = o.meta();
                     (
