@@ -1036,6 +1036,19 @@ impl Datapath {
         Ok(out)
     }
 
+    /// The tc program's cumulative run time and run count as the kernel
+    /// keeps them (both stay 0 unless `kernel.bpf_stats_enabled` is 1);
+    /// for measuring the per-packet cost.
+    pub fn program_run_stats(&self) -> Result<(std::time::Duration, u64), DatapathError> {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(PROGRAM_NAME)
+            .ok_or(DatapathError::Missing(PROGRAM_NAME))?
+            .try_into()?;
+        let info = prog.info()?;
+        Ok((info.run_time(), info.run_count()))
+    }
+
     /// Number of conntrack entries (walks the map; for tests and status).
     pub fn conntrack_len(&self) -> usize {
         self.ct.keys().filter(|k| k.is_ok()).count()
