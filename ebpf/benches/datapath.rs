@@ -399,7 +399,7 @@ fn rr_busy(addr: SocketAddr, secs: f64, conns: usize) -> f64 {
                     if buf[..k].contains(&b'\n') {
                         n += 1;
                         s.write_all(b"x\n").expect("write");
-                        if n % 64 == 0 && Instant::now() >= deadline {
+                        if n.is_multiple_of(64) && Instant::now() >= deadline {
                             break 'run;
                         }
                     }
