@@ -20,7 +20,8 @@
 //! Run as root: `cargo bench -p membrane-ebpf --bench datapath` (release;
 //! `--profile dev` for a quick look) (`BENCH_SECS`, `BENCH_ROUNDS`,
 //! `BENCH_SERVICES` tune it; `BENCH_SERVICES=0` skips the many-services
-//! round). Needs iptables.
+//! round; `BENCH_COST_ONLY=1` only times the tc program with
+//! `BPF_PROG_TEST_RUN`). Needs iptables.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -720,19 +721,26 @@ fn iptables_restore(ns: &Netns, rules: &str) {
     assert!(c.wait().expect("wait").success(), "iptables-restore failed");
 }
 
-/// `Ip: ForwDatagrams` of the calling thread's network namespace.
-fn forwarded() -> u64 {
+/// `Ip: InReceives` and `Ip: ForwDatagrams` of the calling thread's
+/// network namespace: what its IP stack received and forwarded.
+fn ip_counters() -> [u64; 2] {
     let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp").expect("snmp");
     let mut lines = snmp.lines().filter(|l| l.starts_with("Ip:"));
     let (h, v) = (lines.next().expect("Ip header"), lines.next().expect("Ip"));
-    let i = h
-        .split_whitespace()
-        .position(|f| f == "ForwDatagrams")
-        .expect("ForwDatagrams");
-    v.split_whitespace()
-        .nth(i)
-        .and_then(|x| x.parse().ok())
-        .expect("ForwDatagrams value")
+    let vals: Vec<&str> = v.split_whitespace().collect();
+    ["InReceives", "ForwDatagrams"].map(|name| {
+        let i = h
+            .split_whitespace()
+            .position(|f| f == name)
+            .unwrap_or_else(|| panic!("no {name} in /proc/net/snmp"));
+        vals.get(i)
+            .and_then(|x| x.parse().ok())
+            .unwrap_or_else(|| panic!("bad {name} value"))
+    })
+}
+
+fn delta(a: [u64; 2], b: [u64; 2]) -> [u64; 2] {
+    [b[0] - a[0], b[1] - a[1]]
 }
 
 /// Median, and the spread as (max − min) / median in percent.
@@ -842,6 +850,11 @@ fn main() {
         "the kernel lacks eBPF host routing"
     );
     register_pods(&tc, &mut dp);
+    if std::env::var("BENCH_COST_ONLY").is_ok() {
+        dp.sync(&desired(0, &bes)).expect("sync");
+        program_cost(&dp);
+        return;
+    }
 
     // Pod ↔ pod single-stream TCP throughput: host routing vs the host
     // stack (the same program with --enable-host-legacy-routing).
@@ -893,7 +906,8 @@ fn main() {
             "{} services: iptables-restore {ipt_setup:?}, datapath sync {tc_setup:?}",
             extra + 1
         );
-        let fwd_before = tc.node.run(forwarded);
+        let ipt_before = ipt.node.run(ip_counters);
+        let tc_before = tc.node.run(ip_counters);
         let peer_before = dp.stats().expect("stats")[&Stat::HostRoutePeer];
         let mut m: [Vec<f64>; 6] = Default::default();
         for _ in 0..rounds {
@@ -906,7 +920,8 @@ fn main() {
             m[4].push(ipt.client.run(|| crr(poll, vip, secs)));
             m[5].push(tc.client.run(|| crr(poll, vip, secs)));
         }
-        let fwd = tc.node.run(forwarded) - fwd_before;
+        let ipt_ip = delta(ipt_before, ipt.node.run(ip_counters));
+        let tc_ip = delta(tc_before, tc.node.run(ip_counters));
         let peer = dp.stats().expect("stats")[&Stat::HostRoutePeer] - peer_before;
         let s: Vec<(f64, f64)> = m
             .into_iter()
@@ -928,25 +943,24 @@ fn main() {
                 c.1 / 2.0
             );
         }
-        eprintln!(
-            "{} services, tc node: {fwd} datagrams forwarded by the host stack, \
-             {peer} packets by bpf_redirect_peer",
-            extra + 1
-        );
-        results.push((extra + 1, s, fwd, peer));
+        results.push((extra + 1, s, ipt_ip, tc_ip, peer));
     }
     println!("(± = half the max − min spread over the rounds, in % of the median)");
     println!();
-    for (n, s, fwd, peer) in &results {
+    for (n, s, ipt_ip, tc_ip, peer) in &results {
         println!(
-            "{n} services: tc/iptables RR ×{:.2} (1 conn), ×{:.2} ({conns} conns), CRR ×{:.2}; \
-             tc node: {fwd} packets forwarded by the host stack, {peer} by redirect_peer",
+            "{n} services: tc/iptables RR ×{:.2} (1 conn), ×{:.2} ({conns} conns), CRR ×{:.2}",
             s[1].0 / s[0].0,
             if s[2].0 > 0.0 { s[3].0 / s[2].0 } else { 0.0 },
             s[5].0 / s[4].0,
         );
+        println!(
+            "  node IP stack during the rounds: iptables node received {} and forwarded {} \
+             packets; tc node received {} and forwarded {} ({peer} went by bpf_redirect_peer)",
+            ipt_ip[0], ipt_ip[1], tc_ip[0], tc_ip[1]
+        );
     }
-    if let [(_, s1, _, _), (_, sn, _, _)] = results.as_slice() {
+    if let [(_, s1, ..), (_, sn, ..)] = results.as_slice() {
         println!(
             "RR latency change 1 → {} services: iptables {:+.1} %, tc {:+.1} %",
             many + 1,
@@ -982,5 +996,47 @@ fn main() {
             n2 - n1
         );
     }
+    program_cost(&dp);
     drop(dp);
+}
+
+/// The tc program alone, timed by the kernel with `BPF_PROG_TEST_RUN`: an
+/// established flow's request (client → ClusterIP: DNAT + redirect_peer)
+/// and its reply (reverse NAT + redirect_peer), each the median of 20,000
+/// single runs (the program rewrites the frame, so a repeated run would see
+/// another packet), and pod → pod traffic that is no service (the
+/// rewritten request, run 1,000,000 times in a row). No skb copy-on-write
+/// here (a test-run skb is not a clone), so the live figure is higher.
+fn program_cost(dp: &Datapath) {
+    use common::pkt::{ACK, SYN, TCP, frame, parse};
+    let client: std::net::IpAddr = "10.244.1.2".parse().expect("ip");
+    let vip_ip: std::net::IpAddr = VIP.parse().expect("ip");
+    let payload = b"x\n";
+    let syn = frame(client, 40_000, vip_ip, 80, TCP, SYN, &[], false);
+    let (verdict, out) = dp.test_run(&syn).expect("test run");
+    let be = parse(&out);
+    assert_ne!(be.dst, vip_ip, "SYN not translated (verdict {verdict})");
+    let request = frame(client, 40_000, vip_ip, 80, TCP, ACK, payload, false);
+    let reply = frame(be.dst, be.dport, client, 40_000, TCP, ACK, payload, false);
+    let direct = frame(client, 40_000, be.dst, be.dport, TCP, ACK, payload, false);
+    const TC_ACT_REDIRECT: u32 = 7;
+    let single = |f: &[u8]| {
+        let mut v: Vec<Duration> = (0..20_000)
+            .map(|_| {
+                let (r, d) = dp.test_run_repeat(f, 1).expect("test run");
+                assert_eq!(r, TC_ACT_REDIRECT, "expected bpf_redirect_peer");
+                d
+            })
+            .collect();
+        v.sort();
+        v[v.len() / 2]
+    };
+    let (r, d) = dp.test_run_repeat(&direct, 1_000_000).expect("test run");
+    assert_eq!(r, TC_ACT_REDIRECT, "expected bpf_redirect_peer");
+    println!(
+        "tc program alone (BPF_PROG_TEST_RUN): established request {:?}, reply {:?} \
+         (medians of 20,000 runs); pod → pod, no service: {d:?} (mean of 1,000,000)",
+        single(&request),
+        single(&reply)
+    );
 }

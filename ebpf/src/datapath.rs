@@ -1106,6 +1106,28 @@ impl Datapath {
         Ok((r.return_value, out))
     }
 
+    /// Runs the program `repeat` times on `packet` with
+    /// `BPF_PROG_TEST_RUN`; returns the tc verdict and the kernel's average
+    /// time per run (the program's own per-packet cost, for benchmarks).
+    pub fn test_run_repeat(
+        &self,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, std::time::Duration), DatapathError> {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(PROGRAM_NAME)
+            .ok_or(DatapathError::Missing(PROGRAM_NAME))?
+            .try_into()?;
+        let mut out = vec![0u8; packet.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(packet);
+        opts.data_out = Some(&mut out);
+        opts.repeat = repeat.max(1);
+        let r = prog.test_run(opts)?;
+        Ok((r.return_value, r.duration))
+    }
+
     /// Removes every pin (maps and links) under `pin_dir`: the datapath is
     /// gone once the last process holding it exits.
     pub fn remove_pins(pin_dir: &Path) -> Result<(), DatapathError> {
