@@ -13,7 +13,10 @@
 //! traffic came in during the last 50 ms, then they block in `poll`), the
 //! client is pinned to one CPU and the servers to another, so a transaction
 //! costs the network path and no scheduler wake-up or CPU idle-state exit.
-//! `BENCH_POLL=block` is the older method: blocking sockets, no pinning.
+//! `BENCH_POLL=block`: blocking sockets, no pinning (the older method).
+//! In both, a PM QoS request (`/dev/cpu_dma_latency` = 0) keeps idle CPUs
+//! polling instead of halting for the run (`BENCH_IDLE_STATES=1` leaves
+//! idle states on).
 //! RR runs on one connection and on `BENCH_CONNS` (default 4) connections
 //! at once (one request in flight on each, one client thread); CRR on one.
 //!
@@ -74,6 +77,29 @@ impl Poll {
         match self {
             Poll::Busy => "busy",
             Poll::Block => "block",
+        }
+    }
+}
+
+/// Holds a PM QoS CPU latency request of 0 µs while alive (the kernel
+/// drops it when the file is closed): idle CPUs then poll instead of
+/// halting, so waking a thread on an idle CPU costs no idle-state exit —
+/// on this VM's haltpoll cpuidle that is a VM exit per wake-up, which
+/// otherwise dominates a one-connection ping-pong on an idle machine.
+struct CpuLatency(#[allow(dead_code)] Option<std::fs::File>);
+
+impl CpuLatency {
+    fn zero() -> Self {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/cpu_dma_latency")
+            .and_then(|mut f| f.write_all(&0i32.to_ne_bytes()).map(|()| f));
+        match f {
+            Ok(f) => CpuLatency(Some(f)),
+            Err(e) => {
+                eprintln!("no PM QoS request (/dev/cpu_dma_latency: {e}); idle states stay on");
+                CpuLatency(None)
+            }
         }
     }
 }
@@ -344,32 +370,44 @@ fn spin_reply(s: &mut TcpStream, buf: &mut [u8]) {
 
 /// Transactions per second over `conns` connections, one request in flight
 /// on each.
-fn rr(poll: Poll, addr: SocketAddr, secs: f64, conns: usize) -> f64 {
+/// A round's rate (per second) and, with one request in flight, every
+/// transaction's (or connection's) latency in nanoseconds.
+type Run = (f64, Vec<u32>);
+
+fn ns(d: Duration) -> u32 {
+    d.as_nanos().min(u32::MAX as u128) as u32
+}
+
+fn rr(poll: Poll, addr: SocketAddr, secs: f64, conns: usize) -> Run {
     match poll {
         Poll::Block => rr_block(addr, secs),
         Poll::Busy => rr_busy(addr, secs, conns),
     }
 }
 
-fn rr_block(addr: SocketAddr, secs: f64) -> f64 {
+fn rr_block(addr: SocketAddr, secs: f64) -> Run {
     let s = TcpStream::connect(addr).expect("connect");
     s.set_nodelay(true).expect("nodelay");
     let mut w = s.try_clone().expect("clone");
     let mut r = BufReader::new(s);
     let mut line = String::new();
     let start = Instant::now();
-    let mut n = 0u64;
-    while start.elapsed().as_secs_f64() < secs {
+    let deadline = start + Duration::from_secs_f64(secs);
+    let mut lat = Vec::new();
+    let mut t = start;
+    while t < deadline {
         w.write_all(b"x\n").expect("write");
         line.clear();
         r.read_line(&mut line).expect("read");
-        n += 1;
+        let now = Instant::now();
+        lat.push(ns(now - t));
+        t = now;
     }
     linger0(r.get_ref());
-    n as f64 / start.elapsed().as_secs_f64()
+    (lat.len() as f64 / start.elapsed().as_secs_f64(), lat)
 }
 
-fn rr_busy(addr: SocketAddr, secs: f64, conns: usize) -> f64 {
+fn rr_busy(addr: SocketAddr, secs: f64, conns: usize) -> Run {
     pin_to(client_cpu());
     let mut socks: Vec<TcpStream> = (0..conns)
         .map(|_| {
@@ -391,6 +429,8 @@ fn rr_busy(addr: SocketAddr, secs: f64, conns: usize) -> f64 {
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(secs);
     let mut n = 0u64;
+    let mut lat = Vec::new();
+    let mut t = start;
     'run: loop {
         for s in &mut socks {
             match s.read(&mut buf) {
@@ -400,7 +440,15 @@ fn rr_busy(addr: SocketAddr, secs: f64, conns: usize) -> f64 {
                     if buf[..k].contains(&b'\n') {
                         n += 1;
                         s.write_all(b"x\n").expect("write");
-                        if n.is_multiple_of(64) && Instant::now() >= deadline {
+                        if conns == 1 {
+                            // The clock read is the send time of the next.
+                            let now = Instant::now();
+                            lat.push(ns(now - t));
+                            t = now;
+                            if now >= deadline {
+                                break 'run;
+                            }
+                        } else if n.is_multiple_of(64) && Instant::now() >= deadline {
                             break 'run;
                         }
                     }
@@ -414,12 +462,12 @@ fn rr_busy(addr: SocketAddr, secs: f64, conns: usize) -> f64 {
     for s in &socks {
         linger0(s);
     }
-    n as f64 / el
+    (n as f64 / el, lat)
 }
 
 /// Connections per second: connect, one request, close (RST, so no
 /// TIME_WAIT pile-up on the client's ports).
-fn crr(poll: Poll, addr: SocketAddr, secs: f64) -> f64 {
+fn crr(poll: Poll, addr: SocketAddr, secs: f64) -> Run {
     if poll == Poll::Busy {
         pin_to(client_cpu());
     }
@@ -428,6 +476,7 @@ fn crr(poll: Poll, addr: SocketAddr, secs: f64) -> f64 {
     let mut slow = 0;
     let mut buf = [0u8; 256];
     let mut line = String::new();
+    let mut lat = Vec::new();
     while start.elapsed().as_secs_f64() < secs {
         let t = Instant::now();
         // A blocking connect does not sleep here: the SYN, SYN-ACK and ACK
@@ -451,12 +500,13 @@ fn crr(poll: Poll, addr: SocketAddr, secs: f64) -> f64 {
                 r.read_line(&mut line).expect("read");
             }
         }
+        lat.push(ns(t.elapsed()));
         n += 1;
     }
     if slow > 0 {
         eprintln!("crr: {slow} of {n} connects took > 100 ms");
     }
-    n as f64 / start.elapsed().as_secs_f64()
+    (n as f64 / start.elapsed().as_secs_f64(), lat)
 }
 
 /// Single-stream TCP throughput in Gbit/s: write for `secs`, then wait for
@@ -743,6 +793,15 @@ fn delta(a: [u64; 2], b: [u64; 2]) -> [u64; 2] {
     [b[0] - a[0], b[1] - a[1]]
 }
 
+/// 10th, 50th and 90th percentile in µs (0 when empty).
+fn percentiles(v: &mut [u32]) -> [f64; 3] {
+    if v.is_empty() {
+        return [0.0; 3];
+    }
+    v.sort_unstable();
+    [0.1, 0.5, 0.9].map(|q| v[((v.len() - 1) as f64 * q) as usize] as f64 / 1000.0)
+}
+
 /// Median, and the spread as (max − min) / median in percent.
 fn summary(mut v: Vec<f64>) -> (f64, f64) {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -823,14 +882,27 @@ fn main() {
     let many: usize = env("BENCH_SERVICES", 10_000);
     let conns: usize = env("BENCH_CONNS", 4);
     let poll = Poll::from_env(std::env::var("BENCH_POLL").ok());
+    let pm_qos = std::env::var("BENCH_IDLE_STATES").is_err();
+    let _latency = pm_qos.then(CpuLatency::zero);
     let bes: Vec<String> = (1..=3).map(backend_ip).collect();
     let vip: SocketAddr = format!("{VIP}:80").parse().expect("vip");
     println!(
-        "method: {} polling; client on CPU {}, servers on CPU {}; {rounds} rounds × {secs} s, \
-         interleaved; median and spread (max − min) / median",
+        "method: {} polling{}; {}; {rounds} rounds × {secs} s, interleaved; median and spread",
         poll.name(),
-        client_cpu(),
-        server_cpu()
+        if poll == Poll::Busy {
+            format!(
+                ", client on CPU {}, servers on CPU {}",
+                client_cpu(),
+                server_cpu()
+            )
+        } else {
+            String::new()
+        },
+        if pm_qos {
+            "CPU idle states off (PM QoS cpu_dma_latency 0)"
+        } else {
+            "CPU idle states on"
+        },
     );
 
     let servers = Servers::new(poll);
@@ -891,8 +963,10 @@ fn main() {
     }
 
     let rr_n = format!("RR ×{conns} conns tx/s");
-    println!("| services | mode | RR tx/s (µs) | {rr_n} | CRR conn/s |");
-    println!("|---:|---|---:|---:|---:|");
+    println!(
+        "| services | mode | RR tx/s | RR p10 / p50 / p90 µs | {rr_n} | CRR conn/s | CRR p10 / p50 / p90 µs |"
+    );
+    println!("|---:|---|---:|---:|---:|---:|---:|");
     let mut results = Vec::new();
     let sizes: Vec<usize> = if many == 0 { vec![0] } else { vec![0, many] };
     for extra in sizes {
@@ -910,16 +984,22 @@ fn main() {
         let tc_before = tc.node.run(ip_counters);
         let peer_before = dp.stats().expect("stats")[&Stat::HostRoutePeer];
         let mut m: [Vec<f64>; 6] = Default::default();
+        let mut l: [Vec<u32>; 6] = Default::default();
+        let mut add = |i: usize, (rate, lat): Run| {
+            m[i].push(rate);
+            l[i].extend(lat);
+        };
         for _ in 0..rounds {
-            m[0].push(ipt.client.run(|| rr(poll, vip, secs, 1)));
-            m[1].push(tc.client.run(|| rr(poll, vip, secs, 1)));
+            add(0, ipt.client.run(|| rr(poll, vip, secs, 1)));
+            add(1, tc.client.run(|| rr(poll, vip, secs, 1)));
             if poll == Poll::Busy {
-                m[2].push(ipt.client.run(|| rr(poll, vip, secs, conns)));
-                m[3].push(tc.client.run(|| rr(poll, vip, secs, conns)));
+                add(2, ipt.client.run(|| rr(poll, vip, secs, conns)));
+                add(3, tc.client.run(|| rr(poll, vip, secs, conns)));
             }
-            m[4].push(ipt.client.run(|| crr(poll, vip, secs)));
-            m[5].push(tc.client.run(|| crr(poll, vip, secs)));
+            add(4, ipt.client.run(|| crr(poll, vip, secs)));
+            add(5, tc.client.run(|| crr(poll, vip, secs)));
         }
+        let p: Vec<[f64; 3]> = l.iter_mut().map(|v| percentiles(v)).collect();
         let ipt_ip = delta(ipt_before, ipt.node.run(ip_counters));
         let tc_ip = delta(tc_before, tc.node.run(ip_counters));
         let peer = dp.stats().expect("stats")[&Stat::HostRoutePeer] - peer_before;
@@ -927,32 +1007,50 @@ fn main() {
             .into_iter()
             .map(|v| if v.is_empty() { (0.0, 0.0) } else { summary(v) })
             .collect();
-        for (mode, r1, rn, c) in [
-            ("iptables DNAT (kube-proxy rules)", s[0], s[2], s[4]),
-            ("membrane tc (host routing)", s[1], s[3], s[5]),
+        for (mode, r1, rn, c, pr, pc) in [
+            (
+                "iptables DNAT (kube-proxy rules)",
+                s[0],
+                s[2],
+                s[4],
+                p[0],
+                p[4],
+            ),
+            ("membrane tc (host routing)", s[1], s[3], s[5], p[1], p[5]),
         ] {
             println!(
-                "| {} | {mode} | {:.0} ± {:.0} % ({:.1}) | {:.0} ± {:.0} % | {:.0} ± {:.0} % |",
+                "| {} | {mode} | {:.0} ± {:.0} % | {:.1} / {:.1} / {:.1} | {:.0} ± {:.0} % \
+                 | {:.0} ± {:.0} % | {:.1} / {:.1} / {:.1} |",
                 extra + 1,
                 r1.0,
                 r1.1 / 2.0,
-                1e6 / r1.0,
+                pr[0],
+                pr[1],
+                pr[2],
                 rn.0,
                 rn.1 / 2.0,
                 c.0,
-                c.1 / 2.0
+                c.1 / 2.0,
+                pc[0],
+                pc[1],
+                pc[2],
             );
         }
-        results.push((extra + 1, s, ipt_ip, tc_ip, peer));
+        results.push((extra + 1, s, p, ipt_ip, tc_ip, peer));
     }
     println!("(± = half the max − min spread over the rounds, in % of the median)");
     println!();
-    for (n, s, ipt_ip, tc_ip, peer) in &results {
+    for (n, s, p, ipt_ip, tc_ip, peer) in &results {
         println!(
-            "{n} services: tc/iptables RR ×{:.2} (1 conn), ×{:.2} ({conns} conns), CRR ×{:.2}",
+            "{n} services: tc/iptables RR ×{:.2} (1 conn), ×{:.2} ({conns} conns), CRR ×{:.2}; \
+             by median latency RR ×{:.2}, CRR ×{:.2}; by p10 latency RR ×{:.2}, CRR ×{:.2}",
             s[1].0 / s[0].0,
             if s[2].0 > 0.0 { s[3].0 / s[2].0 } else { 0.0 },
             s[5].0 / s[4].0,
+            p[0][1] / p[1][1],
+            p[4][1] / p[5][1],
+            p[0][0] / p[1][0],
+            p[4][0] / p[5][0],
         );
         println!(
             "  node IP stack during the rounds: iptables node received {} and forwarded {} \
@@ -976,9 +1074,9 @@ fn main() {
         let _on = StatsOn::new();
         dp.sync(&desired(0, &bes)).expect("sync");
         let (t0, n0) = dp.program_run_stats().expect("prog stats");
-        tc.client.run(|| rr(poll, vip, secs.min(2.0), 1));
+        tc.client.run(|| rr(poll, vip, secs.min(2.0), 1).0);
         let (t1, n1) = dp.program_run_stats().expect("prog stats");
-        tc.client.run(|| crr(poll, vip, secs.min(2.0)));
+        tc.client.run(|| crr(poll, vip, secs.min(2.0)).0);
         let (t2, n2) = dp.program_run_stats().expect("prog stats");
         let per = |t: Duration, n: u64| {
             if n == 0 {
