@@ -1058,12 +1058,12 @@ fn main() {
             ipt_ip[0], ipt_ip[1], tc_ip[0], tc_ip[1]
         );
     }
-    if let [(_, s1, ..), (_, sn, ..)] = results.as_slice() {
+    if let [(_, _, p1, ..), (_, _, pn, ..)] = results.as_slice() {
         println!(
-            "RR latency change 1 → {} services: iptables {:+.1} %, tc {:+.1} %",
+            "RR median latency change 1 → {} services: iptables {:+.1} %, tc {:+.1} %",
             many + 1,
-            (s1[0].0 / sn[0].0 - 1.0) * 100.0,
-            (s1[1].0 / sn[1].0 - 1.0) * 100.0
+            (pn[0][1] / p1[0][1] - 1.0) * 100.0,
+            (pn[1][1] / p1[1][1] - 1.0) * 100.0
         );
     }
 
