@@ -8,15 +8,18 @@
 //! topology runs the same program with legacy (host stack) routing for the
 //! pod ↔ pod single-stream TCP throughput comparison.
 //!
-//! How it measures (`BENCH_POLL`, default `busy`): the load generator and
-//! the echo servers spin on non-blocking sockets (the servers only while
-//! traffic came in during the last 50 ms, then they block in `poll`), the
-//! client is pinned to one CPU and the servers to another, so a transaction
-//! costs the network path and no scheduler wake-up or CPU idle-state exit.
+//! How it measures (`BENCH_POLL`, default `busy`): the load generator spins
+//! on non-blocking sockets pinned to one CPU; one server thread in this
+//! process serves every backend's listener (bound in its namespace),
+//! spinning on `epoll_wait` pinned to another CPU while traffic came in
+//! during the last 50 ms, else blocking; so a transaction costs the network
+//! path and no scheduler wake-up or CPU idle-state exit.
 //! `BENCH_POLL=block`: blocking sockets, no pinning (the older method).
 //! In both, a PM QoS request (`/dev/cpu_dma_latency` = 0) keeps idle CPUs
 //! polling instead of halting for the run (`BENCH_IDLE_STATES=1` leaves
-//! idle states on).
+//! idle states on). Every transaction and connection is timed: latency
+//! percentiles beside the rates, since on a shared machine the rates mostly
+//! measure how often the spinning threads were descheduled.
 //! RR runs on one connection and on `BENCH_CONNS` (default 4) connections
 //! at once (one request in flight on each, one client thread); CRR on one.
 //!
