@@ -41,6 +41,10 @@ volatile const __u32 HOST_ROUTING = 0;
 #define AF_INET 2
 #define AF_INET6 10
 
+/* How often an established flow's conntrack timestamp is rewritten and its
+ * reverse NAT entry checked (1 s). */
+#define CT_REFRESH_NS 1000000000ULL
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 262144);
@@ -507,6 +511,7 @@ static __always_inline int forward(struct __sk_buff *skb, struct pkt *p,
 	__u32 backend_id = 0;
 	__u64 now = bpf_ktime_get_ns();
 	int is_new = 1;
+	int refresh = 1;
 
 	if (ct && ct->svc_id == svc->svc_id) {
 		backend_id = ct->backend_id;
@@ -517,7 +522,15 @@ static __always_inline int forward(struct __sk_buff *skb, struct pkt *p,
 		 * reused tuple, or a deleted backend, selects again. */
 		if (be && (be->state == LB_BACKEND_ACTIVE || !syn)) {
 			is_new = 0;
-			ct->last_seen = now;
+			/* Timestamp and reverse-NAT check at most once per
+			 * interval, as Cilium refreshes its CT lifetimes: a
+			 * write on every packet dirties the entry's cache line
+			 * (shared by every CPU the flow's packets run on) for
+			 * nothing, and the entry's LRU reference bit is set by
+			 * the lookup anyway. */
+			refresh = now - ct->last_seen > CT_REFRESH_NS;
+			if (refresh)
+				ct->last_seen = now;
 		} else {
 			stat_inc(LB_STAT_RESELECT);
 			be = NULL;
@@ -565,20 +578,23 @@ static __always_inline int forward(struct __sk_buff *skb, struct pkt *p,
 		bpf_map_update_elem(&lb_ct, &ct_key, &nv, BPF_ANY);
 	}
 
-	/* Reverse NAT entry keyed by the reply's tuple. Refreshed on every
-	 * packet so the LRU keeps both directions of a live flow. */
-	struct lb_tuple rk = {};
-	__builtin_memcpy(rk.saddr, be->addr, 16);
-	__builtin_memcpy(rk.daddr, p->t.saddr, 16);
-	rk.sport = be->port;
-	rk.dport = p->t.sport;
-	rk.proto = p->t.proto;
-	rk.family = p->t.family;
-	struct lb_rnat_value rv = {};
-	__builtin_memcpy(rv.addr, p->t.daddr, 16);
-	rv.port = p->t.dport;
-	if (is_new || !bpf_map_lookup_elem(&lb_rnat, &rk))
-		bpf_map_update_elem(&lb_rnat, &rk, &rv, BPF_ANY);
+	/* Reverse NAT entry keyed by the reply's tuple: written for a new
+	 * flow, and restored on the refresh interval if the LRU evicted it
+	 * (replies look it up on every packet, which keeps it referenced). */
+	if (refresh) {
+		struct lb_tuple rk = {};
+		__builtin_memcpy(rk.saddr, be->addr, 16);
+		__builtin_memcpy(rk.daddr, p->t.saddr, 16);
+		rk.sport = be->port;
+		rk.dport = p->t.sport;
+		rk.proto = p->t.proto;
+		rk.family = p->t.family;
+		struct lb_rnat_value rv = {};
+		__builtin_memcpy(rv.addr, p->t.daddr, 16);
+		rv.port = p->t.dport;
+		if (is_new || !bpf_map_lookup_elem(&lb_rnat, &rk))
+			bpf_map_update_elem(&lb_rnat, &rk, &rv, BPF_ANY);
+	}
 
 	__u8 new_addr[16];
 	__builtin_memcpy(new_addr, be->addr, 16);

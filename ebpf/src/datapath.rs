@@ -1036,6 +1036,19 @@ impl Datapath {
         Ok(out)
     }
 
+    /// The tc program's cumulative run time and run count as the kernel
+    /// keeps them (both stay 0 unless `kernel.bpf_stats_enabled` is 1);
+    /// for measuring the per-packet cost.
+    pub fn program_run_stats(&self) -> Result<(std::time::Duration, u64), DatapathError> {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(PROGRAM_NAME)
+            .ok_or(DatapathError::Missing(PROGRAM_NAME))?
+            .try_into()?;
+        let info = prog.info()?;
+        Ok((info.run_time(), info.run_count()))
+    }
+
     /// Number of conntrack entries (walks the map; for tests and status).
     pub fn conntrack_len(&self) -> usize {
         self.ct.keys().filter(|k| k.is_ok()).count()
@@ -1091,6 +1104,28 @@ impl Datapath {
         let r = prog.test_run(opts)?;
         out.truncate(r.data_size_out as usize);
         Ok((r.return_value, out))
+    }
+
+    /// Runs the program `repeat` times on `packet` with
+    /// `BPF_PROG_TEST_RUN`; returns the tc verdict and the kernel's average
+    /// time per run (the program's own per-packet cost, for benchmarks).
+    pub fn test_run_repeat(
+        &self,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, std::time::Duration), DatapathError> {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(PROGRAM_NAME)
+            .ok_or(DatapathError::Missing(PROGRAM_NAME))?
+            .try_into()?;
+        let mut out = vec![0u8; packet.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(packet);
+        opts.data_out = Some(&mut out);
+        opts.repeat = repeat.max(1);
+        let r = prog.test_run(opts)?;
+        Ok((r.return_value, r.duration))
     }
 
     /// Removes every pin (maps and links) under `pin_dir`: the datapath is
