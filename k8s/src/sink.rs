@@ -7,7 +7,8 @@
 //! [`KubeSink`] keeps writes off the reconcile pass: a pass only enqueues;
 //! one writer task per process drains the queue with a few writes in
 //! flight, coalescing by object (the latest desired state of an object
-//! wins; a repeat of the write in flight is dropped), retrying failures
+//! wins; a repeat of the write in flight is dropped, and so is anything
+//! queued for that object before the repeat), retrying failures
 //! with exponential backoff and a conflict at once. Behind a leader gate it
 //! writes only while the gate is open and drops everything queued the
 //! moment it closes: the next leader derives its writes from the state it
@@ -207,7 +208,14 @@ async fn write_loop(
     let mut flying: BTreeMap<Slot, Arc<Op>> = BTreeMap::new();
     let open = |gate: &Option<watch::Receiver<bool>>| gate.as_ref().is_none_or(|g| *g.borrow());
     let enqueue = |queue: &mut Queue, flying: &BTreeMap<Slot, Arc<Op>>, op: Op| {
-        if flying.get(&op.slot()).is_some_and(|f| **f == op) {
+        let slot = op.slot();
+        if flying.get(&slot).is_some_and(|f| **f == op) {
+            // The write in flight is again the latest desired state: a
+            // different write queued for the slot meanwhile is older and
+            // must not land after it (a report acked -> pending -> acked
+            // would end as pending, and an agent that writes its report
+            // only when it changes would never correct it).
+            queue.items.remove(&slot);
             return;
         }
         queue.push(op);
@@ -484,6 +492,86 @@ mod tests {
             .expect("the status goes out")
             .expect("request");
         assert_eq!(req.uri().path(), "/api/v1/namespaces/a/services/s/status");
+    }
+
+    type Mock = tower_test::mock::Handle<
+        http::Request<kube::client::Body>,
+        http::Response<kube::client::Body>,
+    >;
+
+    /// The next request within `wait`: its path, JSON body and responder.
+    async fn next_write(
+        handle: &mut Mock,
+        wait: Duration,
+    ) -> Option<(
+        String,
+        serde_json::Value,
+        tower_test::mock::SendResponse<http::Response<kube::client::Body>>,
+    )> {
+        let (req, send) = tokio::time::timeout(wait, handle.next_request())
+            .await
+            .ok()??;
+        let path = req.uri().path().to_owned();
+        let bytes = req.into_body().collect_bytes().await.ok()?;
+        let body = serde_json::from_slice(&bytes).ok()?;
+        Some((path, body, send))
+    }
+
+    /// Status X is in flight, Y is queued behind it, then X is desired
+    /// again: X is what the object must end with. Sending Y after X would
+    /// leave it stale, and an agent that publishes its ACK report only
+    /// when it changes (acked -> pending -> acked) would never correct it.
+    #[tokio::test]
+    async fn a_repeat_of_the_write_in_flight_drops_an_older_queued_write() {
+        use http::{Request, Response};
+        use kube::client::Body;
+        let (mock, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(mock, "default");
+        let sink = KubeSink::spawn(Writer::new(client, crate::AGENT_MANAGER), None, None);
+        let report = ObjectKey::new(membrane_store::Kind::Ingress, "a", "web");
+        let other = ObjectKey::new(membrane_store::Kind::Ingress, "a", "other");
+        let acked = serde_json::json!({"loadBalancer": {"ingress": [{"ip": "10.0.0.1"}]}});
+        let pending = serde_json::json!({"loadBalancer": {}});
+        sink.status(&report, acked.clone());
+        let wait = Duration::from_secs(10);
+        let (path, first, in_flight) = next_write(&mut handle, wait)
+            .await
+            .expect("the first write goes out");
+        assert!(path.ends_with("/ingresses/web/status"), "{path}");
+        assert_eq!(first["status"], acked);
+        sink.status(&report, pending.clone());
+        sink.status(&report, acked.clone());
+        // A write of another object queued last goes out once the writer
+        // has taken in everything before it, while the first is in flight.
+        sink.status(&other, pending.clone());
+        let (path, body, send) = next_write(&mut handle, wait)
+            .await
+            .expect("the other write goes out");
+        assert!(path.ends_with("/ingresses/other/status"), "{path}");
+        send.send_response(
+            Response::builder()
+                .body(Body::from(serde_json::to_vec(&body).expect("json")))
+                .expect("response"),
+        );
+        in_flight.send_response(
+            Response::builder()
+                .body(Body::from(serde_json::to_vec(&first).expect("json")))
+                .expect("response"),
+        );
+        // Whatever goes out after that must not leave the object pending.
+        let mut last = acked.clone();
+        let quiet = Duration::from_millis(500);
+        while let Some((path, body, send)) = next_write(&mut handle, quiet).await {
+            if path.ends_with("/ingresses/web/status") {
+                last = body["status"].clone();
+            }
+            send.send_response(
+                Response::builder()
+                    .body(Body::from(serde_json::to_vec(&body).expect("json")))
+                    .expect("response"),
+            );
+        }
+        assert_eq!(last, acked, "an older queued write landed after the latest");
     }
 
     #[test]
