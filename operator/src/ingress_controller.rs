@@ -345,6 +345,10 @@ pub struct IngressController {
     /// Ingress → the objects with it as controller owner, and back.
     owned: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
     owner_of: HashMap<ObjectKey, ObjectKey>,
+    /// Ingresses whose generated objects were (re)written and not yet seen
+    /// back as written: reconciled on every pass until they are, as a full
+    /// pass would.
+    unsettled: BTreeSet<ObjectKey>,
     /// Synced Secret copy → its source and the source's resourceVersion
     /// when it was last written.
     synced: BTreeMap<(String, String), ((String, String), String)>,
@@ -421,7 +425,14 @@ impl IngressController {
                 .into_iter()
                 .collect()
         } else {
-            dirty.ingresses.iter().cloned().collect()
+            dirty
+                .ingresses
+                .iter()
+                .chain(&self.unsettled)
+                .cloned()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect()
         };
         for key in &todo {
             let ing = snap.get_typed::<Ingress>(&key.namespace, &key.name);
@@ -443,6 +454,7 @@ impl IngressController {
                     self.outcomes.insert(key.clone(), o);
                 }
                 None => {
+                    self.unsettled.remove(key);
                     self.outcomes.remove(key);
                     self.shared_keys.remove(key);
                     self.last_good.remove(key);
@@ -643,9 +655,11 @@ impl IngressController {
                     }
             })
             .map(|(_, m)| m.clone());
+        self.unsettled.remove(key);
         let memo = match cached {
             Some(m) => m,
             None => {
+                self.unsettled.insert(key.clone());
                 let m = match mode {
                     Ok(LoadBalancerMode::Dedicated) => {
                         match membrane_ingress::validate_references_with(
