@@ -167,6 +167,7 @@ impl Http {
     ) -> Result<Response<Body>, Infallible> {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
+        let started = std::time::Instant::now();
         // Attributes are taken before dispatch consumes the request.
         let audit = self.audit.clone().map(|log| {
             let attrs = crate::audit::attributes(method.as_str(), &path, req.uri().query());
@@ -188,7 +189,14 @@ impl Http {
                 error_response(&e)
             }
         };
-        tracing::debug!(%method, %path, status = resp.status().as_u16(), "request");
+        // How long the answer took (a watch answers when it ends).
+        tracing::debug!(
+            %method,
+            %path,
+            status = resp.status().as_u16(),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "request"
+        );
         if let Some((log, attrs, agent)) = audit {
             log.record(&agent, &attrs, resp.status().as_u16());
         }

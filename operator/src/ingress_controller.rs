@@ -16,7 +16,7 @@ use membrane_ingress::{
     HostNetwork, INGRESS_LABEL, LoadBalancerMode, Lookup, SecretRef, SharedPart, TranslateOptions,
 };
 use membrane_k8s::Sink;
-use membrane_store::{Kind, Object, ObjectKey, StoreSnapshot};
+use membrane_store::{Changes, KeyChangeKind, Kind, Object, ObjectKey, Store, StoreSnapshot};
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
@@ -256,9 +256,66 @@ fn owner_ingress(meta: &ObjectMeta) -> Option<String> {
         .map(|o| o.name.clone())
 }
 
-/// The Ingress controller. It remembers the last good shared-mode part of
-/// every shared Ingress: the shared CEC merges many Ingresses, so unlike in
-/// dedicated mode the sink holds no per-Ingress object to fall back to.
+/// What one Ingress contributed to the last pass, kept between passes so a
+/// pass only redoes the Ingresses its changes reach.
+#[derive(Debug, Clone, Default)]
+struct Outcome {
+    /// Its dedicated objects (fresh or last good), which garbage
+    /// collection spares.
+    dedicated: Option<ManagedIngress>,
+    /// Served from its last good part in the shared CEC.
+    shared: bool,
+    rejected: Option<String>,
+    /// TLS Secrets to sync into the secrets namespace.
+    secrets: Vec<SecretRef>,
+}
+
+/// The Services and Secrets an Ingress's translation reads.
+fn references(ing: &Ingress, default_secret: Option<&SecretRef>) -> Vec<ObjectKey> {
+    let ns = ing.metadata.namespace.as_deref().unwrap_or_default();
+    let spec = ing.spec.as_ref();
+    let mut refs: Vec<ObjectKey> = spec
+        .and_then(|s| s.default_backend.as_ref())
+        .into_iter()
+        .chain(
+            spec.iter()
+                .flat_map(|s| s.rules.iter().flatten())
+                .flat_map(|r| r.http.iter().flat_map(|h| h.paths.iter()))
+                .map(|p| &p.backend),
+        )
+        .filter_map(|b| b.service.as_ref())
+        .map(|s| ObjectKey::new(Kind::Service, ns, &s.name))
+        .chain(
+            tls_secrets(ing, default_secret)
+                .into_iter()
+                .map(|s| ObjectKey::new(Kind::Secret, &s.namespace, &s.name)),
+        )
+        .collect();
+    refs.sort();
+    refs.dedup();
+    refs
+}
+
+/// The Ingresses a pass must reconcile, from the store's change log.
+#[derive(Debug, Default)]
+struct Dirty {
+    /// Everything: first pass, a resync, changed options or IngressClasses.
+    all: bool,
+    ingresses: BTreeSet<ObjectKey>,
+    /// Secrets (sources or synced copies) that changed.
+    secrets: BTreeSet<ObjectKey>,
+}
+
+/// The Ingress controller, a reconciler in the kube-rs style: each pass
+/// reads the store's change log from the revision it last saw and
+/// reconciles only the Ingresses a change reaches (the Ingress itself, or
+/// through an index the Services and Secrets it references and the objects
+/// generated for it). A first pass, a resync of the log, new options or a
+/// changed IngressClass (which decides what is managed) reconcile all.
+///
+/// It remembers the last good shared-mode part of every shared Ingress:
+/// the shared CEC merges many Ingresses, so unlike in dedicated mode the
+/// sink holds no per-Ingress object to fall back to.
 #[derive(Debug, Default)]
 pub struct IngressController {
     last_good: HashMap<ObjectKey, SharedPart>,
@@ -273,6 +330,28 @@ pub struct IngressController {
     serving: BTreeSet<(String, String)>,
     /// Largest shared CEC part written; `None` is [`PART_BUDGET`].
     part_budget: Option<usize>,
+    /// Store revision the last pass read the change log up to.
+    seen: Option<u64>,
+    /// The options of the last pass: other options redo everything.
+    opts: Option<TranslateOptions>,
+    /// Per managed Ingress, what it contributed.
+    outcomes: BTreeMap<ObjectKey, Outcome>,
+    /// Ingresses in shared mode (served from `last_good`).
+    shared_keys: BTreeSet<ObjectKey>,
+    /// Service or Secret → the Ingresses whose translation reads it, and
+    /// back.
+    referenced_by: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
+    references: HashMap<ObjectKey, Vec<ObjectKey>>,
+    /// Ingress → the objects with it as controller owner, and back.
+    owned: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
+    owner_of: HashMap<ObjectKey, ObjectKey>,
+    /// Ingresses whose generated objects were (re)written and not yet seen
+    /// back as written: reconciled on every pass until they are, as a full
+    /// pass would.
+    unsettled: BTreeSet<ObjectKey>,
+    /// Synced Secret copy → its source and the source's resourceVersion
+    /// when it was last written.
+    synced: BTreeMap<(String, String), ((String, String), String)>,
 }
 
 impl IngressController {
@@ -285,151 +364,477 @@ impl IngressController {
         }
     }
 
-    /// Run one reconcile pass.
-    ///
-    /// Dedicated Ingresses get their own CEC, Service and EndpointSlice;
-    /// shared ones are merged into one CEC plus the shared Service in
-    /// `opts.shared_namespace`. A failing Ingress keeps serving what it
-    /// served last (its dedicated objects, or its last good shared part),
-    /// including across a mode switch, until its new form works.
+    /// Run one reconcile pass over everything in `snap`.
     pub fn reconcile(
         &mut self,
         sink: &dyn Sink,
         snap: &StoreSnapshot,
         opts: &TranslateOptions,
     ) -> IngressPass {
-        let classes: Vec<IngressClass> = snap.typed::<IngressClass>(None).cloned().collect();
-        let lookup = SnapshotLookup(snap);
-        let mut pass = IngressPass::default();
-        // Ingresses whose dedicated objects stay (garbage collection spares them).
-        let mut dedicated_owners: BTreeSet<(String, String)> = BTreeSet::new();
-        // Ingresses served from `self.last_good` in the shared CEC.
-        let mut shared_keys: BTreeSet<ObjectKey> = BTreeSet::new();
-        let mut wanted_secrets: BTreeMap<(String, String), (String, String)> = BTreeMap::new();
+        self.reconcile_changes(sink, snap, opts, &Changes::Resync)
+    }
 
-        for ing in snap.typed::<Ingress>(None) {
-            if !membrane_ingress::is_managed(ing, &classes) {
-                continue;
-            }
-            let key = key_of(Kind::Ingress, &ing.metadata);
-            let mode = membrane_ingress::loadbalancer_mode(ing, opts.default_lb_mode);
-            let fp = format!(
-                "{mode:?} {}",
-                fingerprint(ing, snap, opts.default_secret.as_ref())
-            );
-            let cached = self
-                .memo
-                .get(&key)
-                .filter(|(f, m)| {
-                    *f == fp
-                        && match m {
-                            Memo::Dedicated { applied, .. } => untouched(snap, applied),
-                            _ => true,
-                        }
-                })
-                .map(|(_, m)| m.clone());
-            let memo = match cached {
-                Some(m) => m,
-                None => {
-                    let m = match mode {
-                        Ok(LoadBalancerMode::Dedicated) => {
-                            match membrane_ingress::validate_references_with(
-                                ing,
-                                &lookup,
-                                opts.default_secret.as_ref(),
-                            )
-                            .and_then(|()| membrane_ingress::translate(ing, opts))
-                            {
-                                Ok(t) => Memo::Dedicated {
-                                    managed: ManagedIngress {
-                                        ingress: key.clone(),
-                                        cec: key_of(Kind::CiliumEnvoyConfig, &t.cec.metadata),
-                                        service: key_of(Kind::Service, &t.service.metadata),
-                                    },
-                                    applied: apply_recorded(
-                                        sink,
-                                        vec![
-                                            Object::CiliumEnvoyConfig(t.cec),
-                                            Object::Service(t.service),
-                                            Object::EndpointSlice(t.endpoint_slice),
-                                        ],
-                                    ),
-                                },
-                                Err(e) => Memo::Failed(e.to_string()),
-                            }
-                        }
-                        Ok(LoadBalancerMode::Shared) => {
-                            match membrane_ingress::validate_references_with(
-                                ing,
-                                &lookup,
-                                opts.default_secret.as_ref(),
-                            )
-                            .and_then(|()| membrane_ingress::shared_part(ing, opts))
-                            {
-                                Ok(part) => Memo::Shared(part),
-                                Err(e) => Memo::Failed(e.to_string()),
-                            }
-                        }
-                        Err(e) => Memo::Failed(e.to_string()),
-                    };
-                    self.memo.insert(key.clone(), (fp, m.clone()));
-                    m
-                }
-            };
-            let outcome: Result<(), String> = match memo {
-                Memo::Dedicated { managed, .. } => {
-                    pass.managed.push(managed);
-                    dedicated_owners.insert((key.namespace.clone(), key.name.clone()));
-                    Ok(())
-                }
-                Memo::Shared(part) => {
-                    self.last_good.insert(key.clone(), part);
-                    shared_keys.insert(key.clone());
-                    Ok(())
-                }
-                Memo::Failed(e) => Err(e),
-            };
-            if let Err(e) = outcome {
-                pass.rejected.insert(key.clone(), e);
-                // Last good: whatever this Ingress served before stays,
-                // whichever mode that was.
-                if let Some(m) = dedicated_last_good(snap, &key) {
-                    pass.managed.push(m);
-                    dedicated_owners.insert((key.namespace.clone(), key.name.clone()));
-                } else if self.last_good.contains_key(&key) {
-                    shared_keys.insert(key.clone());
-                }
-            }
-            for secret in tls_secrets(ing, opts.default_secret.as_ref()) {
-                wanted_secrets.insert(
-                    (
-                        opts.secrets_namespace.clone(),
-                        format!("{}-{}", secret.namespace, secret.name),
-                    ),
-                    (secret.namespace, secret.name),
-                );
-            }
-        }
-
-        self.last_good.retain(|k, _| shared_keys.contains(k));
-        let live: BTreeSet<ObjectKey> = snap
-            .typed::<Ingress>(None)
-            .map(|i| key_of(Kind::Ingress, &i.metadata))
-            .collect();
-        self.memo.retain(|k, _| live.contains(k));
-        self.apply_shared(
-            sink,
-            snap,
-            opts,
-            &shared_keys,
-            &mut pass,
-            &mut dedicated_owners,
-        );
-        garbage_collect(sink, snap, &dedicated_owners);
-        sync_secrets(sink, snap, &wanted_secrets, &opts.secrets_namespace);
+    /// Run one pass over what `store` changed since the last one.
+    pub fn reconcile_store(
+        &mut self,
+        sink: &dyn Sink,
+        store: &Store,
+        opts: &TranslateOptions,
+    ) -> IngressPass {
+        let (rev, changes) = match self.seen {
+            Some(seen) => store.changes_since(seen),
+            None => (store.revision(), Changes::Resync),
+        };
+        // Taken after the log was read: it holds at least those changes
+        // (later ones are read again next pass, which is harmless).
+        let snap = store.snapshot();
+        let pass = self.reconcile_changes(sink, &snap, opts, &changes);
+        self.seen = Some(rev);
         pass
     }
 
+    /// Run one reconcile pass for `changes` (since the previous pass, with
+    /// `snap` at or after them; [`Changes::Resync`]: everything).
+    ///
+    /// Dedicated Ingresses get their own CEC, Service and EndpointSlice;
+    /// shared ones are merged into one CEC plus the shared Service in
+    /// `opts.shared_namespace`. A failing Ingress keeps serving what it
+    /// served last (its dedicated objects, or its last good shared part),
+    /// including across a mode switch, until its new form works.
+    pub fn reconcile_changes(
+        &mut self,
+        sink: &dyn Sink,
+        snap: &StoreSnapshot,
+        opts: &TranslateOptions,
+        changes: &Changes,
+    ) -> IngressPass {
+        let started = std::time::Instant::now();
+        let new_opts = self.opts.as_ref() != Some(opts);
+        if new_opts {
+            self.opts = Some(opts.clone());
+        }
+        let mut dirty = self.dirty(snap, changes);
+        dirty.all |= new_opts;
+        let classes: Vec<IngressClass> = snap.typed::<IngressClass>(None).cloned().collect();
+        let todo: Vec<ObjectKey> = if dirty.all {
+            self.rebuild_owned(snap);
+            snap.list(Kind::Ingress, None)
+                .map(|o| o.key())
+                .chain(self.outcomes.keys().cloned())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect()
+        } else {
+            dirty
+                .ingresses
+                .iter()
+                .chain(&self.unsettled)
+                .cloned()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect()
+        };
+        for key in &todo {
+            let ing = snap.get_typed::<Ingress>(&key.namespace, &key.name);
+            let outcome = match ing {
+                Some(ing) if membrane_ingress::is_managed(ing, &classes) => {
+                    Some(self.reconcile_one(sink, snap, opts, key, ing))
+                }
+                _ => None,
+            };
+            self.set_references(key, ing.filter(|_| outcome.is_some()), opts);
+            match outcome {
+                Some(o) => {
+                    if o.shared {
+                        self.shared_keys.insert(key.clone());
+                    } else {
+                        self.shared_keys.remove(key);
+                        self.last_good.remove(key);
+                    }
+                    self.outcomes.insert(key.clone(), o);
+                }
+                None => {
+                    self.unsettled.remove(key);
+                    self.outcomes.remove(key);
+                    self.shared_keys.remove(key);
+                    self.last_good.remove(key);
+                    self.memo.remove(key);
+                }
+            }
+        }
+
+        let mut pass = IngressPass::default();
+        let old_conflicts: Vec<ObjectKey> = self
+            .shared_memo
+            .iter()
+            .flat_map(|m| m.conflicts.iter().map(|(k, _)| k.clone()))
+            .collect();
+        let shared_keys = std::mem::take(&mut self.shared_keys);
+        // Ingresses that lost a shared-mode conflict but keep their
+        // dedicated objects.
+        let mut keepers: BTreeSet<(String, String)> = BTreeSet::new();
+        self.apply_shared(sink, snap, opts, &shared_keys, &mut pass, &mut keepers);
+        self.shared_keys = shared_keys;
+        for (key, o) in &self.outcomes {
+            if let Some(m) = &o.dedicated {
+                pass.managed.push(m.clone());
+            }
+            if let Some(e) = &o.rejected {
+                pass.rejected.insert(key.clone(), e.clone());
+            }
+        }
+
+        // Garbage: dedicated objects whose Ingress is gone, no longer
+        // ours, or has moved to the shared load balancer.
+        let keeps = |ns: &str, name: &str| {
+            let key = ObjectKey::new(Kind::Ingress, ns, name);
+            self.outcomes
+                .get(&key)
+                .is_some_and(|o| o.dedicated.is_some())
+                || keepers.contains(&(ns.to_owned(), name.to_owned()))
+        };
+        if dirty.all {
+            garbage_collect(sink, snap, &keeps);
+        } else {
+            let reached: BTreeSet<&ObjectKey> = todo
+                .iter()
+                .chain(&old_conflicts)
+                .chain(
+                    self.shared_memo
+                        .iter()
+                        .flat_map(|m| m.conflicts.iter().map(|(k, _)| k)),
+                )
+                .collect();
+            for ing in reached {
+                if keeps(&ing.namespace, &ing.name) {
+                    continue;
+                }
+                for obj in self.owned.get(ing).into_iter().flatten() {
+                    sink.delete(obj);
+                }
+            }
+        }
+        let wanted = self.wanted_secrets(opts);
+        self.sync_secrets(sink, snap, &wanted, opts, &dirty);
+        tracing::debug!(
+            full = dirty.all,
+            reconciled = todo.len(),
+            managed = self.outcomes.len(),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "ingress controller pass"
+        );
+        pass
+    }
+
+    /// The Ingresses `changes` reach.
+    fn dirty(&mut self, snap: &StoreSnapshot, changes: &Changes) -> Dirty {
+        let mut dirty = Dirty::default();
+        let Changes::Keys(keys) = changes else {
+            dirty.all = true;
+            return dirty;
+        };
+        for c in keys {
+            let key = &c.key;
+            match key.kind {
+                // Which Ingresses are ours depends on the classes (and the
+                // default class).
+                Kind::IngressClass => dirty.all = true,
+                // Status is neither read nor translated.
+                Kind::Ingress if c.kind != KeyChangeKind::StatusUpdated => {
+                    dirty.ingresses.insert(key.clone());
+                }
+                Kind::Service | Kind::Secret | Kind::CiliumEnvoyConfig | Kind::EndpointSlice => {
+                    if let Some(by) = self.referenced_by.get(key) {
+                        dirty.ingresses.extend(by.iter().cloned());
+                    }
+                    if key.kind == Kind::Secret {
+                        dirty.secrets.insert(key.clone());
+                    }
+                    // Objects generated for an Ingress: written by someone
+                    // else, or deleted, they are written again.
+                    let owner = snap
+                        .get(key)
+                        .and_then(|o| owner_ingress(o.meta()))
+                        .map(|name| ObjectKey::new(Kind::Ingress, &key.namespace, &name));
+                    if let Some(old) = self.owner_of.remove(key) {
+                        if let Some(set) = self.owned.get_mut(&old) {
+                            set.remove(key);
+                            if set.is_empty() {
+                                self.owned.remove(&old);
+                            }
+                        }
+                        dirty.ingresses.insert(old);
+                    }
+                    if let Some(owner) = owner {
+                        if key.kind != Kind::Secret {
+                            self.owned
+                                .entry(owner.clone())
+                                .or_default()
+                                .insert(key.clone());
+                            self.owner_of.insert(key.clone(), owner.clone());
+                        }
+                        dirty.ingresses.insert(owner);
+                    }
+                }
+                _ => {}
+            }
+        }
+        dirty
+    }
+
+    /// The owner index from scratch.
+    fn rebuild_owned(&mut self, snap: &StoreSnapshot) {
+        self.owned.clear();
+        self.owner_of.clear();
+        for kind in [Kind::CiliumEnvoyConfig, Kind::Service, Kind::EndpointSlice] {
+            for o in snap.list(kind, None) {
+                if let Some(name) = owner_ingress(o.meta()) {
+                    let key = o.key();
+                    let owner = ObjectKey::new(Kind::Ingress, &key.namespace, &name);
+                    self.owned
+                        .entry(owner.clone())
+                        .or_default()
+                        .insert(key.clone());
+                    self.owner_of.insert(key, owner);
+                }
+            }
+        }
+    }
+
+    /// Record what `ing` (now) references; `None`: nothing any more.
+    fn set_references(&mut self, key: &ObjectKey, ing: Option<&Ingress>, opts: &TranslateOptions) {
+        let refs = ing
+            .map(|i| references(i, opts.default_secret.as_ref()))
+            .unwrap_or_default();
+        if self.references.get(key) == Some(&refs) {
+            return;
+        }
+        for old in self.references.remove(key).unwrap_or_default() {
+            if let Some(set) = self.referenced_by.get_mut(&old) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.referenced_by.remove(&old);
+                }
+            }
+        }
+        for r in &refs {
+            self.referenced_by
+                .entry(r.clone())
+                .or_default()
+                .insert(key.clone());
+        }
+        if !refs.is_empty() {
+            self.references.insert(key.clone(), refs);
+        }
+    }
+
+    /// Reconcile one managed Ingress: translate it unless its inputs and
+    /// outputs are as the last pass left them, write what it generates.
+    fn reconcile_one(
+        &mut self,
+        sink: &dyn Sink,
+        snap: &StoreSnapshot,
+        opts: &TranslateOptions,
+        key: &ObjectKey,
+        ing: &Ingress,
+    ) -> Outcome {
+        let lookup = SnapshotLookup(snap);
+        let mode = membrane_ingress::loadbalancer_mode(ing, opts.default_lb_mode);
+        let fp = format!(
+            "{mode:?} {}",
+            fingerprint(ing, snap, opts.default_secret.as_ref())
+        );
+        let cached = self
+            .memo
+            .get(key)
+            .filter(|(f, m)| {
+                *f == fp
+                    && match m {
+                        Memo::Dedicated { applied, .. } => untouched(snap, applied),
+                        _ => true,
+                    }
+            })
+            .map(|(_, m)| m.clone());
+        self.unsettled.remove(key);
+        let memo = match cached {
+            Some(m) => m,
+            None => {
+                self.unsettled.insert(key.clone());
+                let m = match mode {
+                    Ok(LoadBalancerMode::Dedicated) => {
+                        match membrane_ingress::validate_references_with(
+                            ing,
+                            &lookup,
+                            opts.default_secret.as_ref(),
+                        )
+                        .and_then(|()| membrane_ingress::translate(ing, opts))
+                        {
+                            Ok(t) => Memo::Dedicated {
+                                managed: ManagedIngress {
+                                    ingress: key.clone(),
+                                    cec: key_of(Kind::CiliumEnvoyConfig, &t.cec.metadata),
+                                    service: key_of(Kind::Service, &t.service.metadata),
+                                },
+                                // The CEC first: it is what the agents wait for.
+                                applied: apply_recorded(
+                                    sink,
+                                    vec![
+                                        Object::CiliumEnvoyConfig(t.cec),
+                                        Object::Service(t.service),
+                                        Object::EndpointSlice(t.endpoint_slice),
+                                    ],
+                                ),
+                            },
+                            Err(e) => Memo::Failed(e.to_string()),
+                        }
+                    }
+                    Ok(LoadBalancerMode::Shared) => {
+                        match membrane_ingress::validate_references_with(
+                            ing,
+                            &lookup,
+                            opts.default_secret.as_ref(),
+                        )
+                        .and_then(|()| membrane_ingress::shared_part(ing, opts))
+                        {
+                            Ok(part) => Memo::Shared(part),
+                            Err(e) => Memo::Failed(e.to_string()),
+                        }
+                    }
+                    Err(e) => Memo::Failed(e.to_string()),
+                };
+                self.memo.insert(key.clone(), (fp, m.clone()));
+                m
+            }
+        };
+        let mut outcome = Outcome {
+            secrets: tls_secrets(ing, opts.default_secret.as_ref()),
+            ..Outcome::default()
+        };
+        match memo {
+            Memo::Dedicated { managed, .. } => outcome.dedicated = Some(managed),
+            Memo::Shared(part) => {
+                self.last_good.insert(key.clone(), part);
+                outcome.shared = true;
+            }
+            Memo::Failed(e) => {
+                outcome.rejected = Some(e);
+                // Last good: whatever this Ingress served before stays,
+                // whichever mode that was.
+                if let Some(m) = self.dedicated_last_good(snap, key) {
+                    outcome.dedicated = Some(m);
+                } else if self.last_good.contains_key(key) {
+                    outcome.shared = true;
+                }
+            }
+        }
+        outcome
+    }
+
+    /// The dedicated objects an Ingress generated earlier, if its CEC exists.
+    fn dedicated_last_good(&self, snap: &StoreSnapshot, key: &ObjectKey) -> Option<ManagedIngress> {
+        let cec = self
+            .owned
+            .get(key)?
+            .iter()
+            .find(|k| k.kind == Kind::CiliumEnvoyConfig && snap.get(k).is_some())?
+            .clone();
+        Some(ManagedIngress {
+            ingress: key.clone(),
+            service: ObjectKey {
+                kind: Kind::Service,
+                namespace: key.namespace.clone(),
+                name: membrane_ingress::names::service_name(&key.name),
+            },
+            cec,
+        })
+    }
+
+    /// Every TLS Secret a managed Ingress uses, by the name of its copy.
+    fn wanted_secrets(
+        &self,
+        opts: &TranslateOptions,
+    ) -> BTreeMap<(String, String), (String, String)> {
+        self.outcomes
+            .values()
+            .flat_map(|o| &o.secrets)
+            .map(|s| {
+                (
+                    (
+                        opts.secrets_namespace.clone(),
+                        format!("{}-{}", s.namespace, s.name),
+                    ),
+                    (s.namespace.clone(), s.name.clone()),
+                )
+            })
+            .collect()
+    }
+
+    /// Copy each referenced TLS Secret to `<secrets-ns>/<ns>-<name>`, as
+    /// Cilium's operator does, and remove copies nobody references any
+    /// more. A copy is written again when its source or the copy changed.
+    fn sync_secrets(
+        &mut self,
+        sink: &dyn Sink,
+        snap: &StoreSnapshot,
+        wanted: &BTreeMap<(String, String), (String, String)>,
+        opts: &TranslateOptions,
+        dirty: &Dirty,
+    ) {
+        let secrets_ns = opts.secrets_namespace.as_str();
+        for (dst, src) in wanted {
+            let (dst_ns, dst_name) = dst;
+            let (src_ns, src_name) = src;
+            let Some(source) = snap.get_typed::<Secret>(src_ns, src_name) else {
+                self.synced.remove(dst);
+                continue;
+            };
+            let rv = source.metadata.resource_version.clone().unwrap_or_default();
+            let copy_key = ObjectKey::new(Kind::Secret, dst_ns, dst_name);
+            let current = self
+                .synced
+                .get(dst)
+                .is_some_and(|(s, r)| s == src && *r == rv)
+                && !dirty.secrets.contains(&copy_key)
+                && !dirty.all;
+            if current {
+                continue;
+            }
+            let copy = Secret {
+                metadata: ObjectMeta {
+                    namespace: Some(dst_ns.clone()),
+                    name: Some(dst_name.clone()),
+                    labels: Some([(SYNCED_LABEL.to_owned(), "true".to_owned())].into()),
+                    annotations: Some(
+                        [(SOURCE_ANNOTATION.to_owned(), format!("{src_ns}/{src_name}"))].into(),
+                    ),
+                    ..Default::default()
+                },
+                type_: source.type_.clone(),
+                data: source.data.clone(),
+                ..Default::default()
+            };
+            sink.apply_all(vec![Object::Secret(copy)]);
+            self.synced.insert(dst.clone(), (src.clone(), rv));
+        }
+        self.synced.retain(|dst, _| wanted.contains_key(dst));
+        let is_copy = |s: &Secret| {
+            s.metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(SYNCED_LABEL))
+        };
+        // The copies live in the secrets namespace only: a short walk.
+        let stale: Vec<ObjectKey> = snap
+            .typed::<Secret>(Some(secrets_ns))
+            .filter(|s| is_copy(s))
+            .map(|s| key_of(Kind::Secret, &s.metadata))
+            .collect();
+        for key in stale {
+            if !wanted.contains_key(&(key.namespace.clone(), key.name.clone())) {
+                sink.delete(&key);
+            }
+        }
+    }
     /// Merge the shared parts into the shared CEC, Service and EndpointSlice,
     /// or remove those when no Ingress is in shared mode.
     fn apply_shared(
@@ -643,14 +1048,14 @@ fn generated_cec(snap: &StoreSnapshot, ingress: &ObjectKey) -> Option<ObjectKey>
 
 /// Delete dedicated objects whose Ingress is gone, no longer ours, or has
 /// moved to the shared load balancer.
-fn garbage_collect(sink: &dyn Sink, snap: &StoreSnapshot, owners: &BTreeSet<(String, String)>) {
+fn garbage_collect(sink: &dyn Sink, snap: &StoreSnapshot, keeps: &dyn Fn(&str, &str) -> bool) {
     for kind in [Kind::CiliumEnvoyConfig, Kind::Service, Kind::EndpointSlice] {
         let stale: Vec<ObjectKey> = snap
             .list(kind, None)
             .filter(|o| {
                 let meta = o.meta();
                 owner_ingress(meta).is_some_and(|owner| {
-                    !owners.contains(&(meta.namespace.clone().unwrap_or_default(), owner))
+                    !keeps(meta.namespace.as_deref().unwrap_or_default(), &owner)
                 })
             })
             .map(|o| o.key())
@@ -658,50 +1063,6 @@ fn garbage_collect(sink: &dyn Sink, snap: &StoreSnapshot, owners: &BTreeSet<(Str
         for key in stale {
             sink.delete(&key);
         }
-    }
-}
-
-/// Copy each referenced TLS Secret to `<secrets-ns>/<ns>-<name>`, as Cilium's
-/// operator does, and remove copies nobody references any more.
-fn sync_secrets(
-    sink: &dyn Sink,
-    snap: &StoreSnapshot,
-    wanted: &BTreeMap<(String, String), (String, String)>,
-    secrets_ns: &str,
-) {
-    for ((dst_ns, dst_name), (src_ns, src_name)) in wanted {
-        let Some(src) = snap.get_typed::<Secret>(src_ns, src_name) else {
-            continue;
-        };
-        let copy = Secret {
-            metadata: ObjectMeta {
-                namespace: Some(dst_ns.clone()),
-                name: Some(dst_name.clone()),
-                labels: Some([(SYNCED_LABEL.to_owned(), "true".to_owned())].into()),
-                annotations: Some(
-                    [(SOURCE_ANNOTATION.to_owned(), format!("{src_ns}/{src_name}"))].into(),
-                ),
-                ..Default::default()
-            },
-            type_: src.type_.clone(),
-            data: src.data.clone(),
-            ..Default::default()
-        };
-        sink.apply_all(vec![Object::Secret(copy)]);
-    }
-    let stale: Vec<ObjectKey> = snap
-        .typed::<Secret>(Some(secrets_ns))
-        .filter(|s| {
-            s.metadata
-                .labels
-                .as_ref()
-                .is_some_and(|l| l.contains_key(SYNCED_LABEL))
-        })
-        .map(|s| key_of(Kind::Secret, &s.metadata))
-        .filter(|k| !wanted.contains_key(&(k.namespace.clone(), k.name.clone())))
-        .collect();
-    for key in stale {
-        sink.delete(&key);
     }
 }
 
@@ -748,9 +1109,10 @@ spec:
         }
     }
 
+    /// An incremental pass, as the operator runs it.
     fn run(ctl: &mut IngressController, store: &Store) -> IngressPass {
         let opts = TranslateOptions::default();
-        ctl.reconcile(&StoreSink(store.clone()), &store.snapshot(), &opts)
+        ctl.reconcile_store(&StoreSink(store.clone()), store, &opts)
     }
 
     /// Paths in the shared CEC's insecure route configuration.
@@ -1094,8 +1456,295 @@ spec:
 
         // No Ingress needs it any more: the copy goes.
         store.delete(&key(Kind::Ingress, "a", "web"));
-        ctl.reconcile(&StoreSink(store.clone()), &store.snapshot(), &opts);
+        ctl.reconcile_store(&StoreSink(store.clone()), &store, &opts);
         assert!(store.get(&copy).is_none());
+    }
+
+    /// A sink that writes into the store and counts what it was asked to
+    /// write, by kind.
+    struct Counting {
+        store: Store,
+        applied: std::sync::Mutex<Vec<ObjectKey>>,
+        deleted: std::sync::Mutex<Vec<ObjectKey>>,
+    }
+
+    impl Counting {
+        fn new(store: &Store) -> Self {
+            Self {
+                store: store.clone(),
+                applied: Default::default(),
+                deleted: Default::default(),
+            }
+        }
+        fn take(&self) -> (Vec<ObjectKey>, Vec<ObjectKey>) {
+            (
+                std::mem::take(&mut *self.applied.lock().expect("lock")),
+                std::mem::take(&mut *self.deleted.lock().expect("lock")),
+            )
+        }
+    }
+
+    impl Sink for Counting {
+        fn apply_all(&self, objs: Vec<Object>) {
+            self.applied
+                .lock()
+                .expect("lock")
+                .extend(objs.iter().map(|o| o.key()));
+            self.store.apply_all(objs);
+        }
+        fn delete(&self, key: &ObjectKey) {
+            self.deleted.lock().expect("lock").push(key.clone());
+            self.store.delete(key);
+        }
+        fn status(&self, key: &ObjectKey, status: serde_json::Value) {
+            self.store.update_status(key, status);
+        }
+        fn warn(&self, _: membrane_k8s::Warning) {}
+    }
+
+    #[test]
+    fn one_ingress_change_writes_its_objects_only() {
+        let store = Store::new();
+        for i in 0..50 {
+            store.apply(service("a", &format!("s{i}")));
+            store.apply(ingress(
+                "a",
+                &format!("i{i}"),
+                "dedicated",
+                &format!("/p{i}"),
+                &format!("s{i}"),
+            ));
+        }
+        let sink = Counting::new(&store);
+        let opts = TranslateOptions::default();
+        let mut ctl = IngressController::default();
+        let pass = ctl.reconcile_store(&sink, &store, &opts);
+        assert_eq!(pass.managed.len(), 50);
+        assert_eq!(sink.take().0.len(), 150);
+        // The writes come back as changes: nothing more to write.
+        ctl.reconcile_store(&sink, &store, &opts);
+        assert_eq!(sink.take(), (vec![], vec![]));
+
+        store.apply(ingress("a", "i7", "dedicated", "/new", "s7"));
+        let pass = ctl.reconcile_store(&sink, &store, &opts);
+        assert_eq!(pass.managed.len(), 50);
+        let (applied, deleted) = sink.take();
+        assert_eq!(
+            applied,
+            vec![
+                key(Kind::CiliumEnvoyConfig, "a", "cilium-ingress-a-i7"),
+                key(Kind::Service, "a", "cilium-ingress-i7"),
+                key(Kind::EndpointSlice, "a", "cilium-ingress-i7"),
+            ]
+        );
+        assert!(deleted.is_empty());
+
+        // A referenced Service reaches its Ingress through the index (the
+        // translation reads the Service's version).
+        store.apply(Object::Service(apply_yaml(
+            "metadata: {name: s9, namespace: a, labels: {x: y}}\nspec:\n  ports: [{port: 80}]\n",
+        )));
+        ctl.reconcile_store(&sink, &store, &opts);
+        let (applied, _) = sink.take();
+        assert_eq!(applied.len(), 3, "{applied:?}");
+        assert!(
+            applied.iter().all(|k| k.name.ends_with("i9")),
+            "{applied:?}"
+        );
+
+        // A generated object deleted behind the controller's back comes back.
+        let cec = key(Kind::CiliumEnvoyConfig, "a", "cilium-ingress-a-i3");
+        store.delete(&cec);
+        ctl.reconcile_store(&sink, &store, &opts);
+        assert!(store.get(&cec).is_some());
+        assert_eq!(sink.take().0.len(), 3);
+
+        // Removal: its objects go, nobody else's.
+        store.delete(&key(Kind::Ingress, "a", "i4"));
+        let pass = ctl.reconcile_store(&sink, &store, &opts);
+        assert_eq!(pass.managed.len(), 49);
+        let (applied, mut deleted) = sink.take();
+        assert!(applied.is_empty(), "{applied:?}");
+        deleted.sort();
+        assert_eq!(
+            deleted,
+            vec![
+                key(Kind::Service, "a", "cilium-ingress-i4"),
+                key(Kind::EndpointSlice, "a", "cilium-ingress-i4"),
+                key(Kind::CiliumEnvoyConfig, "a", "cilium-ingress-a-i4"),
+            ]
+            .into_iter()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn class_changes_reach_every_ingress_without_a_class() {
+        let store = Store::new();
+        store.apply(service("a", "s"));
+        let classless: Ingress = apply_yaml(
+            r#"
+metadata: {name: plain, namespace: a}
+spec:
+  rules:
+  - host: y.com
+    http:
+      paths:
+      - {path: /, pathType: Prefix, backend: {service: {name: s, port: {number: 80}}}}
+"#,
+        );
+        store.apply(Object::Ingress(classless));
+        store.apply(ingress("a", "classed", "dedicated", "/c", "s"));
+        let mut ctl = IngressController::default();
+        let pass = run(&mut ctl, &store);
+        assert!(managed_cec(&pass, "a", "plain").is_none());
+        assert!(managed_cec(&pass, "a", "classed").is_some());
+
+        let class = |default: &str| {
+            Object::IngressClass(apply_yaml(&format!(
+                "metadata: {{name: cilium, annotations: {{ingressclass.kubernetes.io/is-default-class: \"{default}\"}}}}\nspec: {{controller: cilium.io/ingress-controller}}\n"
+            )))
+        };
+        // `cilium` becomes the default class: the class-less Ingress is ours.
+        store.apply(class("true"));
+        let pass = run(&mut ctl, &store);
+        let plain = key(Kind::CiliumEnvoyConfig, "a", "cilium-ingress-a-plain");
+        assert_eq!(managed_cec(&pass, "a", "plain"), Some(plain.clone()));
+        assert!(store.get(&plain).is_some());
+
+        // No longer the default: it is not ours any more, its objects go.
+        store.apply(class("false"));
+        let pass = run(&mut ctl, &store);
+        assert!(managed_cec(&pass, "a", "plain").is_none());
+        assert!(store.get(&plain).is_none());
+        assert!(managed_cec(&pass, "a", "classed").is_some());
+    }
+
+    /// A small deterministic generator (no extra dependency).
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    /// What a pass reports and what it left in the store, comparable.
+    fn outcome(pass: &IngressPass, store: &Store) -> (Vec<String>, Vec<String>, Vec<String>) {
+        let mut managed: Vec<String> = pass
+            .managed
+            .iter()
+            .map(|m| format!("{} {} {}", m.ingress, m.cec, m.service))
+            .collect();
+        managed.sort();
+        let rejected = pass.rejected.keys().map(|k| k.to_string()).collect();
+        let snap = store.snapshot();
+        let mut objects = Vec::new();
+        for kind in [Kind::CiliumEnvoyConfig, Kind::Service, Kind::EndpointSlice] {
+            for o in snap.list(kind, None) {
+                let mut v = o.to_value();
+                // Store bookkeeping differs between two stores.
+                if let Some(m) = v.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+                    for f in ["resourceVersion", "generation", "uid", "creationTimestamp"] {
+                        m.remove(f);
+                    }
+                    // Owners' uids differ between stores, and so does the
+                    // hash of what holds them.
+                    if let Some(a) = m.get_mut("annotations").and_then(|a| a.as_object_mut()) {
+                        a.remove(APPLIED_HASH_ANNOTATION);
+                    }
+                    for o in m
+                        .get_mut("ownerReferences")
+                        .and_then(|o| o.as_array_mut())
+                        .into_iter()
+                        .flatten()
+                    {
+                        if let Some(o) = o.as_object_mut() {
+                            o.remove("uid");
+                        }
+                    }
+                }
+                objects.push(v.to_string());
+            }
+        }
+        (managed, rejected, objects)
+    }
+
+    /// The same creation time in both stores (conflicts are decided by age).
+    fn aged(obj: Object) -> Object {
+        let mut v = obj.to_value();
+        v["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z".into();
+        match obj {
+            Object::Ingress(_) => Object::Ingress(serde_json::from_value(v).expect("Ingress")),
+            other => other,
+        }
+    }
+
+    #[test]
+    fn incremental_passes_match_full_passes_over_random_changes() {
+        for seed in 0..6u64 {
+            let mut rng = Lcg(seed);
+            let incr_store = Store::new();
+            let full_store = Store::new();
+            let mut incr = IngressController::default();
+            let mut full = IngressController::default();
+            let opts = TranslateOptions::default();
+            for step in 0..40 {
+                // One random change to the inputs, applied to both stores.
+                let i = rng.next(6);
+                let change = match rng.next(6) {
+                    0 => aged(ingress(
+                        "a",
+                        &format!("i{i}"),
+                        if rng.next(2) == 0 {
+                            "dedicated"
+                        } else {
+                            "shared"
+                        },
+                        &format!("/p{}", rng.next(4)),
+                        &format!("s{}", rng.next(4)),
+                    )),
+                    1 => service("a", &format!("s{}", rng.next(4))),
+                    2 => {
+                        let k = key(Kind::Service, "a", &format!("s{}", rng.next(4)));
+                        incr_store.delete(&k);
+                        full_store.delete(&k);
+                        service("b", "unrelated")
+                    }
+                    3 => {
+                        let k = key(Kind::Ingress, "a", &format!("i{i}"));
+                        incr_store.delete(&k);
+                        full_store.delete(&k);
+                        service("b", "unrelated")
+                    }
+                    _ => aged(ingress(
+                        "a",
+                        &format!("i{i}"),
+                        "dedicated",
+                        &format!("/q{}", rng.next(3)),
+                        &format!("s{}", rng.next(4)),
+                    )),
+                };
+                incr_store.apply(change.clone());
+                full_store.apply(change);
+                let a = incr.reconcile_store(&StoreSink(incr_store.clone()), &incr_store, &opts);
+                let b = full.reconcile(
+                    &StoreSink(full_store.clone()),
+                    &full_store.snapshot(),
+                    &opts,
+                );
+                assert_eq!(
+                    outcome(&a, &incr_store),
+                    outcome(&b, &full_store),
+                    "seed {seed} step {step}"
+                );
+            }
+        }
     }
 
     #[test]

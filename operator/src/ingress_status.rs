@@ -39,14 +39,17 @@ impl StatusWriter {
                 continue;
             };
             let ip = ip.to_string();
+            // Already there: nothing to check (the ACK check walks the
+            // reports, too much for every Ingress on every pass).
+            if ingress_ip(snap, &m.ingress).as_deref() == Some(ip.as_str()) {
+                self.written.insert(m.ingress.clone());
+                continue;
+            }
             // The ACK must cover listeners on this very address.
             if !acked_everywhere(snap, &reports, &m.cec, Some(&ip)) {
                 continue;
             }
             self.written.insert(m.ingress.clone());
-            if ingress_ip(snap, &m.ingress).as_deref() == Some(ip.as_str()) {
-                continue;
-            }
             sink.status(
                 &m.ingress,
                 json!({"loadBalancer": {"ingress": [{"ip": ip}]}}),

@@ -49,7 +49,6 @@ impl LbIpam {
         let live: BTreeSet<&ObjectKey> = services.iter().map(|(k, _)| k).collect();
         self.given.retain(|k, _| live.contains(k));
         let mut used: BTreeSet<Ipv4Addr> = BTreeSet::new();
-        let bound = cec_bound(snap);
         let mut pending = Vec::new();
         for (key, svc) in &services {
             match lb_ip(svc) {
@@ -59,6 +58,13 @@ impl LbIpam {
                 _ => pending.push((key, *svc)),
             }
         }
+        // Walking every CEC's listeners is the costly part of a pass: only
+        // when an address is to be handed out.
+        let bound = if pending.is_empty() {
+            BTreeSet::new()
+        } else {
+            cec_bound(snap)
+        };
         // Handed out but not visible yet: still taken.
         let in_flight: BTreeMap<Ipv4Addr, &ObjectKey> = pending
             .iter()

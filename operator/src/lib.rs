@@ -88,8 +88,7 @@ impl Operator {
         let snap = store.snapshot();
         let mut rejected = self.ipam.reconcile(&self.pool, sink, &snap);
         rejected.extend(self.node_ipam.reconcile(&snap, &self.cluster_pool, sink));
-        let snap = store.snapshot();
-        let ingress = self.ingress.reconcile(sink, &snap, &self.opts);
+        let ingress = self.ingress.reconcile_store(sink, store, &self.opts);
         rejected.extend(ingress.rejected);
         let snap = store.snapshot();
         self.status.reconcile(sink, &snap, &ingress.managed);
