@@ -8,7 +8,11 @@ use tokio::sync::watch;
 
 use crate::{Kind, Object, ObjectKey, Typed};
 
-type Objects = BTreeMap<ObjectKey, Arc<Object>>;
+/// A persistent (structurally shared) ordered map: a snapshot is an O(1)
+/// clone, and a write while snapshots are alive copies only the path to the
+/// changed entry, not the whole map (which made every write O(objects) and
+/// a bulk load quadratic).
+type Objects = imbl::OrdMap<ObjectKey, Arc<Object>>;
 
 /// What an apply did, as kubectl reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -96,8 +100,8 @@ type ScopeId = (String, String);
 
 #[derive(Default)]
 struct State {
-    /// Copy-on-write: snapshots share the map until the next write.
-    objects: Arc<Objects>,
+    /// Shared with snapshots; writes copy only what they touch.
+    objects: Objects,
     revision: u64,
     problems: BTreeMap<String, String>,
     scopes: BTreeMap<ScopeId, BTreeMap<ObjectKey, Object>>,
@@ -275,7 +279,7 @@ impl Store {
             }
             let rv = state.next_revision();
             updated.meta_mut().resource_version = Some(rv.to_string());
-            Arc::make_mut(&mut state.objects).insert(key.clone(), Arc::new(updated));
+            state.objects.insert(key.clone(), Arc::new(updated));
             state.log(key.clone(), KeyChangeKind::StatusUpdated);
             true
         })
@@ -399,6 +403,7 @@ impl State {
             meta.managed_fields = None;
         }
         let existing = self.objects.get(&key).cloned();
+        let mut status_only = false;
         let change = match existing {
             Some(existing) => {
                 if obj.status_is_none() {
@@ -420,6 +425,10 @@ impl State {
                 if obj.body() != existing.body() {
                     let meta = obj.meta_mut();
                     meta.generation = Some(meta.generation.unwrap_or(0) + 1);
+                } else if obj.meta() == existing.meta() {
+                    // Only the status differs: a status write that reached
+                    // the store as a whole object (a watcher's event).
+                    status_only = true;
                 }
                 Change::Configured
             }
@@ -443,9 +452,10 @@ impl State {
         obj.meta_mut().resource_version = Some(rv.to_string());
         let kind = match change {
             Change::Created => KeyChangeKind::Created,
+            _ if status_only => KeyChangeKind::StatusUpdated,
             _ => KeyChangeKind::Updated,
         };
-        Arc::make_mut(&mut self.objects).insert(key.clone(), Arc::new(obj));
+        self.objects.insert(key.clone(), Arc::new(obj));
         self.log(key, kind);
         change
     }
@@ -455,7 +465,7 @@ impl State {
     /// still declaring an object keeps it, so a namespace that briefly
     /// disappears from a manifest file does not take other files down).
     fn delete(&mut self, key: &ObjectKey, cascade_all: bool) -> Option<Object> {
-        let objects = Arc::make_mut(&mut self.objects);
+        let objects = &mut self.objects;
         let removed = objects.remove(key)?;
         if key.kind == Kind::Namespace {
             let claimed: BTreeSet<&ObjectKey> = self
@@ -561,7 +571,7 @@ impl State {
 #[derive(Clone, Debug)]
 pub struct StoreSnapshot {
     revision: u64,
-    objects: Arc<Objects>,
+    objects: Objects,
 }
 
 impl StoreSnapshot {
