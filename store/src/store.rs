@@ -104,12 +104,34 @@ struct State {
     objects: Objects,
     revision: u64,
     problems: BTreeMap<String, String>,
-    scopes: BTreeMap<ScopeId, BTreeMap<ObjectKey, Object>>,
+    /// What each source scope declares. A claim shares the object the
+    /// store holds for it (no second copy of every watched object); it
+    /// remembers whether the declared object carried a status, since a
+    /// claim re-applied on release restores only what was declared.
+    scopes: BTreeMap<ScopeId, BTreeMap<ObjectKey, Claim>>,
     /// The latest object changes, oldest first, at most
     /// [`CHANGE_LOG_CAPACITY`].
     log: VecDeque<KeyChange>,
     /// Changes at or below this revision may have left the log.
     log_floor: u64,
+}
+
+/// One scope's version of an object: the stored object its write produced.
+#[derive(Clone, Debug)]
+struct Claim {
+    object: Arc<Object>,
+    with_status: bool,
+}
+
+impl Claim {
+    /// The object as the scope declared it, to apply again.
+    fn declared(&self) -> Object {
+        let mut obj = (*self.object).clone();
+        if !self.with_status {
+            obj.clear_status();
+        }
+        obj
+    }
 }
 
 /// One change to the set of objects a source scope owns, see
@@ -505,33 +527,52 @@ impl State {
 
     fn apply_in_scope(&mut self, source: &str, scope: &str, mut obj: Object) {
         obj.normalize();
-        self.scopes
-            .entry((source.to_string(), scope.to_string()))
-            .or_default()
-            .insert(obj.key(), obj.clone());
+        let key = obj.key();
+        let with_status = !obj.status_is_none();
         self.apply(obj);
+        if let Some(object) = self.objects.get(&key).cloned() {
+            self.scopes
+                .entry((source.to_string(), scope.to_string()))
+                .or_default()
+                .insert(
+                    key,
+                    Claim {
+                        object,
+                        with_status,
+                    },
+                );
+        }
     }
 
     fn update_scopes(&mut self, source: &str, updates: Vec<ScopeUpdate>) {
         // Claims first, then objects, then releases: an object moving from
         // one scope to another (a renamed file) never disappears.
         let mut orphans = Vec::new();
-        let mut to_apply = Vec::new();
         for update in updates {
             let id = (source.to_string(), update.scope);
             let mut claims = BTreeMap::new();
             for mut obj in update.objects {
                 obj.normalize();
-                claims.insert(obj.key(), obj.clone());
-                to_apply.push(obj);
+                let key = obj.key();
+                let with_status = !obj.status_is_none();
+                self.apply(obj);
+                if let Some(object) = self.objects.get(&key).cloned() {
+                    claims.insert(
+                        key,
+                        Claim {
+                            object,
+                            with_status,
+                        },
+                    );
+                }
             }
             let old = self.scopes.remove(&id).unwrap_or_default();
-            for (key, obj) in old {
+            for (key, claim) in old {
                 if claims.contains_key(&key) {
                     continue;
                 }
                 if update.keep_missing {
-                    claims.insert(key, obj);
+                    claims.insert(key, claim);
                 } else {
                     orphans.push(key);
                 }
@@ -539,9 +580,6 @@ impl State {
             if !claims.is_empty() {
                 self.scopes.insert(id, claims);
             }
-        }
-        for obj in to_apply {
-            self.apply(obj);
         }
         for key in orphans {
             self.release(&key);
@@ -555,7 +593,7 @@ impl State {
             .scopes
             .values()
             .find_map(|claims| claims.get(key))
-            .cloned();
+            .map(Claim::declared);
         match other {
             Some(obj) => {
                 self.apply(obj);
