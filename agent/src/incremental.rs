@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use membrane_ingress::INGRESS_LABEL;
-use membrane_store::{Changes, Kind, ObjectKey, Store, StoreSnapshot};
+use membrane_store::{Changes, KeyChangeKind, Kind, ObjectKey, Store, StoreSnapshot};
 use membrane_xds::Snapshot;
 
 use crate::configs::{Built, PipelineChanges};
@@ -79,6 +79,11 @@ pub fn front_needed(changes: &Changes, snap: &StoreSnapshot) -> bool {
     };
     keys.iter().any(|c| match c.key.kind {
         Kind::Endpoints => false,
+        // The controller writes Ingress status itself (from the agents'
+        // reports, which do count); the echo of its own writes gives it
+        // nothing new to do. At scale those echoes arrive a few at a time
+        // and each would cost a pass over every Ingress.
+        Kind::Ingress => c.kind != KeyChangeKind::StatusUpdated,
         // Workload slices are owned by their Service; the controller only
         // reads the slices generated for Ingresses.
         Kind::EndpointSlice => snap.get(&c.key).is_none_or(|o| {
@@ -93,6 +98,24 @@ pub fn front_needed(changes: &Changes, snap: &StoreSnapshot) -> bool {
         }),
         _ => true,
     })
+}
+
+/// Changes counted by kind (`Ingress:2 EndpointSlice:1`), for the pass's
+/// debug log: what keeps the controller busy.
+pub fn summary(changes: &Changes) -> String {
+    let Changes::Keys(keys) = changes else {
+        return "resync".into();
+    };
+    let mut by_kind: BTreeMap<(&'static str, bool), usize> = BTreeMap::new();
+    for c in keys {
+        let status = c.kind == KeyChangeKind::StatusUpdated;
+        *by_kind.entry((c.key.kind.kind_name(), status)).or_default() += 1;
+    }
+    let parts: Vec<String> = by_kind
+        .iter()
+        .map(|((k, status), n)| format!("{k}{}:{n}", if *status { "/status" } else { "" }))
+        .collect();
+    parts.join(" ")
 }
 
 /// Apply an endpoint-only pass's rejection changes.

@@ -342,32 +342,19 @@ impl Reconciler {
         );
     }
 
-    /// Recompute the desired configuration from what changed in the store
-    /// since the last pass and hand the changed resources to the xDS cache;
-    /// record what is rejected.
-    pub fn store_pass(&mut self, state: &AgentState) {
+    /// Runs the config pipeline on the store changes it has not seen and
+    /// publishes what changed. `rerun`: an earlier step of this pass already
+    /// ran, so nothing new means nothing to do. True when it saw changes.
+    fn pipeline_step(&mut self, state: &AgentState, rerun: bool) -> bool {
         let store = &state.store;
-        let t0 = std::time::Instant::now();
-        // ---- incremental control plane (see incremental.rs) ----
-        // The controller (LB IPAM, Ingress controller, status) runs unless
-        // the change is one it never reads (EndpointSlices of workloads).
-        let (front_rev, front_changes) = self.incr.front_changes(store);
-        let snap = store.snapshot();
-        if incremental::front_needed(&front_changes, &snap) {
-            let controlled = match self.controller.as_mut() {
-                Some(c) => c.pass(store),
-                None => ControllerPass::default(),
-            };
-            self.incr.front_rejected = controlled.rejected;
-            self.generated = controlled.generated;
-        }
-        self.incr.front_seen = Some(front_rev);
-        let t1 = t0.elapsed();
         let (pipeline_rev, changes) = self.incr.pipeline_changes(store);
+        if rerun && changes.is_empty() {
+            self.incr.pipeline_seen = Some(pipeline_rev);
+            return false;
+        }
         let snap = store.snapshot();
         let outcome = self.pipeline.run_changes(&snap, &changes);
         self.incr.pipeline_seen = Some(pipeline_rev);
-        let t2 = t0.elapsed();
         let mut full_pass = false;
         let resources_changed = match outcome {
             configs::PassOutcome::Unchanged => false,
@@ -411,21 +398,18 @@ impl Reconciler {
                 &self.xds_snapshot,
             );
         }
-        let mut rejected = self.incr.front_rejected.clone();
-        rejected.extend(
-            self.incr
-                .pipeline_rejected
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone())),
-        );
-        self.rejected_configs = rejected
-            .iter()
-            .filter(|(k, _)| report::is_config(k.kind))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
         if full_pass {
-            // What the ACK reports name: generation and LB addresses of
-            // each served (or rejected) CEC as this pass read it.
+            // The pipeline's rejections count from here on; what the ACK
+            // reports name: generation and LB addresses of each served (or
+            // rejected) CEC as this pass read it.
+            self.rejected_configs = self
+                .incr
+                .front_rejected
+                .iter()
+                .chain(self.incr.pipeline_rejected.iter())
+                .filter(|(k, _)| report::is_config(k.kind))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
             self.served_generations = self
                 .served
                 .keys()
@@ -439,6 +423,70 @@ impl Reconciler {
                 .collect();
             self.served_parts = report::split_parts(&snap, self.served.keys());
         }
+        !changes.is_empty()
+    }
+
+    /// Recompute the desired configuration from what changed in the store
+    /// since the last pass and hand the changed resources to the xDS cache;
+    /// record what is rejected.
+    pub fn store_pass(&mut self, state: &AgentState) {
+        let store = &state.store;
+        let t0 = std::time::Instant::now();
+        // ---- incremental control plane (see incremental.rs) ----
+        // The controller (LB IPAM, Ingress controller, status) runs unless
+        // the change is one it never reads (EndpointSlices of workloads).
+        let (front_rev, front_changes) = self.incr.front_changes(store);
+        let snap = store.snapshot();
+        let front = incremental::front_needed(&front_changes, &snap);
+        drop(snap);
+        let mut early = false;
+        if front && self.controller.is_some() && self.incr.pipeline_seen.is_some() {
+            // What is already in the store is served before the controller
+            // runs: its pass walks every Ingress (long at scale), and in
+            // `membrane up` its writes reach the store only later, through
+            // the API, so an EndpointSlice change that arrived with an
+            // unrelated status write would otherwise wait for it.
+            early = self.pipeline_step(state, false);
+        }
+        let t_early = t0.elapsed();
+        if front {
+            let controlled = match self.controller.as_mut() {
+                Some(c) => c.pass(store),
+                None => ControllerPass::default(),
+            };
+            self.incr.front_rejected = controlled.rejected;
+            self.generated = controlled.generated;
+        }
+        self.incr.front_seen = Some(front_rev);
+        let t1 = t0.elapsed();
+        // What the controller wrote straight into the store (no API), or
+        // everything when there was no early step.
+        self.pipeline_step(state, early);
+        let t2 = t0.elapsed();
+        let mut rejected = self.incr.front_rejected.clone();
+        rejected.extend(
+            self.incr
+                .pipeline_rejected
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        self.rejected_configs = rejected
+            .iter()
+            .filter(|(k, _)| report::is_config(k.kind))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if front {
+            // A CEC the controller newly rejects is reported at its generation.
+            let snap = store.snapshot();
+            for k in self.rejected_configs.keys() {
+                if !self.served_generations.contains_key(k)
+                    && let Some(obj) = snap.get(k)
+                {
+                    let generation = obj.meta().generation.unwrap_or(0);
+                    self.served_generations.insert(k.clone(), generation);
+                }
+            }
+        }
         // ---- end of the incremental part ----
         // An Ingress answers for the CEC generated from it.
         for (ingress, cec) in &self.generated {
@@ -450,7 +498,9 @@ impl Reconciler {
         }
         // Where a pass spends its time (MEMBRANE_LOG=membrane_agent=debug).
         debug!(
-            operator_ms = t1.as_secs_f64() * 1e3,
+            changes = %incremental::summary(&front_changes),
+            early_ms = t_early.as_secs_f64() * 1e3,
+            operator_ms = (t1 - t_early).as_secs_f64() * 1e3,
             pipeline_ms = (t2 - t1).as_secs_f64() * 1e3,
             total_ms = t0.elapsed().as_secs_f64() * 1e3,
             "store pass"
@@ -513,10 +563,17 @@ async fn reconcile_loop(
         }
         // Remember what Envoy fully ACKed, report it, then act on new NACKs.
         let mut acked = std::collections::BTreeSet::new();
+        // One lock for the whole check, not one per served resource.
+        let acked_now = state.cache.acked_resources(&state.node_id);
         for (key, resources) in &rec.served {
             let all_acked = resources.iter().all(|(t, n)| {
-                let current = rec.xds_snapshot.get(t, n).map(|r| r.hash);
-                current.is_some() && state.cache.acked_hash(&state.node_id, t, n) == current
+                let Some(current) = rec.xds_snapshot.get(t, n) else {
+                    return false;
+                };
+                acked_now
+                    .get(*t)
+                    .and_then(|m| m.get(n))
+                    .is_some_and(|r| Arc::ptr_eq(r, current) || r.hash == current.hash)
             });
             if all_acked {
                 rec.pipeline.mark_acked(key);

@@ -345,6 +345,19 @@ impl Object {
         }
     }
 
+    /// Unsets the status (kinds without one are left as they are).
+    pub(crate) fn clear_status(&mut self) {
+        match self {
+            Object::Ingress(o) => o.status = None,
+            Object::Service(o) => o.status = None,
+            Object::Namespace(o) => o.status = None,
+            Object::Pod(o) => o.status = None,
+            Object::CiliumNode(o) => o.status = None,
+            Object::ProxyNodeStatus(o) => o.status = None,
+            _ => {}
+        }
+    }
+
     /// Copies the status of `other` (same kind) into `self`.
     pub(crate) fn copy_status_from(&mut self, other: &Object) {
         match (self, other) {

@@ -8,7 +8,11 @@ use tokio::sync::watch;
 
 use crate::{Kind, Object, ObjectKey, Typed};
 
-type Objects = BTreeMap<ObjectKey, Arc<Object>>;
+/// A persistent (structurally shared) ordered map: a snapshot is an O(1)
+/// clone, and a write while snapshots are alive copies only the path to the
+/// changed entry, not the whole map (which made every write O(objects) and
+/// a bulk load quadratic).
+type Objects = imbl::OrdMap<ObjectKey, Arc<Object>>;
 
 /// What an apply did, as kubectl reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -96,16 +100,38 @@ type ScopeId = (String, String);
 
 #[derive(Default)]
 struct State {
-    /// Copy-on-write: snapshots share the map until the next write.
-    objects: Arc<Objects>,
+    /// Shared with snapshots; writes copy only what they touch.
+    objects: Objects,
     revision: u64,
     problems: BTreeMap<String, String>,
-    scopes: BTreeMap<ScopeId, BTreeMap<ObjectKey, Object>>,
+    /// What each source scope declares. A claim shares the object the
+    /// store holds for it (no second copy of every watched object); it
+    /// remembers whether the declared object carried a status, since a
+    /// claim re-applied on release restores only what was declared.
+    scopes: BTreeMap<ScopeId, BTreeMap<ObjectKey, Claim>>,
     /// The latest object changes, oldest first, at most
     /// [`CHANGE_LOG_CAPACITY`].
     log: VecDeque<KeyChange>,
     /// Changes at or below this revision may have left the log.
     log_floor: u64,
+}
+
+/// One scope's version of an object: the stored object its write produced.
+#[derive(Clone, Debug)]
+struct Claim {
+    object: Arc<Object>,
+    with_status: bool,
+}
+
+impl Claim {
+    /// The object as the scope declared it, to apply again.
+    fn declared(&self) -> Object {
+        let mut obj = (*self.object).clone();
+        if !self.with_status {
+            obj.clear_status();
+        }
+        obj
+    }
 }
 
 /// One change to the set of objects a source scope owns, see
@@ -275,7 +301,7 @@ impl Store {
             }
             let rv = state.next_revision();
             updated.meta_mut().resource_version = Some(rv.to_string());
-            Arc::make_mut(&mut state.objects).insert(key.clone(), Arc::new(updated));
+            state.objects.insert(key.clone(), Arc::new(updated));
             state.log(key.clone(), KeyChangeKind::StatusUpdated);
             true
         })
@@ -399,6 +425,7 @@ impl State {
             meta.managed_fields = None;
         }
         let existing = self.objects.get(&key).cloned();
+        let mut status_only = false;
         let change = match existing {
             Some(existing) => {
                 if obj.status_is_none() {
@@ -420,6 +447,10 @@ impl State {
                 if obj.body() != existing.body() {
                     let meta = obj.meta_mut();
                     meta.generation = Some(meta.generation.unwrap_or(0) + 1);
+                } else if obj.meta() == existing.meta() {
+                    // Only the status differs: a status write that reached
+                    // the store as a whole object (a watcher's event).
+                    status_only = true;
                 }
                 Change::Configured
             }
@@ -443,9 +474,10 @@ impl State {
         obj.meta_mut().resource_version = Some(rv.to_string());
         let kind = match change {
             Change::Created => KeyChangeKind::Created,
+            _ if status_only => KeyChangeKind::StatusUpdated,
             _ => KeyChangeKind::Updated,
         };
-        Arc::make_mut(&mut self.objects).insert(key.clone(), Arc::new(obj));
+        self.objects.insert(key.clone(), Arc::new(obj));
         self.log(key, kind);
         change
     }
@@ -455,7 +487,7 @@ impl State {
     /// still declaring an object keeps it, so a namespace that briefly
     /// disappears from a manifest file does not take other files down).
     fn delete(&mut self, key: &ObjectKey, cascade_all: bool) -> Option<Object> {
-        let objects = Arc::make_mut(&mut self.objects);
+        let objects = &mut self.objects;
         let removed = objects.remove(key)?;
         if key.kind == Kind::Namespace {
             let claimed: BTreeSet<&ObjectKey> = self
@@ -495,33 +527,52 @@ impl State {
 
     fn apply_in_scope(&mut self, source: &str, scope: &str, mut obj: Object) {
         obj.normalize();
-        self.scopes
-            .entry((source.to_string(), scope.to_string()))
-            .or_default()
-            .insert(obj.key(), obj.clone());
+        let key = obj.key();
+        let with_status = !obj.status_is_none();
         self.apply(obj);
+        if let Some(object) = self.objects.get(&key).cloned() {
+            self.scopes
+                .entry((source.to_string(), scope.to_string()))
+                .or_default()
+                .insert(
+                    key,
+                    Claim {
+                        object,
+                        with_status,
+                    },
+                );
+        }
     }
 
     fn update_scopes(&mut self, source: &str, updates: Vec<ScopeUpdate>) {
         // Claims first, then objects, then releases: an object moving from
         // one scope to another (a renamed file) never disappears.
         let mut orphans = Vec::new();
-        let mut to_apply = Vec::new();
         for update in updates {
             let id = (source.to_string(), update.scope);
             let mut claims = BTreeMap::new();
             for mut obj in update.objects {
                 obj.normalize();
-                claims.insert(obj.key(), obj.clone());
-                to_apply.push(obj);
+                let key = obj.key();
+                let with_status = !obj.status_is_none();
+                self.apply(obj);
+                if let Some(object) = self.objects.get(&key).cloned() {
+                    claims.insert(
+                        key,
+                        Claim {
+                            object,
+                            with_status,
+                        },
+                    );
+                }
             }
             let old = self.scopes.remove(&id).unwrap_or_default();
-            for (key, obj) in old {
+            for (key, claim) in old {
                 if claims.contains_key(&key) {
                     continue;
                 }
                 if update.keep_missing {
-                    claims.insert(key, obj);
+                    claims.insert(key, claim);
                 } else {
                     orphans.push(key);
                 }
@@ -529,9 +580,6 @@ impl State {
             if !claims.is_empty() {
                 self.scopes.insert(id, claims);
             }
-        }
-        for obj in to_apply {
-            self.apply(obj);
         }
         for key in orphans {
             self.release(&key);
@@ -545,7 +593,7 @@ impl State {
             .scopes
             .values()
             .find_map(|claims| claims.get(key))
-            .cloned();
+            .map(Claim::declared);
         match other {
             Some(obj) => {
                 self.apply(obj);
@@ -561,7 +609,7 @@ impl State {
 #[derive(Clone, Debug)]
 pub struct StoreSnapshot {
     revision: u64,
-    objects: Arc<Objects>,
+    objects: Objects,
 }
 
 impl StoreSnapshot {

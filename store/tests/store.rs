@@ -368,3 +368,31 @@ fn change_log_is_bounded_and_asks_laggards_to_resync() {
     let recent = store.changes_since(n as u64 - 1).1;
     assert_eq!(change_kinds(&recent).len(), 1);
 }
+
+/// A scope's claim is the object the store holds, not a second copy; and
+/// when another scope lets go, the claim comes back as declared: without a
+/// status of its own it keeps the status the object has now.
+#[test]
+fn claims_share_the_stored_object_and_release_keeps_status() {
+    let store = Store::new();
+    let w = store.writer("test");
+    let svc = |port: u16| {
+        obj(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {{ports: [{{port: {port}}}]}}\n"
+        ))
+    };
+    let key = ObjectKey::new(Kind::Service, "default", "web");
+    w.replace_scope("a", vec![svc(80)]);
+    let held = store.get(&key).expect("applied");
+    // The store and the scope share one allocation: 2 = map + `held`, with
+    // the claim a third.
+    assert_eq!(std::sync::Arc::strong_count(&held), 3);
+
+    w.replace_scope("b", vec![svc(81)]);
+    let lb = json!({"loadBalancer": {"ingress": [{"ip": "10.0.0.9"}]}});
+    assert!(store.update_status(&key, lb.clone()));
+    w.replace_scope("b", vec![]);
+    let now = store.get(&key).expect("a's version back").to_value();
+    assert_eq!(now["spec"]["ports"][0]["port"], 80);
+    assert_eq!(now["status"], lb, "the current status stays");
+}

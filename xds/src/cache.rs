@@ -1004,6 +1004,25 @@ impl SnapshotCache {
         }
     }
 
+    /// What `node_id` ACKed, per type, on its newest stream (either
+    /// protocol): the maps are shared, not copied, so one call under one lock
+    /// replaces a lookup (and a lock) per resource. Empty if the node is not
+    /// connected.
+    pub fn acked_resources(&self, node_id: &str) -> BTreeMap<String, Arc<ResourceMap>> {
+        let st = self.lock();
+        st.streams
+            .values()
+            .rev()
+            .find(|s| s.node_id.as_deref() == Some(node_id))
+            .map(|s| {
+                s.types
+                    .iter()
+                    .map(|(t, ts)| (t.clone(), ts.acked.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     pub fn acked_hash(&self, node_id: &str, type_url: &str, name: &str) -> Option<u64> {
         let st = self.lock();
         st.streams
