@@ -1092,18 +1092,8 @@ impl Datapath {
     /// Runs the program once on `packet` (an Ethernet frame) with
     /// `BPF_PROG_TEST_RUN`; returns the tc verdict and the packet after it.
     pub fn test_run(&self, packet: &[u8]) -> Result<(u32, Vec<u8>), DatapathError> {
-        let prog: &SchedClassifier = self
-            .ebpf
-            .program(PROGRAM_NAME)
-            .ok_or(DatapathError::Missing(PROGRAM_NAME))?
-            .try_into()?;
-        let mut out = vec![0u8; packet.len() + 256];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(packet);
-        opts.data_out = Some(&mut out);
-        let r = prog.test_run(opts)?;
-        out.truncate(r.data_size_out as usize);
-        Ok((r.return_value, out))
+        let (verdict, out, _) = self.run_test(packet, 1)?;
+        Ok((verdict, out))
     }
 
     /// Runs the program `repeat` times on `packet` with
@@ -1114,6 +1104,17 @@ impl Datapath {
         packet: &[u8],
         repeat: u32,
     ) -> Result<(u32, std::time::Duration), DatapathError> {
+        let (verdict, _, took) = self.run_test(packet, repeat)?;
+        Ok((verdict, took))
+    }
+
+    /// `BPF_PROG_TEST_RUN` of the tc program: verdict, the packet after the
+    /// last run, and the kernel's average time per run.
+    fn run_test(
+        &self,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, Vec<u8>, std::time::Duration), DatapathError> {
         let prog: &SchedClassifier = self
             .ebpf
             .program(PROGRAM_NAME)
@@ -1125,7 +1126,8 @@ impl Datapath {
         opts.data_out = Some(&mut out);
         opts.repeat = repeat.max(1);
         let r = prog.test_run(opts)?;
-        Ok((r.return_value, r.duration))
+        out.truncate(r.data_size_out as usize);
+        Ok((r.return_value, out, r.duration))
     }
 
     /// Removes every pin (maps and links) under `pin_dir`: the datapath is

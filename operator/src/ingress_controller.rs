@@ -96,6 +96,21 @@ pub struct ManagedIngress {
     pub service: ObjectKey,
 }
 
+impl ManagedIngress {
+    /// A dedicated Ingress's objects: its CEC and its LB Service.
+    fn dedicated(ingress: &ObjectKey, cec: ObjectKey) -> Self {
+        ManagedIngress {
+            ingress: ingress.clone(),
+            service: ObjectKey {
+                kind: Kind::Service,
+                namespace: ingress.namespace.clone(),
+                name: membrane_ingress::names::service_name(&ingress.name),
+            },
+            cec,
+        }
+    }
+}
+
 /// Outcome of one pass.
 #[derive(Debug, Default)]
 pub struct IngressPass {
@@ -738,15 +753,7 @@ impl IngressController {
             .iter()
             .find(|k| k.kind == Kind::CiliumEnvoyConfig && snap.get(k).is_some())?
             .clone();
-        Some(ManagedIngress {
-            ingress: key.clone(),
-            service: ObjectKey {
-                kind: Kind::Service,
-                namespace: key.namespace.clone(),
-                name: membrane_ingress::names::service_name(&key.name),
-            },
-            cec,
-        })
+        Some(ManagedIngress::dedicated(key, cec))
     }
 
     /// Every TLS Secret a managed Ingress uses, by the name of its copy.
@@ -978,15 +985,7 @@ impl IngressController {
 /// The dedicated objects an Ingress generated earlier, if its CEC exists.
 fn dedicated_last_good(snap: &StoreSnapshot, key: &ObjectKey) -> Option<ManagedIngress> {
     let cec = generated_cec(snap, key)?;
-    Some(ManagedIngress {
-        ingress: key.clone(),
-        service: ObjectKey {
-            kind: Kind::Service,
-            namespace: key.namespace.clone(),
-            name: membrane_ingress::names::service_name(&key.name),
-        },
-        cec,
-    })
+    Some(ManagedIngress::dedicated(key, cec))
 }
 
 /// Remove the shared objects, but only if they are the ones this

@@ -418,15 +418,7 @@ impl Object {
     pub(crate) fn body(&self) -> Object {
         let mut o = self.clone();
         *o.meta_mut() = ObjectMeta::default();
-        match &mut o {
-            Object::Ingress(o) => o.status = None,
-            Object::Service(o) => o.status = None,
-            Object::Namespace(o) => o.status = None,
-            Object::Pod(o) => o.status = None,
-            Object::CiliumNode(o) => o.status = None,
-            Object::ProxyNodeStatus(o) => o.status = None,
-            _ => {}
-        }
+        o.clear_status();
         o
     }
 }
