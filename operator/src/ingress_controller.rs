@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use k8s_openapi::api::core::v1::{Secret, Service};
-use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+use k8s_openapi::api::networking::v1::{Ingress, IngressBackend, IngressClass};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use membrane_crds::CiliumEnvoyConfig;
 use membrane_ingress::{
@@ -191,17 +191,7 @@ fn fingerprint(ing: &Ingress, snap: &StoreSnapshot, default_secret: Option<&Secr
         ),
         None => meta.resource_version.clone().unwrap_or_default(),
     };
-    let spec = ing.spec.as_ref();
-    let backends = spec
-        .and_then(|s| s.default_backend.as_ref())
-        .into_iter()
-        .chain(
-            spec.iter()
-                .flat_map(|s| s.rules.iter().flatten())
-                .flat_map(|r| r.http.iter().flat_map(|h| h.paths.iter()))
-                .map(|p| &p.backend),
-        );
-    for b in backends {
+    for b in backends(ing) {
         if let Some(svc) = &b.service {
             fp.push_str(&format!(" s:{}@{}", svc.name, rv(Kind::Service, &svc.name)));
         }
@@ -285,19 +275,23 @@ struct Outcome {
     secrets: Vec<SecretRef>,
 }
 
-/// The Services and Secrets an Ingress's translation reads.
-fn references(ing: &Ingress, default_secret: Option<&SecretRef>) -> Vec<ObjectKey> {
-    let ns = ing.metadata.namespace.as_deref().unwrap_or_default();
+/// Every backend an Ingress names: its default backend, then each path's.
+fn backends(ing: &Ingress) -> impl Iterator<Item = &IngressBackend> {
     let spec = ing.spec.as_ref();
-    let mut refs: Vec<ObjectKey> = spec
-        .and_then(|s| s.default_backend.as_ref())
+    spec.and_then(|s| s.default_backend.as_ref())
         .into_iter()
         .chain(
-            spec.iter()
+            spec.into_iter()
                 .flat_map(|s| s.rules.iter().flatten())
                 .flat_map(|r| r.http.iter().flat_map(|h| h.paths.iter()))
                 .map(|p| &p.backend),
         )
+}
+
+/// The Services and Secrets an Ingress's translation reads.
+fn references(ing: &Ingress, default_secret: Option<&SecretRef>) -> Vec<ObjectKey> {
+    let ns = ing.metadata.namespace.as_deref().unwrap_or_default();
+    let mut refs: Vec<ObjectKey> = backends(ing)
         .filter_map(|b| b.service.as_ref())
         .map(|s| ObjectKey::new(Kind::Service, ns, &s.name))
         .chain(
