@@ -37,6 +37,9 @@ use crate::placement::{PortMap, bound_addresses, collides, frontends, place, red
 use crate::ports::ProxyPorts;
 use crate::secrets::{BadSecret, tls_secrets};
 
+mod delta;
+pub use delta::ConfigsPass;
+
 /// One Envoy resource ready for the snapshot: encoded and hashed once per
 /// object version, then shared by every pass and every xDS stream.
 pub type Built = Arc<Resource>;
@@ -70,6 +73,8 @@ pub struct PipelineChanges {
     pub resync: bool,
     /// A CEC or CCEC changed.
     pub configs: bool,
+    /// The CECs and CCECs that changed.
+    pub config_keys: BTreeSet<ObjectKey>,
     /// Services that changed (frontends, LB addresses, EDS ports).
     pub services: BTreeSet<ObjectKey>,
     /// EndpointSlices and Endpoints that changed.
@@ -95,7 +100,10 @@ impl PipelineChanges {
         let mut out = Self::default();
         for c in keys {
             match c.key.kind {
-                Kind::CiliumEnvoyConfig | Kind::CiliumClusterwideEnvoyConfig => out.configs = true,
+                Kind::CiliumEnvoyConfig | Kind::CiliumClusterwideEnvoyConfig => {
+                    out.configs = true;
+                    out.config_keys.insert(c.key.clone());
+                }
                 Kind::Service => {
                     out.services.insert(c.key.clone());
                 }
@@ -127,6 +135,9 @@ pub enum PassOutcome {
     Unchanged,
     /// Only assignments changed; everything else of the previous pass stands.
     Endpoints(EndpointsPass),
+    /// Only CECs changed (or were quarantined): what changed of the
+    /// previous pass.
+    Configs(ConfigsPass),
     /// A pass over every CEC.
     Full(ConfigPass),
 }
@@ -139,6 +150,8 @@ pub struct EndpointsPass {
     pub updated: Vec<(Built, Built)>,
     /// Rejection state of the changed objects: why, or `None` when fine.
     pub rejected: Vec<(ObjectKey, Option<String>)>,
+    /// Services whose published assignments changed.
+    pub services: Vec<ObjectKey>,
 }
 
 /// One CEC version, decoded, with everything that does not depend on where
@@ -348,6 +361,11 @@ pub struct ConfigPipeline {
     /// Split shared CECs joined back, by their first part: the versions of
     /// all parts and the joined spec.
     joined: HashMap<ObjectKey, (String, Arc<EnvoyConfigSpec>)>,
+    /// What the latest pass decided, for a pass over changed CECs only
+    /// (`None`: the next pass is a full one).
+    inc: Option<delta::IncState>,
+    /// CECs whose quarantine state changed since the latest pass.
+    dirty_configs: BTreeSet<ObjectKey>,
 }
 
 type SecretsChecked = (Vec<Secret>, Vec<BadSecret>, Vec<BadSecret>);
@@ -436,6 +454,8 @@ impl ConfigPipeline {
             secrets: None,
             pool_checked: HashMap::new(),
             joined: HashMap::new(),
+            inc: None,
+            dirty_configs: BTreeSet::new(),
         }
     }
 
@@ -496,8 +516,13 @@ impl ConfigPipeline {
     pub fn quarantine(&mut self, key: &ObjectKey, reason: String) -> Quarantined {
         let q = self.quarantine_inner(key, reason);
         if q != Quarantined::No {
-            // What serves changes without a store change.
-            self.force_full = true;
+            // What serves changes without a store change: the CEC is
+            // re-checked, a Service's or Secret's change takes a full pass.
+            if key.kind == Kind::Service || key.kind == Kind::Secret {
+                self.force_full = true;
+            } else {
+                self.dirty_configs.insert(key.clone());
+            }
         }
         q
     }
@@ -626,13 +651,13 @@ impl ConfigPipeline {
     /// pass serves those versions again).
     pub fn retry_due(&mut self, now: Instant) -> bool {
         let mut any = false;
-        for q in self.quarantined.values_mut() {
+        for (key, q) in self.quarantined.iter_mut() {
             if !q.retrying && q.next_retry <= now {
                 q.retrying = true;
                 any = true;
+                self.dirty_configs.insert(key.clone());
             }
         }
-        self.force_full |= any;
         any
     }
 
@@ -662,17 +687,39 @@ impl ConfigPipeline {
     pub fn run_changes(&mut self, snap: &StoreSnapshot, changes: &PipelineChanges) -> PassOutcome {
         if changes.resync
             || self.force_full
-            || changes.configs
+            || self.inc.is_none()
             || changes.secrets
             || !changes.services.is_empty()
         {
             return PassOutcome::Full(self.full(snap, changes));
         }
+        let configs = changes.configs
+            || !self.dirty_configs.is_empty()
+            || self.inc.as_ref().is_some_and(|i| !i.flipped.is_empty());
+        if configs {
+            if !changes.endpoints.is_empty() {
+                return PassOutcome::Full(self.full(snap, changes));
+            }
+            return match self.configs_pass(snap, &changes.config_keys) {
+                Some(p) => PassOutcome::Configs(p),
+                None => PassOutcome::Full(self.full(snap, changes)),
+            };
+        }
         if changes.endpoints.is_empty() {
             return PassOutcome::Unchanged;
         }
         match self.endpoints_only(snap, &changes.endpoints) {
-            Some(p) => PassOutcome::Endpoints(p),
+            Some(p) => {
+                // The published assignments the next CEC pass compares with.
+                if let Some(inc) = self.inc.as_mut() {
+                    for (_, new) in &p.updated {
+                        if let Some(slot) = inc.eds_res.get_mut(&new.name) {
+                            *slot = new.clone();
+                        }
+                    }
+                }
+                PassOutcome::Endpoints(p)
+            }
             None => PassOutcome::Full(self.full(snap, changes)),
         }
     }
@@ -818,6 +865,7 @@ impl ConfigPipeline {
                 continue;
             };
             *inputs = index.inputs(snap, ns, name);
+            out.services.push(svc_key.clone());
             // The names a Service publishes follow from its ports, not its
             // slices: each published assignment gets its new content.
             for r in published.iter_mut() {
@@ -839,12 +887,16 @@ impl ConfigPipeline {
 
     fn full(&mut self, snap: &StoreSnapshot, changes: &PipelineChanges) -> ConfigPass {
         self.force_full = false;
+        self.dirty_configs.clear();
+        self.inc = None;
         // Service-derived results (frontends, LB pool checks) of unchanged
         // CEC versions still hold when no Service changed.
         let services_same = !changes.resync && changes.services.is_empty();
         let mut pass = ConfigPass::default();
         let (joined, parts) = self.join_split(snap);
         let mut configs: Vec<(ObjectKey, &EnvoyConfigSpec, &str, Option<Timestamp>)> = Vec::new();
+        // First parts named by split parts (see `join_split`).
+        let mut heads: HashSet<ObjectKey> = HashSet::new();
         for kind in [Kind::CiliumEnvoyConfig, Kind::CiliumClusterwideEnvoyConfig] {
             for obj in snap.list(kind, None) {
                 let (spec, meta) = match obj.as_ref() {
@@ -853,6 +905,9 @@ impl ConfigPipeline {
                     _ => continue,
                 };
                 let key = obj.key();
+                if let Some(head) = membrane_ingress::shared_part_of(meta) {
+                    heads.insert(ObjectKey::new(kind, &key.namespace, head));
+                }
                 if parts.contains(&key) {
                     continue;
                 }
@@ -882,17 +937,18 @@ impl ConfigPipeline {
             .retain(|k, q| rvs.get(k).is_some_and(|rv| *rv == q.resource_version));
         self.placed.retain(|k, _| live.contains(k));
         self.pool_checked.retain(|k, _| live.contains(k));
+        // Who served in the previous pass (the order within one second).
+        let was_serving: Vec<bool> = configs
+            .iter()
+            .map(|c| self.serving.contains_key(&c.0))
+            .collect();
         self.serving.clear();
-        let fingerprint = {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            // Every CEC's version: quarantining one changes nothing here,
-            // so it does not trigger its own retry.
-            for (key, _, rv, _) in &configs {
-                (key, rv).hash(&mut h);
-            }
-            h.finish()
-        };
+        // Every CEC's version: quarantining one changes nothing here, so it
+        // does not trigger its own retry. Order-independent, so that a pass
+        // over changed CECs keeps it up to date.
+        let fingerprint = configs
+            .iter()
+            .fold(0u64, |h, (key, _, rv, _)| h ^ delta::version_hash(key, rv));
         if fingerprint != self.fingerprint {
             self.fingerprint = fingerprint;
             self.retry_soon();
@@ -901,63 +957,19 @@ impl ConfigPipeline {
         // Phase 1: the version each CEC serves (fresh, last good, or the
         // ACKed fallback), decoding only what changed.
         let mut resolved: Vec<(usize, Arc<Prepared>, bool)> = Vec::new();
+        // Phase-1 rejections (a version that does not decode, or was
+        // NACKed), before the conflict checks may replace them.
         for (i, (key, spec, rv, _)) in configs.iter().enumerate() {
             if !selects(spec.node_selector.as_ref(), &self.node_labels) {
                 continue;
             }
-            let fresh = match self.parsed.get(key) {
-                Some(c) if c.resource_version == *rv => c.result.clone(),
-                _ => {
-                    let object = key.to_string();
-                    let r = parse_cec(&object, &key.namespace, &key.name, spec)
-                        .map(|p| Arc::new(Prepared::new(p)))
-                        .map_err(|e| e.to_string());
-                    // Decoding a large CEC leaves many freed allocations.
-                    if r.as_ref()
-                        .map_or(spec.resources.len() > 1000, |p| p.bytes > TRIM_BYTES)
-                    {
-                        self.trim_at = Some(Instant::now() + Duration::from_secs(1));
-                    }
-                    self.parsed.insert(
-                        key.clone(),
-                        Cached {
-                            resource_version: (*rv).to_owned(),
-                            result: r.clone(),
-                        },
-                    );
-                    r
-                }
-            };
-            let quarantine = self
-                .quarantined
-                .get(key)
-                .filter(|q| q.resource_version == *rv && !q.retrying);
-            let nacked = quarantine.is_some();
-            let fresh = match quarantine {
-                Some(q) => Err(format!("{key}: {}", q.reason)),
-                None => fresh,
-            };
-            let prepared = match fresh {
-                Ok(p) => {
-                    if !self.last_good.get(key).is_some_and(|l| Arc::ptr_eq(l, &p)) {
-                        self.last_good.insert(key.clone(), p.clone());
-                    }
-                    p
-                }
-                Err(e) => {
-                    pass.rejected.insert(key.clone(), e);
-                    let fallback = if nacked {
-                        &self.acked_good
-                    } else {
-                        &self.last_good
-                    };
-                    match fallback.get(key) {
-                        Some(p) => p.clone(),
-                        None => continue,
-                    }
-                }
-            };
-            resolved.push((i, prepared, nacked));
+            let (prepared, why) = self.resolve(key, spec, rv);
+            if let Some(why) = why {
+                pass.rejected.insert(key.clone(), why);
+            }
+            if let Some((prepared, nacked)) = prepared {
+                resolved.push((i, prepared, nacked));
+            }
         }
 
         // Phase 2: placement and conflicts, first come first served. Names
@@ -967,19 +979,13 @@ impl ConfigPipeline {
         let mut live_listeners = BTreeSet::new();
         let mut eds_wanted: BTreeSet<Wanted<'_>> = BTreeSet::new();
         let mut accepted: Vec<(ObjectKey, Arc<Prepared>)> = Vec::new();
+        // Addresses of the CECs that reached the conflict check.
+        let mut reached: HashMap<ObjectKey, Vec<(String, u32)>> = HashMap::new();
 
         for (i, prepared, nacked) in &resolved {
             let (key, spec, rv, _) = &configs[*i];
             let nacked = *nacked;
-            let violation = match self.pool_checked.get(key) {
-                Some((p, v)) if services_same && Arc::ptr_eq(p, prepared) => v.clone(),
-                _ => {
-                    let v = self.pool_violation(snap, key, spec, prepared);
-                    self.pool_checked
-                        .insert(key.clone(), (prepared.clone(), v.clone()));
-                    v
-                }
-            };
+            let violation = self.pool_check(snap, key, spec, prepared, services_same);
             if let Some(msg) = violation {
                 pass.rejected.insert(key.clone(), msg);
                 continue;
@@ -995,6 +1001,13 @@ impl ConfigPipeline {
                     continue;
                 }
             };
+            reached.insert(
+                key.clone(),
+                bound
+                    .iter()
+                    .map(|(_, _, ip, port)| (ip.clone(), *port))
+                    .collect(),
+            );
             if let Some(msg) = conflict(key, &bound, &prepared.names, &binds, &names, &configs) {
                 pass.rejected.insert(key.clone(), msg);
                 continue;
@@ -1223,6 +1236,10 @@ impl ConfigPipeline {
             .retain(|k, (inputs, _)| eds_serving.get(k).is_some_and(|(i, _)| i == inputs));
         self.eds_acked.retain(|k, _| eds_serving.contains_key(k));
         self.eds_serving = eds_serving;
+        let eds_res: HashMap<String, Built> = eds_out
+            .iter()
+            .map(|r| (r.name.clone(), r.clone()))
+            .collect();
         pass.resources.extend(eds_out);
 
         // An RDS name no CEC defines leaves its listener waiting for routes
@@ -1239,10 +1256,8 @@ impl ConfigPipeline {
                 .iter()
                 .find(|(_, n)| !routes.contains(n.as_str()))
             {
-                pass.warnings.insert(
-                    key.clone(),
-                    format!("{key}: {field}: route configuration {name} is not defined by any CiliumEnvoyConfig; Envoy waits for it and the listener serves no routes"),
-                );
+                pass.warnings
+                    .insert(key.clone(), rds_warning(key, field, name));
             }
         }
 
@@ -1314,8 +1329,126 @@ impl ConfigPipeline {
             pass.warnings.insert(key, msg);
         }
         self.secrets = checked;
+
+        // What the next pass over changed CECs starts from.
+        let mut inc = delta::IncState::new(fingerprint, heads, eds_res);
+        let resolved_by: HashMap<usize, &Arc<Prepared>> =
+            resolved.iter().map(|(i, p, _)| (*i, p)).collect();
+        let accepted_keys: HashSet<&ObjectKey> = accepted.iter().map(|(k, _)| k).collect();
+        let mut flips = Vec::new();
+        for (i, (key, spec, rv, created)) in configs.iter().enumerate() {
+            let prepared = resolved_by.get(&i).map(|p| (*p).clone());
+            let is_accepted = accepted_keys.contains(key);
+            let (listeners, wants) = match (&prepared, is_accepted) {
+                (Some(p), true) => (
+                    self.placed
+                        .get(key)
+                        .map(|pl| pl.listeners.clone())
+                        .unwrap_or_default(),
+                    delta::wants_of(key, spec, p),
+                ),
+                _ => Default::default(),
+            };
+            if was_serving[i] != is_accepted {
+                flips.push(key.clone());
+            }
+            let entry = delta::Entry {
+                sort: (*created, !was_serving[i], key.clone()),
+                rv: (*rv).to_owned(),
+                prepared,
+                reached: reached.remove(key),
+                accepted: is_accepted,
+                listeners,
+                wants,
+                rejected: pass.rejected.get(key).cloned(),
+                warning: pass.warnings.get(key).cloned(),
+            };
+            inc.put(key.clone(), entry);
+        }
+        inc.settle_flips(flips);
+        self.inc = Some(inc);
         pass
     }
+    /// The version `key` serves (fresh, last good, or the ACKed fallback
+    /// when the fresh one was NACKed), decoding only what changed, and why
+    /// the fresh version is rejected, if it is. `None`: nothing to serve.
+    #[allow(clippy::type_complexity)]
+    fn resolve(
+        &mut self,
+        key: &ObjectKey,
+        spec: &EnvoyConfigSpec,
+        rv: &str,
+    ) -> (Option<(Arc<Prepared>, bool)>, Option<String>) {
+        let fresh = match self.parsed.get(key) {
+            Some(c) if c.resource_version == rv => c.result.clone(),
+            _ => {
+                let object = key.to_string();
+                let r = parse_cec(&object, &key.namespace, &key.name, spec)
+                    .map(|p| Arc::new(Prepared::new(p)))
+                    .map_err(|e| e.to_string());
+                // Decoding a large CEC leaves many freed allocations.
+                if r.as_ref()
+                    .map_or(spec.resources.len() > 1000, |p| p.bytes > TRIM_BYTES)
+                {
+                    self.trim_at = Some(Instant::now() + Duration::from_secs(1));
+                }
+                self.parsed.insert(
+                    key.clone(),
+                    Cached {
+                        resource_version: rv.to_owned(),
+                        result: r.clone(),
+                    },
+                );
+                r
+            }
+        };
+        let quarantine = self
+            .quarantined
+            .get(key)
+            .filter(|q| q.resource_version == rv && !q.retrying);
+        let nacked = quarantine.is_some();
+        let fresh = match quarantine {
+            Some(q) => Err(format!("{key}: {}", q.reason)),
+            None => fresh,
+        };
+        match fresh {
+            Ok(p) => {
+                if !self.last_good.get(key).is_some_and(|l| Arc::ptr_eq(l, &p)) {
+                    self.last_good.insert(key.clone(), p.clone());
+                }
+                (Some((p, nacked)), None)
+            }
+            Err(e) => {
+                let fallback = if nacked {
+                    &self.acked_good
+                } else {
+                    &self.last_good
+                };
+                (fallback.get(key).map(|p| (p.clone(), nacked)), Some(e))
+            }
+        }
+    }
+
+    /// The LB pool check of a CEC version, cached while no Service changes.
+    fn pool_check(
+        &mut self,
+        snap: &StoreSnapshot,
+        key: &ObjectKey,
+        spec: &EnvoyConfigSpec,
+        prepared: &Arc<Prepared>,
+        services_same: bool,
+    ) -> Option<String> {
+        match self.pool_checked.get(key) {
+            Some((p, v)) if services_same && Arc::ptr_eq(p, prepared) => v.clone(),
+            _ => {
+                let v = self.pool_violation(snap, key, spec, prepared);
+                self.pool_checked
+                    .insert(key.clone(), (prepared.clone(), v.clone()));
+                v
+            }
+        }
+    }
+
     /// Split shared CECs (parts labelled `membrane.io/shared-part-of`)
     /// joined back into their first part: the joined specs with the
     /// versions of all their parts, and the keys of the other parts.
@@ -1617,6 +1750,18 @@ fn empty_eds(
         .unwrap_or_else(|| built(name.to_owned(), to_any(&empty_assignment(name.to_owned()))));
     used.insert(name.to_owned(), b.clone());
     b
+}
+
+/// The warning of a listener waiting for routes no CEC defines.
+fn rds_warning(key: &ObjectKey, field: &str, name: &str) -> String {
+    format!(
+        "{key}: {field}: route configuration {name} is not defined by any CiliumEnvoyConfig; Envoy waits for it and the listener serves no routes"
+    )
+}
+
+/// Same resource: the same `Arc`, or the same type, name and content hash.
+fn same_built(a: &Built, b: &Built) -> bool {
+    Arc::ptr_eq(a, b) || (a.hash == b.hash && a.name == b.name && a.type_url == b.type_url)
 }
 
 fn built(name: String, body: Any) -> Built {

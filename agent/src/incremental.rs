@@ -6,12 +6,12 @@
 //! ([`membrane_store::Store::changes_since`]); a stage that fell behind the
 //! log, or runs for the first time, gets a resync (a full pass).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
 use membrane_ingress::INGRESS_LABEL;
 use membrane_store::{Changes, KeyChangeKind, Kind, ObjectKey, Store, StoreSnapshot};
-use membrane_xds::Snapshot;
+use membrane_xds::{ResourceMap, Snapshot};
 
 use crate::configs::{Built, PipelineChanges};
 
@@ -40,26 +40,18 @@ impl PassState {
         (rev, PipelineChanges::from_store(&changes))
     }
 
-    /// An endpoint-only pass: replace the changed assignments in the last
-    /// resources and the snapshot. True when the snapshot changed.
+    /// An endpoint-only pass: put the changed assignments into the
+    /// snapshot. True when the snapshot changed.
     pub fn publish_endpoints(
         &mut self,
-        last: &mut Option<Vec<Built>>,
         snapshot: &mut Snapshot,
         updated: Vec<(Built, Built)>,
     ) -> bool {
-        if updated.is_empty() {
-            return false;
-        }
-        if let Some(last) = last.as_mut() {
-            for (old, new) in &updated {
-                if let Some(slot) = last.iter_mut().find(|r| Arc::ptr_eq(r, old)) {
-                    *slot = new.clone();
-                }
-            }
-        }
-        snapshot.update(updated.into_iter().map(|(_, new)| new), Vec::new());
-        true
+        publish_delta(
+            snapshot,
+            updated.into_iter().map(|(_, new)| new).collect(),
+            Vec::new(),
+        )
     }
 }
 
@@ -137,55 +129,135 @@ fn same(a: &Built, b: &Built) -> bool {
 }
 
 /// A full pass's resources into the snapshot: only the resources that
-/// differ from the last pass's are put or removed. Both lists come in the
-/// pipeline's stable order, so what changed lies between a common prefix
-/// and a common suffix; only that window is compared by name. True when
-/// the snapshot changed.
-pub fn publish_full(
-    last: &mut Option<Vec<Built>>,
+/// differ from what it holds are put or removed. True when the snapshot
+/// changed.
+pub fn publish_full(snapshot: &mut Snapshot, new: Vec<Built>) -> bool {
+    let keep: HashSet<(&str, &str)> = new
+        .iter()
+        .map(|r| (r.type_url.as_str(), r.name.as_str()))
+        .collect();
+    let removals: Vec<(String, String)> = snapshot
+        .type_urls()
+        .flat_map(|t| {
+            snapshot
+                .resources(t)
+                .keys()
+                .filter(|n| !keep.contains(&(t, n.as_str())))
+                .map(move |n| (t.to_owned(), n.clone()))
+        })
+        .collect();
+    drop(keep);
+    publish_delta(snapshot, new, removals)
+}
+
+/// Put `upserts` (those that differ from what the snapshot holds) and
+/// remove `removals`. True when the snapshot changed.
+pub fn publish_delta(
     snapshot: &mut Snapshot,
-    new: Vec<Built>,
+    upserts: Vec<Built>,
+    removals: Vec<(String, String)>,
 ) -> bool {
-    let Some(old) = last.as_ref() else {
-        *snapshot = crate::build_snapshot(&new);
-        *last = Some(new);
-        return true;
-    };
-    let prefix = old.iter().zip(&new).take_while(|(a, b)| same(a, b)).count();
-    if prefix == old.len() && prefix == new.len() {
+    let upserts: Vec<Built> = upserts
+        .into_iter()
+        .filter(|r| {
+            snapshot
+                .get(&r.type_url, &r.name)
+                .is_none_or(|old| !same(old, r))
+        })
+        .collect();
+    let removals: Vec<(String, String)> = removals
+        .into_iter()
+        .filter(|(t, n)| snapshot.get(t, n).is_some())
+        .collect();
+    if upserts.is_empty() && removals.is_empty() {
         return false;
     }
-    let room = old.len().min(new.len()) - prefix;
-    let suffix = old
-        .iter()
-        .rev()
-        .zip(new.iter().rev())
-        .take(room)
-        .take_while(|(a, b)| same(a, b))
-        .count();
-    let old_window = &old[prefix..old.len() - suffix];
-    let new_window = &new[prefix..new.len() - suffix];
-    let mut gone: HashMap<(&str, &str), &Built> = old_window
-        .iter()
-        .map(|r| ((r.type_url.as_str(), r.name.as_str()), r))
-        .collect();
-    let mut upserts = Vec::new();
-    for r in new_window {
-        match gone.remove(&(r.type_url.as_str(), r.name.as_str())) {
-            Some(o) if same(o, r) => {}
-            _ => upserts.push(r.clone()),
+    snapshot.update(upserts, removals);
+    true
+}
+
+/// Which served objects Envoy has ACKed in full. Re-checked where
+/// something changed only: an object once ACKed stays ACKed until what it
+/// serves changes (a pass touches it) or Envoy's stream is replaced.
+#[derive(Debug, Default)]
+pub struct AckState {
+    /// Served and ACKed in full.
+    pub acked: BTreeSet<ObjectKey>,
+    /// To be checked at the next wake-up.
+    pending: BTreeSet<ObjectKey>,
+    /// Everything is to be checked (a full pass, a new stream).
+    all: bool,
+    stream: Option<u64>,
+}
+
+impl AckState {
+    /// Everything served may have changed.
+    pub fn reset(&mut self) {
+        self.all = true;
+    }
+
+    /// What these serve may have changed (or they are no longer served).
+    pub fn touch(&mut self, keys: impl IntoIterator<Item = ObjectKey>) {
+        for k in keys {
+            self.acked.remove(&k);
+            self.pending.insert(k);
         }
     }
-    let removals: Vec<(String, String)> = gone
-        .into_keys()
-        .map(|(t, n)| (t.to_owned(), n.to_owned()))
-        .collect();
-    let changed = !upserts.is_empty() || !removals.is_empty();
-    if changed {
-        snapshot.update(upserts, removals);
+
+    /// Check the objects that need it against what Envoy ACKed on
+    /// `stream`; `mark` is called for each newly ACKed one. True when the
+    /// ACKed set changed.
+    pub fn check(
+        &mut self,
+        served: &BTreeMap<ObjectKey, Vec<(&'static str, String)>>,
+        snapshot: &Snapshot,
+        acked_now: &BTreeMap<String, Arc<ResourceMap>>,
+        stream: Option<u64>,
+        mut mark: impl FnMut(&ObjectKey),
+    ) -> bool {
+        let all_acked = |resources: &[(&'static str, String)]| {
+            resources.iter().all(|(t, n)| {
+                let Some(current) = snapshot.get(t, n) else {
+                    return false;
+                };
+                acked_now
+                    .get(*t)
+                    .and_then(|m| m.get(n))
+                    .is_some_and(|r| Arc::ptr_eq(r, current) || r.hash == current.hash)
+            })
+        };
+        if self.all || stream != self.stream {
+            self.all = false;
+            self.stream = stream;
+            self.pending.clear();
+            let before = std::mem::take(&mut self.acked);
+            for (key, resources) in served {
+                if all_acked(resources) {
+                    mark(key);
+                    self.acked.insert(key.clone());
+                } else {
+                    self.pending.insert(key.clone());
+                }
+            }
+            return before != self.acked;
+        }
+        let mut changed = false;
+        let pending = std::mem::take(&mut self.pending);
+        for key in pending {
+            let Some(resources) = served.get(&key) else {
+                // No longer served.
+                changed |= self.acked.remove(&key);
+                continue;
+            };
+            if all_acked(resources) {
+                mark(&key);
+                changed |= self.acked.insert(key);
+            } else {
+                self.pending.insert(key);
+            }
+        }
+        changed
     }
-    *last = Some(new);
-    changed
 }
 
 #[cfg(test)]
@@ -233,9 +305,8 @@ mod tests {
         cases.push((0..5).map(|i| res(l, &format!("x{i}"), 0)).collect());
         cases.push(Vec::new());
         for (n, case) in cases.into_iter().enumerate() {
-            let mut last = Some(base.clone());
             let mut snap = crate::build_snapshot(&base);
-            let changed = publish_full(&mut last, &mut snap, case.clone());
+            let changed = publish_full(&mut snap, case.clone());
             assert_eq!(snap, crate::build_snapshot(&case), "case {n}");
             assert_eq!(changed, n != 0, "case {n}");
             // Hashes too, not only names: content changes are visible.

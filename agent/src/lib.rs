@@ -264,8 +264,9 @@ pub struct Reconciler {
     node_labels: BTreeMap<String, String>,
     /// Snapshots of the other nodes' Envoys.
     pub nodes: nodes::NodeSnapshots,
-    /// The resources behind the snapshot last handed to the cache.
-    last_resources: Option<Vec<configs::Built>>,
+    /// Hand the snapshot to the cache even if no resource changed (the
+    /// node's labels changed).
+    republish: bool,
     pub xds_snapshot: Snapshot,
     pub served: BTreeMap<ObjectKey, Vec<(&'static str, String)>>,
     /// `metadata.generation` of each served CEC as the last pass read it.
@@ -280,6 +281,12 @@ pub struct Reconciler {
     pub rejected_configs: BTreeMap<ObjectKey, String>,
     logged: BTreeMap<String, String>,
     warned: BTreeMap<String, String>,
+    /// The pipeline's warnings as of the latest pass.
+    pipeline_warnings: BTreeMap<ObjectKey, String>,
+    /// Which served objects Envoy ACKed.
+    pub acks: incremental::AckState,
+    /// Something the ACK report shows changed since it was last written.
+    pub report_dirty: bool,
     incr: incremental::PassState,
     /// `(Ingress, CEC generated from it)` as the controller last reported.
     generated: Vec<(ObjectKey, ObjectKey)>,
@@ -305,7 +312,7 @@ impl Reconciler {
             },
             node_labels: config.node_labels.clone(),
             nodes: nodes::NodeSnapshots::new(ports),
-            last_resources: None,
+            republish: true,
             xds_snapshot: Snapshot::new(),
             served: BTreeMap::new(),
             served_generations: BTreeMap::new(),
@@ -314,6 +321,9 @@ impl Reconciler {
             rejected_configs: BTreeMap::new(),
             logged: BTreeMap::new(),
             warned: BTreeMap::new(),
+            pipeline_warnings: BTreeMap::new(),
+            acks: Default::default(),
+            report_dirty: true,
             incr: Default::default(),
             generated: Vec::new(),
         }
@@ -325,7 +335,7 @@ impl Reconciler {
         self.node_labels = labels;
         // Hand the snapshot to the cache again: with or without labels it
         // is the default node's or this node's own.
-        self.last_resources = None;
+        self.republish = true;
         // Which CECs select this node changed although no object did: the
         // next pass walks every CEC.
         self.incr.pipeline_seen = None;
@@ -356,33 +366,53 @@ impl Reconciler {
         let outcome = self.pipeline.run_changes(&snap, &changes);
         self.incr.pipeline_seen = Some(pipeline_rev);
         let mut full_pass = false;
+        // CECs and Services the pass looked at (a pass over changed CECs).
+        let mut looked_at: Vec<ObjectKey> = Vec::new();
         let resources_changed = match outcome {
             configs::PassOutcome::Unchanged => false,
             configs::PassOutcome::Endpoints(eds) => {
                 incremental::patch_rejected(&mut self.incr.pipeline_rejected, eds.rejected);
-                self.incr.publish_endpoints(
-                    &mut self.last_resources,
-                    &mut self.xds_snapshot,
-                    eds.updated,
-                )
+                self.acks.touch(eds.services);
+                self.incr
+                    .publish_endpoints(&mut self.xds_snapshot, eds.updated)
+            }
+            configs::PassOutcome::Configs(pass) => {
+                looked_at.extend(pass.rejected.iter().map(|(k, _)| k.clone()));
+                looked_at.extend(pass.touched.iter().cloned());
+                incremental::patch_rejected(&mut self.incr.pipeline_rejected, pass.rejected);
+                if !pass.warnings.is_empty() {
+                    incremental::patch_rejected(&mut self.pipeline_warnings, pass.warnings);
+                    configs::publish_warnings(
+                        &mut self.warned,
+                        self.pipeline_warnings.clone(),
+                        &state.warnings,
+                    );
+                }
+                for (key, served) in pass.served {
+                    match served {
+                        Some(v) => self.served.insert(key, v),
+                        None => self.served.remove(&key),
+                    };
+                }
+                self.acks.touch(pass.touched);
+                incremental::publish_delta(&mut self.xds_snapshot, pass.upserts, pass.removals)
             }
             configs::PassOutcome::Full(pass) => {
                 full_pass = true;
                 self.incr.pipeline_rejected = pass.rejected;
+                self.pipeline_warnings = pass.warnings.clone();
                 configs::publish_warnings(&mut self.warned, pass.warnings, &state.warnings);
                 self.served = pass.served;
+                self.acks.reset();
                 if let Some(dp) = &state.datapath {
                     dp.set_proxy_targets(pass.redirects);
                 }
                 // Resources are shared and carry their content hash: the
                 // snapshot is updated by the resources that differ only.
-                incremental::publish_full(
-                    &mut self.last_resources,
-                    &mut self.xds_snapshot,
-                    pass.resources,
-                )
+                incremental::publish_full(&mut self.xds_snapshot, pass.resources)
             }
         };
+        let resources_changed = resources_changed || std::mem::take(&mut self.republish);
         if resources_changed {
             // Without labels of its own the agent's node is the default
             // node; with labels, its snapshot is node-specific.
@@ -422,7 +452,46 @@ impl Reconciler {
                 .filter_map(|k| Some((k.clone(), report::frontends(&snap, snap.get(k)?))))
                 .collect();
             self.served_parts = report::split_parts(&snap, self.served.keys());
+        } else {
+            // Only what the pass looked at can have changed (split CECs
+            // always take full passes, so there are no parts to follow).
+            looked_at.sort();
+            looked_at.dedup();
+            for k in looked_at {
+                let rejected = self
+                    .incr
+                    .pipeline_rejected
+                    .get(&k)
+                    .or_else(|| self.incr.front_rejected.get(&k))
+                    .filter(|_| report::is_config(k.kind));
+                match rejected {
+                    Some(why) => self.rejected_configs.insert(k.clone(), why.clone()),
+                    None => self.rejected_configs.remove(&k),
+                };
+                let obj = snap.get(&k);
+                let listed = self.served.contains_key(&k) || self.rejected_configs.contains_key(&k);
+                match obj.filter(|_| listed) {
+                    Some(o) => {
+                        let generation = o.meta().generation.unwrap_or(0);
+                        self.served_generations.insert(k.clone(), generation);
+                    }
+                    None => {
+                        self.served_generations.remove(&k);
+                    }
+                }
+                match obj.filter(|_| self.served.contains_key(&k)) {
+                    Some(o) => {
+                        let addresses = report::frontends(&snap, o);
+                        self.served_addresses.insert(k.clone(), addresses);
+                    }
+                    None => {
+                        self.served_addresses.remove(&k);
+                    }
+                }
+                self.served_parts.remove(&k);
+            }
         }
+        self.report_dirty = true;
         !changes.is_empty()
     }
 
@@ -562,25 +631,18 @@ async fn reconcile_loop(
             rec.node_pass(state);
         }
         // Remember what Envoy fully ACKed, report it, then act on new NACKs.
-        let mut acked = std::collections::BTreeSet::new();
-        // One lock for the whole check, not one per served resource.
-        let acked_now = state.cache.acked_resources(&state.node_id);
-        for (key, resources) in &rec.served {
-            let all_acked = resources.iter().all(|(t, n)| {
-                let Some(current) = rec.xds_snapshot.get(t, n) else {
-                    return false;
-                };
-                acked_now
-                    .get(*t)
-                    .and_then(|m| m.get(n))
-                    .is_some_and(|r| Arc::ptr_eq(r, current) || r.hash == current.hash)
-            });
-            if all_acked {
-                rec.pipeline.mark_acked(key);
-                acked.insert(key.clone());
-            }
+        // One lock for the whole check; only what changed is looked at.
+        let (stream, acked_now) = state.cache.acked_resources_of_stream(&state.node_id);
+        let pipeline = &mut rec.pipeline;
+        let acks_changed =
+            rec.acks
+                .check(&rec.served, &rec.xds_snapshot, &acked_now, stream, |key| {
+                    pipeline.mark_acked(key)
+                });
+        if acks_changed || rec.report_dirty {
+            rec.report_dirty = false;
+            reporter.publish(&rec, &rec.acks.acked);
         }
-        reporter.publish(&rec, &acked);
         if nacks.handle(&mut rec, state) {
             store_dirty = true;
             continue;

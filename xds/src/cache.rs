@@ -1023,6 +1023,28 @@ impl SnapshotCache {
             .unwrap_or_default()
     }
 
+    /// [`Self::acked_resources`] with the id of the stream they come from:
+    /// a new stream (an Envoy restart) starts from nothing ACKed.
+    pub fn acked_resources_of_stream(
+        &self,
+        node_id: &str,
+    ) -> (Option<u64>, BTreeMap<String, Arc<ResourceMap>>) {
+        let st = self.lock();
+        st.streams
+            .iter()
+            .rev()
+            .find(|(_, s)| s.node_id.as_deref() == Some(node_id))
+            .map(|(id, s)| {
+                let acked = s
+                    .types
+                    .iter()
+                    .map(|(t, ts)| (t.clone(), ts.acked.clone()))
+                    .collect();
+                (Some(*id), acked)
+            })
+            .unwrap_or_default()
+    }
+
     pub fn acked_hash(&self, node_id: &str, type_url: &str, name: &str) -> Option<u64> {
         let st = self.lock();
         st.streams
