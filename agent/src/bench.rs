@@ -180,6 +180,10 @@ pub struct TranslationReport {
     pub first_pass: Duration,
     /// Full agent pass after one Ingress gained a path (samples).
     pub ingress_change: Vec<Duration>,
+    /// Of that pass, the config pipeline with its bookkeeping (snapshot
+    /// update, served state, ACK check and report) for the one changed
+    /// CEC: the agent's part, without the Ingress controller (samples).
+    pub cec_change: Vec<Duration>,
     /// Full agent pass after one EndpointSlice changed (samples).
     pub endpoint_change: Vec<Duration>,
     /// Full agent pass with nothing changed (samples).
@@ -331,6 +335,7 @@ pub fn translation(
     let resources = h.reconciler.xds_snapshot.len();
     let mut noop = Vec::new();
     let mut ingress_change = Vec::new();
+    let mut cec_change = Vec::new();
     let mut endpoint_change = Vec::new();
     for k in 0..samples {
         noop.push(h.pass());
@@ -338,6 +343,14 @@ pub fn translation(
         let ing = w.ingress(i, &[(Workload::extra_path(i, k), k % w.services.max(1))]);
         h.state.store.apply(Object::from_value(ing)?);
         ingress_change.push(h.pass());
+        let t = Instant::now();
+        if h.reconciler.ack_pass(&h.state) {
+            std::hint::black_box(crate::report::build(
+                &h.reconciler,
+                &h.reconciler.acks.acked,
+            ));
+        }
+        cec_change.push(h.reconciler.pipeline_time + t.elapsed());
         h.settle();
         let s = (k * 104_729) % w.services.max(1);
         let [_, slice] = w.service(s, &|s, e| pod_ip(s + 1 + k, e));
@@ -355,6 +368,7 @@ pub fn translation(
         snapshot_build,
         first_pass,
         ingress_change,
+        cec_change,
         endpoint_change,
         noop,
     })
@@ -391,6 +405,7 @@ impl std::fmt::Display for TranslationReport {
         )?;
         for (what, v) in [
             ("agent pass, one Ingress changed", &self.ingress_change),
+            ("  of it pipeline + bookkeeping", &self.cec_change),
             (
                 "agent pass, one EndpointSlice changed",
                 &self.endpoint_change,

@@ -287,6 +287,9 @@ pub struct Reconciler {
     pub acks: incremental::AckState,
     /// Something the ACK report shows changed since it was last written.
     pub report_dirty: bool,
+    /// Time the latest store pass spent in the config pipeline and its
+    /// bookkeeping (snapshot update, served and ACK report state).
+    pub pipeline_time: std::time::Duration,
     incr: incremental::PassState,
     /// `(Ingress, CEC generated from it)` as the controller last reported.
     generated: Vec<(ObjectKey, ObjectKey)>,
@@ -324,6 +327,7 @@ impl Reconciler {
             pipeline_warnings: BTreeMap::new(),
             acks: Default::default(),
             report_dirty: true,
+            pipeline_time: std::time::Duration::ZERO,
             incr: Default::default(),
             generated: Vec::new(),
         }
@@ -356,6 +360,13 @@ impl Reconciler {
     /// publishes what changed. `rerun`: an earlier step of this pass already
     /// ran, so nothing new means nothing to do. True when it saw changes.
     fn pipeline_step(&mut self, state: &AgentState, rerun: bool) -> bool {
+        let t = std::time::Instant::now();
+        let saw = self.pipeline_step_inner(state, rerun);
+        self.pipeline_time += t.elapsed();
+        saw
+    }
+
+    fn pipeline_step_inner(&mut self, state: &AgentState, rerun: bool) -> bool {
         let store = &state.store;
         let (pipeline_rev, changes) = self.incr.pipeline_changes(store);
         if rerun && changes.is_empty() {
@@ -495,12 +506,30 @@ impl Reconciler {
         !changes.is_empty()
     }
 
+    /// Remember what Envoy fully ACKed (looking only at what changed since
+    /// the last call, or at everything after a full pass or a new stream).
+    /// True when the ACK report may have changed.
+    pub fn ack_pass(&mut self, state: &AgentState) -> bool {
+        // One lock for the whole check, not one per served resource.
+        let (stream, acked_now) = state.cache.acked_resources_of_stream(&state.node_id);
+        let pipeline = &mut self.pipeline;
+        let changed = self.acks.check(
+            &self.served,
+            &self.xds_snapshot,
+            &acked_now,
+            stream,
+            |key| pipeline.mark_acked(key),
+        );
+        changed || std::mem::take(&mut self.report_dirty)
+    }
+
     /// Recompute the desired configuration from what changed in the store
     /// since the last pass and hand the changed resources to the xDS cache;
     /// record what is rejected.
     pub fn store_pass(&mut self, state: &AgentState) {
         let store = &state.store;
         let t0 = std::time::Instant::now();
+        self.pipeline_time = std::time::Duration::ZERO;
         // ---- incremental control plane (see incremental.rs) ----
         // The controller (LB IPAM, Ingress controller, status) runs unless
         // the change is one it never reads (EndpointSlices of workloads).
@@ -631,16 +660,7 @@ async fn reconcile_loop(
             rec.node_pass(state);
         }
         // Remember what Envoy fully ACKed, report it, then act on new NACKs.
-        // One lock for the whole check; only what changed is looked at.
-        let (stream, acked_now) = state.cache.acked_resources_of_stream(&state.node_id);
-        let pipeline = &mut rec.pipeline;
-        let acks_changed =
-            rec.acks
-                .check(&rec.served, &rec.xds_snapshot, &acked_now, stream, |key| {
-                    pipeline.mark_acked(key)
-                });
-        if acks_changed || rec.report_dirty {
-            rec.report_dirty = false;
+        if rec.ack_pass(state) {
             reporter.publish(&rec, &rec.acks.acked);
         }
         if nacks.handle(&mut rec, state) {

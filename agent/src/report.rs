@@ -154,7 +154,9 @@ fn declare(
     key
 }
 
-fn build(rec: &Reconciler, acked: &BTreeSet<ObjectKey>) -> Vec<ConfigAck> {
+/// The report's entries: every served or rejected CEC/CCEC (and the parts
+/// of split ones) with its state.
+pub fn build(rec: &Reconciler, acked: &BTreeSet<ObjectKey>) -> Vec<ConfigAck> {
     let mut out: BTreeMap<ObjectKey, ConfigAck> = BTreeMap::new();
     for key in rec.served.keys().filter(|k| is_config(k.kind)) {
         let state = if acked.contains(key) { ACKED } else { PENDING };
