@@ -291,8 +291,9 @@ pub struct Reconciler {
     /// bookkeeping (snapshot update, served and ACK report state).
     pub pipeline_time: std::time::Duration,
     incr: incremental::PassState,
-    /// `(Ingress, CEC generated from it)` as the controller last reported.
-    generated: Vec<(ObjectKey, ObjectKey)>,
+    /// `(Ingress, CEC generated from it)` as the controller last reported,
+    /// by CEC: `(position in the report, Ingress)`.
+    generated: std::collections::HashMap<ObjectKey, Vec<(usize, ObjectKey)>>,
 }
 
 impl Reconciler {
@@ -329,7 +330,7 @@ impl Reconciler {
             report_dirty: true,
             pipeline_time: std::time::Duration::ZERO,
             incr: Default::default(),
-            generated: Vec::new(),
+            generated: Default::default(),
         }
     }
 
@@ -553,7 +554,10 @@ impl Reconciler {
                 None => ControllerPass::default(),
             };
             self.incr.front_rejected = controlled.rejected;
-            self.generated = controlled.generated;
+            self.generated.clear();
+            for (i, (ingress, cec)) in controlled.generated.into_iter().enumerate() {
+                self.generated.entry(cec).or_default().push((i, ingress));
+            }
         }
         self.incr.front_seen = Some(front_rev);
         let t1 = t0.elapsed();
@@ -586,13 +590,19 @@ impl Reconciler {
             }
         }
         // ---- end of the incremental part ----
-        // An Ingress answers for the CEC generated from it.
-        for (ingress, cec) in &self.generated {
-            if let Some(why) = rejected.get(cec).cloned() {
-                rejected
-                    .entry(ingress.clone())
-                    .or_insert_with(|| format!("{ingress}: its {why}"));
+        // An Ingress answers for the CEC generated from it (looked up from
+        // the rejected CECs: there are few of them, and many Ingresses).
+        let mut answers: Vec<(usize, &ObjectKey, String)> = Vec::new();
+        for (cec, why) in rejected.iter().filter(|(k, _)| report::is_config(k.kind)) {
+            for (i, ingress) in self.generated.get(cec).into_iter().flatten() {
+                answers.push((*i, ingress, why.clone()));
             }
+        }
+        answers.sort_by_key(|(i, _, _)| *i);
+        for (_, ingress, why) in answers {
+            rejected
+                .entry(ingress.clone())
+                .or_insert_with(|| format!("{ingress}: its {why}"));
         }
         // Where a pass spends its time (MEMBRANE_LOG=membrane_agent=debug).
         debug!(
