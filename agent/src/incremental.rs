@@ -183,11 +183,19 @@ pub fn publish_delta(
 pub struct AckState {
     /// Served and ACKed in full.
     pub acked: BTreeSet<ObjectKey>,
-    /// To be checked at the next wake-up.
+    /// Served, not ACKed as of the last check: checked again when Envoy
+    /// ACKed something since.
     pending: BTreeSet<ObjectKey>,
+    /// Touched since the last check.
+    fresh: BTreeSet<ObjectKey>,
+    /// A touch took something out of `acked` since the last check.
+    unacked: bool,
     /// Everything is to be checked (a full pass, a new stream).
     all: bool,
     stream: Option<u64>,
+    /// What Envoy had ACKed at the last check (shared maps: a new ACK
+    /// replaces its type's map).
+    seen: BTreeMap<String, Arc<ResourceMap>>,
 }
 
 impl AckState {
@@ -199,8 +207,9 @@ impl AckState {
     /// What these serve may have changed (or they are no longer served).
     pub fn touch(&mut self, keys: impl IntoIterator<Item = ObjectKey>) {
         for k in keys {
-            self.acked.remove(&k);
-            self.pending.insert(k);
+            self.unacked |= self.acked.remove(&k);
+            self.pending.remove(&k);
+            self.fresh.insert(k);
         }
     }
 
@@ -226,10 +235,19 @@ impl AckState {
                     .is_some_and(|r| Arc::ptr_eq(r, current) || r.hash == current.hash)
             })
         };
+        let acks_same = self.seen.len() == acked_now.len()
+            && self
+                .seen
+                .iter()
+                .zip(acked_now)
+                .all(|((ta, a), (tb, b))| ta == tb && Arc::ptr_eq(a, b));
+        self.seen = acked_now.clone();
         if self.all || stream != self.stream {
+            self.unacked = false;
             self.all = false;
             self.stream = stream;
             self.pending.clear();
+            self.fresh.clear();
             let before = std::mem::take(&mut self.acked);
             for (key, resources) in served {
                 if all_acked(resources) {
@@ -241,9 +259,13 @@ impl AckState {
             }
             return before != self.acked;
         }
-        let mut changed = false;
-        let pending = std::mem::take(&mut self.pending);
-        for key in pending {
+        let mut changed = std::mem::take(&mut self.unacked);
+        // Nothing new ACKed: what was pending still is.
+        let mut todo = std::mem::take(&mut self.fresh);
+        if !acks_same {
+            todo.append(&mut self.pending);
+        }
+        for key in todo {
             let Some(resources) = served.get(&key) else {
                 // No longer served.
                 changed |= self.acked.remove(&key);
@@ -314,5 +336,47 @@ mod tests {
                 assert_eq!(snap.get(&r.type_url, &r.name).map(|x| x.hash), Some(r.hash));
             }
         }
+    }
+
+    /// The ACK check looks only at what changed, yet finds what a check of
+    /// everything finds: a new ACK, a changed resource, a new stream.
+    #[test]
+    fn ack_state_follows_acks_changes_and_streams() {
+        let l = "type.googleapis.com/envoy.config.listener.v3.Listener";
+        let key = ObjectKey::new(Kind::CiliumEnvoyConfig, "a", "c");
+        let served: BTreeMap<ObjectKey, Vec<(&'static str, String)>> =
+            [(key.clone(), vec![(type_url_static(), "x".to_owned())])].into();
+        let v1 = res(l, "x", 1);
+        let snap = crate::build_snapshot(std::slice::from_ref(&v1));
+        let acked_of = |r: &Built| -> BTreeMap<String, Arc<ResourceMap>> {
+            [(l.to_owned(), Arc::new([("x".to_owned(), r.clone())].into()))].into()
+        };
+        let mut st = AckState::default();
+        let mut marked = Vec::new();
+        st.reset();
+        assert!(!st.check(&served, &snap, &BTreeMap::new(), Some(1), |k| {
+            marked.push(k.clone())
+        }));
+        assert!(st.acked.is_empty());
+        // Envoy ACKs it: found although nothing was touched.
+        let acked = acked_of(&v1);
+        assert!(st.check(&served, &snap, &acked, Some(1), |k| marked.push(k.clone())));
+        assert!(st.acked.contains(&key));
+        assert_eq!(marked, vec![key.clone()]);
+        // Its content changes: pending until the new content is ACKed.
+        let v2 = res(l, "x", 2);
+        let snap2 = crate::build_snapshot(std::slice::from_ref(&v2));
+        st.touch([key.clone()]);
+        assert!(st.check(&served, &snap2, &acked, Some(1), |_| {}));
+        assert!(!st.acked.contains(&key));
+        assert!(st.check(&served, &snap2, &acked_of(&v2), Some(1), |_| {}));
+        assert!(st.acked.contains(&key));
+        // A new stream starts from nothing ACKed.
+        assert!(st.check(&served, &snap2, &BTreeMap::new(), Some(2), |_| {}));
+        assert!(st.acked.is_empty());
+    }
+
+    fn type_url_static() -> &'static str {
+        "type.googleapis.com/envoy.config.listener.v3.Listener"
     }
 }
