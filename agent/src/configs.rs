@@ -366,6 +366,8 @@ pub struct ConfigPipeline {
     inc: Option<delta::IncState>,
     /// CECs whose quarantine state changed since the latest pass.
     dirty_configs: BTreeSet<ObjectKey>,
+    /// Every CEC change takes a full pass (diagnostics and benchmarks).
+    always_full: bool,
 }
 
 type SecretsChecked = (Vec<Secret>, Vec<BadSecret>, Vec<BadSecret>);
@@ -456,7 +458,14 @@ impl ConfigPipeline {
             joined: HashMap::new(),
             inc: None,
             dirty_configs: BTreeSet::new(),
+            always_full: false,
         }
+    }
+
+    /// Take a full pass for every CEC change and quarantine, as before
+    /// passes over changed CECs existed (to compare, or to rule them out).
+    pub fn set_always_full(&mut self, on: bool) {
+        self.always_full = on;
     }
 
     /// Addresses of `pool` may only be bound by the Services they are
@@ -688,6 +697,7 @@ impl ConfigPipeline {
         if changes.resync
             || self.force_full
             || self.inc.is_none()
+            || (self.always_full && (changes.configs || !self.dirty_configs.is_empty()))
             || changes.secrets
             || !changes.services.is_empty()
         {

@@ -309,6 +309,12 @@ impl Reconciler {
             pipeline: {
                 let mut p = configs::ConfigPipeline::new(ports, config.node_labels.clone());
                 p.set_lb_pool(Some(config.lb_pool));
+                // `MEMBRANE_FULL_PASSES=1`: every CEC change takes a full
+                // pass (to compare with, or to rule out, the passes over
+                // changed CECs only).
+                p.set_always_full(
+                    std::env::var_os("MEMBRANE_FULL_PASSES").is_some_and(|v| v == "1"),
+                );
                 if let Some(range) = config.proxy_ports.clone() {
                     p.set_proxy_port_range(range);
                 }
