@@ -858,13 +858,15 @@ impl ConfigPipeline {
             self.fingerprint = fingerprint;
             self.retry_soon();
         }
+        // Served before this pass: the first undo record of each key.
+        let mut was_serving: HashMap<&ObjectKey, bool> = HashMap::new();
+        for (k, v) in serving_undo.iter() {
+            was_serving.entry(k).or_insert(v.is_some());
+        }
         let flips: Vec<ObjectKey> = old
             .keys()
             .filter(|k| {
-                let was = serving_undo
-                    .iter()
-                    .find(|(u, _)| u == *k)
-                    .is_some_and(|(_, v)| v.is_some());
+                let was = was_serving.get(*k).copied().unwrap_or(false);
                 let is = inc.entries.get(*k).is_some_and(|e| e.accepted);
                 was != is
             })
