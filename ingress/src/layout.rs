@@ -235,6 +235,7 @@ impl SharedLayout {
 
         // Refresh the rendered chunks: only new or changed Ingresses.
         let mut live: HashSet<(String, String)> = HashSet::new();
+        let mut changed: HashSet<IngressOrder> = HashSet::new();
         for p in &merged.included {
             let key = (p.namespace.clone(), p.name.clone());
             live.insert(key.clone());
@@ -242,6 +243,7 @@ impl SharedLayout {
                 continue;
             }
             let chunk = Chunk::render(p, &id)?;
+            changed.insert(chunk.order.clone());
             let old = self.chunks.remove(&key);
             if let Some(part) = self.part_of.get(&key).and_then(|k| self.parts.get_mut(k)) {
                 if let Some(old) = &old {
@@ -326,9 +328,23 @@ impl SharedLayout {
         let budget = max_bytes.saturating_sub(json_len(&empty, &id)? + 1024);
         let fill = budget / 100 * FILL_PERCENT;
 
-        // Parts that outgrew the budget give up their newest Ingresses.
+        // Parts that outgrew the budget give up the Ingresses that grew,
+        // then their newest.
         let mut unplaced: BTreeSet<IngressOrder> = BTreeSet::new();
         for part in self.parts.values_mut() {
+            if part.bytes > budget {
+                let grown: Vec<IngressOrder> =
+                    part.members.iter().filter(|o| changed.contains(*o)).cloned().collect();
+                for order in grown {
+                    let key = (order.2.clone(), order.3.clone());
+                    part.members.remove(&order);
+                    part.bytes = part
+                        .bytes
+                        .saturating_sub(self.chunks.get(&key).map_or(0, |c| c.bytes));
+                    self.part_of.remove(&key);
+                    unplaced.insert(order);
+                }
+            }
             while part.bytes > budget {
                 let Some(last) = part.members.pop_last() else {
                     break;
@@ -487,6 +503,9 @@ pub(crate) fn join_by_ingress(parts: &[CiliumEnvoyConfig]) -> Option<CiliumEnvoy
     let mut out = first.clone();
     if let Some(a) = out.metadata.annotations.as_mut() {
         a.remove(LAYOUT_ANNOTATION);
+        if a.is_empty() {
+            out.metadata.annotations = None;
+        }
     }
     // Virtual-host entries by route configuration and host.
     type Entries = BTreeMap<String, Vec<(RouteOrder, Value)>>;

@@ -1271,6 +1271,123 @@ spec:
         );
     }
 
+    /// Counts the objects written, by name, then writes them to the store.
+    struct CountingSink {
+        inner: StoreSink,
+        writes: std::sync::Mutex<Vec<String>>,
+    }
+
+    impl Sink for CountingSink {
+        fn apply_all(&self, objs: Vec<Object>) {
+            if let Ok(mut w) = self.writes.lock() {
+                w.extend(objs.iter().map(|o| o.key().to_string()));
+            }
+            self.inner.apply_all(objs);
+        }
+        fn delete(&self, key: &ObjectKey) {
+            if let Ok(mut w) = self.writes.lock() {
+                w.push(format!("delete {key}"));
+            }
+            self.inner.delete(key);
+        }
+        fn status(&self, key: &ObjectKey, status: serde_json::Value) {
+            self.inner.status(key, status);
+        }
+        fn warn(&self, warning: membrane_k8s::Warning) {
+            self.inner.warn(warning);
+        }
+    }
+
+    #[test]
+    fn one_shared_ingress_change_rewrites_only_its_part() {
+        const BUDGET: usize = 6 * 1024;
+        let store = Store::new();
+        store.apply(service("a", "s"));
+        for i in 0..60 {
+            store.apply(ingress(
+                "a",
+                &format!("i{i}"),
+                "shared",
+                &format!("/p{i}"),
+                "s",
+            ));
+        }
+        let sink = CountingSink {
+            inner: StoreSink(store.clone()),
+            writes: std::sync::Mutex::new(Vec::new()),
+        };
+        let opts = TranslateOptions::default();
+        let mut ctl = IngressController::with_part_budget(BUDGET);
+        ctl.reconcile_store(&sink, &store, &opts);
+        let parts = shared_joined(&store).expect("parts join").0;
+        assert!(parts >= 4, "{parts} parts");
+        let take = || std::mem::take(&mut *sink.writes.lock().expect("lock"));
+        let first: Vec<String> = take()
+            .into_iter()
+            .filter(|w| w.starts_with("CiliumEnvoyConfig"))
+            .collect();
+        assert_eq!(first.len(), parts, "first pass writes every part: {first:?}");
+
+        for (k, i) in [7, 23, 41, 7].into_iter().enumerate() {
+            // One more path on Ingress i.
+            let Object::Ingress(mut ing) = ingress(
+                "a",
+                &format!("i{i}"),
+                "shared",
+                &format!("/p{i}"),
+                "s",
+            ) else {
+                panic!("an Ingress");
+            };
+            let rule = ing
+                .spec
+                .as_mut()
+                .and_then(|s| s.rules.as_mut())
+                .and_then(|r| r.first_mut())
+                .and_then(|r| r.http.as_mut())
+                .expect("a rule");
+            let mut extra = rule.paths[0].clone();
+            extra.path = Some(format!("/extra{k}"));
+            rule.paths.push(extra);
+            store.apply(Object::Ingress(ing));
+            ctl.reconcile_store(&sink, &store, &opts);
+            let cec_writes: Vec<String> = take()
+                .into_iter()
+                .filter(|w| w.contains("CiliumEnvoyConfig"))
+                .collect();
+            assert_eq!(cec_writes.len(), 1, "change {k}: {cec_writes:?}");
+            assert!(
+                !cec_writes[0].ends_with("/cilium-ingress"),
+                "change {k}: the first part is not rewritten: {cec_writes:?}"
+            );
+            // An unrelated pass writes nothing.
+            ctl.reconcile_store(&sink, &store, &opts);
+            assert!(take().is_empty(), "change {k}: nothing more to write");
+            assert!(
+                shared_paths_joined(&store).contains(&format!("/extra{k}")),
+                "change {k} is served"
+            );
+        }
+    }
+
+    /// Paths of the joined shared CEC.
+    fn shared_paths_joined(store: &Store) -> Vec<String> {
+        let Some((_, joined)) = shared_joined(store) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for r in &joined.spec.config.resources {
+            for vh in r["virtualHosts"].as_array().into_iter().flatten() {
+                for route in vh["routes"].as_array().into_iter().flatten() {
+                    let m = &route["match"];
+                    let p = m["pathSeparatedPrefix"].as_str().or(m["prefix"].as_str());
+                    out.push(p.unwrap_or_default().to_owned());
+                }
+            }
+        }
+        out
+    }
+
     #[test]
     fn shared_ingresses_share_the_cec_and_a_broken_one_keeps_its_last_good_part() {
         let store = Store::new();
