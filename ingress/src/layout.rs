@@ -183,6 +183,10 @@ pub struct SharedLayout {
 /// Room kept free for growth when Ingresses are placed into a part: the
 /// part is only rewritten as a whole when one outgrows it.
 const FILL_PERCENT: usize = 75;
+/// Parts are filled to at most this when Ingresses are placed: a change
+/// rewrites, and the agent decodes, one part, so smaller parts make a
+/// change cheaper (10,000 routes are ~50 parts).
+const FILL_BYTES: usize = 128 << 10;
 
 impl SharedLayout {
     /// The next call returns every part as changed (an object was changed
@@ -326,7 +330,7 @@ impl SharedLayout {
         // part with both route fragments, less a margin for the names.
         let empty = self.part_object(&head, 0, &[], &[], Default::default(), Vec::new());
         let budget = max_bytes.saturating_sub(json_len(&empty, &id)? + 1024);
-        let fill = budget / 100 * FILL_PERCENT;
+        let fill = (budget / 100 * FILL_PERCENT).min(FILL_BYTES);
 
         // Parts that outgrew the budget give up the Ingresses that grew,
         // then their newest.
