@@ -406,7 +406,11 @@ fn split_shared_cec_parts_by_ingress_serve_what_the_whole_cec_serves() {
                 )
             })
             .collect();
-        let host = if i % 3 == 0 { "host: a.example.com, " } else { "" };
+        let host = if i % 3 == 0 {
+            "host: a.example.com, "
+        } else {
+            ""
+        };
         let yaml = format!(
             "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: ing-{i}, namespace: bench, creationTimestamp: \"2026-01-01T00:00:{:02}Z\", annotations: {{ingress.cilium.io/loadbalancer-mode: shared}}}}\nspec: {{ingressClassName: cilium, rules: [{{{host}http: {{paths: [{paths}]}}}}]}}\n",
             i % 7
@@ -452,7 +456,11 @@ fn split_shared_cec_parts_by_ingress_serve_what_the_whole_cec_serves() {
         {
             let name = c.metadata.name.clone().unwrap_or_default();
             if !out.names.contains(&name) {
-                many.delete(&ObjectKey::new(Kind::CiliumEnvoyConfig, "kube-system", &name));
+                many.delete(&ObjectKey::new(
+                    Kind::CiliumEnvoyConfig,
+                    "kube-system",
+                    &name,
+                ));
             }
         }
         let whole = merge_shared_preferring(&parts, &serving, &opts).cec;

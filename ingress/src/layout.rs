@@ -83,9 +83,7 @@ impl Chunk {
     fn render(part: &SharedPart, id: &str) -> Result<Self, SplitError> {
         let order = IngressOrder(
             part.created.as_ref().map(|t| t.0.as_second()),
-            part.created
-                .as_ref()
-                .map_or(0, |t| t.0.subsec_nanosecond()),
+            part.created.as_ref().map_or(0, |t| t.0.subsec_nanosecond()),
             part.namespace.clone(),
             part.name.clone(),
         );
@@ -115,7 +113,11 @@ impl Chunk {
         });
         let clusters = envoy::clusters(&part.model.backends);
         let mut bytes = 0;
-        for v in entries.iter().flatten().chain(clusters.iter().map(|(_, v)| v)) {
+        for v in entries
+            .iter()
+            .flatten()
+            .chain(clusters.iter().map(|(_, v)| v))
+        {
             bytes += json_len(v, id)? + 1;
         }
         for b in backend_services(&part.model.backends) {
@@ -270,7 +272,11 @@ impl SharedLayout {
             let Some(chunk) = self.chunks.remove(&key) else {
                 continue;
             };
-            if let Some(part) = self.part_of.remove(&key).and_then(|k| self.parts.get_mut(&k)) {
+            if let Some(part) = self
+                .part_of
+                .remove(&key)
+                .and_then(|k| self.parts.get_mut(&k))
+            {
                 part.members.remove(&chunk.order);
                 part.bytes = part.bytes.saturating_sub(chunk.bytes);
                 part.dirty = true;
@@ -337,8 +343,12 @@ impl SharedLayout {
         let mut unplaced: BTreeSet<IngressOrder> = BTreeSet::new();
         for part in self.parts.values_mut() {
             if part.bytes > budget {
-                let grown: Vec<IngressOrder> =
-                    part.members.iter().filter(|o| changed.contains(*o)).cloned().collect();
+                let grown: Vec<IngressOrder> = part
+                    .members
+                    .iter()
+                    .filter(|o| changed.contains(*o))
+                    .cloned()
+                    .collect();
                 for order in grown {
                     let key = (order.2.clone(), order.3.clone());
                     part.members.remove(&order);
@@ -479,10 +489,8 @@ impl SharedLayout {
             node_selector: head.spec.config.node_selector.clone(),
             ..Default::default()
         };
-        let mut c = CiliumEnvoyConfig::new(
-            &format!("{name}-{k}"),
-            CiliumEnvoyConfigSpec::from(spec),
-        );
+        let mut c =
+            CiliumEnvoyConfig::new(&format!("{name}-{k}"), CiliumEnvoyConfigSpec::from(spec));
         c.metadata = part_meta(head, k.max(1), &name);
         if let Some(a) = c.metadata.annotations.as_mut() {
             a.remove(LAYOUT_ANNOTATION);

@@ -58,10 +58,11 @@ pub use pool::{Pool, PoolError, lb_ip};
 pub use references::{Lookup, TLS_SECRET_TYPE, validate_references, validate_references_with};
 pub use render::{cecs_to_yaml, to_yaml};
 pub use shared::{
-    ClusterTranslation, IngressRejection, LOADBALANCER_MODE, LoadBalancerMode, MAX_OBJECT_BYTES,
-    FRAGMENT_SEP, SHARED_PART_OF_LABEL, SHARED_PORTS, SharedOutcome, SharedPart, SharedTranslation, SplitError,
-    join_shared_cecs, loadbalancer_mode, merge_shared, merge_shared_preferring, shared_part,
-    shared_part_of, split_shared_cec, translate_cluster, translate_shared,
+    ClusterTranslation, FRAGMENT_SEP, IngressRejection, LOADBALANCER_MODE, LoadBalancerMode,
+    MAX_OBJECT_BYTES, SHARED_PART_OF_LABEL, SHARED_PORTS, SharedOutcome, SharedPart,
+    SharedTranslation, SplitError, join_shared_cecs, loadbalancer_mode, merge_shared,
+    merge_shared_preferring, shared_part, shared_part_of, split_shared_cec, translate_cluster,
+    translate_shared,
 };
 pub use translate::{
     DEFAULT_HOST_LISTENER_PORT, DEFAULT_LB_ANNOTATION_PREFIXES, HostNetwork, INGRESS_LABEL,

@@ -14,7 +14,12 @@ use serde_json::Value;
 
 /// Ingress `name` created at second `created`, with `(host, path, service)`
 /// Prefix routes and TLS for `tls` hosts.
-fn ingress(name: &str, created: u32, routes: &[(String, String, usize)], tls: &[String]) -> Ingress {
+fn ingress(
+    name: &str,
+    created: u32,
+    routes: &[(String, String, usize)],
+    tls: &[String],
+) -> Ingress {
     let mut rules = String::new();
     for (host, path, svc) in routes {
         let host = if host.is_empty() {
@@ -29,7 +34,10 @@ fn ingress(name: &str, created: u32, routes: &[(String, String, usize)], tls: &[
     let tls = if tls.is_empty() {
         String::new()
     } else {
-        format!("  tls: [{{hosts: [{}], secretName: cert}}]\n", tls.join(", "))
+        format!(
+            "  tls: [{{hosts: [{}], secretName: cert}}]\n",
+            tls.join(", ")
+        )
     };
     serde_yaml_ng::from_str(&format!(
         "metadata:\n  name: {name}\n  namespace: bench\n  creationTimestamp: \"2026-01-01T00:{:02}:{:02}Z\"\n  annotations: {{ingress.cilium.io/loadbalancer-mode: shared}}\nspec:\n  ingressClassName: cilium\n  rules:\n{rules}{tls}",
@@ -198,7 +206,10 @@ fn parts_join_to_the_from_scratch_merge_over_random_changes() {
             let out = layout
                 .render(&parts, &serving, &opts, MAX)
                 .expect("lays out");
-            assert_eq!(out.translation.included, whole.included, "seed {seed} step {step}");
+            assert_eq!(
+                out.translation.included, whole.included,
+                "seed {seed} step {step}"
+            );
             assert_eq!(
                 out.translation.conflicts.len(),
                 whole.conflicts.len(),
@@ -262,7 +273,10 @@ fn ten_thousand_routes_fit_in_parts_and_one_change_rewrites_one_part() {
         assert!(!out.head_changed, "change {k}: the first part is unchanged");
         writes.push(written.apply(&out));
     }
-    assert!(writes.iter().all(|&w| w == 1), "writes per change: {writes:?}");
+    assert!(
+        writes.iter().all(|&w| w == 1),
+        "writes per change: {writes:?}"
+    );
     assert_sizes(&written, max);
 
     // An Ingress that grows past its part's room moves: its old and new

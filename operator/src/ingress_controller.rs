@@ -1326,17 +1326,17 @@ spec:
             .into_iter()
             .filter(|w| w.starts_with("CiliumEnvoyConfig"))
             .collect();
-        assert_eq!(first.len(), parts, "first pass writes every part: {first:?}");
+        assert_eq!(
+            first.len(),
+            parts,
+            "first pass writes every part: {first:?}"
+        );
 
         for (k, i) in [7, 23, 41, 7].into_iter().enumerate() {
             // One more path on Ingress i.
-            let Object::Ingress(mut ing) = ingress(
-                "a",
-                &format!("i{i}"),
-                "shared",
-                &format!("/p{i}"),
-                "s",
-            ) else {
+            let Object::Ingress(mut ing) =
+                ingress("a", &format!("i{i}"), "shared", &format!("/p{i}"), "s")
+            else {
                 panic!("an Ingress");
             };
             let rule = ing

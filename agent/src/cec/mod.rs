@@ -7,5 +7,5 @@ mod qualify;
 mod shared;
 
 pub use parse::{CecError, ParsedCec, ParsedListener, parse_cec, parse_decoded};
-pub use shared::{Joined, SharedJoin};
 pub use qualify::qualify;
+pub use shared::{Joined, SharedJoin};

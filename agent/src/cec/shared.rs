@@ -44,12 +44,7 @@ struct Decoded {
 
 impl Joined {
     /// The joined CEC decoded and qualified (see [`parse_cec`]).
-    pub fn parse(
-        &self,
-        object: &str,
-        namespace: &str,
-        name: &str,
-    ) -> Result<ParsedCec, CecError> {
+    pub fn parse(&self, object: &str, namespace: &str, name: &str) -> Result<ParsedCec, CecError> {
         match &self.decoded {
             None => parse_cec(object, namespace, name, &self.spec),
             Some(Ok(d)) => parse_decoded(
@@ -359,7 +354,9 @@ fn assemble(head_key: &ObjectKey, parts: &[&Part]) -> Result<Decoded, CecError> 
     if let Some(base) = by_base.keys().next() {
         return Err(err(
             "spec.resources".to_owned(),
-            format!("route fragments name route configuration {base}, which the first part does not define"),
+            format!(
+                "route fragments name route configuration {base}, which the first part does not define"
+            ),
         ));
     }
     let mut rest: Vec<&(String, Any)> = others.iter().flat_map(|p| &p.resources).collect();
