@@ -131,6 +131,9 @@ fn assert_sizes(w: &Written, max: usize) {
     }
 }
 
+/// An Ingress's creation second, `(host, path, service)` routes and TLS hosts.
+type Spec = (u32, Vec<(String, String, usize)>, Vec<String>);
+
 /// A tiny deterministic generator (no dependency for one test).
 struct Rng(u64);
 impl Rng {
@@ -152,8 +155,7 @@ fn parts_join_to_the_from_scratch_merge_over_random_changes() {
         let mut rng = Rng(seed);
         let mut layout = SharedLayout::default();
         let mut written = Written::default();
-        let mut ingresses: BTreeMap<String, (u32, Vec<(String, String, usize)>, Vec<String>)> =
-            BTreeMap::new();
+        let mut ingresses: BTreeMap<String, Spec> = BTreeMap::new();
         let mut serving: BTreeSet<(String, String)> = BTreeSet::new();
         let mut split_seen = false;
         for step in 0..80 {

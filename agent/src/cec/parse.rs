@@ -90,11 +90,20 @@ pub fn parse_cec(
     let mut decoded = Vec::with_capacity(spec.resources.len());
     for (index, raw) in spec.resources.iter().enumerate() {
         let field = format!("spec.resources[{index}]");
-        decoded.push(
+        decoded.push(Decoded::Packed(
             membrane_xds::codec::any_from_json(raw).map_err(|e| ctx.err(&field, e.to_string()))?,
-        );
+        ));
     }
-    parse_decoded(object, namespace, name, &decoded, defines_legacy_admin)
+    parse_decoded(object, namespace, name, decoded, defines_legacy_admin)
+}
+
+/// A resource decoded from its JSON: packed, or a route configuration
+/// assembled by the caller (a joined shared CEC), which spares packing and
+/// unpacking its thousands of routes.
+#[derive(Debug, Clone)]
+pub enum Decoded {
+    Packed(Any),
+    Route(RouteConfiguration),
 }
 
 /// [`parse_cec`] of resources already decoded from JSON (in `spec.resources`
@@ -104,7 +113,7 @@ pub fn parse_decoded(
     object: &str,
     namespace: &str,
     name: &str,
-    resources: &[Any],
+    resources: impl IntoIterator<Item = Decoded>,
     defines_legacy_admin: bool,
 ) -> Result<ParsedCec, CecError> {
     let ctx = Ctx {
@@ -114,8 +123,16 @@ pub fn parse_decoded(
         defines_legacy_admin,
     };
     let mut out = ParsedCec::default();
-    for (index, any) in resources.iter().enumerate() {
+    for (index, resource) in resources.into_iter().enumerate() {
         let field = format!("spec.resources[{index}]");
+        let any = match resource {
+            Decoded::Packed(any) => any,
+            Decoded::Route(r) => {
+                out.routes.push(route_configuration(&ctx, &field, r)?);
+                continue;
+            }
+        };
+        let any = &any;
         let bad = |e: prost::DecodeError| ctx.err(&field, e.to_string());
         if let Some(l) = from_any::<Listener>(any) {
             out.listeners

@@ -21,9 +21,9 @@ use membrane_store::{Kind, Object, ObjectKey, StoreSnapshot};
 use prost::{Message, Name};
 use serde::Deserialize;
 
-use super::parse::{CecError, ParsedCec, parse_cec, parse_decoded};
+use super::parse::{CecError, Decoded, ParsedCec, parse_cec, parse_decoded};
 use super::qualify::LEGACY_ADMIN_CLUSTER;
-use crate::envoy_pb::{Any, Cluster, RouteConfiguration, to_any};
+use crate::envoy_pb::{Any, Cluster, RouteConfiguration};
 
 /// A split CEC joined back.
 #[derive(Debug)]
@@ -33,12 +33,12 @@ pub struct Joined {
     /// The joined spec. Parts laid out by Ingress leave `resources` empty:
     /// they are in `decoded`.
     pub spec: Arc<EnvoyConfigSpec>,
-    decoded: Option<Result<Arc<Decoded>, CecError>>,
+    decoded: Option<Result<Arc<Assembled>, CecError>>,
 }
 
 #[derive(Debug)]
-struct Decoded {
-    resources: Vec<Any>,
+struct Assembled {
+    resources: Vec<Decoded>,
     defines_legacy_admin: bool,
 }
 
@@ -51,7 +51,7 @@ impl Joined {
                 object,
                 namespace,
                 name,
-                &d.resources,
+                d.resources.iter().cloned(),
                 d.defines_legacy_admin,
             ),
             Some(Err(e)) => Err(e.clone()),
@@ -318,7 +318,7 @@ fn decode_part(key: &ObjectKey, c: &CiliumEnvoyConfig) -> Result<Part, CecError>
 /// The joined resources: the first part's, its route configurations with
 /// every part's virtual hosts, then the other parts' resources by name
 /// (a cluster several parts carry, once).
-fn assemble(head_key: &ObjectKey, parts: &[&Part]) -> Result<Decoded, CecError> {
+fn assemble(head_key: &ObjectKey, parts: &[&Part]) -> Result<Assembled, CecError> {
     let err = |field: String, message: String| CecError {
         object: head_key.to_string(),
         field,
@@ -342,14 +342,14 @@ fn assemble(head_key: &ObjectKey, parts: &[&Part]) -> Result<Decoded, CecError> 
             .then(|| by_base.remove(name.as_str()))
             .flatten()
         else {
-            resources.push(any.clone());
+            resources.push(Decoded::Packed(any.clone()));
             continue;
         };
         let field = format!("spec.resources[{i}]");
         let mut rc = RouteConfiguration::decode(any.value.as_slice())
             .map_err(|e| err(field.clone(), e.to_string()))?;
         rc.virtual_hosts = vhosts.into_values().map(merge_vhost).collect();
-        resources.push(to_any(&rc));
+        resources.push(Decoded::Route(rc));
     }
     if let Some(base) = by_base.keys().next() {
         return Err(err(
@@ -367,8 +367,8 @@ fn assemble(head_key: &ObjectKey, parts: &[&Part]) -> Result<Decoded, CecError> 
         .iter()
         .chain(rest.iter().copied())
         .any(|(n, a)| n == LEGACY_ADMIN_CLUSTER && a.type_url == Cluster::type_url());
-    resources.extend(rest.into_iter().map(|(_, a)| a.clone()));
-    Ok(Decoded {
+    resources.extend(rest.into_iter().map(|(_, a)| Decoded::Packed(a.clone())));
+    Ok(Assembled {
         resources,
         defines_legacy_admin,
     })
