@@ -406,7 +406,7 @@ fn split_shared_cec_parts_by_ingress_serve_what_the_whole_cec_serves() {
                 )
             })
             .collect();
-        let host = if i % 3 == 0 {
+        let host = if i.is_multiple_of(3) {
             "host: a.example.com, "
         } else {
             ""

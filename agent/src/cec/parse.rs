@@ -103,7 +103,7 @@ pub fn parse_cec(
 #[derive(Debug, Clone)]
 pub enum Decoded {
     Packed(Any),
-    Route(RouteConfiguration),
+    Route(Box<RouteConfiguration>),
 }
 
 /// [`parse_cec`] of resources already decoded from JSON (in `spec.resources`
@@ -128,7 +128,7 @@ pub fn parse_decoded(
         let any = match resource {
             Decoded::Packed(any) => any,
             Decoded::Route(r) => {
-                out.routes.push(route_configuration(&ctx, &field, r)?);
+                out.routes.push(route_configuration(&ctx, &field, *r)?);
                 continue;
             }
         };

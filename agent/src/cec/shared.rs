@@ -349,7 +349,7 @@ fn assemble(head_key: &ObjectKey, parts: &[&Part]) -> Result<Assembled, CecError
         let mut rc = RouteConfiguration::decode(any.value.as_slice())
             .map_err(|e| err(field.clone(), e.to_string()))?;
         rc.virtual_hosts = vhosts.into_values().map(merge_vhost).collect();
-        resources.push(Decoded::Route(rc));
+        resources.push(Decoded::Route(Box::new(rc)));
     }
     if let Some(base) = by_base.keys().next() {
         return Err(err(
