@@ -999,6 +999,12 @@ impl IngressController {
         if fresh || again.iter().any(|(k, _)| k.kind == Kind::EndpointSlice) {
             objects.push(Object::EndpointSlice(t.endpoint_slice));
         }
+        tracing::debug!(
+            cec = %cec_key,
+            objects = names.len(),
+            written = objects.len(),
+            "shared CEC laid out"
+        );
         let written = apply_recorded(sink, objects);
         // What was not written again is still as recorded last time.
         let mut applied: Vec<(ObjectKey, String)> = prev_applied

@@ -177,6 +177,8 @@ impl SharedJoin {
         group: &Group<'_>,
         rv: String,
     ) -> Joined {
+        let started = std::time::Instant::now();
+        let mut fresh = 0;
         let mut decoded = Vec::with_capacity(group.len() + 1);
         for (key, c) in std::iter::once((head_key.clone(), head))
             .chain(group.iter().map(|(_, c)| (part_key(head_key, c), *c)))
@@ -186,6 +188,7 @@ impl SharedJoin {
                 Some((v, p)) if *v == version => p.clone(),
                 _ => {
                     let p = Arc::new(decode_part(&key, c));
+                    fresh += 1;
                     self.parts.insert(key, (version, p.clone()));
                     p
                 }
@@ -223,10 +226,19 @@ impl SharedJoin {
                 }
             })
             .collect();
+        let decoded_at = started.elapsed();
         let decoded = match failed {
             Some(e) => Err(e),
             None => assemble(head_key, &ok).map(Arc::new),
         };
+        tracing::debug!(
+            cec = %head_key,
+            parts = ok.len(),
+            decoded = fresh,
+            decode_ms = decoded_at.as_secs_f64() * 1e3,
+            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            "shared CEC joined"
+        );
         Joined {
             rv,
             spec: Arc::new(spec),
