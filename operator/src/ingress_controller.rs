@@ -1201,12 +1201,12 @@ spec:
         membrane_ingress::join_shared_cecs(&parts).map(|j| (n, j))
     }
 
-    #[test]
-    fn a_large_shared_cec_is_written_in_parts_within_the_budget_and_shrinks_back() {
-        const BUDGET: usize = 6 * 1024;
+    /// A store with Service a/s and `n` shared Ingresses a/i<k> routing
+    /// `/p<k>` to it.
+    fn shared_ingresses(n: usize) -> Store {
         let store = Store::new();
         store.apply(service("a", "s"));
-        for i in 0..40 {
+        for i in 0..n {
             store.apply(ingress(
                 "a",
                 &format!("i{i}"),
@@ -1215,6 +1215,13 @@ spec:
                 "s",
             ));
         }
+        store
+    }
+
+    #[test]
+    fn a_large_shared_cec_is_written_in_parts_within_the_budget_and_shrinks_back() {
+        const BUDGET: usize = 6 * 1024;
+        let store = shared_ingresses(40);
         let mut ctl = IngressController::with_part_budget(BUDGET);
         let pass = run(&mut ctl, &store);
         assert!(pass.rejected.is_empty(), "{:?}", pass.rejected);
@@ -1307,17 +1314,7 @@ spec:
     #[test]
     fn one_shared_ingress_change_rewrites_only_its_part() {
         const BUDGET: usize = 6 * 1024;
-        let store = Store::new();
-        store.apply(service("a", "s"));
-        for i in 0..60 {
-            store.apply(ingress(
-                "a",
-                &format!("i{i}"),
-                "shared",
-                &format!("/p{i}"),
-                "s",
-            ));
-        }
+        let store = shared_ingresses(60);
         let sink = CountingSink {
             inner: StoreSink(store.clone()),
             writes: std::sync::Mutex::new(Vec::new()),
