@@ -1165,8 +1165,14 @@ spec:
         else {
             return Vec::new();
         };
+        route_prefixes(&cec.spec.resources)
+    }
+
+    /// The path prefixes of every route in the route configurations among
+    /// `resources`.
+    fn route_prefixes(resources: &[serde_json::Value]) -> Vec<String> {
         let mut out = Vec::new();
-        for r in &cec.spec.resources {
+        for r in resources {
             for vh in r["virtualHosts"].as_array().into_iter().flatten() {
                 for route in vh["routes"].as_array().into_iter().flatten() {
                     let m = &route["match"];
@@ -1378,17 +1384,7 @@ spec:
         let Some((_, joined)) = shared_joined(store) else {
             return Vec::new();
         };
-        let mut out = Vec::new();
-        for r in &joined.spec.config.resources {
-            for vh in r["virtualHosts"].as_array().into_iter().flatten() {
-                for route in vh["routes"].as_array().into_iter().flatten() {
-                    let m = &route["match"];
-                    let p = m["pathSeparatedPrefix"].as_str().or(m["prefix"].as_str());
-                    out.push(p.unwrap_or_default().to_owned());
-                }
-            }
-        }
-        out
+        route_prefixes(&joined.spec.config.resources)
     }
 
     #[test]
