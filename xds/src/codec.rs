@@ -4,6 +4,7 @@
 //! type known to that crate can be decoded, including nested `typed_config`
 //! payloads, without hand-written conversions.
 
+use std::fmt::Write as _;
 use std::sync::LazyLock;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
@@ -94,10 +95,9 @@ pub fn any_from_json(v: &Value) -> Result<Any, CodecError> {
     if !obj.contains_key("@type") {
         return Err(CodecError::MissingType { path: ".".into() });
     }
-    // prost-reflect buffers every key it sees before `@type` outside the path
-    // tracker; putting `@type` first keeps error paths precise.
     let mut types = vec![ANY_NAME];
-    let normalized = type_first(v, &mut types);
+    let mut path = String::new();
+    let normalized = type_first(v, &mut types, &mut path)?;
     let pool = descriptors()?.pool_for(types)?;
     let desc = any_descriptor(&pool)?;
     let mut track = serde_path_to_error::Track::new();
@@ -229,27 +229,59 @@ pub fn resource_name(any: &Any) -> Result<String, CodecError> {
     }
 }
 
-/// Copies `v`, moving `@type` to the front of every object that has one,
-/// and collects the message names of those `@type`s.
-fn type_first<'a>(v: &'a Value, types: &mut Vec<&'a str>) -> Value {
+/// Copies `v`, collecting the message names of its `@type`s, and rejects
+/// keys that sort before `@type` in an object that has one.
+///
+/// Objects iterate in key order, and prost-reflect buffers the keys it meets
+/// before an `Any`'s `@type` in a hash map: which unknown one it reported
+/// would vary from call to call, without a path. No protojson field name
+/// sorts before `@type` (names start with a letter, `_` or `[`), so such a
+/// key is unrecognized whatever the type.
+fn type_first<'a>(
+    v: &'a Value,
+    types: &mut Vec<&'a str>,
+    path: &mut String,
+) -> Result<Value, CodecError> {
     match v {
         Value::Object(m) => {
-            let mut out = serde_json::Map::new();
             if let Some(t) = m.get("@type") {
                 if let Some(url) = t.as_str() {
                     types.push(message_name(url));
                 }
-                out.insert("@type".into(), t.clone());
-            }
-            for (k, val) in m {
-                if k != "@type" {
-                    out.insert(k.clone(), type_first(val, types));
+                if let Some(first) = m.keys().next().filter(|k| k.as_str() < "@type") {
+                    return Err(CodecError::Json {
+                        path: if path.is_empty() {
+                            ".".into()
+                        } else {
+                            path.clone()
+                        },
+                        message: format!("unrecognized field name '{first}'"),
+                    });
                 }
             }
-            Value::Object(out)
+            let mut out = serde_json::Map::new();
+            for (k, val) in m {
+                let len = path.len();
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(k);
+                out.insert(k.clone(), type_first(val, types, path)?);
+                path.truncate(len);
+            }
+            Ok(Value::Object(out))
         }
-        Value::Array(a) => Value::Array(a.iter().map(|v| type_first(v, types)).collect()),
-        other => other.clone(),
+        Value::Array(a) => {
+            let mut out = Vec::with_capacity(a.len());
+            for (i, v) in a.iter().enumerate() {
+                let len = path.len();
+                let _ = write!(path, "[{i}]");
+                out.push(type_first(v, types, path)?);
+                path.truncate(len);
+            }
+            Ok(Value::Array(out))
+        }
+        other => Ok(other.clone()),
     }
 }
 
@@ -354,6 +386,26 @@ mod tests {
 
         let back = any_to_json(&any).unwrap();
         assert_eq!(back, listener_json());
+    }
+
+    #[test]
+    fn keys_sorting_before_type_are_named_with_their_path() {
+        // Both keys sort before `@type`; prost-reflect would buffer them in a
+        // hash map and report either one.
+        let top = json!({
+            "@type": type_url::CLUSTER, "2ype": "EDS", "2ypedOptions": {}, "name": "c"
+        });
+        for _ in 0..4 {
+            let e = any_from_json(&top).unwrap_err().to_string();
+            assert_eq!(e, ".: unrecognized field name '2ype'");
+        }
+        let mut nested = listener_json();
+        nested["filterChains"][0]["filters"][0]["typedConfig"]["#x"] = json!(1);
+        let e = any_from_json(&nested).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "filterChains[0].filters[0].typedConfig: unrecognized field name '#x'"
+        );
     }
 
     #[test]
