@@ -29,7 +29,7 @@ use membrane_store::{Changes, Kind, Object, ObjectKey, StoreSnapshot};
 use membrane_xds::Resource;
 use membrane_xds::codec::type_url;
 
-use crate::cec::{ParsedCec, parse_cec};
+use crate::cec::{Joined, ParsedCec, SharedJoin, parse_cec};
 use crate::endpoints::{SliceIndex, Validator, empty_assignment, slice_service};
 use crate::envoy_pb::*;
 use crate::lb_ipam::{Pool, lb_ip};
@@ -358,9 +358,11 @@ pub struct ConfigPipeline {
     secrets: Option<(SecretsChecked, Instant)>,
     /// Per CEC version: its LB pool check, valid while no Service changes.
     pool_checked: HashMap<ObjectKey, (Arc<Prepared>, Option<String>)>,
-    /// Split shared CECs joined back, by their first part: the versions of
-    /// all parts and the joined spec.
-    joined: HashMap<ObjectKey, (String, Arc<EnvoyConfigSpec>)>,
+    /// Split shared CECs joined back (see [`crate::cec::SharedJoin`]).
+    shared: SharedJoin,
+    /// What the latest full pass joined, by first part (passes over
+    /// changed CECs re-check these as dependents).
+    joined: HashMap<ObjectKey, Arc<Joined>>,
     /// What the latest pass decided, for a pass over changed CECs only
     /// (`None`: the next pass is a full one).
     inc: Option<delta::IncState>,
@@ -455,6 +457,7 @@ impl ConfigPipeline {
             service_slices: HashMap::new(),
             secrets: None,
             pool_checked: HashMap::new(),
+            shared: SharedJoin::default(),
             joined: HashMap::new(),
             inc: None,
             dirty_configs: BTreeSet::new(),
@@ -903,9 +906,10 @@ impl ConfigPipeline {
         // CEC versions still hold when no Service changed.
         let services_same = !changes.resync && changes.services.is_empty();
         let mut pass = ConfigPass::default();
-        let (joined, parts) = self.join_split(snap);
+        let (joined, parts) = self.shared.join(snap);
+        self.joined = joined.clone();
         let mut configs: Vec<(ObjectKey, &EnvoyConfigSpec, &str, Option<Timestamp>)> = Vec::new();
-        // First parts named by split parts (see `join_split`).
+        // First parts named by split parts (see `SharedJoin::join`).
         let mut heads: HashSet<ObjectKey> = HashSet::new();
         for kind in [Kind::CiliumEnvoyConfig, Kind::CiliumClusterwideEnvoyConfig] {
             for obj in snap.list(kind, None) {
@@ -923,7 +927,7 @@ impl ConfigPipeline {
                 }
                 let created = meta.creation_timestamp.as_ref().map(|t| t.0);
                 let (spec, rv) = match joined.get(&key) {
-                    Some((rv, spec)) => (spec.as_ref(), rv.as_str()),
+                    Some(j) => (j.spec.as_ref(), j.rv.as_str()),
                     None => (spec, meta.resource_version.as_deref().unwrap_or_default()),
                 };
                 configs.push((key, spec, rv, created));
@@ -973,7 +977,7 @@ impl ConfigPipeline {
             if !selects(spec.node_selector.as_ref(), &self.node_labels) {
                 continue;
             }
-            let (prepared, why) = self.resolve(key, spec, rv);
+            let (prepared, why) = self.resolve(key, spec, rv, joined.get(key));
             if let Some(why) = why {
                 pass.rejected.insert(key.clone(), why);
             }
@@ -1388,12 +1392,17 @@ impl ConfigPipeline {
         key: &ObjectKey,
         spec: &EnvoyConfigSpec,
         rv: &str,
+        joined: Option<&Arc<Joined>>,
     ) -> (Option<(Arc<Prepared>, bool)>, Option<String>) {
         let fresh = match self.parsed.get(key) {
             Some(c) if c.resource_version == rv => c.result.clone(),
             _ => {
                 let object = key.to_string();
-                let r = parse_cec(&object, &key.namespace, &key.name, spec)
+                let r = match joined {
+                    Some(j) => j.parse(&object, &key.namespace, &key.name),
+                    None => parse_cec(&object, &key.namespace, &key.name, spec),
+                };
+                let r = r
                     .map(|p| Arc::new(Prepared::new(p)))
                     .map_err(|e| e.to_string());
                 // Decoding a large CEC leaves many freed allocations.
@@ -1457,78 +1466,6 @@ impl ConfigPipeline {
                 v
             }
         }
-    }
-
-    /// Split shared CECs (parts labelled `membrane.io/shared-part-of`)
-    /// joined back into their first part: the joined specs with the
-    /// versions of all their parts, and the keys of the other parts.
-    /// Parts without their first part are ordinary CECs.
-    #[allow(clippy::type_complexity)]
-    fn join_split(
-        &mut self,
-        snap: &StoreSnapshot,
-    ) -> (
-        HashMap<ObjectKey, (String, Arc<EnvoyConfigSpec>)>,
-        HashSet<ObjectKey>,
-    ) {
-        use membrane_crds::CiliumEnvoyConfig;
-        let mut groups: BTreeMap<ObjectKey, Vec<(usize, &CiliumEnvoyConfig)>> = BTreeMap::new();
-        for obj in snap.list(Kind::CiliumEnvoyConfig, None) {
-            let Object::CiliumEnvoyConfig(c) = obj.as_ref() else {
-                continue;
-            };
-            let Some(head) = membrane_ingress::shared_part_of(&c.metadata) else {
-                continue;
-            };
-            let name = c.metadata.name.as_deref().unwrap_or_default();
-            let Some(k) = name
-                .strip_prefix(head)
-                .and_then(|s| s.strip_prefix('-'))
-                .and_then(|s| s.parse::<usize>().ok())
-            else {
-                continue;
-            };
-            let head = ObjectKey::new(Kind::CiliumEnvoyConfig, &obj.key().namespace, head);
-            groups.entry(head).or_default().push((k, c));
-        }
-        let mut joined = HashMap::new();
-        let mut parts = HashSet::new();
-        for (head_key, mut group) in groups {
-            let Some(Object::CiliumEnvoyConfig(head)) = snap.get(&head_key).map(|o| o.as_ref())
-            else {
-                continue;
-            };
-            group.sort_by_key(|(k, _)| *k);
-            let rv_of =
-                |c: &CiliumEnvoyConfig| c.metadata.resource_version.clone().unwrap_or_default();
-            let mut rv = rv_of(head);
-            for (k, c) in &group {
-                rv.push_str(&format!("+{k}:{}", rv_of(c)));
-            }
-            let spec = match self.joined.get(&head_key) {
-                Some((old, spec)) if *old == rv => spec.clone(),
-                _ => {
-                    let all: Vec<CiliumEnvoyConfig> = std::iter::once(head)
-                        .chain(group.iter().map(|(_, c)| *c))
-                        .cloned()
-                        .collect();
-                    match membrane_ingress::join_shared_cecs(&all) {
-                        Some(j) => Arc::new(j.spec.config),
-                        None => continue,
-                    }
-                }
-            };
-            for (_, c) in &group {
-                parts.insert(ObjectKey::new(
-                    Kind::CiliumEnvoyConfig,
-                    &head_key.namespace,
-                    c.metadata.name.as_deref().unwrap_or_default(),
-                ));
-            }
-            joined.insert(head_key, (rv, spec));
-        }
-        self.joined = joined.clone();
-        (joined, parts)
     }
 
     /// A listener address from the LB pool that is not the address of a

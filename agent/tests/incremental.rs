@@ -673,3 +673,99 @@ fn random_changes_serve_what_full_passes_serve() {
         );
     }
 }
+
+/// The shared CEC laid out by Ingress (`membrane_ingress::SharedLayout`,
+/// as the operator writes it: a first part plus parts per Ingress group,
+/// only changed parts rewritten) serves exactly what the whole CEC serves,
+/// after each change, with the parts decoded one by one between passes.
+#[test]
+fn split_shared_cec_parts_by_ingress_serve_what_the_whole_cec_serves() {
+    use membrane_ingress::{
+        SharedLayout, SharedPart, TranslateOptions, merge_shared_preferring, shared_part,
+    };
+    use membrane_store::Object;
+
+    let opts = TranslateOptions::default();
+    let ingress = |i: usize, extra: usize| -> SharedPart {
+        let paths: String = (0..5 + extra)
+            .map(|j| {
+                format!(
+                    "{{path: /i{i}/r{j}, pathType: Prefix, backend: {{service: {{name: svc-{}, port: {{number: 80}}}}}}}}, ",
+                    (i * 5 + j) % 30
+                )
+            })
+            .collect();
+        let host = if i.is_multiple_of(3) {
+            "host: a.example.com, "
+        } else {
+            ""
+        };
+        let yaml = format!(
+            "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: ing-{i}, namespace: bench, creationTimestamp: \"2026-01-01T00:00:{:02}Z\", annotations: {{ingress.cilium.io/loadbalancer-mode: shared}}}}\nspec: {{ingressClassName: cilium, rules: [{{{host}http: {{paths: [{paths}]}}}}]}}\n",
+            i % 7
+        );
+        let Object::Ingress(ing) = parse_documents(&yaml).expect("yaml").remove(0) else {
+            panic!("not an Ingress");
+        };
+        shared_part(&ing, &opts).expect("translates")
+    };
+    let mut parts: Vec<SharedPart> = (0..40).map(|i| ingress(i, 0)).collect();
+    let serving = BTreeSet::new();
+    let mut layout = SharedLayout::default();
+    let one = Store::new();
+    let many = Store::new();
+    let mut p1 = ConfigPipeline::new(PortMap::default(), BTreeMap::new());
+    let mut p2 = ConfigPipeline::new(PortMap::default(), BTreeMap::new());
+    let mut written = Vec::new();
+    for change in 0..12 {
+        if change > 0 {
+            let i = (change * 7) % 40;
+            parts[i] = ingress(i, change);
+        }
+        let out = layout
+            .render(&parts, &serving, &opts, 32 * 1024)
+            .expect("lays out");
+        assert!(
+            membrane_ingress::is_by_ingress(&out.translation.cec),
+            "laid out by Ingress"
+        );
+        written.push(out.parts.len() + usize::from(out.head_changed));
+        let mut objects: Vec<Object> = out
+            .parts
+            .into_iter()
+            .map(Object::CiliumEnvoyConfig)
+            .collect();
+        if out.head_changed {
+            objects.push(Object::CiliumEnvoyConfig(out.translation.cec.clone()));
+        }
+        many.apply_all(objects);
+        for c in many
+            .snapshot()
+            .typed::<membrane_crds::CiliumEnvoyConfig>(Some("kube-system"))
+        {
+            let name = c.metadata.name.clone().unwrap_or_default();
+            if !out.names.contains(&name) {
+                many.delete(&ObjectKey::new(
+                    Kind::CiliumEnvoyConfig,
+                    "kube-system",
+                    &name,
+                ));
+            }
+        }
+        let whole = merge_shared_preferring(&parts, &serving, &opts).cec;
+        one.apply(Object::CiliumEnvoyConfig(whole));
+        let a = full(&mut p1, &one);
+        let b = full(&mut p2, &many);
+        assert!(a.1.is_empty(), "change {change}: {:?}", a.1);
+        assert_eq!(a, b, "change {change}");
+    }
+    assert!(
+        written[0] > 3,
+        "first: every object (several) written: {written:?}"
+    );
+    // One part per change; two when the Ingress outgrew its part and moved.
+    assert!(
+        written[1..].iter().all(|&w| (1..=2).contains(&w)),
+        "one or two objects written per change: {written:?}"
+    );
+}

@@ -400,14 +400,16 @@ impl Http {
                 if let Some(n) = name {
                     fields = format!("metadata.name={n},{fields}");
                 }
-                let conv: Conv = match table_view {
-                    Some(t) => Arc::new(move |o: &Value| {
+                // None: the stored form is served as is (its stored text).
+                let conv: Option<Conv> = match table_view {
+                    Some(t) => Some(Arc::new(move |o: &Value| {
                         let rv = o["metadata"]["resourceVersion"]
                             .as_str()
                             .unwrap_or_default();
                         t(std::slice::from_ref(o), rv)
-                    }),
-                    None => conv,
+                    })),
+                    None if events_v1 => Some(conv),
+                    None => None,
                 };
                 self.watch(res, ns, &query, &fields, conv).await
             }
@@ -515,8 +517,10 @@ impl Http {
                 let patch = parse_body(&body, kind == PatchType::Apply)?;
                 let warnings = if kind == PatchType::Json {
                     Vec::new()
+                } else if events_v1 {
+                    field_validation(&res, &convert::event_to_core(&patch), &query)?
                 } else {
-                    field_validation(&res, &to_core(patch.clone()), &query)?
+                    field_validation(&res, &patch, &query)?
                 };
                 let (obj, created) = if events_v1 && kind != PatchType::Apply {
                     // Patch the events.k8s.io form, store the core form.
@@ -627,7 +631,7 @@ impl Http {
         ns: Option<String>,
         query: &HashMap<String, String>,
         fields: &str,
-        conv: Conv,
+        conv: Option<Conv>,
     ) -> Result<Response<Body>, Error> {
         let labels =
             LabelSelector::parse(query.get("labelSelector").map(String::as_str).unwrap_or(""))?;
@@ -671,6 +675,8 @@ impl Http {
                                 rv,
                                 kind: EventType::Added,
                                 key: String::new(),
+                                // Empty: serialised from `object` when sent.
+                                text: Arc::from(""),
                                 object: o,
                                 prev: None,
                             })
@@ -694,6 +700,21 @@ impl Http {
                 b.push(b'\n');
                 Bytes::from(b)
             };
+            // An event's line: from the stored text when the stored form is
+            // served (no clone, no second serialisation of the object).
+            let event_line = |ty: &str, ev: &Event| match &conv {
+                None if !ev.text.is_empty() => {
+                    let mut b = Vec::with_capacity(ev.text.len() + 32);
+                    b.extend_from_slice(b"{\"type\":\"");
+                    b.extend_from_slice(ty.as_bytes());
+                    b.extend_from_slice(b"\",\"object\":");
+                    b.extend_from_slice(ev.text.as_bytes());
+                    b.extend_from_slice(b"}\n");
+                    Bytes::from(b)
+                }
+                None => line(ty, &ev.object),
+                Some(c) => line(ty, &c(&ev.object)),
+            };
             let matches = |o: &Value| labels.matches(o) && fields.matches(o);
             if let Some(status) = expired {
                 let _ = tx.send(line("ERROR", &status)).await;
@@ -705,7 +726,7 @@ impl Http {
                 else {
                     continue;
                 };
-                if tx.send(line(ty, &conv(&ev.object))).await.is_err() {
+                if tx.send(event_line(ty, ev)).await.is_err() {
                     return;
                 }
             }
@@ -740,7 +761,7 @@ impl Http {
                             let Some(ty) = transition(ev.kind, ev.prev.as_ref().map(&matches), matches(&ev.object)) else {
                                 continue;
                             };
-                            if tx.send(line(ty, &conv(&ev.object))).await.is_err() {
+                            if tx.send(event_line(ty, &ev)).await.is_err() {
                                 return;
                             }
                         }

@@ -48,6 +48,8 @@ pub struct Config {
     pub event_ttl: Duration,
     /// Append one JSON line per request here (`--audit-log`).
     pub audit_log: Option<PathBuf>,
+    /// Commit durability (`--sync-commits`: fsync every commit).
+    pub sync: store::SyncMode,
 }
 
 impl Config {
@@ -59,6 +61,7 @@ impl Config {
             bookmark_interval: Duration::from_secs(5),
             event_ttl: Duration::from_secs(3600),
             audit_log: None,
+            sync: store::SyncMode::default(),
         }
     }
 }
@@ -76,8 +79,8 @@ impl ApiServer {
     /// Open the data directory and bind the listener.
     pub async fn bind(config: Config) -> Result<ApiServer, Error> {
         let dir = config.data_dir.clone();
-        let window = config.event_window;
-        let api = tokio::task::spawn_blocking(move || Api::open(&dir, window))
+        let (window, sync) = (config.event_window, config.sync);
+        let api = tokio::task::spawn_blocking(move || Api::open_with(&dir, window, sync))
             .await
             .map_err(|e| Error::Api(ApiError::internal(format!("opening the store: {e}"))))??;
         let audit = match &config.audit_log {
@@ -137,6 +140,13 @@ impl ApiServer {
                             continue;
                         }
                     };
+                    // Watch events are small writes: with Nagle, one sent
+                    // while the previous is unacknowledged could wait for the
+                    // client's delayed ACK (up to 40 ms). Kubernetes (Go)
+                    // sets TCP_NODELAY on every connection too.
+                    if let Err(e) = stream.set_nodelay(true) {
+                        tracing::debug!(%peer, error = %e, "TCP_NODELAY");
+                    }
                     let http = http.clone();
                     tokio::spawn(async move {
                         let svc = service_fn(move |req| http.clone().handle(req));

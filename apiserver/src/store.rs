@@ -2,9 +2,19 @@
 //! resourceVersion, and a bounded window of change events that watchers
 //! resume from (like etcd's revision history under kine).
 //!
-//! Every write is one transaction committed with `synchronous=FULL` before the
-//! caller sees its result, and its event is broadcast to live watchers only
-//! after the commit, so a watcher never sees a change that a restart loses.
+//! Every write is one transaction committed before the caller sees its
+//! result, and its event is broadcast to live watchers only after the
+//! commit, so a watcher never sees a change that a restart loses.
+//!
+//! Durability is WAL with `synchronous=NORMAL`, as k3s's kine runs SQLite
+//! (its default DSN sets only the WAL journal, and the go-sqlite3 driver
+//! issues `PRAGMA synchronous = NORMAL` on every connection): a commit is
+//! in the WAL file before the caller is answered, so it survives the
+//! process being killed at any point; only an OS crash or power loss can
+//! lose the last commits (never corrupt the database). With `FULL` every
+//! write waited for an fsync of the WAL (3–6 ms on an idle disk, tens of
+//! milliseconds while other processes write), which was most of a write's
+//! time and capped status writes at start-up to tens per second.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -49,6 +59,9 @@ pub struct Event {
     pub kind: EventType,
     pub key: String,
     pub object: Value,
+    /// `object` as stored (JSON text): watchers serving the stored form
+    /// send it as is instead of serialising the object again each.
+    pub text: Arc<str>,
     /// The object before this change; lets selector watches see objects
     /// leave their selection.
     pub prev: Option<Value>,
@@ -73,6 +86,18 @@ pub enum Outcome {
     Unchanged(Option<Value>),
 }
 
+/// When a commit is durable (SQLite's `synchronous` in WAL mode).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SyncMode {
+    /// `NORMAL`: in the WAL before the caller is answered; survives the
+    /// process being killed, not an OS crash or power loss (kine's choice).
+    #[default]
+    Normal,
+    /// `FULL`: fsync'd before the caller is answered; survives power loss,
+    /// at one fsync per write.
+    Full,
+}
+
 /// The persistent object store.
 pub struct Store {
     conn: Mutex<Connection>,
@@ -91,6 +116,11 @@ INSERT OR IGNORE INTO meta (name, value) VALUES ('rv', 1), ('compacted', 1);
 impl Store {
     /// Open (or create) the database `dir/state.db`, keeping `window` events.
     pub fn open(dir: &Path, window: u64) -> Result<Store, Error> {
+        Store::open_with(dir, window, SyncMode::default())
+    }
+
+    /// [`Store::open`] with the given commit durability.
+    pub fn open_with(dir: &Path, window: u64, sync: SyncMode) -> Result<Store, Error> {
         std::fs::create_dir_all(dir).map_err(|e| Error::Io(dir.display().to_string(), e))?;
         let path = dir.join("state.db");
         let conn = Connection::open(&path)?;
@@ -102,8 +132,13 @@ impl Store {
             conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
             conn.busy_timeout(std::time::Duration::from_millis(500))?;
             conn.pragma_update(None, "journal_mode", "WAL")?;
-            // FULL: a commit is on disk before the client gets its answer.
-            conn.pragma_update(None, "synchronous", "FULL")?;
+            // NORMAL (see the module docs): a commit is in the WAL before
+            // the client gets its answer; checkpoints still fsync.
+            let level = match sync {
+                SyncMode::Normal => "NORMAL",
+                SyncMode::Full => "FULL",
+            };
+            conn.pragma_update(None, "synchronous", level)?;
             conn.execute_batch(SCHEMA)?;
             conn.execute("UPDATE meta SET value = value WHERE name = 'rv'", [])?;
             Ok(())
@@ -145,6 +180,13 @@ impl Store {
         get_obj(&conn, key)
     }
 
+    /// Whether `key` exists (without reading the object).
+    pub fn contains(&self, key: &str) -> Result<bool, Error> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached("SELECT 1 FROM objects WHERE key = ?1")?;
+        Ok(stmt.exists(params![key])?)
+    }
+
     /// Every object whose key starts with `prefix`, sorted by key, and the
     /// resourceVersion the list is consistent with.
     pub fn list(&self, prefix: &str) -> Result<(Vec<Value>, u64), Error> {
@@ -165,17 +207,23 @@ impl Store {
 
     /// Like [`Store::list`], with each object's key.
     pub fn list_keyed(&self, prefix: &str) -> Result<(Vec<(String, Value)>, u64), Error> {
-        let conn = self.lock();
-        let rv = meta(&conn, "rv")?;
-        let mut stmt = conn.prepare_cached(
-            "SELECT key, object FROM objects WHERE key >= ?1 AND key < ?2 ORDER BY key",
-        )?;
-        let rows = stmt.query_map(params![prefix, prefix_end(prefix)], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (key, text) = row?;
+        let (rows, rv) = {
+            let conn = self.lock();
+            let rv = meta(&conn, "rv")?;
+            let mut stmt = conn.prepare_cached(
+                "SELECT key, object FROM objects WHERE key >= ?1 AND key < ?2 ORDER BY key",
+            )?;
+            let rows = stmt
+                .query_map(params![prefix, prefix_end(prefix)], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            (rows, rv)
+        };
+        // Parsed after the lock is released: a list of every object (the
+        // garbage collector's, a relist) must not hold up writes meanwhile.
+        let mut out = Vec::with_capacity(rows.len());
+        for (key, text) in rows {
             out.push((key, serde_json::from_str(&text)?));
         }
         Ok((out, rv))
@@ -203,23 +251,28 @@ impl Store {
         let mut stmt = conn.prepare_cached(
             "SELECT rv, type, key, object, prev FROM events WHERE rv > ?1 AND key >= ?2 AND key < ?3 ORDER BY rv",
         )?;
-        let rows = stmt.query_map(params![rv as i64, prefix, prefix_end(prefix)], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, Option<String>>(4)?,
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (rv, ty, key, obj, prev) = row?;
+        let rows = stmt
+            .query_map(params![rv as i64, prefix, prefix_end(prefix)], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        drop(stmt);
+        // Parsed without holding up writes (as in `list_keyed`).
+        drop(conn);
+        let mut out = Vec::with_capacity(rows.len());
+        for (rv, ty, key, obj, prev) in rows {
             out.push(Event {
                 rv: rv as u64,
                 kind: EventType::parse(&ty),
                 key,
                 object: serde_json::from_str(&obj)?,
+                text: obj.into(),
                 prev: match prev {
                     Some(p) => Some(serde_json::from_str(&p)?),
                     None => None,
@@ -235,8 +288,14 @@ impl Store {
     where
         F: FnOnce(Option<Value>) -> Result<Mutation, Error>,
     {
+        let started = std::time::Instant::now();
         let mut conn = self.lock();
-        let current = get_obj(&conn, key)?;
+        let locked = started.elapsed();
+        // The stored text doubles as the event's `prev` (not serialised again).
+        let (current, current_text) = match get_text(&conn, key)? {
+            Some(t) => (Some(serde_json::from_str::<Value>(&t)?), Some(t)),
+            None => (None, None),
+        };
         let existed = current.is_some();
         let mutation = f(current.clone())?;
         let (kind, mut object) = match mutation {
@@ -246,33 +305,33 @@ impl Store {
             Mutation::Delete(_) if !existed => return Ok(Outcome::Unchanged(None)),
             Mutation::Delete(obj) => (EventType::Deleted, obj),
         };
+        let decided = started.elapsed();
         let tx = conn.transaction()?;
         let rv = meta(&tx, "rv")? + 1;
-        tx.execute(
-            "UPDATE meta SET value = ?1 WHERE name = 'rv'",
-            params![rv as i64],
-        )?;
+        tx.prepare_cached("UPDATE meta SET value = ?1 WHERE name = 'rv'")?
+            .execute(params![rv as i64])?;
         set_rv(&mut object, rv);
-        let text = serde_json::to_string(&object)?;
+        let text: Arc<str> = serde_json::to_string(&object)?.into();
         match kind {
             EventType::Deleted => {
-                tx.execute("DELETE FROM objects WHERE key = ?1", params![key])?;
+                tx.prepare_cached("DELETE FROM objects WHERE key = ?1")?
+                    .execute(params![key])?;
             }
             _ => {
-                tx.execute(
+                tx.prepare_cached(
                     "INSERT OR REPLACE INTO objects (key, rv, object) VALUES (?1, ?2, ?3)",
-                    params![key, rv as i64, text],
-                )?;
+                )?
+                .execute(params![key, rv as i64, &*text])?;
             }
         }
-        let prev_text = match (&current, kind) {
-            (Some(p), EventType::Modified) => Some(serde_json::to_string(p)?),
+        let prev_text = match kind {
+            EventType::Modified => current_text,
             _ => None,
         };
-        tx.execute(
+        tx.prepare_cached(
             "INSERT INTO events (rv, type, key, object, prev) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![rv as i64, kind.as_str(), key, text, prev_text],
-        )?;
+        )?
+        .execute(params![rv as i64, kind.as_str(), key, &*text, prev_text])?;
         if rv % 64 == 0 && rv > self.window {
             // Compact: drop events older than the window; a watch from
             // before it gets 410 Gone and relists.
@@ -283,16 +342,32 @@ impl Store {
                 params![floor as i64],
             )?;
         }
+        let written = started.elapsed();
         tx.commit()?;
+        let committed = started.elapsed();
         let event = Arc::new(Event {
             rv,
             kind,
             key: key.to_string(),
             object: object.clone(),
+            text,
             prev: current,
         });
         // No receivers is fine.
         let _ = self.events.send(event);
+        // Where a write's time goes (lock wait, read + the caller's merge,
+        // statements, commit), for `membrane_apiserver=debug`.
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        tracing::debug!(
+            key,
+            rv,
+            kind = kind.as_str(),
+            lock_ms = ms(locked),
+            decide_ms = ms(decided - locked),
+            write_ms = ms(written - decided),
+            commit_ms = ms(committed - written),
+            "commit"
+        );
         Ok(match kind {
             EventType::Added => Outcome::Created(object),
             EventType::Modified => Outcome::Updated(object),
@@ -302,23 +377,18 @@ impl Store {
 }
 
 fn meta(conn: &Connection, name: &str) -> Result<u64, rusqlite::Error> {
-    conn.query_row(
-        "SELECT value FROM meta WHERE name = ?1",
-        params![name],
-        |r| r.get::<_, i64>(0),
-    )
-    .map(|v| v as u64)
+    conn.prepare_cached("SELECT value FROM meta WHERE name = ?1")?
+        .query_row(params![name], |r| r.get::<_, i64>(0))
+        .map(|v| v as u64)
+}
+
+fn get_text(conn: &Connection, key: &str) -> Result<Option<String>, Error> {
+    let mut stmt = conn.prepare_cached("SELECT object FROM objects WHERE key = ?1")?;
+    Ok(stmt.query_row(params![key], |r| r.get(0)).optional()?)
 }
 
 fn get_obj(conn: &Connection, key: &str) -> Result<Option<Value>, Error> {
-    let text: Option<String> = conn
-        .query_row(
-            "SELECT object FROM objects WHERE key = ?1",
-            params![key],
-            |r| r.get(0),
-        )
-        .optional()?;
-    Ok(match text {
+    Ok(match get_text(conn, key)? {
         Some(t) => Some(serde_json::from_str(&t)?),
         None => None,
     })
@@ -383,6 +453,30 @@ mod tests {
         assert!(s.events_since(rv, "").expect("current").is_empty());
         let err = s.events_since(rv + 1, "").expect_err("future");
         assert!(matches!(err, Error::Api(ref e) if e.code == 410));
+    }
+
+    /// The durability kine runs SQLite with (see the module docs).
+    #[test]
+    fn wal_with_synchronous_normal() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(dir.path(), 10).expect("open");
+        let conn = s.lock();
+        let mode: String = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .expect("journal_mode");
+        assert_eq!(mode, "wal");
+        let sync: i64 = conn
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .expect("synchronous");
+        assert_eq!(sync, 1, "NORMAL");
+        drop(conn);
+        drop(s);
+        let s = Store::open_with(dir.path(), 10, SyncMode::Full).expect("reopen");
+        let sync: i64 = s
+            .lock()
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .expect("synchronous");
+        assert_eq!(sync, 2, "FULL");
     }
 
     #[test]

@@ -1,11 +1,8 @@
 //! HTTP-level behaviour of the in-process server: discovery documents and
 //! errors as `metav1.Status` objects with the right code and reason.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::time::Duration;
+mod common;
 
-use membrane_apiserver::{ApiServer, Config};
 use serde_json::Value;
 
 const PORT: u16 = 35202;
@@ -16,52 +13,13 @@ fn request(method: &str, path: &str, body: &str, ctype: &str) -> (u16, Value) {
 }
 
 fn raw_request(method: &str, path: &str, body: &str, ctype: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", PORT)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write");
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).expect("read");
-    let code = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b)
-        .unwrap_or_default();
-    (code, body.to_string())
+    common::request(PORT, method, path, body, ctype)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovery_and_status_errors() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = None;
-    for _ in 0..20 {
-        match ApiServer::bind(Config::new(([127, 0, 0, 1], PORT).into(), dir.path())).await {
-            Ok(s) => {
-                server = Some(s);
-                break;
-            }
-            Err(e) if e.to_string().contains("in use") => {
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            Err(e) => panic!("bind: {e}"),
-        }
-    }
-    let server = server.expect("port stayed in use");
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(server.serve(async {
-        let _ = stop_rx.await;
-    }));
-
-    let result = tokio::task::spawn_blocking(|| {
+    common::with_server(PORT, dir.path(), || {
         let (code, v) = request("GET", "/apis", "", "application/json");
         assert_eq!(code, 200);
         let groups: Vec<&str> = v["groups"]
@@ -186,7 +144,4 @@ async fn discovery_and_status_errors() {
         );
     })
     .await;
-    let _ = stop_tx.send(());
-    serving.await.expect("server task").expect("serve");
-    result.expect("test body");
 }

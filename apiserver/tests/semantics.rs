@@ -642,3 +642,61 @@ fn status_apply_of_a_missing_object_is_not_found() {
     assert_eq!(o["status"]["loadBalancer"]["ingress"][0]["ip"], "10.0.0.1");
     assert_eq!(o["spec"]["ports"][0]["port"], 80);
 }
+
+/// An apply that changes nothing (the same configuration again, as a
+/// controller repeats its writes) is no write at all, as in Kubernetes: no
+/// new resourceVersion, no watch event. A changed one is committed once,
+/// with one event carrying the object exactly as stored.
+#[test]
+fn an_identical_apply_is_no_write_and_no_event() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = Api::open(dir.path(), 1000).expect("open");
+    let cec = res(&api, "cilium.io", "v2", "ciliumenvoyconfigs");
+    let cfg = |port: u16| {
+        json!({"apiVersion": "cilium.io/v2", "kind": "CiliumEnvoyConfig",
+            "metadata": {"name": "e", "namespace": "default", "labels": {"a": "b"}},
+            "spec": {"services": [{"name": "s"}], "resources": [{"@type": "x", "port": port}]}})
+    };
+    let apply = |c: Value| {
+        api.patch(
+            &cec,
+            Some("default"),
+            "e",
+            PatchType::Apply,
+            c,
+            "",
+            &opts("op"),
+        )
+        .expect("apply")
+        .0
+    };
+    let first = apply(cfg(80));
+    let rv = first["metadata"]["resourceVersion"].clone();
+    let mut events = api.store.subscribe();
+    let store_rv = api.store.current_rv().expect("rv");
+    for _ in 0..3 {
+        let again = apply(cfg(80));
+        assert_eq!(again["metadata"]["resourceVersion"], rv);
+        assert_eq!(
+            again, first,
+            "the stored object, managedFields time included"
+        );
+    }
+    assert_eq!(api.store.current_rv().expect("rv"), store_rv);
+    assert!(
+        matches!(
+            events.try_recv(),
+            Err(tokio::sync::broadcast::error::TryRecvError::Empty)
+        ),
+        "an identical apply sent a watch event"
+    );
+    let changed = apply(cfg(81));
+    assert_ne!(changed["metadata"]["resourceVersion"], rv);
+    assert_eq!(changed["metadata"]["generation"], 2);
+    let ev = events.try_recv().expect("one event for the change");
+    assert_eq!(ev.object, changed);
+    let text: Value = serde_json::from_str(&ev.text).expect("event text");
+    assert_eq!(text, changed, "the event's text is the stored object");
+    assert_eq!(ev.prev.as_ref(), Some(&first));
+    assert!(events.try_recv().is_err(), "exactly one event");
+}

@@ -2,37 +2,18 @@
 //! every change exactly once, in resourceVersion order, and a watch that
 //! replays from the events table sees the same sequence.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use membrane_apiserver::{ApiServer, Config};
 use serde_json::Value;
 
 const PORT: u16 = 35201;
 
 fn request(method: &str, path: &str, body: &str, ctype: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", PORT)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write");
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).expect("read");
-    let code = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (code, body)
+    common::request(PORT, method, path, body, ctype)
 }
 
 /// Read watch events (one JSON object per line) until `n` or the deadline.
@@ -64,28 +45,7 @@ fn rv_of(e: &Value) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writes_reach_live_and_replaying_watchers_in_order() {
     let dir = tempfile::tempdir().expect("tempdir");
-    // The port may be held for a moment by another process's outgoing
-    // connection (it is inside the ephemeral range): bounded retries.
-    let mut server = None;
-    for _ in 0..20 {
-        match ApiServer::bind(Config::new(([127, 0, 0, 1], PORT).into(), dir.path())).await {
-            Ok(s) => {
-                server = Some(s);
-                break;
-            }
-            Err(e) if e.to_string().contains("in use") => {
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            Err(e) => panic!("bind: {e}"),
-        }
-    }
-    let server = server.expect("port stayed in use");
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(server.serve(async {
-        let _ = stop_rx.await;
-    }));
-
-    let result = tokio::task::spawn_blocking(|| {
+    common::with_server(PORT, dir.path(), || {
         let (code, list) = request("GET", "/api/v1/namespaces/default/configmaps", "", "application/json");
         assert_eq!(code, 200, "{list}");
         let rv0 = serde_json::from_str::<Value>(&list).expect("list")["metadata"]["resourceVersion"]
@@ -172,7 +132,4 @@ async fn concurrent_writes_reach_live_and_replaying_watchers_in_order() {
         assert_eq!(replayed, live_rvs);
     })
     .await;
-    let _ = stop_tx.send(());
-    serving.await.expect("server task").expect("serve");
-    result.expect("test body");
 }

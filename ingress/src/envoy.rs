@@ -46,10 +46,17 @@ pub(crate) fn resources(
     if model.has_tls() {
         out.push(route_configuration(names::SECURE_ROUTE_NAME, &model.secure));
     }
+    out.extend(clusters(&model.backends).into_iter().map(|(_, v)| v));
+    out
+}
+
+/// The clusters of `backends`, sorted by name.
+pub(crate) fn clusters(
+    backends: &std::collections::BTreeMap<(String, String), std::collections::BTreeSet<String>>,
+) -> Vec<(String, Value)> {
     // Every cluster is the same but for two names: patch a copy of one.
     let template = cluster("", "");
-    let mut clusters: Vec<(String, Value)> = model
-        .backends
+    let mut clusters: Vec<(String, Value)> = backends
         .iter()
         .flat_map(|((ns, svc), ports)| {
             let template = &template;
@@ -64,8 +71,7 @@ pub(crate) fn resources(
         })
         .collect();
     clusters.sort_by(|a, b| a.0.cmp(&b.0));
-    out.extend(clusters.into_iter().map(|(_, v)| v));
-    out
+    clusters
 }
 
 fn listener(model: &Model, opts: &TranslateOptions, host_port: Option<u16>) -> Value {
@@ -237,7 +243,7 @@ fn route_configuration(name: &str, vhosts: &[VirtualHost]) -> Value {
     ])
 }
 
-fn virtual_host(vh: &VirtualHost) -> Value {
+pub(crate) fn virtual_host(vh: &VirtualHost) -> Value {
     let domains = if vh.host == WILDCARD_HOST {
         vec![WILDCARD_HOST.to_string()]
     } else {

@@ -28,6 +28,7 @@ mod annotations;
 mod class;
 mod envoy;
 mod error;
+mod layout;
 mod model;
 pub mod names;
 pub mod pool;
@@ -48,15 +49,20 @@ pub use class::{
 };
 pub use envoy::{CLUSTER_TYPE, LISTENER_TYPE, ROUTE_CONFIGURATION_TYPE};
 pub use error::IngressError;
+pub use layout::{
+    BY_INGRESS, IngressOrder, LAYOUT_ANNOTATION, LayoutOutput, ORDER_FIELD, RouteKey, RouteOrder,
+    SharedLayout, is_by_ingress,
+};
 pub use model::SecretRef;
 pub use pool::{Pool, PoolError, lb_ip};
 pub use references::{Lookup, TLS_SECRET_TYPE, validate_references, validate_references_with};
 pub use render::{cecs_to_yaml, to_yaml};
 pub use shared::{
-    ClusterTranslation, IngressRejection, LOADBALANCER_MODE, LoadBalancerMode, MAX_OBJECT_BYTES,
-    SHARED_PART_OF_LABEL, SHARED_PORTS, SharedOutcome, SharedPart, SharedTranslation, SplitError,
-    join_shared_cecs, loadbalancer_mode, merge_shared, merge_shared_preferring, shared_part,
-    shared_part_of, split_shared_cec, translate_cluster, translate_shared,
+    ClusterTranslation, FRAGMENT_SEP, IngressRejection, LOADBALANCER_MODE, LoadBalancerMode,
+    MAX_OBJECT_BYTES, SHARED_PART_OF_LABEL, SHARED_PORTS, SharedOutcome, SharedPart,
+    SharedTranslation, SplitError, join_shared_cecs, loadbalancer_mode, merge_shared,
+    merge_shared_preferring, shared_part, shared_part_of, split_shared_cec, translate_cluster,
+    translate_shared,
 };
 pub use translate::{
     DEFAULT_HOST_LISTENER_PORT, DEFAULT_LB_ANNOTATION_PREFIXES, HostNetwork, INGRESS_LABEL,

@@ -457,16 +457,10 @@ fn build_passthrough(
 /// dropped (so a `Prefix /` rule wins over the default backend, as the
 /// Ingress spec requires).
 pub(crate) fn order_routes(mut routes: Vec<Route>) -> Vec<Route> {
-    fn rank(r: &Route) -> (u8, std::cmp::Reverse<usize>) {
-        let (class, len) = match (&r.path, r.is_default) {
-            (_, true) => (3, 0),
-            (PathMatch::Exact(p), _) => (0, p.len()),
-            (PathMatch::Regex(p), _) => (1, p.len()),
-            (PathMatch::Prefix(p), _) => (2, p.len()),
-        };
+    routes.sort_by_key(|r| {
+        let (class, len) = route_rank(r);
         (class, std::cmp::Reverse(len))
-    }
-    routes.sort_by_key(rank);
+    });
     let mut seen = std::collections::HashSet::new();
     routes.retain(|r| {
         let fresh = seen.insert(r.path.clone());
@@ -476,6 +470,17 @@ pub(crate) fn order_routes(mut routes: Vec<Route>) -> Vec<Route> {
         fresh
     });
     routes
+}
+
+/// A route's class (Exact 0, regex 1, Prefix 2, default backend 3) and
+/// path length: [`order_routes`] sorts by class, then longer paths first.
+pub(crate) fn route_rank(r: &Route) -> (u8, usize) {
+    match (&r.path, r.is_default) {
+        (_, true) => (3, 0),
+        (PathMatch::Exact(p), _) => (0, p.len()),
+        (PathMatch::Regex(p), _) => (1, p.len()),
+        (PathMatch::Prefix(p), _) => (2, p.len()),
+    }
 }
 
 /// Host names must be DNS names; `*` is allowed only as a whole first label.

@@ -90,10 +90,10 @@ pub fn loadbalancer_mode(
 /// One Ingress's contribution to the shared CEC, translated on its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SharedPart {
-    namespace: String,
-    name: String,
-    created: Option<Time>,
-    model: Model,
+    pub(crate) namespace: String,
+    pub(crate) name: String,
+    pub(crate) created: Option<Time>,
+    pub(crate) model: Model,
 }
 
 impl SharedPart {
@@ -160,6 +160,63 @@ pub fn merge_shared_preferring<'a>(
     serving: &BTreeSet<(String, String)>,
     opts: &TranslateOptions,
 ) -> SharedTranslation {
+    let merged = merge_model(parts, serving, opts);
+    let cec = shared_cec(&merged.model, opts);
+    merged.finish(cec, opts)
+}
+
+/// The shared parts merged into one model, before it is rendered.
+pub(crate) struct Merged<'a> {
+    pub model: Model,
+    /// The parts merged, in route order (age, then namespace and name).
+    pub included: Vec<&'a SharedPart>,
+    /// `(namespace, name)` of the included parts in merge order.
+    pub included_ids: Vec<(String, String)>,
+    pub conflicts: Vec<IngressRejection>,
+}
+
+impl Merged<'_> {
+    /// The shared objects around `cec` (the whole shared CEC or its first part).
+    pub fn finish(self, cec: CiliumEnvoyConfig, opts: &TranslateOptions) -> SharedTranslation {
+        let ns = &opts.shared_namespace;
+        let svc = &opts.shared_service_name;
+        let mut service = lb_service(svc, ns, &SHARED_PORTS, None);
+        if opts.host_network.is_some()
+            && let Some(spec) = service.spec.as_mut()
+        {
+            spec.type_ = Some("ClusterIP".to_string());
+            spec.external_traffic_policy = None;
+        }
+        SharedTranslation {
+            cec,
+            service,
+            endpoint_slice: placeholder_endpoint_slice(svc, ns, &SHARED_PORTS, None),
+            included: self.included_ids,
+            conflicts: self.conflicts,
+        }
+    }
+}
+
+/// The shared CEC of a merged model.
+pub(crate) fn shared_cec(merged: &Model, opts: &TranslateOptions) -> CiliumEnvoyConfig {
+    let ns = &opts.shared_namespace;
+    let svc = &opts.shared_service_name;
+    let host_port = opts.host_network.as_ref().map(|h| h.shared_listener_port);
+    // No owner: the shared objects outlive any one Ingress.
+    build_cec(svc, ns, svc, &SHARED_PORTS, merged, opts, host_port, None)
+}
+
+/// Where an Ingress's routes go among equal-ranked routes of a merged
+/// virtual host: older first, then by namespace and name.
+pub(crate) fn age_key(p: &SharedPart) -> (Option<Time>, &str, &str) {
+    (p.created.clone(), p.namespace.as_str(), p.name.as_str())
+}
+
+pub(crate) fn merge_model<'a>(
+    parts: impl IntoIterator<Item = &'a SharedPart>,
+    serving: &BTreeSet<(String, String)>,
+    opts: &TranslateOptions,
+) -> Merged<'a> {
     let mut parts: Vec<&SharedPart> = parts.into_iter().collect();
     // Older first (missing timestamps sort first); at equal age an Ingress
     // already serving beats a newcomer, then namespace, then name.
@@ -208,14 +265,24 @@ pub fn merge_shared_preferring<'a>(
         }
         included.push(idx);
     }
+    let included_ids: Vec<(String, String)> = included
+        .iter()
+        .map(|&i| (parts[i].namespace.clone(), parts[i].name.clone()))
+        .collect();
+    // Routes of equal rank keep age order; within one second by namespace
+    // and name only (not by who served first), so that where an Ingress's
+    // routes go depends on that Ingress alone and a part written per
+    // Ingress group stays valid (see `crate::layout`).
+    let mut included: Vec<&SharedPart> = included.into_iter().map(|i| parts[i]).collect();
+    included.sort_by(|a, b| age_key(a).cmp(&age_key(b)));
 
     let mut insecure: BTreeMap<&str, Vec<Route>> = BTreeMap::new();
     let mut secure: BTreeMap<&str, Vec<Route>> = BTreeMap::new();
     let mut tls: BTreeMap<(&str, &str), BTreeSet<&str>> = BTreeMap::new();
     let mut backends: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
     let mut passthrough: BTreeMap<&Backend, BTreeSet<&str>> = BTreeMap::new();
-    for &idx in &included {
-        let m = &parts[idx].model;
+    for part in &included {
+        let m = &part.model;
         for chain in &m.passthrough {
             passthrough
                 .entry(&chain.backend)
@@ -253,7 +320,7 @@ pub fn merge_shared_preferring<'a>(
             })
             .collect()
     };
-    let merged = Model {
+    let model = Model {
         namespace: opts.shared_namespace.clone(),
         name: opts.shared_service_name.clone(),
         insecure: finish(insecure),
@@ -280,27 +347,10 @@ pub fn merge_shared_preferring<'a>(
             .collect(),
         passthrough_fields: BTreeMap::new(),
     };
-
-    let ns = &opts.shared_namespace;
-    let svc = &opts.shared_service_name;
-    let host_port = opts.host_network.as_ref().map(|h| h.shared_listener_port);
-    // No owner: the shared objects outlive any one Ingress.
-    let cec = build_cec(svc, ns, svc, &SHARED_PORTS, &merged, opts, host_port, None);
-    let mut service = lb_service(svc, ns, &SHARED_PORTS, None);
-    if opts.host_network.is_some()
-        && let Some(spec) = service.spec.as_mut()
-    {
-        spec.type_ = Some("ClusterIP".to_string());
-        spec.external_traffic_policy = None;
-    }
-    SharedTranslation {
-        cec,
-        service,
-        endpoint_slice: placeholder_endpoint_slice(svc, ns, &SHARED_PORTS, None),
-        included: included
-            .into_iter()
-            .map(|i| (parts[i].namespace.clone(), parts[i].name.clone()))
-            .collect(),
+    Merged {
+        model,
+        included,
+        included_ids,
         conflicts,
     }
 }
@@ -532,7 +582,7 @@ pub fn shared_part_of(
 
 /// Name suffix of a RouteConfiguration fragment: routes of a route
 /// configuration too large for one object, continued in another part.
-const FRAGMENT_SEP: &str = "~membrane-part-";
+pub const FRAGMENT_SEP: &str = "~membrane-part-";
 
 /// Why the shared CEC cannot be split.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -550,7 +600,7 @@ pub enum SplitError {
     Serialize { cec: String, reason: String },
 }
 
-fn json_len(v: &impl serde::Serialize, cec: &str) -> Result<usize, SplitError> {
+pub(crate) fn json_len(v: &impl serde::Serialize, cec: &str) -> Result<usize, SplitError> {
     serde_json::to_vec(v)
         .map(|b| b.len())
         .map_err(|e| SplitError::Serialize {
@@ -559,7 +609,7 @@ fn json_len(v: &impl serde::Serialize, cec: &str) -> Result<usize, SplitError> {
         })
 }
 
-fn is_route_config(r: &serde_json::Value) -> bool {
+pub(crate) fn is_route_config(r: &serde_json::Value) -> bool {
     r["@type"]
         .as_str()
         .is_some_and(|t| t.ends_with(".RouteConfiguration"))
@@ -763,7 +813,7 @@ pub fn split_shared_cec(
 }
 
 /// Metadata of part `k` of a split CEC.
-fn part_meta(
+pub(crate) fn part_meta(
     cec: &CiliumEnvoyConfig,
     k: usize,
     name: &str,
@@ -783,10 +833,14 @@ fn part_meta(
 /// The CEC that [`split_shared_cec`] split into `parts` (the first part
 /// first, the others in order): resources and backend services
 /// concatenated, route-configuration fragments merged back into their
-/// route configuration.
+/// route configuration. Parts laid out by Ingress ([`crate::SharedLayout`])
+/// are joined the same way the agent joins them.
 pub fn join_shared_cecs(parts: &[CiliumEnvoyConfig]) -> Option<CiliumEnvoyConfig> {
     use serde_json::Value;
     let first = parts.first()?;
+    if crate::layout::is_by_ingress(first) {
+        return crate::layout::join_by_ingress(parts);
+    }
     let mut out = first.clone();
     let spec = &mut out.spec.config;
     for p in &parts[1..] {

@@ -13,7 +13,8 @@ use k8s_openapi::api::networking::v1::{Ingress, IngressBackend, IngressClass};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use membrane_crds::CiliumEnvoyConfig;
 use membrane_ingress::{
-    HostNetwork, INGRESS_LABEL, LoadBalancerMode, Lookup, SecretRef, SharedPart, TranslateOptions,
+    HostNetwork, INGRESS_LABEL, LoadBalancerMode, Lookup, SecretRef, SharedLayout, SharedPart,
+    TranslateOptions,
 };
 use membrane_k8s::Sink;
 use membrane_store::{Changes, KeyChangeKind, Kind, Object, ObjectKey, Store, StoreSnapshot};
@@ -339,6 +340,9 @@ pub struct IngressController {
     serving: BTreeSet<(String, String)>,
     /// Largest shared CEC part written; `None` is [`PART_BUDGET`].
     part_budget: Option<usize>,
+    /// The shared CEC rendered per Ingress and laid out in parts, kept
+    /// between passes so a change rewrites only the parts it touches.
+    layout: SharedLayout,
     /// Store revision the last pass read the change log up to.
     seen: Option<u64>,
     /// The options of the last pass: other options redo everything.
@@ -421,6 +425,8 @@ impl IngressController {
         let new_opts = self.opts.as_ref() != Some(opts);
         if new_opts {
             self.opts = Some(opts.clone());
+            // Part metadata follows the options: lay out anew.
+            self.layout = SharedLayout::default();
         }
         let mut dirty = self.dirty(snap, changes);
         dirty.all |= new_opts;
@@ -859,6 +865,7 @@ impl IngressController {
         if shared_keys.is_empty() {
             self.serving.clear();
             self.shared_memo = None;
+            self.layout = SharedLayout::default();
             delete_shared(sink, snap, opts, &cec_key);
             return;
         }
@@ -872,12 +879,13 @@ impl IngressController {
             .collect();
         let memo = match self.shared_memo.take() {
             Some(m) if m.inputs == inputs && untouched(snap, &m.applied) => m,
-            _ => self.merge_shared(
+            prev => self.merge_shared(
                 sink,
                 snap,
                 opts,
                 shared_keys,
                 inputs,
+                prev,
                 &cec_key,
                 &service_key,
             ),
@@ -896,6 +904,10 @@ impl IngressController {
         self.shared_memo = Some(memo);
     }
 
+    /// Merge the shared parts and write what changed since `prev` (the
+    /// last merge): the parts of the shared CEC whose Ingresses changed,
+    /// its first part if it changed, and again whatever was changed or
+    /// deleted by someone else.
     #[allow(clippy::too_many_arguments)]
     fn merge_shared(
         &mut self,
@@ -904,14 +916,51 @@ impl IngressController {
         opts: &TranslateOptions,
         shared_keys: &BTreeSet<ObjectKey>,
         inputs: Vec<(ObjectKey, String)>,
+        prev: Option<SharedMemo>,
         cec_key: &ObjectKey,
         service_key: &ObjectKey,
     ) -> SharedMemo {
-        let t = membrane_ingress::merge_shared_preferring(
+        // Objects changed or deleted behind our back (or whose write is
+        // not seen yet) are written again; the others stay as recorded.
+        let (prev_applied, mut again): (Vec<_>, Vec<_>) = match prev {
+            Some(m) => m
+                .applied
+                .into_iter()
+                .partition(|a| untouched(snap, std::slice::from_ref(a))),
+            None => {
+                self.layout.rewrite_all();
+                (Vec::new(), Vec::new())
+            }
+        };
+        let fresh = prev_applied.is_empty() && again.is_empty();
+        for (k, _) in &again {
+            if k.kind == Kind::CiliumEnvoyConfig {
+                self.layout.rewrite(&k.name);
+            }
+        }
+        again.retain(|(k, _)| k.kind != Kind::CiliumEnvoyConfig);
+        let rendered = self.layout.render(
             shared_keys.iter().filter_map(|k| self.last_good.get(k)),
             &self.serving,
             opts,
+            self.part_budget.unwrap_or(PART_BUDGET),
         );
+        let (t, head_changed, parts, names) = match rendered {
+            Ok(o) => (o.translation, o.head_changed, o.parts, o.names),
+            Err(e) => {
+                // One Ingress or the listener alone is over the budget:
+                // write the CEC whole and let the API server say no rather
+                // than drop routes here.
+                warn!(cec = %cec_key, error = %e, "shared CEC cannot be split");
+                self.layout = SharedLayout::default();
+                let t = membrane_ingress::merge_shared_preferring(
+                    shared_keys.iter().filter_map(|k| self.last_good.get(k)),
+                    &self.serving,
+                    opts,
+                );
+                (t, true, Vec::new(), BTreeSet::from([cec_key.name.clone()]))
+            }
+        };
         self.serving = t.included.iter().cloned().collect();
         let conflicts = t
             .conflicts
@@ -940,30 +989,32 @@ impl IngressController {
             .collect();
         // Parts beyond the first go out before it, so an agent that sees the
         // new first part finds its parts; parts no longer produced go last.
-        let parts = match membrane_ingress::split_shared_cec(
-            &t.cec,
-            self.part_budget.unwrap_or(PART_BUDGET),
-        ) {
-            Ok(parts) => parts,
-            Err(e) => {
-                // One resource alone is over the budget: write it whole and
-                // let the API server say no rather than drop routes here.
-                warn!(cec = %cec_key, error = %e, "shared CEC cannot be split");
-                vec![t.cec]
-            }
-        };
-        let names: BTreeSet<String> = parts
-            .iter()
-            .filter_map(|c| c.metadata.name.clone())
+        let mut objects: Vec<Object> = parts.into_iter().map(Object::CiliumEnvoyConfig).collect();
+        if head_changed || fresh {
+            objects.push(Object::CiliumEnvoyConfig(t.cec));
+        }
+        if fresh || again.iter().any(|(k, _)| k.kind == Kind::Service) {
+            objects.push(Object::Service(t.service));
+        }
+        if fresh || again.iter().any(|(k, _)| k.kind == Kind::EndpointSlice) {
+            objects.push(Object::EndpointSlice(t.endpoint_slice));
+        }
+        tracing::debug!(
+            cec = %cec_key,
+            objects = names.len(),
+            written = objects.len(),
+            "shared CEC laid out"
+        );
+        let written = apply_recorded(sink, objects);
+        // What was not written again is still as recorded last time.
+        let mut applied: Vec<(ObjectKey, String)> = prev_applied
+            .into_iter()
+            .filter(|(k, _)| {
+                !written.iter().any(|(w, _)| w == k)
+                    && (k.kind != Kind::CiliumEnvoyConfig || names.contains(&k.name))
+            })
             .collect();
-        let mut objects: Vec<Object> = Vec::with_capacity(parts.len() + 2);
-        let mut parts = parts.into_iter();
-        let head = parts.next();
-        objects.extend(parts.map(Object::CiliumEnvoyConfig));
-        objects.extend(head.map(Object::CiliumEnvoyConfig));
-        objects.push(Object::Service(t.service));
-        objects.push(Object::EndpointSlice(t.endpoint_slice));
-        let applied = apply_recorded(sink, objects);
+        applied.extend(written);
         for stale in shared_parts(snap, cec_key).filter(|k| !names.contains(&k.name)) {
             sink.delete(&stale);
         }
@@ -1114,8 +1165,14 @@ spec:
         else {
             return Vec::new();
         };
+        route_prefixes(&cec.spec.resources)
+    }
+
+    /// The path prefixes of every route in the route configurations among
+    /// `resources`.
+    fn route_prefixes(resources: &[serde_json::Value]) -> Vec<String> {
         let mut out = Vec::new();
-        for r in &cec.spec.resources {
+        for r in resources {
             for vh in r["virtualHosts"].as_array().into_iter().flatten() {
                 for route in vh["routes"].as_array().into_iter().flatten() {
                     let m = &route["match"];
@@ -1150,12 +1207,12 @@ spec:
         membrane_ingress::join_shared_cecs(&parts).map(|j| (n, j))
     }
 
-    #[test]
-    fn a_large_shared_cec_is_written_in_parts_within_the_budget_and_shrinks_back() {
-        const BUDGET: usize = 6 * 1024;
+    /// A store with Service a/s and `n` shared Ingresses a/i<k> routing
+    /// `/p<k>` to it.
+    fn shared_ingresses(n: usize) -> Store {
         let store = Store::new();
         store.apply(service("a", "s"));
-        for i in 0..40 {
+        for i in 0..n {
             store.apply(ingress(
                 "a",
                 &format!("i{i}"),
@@ -1164,6 +1221,13 @@ spec:
                 "s",
             ));
         }
+        store
+    }
+
+    #[test]
+    fn a_large_shared_cec_is_written_in_parts_within_the_budget_and_shrinks_back() {
+        const BUDGET: usize = 6 * 1024;
+        let store = shared_ingresses(40);
         let mut ctl = IngressController::with_part_budget(BUDGET);
         let pass = run(&mut ctl, &store);
         assert!(pass.rejected.is_empty(), "{:?}", pass.rejected);
@@ -1224,6 +1288,103 @@ spec:
                 .count(),
             0
         );
+    }
+
+    /// Counts the objects written, by name, then writes them to the store.
+    struct CountingSink {
+        inner: StoreSink,
+        writes: std::sync::Mutex<Vec<String>>,
+    }
+
+    impl Sink for CountingSink {
+        fn apply_all(&self, objs: Vec<Object>) {
+            if let Ok(mut w) = self.writes.lock() {
+                w.extend(objs.iter().map(|o| o.key().to_string()));
+            }
+            self.inner.apply_all(objs);
+        }
+        fn delete(&self, key: &ObjectKey) {
+            if let Ok(mut w) = self.writes.lock() {
+                w.push(format!("delete {key}"));
+            }
+            self.inner.delete(key);
+        }
+        fn status(&self, key: &ObjectKey, status: serde_json::Value) {
+            self.inner.status(key, status);
+        }
+        fn warn(&self, warning: membrane_k8s::Warning) {
+            self.inner.warn(warning);
+        }
+    }
+
+    #[test]
+    fn one_shared_ingress_change_rewrites_only_its_part() {
+        const BUDGET: usize = 6 * 1024;
+        let store = shared_ingresses(60);
+        let sink = CountingSink {
+            inner: StoreSink(store.clone()),
+            writes: std::sync::Mutex::new(Vec::new()),
+        };
+        let opts = TranslateOptions::default();
+        let mut ctl = IngressController::with_part_budget(BUDGET);
+        ctl.reconcile_store(&sink, &store, &opts);
+        let parts = shared_joined(&store).expect("parts join").0;
+        assert!(parts >= 4, "{parts} parts");
+        let take = || std::mem::take(&mut *sink.writes.lock().expect("lock"));
+        let first: Vec<String> = take()
+            .into_iter()
+            .filter(|w| w.starts_with("CiliumEnvoyConfig"))
+            .collect();
+        assert_eq!(
+            first.len(),
+            parts,
+            "first pass writes every part: {first:?}"
+        );
+
+        for (k, i) in [7, 23, 41, 7].into_iter().enumerate() {
+            // One more path on Ingress i.
+            let Object::Ingress(mut ing) =
+                ingress("a", &format!("i{i}"), "shared", &format!("/p{i}"), "s")
+            else {
+                panic!("an Ingress");
+            };
+            let rule = ing
+                .spec
+                .as_mut()
+                .and_then(|s| s.rules.as_mut())
+                .and_then(|r| r.first_mut())
+                .and_then(|r| r.http.as_mut())
+                .expect("a rule");
+            let mut extra = rule.paths[0].clone();
+            extra.path = Some(format!("/extra{k}"));
+            rule.paths.push(extra);
+            store.apply(Object::Ingress(ing));
+            ctl.reconcile_store(&sink, &store, &opts);
+            let cec_writes: Vec<String> = take()
+                .into_iter()
+                .filter(|w| w.contains("CiliumEnvoyConfig"))
+                .collect();
+            assert_eq!(cec_writes.len(), 1, "change {k}: {cec_writes:?}");
+            assert!(
+                !cec_writes[0].ends_with("/cilium-ingress"),
+                "change {k}: the first part is not rewritten: {cec_writes:?}"
+            );
+            // An unrelated pass writes nothing.
+            ctl.reconcile_store(&sink, &store, &opts);
+            assert!(take().is_empty(), "change {k}: nothing more to write");
+            assert!(
+                shared_paths_joined(&store).contains(&format!("/extra{k}")),
+                "change {k} is served"
+            );
+        }
+    }
+
+    /// Paths of the joined shared CEC.
+    fn shared_paths_joined(store: &Store) -> Vec<String> {
+        let Some((_, joined)) = shared_joined(store) else {
+            return Vec::new();
+        };
+        route_prefixes(&joined.spec.config.resources)
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! type known to that crate can be decoded, including nested `typed_config`
 //! payloads, without hand-written conversions.
 
+use std::fmt::Write as _;
 use std::sync::LazyLock;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
@@ -15,6 +16,8 @@ use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, Value as PValue};
 use serde_json::Value;
+
+use crate::descriptors::Descriptors;
 
 /// Well-known type URLs of the xDS resource types.
 pub mod type_url {
@@ -30,9 +33,11 @@ const ANY_NAME: &str = "google.protobuf.Any";
 
 static DESCRIPTOR_SET: &[u8] = include_bytes!(env!("ENVOY_TYPES_BIN"));
 
-// Decoding takes tens of milliseconds, so it is done once per process.
-static POOL: LazyLock<Result<DescriptorPool, String>> =
-    LazyLock::new(|| DescriptorPool::decode(DESCRIPTOR_SET).map_err(|e| e.to_string()));
+// The whole set decodes into ~33 MB of descriptors while a process uses a
+// few dozen of its ~1,000 files, so files join the pool as the types they
+// define are first needed (`Descriptors`).
+static DESCRIPTORS: LazyLock<Result<Descriptors, String>> =
+    LazyLock::new(|| Descriptors::index(DESCRIPTOR_SET));
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -54,15 +59,14 @@ pub enum CodecError {
     Encode { type_url: String, message: String },
 }
 
-/// The descriptor pool with every message type of envoy-types.
-pub fn pool() -> Result<&'static DescriptorPool, CodecError> {
-    POOL.as_ref()
+fn descriptors() -> Result<&'static Descriptors, CodecError> {
+    DESCRIPTORS
+        .as_ref()
         .map_err(|e| CodecError::Descriptors(e.clone()))
 }
 
-fn any_descriptor() -> Result<MessageDescriptor, CodecError> {
-    pool()?
-        .get_message_by_name(ANY_NAME)
+fn any_descriptor(pool: &DescriptorPool) -> Result<MessageDescriptor, CodecError> {
+    pool.get_message_by_name(ANY_NAME)
         .ok_or_else(|| CodecError::Descriptors(format!("{ANY_NAME} missing")))
 }
 
@@ -73,9 +77,7 @@ pub fn message_name(type_url: &str) -> &str {
 
 /// Whether the descriptor pool knows the message type of `type_url`.
 pub fn is_known_type(type_url: &str) -> bool {
-    pool()
-        .map(|p| p.get_message_by_name(message_name(type_url)).is_some())
-        .unwrap_or(false)
+    descriptors().is_ok_and(|d| d.defines(message_name(type_url)))
 }
 
 /// Decodes a protojson object with an `@type` field into an `Any`.
@@ -93,10 +95,11 @@ pub fn any_from_json(v: &Value) -> Result<Any, CodecError> {
     if !obj.contains_key("@type") {
         return Err(CodecError::MissingType { path: ".".into() });
     }
-    // prost-reflect buffers every key it sees before `@type` outside the path
-    // tracker; putting `@type` first keeps error paths precise.
-    let normalized = type_first(v);
-    let desc = any_descriptor()?;
+    let mut types = vec![ANY_NAME];
+    let mut path = String::new();
+    let normalized = type_first(v, &mut types, &mut path)?;
+    let pool = descriptors()?.pool_for(types)?;
+    let desc = any_descriptor(&pool)?;
     let mut track = serde_path_to_error::Track::new();
     let de = serde_path_to_error::Deserializer::new(&normalized, &mut track);
     match DynamicMessage::deserialize(desc, de) {
@@ -146,7 +149,8 @@ pub fn any_from_yaml(s: &str) -> Result<Any, CodecError> {
 
 /// Encodes an `Any` as protojson (camelCase field names, `@type` included).
 pub fn any_to_json(any: &Any) -> Result<Value, CodecError> {
-    let desc = any_descriptor()?;
+    let pool = descriptors()?.pool_for_any(any)?;
+    let desc = any_descriptor(&pool)?;
     let msg = DynamicMessage::decode(desc, any.encode_to_vec().as_slice()).map_err(|e| {
         CodecError::Decode {
             type_url: any.type_url.clone(),
@@ -202,8 +206,10 @@ pub fn resource_name(any: &Any) -> Result<String, CodecError> {
         type_url::VIRTUAL_HOST => Ok(VirtualHost::decode(bytes).map_err(de)?.name),
         _ => {
             // Other resource types (scoped routes, runtime, …) also carry `name`.
-            let desc = pool()?
-                .get_message_by_name(message_name(url))
+            let name = message_name(url);
+            let desc = descriptors()?
+                .pool_for([name])?
+                .get_message_by_name(name)
                 .ok_or_else(|| CodecError::UnknownType {
                     path: ".".into(),
                     type_url: url.to_owned(),
@@ -223,23 +229,59 @@ pub fn resource_name(any: &Any) -> Result<String, CodecError> {
     }
 }
 
-/// Copies `v`, moving `@type` to the front of every object that has one.
-fn type_first(v: &Value) -> Value {
+/// Copies `v`, collecting the message names of its `@type`s, and rejects
+/// keys that sort before `@type` in an object that has one.
+///
+/// Objects iterate in key order, and prost-reflect buffers the keys it meets
+/// before an `Any`'s `@type` in a hash map: which unknown one it reported
+/// would vary from call to call, without a path. No protojson field name
+/// sorts before `@type` (names start with a letter, `_` or `[`), so such a
+/// key is unrecognized whatever the type.
+fn type_first<'a>(
+    v: &'a Value,
+    types: &mut Vec<&'a str>,
+    path: &mut String,
+) -> Result<Value, CodecError> {
     match v {
         Value::Object(m) => {
-            let mut out = serde_json::Map::new();
             if let Some(t) = m.get("@type") {
-                out.insert("@type".into(), t.clone());
-            }
-            for (k, val) in m {
-                if k != "@type" {
-                    out.insert(k.clone(), type_first(val));
+                if let Some(url) = t.as_str() {
+                    types.push(message_name(url));
+                }
+                if let Some(first) = m.keys().next().filter(|k| k.as_str() < "@type") {
+                    return Err(CodecError::Json {
+                        path: if path.is_empty() {
+                            ".".into()
+                        } else {
+                            path.clone()
+                        },
+                        message: format!("unrecognized field name '{first}'"),
+                    });
                 }
             }
-            Value::Object(out)
+            let mut out = serde_json::Map::new();
+            for (k, val) in m {
+                let len = path.len();
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(k);
+                out.insert(k.clone(), type_first(val, types, path)?);
+                path.truncate(len);
+            }
+            Ok(Value::Object(out))
         }
-        Value::Array(a) => Value::Array(a.iter().map(type_first).collect()),
-        other => other.clone(),
+        Value::Array(a) => {
+            let mut out = Vec::with_capacity(a.len());
+            for (i, v) in a.iter().enumerate() {
+                let len = path.len();
+                let _ = write!(path, "[{i}]");
+                out.push(type_first(v, types, path)?);
+                path.truncate(len);
+            }
+            Ok(Value::Array(out))
+        }
+        other => Ok(other.clone()),
     }
 }
 
@@ -285,8 +327,47 @@ mod tests {
     }
 
     #[test]
-    fn pool_has_many_messages() {
-        assert!(pool().unwrap().all_messages().count() > 1500);
+    fn index_knows_every_message_and_pool_loads_only_what_is_used() {
+        let d = Descriptors::index(DESCRIPTOR_SET).unwrap();
+        assert!(d.messages.len() > 1500, "{}", d.messages.len());
+        assert!(d.defines("envoy.config.listener.v3.Listener"));
+        assert!(!d.defines("nope.Nope"));
+        let pool = d
+            .pool_for([ANY_NAME, "envoy.config.listener.v3.Listener"])
+            .unwrap();
+        let loaded = pool.files().len();
+        assert!(
+            pool.get_message_by_name("envoy.config.listener.v3.Listener")
+                .is_some()
+        );
+        // Dependencies came along; most of the set did not.
+        assert!(
+            pool.get_message_by_name("envoy.config.core.v3.Address")
+                .is_some()
+        );
+        assert!(loaded * 4 < d.files.len(), "{loaded} of {}", d.files.len());
+        assert!(
+            pool.get_message_by_name("envoy.extensions.filters.http.router.v3.Router")
+                .is_none()
+        );
+        // A second request for loaded types adds nothing.
+        let again = d.pool_for(["envoy.config.listener.v3.Listener"]).unwrap();
+        assert_eq!(again.files().len(), loaded);
+    }
+
+    #[test]
+    fn to_json_loads_nested_types_first_seen_in_bytes() {
+        let any = any_from_json(&listener_json()).unwrap();
+        // A fresh index has never seen the nested HttpConnectionManager.
+        let d = Descriptors::index(DESCRIPTOR_SET).unwrap();
+        let pool = d.pool_for_any(&any).unwrap();
+        for name in [
+            "envoy.config.listener.v3.Listener",
+            "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "envoy.extensions.filters.http.router.v3.Router",
+        ] {
+            assert!(pool.get_message_by_name(name).is_some(), "{name}");
+        }
     }
 
     #[test]
@@ -305,6 +386,26 @@ mod tests {
 
         let back = any_to_json(&any).unwrap();
         assert_eq!(back, listener_json());
+    }
+
+    #[test]
+    fn keys_sorting_before_type_are_named_with_their_path() {
+        // Both keys sort before `@type`; prost-reflect would buffer them in a
+        // hash map and report either one.
+        let top = json!({
+            "@type": type_url::CLUSTER, "2ype": "EDS", "2ypedOptions": {}, "name": "c"
+        });
+        for _ in 0..4 {
+            let e = any_from_json(&top).unwrap_err().to_string();
+            assert_eq!(e, ".: unrecognized field name '2ype'");
+        }
+        let mut nested = listener_json();
+        nested["filterChains"][0]["filters"][0]["typedConfig"]["#x"] = json!(1);
+        let e = any_from_json(&nested).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "filterChains[0].filters[0].typedConfig: unrecognized field name '#x'"
+        );
     }
 
     #[test]

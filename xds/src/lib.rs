@@ -5,6 +5,7 @@
 
 pub mod cache;
 pub mod codec;
+mod descriptors;
 pub mod server;
 
 pub use cache::{

@@ -4,6 +4,8 @@
 
 mod parse;
 mod qualify;
+mod shared;
 
-pub use parse::{CecError, ParsedCec, ParsedListener, parse_cec};
+pub use parse::{CecError, Decoded, ParsedCec, ParsedListener, parse_cec, parse_decoded};
 pub use qualify::qualify;
+pub use shared::{Joined, SharedJoin};

@@ -87,26 +87,67 @@ pub fn parse_cec(
         name,
         defines_legacy_admin,
     };
-    let mut out = ParsedCec::default();
+    let mut decoded = Vec::with_capacity(spec.resources.len());
     for (index, raw) in spec.resources.iter().enumerate() {
         let field = format!("spec.resources[{index}]");
-        let any =
-            membrane_xds::codec::any_from_json(raw).map_err(|e| ctx.err(&field, e.to_string()))?;
+        decoded.push(Decoded::Packed(
+            membrane_xds::codec::any_from_json(raw).map_err(|e| ctx.err(&field, e.to_string()))?,
+        ));
+    }
+    parse_decoded(object, namespace, name, decoded, defines_legacy_admin)
+}
+
+/// A resource decoded from its JSON: packed, or a route configuration
+/// assembled by the caller (a joined shared CEC), which spares packing and
+/// unpacking its thousands of routes.
+#[derive(Debug, Clone)]
+pub enum Decoded {
+    Packed(Any),
+    Route(Box<RouteConfiguration>),
+}
+
+/// [`parse_cec`] of resources already decoded from JSON (in `spec.resources`
+/// order). `defines_legacy_admin`: one of them is a cluster named
+/// `envoy-admin`.
+pub fn parse_decoded(
+    object: &str,
+    namespace: &str,
+    name: &str,
+    resources: impl IntoIterator<Item = Decoded>,
+    defines_legacy_admin: bool,
+) -> Result<ParsedCec, CecError> {
+    let ctx = Ctx {
+        object,
+        namespace,
+        name,
+        defines_legacy_admin,
+    };
+    let mut out = ParsedCec::default();
+    for (index, resource) in resources.into_iter().enumerate() {
+        let field = format!("spec.resources[{index}]");
+        let any = match resource {
+            Decoded::Packed(any) => any,
+            Decoded::Route(r) => {
+                out.routes.push(route_configuration(&ctx, &field, *r)?);
+                continue;
+            }
+        };
+        let any = &any;
         let bad = |e: prost::DecodeError| ctx.err(&field, e.to_string());
-        if let Some(l) = from_any::<Listener>(&any) {
+        if let Some(l) = from_any::<Listener>(any) {
             out.listeners
                 .push(listener(&ctx, &field, index, l.map_err(bad)?)?);
-        } else if let Some(r) = from_any::<RouteConfiguration>(&any) {
+        } else if let Some(r) = from_any::<RouteConfiguration>(any) {
             out.routes
                 .push(route_configuration(&ctx, &field, r.map_err(bad)?)?);
-        } else if let Some(c) = from_any::<Cluster>(&any) {
+        } else if let Some(c) = from_any::<Cluster>(any) {
             out.clusters.push(cluster(&ctx, &field, c.map_err(bad)?)?);
-        } else if let Some(e) = from_any::<ClusterLoadAssignment>(&any) {
+        } else if let Some(e) = from_any::<ClusterLoadAssignment>(any) {
             let mut e = e.map_err(bad)?;
             require_name(&ctx, &field, "clusterName", &e.cluster_name)?;
             e.cluster_name = ctx.q(&e.cluster_name);
             out.endpoints.push(e);
-        } else if let Some(s) = from_any::<Secret>(&any) {
+        } else if let Some(s) = from_any::<Secret>(any) {
             let mut s = s.map_err(bad)?;
             require_name(&ctx, &field, "name", &s.name)?;
             s.name = ctx.q(&s.name);

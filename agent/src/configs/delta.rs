@@ -662,9 +662,9 @@ impl ConfigPipeline {
             }
             // A split CEC's first part serves its joined spec (only ever a
             // dependent here: changed split CECs take the full pass).
-            let joined = self.joined.get(&key).map(|(rv, s)| (rv.clone(), s.clone()));
+            let joined = self.joined.get(&key).cloned();
             let (spec, rv): (&EnvoyConfigSpec, String) = match &joined {
-                Some((rv, spec)) => (spec.as_ref(), rv.clone()),
+                Some(j) => (j.spec.as_ref(), j.rv.clone()),
                 None => match config_of(snap, &key) {
                     Some((spec, rv, _, _)) => (spec, rv.to_owned()),
                     None => continue,
@@ -683,7 +683,7 @@ impl ConfigPipeline {
             };
             serving_undo.push((key.clone(), self.serving.remove(&key)));
             if selects(spec.node_selector.as_ref(), &self.node_labels) {
-                let (prepared, why) = self.resolve(&key, spec, &rv);
+                let (prepared, why) = self.resolve(&key, spec, &rv, joined.as_ref());
                 e.rejected = why;
                 if let Some((p, nacked)) = prepared {
                     if defines_secrets(&p) {

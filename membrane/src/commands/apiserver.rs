@@ -35,6 +35,12 @@ pub struct ApiserverArgs {
     /// an RBAC authorizer sees; the chart's RBAC test checks it).
     #[arg(long, value_name = "FILE")]
     pub audit_log: Option<PathBuf>,
+    /// fsync every commit before answering (SQLite synchronous=FULL): a
+    /// write also survives an OS crash or power loss, at one fsync per
+    /// write. By default a write survives the process being killed, as
+    /// with k3s's SQLite datastore.
+    #[arg(long)]
+    pub sync_commits: bool,
 }
 
 pub async fn run(args: ApiserverArgs) -> Result<ExitCode> {
@@ -43,6 +49,9 @@ pub async fn run(args: ApiserverArgs) -> Result<ExitCode> {
     config.bookmark_interval = Duration::from_secs(args.bookmark_interval.max(1));
     config.event_ttl = Duration::from_secs(args.event_ttl);
     config.audit_log = args.audit_log.clone();
+    if args.sync_commits {
+        config.sync = membrane_apiserver::store::SyncMode::Full;
+    }
     let server = membrane_apiserver::ApiServer::bind(config)
         .await
         .with_context(|| format!("starting the API server on {}", args.listen))?;

@@ -39,6 +39,10 @@ pub struct UpArgs {
     /// `membrane apiserver --audit-log`).
     #[arg(long, value_name = "FILE")]
     pub api_audit_log: Option<PathBuf>,
+    /// fsync every commit of the embedded API before answering (as
+    /// `membrane apiserver --sync-commits`).
+    #[arg(long)]
+    pub api_sync_commits: bool,
     #[command(flatten)]
     pub envoy: EnvoyFlags,
     /// Pool LoadBalancer Service addresses come from.
@@ -356,6 +360,9 @@ pub async fn run(args: UpArgs, api_socket: PathBuf) -> Result<ExitCode> {
     // The embedded Kubernetes API: everything below is its client.
     let mut api_config = membrane_apiserver::Config::new(args.api_listen, &data_dir);
     api_config.audit_log = args.api_audit_log.clone();
+    if args.api_sync_commits {
+        api_config.sync = membrane_apiserver::store::SyncMode::Full;
+    }
     let server = membrane_apiserver::ApiServer::bind(api_config)
         .await
         .with_context(|| {

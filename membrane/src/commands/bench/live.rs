@@ -368,6 +368,7 @@ pub async fn endpoints(args: &XdsArgs) -> Result<()> {
     // Service s currently points at pod `echo_ip(s, 0)`.
     let mut pod_of: BTreeMap<usize, usize> = BTreeMap::new();
     let mut samples = Vec::new();
+    let mut api_times = Vec::new();
     let warmup = 5;
     for k in 0..args.changes + warmup {
         let i = (k * 7919) % w.ingresses;
@@ -390,6 +391,7 @@ pub async fn endpoints(args: &XdsArgs) -> Result<()> {
             )
             .await
             .context("POST /v1/apply")?;
+        let api = start.elapsed();
         loop {
             let answer = tokio::time::timeout(Duration::from_secs(2), get(addr, &path)).await;
             if matches!(&answer, Ok(Ok((200, body))) if body.contains(&want)) {
@@ -408,12 +410,17 @@ pub async fn endpoints(args: &XdsArgs) -> Result<()> {
         pod_of.insert(s, next);
         if k >= warmup {
             samples.push(took);
+            api_times.push(api);
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     println!(
         "EndpointSlice change → new endpoint answers: {}",
         summary(&samples)
+    );
+    println!(
+        "  of which POST /v1/apply:                 {}",
+        summary(&api_times)
     );
     println!(
         "membrane RSS after the changes: {:.1} MiB",
