@@ -38,7 +38,7 @@ use crate::ports::ProxyPorts;
 use crate::secrets::{BadSecret, tls_secrets};
 
 mod delta;
-pub use delta::ConfigsPass;
+pub use delta::{ConfigsPass, ServedList};
 
 /// One Envoy resource ready for the snapshot: encoded and hashed once per
 /// object version, then shared by every pass and every xDS stream.

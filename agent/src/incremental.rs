@@ -6,14 +6,14 @@
 //! ([`membrane_store::Store::changes_since`]); a stage that fell behind the
 //! log, or runs for the first time, gets a resync (a full pass).
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use membrane_ingress::INGRESS_LABEL;
 use membrane_store::{Changes, KeyChangeKind, Kind, ObjectKey, Store, StoreSnapshot};
 use membrane_xds::{ResourceMap, Snapshot};
 
-use crate::configs::{Built, PipelineChanges};
+use crate::configs::{Built, PipelineChanges, ServedList};
 
 /// What the incremental pass keeps between passes.
 #[derive(Debug, Default)]
@@ -41,12 +41,12 @@ impl PassState {
     }
 
     /// An endpoint-only pass: put the changed assignments into the
-    /// snapshot. True when the snapshot changed.
+    /// snapshot. What changed (see [`publish_delta`]).
     pub fn publish_endpoints(
         &mut self,
         snapshot: &mut Snapshot,
         updated: Vec<(Built, Built)>,
-    ) -> bool {
+    ) -> Vec<(String, String)> {
         publish_delta(
             snapshot,
             updated.into_iter().map(|(_, new)| new).collect(),
@@ -129,9 +129,9 @@ fn same(a: &Built, b: &Built) -> bool {
 }
 
 /// A full pass's resources into the snapshot: only the resources that
-/// differ from what it holds are put or removed. True when the snapshot
-/// changed.
-pub fn publish_full(snapshot: &mut Snapshot, new: Vec<Built>) -> bool {
+/// differ from what it holds are put or removed. What changed (see
+/// [`publish_delta`]).
+pub fn publish_full(snapshot: &mut Snapshot, new: Vec<Built>) -> Vec<(String, String)> {
     let keep: HashSet<(&str, &str)> = new
         .iter()
         .map(|r| (r.type_url.as_str(), r.name.as_str()))
@@ -151,12 +151,13 @@ pub fn publish_full(snapshot: &mut Snapshot, new: Vec<Built>) -> bool {
 }
 
 /// Put `upserts` (those that differ from what the snapshot holds) and
-/// remove `removals`. True when the snapshot changed.
+/// remove `removals`. The `(type, name)` of what changed: empty when the
+/// snapshot did not.
 pub fn publish_delta(
     snapshot: &mut Snapshot,
     upserts: Vec<Built>,
     removals: Vec<(String, String)>,
-) -> bool {
+) -> Vec<(String, String)> {
     let upserts: Vec<Built> = upserts
         .into_iter()
         .filter(|r| {
@@ -169,53 +170,138 @@ pub fn publish_delta(
         .into_iter()
         .filter(|(t, n)| snapshot.get(t, n).is_some())
         .collect();
-    if upserts.is_empty() && removals.is_empty() {
-        return false;
+    let changed: Vec<(String, String)> = upserts
+        .iter()
+        .map(|r| (r.type_url.clone(), r.name.clone()))
+        .chain(removals.iter().cloned())
+        .collect();
+    if !changed.is_empty() {
+        snapshot.update(upserts, removals);
     }
-    snapshot.update(upserts, removals);
-    true
+    changed
 }
 
-/// Which served objects Envoy has ACKed in full. Re-checked where
-/// something changed only: an object once ACKed stays ACKed until what it
-/// serves changes (a pass touches it) or Envoy's stream is replaced.
+/// Which served objects Envoy runs in full: every resource an object
+/// serves is in the snapshot, and the content Envoy last ACKed for it is
+/// the snapshot's. Kept per resource and updated from exact differences
+/// only: the resources a publish changed ([`AckState::published`]), the
+/// entries of Envoy's ACKed maps that differ from the maps at the last
+/// check, and the served lists that changed ([`AckState::touch`]). So the
+/// result is always what [`acked_in_full`] finds, at a cost that follows
+/// the change; a full pass or a new stream re-evaluates everything.
 #[derive(Debug, Default)]
 pub struct AckState {
     /// Served and ACKed in full.
     pub acked: BTreeSet<ObjectKey>,
-    /// Served, not ACKed as of the last check: checked again when Envoy
-    /// ACKed something since.
-    pending: BTreeSet<ObjectKey>,
-    /// Touched since the last check.
-    fresh: BTreeSet<ObjectKey>,
-    /// A touch took something out of `acked` since the last check.
-    unacked: bool,
-    /// Everything is to be checked (a full pass, a new stream).
+    /// Each served resource, by type and name: who serves it, and whether
+    /// Envoy runs its current content.
+    resources: HashMap<String, HashMap<String, Res>>,
+    /// Each served object's resources (as last tracked) and how many of
+    /// them Envoy does not run yet.
+    objects: HashMap<ObjectKey, (ServedList, usize)>,
+    /// Served lists that changed since the last check.
+    lists_changed: BTreeSet<ObjectKey>,
+    /// Snapshot resources `(type, name)` put or removed since the last check.
+    res_changed: HashSet<(String, String)>,
+    /// Everything is to be re-evaluated (a full pass).
     all: bool,
     stream: Option<u64>,
-    /// What Envoy had ACKed at the last check (shared maps: a new ACK
-    /// replaces its type's map).
+    /// Envoy's ACKed maps at the last check (shared: an ACK replaces its
+    /// type's map, so an unchanged type is one pointer comparison).
     seen: BTreeMap<String, Arc<ResourceMap>>,
 }
 
+#[derive(Debug, Default)]
+struct Res {
+    users: Vec<ObjectKey>,
+    running: bool,
+}
+
+/// Envoy runs the snapshot's content of `(t, n)`.
+fn runs(snapshot: &Snapshot, acked: &BTreeMap<String, Arc<ResourceMap>>, t: &str, n: &str) -> bool {
+    let Some(current) = snapshot.get(t, n) else {
+        return false;
+    };
+    acked
+        .get(t)
+        .and_then(|m| m.get(n))
+        .is_some_and(|r| Arc::ptr_eq(r, current) || r.hash == current.hash)
+}
+
+/// The served objects every resource of which Envoy runs, checked one by
+/// one (what [`AckState`] keeps up to date).
+pub fn acked_in_full(
+    served: &BTreeMap<ObjectKey, Vec<(&'static str, String)>>,
+    snapshot: &Snapshot,
+    acked: &BTreeMap<String, Arc<ResourceMap>>,
+) -> BTreeSet<ObjectKey> {
+    served
+        .iter()
+        .filter(|(_, list)| list.iter().all(|(t, n)| runs(snapshot, acked, t, n)))
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
+/// Names whose entries differ between two maps of one type (by pointer,
+/// then content hash), including names only one of them has.
+fn differing(old: &ResourceMap, new: &ResourceMap) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut a = old.iter().peekable();
+    let mut b = new.iter().peekable();
+    loop {
+        match (a.peek(), b.peek()) {
+            (None, None) => return out,
+            (Some((n, _)), None) => {
+                out.push((*n).clone());
+                a.next();
+            }
+            (None, Some((n, _))) => {
+                out.push((*n).clone());
+                b.next();
+            }
+            (Some((na, ra)), Some((nb, rb))) => match na.cmp(nb) {
+                std::cmp::Ordering::Less => {
+                    out.push((*na).clone());
+                    a.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    out.push((*nb).clone());
+                    b.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if !Arc::ptr_eq(ra, rb) && ra.hash != rb.hash {
+                        out.push((*na).clone());
+                    }
+                    a.next();
+                    b.next();
+                }
+            },
+        }
+    }
+}
+
 impl AckState {
-    /// Everything served may have changed.
+    /// Everything served may have changed (a full pass).
     pub fn reset(&mut self) {
         self.all = true;
     }
 
-    /// What these serve may have changed (or they are no longer served).
+    /// The served lists of these changed (or they are no longer served).
     pub fn touch(&mut self, keys: impl IntoIterator<Item = ObjectKey>) {
-        for k in keys {
-            self.unacked |= self.acked.remove(&k);
-            self.pending.remove(&k);
-            self.fresh.insert(k);
+        self.lists_changed.extend(keys);
+    }
+
+    /// The snapshot put or removed these resources `(type, name)`.
+    pub fn published(&mut self, changed: impl IntoIterator<Item = (String, String)>) {
+        if !self.all {
+            self.res_changed.extend(changed);
         }
     }
 
-    /// Check the objects that need it against what Envoy ACKed on
-    /// `stream`; `mark` is called for each newly ACKed one. True when the
-    /// ACKed set changed.
+    /// Bring the ACKed set up to date with `served`, `snapshot` and what
+    /// Envoy ACKed on `stream`; `mark` is called for each object found
+    /// ACKed whose state was looked at (newly ACKed, or its resources
+    /// changed and are ACKed again). True when the ACKed set changed.
     pub fn check(
         &mut self,
         served: &BTreeMap<ObjectKey, Vec<(&'static str, String)>>,
@@ -224,61 +310,129 @@ impl AckState {
         stream: Option<u64>,
         mut mark: impl FnMut(&ObjectKey),
     ) -> bool {
-        let all_acked = |resources: &[(&'static str, String)]| {
-            resources.iter().all(|(t, n)| {
-                let Some(current) = snapshot.get(t, n) else {
-                    return false;
-                };
-                acked_now
-                    .get(*t)
-                    .and_then(|m| m.get(n))
-                    .is_some_and(|r| Arc::ptr_eq(r, current) || r.hash == current.hash)
-            })
-        };
-        let acks_same = self.seen.len() == acked_now.len()
-            && self
-                .seen
-                .iter()
-                .zip(acked_now)
-                .all(|((ta, a), (tb, b))| ta == tb && Arc::ptr_eq(a, b));
-        self.seen = acked_now.clone();
         if self.all || stream != self.stream {
-            self.unacked = false;
             self.all = false;
             self.stream = stream;
-            self.pending.clear();
-            self.fresh.clear();
+            self.seen = acked_now.clone();
+            self.resources.clear();
+            self.objects.clear();
+            self.lists_changed.clear();
+            self.res_changed.clear();
             let before = std::mem::take(&mut self.acked);
-            for (key, resources) in served {
-                if all_acked(resources) {
+            for (key, list) in served {
+                if self.add(key, list, snapshot, acked_now) {
                     mark(key);
                     self.acked.insert(key.clone());
-                } else {
-                    self.pending.insert(key.clone());
                 }
             }
             return before != self.acked;
         }
-        let mut changed = std::mem::take(&mut self.unacked);
-        // Nothing new ACKed: what was pending still is.
-        let mut todo = std::mem::take(&mut self.fresh);
-        if !acks_same {
-            todo.append(&mut self.pending);
+        // Objects whose state is to be looked at.
+        let mut look: BTreeSet<ObjectKey> = BTreeSet::new();
+        for key in std::mem::take(&mut self.lists_changed) {
+            self.remove(&key);
+            if let Some(list) = served.get(&key) {
+                self.add(&key, list, snapshot, acked_now);
+            }
+            look.insert(key);
         }
-        for key in todo {
-            let Some(resources) = served.get(&key) else {
-                // No longer served.
-                changed |= self.acked.remove(&key);
+        // Resources whose snapshot content or ACKed content changed.
+        let mut names: Vec<(String, String)> =
+            std::mem::take(&mut self.res_changed).into_iter().collect();
+        for (t, now) in acked_now {
+            match self.seen.get(t) {
+                Some(old) if Arc::ptr_eq(old, now) => {}
+                Some(old) => names.extend(differing(old, now).into_iter().map(|n| (t.clone(), n))),
+                None => names.extend(now.keys().map(|n| (t.clone(), n.clone()))),
+            }
+        }
+        for (t, old) in &self.seen {
+            if !acked_now.contains_key(t) {
+                names.extend(old.keys().map(|n| (t.clone(), n.clone())));
+            }
+        }
+        self.seen = acked_now.clone();
+        for (t, n) in names {
+            let Some(res) = self.resources.get_mut(&t).and_then(|m| m.get_mut(&n)) else {
                 continue;
             };
-            if all_acked(resources) {
+            let running = runs(snapshot, acked_now, &t, &n);
+            look.extend(res.users.iter().cloned());
+            if running == res.running {
+                continue;
+            }
+            res.running = running;
+            for u in &res.users {
+                if let Some((_, missing)) = self.objects.get_mut(u) {
+                    if running {
+                        *missing -= 1;
+                    } else {
+                        *missing += 1;
+                    }
+                }
+            }
+        }
+        let mut changed = false;
+        for key in look {
+            if self.objects.get(&key).is_some_and(|(_, m)| *m == 0) {
                 mark(&key);
                 changed |= self.acked.insert(key);
             } else {
-                self.pending.insert(key);
+                changed |= self.acked.remove(&key);
             }
         }
         changed
+    }
+
+    /// Track `key` serving `list`; true when Envoy runs all of it.
+    fn add(
+        &mut self,
+        key: &ObjectKey,
+        list: &[(&'static str, String)],
+        snapshot: &Snapshot,
+        acked: &BTreeMap<String, Arc<ResourceMap>>,
+    ) -> bool {
+        let mut missing = 0;
+        for (t, n) in list {
+            let by_name = match self.resources.get_mut(*t) {
+                Some(m) => m,
+                None => self.resources.entry((*t).to_owned()).or_default(),
+            };
+            let res = match by_name.get_mut(n) {
+                Some(r) => r,
+                None => by_name.entry(n.clone()).or_insert_with(|| Res {
+                    users: Vec::new(),
+                    running: runs(snapshot, acked, t, n),
+                }),
+            };
+            res.users.push(key.clone());
+            if !res.running {
+                missing += 1;
+            }
+        }
+        self.objects.insert(key.clone(), (list.to_vec(), missing));
+        missing == 0
+    }
+
+    /// Stop tracking `key`.
+    fn remove(&mut self, key: &ObjectKey) {
+        let Some((list, _)) = self.objects.remove(key) else {
+            return;
+        };
+        for (t, n) in list {
+            let Some(by_name) = self.resources.get_mut(t) else {
+                continue;
+            };
+            let Some(res) = by_name.get_mut(&n) else {
+                continue;
+            };
+            if let Some(i) = res.users.iter().position(|u| u == key) {
+                res.users.swap_remove(i);
+            }
+            if res.users.is_empty() {
+                by_name.remove(&n);
+            }
+        }
     }
 }
 
@@ -330,7 +484,7 @@ mod tests {
             let mut snap = crate::build_snapshot(&base);
             let changed = publish_full(&mut snap, case.clone());
             assert_eq!(snap, crate::build_snapshot(&case), "case {n}");
-            assert_eq!(changed, n != 0, "case {n}");
+            assert_eq!(!changed.is_empty(), n != 0, "case {n}");
             // Hashes too, not only names: content changes are visible.
             for r in &case {
                 assert_eq!(snap.get(&r.type_url, &r.name).map(|x| x.hash), Some(r.hash));
@@ -347,7 +501,7 @@ mod tests {
         let served: BTreeMap<ObjectKey, Vec<(&'static str, String)>> =
             [(key.clone(), vec![(type_url_static(), "x".to_owned())])].into();
         let v1 = res(l, "x", 1);
-        let snap = crate::build_snapshot(std::slice::from_ref(&v1));
+        let mut snap = crate::build_snapshot(std::slice::from_ref(&v1));
         let acked_of = |r: &Built| -> BTreeMap<String, Arc<ResourceMap>> {
             [(l.to_owned(), Arc::new([("x".to_owned(), r.clone())].into()))].into()
         };
@@ -365,15 +519,106 @@ mod tests {
         assert_eq!(marked, vec![key.clone()]);
         // Its content changes: pending until the new content is ACKed.
         let v2 = res(l, "x", 2);
-        let snap2 = crate::build_snapshot(std::slice::from_ref(&v2));
-        st.touch([key.clone()]);
-        assert!(st.check(&served, &snap2, &acked, Some(1), |_| {}));
+        st.published(publish_delta(&mut snap, vec![v2.clone()], Vec::new()));
+        assert!(st.check(&served, &snap, &acked, Some(1), |_| {}));
         assert!(!st.acked.contains(&key));
-        assert!(st.check(&served, &snap2, &acked_of(&v2), Some(1), |_| {}));
+        assert!(st.check(&served, &snap, &acked_of(&v2), Some(1), |_| {}));
         assert!(st.acked.contains(&key));
         // A new stream starts from nothing ACKed.
-        assert!(st.check(&served, &snap2, &BTreeMap::new(), Some(2), |_| {}));
+        assert!(st.check(&served, &snap, &BTreeMap::new(), Some(2), |_| {}));
         assert!(st.acked.is_empty());
+    }
+
+    /// Random snapshot changes, served-list changes, ACKs of whole types,
+    /// of part of a type (names Envoy follows) and of older content,
+    /// reconnects and full passes: after every check the ACKed set is what
+    /// a check of every served object finds, and every newly ACKed object
+    /// was marked.
+    #[test]
+    fn ack_state_equals_a_check_of_everything() {
+        let types = [
+            "type.googleapis.com/envoy.config.listener.v3.Listener",
+            "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+            "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+        ];
+        let keys: Vec<ObjectKey> = (0..6)
+            .map(|i| ObjectKey::new(Kind::CiliumEnvoyConfig, "a", &format!("c{i}")))
+            .collect();
+        for seed in [3u64, 17, 2024, 77777] {
+            let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            let mut below = |n: u64| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x % n
+            };
+            let mut snap = Snapshot::new();
+            let mut served: BTreeMap<ObjectKey, Vec<(&'static str, String)>> = BTreeMap::new();
+            let mut envoy: BTreeMap<String, Arc<ResourceMap>> = BTreeMap::new();
+            // Envoy's previous ACKed maps, to go back to (older content).
+            let mut older: Vec<BTreeMap<String, Arc<ResourceMap>>> = Vec::new();
+            let mut stream = 1;
+            let mut st = AckState::default();
+            st.reset();
+            let mut before = BTreeSet::new();
+            for step in 0..400 {
+                match below(8) {
+                    0 | 1 => {
+                        let t = types[below(3) as usize];
+                        let n = format!("r{}", below(6));
+                        let changed = if below(4) == 0 {
+                            publish_delta(&mut snap, Vec::new(), vec![(t.to_owned(), n)])
+                        } else {
+                            publish_delta(&mut snap, vec![res(t, &n, below(3) as u8)], Vec::new())
+                        };
+                        st.published(changed);
+                    }
+                    2 => {
+                        let k = keys[below(6) as usize].clone();
+                        if below(5) == 0 {
+                            served.remove(&k);
+                        } else {
+                            let list = (0..below(4))
+                                .map(|_| (types[below(3) as usize], format!("r{}", below(6))))
+                                .collect();
+                            served.insert(k.clone(), list);
+                        }
+                        st.touch([k]);
+                    }
+                    3 | 4 => {
+                        older.push(envoy.clone());
+                        let t = types[below(3) as usize];
+                        let mut m = snap.resources(t).clone();
+                        if below(3) == 0 {
+                            let keep = below(6);
+                            m.retain(|n, _| !n.ends_with(&keep.to_string()));
+                        }
+                        envoy.insert(t.to_owned(), Arc::new(m));
+                    }
+                    5 if !older.is_empty() => {
+                        envoy = older.remove(below(older.len() as u64) as usize);
+                    }
+                    6 if below(4) == 0 => {
+                        stream += 1;
+                        envoy.clear();
+                    }
+                    7 if below(4) == 0 => st.reset(),
+                    _ => {}
+                }
+                let mut marked = BTreeSet::new();
+                st.check(&served, &snap, &envoy, Some(stream), |k| {
+                    marked.insert(k.clone());
+                });
+                let want = acked_in_full(&served, &snap, &envoy);
+                assert_eq!(st.acked, want, "seed {seed} step {step}");
+                assert!(
+                    want.iter()
+                        .all(|k| before.contains(k) || marked.contains(k)),
+                    "seed {seed} step {step}: newly ACKed are marked"
+                );
+                before = want;
+            }
+        }
     }
 
     fn type_url_static() -> &'static str {

@@ -386,11 +386,10 @@ impl Reconciler {
         let mut full_pass = false;
         // CECs and Services the pass looked at (a pass over changed CECs).
         let mut looked_at: Vec<ObjectKey> = Vec::new();
-        let resources_changed = match outcome {
-            configs::PassOutcome::Unchanged => false,
+        let published = match outcome {
+            configs::PassOutcome::Unchanged => Vec::new(),
             configs::PassOutcome::Endpoints(eds) => {
                 incremental::patch_rejected(&mut self.incr.pipeline_rejected, eds.rejected);
-                self.acks.touch(eds.services);
                 self.incr
                     .publish_endpoints(&mut self.xds_snapshot, eds.updated)
             }
@@ -407,12 +406,12 @@ impl Reconciler {
                     );
                 }
                 for (key, served) in pass.served {
+                    self.acks.touch([key.clone()]);
                     match served {
                         Some(v) => self.served.insert(key, v),
                         None => self.served.remove(&key),
                     };
                 }
-                self.acks.touch(pass.touched);
                 incremental::publish_delta(&mut self.xds_snapshot, pass.upserts, pass.removals)
             }
             configs::PassOutcome::Full(pass) => {
@@ -430,7 +429,8 @@ impl Reconciler {
                 incremental::publish_full(&mut self.xds_snapshot, pass.resources)
             }
         };
-        let resources_changed = resources_changed || std::mem::take(&mut self.republish);
+        let resources_changed = !published.is_empty() || std::mem::take(&mut self.republish);
+        self.acks.published(published);
         if resources_changed {
             // Without labels of its own the agent's node is the default
             // node; with labels, its snapshot is node-specific.

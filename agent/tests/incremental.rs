@@ -7,8 +7,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use membrane_agent::configs::{ConfigPipeline, PassOutcome, PipelineChanges};
+use membrane_agent::incremental::{self, AckState, acked_in_full};
 use membrane_agent::placement::PortMap;
 use membrane_store::{Kind, ObjectKey, Store, parse_documents};
+use membrane_xds::{ResourceMap, Snapshot};
 
 fn apply(store: &Store, yaml: &str) {
     for obj in parse_documents(yaml).expect("valid YAML") {
@@ -93,6 +95,9 @@ struct Incremental {
     /// How each step was handled: "unchanged", "endpoints", "configs" or
     /// "full".
     outcomes: Vec<&'static str>,
+    /// The xDS snapshot and the ACK state, kept as the agent keeps them.
+    snapshot: Snapshot,
+    acks: AckState,
 }
 
 impl Incremental {
@@ -106,6 +111,12 @@ impl Incremental {
             PassOutcome::Unchanged => self.outcomes.push("unchanged"),
             PassOutcome::Endpoints(eds) => {
                 self.outcomes.push("endpoints");
+                let published = incremental::publish_delta(
+                    &mut self.snapshot,
+                    eds.updated.iter().map(|(_, new)| new.clone()).collect(),
+                    Vec::new(),
+                );
+                self.acks.published(published);
                 for (old, new) in eds.updated {
                     let slot = self
                         .resources
@@ -123,6 +134,13 @@ impl Incremental {
             }
             PassOutcome::Configs(pass) => {
                 self.outcomes.push("configs");
+                let published = incremental::publish_delta(
+                    &mut self.snapshot,
+                    pass.upserts.clone(),
+                    pass.removals.clone(),
+                );
+                self.acks.published(published);
+                self.acks.touch(pass.served.iter().map(|(k, _)| k.clone()));
                 for (t, n) in pass.removals {
                     assert!(
                         self.resources.remove(&(t.clone(), n.clone())).is_some(),
@@ -156,6 +174,8 @@ impl Incremental {
             }
             PassOutcome::Full(pass) => {
                 self.outcomes.push("full");
+                incremental::publish_full(&mut self.snapshot, pass.resources.clone());
+                self.acks.reset();
                 self.served = pass.served;
                 self.warnings = pass.warnings;
                 self.resources = pass
@@ -219,6 +239,8 @@ fn incremental_passes_serve_what_full_passes_serve() {
         served: BTreeMap::new(),
         warnings: BTreeMap::new(),
         outcomes: Vec::new(),
+        snapshot: Snapshot::new(),
+        acks: AckState::default(),
     };
     let mut reference = ConfigPipeline::new(PortMap::default(), BTreeMap::new());
     let steps: Vec<Step> = vec![
@@ -556,7 +578,9 @@ fn random_cec(rng: &mut Rng, name: &str, created: u64, version: u64) -> serde_js
 /// Random sequences of CEC creates, updates and deletes (contested names
 /// and addresses, ties in creation time), Service, slice and Secret
 /// changes, NACK quarantines and retries: after every step the incremental
-/// side serves, rejects and warns exactly what a full pass does.
+/// side serves, rejects and warns exactly what a full pass does, and its
+/// ACK state (Envoy ACKing some types, part of a type, or reconnecting)
+/// finds ACKed exactly the objects a check of every served object finds.
 #[test]
 fn random_changes_serve_what_full_passes_serve() {
     for seed in [1u64, 7, 42, 1234, 99991] {
@@ -577,10 +601,16 @@ fn random_changes_serve_what_full_passes_serve() {
             served: BTreeMap::new(),
             warnings: BTreeMap::new(),
             outcomes: Vec::new(),
+            snapshot: Snapshot::new(),
+            acks: AckState::default(),
         };
         let mut reference = ConfigPipeline::new(PortMap::default(), BTreeMap::new());
         let mut created: BTreeMap<usize, u64> = BTreeMap::new();
         let mut version = 0u64;
+        // What Envoy ACKed, by type, on which stream.
+        let mut envoy: BTreeMap<String, std::sync::Arc<ResourceMap>> = BTreeMap::new();
+        let mut stream = 1u64;
+        let mut acked_before: BTreeSet<ObjectKey> = BTreeSet::new();
         for step in 0..150 {
             version += 1;
             let what = match rng.below(100) {
@@ -657,13 +687,46 @@ fn random_changes_serve_what_full_passes_serve() {
             assert_eq!(got.0, want.0, "resources after {ctx}");
             assert_eq!(incr.served, served, "served after {ctx}");
             assert_eq!(incr.warnings, warnings, "warnings after {ctx}");
-            // Envoy ACKs what serves, most of the time.
-            if rng.chance(70) {
-                for key in served.keys() {
-                    incr.pipeline.mark_acked(key);
-                    reference.mark_acked(key);
+            // Envoy ACKs what it was sent, type by type, now and then
+            // only part of a type (names it follows), or reconnects.
+            match rng.below(10) {
+                0 => {
+                    stream += 1;
+                    envoy.clear();
                 }
+                1..=7 => {
+                    for t in incr.snapshot.type_urls() {
+                        if rng.chance(70) {
+                            let mut m: ResourceMap = incr.snapshot.resources(t).clone();
+                            if rng.chance(20) {
+                                m.retain(|_, _| rng.chance(80));
+                            }
+                            envoy.insert(t.to_owned(), std::sync::Arc::new(m));
+                        }
+                    }
+                }
+                _ => {}
             }
+            let mut marked = BTreeSet::new();
+            incr.acks
+                .check(&incr.served, &incr.snapshot, &envoy, Some(stream), |k| {
+                    marked.insert(k.clone());
+                });
+            let acked = acked_in_full(&served, &incr.snapshot, &envoy);
+            assert_eq!(incr.acks.acked, acked, "ACKed after {ctx}");
+            assert!(
+                acked
+                    .iter()
+                    .all(|k| marked.contains(k) || acked_before.contains(k)),
+                "every newly ACKed object is marked after {ctx}"
+            );
+            for key in &acked {
+                reference.mark_acked(key);
+            }
+            for key in &marked {
+                incr.pipeline.mark_acked(key);
+            }
+            acked_before = acked;
         }
         let configs = incr.outcomes.iter().filter(|o| **o == "configs").count();
         assert!(
