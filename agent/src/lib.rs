@@ -381,6 +381,9 @@ impl Reconciler {
             return false;
         }
         let snap = store.snapshot();
+        if timeline_on() && !changes.config_keys.is_empty() {
+            timeline("pipeline start", changes.config_keys.iter());
+        }
         let outcome = self.pipeline.run_changes(&snap, &changes);
         self.incr.pipeline_seen = Some(pipeline_rev);
         let mut full_pass = false;
@@ -436,6 +439,7 @@ impl Reconciler {
             // node; with labels, its snapshot is node-specific.
             let own = (!self.node_labels.is_empty()).then_some(state.node_id.as_str());
             state.cache.set_snapshot(own, self.xds_snapshot.clone());
+            timeline("published", std::iter::empty());
         }
         if resources_changed || !changes.is_empty() {
             self.nodes.pass(
@@ -520,13 +524,23 @@ impl Reconciler {
         // One lock for the whole check, not one per served resource.
         let (stream, acked_now) = state.cache.acked_resources_of_stream(&state.node_id);
         let pipeline = &mut self.pipeline;
+        let mut newly: Vec<ObjectKey> = Vec::new();
+        let on = timeline_on();
         let changed = self.acks.check(
             &self.served,
             &self.xds_snapshot,
             &acked_now,
             stream,
-            |key| pipeline.mark_acked(key),
+            |key| {
+                pipeline.mark_acked(key);
+                if on && report::is_config(key.kind) && newly.len() < 8 {
+                    newly.push(key.clone());
+                }
+            },
         );
+        if !newly.is_empty() {
+            timeline("acked", newly.iter());
+        }
         changed || std::mem::take(&mut self.report_dirty)
     }
 
@@ -544,6 +558,15 @@ impl Reconciler {
         let snap = store.snapshot();
         let front = incremental::front_needed(&front_changes, &snap);
         drop(snap);
+        if timeline_on()
+            && let membrane_store::Changes::Keys(keys) = &front_changes
+        {
+            let ingresses = keys.iter().filter(|c| {
+                c.key.kind == membrane_store::Kind::Ingress
+                    && c.kind != membrane_store::KeyChangeKind::StatusUpdated
+            });
+            timeline("pass start", ingresses.map(|c| &c.key));
+        }
         let mut early = false;
         if front && self.controller.is_some() && self.incr.pipeline_seen.is_some() {
             // What is already in the store is served before the controller
@@ -559,6 +582,7 @@ impl Reconciler {
                 Some(c) => c.pass(store),
                 None => ControllerPass::default(),
             };
+            timeline("controller done", std::iter::empty());
             self.incr.front_rejected = controlled.rejected;
             self.generated.clear();
             for (i, (ingress, cec)) in controlled.generated.into_iter().enumerate() {
@@ -638,6 +662,21 @@ impl Reconciler {
     }
 }
 
+/// Debug events of one change's way through the agent (target
+/// `membrane_timeline`, read by `membrane bench xds --scenario apply
+/// --timeline`): the log's timestamps put them on one clock with the API's
+/// commits and the xDS server's responses.
+fn timeline_on() -> bool {
+    tracing::enabled!(target: "membrane_timeline", tracing::Level::DEBUG)
+}
+
+fn timeline<'k>(event: &str, keys: impl Iterator<Item = &'k ObjectKey>) {
+    if timeline_on() {
+        let keys: Vec<String> = keys.map(ToString::to_string).collect();
+        debug!(target: "membrane_timeline", keys = keys.join(","), "{event}");
+    }
+}
+
 /// The level-triggered control loop: on every store change recompute the
 /// desired configuration from the whole store (the pipeline reuses what it
 /// built for unchanged objects); after every wake-up (store change or xDS
@@ -668,6 +707,12 @@ async fn reconcile_loop(
     loop {
         store_dirty |= rec.pipeline.housekeeping(std::time::Instant::now());
         if store_dirty {
+            // What Envoy ACKed while the last pass ran is reported before
+            // the next one (a pass at scale takes long; the Ingress
+            // addresses wait for the report).
+            if rec.ack_pass(state) {
+                reporter.publish(&rec, &rec.acks.acked);
+            }
             store_rx.borrow_and_update();
             rec.store_pass(state);
         }
