@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use hyper::Method;
@@ -58,6 +58,10 @@ impl Live {
         std::fs::write(manifests.join("workload.yaml"), docs.join("\n---\n"))?;
         let api = dir.join("api.sock");
         let log = std::fs::File::create(dir.join("membrane.log"))?;
+        let mut filter = std::env::var("MEMBRANE_BENCH_LOG").unwrap_or_else(|_| "warn".into());
+        if args.timeline {
+            filter.push_str(TIMELINE_LOG);
+        }
         let exe = std::env::current_exe().context("locating the membrane binary")?;
         let mut cmd = Command::new(exe);
         cmd.arg("--api-socket")
@@ -70,10 +74,7 @@ impl Live {
             .args(["--http-port", &args.http_port.to_string()])
             .args(["--https-port", &(args.http_port + 1).to_string()])
             // MEMBRANE_BENCH_LOG=membrane_agent=debug shows where passes spend time.
-            .env(
-                "MEMBRANE_LOG",
-                std::env::var("MEMBRANE_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("MEMBRANE_LOG", filter)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -266,6 +267,9 @@ pub async fn apply(args: &XdsArgs) -> Result<()> {
     let mut extras: BTreeMap<usize, Vec<(String, usize)>> = BTreeMap::new();
     let mut samples = Vec::new();
     let mut api_times = Vec::new();
+    // Per counted change: Ingress name, POST sent, first 200 (wall clock,
+    // the log's clock).
+    let mut windows: Vec<(String, SystemTime, SystemTime)> = Vec::new();
     let warmup = 5;
     for k in 0..args.changes + warmup {
         let i = (k * 37) % w.ingresses;
@@ -280,6 +284,7 @@ pub async fn apply(args: &XdsArgs) -> Result<()> {
         let list = extras.entry(i).or_default();
         list.push((path.clone(), w.service_of(i, 0)));
         let body = serde_json::to_string(&w.ingress(i, list))?;
+        let wall = SystemTime::now();
         let start = Instant::now();
         live.api
             .ok(Method::POST, "/v1/apply", Some(body))
@@ -302,16 +307,224 @@ pub async fn apply(args: &XdsArgs) -> Result<()> {
         if k >= warmup {
             samples.push(took);
             api_times.push(api);
+            windows.push((w.ingress_name(i), wall, wall + took));
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     println!("apply → first 200:        {}", summary(&samples));
     println!("  of which POST /v1/apply: {}", summary(&api_times));
+    if args.timeline {
+        let log = std::fs::read_to_string(live.dir.join("membrane.log")).unwrap_or_default();
+        print_timeline(&timeline::events(&log), &windows);
+    }
     println!(
         "membrane RSS after the changes: {:.1} MiB",
         procfs::rss(live.pid()).map(procfs::mib).unwrap_or(0.0)
     );
     Ok(())
+}
+
+/// Log filters for `--timeline`: the agent's timeline events, the API's
+/// commits, the xDS server's responses and the requests answering them.
+const TIMELINE_LOG: &str = ",membrane_timeline=debug,membrane_apiserver::store=debug,membrane_xds::cache=debug,membrane_xds::server=trace";
+
+/// The steps of one change, in order: each is the first matching event
+/// after the previous step (the POST for the first).
+fn print_timeline(events: &[timeline::Event], windows: &[(String, SystemTime, SystemTime)]) {
+    use timeline::Step;
+    // (The controller's CEC write is committed while its pass goes on:
+    // the pass's own time is `operator_ms` in the agent's debug log.)
+    const STEPS: [(&str, Step); 8] = [
+        ("Ingress committed by the API", Step::IngressCommit),
+        ("agent pass starts on the Ingress", Step::PassStart),
+        ("CEC committed by the API", Step::CecCommit),
+        ("pipeline starts on the CEC", Step::PipelineStart),
+        ("snapshot published", Step::Published),
+        ("first xDS response sent", Step::Sent),
+        ("first ACK from Envoy", Step::Ack),
+        ("agent finds the CEC ACKed", Step::Acked),
+    ];
+    let mut segments: Vec<Vec<Duration>> = vec![Vec::new(); STEPS.len() + 1];
+    let mut to_200 = Vec::new();
+    for (ingress, start, end) in windows {
+        let mut at = *start;
+        let mut sent = None;
+        for (j, (_, step)) in STEPS.iter().enumerate() {
+            let found = events
+                .iter()
+                .find(|e| e.at >= at && step.matches(e, ingress));
+            let Some(e) = found else {
+                break;
+            };
+            if let Ok(d) = e.at.duration_since(at) {
+                segments[j].push(d);
+            }
+            at = e.at;
+            if *step == Step::Sent {
+                sent = Some(e.at);
+            }
+        }
+        if let Some(sent) = sent
+            && let Ok(d) = end.duration_since(sent)
+        {
+            to_200.push(d);
+        }
+    }
+    println!(
+        "timeline (each step from the one before; p50, p90 over the changes that reached it):"
+    );
+    let mut from = "POST sent";
+    for (j, (name, _)) in STEPS.iter().enumerate() {
+        let v = &segments[j];
+        if v.is_empty() {
+            println!("  {from:>34} → {name:<34} (not seen)");
+        } else {
+            let q = |p: f64| membrane_agent::bench::quantile(&mut v.clone(), p).as_secs_f64() * 1e3;
+            println!(
+                "  {from:>34} → {name:<34} p50 {:7.2} ms  p90 {:7.2} ms  (n={})",
+                q(0.5),
+                q(0.9),
+                v.len()
+            );
+        }
+        from = name;
+    }
+    if !to_200.is_empty() {
+        let q =
+            |p: f64| membrane_agent::bench::quantile(&mut to_200.clone(), p).as_secs_f64() * 1e3;
+        println!(
+            "  {:>34} → {:<34} p50 {:7.2} ms  p90 {:7.2} ms  (n={})",
+            "first xDS response sent",
+            "first 200",
+            q(0.5),
+            q(0.9),
+            to_200.len()
+        );
+    }
+}
+
+/// The `membrane up` log read back for `--timeline`.
+mod timeline {
+    use std::time::SystemTime;
+
+    #[derive(Debug)]
+    pub struct Event {
+        pub at: SystemTime,
+        /// The line without its timestamp and colours.
+        pub text: String,
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Step {
+        IngressCommit,
+        PassStart,
+        CecCommit,
+        PipelineStart,
+        Published,
+        Sent,
+        Ack,
+        Acked,
+    }
+
+    impl Step {
+        pub fn matches(self, e: &Event, ingress: &str) -> bool {
+            let t = e.text.as_str();
+            let key = field(t, "key").unwrap_or_default();
+            let keys = field(t, "keys").unwrap_or_default();
+            let cec = format!("-{ingress}");
+            match self {
+                Step::IngressCommit => {
+                    t.contains(" commit")
+                        && key.contains("/ingresses/")
+                        && key.ends_with(&format!("/{ingress}"))
+                }
+                Step::PassStart => {
+                    t.contains("membrane_timeline: pass start")
+                        && keys.split(',').any(|k| k.ends_with(&format!("/{ingress}")))
+                }
+                Step::CecCommit => {
+                    t.contains(" commit")
+                        && key.contains("/ciliumenvoyconfigs/")
+                        && key.ends_with(&cec)
+                }
+                Step::PipelineStart => {
+                    t.contains("membrane_timeline: pipeline start")
+                        && keys.split(',').any(|k| k.ends_with(&cec))
+                }
+                Step::Published => t.contains("membrane_timeline: published"),
+                Step::Sent => t.contains("xds: sending"),
+                Step::Ack => t.contains("xds: request") && t.contains("kind=Ack"),
+                Step::Acked => {
+                    t.contains("membrane_timeline: acked")
+                        && keys.split(',').any(|k| k.ends_with(&cec))
+                }
+            }
+        }
+    }
+
+    /// `name=value` or `name="value"`.
+    fn field<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+        let at = text.find(&format!(" {name}="))? + name.len() + 2;
+        let rest = &text[at..];
+        match rest.strip_prefix('"') {
+            Some(quoted) => quoted.split('"').next(),
+            None => rest.split(' ').next(),
+        }
+    }
+
+    fn strip_ansi(line: &str) -> String {
+        let mut out = String::with_capacity(line.len());
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                // ESC [ ... final byte in @..~
+                for d in chars.by_ref() {
+                    if ('@'..='~').contains(&d) && d != '[' {
+                        break;
+                    }
+                }
+                continue;
+            }
+            out.push(c);
+        }
+        out
+    }
+
+    pub fn events(log: &str) -> Vec<Event> {
+        log.lines()
+            .filter_map(|l| {
+                let l = strip_ansi(l);
+                let (ts, rest) = l.split_once(' ')?;
+                let at = humantime::parse_rfc3339_weak(ts.trim()).ok()?;
+                Some(Event {
+                    at,
+                    text: format!(" {}", rest.trim()),
+                })
+            })
+            .collect()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// Lines as `membrane up` writes them (colours included) are read
+        /// back with their time and matched to the change's objects only.
+        #[test]
+        fn log_lines_match_the_steps_of_their_change() {
+            let log = "\u{1b}[2m2026-12-02T06:49:11.170823Z\u{1b}[0m \u{1b}[34mDEBUG\u{1b}[0m \u{1b}[2mmembrane_apiserver::store\u{1b}[0m\u{1b}[2m:\u{1b}[0m commit \u{1b}[3mkey\u{1b}[0m\u{1b}[2m=\u{1b}[0m\"networking.k8s.io/ingresses/bench/ing-210\" rv=2573\n\
+                       2026-12-02T06:49:11.175413Z DEBUG membrane_timeline: pipeline start keys=\"CiliumEnvoyConfig bench/cilium-ingress-bench-ing-210,CiliumEnvoyConfig bench/x\"\n\
+                       not a log line\n";
+            let ev = events(log);
+            assert_eq!(ev.len(), 2);
+            assert!(ev[0].at < ev[1].at);
+            assert!(Step::IngressCommit.matches(&ev[0], "ing-210"));
+            assert!(!Step::IngressCommit.matches(&ev[0], "ing-21"));
+            assert!(Step::PipelineStart.matches(&ev[1], "ing-210"));
+            assert!(!Step::PipelineStart.matches(&ev[1], "ing-10"));
+            assert!(!Step::CecCommit.matches(&ev[0], "ing-210"));
+        }
+    }
 }
 
 /// Scenario `rss`.
