@@ -476,7 +476,29 @@ impl Reconciler {
             self.served_parts = report::split_parts(&snap, self.served.keys());
         } else {
             // Only what the pass looked at can have changed (split CECs
-            // always take full passes, so there are no parts to follow).
+            // always take full passes, so there are no parts to follow),
+            // and the CECs whose rejection by the controller came or went
+            // since (the controller's rejections change without the CEC).
+            let incr = &self.incr;
+            let rejected_now = |k: &ObjectKey| {
+                incr.pipeline_rejected
+                    .get(k)
+                    .or_else(|| incr.front_rejected.get(k))
+            };
+            looked_at.extend(
+                self.incr
+                    .front_rejected
+                    .keys()
+                    .filter(|k| report::is_config(k.kind))
+                    .filter(|k| self.rejected_configs.get(*k) != rejected_now(k))
+                    .cloned(),
+            );
+            looked_at.extend(
+                self.rejected_configs
+                    .keys()
+                    .filter(|k| rejected_now(k).is_none())
+                    .cloned(),
+            );
             looked_at.sort();
             looked_at.dedup();
             for k in looked_at {
