@@ -15,9 +15,16 @@
 //! write waited for an fsync of the WAL (3–6 ms on an idle disk, tens of
 //! milliseconds while other processes write), which was most of a write's
 //! time and capped status writes at start-up to tens per second.
+//!
+//! Checkpoints (copying the WAL into the database, with an fsync) run on a
+//! connection of their own in a background thread, not inside whichever
+//! commit crossed SQLite's auto-checkpoint threshold: that commit used to
+//! wait 0.2–4 s for the copy and the fsync while holding the store.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
@@ -104,6 +111,78 @@ pub struct Store {
     events: broadcast::Sender<Arc<Event>>,
     /// How many events are kept for watchers to resume from.
     window: u64,
+    checkpointer: Checkpointer,
+    /// Held for the life of the store: one server per data directory.
+    _lock: std::fs::File,
+}
+
+/// How often the checkpointer looks for committed WAL frames.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// The background checkpoint thread; stops when dropped.
+struct Checkpointer {
+    /// Dropping the sender wakes the thread and ends it.
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Commits since the last checkpoint started.
+    commits: Arc<AtomicU64>,
+    /// Checkpoints that copied frames (for tests and logs).
+    done: Arc<AtomicU64>,
+}
+
+impl Checkpointer {
+    /// Checkpoints `conn`'s database every [`CHECKPOINT_EVERY`] after
+    /// commits. PASSIVE: it copies what no reader still needs and never
+    /// blocks a writer, which keeps appending to the WAL meanwhile.
+    fn start(conn: Connection) -> Checkpointer {
+        let (stop, wake) = mpsc::channel::<()>();
+        let commits = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicU64::new(0));
+        let (c, d) = (commits.clone(), done.clone());
+        let thread = std::thread::Builder::new()
+            .name("sqlite-checkpoint".into())
+            .spawn(move || {
+                while let Err(mpsc::RecvTimeoutError::Timeout) = wake.recv_timeout(CHECKPOINT_EVERY)
+                {
+                    if c.swap(0, Ordering::Relaxed) == 0 {
+                        continue;
+                    }
+                    let t = std::time::Instant::now();
+                    match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                        Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                    }) {
+                        Ok((frames, copied)) => {
+                            if copied > 0 {
+                                d.fetch_add(1, Ordering::Relaxed);
+                            }
+                            tracing::debug!(
+                                frames,
+                                copied,
+                                ms = t.elapsed().as_secs_f64() * 1e3,
+                                "checkpoint"
+                            );
+                        }
+                        Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
+                    }
+                }
+            })
+            .ok();
+        Checkpointer {
+            stop: Some(stop),
+            thread,
+            commits,
+            done,
+        }
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.stop.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 const SCHEMA: &str = "
@@ -121,24 +200,39 @@ impl Store {
 
     /// [`Store::open`] with the given commit durability.
     pub fn open_with(dir: &Path, window: u64, sync: SyncMode) -> Result<Store, Error> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::Io(dir.display().to_string(), e))?;
+        let io = |e| Error::Io(dir.display().to_string(), e);
+        std::fs::create_dir_all(dir).map_err(io)?;
+        // One server per data directory: a second one fails here instead of
+        // interleaving resourceVersions with this one. (A lock file rather
+        // than SQLite's exclusive locking mode, which would keep the
+        // checkpointer's connection out.)
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("state.db.lock"))
+            .map_err(io)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(Error::InUse(dir.display().to_string()));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
         let path = dir.join("state.db");
         let conn = Connection::open(&path)?;
+        // NORMAL (see the module docs): a commit is in the WAL before the
+        // client gets its answer; checkpoints still fsync.
+        let level = match sync {
+            SyncMode::Normal => "NORMAL",
+            SyncMode::Full => "FULL",
+        };
         let init = || -> Result<(), rusqlite::Error> {
-            // One server per data directory: the exclusive lock is taken by
-            // the first write below and held for the life of the connection,
-            // so a second server fails here instead of interleaving
-            // resourceVersions with this one.
-            conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
             conn.busy_timeout(std::time::Duration::from_millis(500))?;
             conn.pragma_update(None, "journal_mode", "WAL")?;
-            // NORMAL (see the module docs): a commit is in the WAL before
-            // the client gets its answer; checkpoints still fsync.
-            let level = match sync {
-                SyncMode::Normal => "NORMAL",
-                SyncMode::Full => "FULL",
-            };
             conn.pragma_update(None, "synchronous", level)?;
+            // Checkpoints belong to the checkpointer, not to a commit.
+            conn.pragma_update(None, "wal_autocheckpoint", 0)?;
             conn.execute_batch(SCHEMA)?;
             conn.execute("UPDATE meta SET value = value WHERE name = 'rv'", [])?;
             Ok(())
@@ -149,12 +243,22 @@ impl Store {
             }
             _ => Error::Db(e),
         })?;
+        let background = Connection::open(&path)?;
+        background.busy_timeout(std::time::Duration::from_millis(500))?;
+        background.pragma_update(None, "synchronous", level)?;
         let (events, _) = broadcast::channel(4096);
         Ok(Store {
             conn: Mutex::new(conn),
             events,
             window: window.max(1),
+            checkpointer: Checkpointer::start(background),
+            _lock: lock,
         })
+    }
+
+    /// Checkpoints so far that copied WAL frames into the database.
+    pub fn checkpoints(&self) -> u64 {
+        self.checkpointer.done.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -344,6 +448,7 @@ impl Store {
         }
         let written = started.elapsed();
         tx.commit()?;
+        self.checkpointer.commits.fetch_add(1, Ordering::Relaxed);
         let committed = started.elapsed();
         let event = Arc::new(Event {
             rv,
@@ -487,6 +592,33 @@ mod tests {
         assert!(matches!(second, Err(Error::InUse(_))), "{:?}", second.err());
         drop(first);
         Store::open(dir.path(), 10).expect("free again");
+    }
+
+    /// Commits leave the WAL to the checkpointer: none is copied by a
+    /// commit (auto-checkpoint off), the background thread copies them.
+    #[test]
+    fn checkpoints_run_in_the_background() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(dir.path(), 10).expect("open");
+        let auto: i64 = s
+            .lock()
+            .pragma_query_value(None, "wal_autocheckpoint", |r| r.get(0))
+            .expect("wal_autocheckpoint");
+        assert_eq!(auto, 0);
+        for i in 0..50 {
+            s.mutate(&format!("g/r/ns/o{i}"), |_| Ok(Mutation::Put(obj("x"))))
+                .expect("put");
+        }
+        // Bounded wait: the thread looks every 500 ms.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while s.checkpoints() == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(s.checkpoints() >= 1, "no checkpoint within 20 s");
+        // What was checkpointed is in the database file itself.
+        drop(s);
+        let s = Store::open(dir.path(), 10).expect("reopen");
+        assert_eq!(s.list("g/r/").expect("list").0.len(), 50);
     }
 
     #[test]
