@@ -112,6 +112,9 @@ pub struct Store {
     /// How many events are kept for watchers to resume from.
     window: u64,
     checkpointer: Checkpointer,
+    /// resourceVersion of the last commit that can give the garbage
+    /// collector work (see [`gc_relevant`]).
+    gc_rv: AtomicU64,
     /// Held for the life of the store: one server per data directory.
     _lock: std::fs::File,
 }
@@ -252,8 +255,28 @@ impl Store {
             events,
             window: window.max(1),
             checkpointer: Checkpointer::start(background),
+            // Whatever is stored may hold work a crash interrupted.
+            gc_rv: AtomicU64::new(u64::MAX),
             _lock: lock,
         })
+    }
+
+    /// resourceVersion of the last commit that may have given the garbage
+    /// collector work; `u64::MAX` until the first collection after opening
+    /// has been told the store's contents are clean ([`Store::gc_clean`]).
+    pub fn gc_relevant_rv(&self) -> u64 {
+        self.gc_rv.load(Ordering::Acquire)
+    }
+
+    /// A collection pass that started at `rv` found nothing to do: only
+    /// commits after it can give the collector work.
+    pub fn gc_clean(&self, rv: u64) {
+        // Keep a relevant commit that raced with the pass.
+        let _ = self
+            .gc_rv
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                (cur == u64::MAX || cur <= rv).then_some(0)
+            });
     }
 
     /// Checkpoints so far that copied WAL frames into the database.
@@ -458,6 +481,10 @@ impl Store {
             text,
             prev: current,
         });
+        if gc_relevant(&event) {
+            // Never lowers u64::MAX (the first collection not yet run).
+            self.gc_rv.fetch_max(rv, Ordering::AcqRel);
+        }
         // No receivers is fine.
         let _ = self.events.send(event);
         // Where a write's time goes (lock wait, read + the caller's merge,
@@ -479,6 +506,24 @@ impl Store {
             EventType::Deleted => Outcome::Deleted(object),
         })
     }
+}
+
+/// Whether a commit can give the garbage collector work: a deletion (an
+/// owner gone, a dependent gone that a foreground deletion waits for), an
+/// object being deleted (finalizers to complete), or owner references
+/// added or changed (the owner may not exist). Other updates, such as an
+/// EndpointSlice's endpoints changing, cannot, and a pass reads every
+/// object.
+fn gc_relevant(e: &Event) -> bool {
+    if e.kind == EventType::Deleted {
+        return true;
+    }
+    let meta = &e.object["metadata"];
+    if !meta["deletionTimestamp"].is_null() {
+        return true;
+    }
+    let refs = &meta["ownerReferences"];
+    !refs.is_null() && e.prev.as_ref().map(|p| &p["metadata"]["ownerReferences"]) != Some(refs)
 }
 
 fn meta(conn: &Connection, name: &str) -> Result<u64, rusqlite::Error> {
@@ -619,6 +664,46 @@ mod tests {
         drop(s);
         let s = Store::open(dir.path(), 10).expect("reopen");
         assert_eq!(s.list("g/r/").expect("list").0.len(), 50);
+    }
+
+    /// Only commits that can give the garbage collector work ask for a
+    /// pass; endpoint or status churn does not.
+    #[test]
+    fn garbage_collection_is_asked_for_only_by_relevant_commits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(dir.path(), 100).expect("open");
+        assert_eq!(s.gc_relevant_rv(), u64::MAX, "first pass after opening");
+        s.gc_clean(s.current_rv().expect("rv"));
+        assert_eq!(s.gc_relevant_rv(), 0);
+        let put = |key: &str, v: Value| {
+            s.mutate(key, |_| Ok(Mutation::Put(v))).expect("put");
+            s.current_rv().expect("rv")
+        };
+        let owned = |spec: u32| json!({"metadata": {"name": "d", "ownerReferences": [{"uid": "u1"}]}, "spec": spec});
+        put("g/r/ns/plain", obj("plain"));
+        assert_eq!(s.gc_relevant_rv(), 0, "no owner references");
+        let rv = put("g/r/ns/d", owned(1));
+        assert_eq!(s.gc_relevant_rv(), rv, "new owner references");
+        s.gc_clean(rv);
+        put("g/r/ns/d", owned(2));
+        assert_eq!(s.gc_relevant_rv(), 0, "same owner references");
+        // A commit racing with a pass that started before it is kept.
+        let before = s.current_rv().expect("rv");
+        let rv = put(
+            "g/r/ns/d",
+            json!({"metadata": {"name": "d", "deletionTimestamp": "2026-01-01T00:00:00Z"}}),
+        );
+        assert_eq!(s.gc_relevant_rv(), rv, "being deleted");
+        s.gc_clean(before);
+        assert_eq!(s.gc_relevant_rv(), rv);
+        s.gc_clean(rv);
+        s.mutate("g/r/ns/plain", |c| Ok(Mutation::Delete(c.expect("exists"))))
+            .expect("delete");
+        assert_eq!(
+            s.gc_relevant_rv(),
+            s.current_rv().expect("rv"),
+            "a deletion"
+        );
     }
 
     #[test]
