@@ -61,16 +61,6 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lb_rnat SEC(".maps");
 
-/* Frontends delivered to a local (Envoy) listener instead of a backend:
- * frontend -> the listener's address and port. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 4096);
-	__type(key, struct lb_svc_key);
-	__type(value, struct lb_rnat_value);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} lb_redirect SEC(".maps");
-
 /* Local endpoints for host routing; filled by the agent as pods come and go. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -407,7 +397,7 @@ static __always_inline int nodeport_snat(struct __sk_buff *skb, struct pkt *p,
 					 const struct lb_backend *be)
 {
 	__u32 in = skb->ingress_ifindex;
-	if (!bpf_map_lookup_elem(&lb_snat_dev, &in))
+	if (!lb_cfg(LB_CFG_SNAT_DEVS) || !bpf_map_lookup_elem(&lb_snat_dev, &in))
 		return 0;
 	__u32 out = fib_egress(skb, p, be->addr);
 	struct lb_rnat_value *dev = out ? bpf_map_lookup_elem(&lb_snat_dev, &out) : NULL;
@@ -460,6 +450,10 @@ static __always_inline int nodeport_snat(struct __sk_buff *skb, struct pkt *p,
 static __always_inline int nodeport_snat_reply(struct __sk_buff *skb, struct pkt *p,
 					       int *verdict)
 {
+	/* Such replies come in through a SNAT device (the one the flow
+	 * left by); without any, there is nothing to look up. */
+	if (!lb_cfg(LB_CFG_SNAT_DEVS))
+		return 0;
 	struct lb_snat_rev_value *found = bpf_map_lookup_elem(&lb_snat_rev, &p->t);
 	if (!found)
 		return 0;
@@ -694,7 +688,9 @@ int membrane_lb(struct __sk_buff *skb)
 	sk.port = p.t.dport;
 	sk.proto = p.t.proto;
 	sk.family = p.t.family;
-	struct lb_rnat_value *proxy = bpf_map_lookup_elem(&lb_redirect, &sk);
+	/* A packet to no frontend (pod -> pod, and every packet of a flow the
+	 * socket LB translated at connect) costs one hash lookup here. */
+	struct lb_rnat_value *proxy = redirect_of(&sk);
 	if (proxy) {
 		struct lb_rnat_value v = *proxy;
 		return to_proxy(skb, &p, &v);
@@ -708,6 +704,22 @@ int membrane_lb(struct __sk_buff *skb)
 	int verdict;
 	if (nodeport_snat_reply(skb, &p, &verdict))
 		return verdict;
+
+	/* A new connection straight to a backend (pod -> pod, or a flow the
+	 * socket LB translated at connect) on a tuple a NATed flow used
+	 * before: that flow is over (the client cannot have both), and its
+	 * reverse NAT entry would give the new flow's replies the frontend as
+	 * their source. Conntrack does the same for a new SYN. */
+	if (p.tcp_flags == TCP_FLAG_SYN) {
+		struct lb_tuple rk = {};
+		__builtin_memcpy(rk.saddr, p.t.daddr, 16);
+		__builtin_memcpy(rk.daddr, p.t.saddr, 16);
+		rk.sport = p.t.dport;
+		rk.dport = p.t.sport;
+		rk.proto = p.t.proto;
+		rk.family = p.t.family;
+		bpf_map_delete_elem(&lb_rnat, &rk);
+	}
 
 	struct lb_rnat_value *rn = bpf_map_lookup_elem(&lb_rnat, &p.t);
 	if (rn) {
