@@ -36,7 +36,8 @@
 //! `--profile dev` for a quick look) (`BENCH_SECS`, `BENCH_ROUNDS`,
 //! `BENCH_SERVICES` tune it; `BENCH_SERVICES=0` skips the many-services
 //! round; `BENCH_COST_ONLY=1` only times the tc program with
-//! `BPF_PROG_TEST_RUN`). Needs iptables.
+//! `BPF_PROG_TEST_RUN`; `BENCH_PROFILE=iptables|tc|socklb` runs only that
+//! mode's CRR for `BENCH_SECS`, to profile it). Needs iptables.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -1067,6 +1068,27 @@ fn main() {
     // cgroup with the socket LB attached.
     let sock_cg = SockCgroup::new();
     let sock = SockLb::attach(dp.config(), &sock_cg.0).expect("attach socket LB");
+
+    // One mode's CRR alone for BENCH_SECS, to profile it (`perf record`):
+    // BENCH_PROFILE=iptables|tc|socklb.
+    if let Ok(mode) = std::env::var("BENCH_PROFILE") {
+        iptables_restore(&ipt.node, &iptables_rules(0, &bes));
+        dp.sync(&desired(0, &bes)).expect("sync");
+        let (rate, mut lat) = match mode.as_str() {
+            "iptables" => ipt.client.run(|| crr(poll, vip, secs)),
+            "tc" => tc.client.run(|| crr(poll, vip, secs)),
+            "socklb" => sock_run(&sock_cg, &tc.client, poll, "crr", vip, secs, 1),
+            other => panic!("BENCH_PROFILE={other}: expected iptables, tc or socklb"),
+        };
+        let p = percentiles(&mut lat);
+        println!(
+            "{mode} CRR: {rate:.0} conn/s, p10 / p50 / p90 {:.1} / {:.1} / {:.1} µs",
+            p[0], p[1], p[2]
+        );
+        drop(sock);
+        let _ = SockLb::remove_pins(&dp.config().pin_dir, &sock_cg.0);
+        return;
+    }
 
     // Pod ↔ pod single-stream TCP throughput: host routing vs the host
     // stack (the same program with --enable-host-legacy-routing).

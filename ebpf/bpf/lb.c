@@ -777,17 +777,18 @@ int membrane_lb(struct __sk_buff *skb)
 		rk.proto = p.t.proto;
 		rk.family = p.t.family;
 		bpf_map_delete_elem(&lb_rnat, &rk);
-	}
-
-	struct lb_rnat_value *rn = bpf_map_lookup_elem(&lb_rnat, &p.t);
-	if (rn) {
-		struct lb_rnat_value v = *rn;
-		if (rewrite(skb, &p, 0, p.t.saddr, v.addr, p.t.sport, v.port) < 0) {
-			stat_inc(LB_STAT_DROP_REWRITE);
-			return TC_ACT_SHOT;
+	} else {
+		/* (A SYN is no reply: no reverse NAT to look up.) */
+		struct lb_rnat_value *rn = bpf_map_lookup_elem(&lb_rnat, &p.t);
+		if (rn) {
+			struct lb_rnat_value v = *rn;
+			if (rewrite(skb, &p, 0, p.t.saddr, v.addr, p.t.sport, v.port) < 0) {
+				stat_inc(LB_STAT_DROP_REWRITE);
+				return TC_ACT_SHOT;
+			}
+			stat_inc(LB_STAT_REV_NAT);
+			return route(skb, &p, v.addr, p.t.daddr, 1);
 		}
-		stat_inc(LB_STAT_REV_NAT);
-		return route(skb, &p, v.addr, p.t.daddr, 1);
 	}
 	/* Not service traffic: with host routing, pod-to-pod and pod-to-world
 	 * packets skip the host stack too. */
