@@ -1297,11 +1297,15 @@ fn main() {
         let (t0, n0) = dp.program_run_stats().expect("prog stats");
         tc.client.run(|| rr(poll, vip, secs.min(2.0), 1).0);
         let (t1, n1) = dp.program_run_stats().expect("prog stats");
-        tc.client.run(|| crr(poll, vip, secs.min(2.0)).0);
+        let tc_conns = tc
+            .client
+            .run(|| crr(poll, vip, secs.min(2.0)).1.len() as u64);
         let (t2, n2) = dp.program_run_stats().expect("prog stats");
         sock_run(&sock_cg, &tc.client, poll, "rr", vip, secs.min(2.0), 1);
         let (t3, n3) = dp.program_run_stats().expect("prog stats");
-        sock_run(&sock_cg, &tc.client, poll, "crr", vip, secs.min(2.0), 1);
+        let sock_conns = sock_run(&sock_cg, &tc.client, poll, "crr", vip, secs.min(2.0), 1)
+            .1
+            .len() as u64;
         let (t4, n4) = dp.program_run_stats().expect("prog stats");
         let per = |t: Duration, n: u64| {
             if n == 0 {
@@ -1325,6 +1329,21 @@ fn main() {
             n3 - n2,
             per(t4 - t3, n4 - n3),
             n4 - n3
+        );
+        // Per connection (CRR): how many packets the program saw and its
+        // total time, with and without the socket LB.
+        let conn = |t: Duration, n: u64, c: u64| {
+            if c == 0 {
+                (0.0, 0.0)
+            } else {
+                (n as f64 / c as f64, t.as_nanos() as f64 / c as f64 / 1000.0)
+            }
+        };
+        let (tp, tt) = conn(t2 - t1, n2 - n1, tc_conns);
+        let (sp, st) = conn(t4 - t3, n4 - n3, sock_conns);
+        println!(
+            "tc program per CRR connection: tc {tp:.1} packets, {tt:.2} µs; tc + socket LB \
+             {sp:.1} packets, {st:.2} µs"
         );
     }
     program_cost(&dp);
