@@ -2,7 +2,9 @@
 //! `connect4/6`, `sendmsg4/6`, `recvmsg4/6` and `getpeername4/6` programs
 //! translate service frontends to backends for the processes of a cgroup
 //! (by default every process under the cgroup v2 root), so processes in the
-//! host's network namespace reach ClusterIPs and the node's NodePorts. They
+//! host's network namespace reach ClusterIPs and the node's NodePorts, and
+//! pods' connections (Cilium's default with kube-proxy replacement) go to
+//! their backend as they are, the tc program only forwarding them. They
 //! read the service maps of [`crate::Datapath`] through their pins.
 //!
 //! Links are pinned under `<pin dir>/sock-links/`, so translation survives an
