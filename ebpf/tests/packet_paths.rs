@@ -603,3 +603,50 @@ fn redirected_frontend_without_listener_is_dropped_and_counted() {
     let (ret, out) = run(&dp, &syn);
     assert_eq!((ret, out), (TC_ACT_OK, syn), "no longer redirected");
 }
+
+/// A connection straight to a backend (pod → pod, or a flow the socket LB
+/// translated at connect) on a tuple a NATed flow to a ClusterIP used
+/// before: its replies keep the backend as their source (the old flow's
+/// reverse NAT entry goes with the new SYN), or the client's socket, which
+/// connected to the backend, would never see them.
+#[test]
+fn direct_connection_on_a_tuple_a_nated_flow_used_keeps_its_replies() {
+    let Some((_pins, mut dp)) = load("stale", 251) else {
+        return;
+    };
+    dp.sync(&state(vec![entry(
+        "10.96.0.10",
+        80,
+        Protocol::Tcp,
+        &BES[..1],
+        8080,
+        Algorithm::Random,
+    )]))
+    .unwrap();
+    let (ret, _) = run(&dp, &tcp4("10.244.1.2", 40000, "10.96.0.10", 80, SYN));
+    assert!(forwarded(ret), "verdict {ret}");
+    assert_eq!(dp.rev_nat_len(), 1);
+    // Control: while that flow lives, its replies are translated.
+    let reply = tcp4(BES[0], 8080, "10.244.1.2", 40000, SYN | ACK);
+    let (_, out) = run(&dp, &reply);
+    assert_eq!(pkt::parse(&out).src, ip("10.96.0.10"));
+
+    // The same client port, now to the backend directly.
+    let direct = tcp4("10.244.1.2", 40000, BES[0], 8080, SYN);
+    let (ret, out) = run(&dp, &direct);
+    assert_eq!(ret, TC_ACT_OK, "verdict {ret}");
+    assert_eq!(out, direct, "no service: untouched");
+    assert_eq!(dp.rev_nat_len(), 0, "the old flow's reverse NAT entry");
+    let (ret, out) = run(&dp, &reply);
+    assert_eq!(ret, TC_ACT_OK, "verdict {ret}");
+    assert_eq!(out, reply, "the direct flow's reply keeps the backend");
+
+    // Later packets of a direct flow (no SYN) leave entries alone: the
+    // NATed flow on another port keeps its reverse NAT.
+    let (_, _) = run(&dp, &tcp4("10.244.1.2", 40002, "10.96.0.10", 80, SYN));
+    assert_eq!(dp.rev_nat_len(), 1);
+    let (_, _) = run(&dp, &tcp4("10.244.1.2", 40002, BES[0], 8080, ACK));
+    assert_eq!(dp.rev_nat_len(), 1);
+    let st = dp.stats().unwrap();
+    assert_eq!(st[&Stat::RevNat], 1, "{st:?}");
+}
