@@ -249,6 +249,8 @@ impl Store {
         let background = Connection::open(&path)?;
         background.busy_timeout(std::time::Duration::from_millis(500))?;
         background.pragma_update(None, "synchronous", level)?;
+        // It reads no rows: a minimal page cache (the default is 2 MiB).
+        background.pragma_update(None, "cache_size", -64)?;
         let (events, _) = broadcast::channel(4096);
         Ok(Store {
             conn: Mutex::new(conn),
