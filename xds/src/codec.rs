@@ -37,7 +37,7 @@ static DESCRIPTOR_SET: &[u8] = include_bytes!(env!("ENVOY_TYPES_BIN"));
 // few dozen of its ~1,000 files, so files join the pool as the types they
 // define are first needed (`Descriptors`).
 static DESCRIPTORS: LazyLock<Result<Descriptors, String>> =
-    LazyLock::new(|| Descriptors::index(DESCRIPTOR_SET));
+    LazyLock::new(|| Descriptors::new(DESCRIPTOR_SET));
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -328,8 +328,8 @@ mod tests {
 
     #[test]
     fn index_knows_every_message_and_pool_loads_only_what_is_used() {
-        let d = Descriptors::index(DESCRIPTOR_SET).unwrap();
-        assert!(d.messages.len() > 1500, "{}", d.messages.len());
+        let d = Descriptors::new(DESCRIPTOR_SET).unwrap();
+        assert!(d.message_count() > 1500, "{}", d.message_count());
         assert!(d.defines("envoy.config.listener.v3.Listener"));
         assert!(!d.defines("nope.Nope"));
         let pool = d
@@ -345,7 +345,11 @@ mod tests {
             pool.get_message_by_name("envoy.config.core.v3.Address")
                 .is_some()
         );
-        assert!(loaded * 4 < d.files.len(), "{loaded} of {}", d.files.len());
+        assert!(
+            loaded * 4 < d.file_count(),
+            "{loaded} of {}",
+            d.file_count()
+        );
         assert!(
             pool.get_message_by_name("envoy.extensions.filters.http.router.v3.Router")
                 .is_none()
@@ -359,7 +363,7 @@ mod tests {
     fn to_json_loads_nested_types_first_seen_in_bytes() {
         let any = any_from_json(&listener_json()).unwrap();
         // A fresh index has never seen the nested HttpConnectionManager.
-        let d = Descriptors::index(DESCRIPTOR_SET).unwrap();
+        let d = Descriptors::new(DESCRIPTOR_SET).unwrap();
         let pool = d.pool_for_any(&any).unwrap();
         for name in [
             "envoy.config.listener.v3.Listener",

@@ -5,6 +5,8 @@
 
 pub mod cache;
 pub mod codec;
+#[cfg(test)]
+mod descriptor_index;
 mod descriptors;
 pub mod server;
 
