@@ -16,10 +16,13 @@
 //! milliseconds while other processes write), which was most of a write's
 //! time and capped status writes at start-up to tens per second.
 //!
-//! Checkpoints (copying the WAL into the database, with an fsync) run on a
-//! connection of their own in a background thread, not inside whichever
-//! commit crossed SQLite's auto-checkpoint threshold: that commit used to
-//! wait 0.2–4 s for the copy and the fsync while holding the store.
+//! Checkpoints (copying the WAL into the database, with an fsync) run from
+//! a background thread every 500 ms after commits, a few frames at a time,
+//! not inside whichever commit crossed SQLite's auto-checkpoint threshold:
+//! that commit used to wait 0.2–4 s for a thousand pages and the fsync.
+//! (A second connection checkpointing alongside the writer made writers
+//! wait on SQLite's WAL locks instead, and cost the exclusive locking mode
+//! that keeps a commit at ~0.05 ms.)
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -107,7 +110,7 @@ pub enum SyncMode {
 
 /// The persistent object store.
 pub struct Store {
-    conn: Mutex<Connection>,
+    conn: Arc<Mutex<Connection>>,
     events: broadcast::Sender<Arc<Event>>,
     /// How many events are kept for watchers to resume from.
     window: u64,
@@ -115,8 +118,6 @@ pub struct Store {
     /// resourceVersion of the last commit that can give the garbage
     /// collector work (see [`gc_relevant`]).
     gc_rv: AtomicU64,
-    /// Held for the life of the store: one server per data directory.
-    _lock: std::fs::File,
 }
 
 /// How often the checkpointer looks for committed WAL frames.
@@ -134,10 +135,10 @@ struct Checkpointer {
 }
 
 impl Checkpointer {
-    /// Checkpoints `conn`'s database every [`CHECKPOINT_EVERY`] after
-    /// commits. PASSIVE: it copies what no reader still needs and never
-    /// blocks a writer, which keeps appending to the WAL meanwhile.
-    fn start(conn: Connection) -> Checkpointer {
+    /// Checkpoints the store's database every [`CHECKPOINT_EVERY`] after
+    /// commits, on the store's own connection: a write arriving meanwhile
+    /// waits for the few frames of one interval, not for a thousand pages.
+    fn start(conn: Arc<Mutex<Connection>>) -> Checkpointer {
         let (stop, wake) = mpsc::channel::<()>();
         let commits = Arc::new(AtomicU64::new(0));
         let done = Arc::new(AtomicU64::new(0));
@@ -151,9 +152,12 @@ impl Checkpointer {
                         continue;
                     }
                     let t = std::time::Instant::now();
-                    match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                    let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+                    let result = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
                         Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-                    }) {
+                    });
+                    drop(conn);
+                    match result {
                         Ok((frames, copied)) => {
                             if copied > 0 {
                                 d.fetch_add(1, Ordering::Relaxed);
@@ -203,36 +207,23 @@ impl Store {
 
     /// [`Store::open`] with the given commit durability.
     pub fn open_with(dir: &Path, window: u64, sync: SyncMode) -> Result<Store, Error> {
-        let io = |e| Error::Io(dir.display().to_string(), e);
-        std::fs::create_dir_all(dir).map_err(io)?;
-        // One server per data directory: a second one fails here instead of
-        // interleaving resourceVersions with this one. (A lock file rather
-        // than SQLite's exclusive locking mode, which would keep the
-        // checkpointer's connection out.)
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join("state.db.lock"))
-            .map_err(io)?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(Error::InUse(dir.display().to_string()));
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
-        }
+        std::fs::create_dir_all(dir).map_err(|e| Error::Io(dir.display().to_string(), e))?;
         let path = dir.join("state.db");
         let conn = Connection::open(&path)?;
-        // NORMAL (see the module docs): a commit is in the WAL before the
-        // client gets its answer; checkpoints still fsync.
-        let level = match sync {
-            SyncMode::Normal => "NORMAL",
-            SyncMode::Full => "FULL",
-        };
         let init = || -> Result<(), rusqlite::Error> {
+            // One server per data directory: the exclusive lock is taken by
+            // the first write below and held for the life of the connection,
+            // so a second server fails here instead of interleaving
+            // resourceVersions with this one.
+            conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
             conn.busy_timeout(std::time::Duration::from_millis(500))?;
             conn.pragma_update(None, "journal_mode", "WAL")?;
+            // NORMAL (see the module docs): a commit is in the WAL before
+            // the client gets its answer; checkpoints still fsync.
+            let level = match sync {
+                SyncMode::Normal => "NORMAL",
+                SyncMode::Full => "FULL",
+            };
             conn.pragma_update(None, "synchronous", level)?;
             // Checkpoints belong to the checkpointer, not to a commit.
             conn.pragma_update(None, "wal_autocheckpoint", 0)?;
@@ -246,20 +237,15 @@ impl Store {
             }
             _ => Error::Db(e),
         })?;
-        let background = Connection::open(&path)?;
-        background.busy_timeout(std::time::Duration::from_millis(500))?;
-        background.pragma_update(None, "synchronous", level)?;
-        // It reads no rows: a minimal page cache (the default is 2 MiB).
-        background.pragma_update(None, "cache_size", -64)?;
         let (events, _) = broadcast::channel(4096);
+        let conn = Arc::new(Mutex::new(conn));
         Ok(Store {
-            conn: Mutex::new(conn),
+            checkpointer: Checkpointer::start(conn.clone()),
+            conn,
             events,
             window: window.max(1),
-            checkpointer: Checkpointer::start(background),
             // Whatever is stored may hold work a crash interrupted.
             gc_rv: AtomicU64::new(u64::MAX),
-            _lock: lock,
         })
     }
 
