@@ -229,7 +229,12 @@ impl Hosts {
             count_chain(&mut self.tls, key, &c.server_names, add);
         }
         for c in &p.model.passthrough {
-            count_chain(&mut self.passthrough, c.backend.clone(), &c.server_names, add);
+            count_chain(
+                &mut self.passthrough,
+                c.backend.clone(),
+                &c.server_names,
+                add,
+            );
         }
     }
 

@@ -329,7 +329,10 @@ pub(crate) fn sni_uses(p: &SharedPart) -> impl Iterator<Item = (&str, SniUse<'_>
 
 /// The use of SNI name `host` a part that was merged left on record.
 pub(crate) fn recorded_sni_use<'p>(p: &'p SharedPart, host: &str) -> Option<SniUse<'p>> {
-    sni_uses(p).filter(|(h, _)| *h == host).last().map(|(_, u)| u)
+    sni_uses(p)
+        .filter(|(h, _)| *h == host)
+        .last()
+        .map(|(_, u)| u)
 }
 
 /// The merged model of `included` (in age order).
