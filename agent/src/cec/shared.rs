@@ -278,6 +278,9 @@ impl SharedJoin {
                 continue;
             };
             group.sort_by_key(|(k, _)| *k);
+            for (_, c) in &group {
+                parts.insert(part_key(&head_key, c));
+            }
             // One part per index (a name like `x-01` parses as 1 too).
             group.dedup_by_key(|(k, _)| *k);
             let rv_of =
@@ -317,9 +320,6 @@ impl SharedJoin {
                     })
                 }
             };
-            for (_, c) in &group {
-                parts.insert(part_key(&head_key, c));
-            }
             joined.insert(head_key, j);
         }
         self.parts.retain(|k, _| live_parts.contains(k));
