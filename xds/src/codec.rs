@@ -65,6 +65,15 @@ fn descriptors() -> Result<&'static Descriptors, CodecError> {
         .map_err(|e| CodecError::Descriptors(e.clone()))
 }
 
+/// The descriptor of message `name`, loading its file if needed.
+fn resolve_type(name: &str) -> Option<MessageDescriptor> {
+    descriptors()
+        .ok()?
+        .pool_for([name])
+        .ok()?
+        .get_message_by_name(name)
+}
+
 fn any_descriptor(pool: &DescriptorPool) -> Result<MessageDescriptor, CodecError> {
     pool.get_message_by_name(ANY_NAME)
         .ok_or_else(|| CodecError::Descriptors(format!("{ANY_NAME} missing")))
@@ -102,9 +111,11 @@ pub fn any_from_json(v: &Value) -> Result<Any, CodecError> {
     let desc = any_descriptor(&pool)?;
     let mut track = serde_path_to_error::Track::new();
     let de = serde_path_to_error::Deserializer::new(&normalized, &mut track);
-    match DynamicMessage::deserialize(desc, de) {
+    match DynamicMessage::deserialize(desc.clone(), de) {
         Ok(msg) => {
+            // Map entries in a fixed order, so equal JSON gives equal bytes.
             let bytes = msg.encode_to_vec();
+            let bytes = crate::canonical::canonical(&resolve_type, &desc, &bytes).unwrap_or(bytes);
             Any::decode(bytes.as_slice()).map_err(|e| CodecError::Decode {
                 type_url: ANY_NAME.into(),
                 message: e.to_string(),
@@ -180,9 +191,25 @@ pub fn decode<T: Message + prost::Name + Default>(any: &Any) -> Result<T, CodecE
 
 /// Packs a message into an `Any` with its canonical type URL.
 pub fn encode<T: Message + prost::Name>(msg: &T) -> Any {
-    Any {
+    canonical_any(Any {
         type_url: T::type_url(),
         value: msg.encode_to_vec(),
+    })
+}
+
+/// `any` with the entries of every map field (prost and prost-reflect
+/// encode them in `HashMap` order) sorted, so equal content gives equal
+/// bytes and equal resource hashes. Unchanged when its type is unknown.
+pub fn canonical_any(any: Any) -> Any {
+    let Some(desc) = resolve_type(message_name(&any.type_url)) else {
+        return any;
+    };
+    match crate::canonical::canonical(&resolve_type, &desc, &any.value) {
+        Some(value) => Any {
+            type_url: any.type_url,
+            value,
+        },
+        None => any,
     }
 }
 
@@ -410,6 +437,26 @@ mod tests {
             e,
             "filterChains[0].filters[0].typedConfig: unrecognized field name '#x'"
         );
+    }
+
+    /// Map fields (here a Struct in filter metadata, and one inside a
+    /// nested typed config) encode the same way on every decode.
+    #[test]
+    fn equal_json_gives_equal_bytes_with_maps() {
+        let mut v = listener_json();
+        v["metadata"] = json!({"filterMetadata": {
+            "a": {"x": 1.5}, "b": {"y": true}, "c": {}, "d": {"k": "v", "k2": "v2", "k3": 3.25}
+        }});
+        v["filterChains"][0]["filters"][0]["typedConfig"]["upgradeConfigs"] =
+            json!([{"upgradeType": "websocket"}]);
+        let first = any_from_json(&v).unwrap();
+        for _ in 0..40 {
+            assert_eq!(any_from_json(&v).unwrap().value, first.value);
+        }
+        // The canonical bytes are still the same message.
+        let l: Listener = decode(&first).unwrap();
+        assert_eq!(l.metadata.unwrap().filter_metadata.len(), 4);
+        assert_eq!(any_to_json(&first).unwrap(), v);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! Knows nothing about Kubernetes.
 
 pub mod cache;
+mod canonical;
 pub mod codec;
 #[cfg(test)]
 mod descriptor_index;

@@ -591,13 +591,7 @@ fn decode_part(
 
 fn encoded<T: Message + Name>(name: &str, msg: &T, eds_name: Option<String>) -> Encoded {
     Encoded {
-        resource: Arc::new(Resource::with_name(
-            name,
-            Any {
-                type_url: T::type_url(),
-                value: msg.encode_to_vec(),
-            },
-        )),
+        resource: Arc::new(Resource::with_name(name, membrane_xds::codec::encode(msg))),
         eds_name,
     }
 }
