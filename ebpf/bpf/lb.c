@@ -763,22 +763,12 @@ int membrane_lb(struct __sk_buff *skb)
 	if (nodeport_snat_reply(skb, &p, &verdict))
 		return verdict;
 
-	/* A new connection straight to a backend (pod -> pod, or a flow the
-	 * socket LB translated at connect) on a tuple a NATed flow used
-	 * before: that flow is over (the client cannot have both), and its
-	 * reverse NAT entry would give the new flow's replies the frontend as
-	 * their source. Conntrack does the same for a new SYN. */
-	if (p.tcp_flags == TCP_FLAG_SYN) {
-		struct lb_tuple rk = {};
-		__builtin_memcpy(rk.saddr, p.t.daddr, 16);
-		__builtin_memcpy(rk.daddr, p.t.saddr, 16);
-		rk.sport = p.t.dport;
-		rk.dport = p.t.sport;
-		rk.proto = p.t.proto;
-		rk.family = p.t.family;
-		bpf_map_delete_elem(&lb_rnat, &rk);
-	} else {
-		/* (A SYN is no reply: no reverse NAT to look up.) */
+	/* A SYN is no reply: no reverse NAT to look up. (Deleting the reply
+	 * tuple's entry here, to drop one a finished NATed flow left on a tuple
+	 * a new direct connection reuses, also deleted live entries: the
+	 * translated SYN of a flow passes this program again on its way to a
+	 * backend behind another hook, e.g. across clusters.) */
+	if (p.tcp_flags != TCP_FLAG_SYN) {
 		struct lb_rnat_value *rn = bpf_map_lookup_elem(&lb_rnat, &p.t);
 		if (rn) {
 			struct lb_rnat_value v = *rn;
