@@ -6,6 +6,9 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+#[path = "src/descriptor_index.rs"]
+mod descriptor_index;
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=MEMBRANE_ENVOY_TYPES_BIN");
@@ -21,7 +24,18 @@ fn main() {
         panic!("envoy-types descriptor set not found at {}", path.display());
     }
     println!("cargo:rerun-if-changed={}", path.display());
+    println!("cargo:rerun-if-changed=src/descriptor_index.rs");
     println!("cargo:rustc-env=ENVOY_TYPES_BIN={}", path.display());
+
+    // The set's index as static tables (see src/descriptor_index.rs).
+    let set = std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("reading the descriptor set {}: {e}", path.display()));
+    let index = descriptor_index::index(&set)
+        .unwrap_or_else(|e| panic!("indexing the descriptor set {}: {e}", path.display()));
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"))
+        .join("descriptor_index.rs");
+    std::fs::write(&out, descriptor_index::render(&index))
+        .unwrap_or_else(|e| panic!("writing {}: {e}", out.display()));
 }
 
 fn locate() -> Result<PathBuf, String> {

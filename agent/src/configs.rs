@@ -187,6 +187,7 @@ impl Prepared {
         for s in &parsed.secrets {
             fixed.push(built(s.name.clone(), to_any(s)));
         }
+        fixed.extend(parsed.encoded.iter().map(|e| e.resource.clone()));
         let names = resource_names(&parsed);
         let eds_names = parsed
             .clusters
@@ -204,6 +205,7 @@ impl Prepared {
                     .filter(|n| !n.is_empty())
                     .unwrap_or_else(|| c.name.clone())
             })
+            .chain(parsed.encoded.iter().filter_map(|e| e.eds_name.clone()))
             .collect();
         let rds = parsed
             .listeners
@@ -218,6 +220,7 @@ impl Prepared {
         parsed.clusters = Vec::new();
         parsed.endpoints = Vec::new();
         parsed.secrets = Vec::new();
+        parsed.encoded = Vec::new();
         let bytes = fixed.iter().map(|r| r.body.value.len()).sum::<usize>()
             + parsed
                 .listeners
@@ -1579,6 +1582,7 @@ impl ConfigPipeline {
             clusters: Vec::new(),
             endpoints: Vec::new(),
             secrets: Vec::new(),
+            encoded: Vec::new(),
         };
         place(
             &mut only_listeners,
@@ -1748,6 +1752,10 @@ fn resource_names(p: &ParsedCec) -> Vec<(&'static str, String)> {
             .map(|e| (type_url::ENDPOINT, e.cluster_name.clone())),
     );
     out.extend(p.secrets.iter().map(|s| (type_url::SECRET, s.name.clone())));
+    out.extend(p.encoded.iter().map(|e| {
+        let r = &e.resource;
+        (static_type(&r.type_url), r.name.clone())
+    }));
     out
 }
 

@@ -33,12 +33,10 @@ pub use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
 };
 pub use envoy_types::pb::google::protobuf::Any;
 
-/// Pack a message into `Any` under its canonical type URL.
+/// Pack a message into `Any` under its canonical type URL, with map
+/// entries in a fixed order (see `membrane_xds::codec::canonical_any`).
 pub fn to_any<T: prost::Message + prost::Name>(msg: &T) -> Any {
-    Any {
-        type_url: T::type_url(),
-        value: msg.encode_to_vec(),
-    }
+    membrane_xds::codec::encode(msg)
 }
 
 /// Unpack `Any` when it holds a `T`; `None` for any other type.

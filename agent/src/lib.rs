@@ -739,7 +739,10 @@ async fn reconcile_loop(
             rec.store_pass(state);
         }
         ack_rx.borrow_and_update();
-        if !store_dirty && rec.nodes.nodes_changed(&state.cache, &state.node_id) {
+        // Also after a store pass: one whose changes the pipeline ignored
+        // publishes no node snapshots, and a node that identified itself
+        // meanwhile would wait for the next tick.
+        if rec.nodes.nodes_changed(&state.cache, &state.node_id) {
             rec.node_pass(state);
         }
         // Remember what Envoy fully ACKed, report it, then act on new NACKs.

@@ -66,9 +66,6 @@ pub struct Api {
     /// Swapped whole when CRDs change; requests look resources up in it
     /// without copying the table.
     resources: RwLock<Arc<Vec<Resource>>>,
-    /// The resourceVersion before the last garbage collection pass that
-    /// changed nothing.
-    gc_clean_rv: std::sync::atomic::AtomicU64,
 }
 
 fn name_of(obj: &Value) -> &str {
@@ -154,7 +151,6 @@ impl Api {
         let api = Api {
             store: Store::open_with(dir, window, sync)?,
             resources: RwLock::new(Arc::new(resources::builtin())),
-            gc_clean_rv: std::sync::atomic::AtomicU64::new(0),
         };
         api.refresh_crds()?;
         let ns = api.must_find("", "namespaces")?;
@@ -1064,18 +1060,19 @@ impl Api {
     }
 
     /// Run GC passes until nothing changes (bounded).
-    /// A pass is a function of the stored objects: when nothing was written
-    /// since a pass found nothing to do, the next (every 10 s, reading every
-    /// object) is skipped.
+    /// A pass reads every object, so it runs only when a commit since the
+    /// last pass that found nothing to do can have given it work (a delete,
+    /// a deletion in progress, new owner references): endpoint churn or
+    /// status writes cost no pass.
     pub fn collect_garbage(&self) -> Result<(), Error> {
-        use std::sync::atomic::Ordering;
         for _ in 0..32 {
-            let rv = self.store.current_rv()?;
-            if rv == self.gc_clean_rv.load(Ordering::Relaxed) {
+            let relevant = self.store.gc_relevant_rv();
+            if relevant == 0 {
                 break;
             }
+            let rv = self.store.current_rv()?;
             if self.gc_pass()? == 0 {
-                self.gc_clean_rv.store(rv, Ordering::Relaxed);
+                self.store.gc_clean(rv);
                 break;
             }
         }

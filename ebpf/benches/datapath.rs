@@ -8,6 +8,15 @@
 //! topology runs the same program with legacy (host stack) routing for the
 //! pod ↔ pod single-stream TCP throughput comparison.
 //!
+//! A third mode, "tc + socket LB" (Cilium's default kube-proxy replacement
+//! datapath), runs on the tc topology with the load generator in a child
+//! process inside the client pod's namespace and in a cgroup this bench
+//! creates (under the cgroup v2 hierarchy) with `SockLb` attached: the
+//! ClusterIP is translated once at connect(), so the tc program only
+//! forwards (host routing) and translates nothing; the bench checks that
+//! (no `forward_*` counts during those rounds, one socket translation per
+//! connection, getpeername showing the ClusterIP).
+//!
 //! How it measures (`BENCH_POLL`, default `busy`): the load generator spins
 //! on non-blocking sockets pinned to one CPU; one server thread in this
 //! process serves every backend's listener (bound in its namespace),
@@ -27,7 +36,8 @@
 //! `--profile dev` for a quick look) (`BENCH_SECS`, `BENCH_ROUNDS`,
 //! `BENCH_SERVICES` tune it; `BENCH_SERVICES=0` skips the many-services
 //! round; `BENCH_COST_ONLY=1` only times the tc program with
-//! `BPF_PROG_TEST_RUN`). Needs iptables.
+//! `BPF_PROG_TEST_RUN`; `BENCH_PROFILE=iptables|tc|socklb` runs only that
+//! mode's CRR for `BENCH_SECS`, to profile it). Needs iptables.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -41,7 +51,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::{Netns, PinDir, Proc, Topology, backend_ip, prerequisites};
-use membrane_ebpf::{Datapath, Stat};
+use membrane_ebpf::{Datapath, SockLb, Stat};
 use membrane_lb::maglev::BackendState;
 use membrane_lb::service::{
     Algorithm, Backend, DesiredState, FrontendType, L3n4Addr, Protocol, ServiceEntry, ServiceName,
@@ -873,8 +883,131 @@ fn env<T: std::str::FromStr>(k: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// First argument of the socket LB client (a child process of the bench).
+const SOCK_CLIENT: &str = "--sock-client";
+
+/// A cgroup v2 directory of the bench's own for the socket LB client,
+/// removed on drop (after its processes exited; the programs attached to
+/// it go with it).
+struct SockCgroup(std::path::PathBuf);
+
+impl SockCgroup {
+    fn new() -> Self {
+        // cgroup v2 at /sys/fs/cgroup, or (hybrid hosts) at its unified/.
+        let base = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+            .into_iter()
+            .map(std::path::PathBuf::from)
+            .find(|p| p.join("cgroup.threads").exists())
+            .expect("no cgroup v2 hierarchy for the socket LB client");
+        let p = base.join(format!("membrane-bench-{}-socklb", std::process::id()));
+        let _ = std::fs::remove_dir(&p);
+        std::fs::create_dir(&p).expect("mkdir cgroup");
+        SockCgroup(p)
+    }
+}
+
+impl Drop for SockCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// The child: `--sock-client rr|crr busy|block ADDR SECS CONNS`, already in
+/// the socket LB's cgroup and the client pod's namespace. Checks that
+/// getpeername shows the service (the socket LB's reverse translation),
+/// runs, and writes the rate (f64) and the latencies (u32 ns), little
+/// endian, to stdout.
+fn sock_client(args: &[String]) {
+    let [mode, poll, addr, secs, conns] = args else {
+        panic!("{SOCK_CLIENT}: expected MODE POLL ADDR SECS CONNS, got {args:?}");
+    };
+    let poll = Poll::from_env(Some(poll.clone()));
+    let addr: SocketAddr = addr.parse().expect("ADDR");
+    let secs: f64 = secs.parse().expect("SECS");
+    let conns: usize = conns.parse().expect("CONNS");
+    let s = TcpStream::connect(addr).expect("connect");
+    assert_eq!(
+        s.peer_addr().expect("getpeername"),
+        addr,
+        "getpeername does not show the service"
+    );
+    linger0(&s);
+    drop(s);
+    let (rate, lat) = match mode.as_str() {
+        "rr" => rr(poll, addr, secs, conns),
+        "crr" => crr(poll, addr, secs),
+        other => panic!("{SOCK_CLIENT}: unknown mode {other}"),
+    };
+    let mut out = Vec::with_capacity(8 + 4 * lat.len());
+    out.extend_from_slice(&rate.to_le_bytes());
+    for l in lat {
+        out.extend_from_slice(&l.to_le_bytes());
+    }
+    std::io::stdout().write_all(&out).expect("stdout");
+}
+
+/// Runs the load generator as a child process in `cg` and `ns` (see
+/// [`sock_client`]).
+fn sock_run(
+    cg: &SockCgroup,
+    ns: &Netns,
+    poll: Poll,
+    mode: &str,
+    addr: SocketAddr,
+    secs: f64,
+    conns: usize,
+) -> Run {
+    let exe = std::env::current_exe().expect("current_exe");
+    // Into the cgroup first (sockets take their cgroup from the process
+    // that makes them), then the namespace, then the bench binary again.
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec ip netns exec {} \"$0\" \"$@\"",
+        cg.0.display(),
+        ns.name
+    );
+    let out = Command::new("sh")
+        .args(["-c", &script])
+        .arg(&exe)
+        .args([
+            SOCK_CLIENT,
+            mode,
+            poll.name(),
+            &addr.to_string(),
+            &secs.to_string(),
+            &conns.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("spawn the socket LB client");
+    assert!(out.status.success(), "socket LB client failed: {out:?}");
+    let b = &out.stdout;
+    assert!(b.len() >= 8, "socket LB client wrote {} bytes", b.len());
+    let rate = f64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
+    let lat = b[8..]
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .collect();
+    (rate, lat)
+}
+
+/// Counters that show whether the tc program translated anything.
+fn tc_counts(dp: &Datapath) -> [u64; 3] {
+    let st = dp.stats().expect("stats");
+    [
+        st[&Stat::FwdNew] + st[&Stat::FwdEstablished] + st[&Stat::RevNat],
+        st[&Stat::SockTranslate],
+        st[&Stat::HostRoutePeer],
+    ]
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(SOCK_CLIENT) {
+        sock_client(&args[2..]);
         return;
     }
     if !prerequisites() {
@@ -928,6 +1061,32 @@ fn main() {
     if std::env::var("BENCH_COST_ONLY").is_ok() {
         dp.sync(&desired(0, &bes)).expect("sync");
         program_cost(&dp);
+        return;
+    }
+
+    // tc + socket LB: the same topology and program, the client in a
+    // cgroup with the socket LB attached.
+    let sock_cg = SockCgroup::new();
+    let sock = SockLb::attach(dp.config(), &sock_cg.0).expect("attach socket LB");
+
+    // One mode's CRR alone for BENCH_SECS, to profile it (`perf record`):
+    // BENCH_PROFILE=iptables|tc|socklb.
+    if let Ok(mode) = std::env::var("BENCH_PROFILE") {
+        iptables_restore(&ipt.node, &iptables_rules(0, &bes));
+        dp.sync(&desired(0, &bes)).expect("sync");
+        let (rate, mut lat) = match mode.as_str() {
+            "iptables" => ipt.client.run(|| crr(poll, vip, secs)),
+            "tc" => tc.client.run(|| crr(poll, vip, secs)),
+            "socklb" => sock_run(&sock_cg, &tc.client, poll, "crr", vip, secs, 1),
+            other => panic!("BENCH_PROFILE={other}: expected iptables, tc or socklb"),
+        };
+        let p = percentiles(&mut lat);
+        println!(
+            "{mode} CRR: {rate:.0} conn/s, p10 / p50 / p90 {:.1} / {:.1} / {:.1} µs",
+            p[0], p[1], p[2]
+        );
+        drop(sock);
+        let _ = SockLb::remove_pins(&dp.config().pin_dir, &sock_cg.0);
         return;
     }
 
@@ -986,13 +1145,37 @@ fn main() {
         let ipt_before = ipt.node.run(ip_counters);
         let tc_before = tc.node.run(ip_counters);
         let peer_before = dp.stats().expect("stats")[&Stat::HostRoutePeer];
-        let mut m: [Vec<f64>; 6] = Default::default();
-        let mut l: [Vec<u32>; 6] = Default::default();
+        let mut m: [Vec<f64>; 9] = Default::default();
+        let mut l: [Vec<u32>; 9] = Default::default();
         let mut add = |i: usize, (rate, lat): Run| {
             m[i].push(rate);
             l[i].extend(lat);
         };
+        // Socket LB rounds: what the tc program did meanwhile, and how
+        // many connections the client made.
+        let mut sock_tc = [0u64; 3];
+        let mut sock_conns = 0u64;
+        let mut sock = |mode: &str, c: usize| -> Run {
+            let before = tc_counts(&dp);
+            let r = sock_run(&sock_cg, &tc.client, poll, mode, vip, secs, c);
+            let after = tc_counts(&dp);
+            for i in 0..3 {
+                sock_tc[i] += after[i] - before[i];
+            }
+            // The getpeername probe, and the run's own connections.
+            sock_conns += 1 + if mode == "crr" {
+                r.1.len() as u64
+            } else {
+                c as u64
+            };
+            r
+        };
         for _ in 0..rounds {
+            add(6, sock("rr", 1));
+            if poll == Poll::Busy {
+                add(7, sock("rr", conns));
+            }
+            add(8, sock("crr", 1));
             add(0, ipt.client.run(|| rr(poll, vip, secs, 1)));
             add(1, tc.client.run(|| rr(poll, vip, secs, 1)));
             if poll == Poll::Busy {
@@ -1005,7 +1188,7 @@ fn main() {
         let p: Vec<[f64; 3]> = l.iter_mut().map(|v| percentiles(v)).collect();
         let ipt_ip = delta(ipt_before, ipt.node.run(ip_counters));
         let tc_ip = delta(tc_before, tc.node.run(ip_counters));
-        let peer = dp.stats().expect("stats")[&Stat::HostRoutePeer] - peer_before;
+        let peer = dp.stats().expect("stats")[&Stat::HostRoutePeer] - peer_before - sock_tc[2];
         let s: Vec<(f64, f64)> = m
             .into_iter()
             .map(|v| if v.is_empty() { (0.0, 0.0) } else { summary(v) })
@@ -1020,6 +1203,14 @@ fn main() {
                 p[4],
             ),
             ("membrane tc (host routing)", s[1], s[3], s[5], p[1], p[5]),
+            (
+                "membrane tc + socket LB (Cilium's KPR default)",
+                s[6],
+                s[7],
+                s[8],
+                p[6],
+                p[8],
+            ),
         ] {
             println!(
                 "| {} | {mode} | {:.0} ± {:.0} % | {:.1} / {:.1} / {:.1} | {:.0} ± {:.0} % \
@@ -1040,10 +1231,37 @@ fn main() {
             );
         }
         results.push((extra + 1, s, p, ipt_ip, tc_ip, peer));
+        // crr() counts a connection only once its reply came back; the
+        // last one of a round may have been cut short by the deadline,
+        // so the translations are at least the connections counted.
+        println!(
+            "socket LB rounds: {} connections, {} socket translations; meanwhile the tc program \
+             translated {} packets (forward + reverse NAT) and delivered {} by bpf_redirect_peer",
+            sock_conns, sock_tc[1], sock_tc[0], sock_tc[2]
+        );
+        assert_eq!(sock_tc[0], 0, "the tc program translated socket LB traffic");
+        assert!(
+            sock_tc[1] >= sock_conns,
+            "fewer socket translations ({}) than connections ({sock_conns})",
+            sock_tc[1]
+        );
     }
     println!("(± = half the max − min spread over the rounds, in % of the median)");
     println!();
     for (n, s, p, ipt_ip, tc_ip, peer) in &results {
+        println!(
+            "{n} services: tc + socket LB/iptables RR ×{:.2} (1 conn), ×{:.2} ({conns} conns), \
+             CRR ×{:.2}; by median latency RR ×{:.2}, CRR ×{:.2}; by p10 latency RR ×{:.2}, \
+             CRR ×{:.2}; tc + socket LB/tc CRR ×{:.2}",
+            s[6].0 / s[0].0,
+            if s[2].0 > 0.0 { s[7].0 / s[2].0 } else { 0.0 },
+            s[8].0 / s[4].0,
+            p[0][1] / p[6][1],
+            p[4][1] / p[8][1],
+            p[0][0] / p[6][0],
+            p[4][0] / p[8][0],
+            s[8].0 / s[5].0,
+        );
         println!(
             "{n} services: tc/iptables RR ×{:.2} (1 conn), ×{:.2} ({conns} conns), CRR ×{:.2}; \
              by median latency RR ×{:.2}, CRR ×{:.2}; by p10 latency RR ×{:.2}, CRR ×{:.2}",
@@ -1079,8 +1297,16 @@ fn main() {
         let (t0, n0) = dp.program_run_stats().expect("prog stats");
         tc.client.run(|| rr(poll, vip, secs.min(2.0), 1).0);
         let (t1, n1) = dp.program_run_stats().expect("prog stats");
-        tc.client.run(|| crr(poll, vip, secs.min(2.0)).0);
+        let tc_conns = tc
+            .client
+            .run(|| crr(poll, vip, secs.min(2.0)).1.len() as u64);
         let (t2, n2) = dp.program_run_stats().expect("prog stats");
+        sock_run(&sock_cg, &tc.client, poll, "rr", vip, secs.min(2.0), 1);
+        let (t3, n3) = dp.program_run_stats().expect("prog stats");
+        let sock_conns = sock_run(&sock_cg, &tc.client, poll, "crr", vip, secs.min(2.0), 1)
+            .1
+            .len() as u64;
+        let (t4, n4) = dp.program_run_stats().expect("prog stats");
         let per = |t: Duration, n: u64| {
             if n == 0 {
                 0.0
@@ -1096,8 +1322,34 @@ fn main() {
             per(t2 - t1, n2 - n1),
             n2 - n1
         );
+        println!(
+            "tc program cost with the socket LB (no translation in tc): RR {:.0} ns/packet over \
+             {} packets, CRR {:.0} ns/packet over {} packets",
+            per(t3 - t2, n3 - n2),
+            n3 - n2,
+            per(t4 - t3, n4 - n3),
+            n4 - n3
+        );
+        // Per connection (CRR): how many packets the program saw and its
+        // total time, with and without the socket LB.
+        let conn = |t: Duration, n: u64, c: u64| {
+            if c == 0 {
+                (0.0, 0.0)
+            } else {
+                (n as f64 / c as f64, t.as_nanos() as f64 / c as f64 / 1000.0)
+            }
+        };
+        let (tp, tt) = conn(t2 - t1, n2 - n1, tc_conns);
+        let (sp, st) = conn(t4 - t3, n4 - n3, sock_conns);
+        println!(
+            "tc program per CRR connection: tc {tp:.1} packets, {tt:.2} µs; tc + socket LB \
+             {sp:.1} packets, {st:.2} µs"
+        );
     }
     program_cost(&dp);
+    drop(sock);
+    let _ = SockLb::remove_pins(&dp.config().pin_dir, &sock_cg.0);
+    drop(sock_cg);
     drop(dp);
 }
 
@@ -1120,6 +1372,9 @@ fn program_cost(dp: &Datapath) {
     let request = frame(client, 40_000, vip_ip, 80, TCP, ACK, payload, false);
     let reply = frame(be.dst, be.dport, client, 40_000, TCP, ACK, payload, false);
     let direct = frame(client, 40_000, be.dst, be.dport, TCP, ACK, payload, false);
+    // The socket LB's flows in both directions: to the backend directly,
+    // and its reply (no reverse NAT entry: another client port).
+    let direct_reply = frame(be.dst, be.dport, client, 40_001, TCP, ACK, payload, false);
     const TC_ACT_REDIRECT: u32 = 7;
     let single = |f: &[u8]| {
         let mut v: Vec<Duration> = (0..20_000)
@@ -1154,10 +1409,14 @@ fn program_cost(dp: &Datapath) {
     syns.sort();
     let (r, d) = dp.test_run_repeat(&direct, 1_000_000).expect("test run");
     assert_eq!(r, TC_ACT_REDIRECT, "expected bpf_redirect_peer");
+    let (r, dr) = dp
+        .test_run_repeat(&direct_reply, 1_000_000)
+        .expect("test run");
+    assert_eq!(r, TC_ACT_REDIRECT, "expected bpf_redirect_peer");
     println!(
         "tc program alone (BPF_PROG_TEST_RUN): established request {:?}, reply {:?}, \
-         new flow (SYN) {:?} (medians of 20,000 single runs); pod → pod, no service: {d:?} \
-         (mean of 1,000,000 in a row)",
+         new flow (SYN) {:?} (medians of 20,000 single runs); pod → pod, no service \
+         (a socket LB flow): request {d:?}, reply {dr:?} (means of 1,000,000 in a row)",
         single(&request),
         single(&reply),
         syns[syns.len() / 2]

@@ -61,16 +61,6 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lb_rnat SEC(".maps");
 
-/* Frontends delivered to a local (Envoy) listener instead of a backend:
- * frontend -> the listener's address and port. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 4096);
-	__type(key, struct lb_svc_key);
-	__type(value, struct lb_rnat_value);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} lb_redirect SEC(".maps");
-
 /* Local endpoints for host routing; filled by the agent as pods come and go. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -150,12 +140,70 @@ struct pkt {
 #define TCP_FLAG_SYN 0x02
 #define TCP_FLAG_ACK 0x10
 
+#define PARSE_SLOW 2
+
+/* parse() for headers in the linear data (every packet a local socket
+ * sends): reads them in place instead of copying each out with a helper
+ * call. PARSE_SLOW when they are not all there (or IPv4 options), for
+ * parse() to take the copying path. */
+static __always_inline int parse_direct(struct __sk_buff *skb, struct pkt *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	__u8 proto;
+	__u8 *l4;
+
+	if ((void *)(eth + 1) > end)
+		return PARSE_SLOW;
+	p->l3_off = sizeof(*eth);
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+		if ((void *)(ip + 1) > end || ip->ihl != 5)
+			return PARSE_SLOW;
+		if (ip->frag_off & bpf_htons(0x1fff))
+			return 1;
+		proto = ip->protocol;
+		__builtin_memcpy(p->t.saddr, &ip->saddr, 4);
+		__builtin_memcpy(p->t.daddr, &ip->daddr, 4);
+		p->t.family = LB_FAMILY_V4;
+		p->l4_off = p->l3_off + sizeof(*ip);
+		l4 = (void *)(ip + 1);
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		if ((void *)(ip6 + 1) > end)
+			return PARSE_SLOW;
+		proto = ip6->nexthdr;
+		__builtin_memcpy(p->t.saddr, &ip6->saddr, 16);
+		__builtin_memcpy(p->t.daddr, &ip6->daddr, 16);
+		p->t.family = LB_FAMILY_V6;
+		p->l4_off = p->l3_off + sizeof(*ip6);
+		l4 = (void *)(ip6 + 1);
+	} else {
+		return 1;
+	}
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return 1;
+	p->t.proto = proto;
+	/* Ports, and for TCP the flags byte (offset 13). */
+	if (l4 + 14 > (__u8 *)end)
+		return PARSE_SLOW;
+	__builtin_memcpy(&p->t.sport, l4, 2);
+	__builtin_memcpy(&p->t.dport, l4 + 2, 2);
+	p->tcp_flags = proto == IPPROTO_TCP ? l4[13] : 0;
+	return 0;
+}
+
 /* Returns 0 when the packet is TCP/UDP over IPv4/IPv6 with ports, 1 when it
  * is something we leave alone, -1 when it is truncated. */
 static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 {
 	struct ethhdr eth;
 	__u8 proto;
+
+	int r = parse_direct(skb, p);
+	if (r != PARSE_SLOW)
+		return r;
 
 	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) < 0)
 		return 1;
@@ -407,7 +455,7 @@ static __always_inline int nodeport_snat(struct __sk_buff *skb, struct pkt *p,
 					 const struct lb_backend *be)
 {
 	__u32 in = skb->ingress_ifindex;
-	if (!bpf_map_lookup_elem(&lb_snat_dev, &in))
+	if (!lb_cfg(LB_CFG_SNAT_DEVS) || !bpf_map_lookup_elem(&lb_snat_dev, &in))
 		return 0;
 	__u32 out = fib_egress(skb, p, be->addr);
 	struct lb_rnat_value *dev = out ? bpf_map_lookup_elem(&lb_snat_dev, &out) : NULL;
@@ -460,6 +508,10 @@ static __always_inline int nodeport_snat(struct __sk_buff *skb, struct pkt *p,
 static __always_inline int nodeport_snat_reply(struct __sk_buff *skb, struct pkt *p,
 					       int *verdict)
 {
+	/* Such replies come in through a SNAT device (the one the flow
+	 * left by); without any, there is nothing to look up. */
+	if (!lb_cfg(LB_CFG_SNAT_DEVS))
+		return 0;
 	struct lb_snat_rev_value *found = bpf_map_lookup_elem(&lb_snat_rev, &p->t);
 	if (!found)
 		return 0;
@@ -694,7 +746,9 @@ int membrane_lb(struct __sk_buff *skb)
 	sk.port = p.t.dport;
 	sk.proto = p.t.proto;
 	sk.family = p.t.family;
-	struct lb_rnat_value *proxy = bpf_map_lookup_elem(&lb_redirect, &sk);
+	/* A packet to no frontend (pod -> pod, and every packet of a flow the
+	 * socket LB translated at connect) costs one hash lookup here. */
+	struct lb_rnat_value *proxy = redirect_of(&sk);
 	if (proxy) {
 		struct lb_rnat_value v = *proxy;
 		return to_proxy(skb, &p, &v);
@@ -709,15 +763,22 @@ int membrane_lb(struct __sk_buff *skb)
 	if (nodeport_snat_reply(skb, &p, &verdict))
 		return verdict;
 
-	struct lb_rnat_value *rn = bpf_map_lookup_elem(&lb_rnat, &p.t);
-	if (rn) {
-		struct lb_rnat_value v = *rn;
-		if (rewrite(skb, &p, 0, p.t.saddr, v.addr, p.t.sport, v.port) < 0) {
-			stat_inc(LB_STAT_DROP_REWRITE);
-			return TC_ACT_SHOT;
+	/* A SYN is no reply: no reverse NAT to look up. (Deleting the reply
+	 * tuple's entry here, to drop one a finished NATed flow left on a tuple
+	 * a new direct connection reuses, also deleted live entries: the
+	 * translated SYN of a flow passes this program again on its way to a
+	 * backend behind another hook, e.g. across clusters.) */
+	if (p.tcp_flags != TCP_FLAG_SYN) {
+		struct lb_rnat_value *rn = bpf_map_lookup_elem(&lb_rnat, &p.t);
+		if (rn) {
+			struct lb_rnat_value v = *rn;
+			if (rewrite(skb, &p, 0, p.t.saddr, v.addr, p.t.sport, v.port) < 0) {
+				stat_inc(LB_STAT_DROP_REWRITE);
+				return TC_ACT_SHOT;
+			}
+			stat_inc(LB_STAT_REV_NAT);
+			return route(skb, &p, v.addr, p.t.daddr, 1);
 		}
-		stat_inc(LB_STAT_REV_NAT);
-		return route(skb, &p, v.addr, p.t.daddr, 1);
 	}
 	/* Not service traffic: with host routing, pod-to-pod and pod-to-world
 	 * packets skip the host stack too. */

@@ -41,6 +41,14 @@
 #define LB_STAT_SOCK_REV 15
 #define LB_STAT_MAX 16
 
+/* Indices of lb_config: counts the loader keeps so the per-packet path
+ * skips a map whose lookup cannot hit. */
+/* Entries in lb_redirect (frontends delivered to a local proxy). */
+#define LB_CFG_REDIRECTS 0
+/* Entries in lb_snat_dev (NodePort SNAT devices). */
+#define LB_CFG_SNAT_DEVS 1
+#define LB_CFG_MAX 2
+
 /* Packets handed to a local proxy socket carry this mark (under
  * LB_PROXY_MARK_MASK); the agent routes marked packets to the local table
  * so they are delivered instead of forwarded. */

@@ -1,8 +1,12 @@
 /* Socket LB (Cilium's "host-reachable services"): cgroup sock_addr programs
  * that translate a service frontend to a backend when a process connects
- * (TCP, connected UDP) or sends (unconnected UDP), so processes in the
- * host's network namespace reach ClusterIPs and the node's NodePorts
- * without any packet NAT. UDP replies (recvmsg) and getpeername show the
+ * (TCP, connected UDP) or sends (unconnected UDP), so processes reach
+ * ClusterIPs and the node's NodePorts without any packet NAT: those in the
+ * host's network namespace, and (attached at the cgroup root, as Cilium's
+ * default kube-proxy replacement does) pods too, whose packets then go to
+ * the backend directly and the tc program only forwards them. Nothing here
+ * depends on the socket's network namespace: the maps are global, and a
+ * pod's processes are in the same cgroup hierarchy. UDP replies (recvmsg) and getpeername show the
  * service address again. The maps are lb.c's, shared through their pins;
  * their definitions here must match lb.c's exactly. */
 #include <linux/bpf.h>
@@ -18,6 +22,8 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 /* Maglev table size and hash seed; set by the loader (as for lb.c). */
 volatile const __u32 MAGLEV_M = 16381;
 volatile const __u32 HASH_SEED = 0x24b7ef82;
+/* Cookie of the node's network namespace (the loader's); 0 = unknown. */
+volatile const __u64 HOST_NETNS_COOKIE = 0;
 
 #define SYS_PROCEED 1
 
@@ -103,6 +109,14 @@ static __always_inline void translate(struct bpf_sock_addr *ctx, __u8 family, __
 	key.family = family;
 	struct lb_svc_value *svcp = bpf_map_lookup_elem(&lb_services, &key);
 	if (!svcp)
+		return;
+	/* A pod's connection to a frontend the tc program delivers to a local
+	 * proxy (Envoy) keeps the frontend: the program needs it in the packet
+	 * to find the listener (Cilium's socket LB skips L7 LB services
+	 * outside the host namespace too). The node's own processes pass no
+	 * tc hook on their way out, so they keep reaching a backend. */
+	if (proto == IPPROTO_TCP && redirect_of(&key) &&
+	    bpf_get_netns_cookie(ctx) != HOST_NETNS_COOKIE)
 		return;
 	struct lb_svc_value svc = *svcp;
 	__u64 cookie = bpf_get_socket_cookie(ctx);

@@ -17,11 +17,12 @@ use membrane_lb::service::{
 };
 
 use crate::maps::{
-    ALG_MAGLEV, ALG_RANDOM, AffinityKey, AffinityValue, BackendValue, CtValue, EP_F_EGRESS_HOOK,
-    EpKey, EpValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CT, MAP_ENDPOINTS, MAP_MAGLEV, MAP_REDIRECT,
-    MAP_RNAT, MAP_SERVICES, MAP_SLOTS, MAP_STATS, RnatValue, SlotKey, Stat, SvcKey, SvcValue,
-    Tuple, addr_bytes, addr_from_bytes, state_from_num,
+    ALG_MAGLEV, ALG_RANDOM, AffinityKey, AffinityValue, BackendValue, CFG_REDIRECTS, CFG_SNAT_DEVS,
+    CtValue, EP_F_EGRESS_HOOK, EpKey, EpValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CT, MAP_ENDPOINTS,
+    MAP_MAGLEV, MAP_REDIRECT, MAP_RNAT, MAP_SERVICES, MAP_SLOTS, MAP_STATS, RnatValue, SlotKey,
+    Stat, SvcKey, SvcValue, Tuple, addr_bytes, addr_from_bytes, state_from_num,
 };
+use crate::snat::MAP_SNAT_DEV;
 
 /// The compiled object (see build.rs).
 pub static LB_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb.o"));
@@ -353,6 +354,17 @@ impl Datapath {
             last_desired: None,
         };
         dp.restore()?;
+        // The counts the program's shortcuts rely on, for maps that may
+        // have been filled (pinned) before this map existed.
+        dp.set_config(CFG_REDIRECTS, dp.redirects.len())?;
+        let snat_devs = match dp.ebpf.map(MAP_SNAT_DEV) {
+            Some(m) => HashMap::<_, u32, RnatValue>::try_from(m)
+                .map_err(map_err(MAP_SNAT_DEV))?
+                .keys()
+                .count(),
+            None => 0,
+        };
+        dp.set_config(CFG_SNAT_DEVS, snat_devs)?;
         Ok(dp)
     }
 
@@ -811,7 +823,15 @@ impl Datapath {
             self.redirects.insert(*fe, *target);
             changed += 1;
         }
+        if changed > 0 {
+            self.set_config(CFG_REDIRECTS, self.redirects.len())?;
+        }
         Ok(changed)
+    }
+
+    /// Writes one `lb_config` count (see bpf/lb.h).
+    fn set_config(&self, idx: u32, n: usize) -> Result<(), DatapathError> {
+        crate::snat::set_config(&self.cfg.pin_dir, idx, u32::try_from(n).unwrap_or(u32::MAX))
     }
 
     /// Frontends redirected to proxy listeners.

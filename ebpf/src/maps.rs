@@ -41,9 +41,16 @@ pub const PROXY_MARK_MASK: u32 = 0x0f00;
 pub const MAP_ENDPOINTS: &str = "lb_endpoints";
 /// Socket LB: socket cookie + backend → service (bpf/sock.c).
 pub const MAP_SOCK_REV: &str = "lb_sock_rev";
+/// Counts the per-packet path uses to skip lookups that cannot hit
+/// (`LB_CFG_*` in bpf/lb.h).
+pub const MAP_CONFIG: &str = "lb_config";
+/// [`MAP_CONFIG`] index: entries in `lb_redirect`.
+pub const CFG_REDIRECTS: u32 = 0;
+/// [`MAP_CONFIG`] index: entries in `lb_snat_dev`.
+pub const CFG_SNAT_DEVS: u32 = 1;
 /// [`EpValue::flags`]: deliver through the host device's egress hook.
 pub const EP_F_EGRESS_HOOK: u32 = 1;
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 12] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_SLOTS,
@@ -55,6 +62,7 @@ pub const ALL_MAPS: [&str; 11] = [
     MAP_REDIRECT,
     MAP_ENDPOINTS,
     MAP_SOCK_REV,
+    MAP_CONFIG,
 ];
 
 #[repr(C)]

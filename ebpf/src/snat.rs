@@ -9,10 +9,10 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
 
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{Array, HashMap, Map, MapData};
 
 use crate::datapath::DatapathError;
-use crate::maps::RnatValue;
+use crate::maps::{CFG_SNAT_DEVS, MAP_CONFIG, RnatValue};
 
 pub const MAP_SNAT_DEV: &str = "lb_snat_dev";
 
@@ -56,5 +56,18 @@ pub fn set_snat_devices(
         };
         map.insert(ifindex, v, 0).map_err(map_err)?;
     }
-    Ok(())
+    // The program looks devices up only while there are some.
+    let n = u32::try_from(devices.len()).unwrap_or(u32::MAX);
+    set_config(pin_dir, CFG_SNAT_DEVS, n)
+}
+
+/// Writes one `lb_config` count through its pin.
+pub(crate) fn set_config(pin_dir: &Path, idx: u32, value: u32) -> Result<(), DatapathError> {
+    let map_err = |source| DatapathError::Map {
+        map: MAP_CONFIG,
+        source,
+    };
+    let data = MapData::from_pin(pin_dir.join(MAP_CONFIG)).map_err(map_err)?;
+    let mut cfg: Array<MapData, u32> = Array::try_from(Map::Array(data)).map_err(map_err)?;
+    cfg.set(idx, value, 0).map_err(map_err)
 }

@@ -2,7 +2,9 @@
 //! `connect4/6`, `sendmsg4/6`, `recvmsg4/6` and `getpeername4/6` programs
 //! translate service frontends to backends for the processes of a cgroup
 //! (by default every process under the cgroup v2 root), so processes in the
-//! host's network namespace reach ClusterIPs and the node's NodePorts. They
+//! host's network namespace reach ClusterIPs and the node's NodePorts, and
+//! pods' connections (Cilium's default with kube-proxy replacement) go to
+//! their backend as they are, the tc program only forwarding them. They
 //! read the service maps of [`crate::Datapath`] through their pins.
 //!
 //! Links are pinned under `<pin dir>/sock-links/`, so translation survives an
@@ -136,6 +138,7 @@ impl SockLb {
             .map_max_entries(MAP_MAGLEV, want)
             .override_global("MAGLEV_M", &m, true)
             .override_global("HASH_SEED", &cfg.flow_hash_seed, true)
+            .override_global("HOST_NETNS_COOKIE", &own_netns_cookie(), true)
             .load(SOCK_OBJECT)?;
         let cg = fs::File::open(cgroup).map_err(|source| SockLbError::Io {
             what: format!("opening cgroup {}", cgroup.display()),
@@ -212,6 +215,42 @@ impl SockLb {
         }
     }
 }
+
+/// Cookie of the caller's network namespace (the node's, for the agent),
+/// which the programs compare against to tell the node's processes from
+/// pods; 0 (matches no namespace) when the kernel cannot say (< 5.14).
+fn own_netns_cookie() -> u64 {
+    // SAFETY: plain socket/getsockopt/close on a descriptor we own, into a
+    // u64 whose size we pass.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return 0;
+        }
+        let mut cookie: u64 = 0;
+        let mut len = size_of::<u64>() as libc::socklen_t;
+        let r = libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        );
+        let err = io::Error::last_os_error();
+        libc::close(fd);
+        if r != 0 {
+            tracing::warn!(
+                error = %err,
+                "no SO_NETNS_COOKIE: the socket LB treats every process as a pod's"
+            );
+            return 0;
+        }
+        cookie
+    }
+}
+
+/// `SO_NETNS_COOKIE` (Linux 5.14), not in every libc crate version.
+const SO_NETNS_COOKIE: libc::c_int = 71;
 
 /// Where the links for `cgroup` are pinned: one directory per cgroup.
 fn link_dir(pin_dir: &Path, cgroup: &Path) -> PathBuf {

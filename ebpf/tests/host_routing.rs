@@ -553,3 +553,154 @@ fn socket_lb_serves_host_processes_in_its_cgroup() {
     let r = run_client(&topo.node, Some(&cg), node_addr);
     assert!(r["tcp4"]["error"].is_string(), "{r}");
 }
+
+const POD_CLIENT_PY: &str = r#"
+import json, os, socket, sys
+cg, vip, vip6 = sys.argv[1], sys.argv[2], sys.argv[3]
+if cg:
+    with open(os.path.join(cg, 'cgroup.procs'), 'w') as f:
+        f.write(str(os.getpid()))
+def tcp(fam, addr):
+    try:
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        s.settimeout(2)
+        s.connect(addr)
+        peer = s.getpeername()[:2]
+        s.sendall(b'hi\n')
+        name = s.makefile('rb').readline().split()[0].decode()
+        return {'name': name, 'peer': [peer[0], peer[1]]}
+    except OSError as e:
+        return {'error': str(e)}
+print(json.dumps({'tcp4': tcp(socket.AF_INET, (vip, 80)), 'tcp6': tcp(socket.AF_INET6, (vip6, 80))}))
+"#;
+
+/// A process in `pod`'s namespace (and in `cgroup`, when given) connects
+/// to the ClusterIPs.
+fn run_pod_client(pod: &Pod, cgroup: Option<&Cgroup>) -> serde_json::Value {
+    let cg = cgroup
+        .map(|c| c.0.display().to_string())
+        .unwrap_or_default();
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", pod.ns.name))
+        .args(["python3", "-c", POD_CLIENT_PY, &cg, VIP, VIP6])
+        .output()
+        .expect("run pod client");
+    assert!(
+        out.status.success(),
+        "pod client: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("pod client JSON")
+}
+
+/// Differences of the counters between two snapshots.
+fn stat_delta(
+    before: &std::collections::BTreeMap<Stat, u64>,
+    after: &std::collections::BTreeMap<Stat, u64>,
+    s: Stat,
+) -> u64 {
+    after[&s] - before[&s]
+}
+
+/// Cilium's default datapath with kube-proxy replacement: the socket LB
+/// (at the cgroup root, so pods too) translates a pod's connection to a
+/// ClusterIP at connect(); its packets go to the backend as they are, and
+/// the tc program only forwards them (host routing: the node's forwarding
+/// is off). getpeername still shows the ClusterIP. A frontend redirected
+/// to a local proxy is left to the tc program, which needs it in the packet.
+#[test]
+fn socket_lb_serves_a_pod_and_tc_only_forwards() {
+    if !prerequisites() {
+        return;
+    }
+    let ci = std::env::var("CI").map(|v| v == "true").unwrap_or(false);
+    if membrane_ebpf::probe_host_routing().is_err() {
+        assert!(!ci, "kernel lacks eBPF host routing (CI=true)");
+        return;
+    }
+    let Some(cg) = Cgroup::new("podsock") else {
+        assert!(!ci, "no cgroup v2 hierarchy (CI=true)");
+        eprintln!("SKIPPED: no cgroup v2 hierarchy");
+        return;
+    };
+    let topo = Topo::new("ps", 2);
+    let (client, server) = (&topo.pods[0], &topo.pods[1]);
+    let pins = PinDir::new("mbh-podsock");
+    let cfg = pins.config(251);
+    let mut dp = Datapath::load(cfg.clone()).expect("load");
+    topo.attach(&mut dp, true);
+    dp.sync(&desired(vec![
+        entry(
+            (VIP, 80),
+            FrontendType::ClusterIP,
+            Protocol::Tcp,
+            &[server.v4.as_str()],
+        ),
+        entry(
+            (VIP6, 80),
+            FrontendType::ClusterIP,
+            Protocol::Tcp,
+            &[server.v6.as_str()],
+        ),
+    ]))
+    .expect("sync");
+    topo.forwarding(false);
+    let vip4 = serde_json::json!([VIP, 80]);
+    let vip6 = serde_json::json!([VIP6, 80]);
+
+    // Control: a pod process outside the cgroup is translated by tc.
+    let before = dp.stats().expect("stats");
+    let r = run_pod_client(client, None);
+    let after = dp.stats().expect("stats");
+    for (k, peer) in [("tcp4", &vip4), ("tcp6", &vip6)] {
+        assert_eq!(r[k]["name"], "pod2", "{k}: {r}");
+        assert_eq!(&r[k]["peer"], peer, "{k}: {r}");
+    }
+    assert_eq!(stat_delta(&before, &after, Stat::FwdNew), 2, "{after:?}");
+    assert_eq!(stat_delta(&before, &after, Stat::SockTranslate), 0);
+
+    // In the socket LB's cgroup: translated at connect, not by tc.
+    let sock = SockLb::attach(&cfg, &cg.0).expect("attach socket LB");
+    let before = dp.stats().expect("stats");
+    let r = run_pod_client(client, Some(&cg));
+    let after = dp.stats().expect("stats");
+    for (k, peer) in [("tcp4", &vip4), ("tcp6", &vip6)] {
+        assert_eq!(r[k]["name"], "pod2", "{k}: {r}");
+        // The application sees the service, never the backend.
+        assert_eq!(&r[k]["peer"], peer, "{k}: {r}");
+    }
+    let d = |s| stat_delta(&before, &after, s);
+    assert_eq!(d(Stat::SockTranslate), 2, "{after:?}");
+    assert!(d(Stat::SockRev) >= 2, "{after:?}");
+    for s in [Stat::FwdNew, Stat::FwdEstablished, Stat::RevNat] {
+        assert_eq!(
+            d(s),
+            0,
+            "tc translated socket LB traffic ({s:?}): {after:?}"
+        );
+    }
+    // Both directions of both connections went by host routing.
+    assert!(d(Stat::HostRoutePeer) >= 8, "{after:?}");
+
+    // A frontend the tc program hands to a local proxy: the socket LB
+    // leaves it for pods. No proxy listens here, so tc drops and counts.
+    let mut want = std::collections::BTreeMap::new();
+    want.insert(
+        L3n4Addr::new(ip(VIP), 80, Protocol::Tcp),
+        "127.0.0.1:15001".parse::<SocketAddr>().expect("addr"),
+    );
+    dp.sync_redirects(&want).expect("redirects");
+    let before = dp.stats().expect("stats");
+    let r = run_pod_client(client, Some(&cg));
+    let after = dp.stats().expect("stats");
+    assert!(r["tcp4"]["error"].is_string(), "{r}");
+    assert_eq!(r["tcp6"]["name"], "pod2", "{r}");
+    assert_eq!(stat_delta(&before, &after, Stat::SockTranslate), 1);
+    assert!(stat_delta(&before, &after, Stat::DropNoListener) >= 1);
+    dp.sync_redirects(&Default::default()).expect("redirects");
+    let r = run_pod_client(client, Some(&cg));
+    assert_eq!(r["tcp4"]["name"], "pod2", "{r}");
+
+    drop(sock);
+    SockLb::remove_pins(&cfg.pin_dir, &cg.0).expect("remove pins");
+}

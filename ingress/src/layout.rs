@@ -22,12 +22,13 @@ use membrane_crds::{BackendService, CiliumEnvoyConfig, CiliumEnvoyConfigSpec, En
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::conflicts::{Conflicts, Id};
 use crate::envoy::{self, ROUTE_CONFIGURATION_TYPE};
-use crate::model::route_rank;
+use crate::model::{Backend, Model, PassthroughChain, TlsChain, VirtualHost, route_rank};
 use crate::names::{INSECURE_ROUTE_NAME, SECURE_ROUTE_NAME};
 use crate::shared::{
-    FRAGMENT_SEP, SharedPart, SharedTranslation, SplitError, is_route_config, json_len,
-    merge_model, part_meta, shared_cec,
+    FRAGMENT_SEP, SharedPart, SharedTranslation, SplitError, age_key, assemble_model,
+    is_route_config, json_len, part_meta, shared_cec, shared_translation,
 };
 use crate::translate::TranslateOptions;
 
@@ -171,12 +172,126 @@ pub struct LayoutOutput {
     pub names: BTreeSet<String>,
 }
 
-/// The shared CEC kept rendered per Ingress between changes. Pure: the
-/// caller writes what it returns.
+/// Hosts, TLS and passthrough chains of the merged parts, counted, so the
+/// first part (which has no routes) follows a change without a merge.
+#[derive(Debug, Default)]
+struct Hosts {
+    insecure: BTreeMap<String, usize>,
+    secure: BTreeMap<String, usize>,
+    /// Per Secret: chains, and how many name each host.
+    tls: BTreeMap<(String, String), (usize, BTreeMap<String, usize>)>,
+    passthrough: BTreeMap<Backend, (usize, BTreeMap<String, usize>)>,
+}
+
+fn count(map: &mut BTreeMap<String, usize>, key: &str, add: bool) {
+    if add {
+        *map.entry(key.to_owned()).or_default() += 1;
+    } else if let Some(n) = map.get_mut(key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            map.remove(key);
+        }
+    }
+}
+
+fn count_chain<K: Ord>(
+    map: &mut BTreeMap<K, (usize, BTreeMap<String, usize>)>,
+    key: K,
+    hosts: &[String],
+    add: bool,
+) {
+    let entry = map.entry(key);
+    if !add && matches!(entry, std::collections::btree_map::Entry::Vacant(_)) {
+        return;
+    }
+    let (chains, names) = entry.or_default();
+    for h in hosts {
+        count(names, h, add);
+    }
+    if add {
+        *chains += 1;
+    } else {
+        *chains = chains.saturating_sub(1);
+    }
+    map.retain(|_, (n, _)| *n > 0);
+}
+
+impl Hosts {
+    fn apply(&mut self, p: &SharedPart, add: bool) {
+        for vh in &p.model.insecure {
+            count(&mut self.insecure, &vh.host, add);
+        }
+        for vh in &p.model.secure {
+            count(&mut self.secure, &vh.host, add);
+        }
+        for c in &p.model.tls {
+            let key = (c.secret_namespace.clone(), c.secret_name.clone());
+            count_chain(&mut self.tls, key, &c.server_names, add);
+        }
+        for c in &p.model.passthrough {
+            count_chain(
+                &mut self.passthrough,
+                c.backend.clone(),
+                &c.server_names,
+                add,
+            );
+        }
+    }
+
+    /// The merged model of the parts counted, without routes or backends:
+    /// what the first part is rendered from.
+    fn model(&self, opts: &TranslateOptions) -> Model {
+        let vhosts = |m: &BTreeMap<String, usize>| -> Vec<VirtualHost> {
+            m.keys()
+                .map(|host| VirtualHost {
+                    host: host.clone(),
+                    routes: Vec::new(),
+                })
+                .collect()
+        };
+        Model {
+            namespace: opts.shared_namespace.clone(),
+            name: opts.shared_service_name.clone(),
+            insecure: vhosts(&self.insecure),
+            secure: vhosts(&self.secure),
+            tls: self
+                .tls
+                .iter()
+                .map(|((ns, name), (_, hosts))| TlsChain {
+                    secret_namespace: ns.clone(),
+                    secret_name: name.clone(),
+                    server_names: hosts.keys().cloned().collect(),
+                })
+                .collect(),
+            tls_fields: BTreeMap::new(),
+            backends: BTreeMap::new(),
+            settings: Default::default(),
+            passthrough: self
+                .passthrough
+                .iter()
+                .map(|(backend, (_, hosts))| PassthroughChain {
+                    backend: backend.clone(),
+                    server_names: hosts.keys().cloned().collect(),
+                })
+                .collect(),
+            passthrough_fields: BTreeMap::new(),
+        }
+    }
+}
+
+/// The shared CEC kept rendered per Ingress between changes, with the
+/// merge's conflict outcomes: a change costs the Ingresses it touches.
+/// Pure: the caller writes what it returns.
 #[derive(Debug, Default)]
 pub struct SharedLayout {
-    chunks: HashMap<(String, String), Chunk>,
-    part_of: HashMap<(String, String), usize>,
+    conflicts: Conflicts,
+    /// Hosts of the included parts.
+    hosts: Hosts,
+    /// Per included Ingress, its rendered share.
+    chunks: HashMap<Id, Chunk>,
+    /// Sum of the chunks' bytes.
+    total: usize,
+    part_of: HashMap<Id, usize>,
     parts: BTreeMap<usize, Part>,
     /// The first part (or whole CEC) last returned.
     head: Option<CiliumEnvoyConfig>,
@@ -225,9 +340,16 @@ impl SharedLayout {
         }
     }
 
+    /// Nothing held: the next render must be given every part.
+    pub fn is_empty(&self) -> bool {
+        self.conflicts.is_empty()
+    }
+
     /// Merges `parts` (see [`crate::merge_shared_preferring`]) and lays
     /// the shared CEC out in objects of at most `max_bytes`: one object
-    /// when it fits, else a first part and parts by Ingress.
+    /// when it fits, else a first part and parts by Ingress. Compares every
+    /// part with the one held; [`Self::render_changes`] is given only the
+    /// changes.
     pub fn render<'a>(
         &mut self,
         parts: impl IntoIterator<Item = &'a SharedPart>,
@@ -235,65 +357,86 @@ impl SharedLayout {
         opts: &TranslateOptions,
         max_bytes: usize,
     ) -> Result<LayoutOutput, SplitError> {
-        let mut merged = merge_model(parts, serving, opts);
+        let given: HashMap<Id, &SharedPart> = parts
+            .into_iter()
+            .map(|p| ((p.namespace.clone(), p.name.clone()), p))
+            .collect();
+        let gone: Vec<Id> = self
+            .conflicts
+            .ids()
+            .filter(|id| !given.contains_key(*id))
+            .cloned()
+            .collect();
+        let changes = given
+            .into_iter()
+            .map(|(id, p)| (id, Some(p)))
+            .chain(gone.into_iter().map(|id| (id, None)));
+        self.render_changes(changes, serving, opts, max_bytes)
+    }
+
+    /// [`Self::render`] given only what changed since the last call: a
+    /// part, or `None` for an Ingress no longer shared (unchanged parts may
+    /// be given too). `serving` must be the last call's
+    /// `translation.included` (any set for the first call).
+    pub fn render_changes<'a>(
+        &mut self,
+        changes: impl IntoIterator<Item = (Id, Option<&'a SharedPart>)>,
+        serving: &BTreeSet<(String, String)>,
+        opts: &TranslateOptions,
+        max_bytes: usize,
+    ) -> Result<LayoutOutput, SplitError> {
         let name = opts.shared_service_name.clone();
         let id = format!("{}/{name}", opts.shared_namespace);
 
-        // Refresh the rendered chunks: only new or changed Ingresses.
-        let mut live: HashSet<(String, String)> = HashSet::new();
+        // Refresh the rendered chunks: only Ingresses whose included part
+        // changed.
         let mut changed: HashSet<IngressOrder> = HashSet::new();
-        for p in &merged.included {
-            let key = (p.namespace.clone(), p.name.clone());
-            live.insert(key.clone());
-            if self.chunks.get(&key).is_some_and(|c| c.part == **p) {
-                continue;
+        for key in self.conflicts.update(changes, serving) {
+            let now = self.conflicts.included(&key);
+            match (now, self.chunks.get(&key)) {
+                (Some(p), Some(c)) if c.part == *p => continue,
+                (None, None) => continue,
+                _ => {}
             }
-            let chunk = Chunk::render(p, &id)?;
-            changed.insert(chunk.order.clone());
-            let old = self.chunks.remove(&key);
-            if let Some(part) = self.part_of.get(&key).and_then(|k| self.parts.get_mut(k)) {
-                if let Some(old) = &old {
+            if let Some(old) = self.chunks.remove(&key) {
+                self.total = self.total.saturating_sub(old.bytes);
+                self.hosts.apply(&old.part, false);
+                let at = if now.is_some() {
+                    self.part_of.get(&key).copied()
+                } else {
+                    self.part_of.remove(&key)
+                };
+                if let Some(part) = at.and_then(|k| self.parts.get_mut(&k)) {
                     part.members.remove(&old.order);
                     part.bytes = part.bytes.saturating_sub(old.bytes);
+                    part.dirty = true;
                 }
+            }
+            let Some(p) = now else { continue };
+            let chunk = Chunk::render(p, &id)?;
+            changed.insert(chunk.order.clone());
+            self.total += chunk.bytes;
+            self.hosts.apply(p, true);
+            if let Some(part) = self.part_of.get(&key).and_then(|k| self.parts.get_mut(k)) {
                 part.members.insert(chunk.order.clone());
                 part.bytes += chunk.bytes;
                 part.dirty = true;
             }
             self.chunks.insert(key, chunk);
         }
-        let gone: Vec<(String, String)> = self
-            .chunks
-            .keys()
-            .filter(|k| !live.contains(*k))
-            .cloned()
-            .collect();
-        for key in gone {
-            let Some(chunk) = self.chunks.remove(&key) else {
-                continue;
-            };
-            if let Some(part) = self
-                .part_of
-                .remove(&key)
-                .and_then(|k| self.parts.get_mut(&k))
-            {
-                part.members.remove(&chunk.order);
-                part.bytes = part.bytes.saturating_sub(chunk.bytes);
-                part.dirty = true;
-            }
-        }
 
         // Small enough for one object: the whole CEC, as Cilium writes it.
-        let total: usize = self.chunks.values().map(|c| c.bytes).sum();
-        if total < max_bytes {
-            let cec = shared_cec(&merged.model, opts);
+        if self.total < max_bytes {
+            let mut included: Vec<&SharedPart> = self.chunks.values().map(|c| &c.part).collect();
+            included.sort_by(|a, b| age_key(a).cmp(&age_key(b)));
+            let cec = shared_cec(&assemble_model(&included, opts), opts);
             if json_len(&cec, &id)? <= max_bytes {
                 self.part_of.clear();
                 self.parts.clear();
                 let head_changed = !same(self.head.as_ref(), &cec);
                 self.head = Some(cec.clone());
                 return Ok(LayoutOutput {
-                    translation: merged.finish(cec, opts),
+                    translation: self.translation(cec, opts),
                     head_changed,
                     parts: Vec::new(),
                     names: BTreeSet::from([name]),
@@ -302,17 +445,8 @@ impl SharedLayout {
         }
 
         // The first part: the listener and the route configurations
-        // without virtual hosts, rendered from the model without routes.
-        for vh in merged
-            .model
-            .insecure
-            .iter_mut()
-            .chain(merged.model.secure.iter_mut())
-        {
-            vh.routes.clear();
-        }
-        merged.model.backends.clear();
-        let mut head = shared_cec(&merged.model, opts);
+        // without virtual hosts, rendered from the hosts without routes.
+        let mut head = shared_cec(&self.hosts.model(opts), opts);
         for r in &mut head.spec.config.resources {
             if is_route_config(r) {
                 r["virtualHosts"] = Value::Array(Vec::new());
@@ -452,11 +586,21 @@ impl SharedLayout {
         let head_changed = !same(self.head.as_ref(), &head);
         self.head = Some(head.clone());
         Ok(LayoutOutput {
-            translation: merged.finish(head, opts),
+            translation: self.translation(head, opts),
             head_changed,
             parts: out_parts,
             names,
         })
+    }
+
+    /// The shared objects around `cec`, with the merge's outcome.
+    fn translation(&self, cec: CiliumEnvoyConfig, opts: &TranslateOptions) -> SharedTranslation {
+        shared_translation(
+            cec,
+            opts,
+            self.conflicts.included_ids(),
+            self.conflicts.rejections(),
+        )
     }
 
     /// Part `k` of the shared CEC whose first part is `head`.

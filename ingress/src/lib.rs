@@ -26,6 +26,7 @@
 
 mod annotations;
 mod class;
+mod conflicts;
 mod envoy;
 mod error;
 mod layout;

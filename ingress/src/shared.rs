@@ -166,34 +166,43 @@ pub fn merge_shared_preferring<'a>(
 }
 
 /// The shared parts merged into one model, before it is rendered.
-pub(crate) struct Merged<'a> {
+pub(crate) struct Merged {
     pub model: Model,
-    /// The parts merged, in route order (age, then namespace and name).
-    pub included: Vec<&'a SharedPart>,
     /// `(namespace, name)` of the included parts in merge order.
     pub included_ids: Vec<(String, String)>,
     pub conflicts: Vec<IngressRejection>,
 }
 
-impl Merged<'_> {
+impl Merged {
     /// The shared objects around `cec` (the whole shared CEC or its first part).
     pub fn finish(self, cec: CiliumEnvoyConfig, opts: &TranslateOptions) -> SharedTranslation {
-        let ns = &opts.shared_namespace;
-        let svc = &opts.shared_service_name;
-        let mut service = lb_service(svc, ns, &SHARED_PORTS, None);
-        if opts.host_network.is_some()
-            && let Some(spec) = service.spec.as_mut()
-        {
-            spec.type_ = Some("ClusterIP".to_string());
-            spec.external_traffic_policy = None;
-        }
-        SharedTranslation {
-            cec,
-            service,
-            endpoint_slice: placeholder_endpoint_slice(svc, ns, &SHARED_PORTS, None),
-            included: self.included_ids,
-            conflicts: self.conflicts,
-        }
+        shared_translation(cec, opts, self.included_ids, self.conflicts)
+    }
+}
+
+/// The shared objects around `cec` (the whole shared CEC or its first
+/// part), with what the merge included and left out.
+pub(crate) fn shared_translation(
+    cec: CiliumEnvoyConfig,
+    opts: &TranslateOptions,
+    included: Vec<(String, String)>,
+    conflicts: Vec<IngressRejection>,
+) -> SharedTranslation {
+    let ns = &opts.shared_namespace;
+    let svc = &opts.shared_service_name;
+    let mut service = lb_service(svc, ns, &SHARED_PORTS, None);
+    if opts.host_network.is_some()
+        && let Some(spec) = service.spec.as_mut()
+    {
+        spec.type_ = Some("ClusterIP".to_string());
+        spec.external_traffic_policy = None;
+    }
+    SharedTranslation {
+        cec,
+        service,
+        endpoint_slice: placeholder_endpoint_slice(svc, ns, &SHARED_PORTS, None),
+        included,
+        conflicts,
     }
 }
 
@@ -216,22 +225,14 @@ pub(crate) fn merge_model<'a>(
     parts: impl IntoIterator<Item = &'a SharedPart>,
     serving: &BTreeSet<(String, String)>,
     opts: &TranslateOptions,
-) -> Merged<'a> {
+) -> Merged {
     let mut parts: Vec<&SharedPart> = parts.into_iter().collect();
     // Older first (missing timestamps sort first); at equal age an Ingress
     // already serving beats a newcomer, then namespace, then name.
     // Timestamps have one-second resolution: without the serving rule a new
     // Ingress could take a path from one created in the same second that
     // already serves it.
-    parts.sort_by_cached_key(|p| {
-        let newcomer = !serving.contains(&(p.namespace.clone(), p.name.clone()));
-        (
-            p.created.clone(),
-            newcomer,
-            p.namespace.clone(),
-            p.name.clone(),
-        )
-    });
+    parts.sort_by_cached_key(|p| merge_key(p, serving));
 
     // Claims point at the part that owns them; borrowed, no string copies.
     let mut routes_claimed: HashMap<(&str, &PathMatch, bool), usize> = HashMap::new();
@@ -240,7 +241,16 @@ pub(crate) fn merge_model<'a>(
     let mut conflicts = Vec::new();
 
     for (idx, part) in parts.iter().enumerate() {
-        if let Some(error) = first_conflict(part, &parts, &routes_claimed, &sni_claimed) {
+        let conflict = first_conflict(
+            part,
+            |host, path, is_default| {
+                routes_claimed
+                    .get(&(host, path, is_default))
+                    .map(|&i| parts[i])
+            },
+            |host| sni_claimed.get(host).map(|&(i, u)| (parts[i], u)),
+        );
+        if let Some(error) = conflict {
             conflicts.push(IngressRejection {
                 namespace: part.namespace.clone(),
                 name: part.name.clone(),
@@ -248,20 +258,11 @@ pub(crate) fn merge_model<'a>(
             });
             continue;
         }
-        for vh in part.model.insecure.iter().chain(&part.model.secure) {
-            for r in &vh.routes {
-                routes_claimed.insert((vh.host.as_str(), &r.path, r.is_default), idx);
-            }
+        for (host, path, is_default) in route_claims(part) {
+            routes_claimed.insert((host, path, is_default), idx);
         }
-        for chain in &part.model.tls {
-            for host in &chain.server_names {
-                sni_claimed.insert(host.as_str(), (idx, SniUse::Terminate(chain)));
-            }
-        }
-        for chain in &part.model.passthrough {
-            for host in &chain.server_names {
-                sni_claimed.insert(host.as_str(), (idx, SniUse::Passthrough(&chain.backend)));
-            }
+        for (host, use_) in sni_uses(part) {
+            sni_claimed.insert(host, (idx, use_));
         }
         included.push(idx);
     }
@@ -275,13 +276,73 @@ pub(crate) fn merge_model<'a>(
     // Ingress group stays valid (see `crate::layout`).
     let mut included: Vec<&SharedPart> = included.into_iter().map(|i| parts[i]).collect();
     included.sort_by(|a, b| age_key(a).cmp(&age_key(b)));
+    Merged {
+        model: assemble_model(&included, opts),
+        included_ids,
+        conflicts,
+    }
+}
 
+/// Where a part goes in the merge: age, an Ingress already `serving`
+/// before a newcomer, then namespace and name.
+pub(crate) type MergeKey = (Option<Time>, bool, String, String);
+
+pub(crate) fn merge_key(p: &SharedPart, serving: &BTreeSet<(String, String)>) -> MergeKey {
+    let newcomer = !serving.contains(&(p.namespace.clone(), p.name.clone()));
+    (
+        p.created.clone(),
+        newcomer,
+        p.namespace.clone(),
+        p.name.clone(),
+    )
+}
+
+/// What a part claims on the shared route configurations: host, path and
+/// whether it is the default backend, per route.
+pub(crate) fn route_claims(p: &SharedPart) -> impl Iterator<Item = (&str, &PathMatch, bool)> {
+    p.model
+        .insecure
+        .iter()
+        .chain(&p.model.secure)
+        .flat_map(|vh| {
+            vh.routes
+                .iter()
+                .map(move |r| (vh.host.as_str(), &r.path, r.is_default))
+        })
+}
+
+/// How a part uses SNI names on the shared listener, in the order the
+/// merge records them (a later use of a name replaces an earlier one).
+pub(crate) fn sni_uses(p: &SharedPart) -> impl Iterator<Item = (&str, SniUse<'_>)> {
+    let tls = p.model.tls.iter().flat_map(|c| {
+        c.server_names
+            .iter()
+            .map(move |h| (h.as_str(), SniUse::Terminate(c)))
+    });
+    let passthrough = p.model.passthrough.iter().flat_map(|c| {
+        c.server_names
+            .iter()
+            .map(move |h| (h.as_str(), SniUse::Passthrough(&c.backend)))
+    });
+    tls.chain(passthrough)
+}
+
+/// The use of SNI name `host` a part that was merged left on record.
+pub(crate) fn recorded_sni_use<'p>(p: &'p SharedPart, host: &str) -> Option<SniUse<'p>> {
+    sni_uses(p)
+        .filter(|(h, _)| *h == host)
+        .last()
+        .map(|(_, u)| u)
+}
+
+/// The merged model of `included` (in age order).
+pub(crate) fn assemble_model(included: &[&SharedPart], opts: &TranslateOptions) -> Model {
     let mut insecure: BTreeMap<&str, Vec<Route>> = BTreeMap::new();
     let mut secure: BTreeMap<&str, Vec<Route>> = BTreeMap::new();
     let mut tls: BTreeMap<(&str, &str), BTreeSet<&str>> = BTreeMap::new();
     let mut backends: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
     let mut passthrough: BTreeMap<&Backend, BTreeSet<&str>> = BTreeMap::new();
-    for part in &included {
+    for part in included {
         let m = &part.model;
         for chain in &m.passthrough {
             passthrough
@@ -320,7 +381,7 @@ pub(crate) fn merge_model<'a>(
             })
             .collect()
     };
-    let model = Model {
+    Model {
         namespace: opts.shared_namespace.clone(),
         name: opts.shared_service_name.clone(),
         insecure: finish(insecure),
@@ -346,23 +407,29 @@ pub(crate) fn merge_model<'a>(
             })
             .collect(),
         passthrough_fields: BTreeMap::new(),
-    };
-    Merged {
-        model,
-        included,
-        included_ids,
-        conflicts,
     }
 }
 
 /// How an older Ingress uses an SNI name on the shared listener.
 #[derive(Clone, Copy)]
-enum SniUse<'a> {
+pub(crate) enum SniUse<'a> {
     Terminate(&'a TlsChain),
     Passthrough(&'a Backend),
 }
 
 impl SniUse<'_> {
+    /// Whether two Ingresses may use one SNI name this way: the same
+    /// certificate, or passing through to the same backend.
+    pub(crate) fn compatible(&self, other: &SniUse<'_>) -> bool {
+        match (self, other) {
+            (SniUse::Terminate(a), SniUse::Terminate(b)) => {
+                a.secret_namespace == b.secret_namespace && a.secret_name == b.secret_name
+            }
+            (SniUse::Passthrough(a), SniUse::Passthrough(b)) => a == b,
+            _ => false,
+        }
+    }
+
     fn describe(&self) -> String {
         match self {
             SniUse::Terminate(c) => format!("Secret {}/{}", c.secret_namespace, c.secret_name),
@@ -376,21 +443,23 @@ impl SniUse<'_> {
     }
 }
 
-fn first_conflict(
+/// The first claim of `part` an older merged part holds: `route_owner`
+/// gives the merged part holding a route, `sni_owner` the last merged part
+/// using an SNI name and how.
+pub(crate) fn first_conflict<'p>(
     part: &SharedPart,
-    parts: &[&SharedPart],
-    routes_claimed: &HashMap<(&str, &PathMatch, bool), usize>,
-    sni_claimed: &HashMap<&str, (usize, SniUse)>,
+    route_owner: impl Fn(&str, &PathMatch, bool) -> Option<&'p SharedPart>,
+    sni_owner: impl Fn(&str) -> Option<(&'p SharedPart, SniUse<'p>)>,
 ) -> Option<IngressError> {
     let id = |p: &SharedPart| format!("{}/{}", p.namespace, p.name);
     for vh in part.model.insecure.iter().chain(&part.model.secure) {
         for r in &vh.routes {
-            if let Some(&owner) = routes_claimed.get(&(vh.host.as_str(), &r.path, r.is_default)) {
+            if let Some(owner) = route_owner(vh.host.as_str(), &r.path, r.is_default) {
                 return Some(IngressError::SharedConflict {
                     ingress: id(part),
                     field: r.source.clone(),
                     what: describe_route(&vh.host, r),
-                    owner: id(parts[owner]),
+                    owner: id(owner),
                 });
             }
         }
@@ -400,32 +469,11 @@ fn first_conflict(
     // passing through, another passthrough backend) is a conflict. This is
     // what keeps a passthrough Ingress from breaking the others
     // (cilium/cilium#31242).
-    let mine = part
-        .model
-        .tls
-        .iter()
-        .flat_map(|c| {
-            c.server_names
-                .iter()
-                .map(move |h| (h, SniUse::Terminate(c)))
-        })
-        .chain(part.model.passthrough.iter().flat_map(|c| {
-            c.server_names
-                .iter()
-                .map(move |h| (h, SniUse::Passthrough(&c.backend)))
-        }));
-    for (host, use_) in mine {
-        let Some(&(owner, theirs)) = sni_claimed.get(host.as_str()) else {
+    for (host, use_) in sni_uses(part) {
+        let Some((owner, theirs)) = sni_owner(host) else {
             continue;
         };
-        let compatible = match (use_, theirs) {
-            (SniUse::Terminate(a), SniUse::Terminate(b)) => {
-                a.secret_namespace == b.secret_namespace && a.secret_name == b.secret_name
-            }
-            (SniUse::Passthrough(a), SniUse::Passthrough(b)) => a == b,
-            _ => false,
-        };
-        if compatible {
+        if use_.compatible(&theirs) {
             continue;
         }
         let field = part
@@ -439,7 +487,7 @@ fn first_conflict(
             ingress: id(part),
             field,
             what: format!("TLS host {host:?} with {}", use_.describe()),
-            owner: format!("{} ({})", id(parts[owner]), theirs.describe()),
+            owner: format!("{} ({})", id(owner), theirs.describe()),
         });
     }
     None

@@ -13,7 +13,8 @@ use membrane_ingress::{
 use serde_json::Value;
 
 /// Ingress `name` created at second `created`, with `(host, path, service)`
-/// Prefix routes and TLS for `tls` hosts.
+/// Prefix routes and TLS for `tls` hosts (Secret `cert`, or the Secret
+/// after a `=`: `host=secret`).
 fn ingress(
     name: &str,
     created: u32,
@@ -34,10 +35,14 @@ fn ingress(
     let tls = if tls.is_empty() {
         String::new()
     } else {
-        format!(
-            "  tls: [{{hosts: [{}], secretName: cert}}]\n",
-            tls.join(", ")
-        )
+        let entries: Vec<String> = tls
+            .iter()
+            .map(|t| {
+                let (host, secret) = t.split_once('=').unwrap_or((t, "cert"));
+                format!("{{hosts: [{host}], secretName: {secret}}}")
+            })
+            .collect();
+        format!("  tls: [{}]\n", entries.join(", "))
     };
     serde_yaml_ng::from_str(&format!(
         "metadata:\n  name: {name}\n  namespace: bench\n  creationTimestamp: \"2026-01-01T00:{:02}:{:02}Z\"\n  annotations: {{ingress.cilium.io/loadbalancer-mode: shared}}\nspec:\n  ingressClassName: cilium\n  rules:\n{rules}{tls}",
@@ -151,10 +156,14 @@ fn parts_join_to_the_from_scratch_merge_over_random_changes() {
     let opts = TranslateOptions::default();
     const MAX: usize = 12 * 1024;
     let hosts = ["", "a.example.com", "b.example.com", "*.w.example.com"];
-    for seed in 1..=4u64 {
+    let mut conflicts_seen = 0;
+    for seed in 1..=6u64 {
         let mut rng = Rng(seed);
+        // Given every part each time, and given only the changed one.
         let mut layout = SharedLayout::default();
         let mut written = Written::default();
+        let mut by_change = SharedLayout::default();
+        let mut written_by_change = Written::default();
         let mut ingresses: BTreeMap<String, Spec> = BTreeMap::new();
         let mut serving: BTreeSet<(String, String)> = BTreeSet::new();
         let mut split_seen = false;
@@ -177,12 +186,15 @@ fn parts_join_to_the_from_scratch_merge_over_random_changes() {
                             )
                         })
                         .collect();
-                    let tls = if rng.below(5) == 0 {
-                        vec![hosts[1 + rng.below(2)].to_owned()]
+                    // TLS hosts, now and then with another Secret (an
+                    // SNI conflict).
+                    let tls = if rng.below(4) == 0 {
+                        let secret = ["cert", "other"][rng.below(3) / 2];
+                        vec![format!("{}={secret}", hosts[1 + rng.below(2)])]
                     } else {
                         Vec::new()
                     };
-                    ingresses.insert(name, (rng.below(20) as u32, routes, tls));
+                    ingresses.insert(name.clone(), (rng.below(20) as u32, routes, tls));
                 }
                 // One more path on an existing Ingress (the benchmark's change).
                 _ => {
@@ -202,33 +214,46 @@ fn parts_join_to_the_from_scratch_merge_over_random_changes() {
                 })
                 .collect();
             if parts.is_empty() {
+                // No shared Ingress: the operator deletes the shared CEC
+                // and starts the layout afresh.
+                by_change = SharedLayout::default();
+                written_by_change = Written::default();
                 continue;
             }
             let whole = merge_shared_preferring(&parts, &serving, &opts);
             let out = layout
                 .render(&parts, &serving, &opts, MAX)
                 .expect("lays out");
-            assert_eq!(
-                out.translation.included, whole.included,
-                "seed {seed} step {step}"
-            );
-            assert_eq!(
-                out.translation.conflicts.len(),
-                whole.conflicts.len(),
-                "seed {seed} step {step}"
-            );
+            let changed = parts
+                .iter()
+                .find(|p| p.name() == name)
+                .map(|p| (("bench".to_owned(), name.clone()), Some(p)));
+            let out_by_change = by_change
+                .render_changes(
+                    [changed.unwrap_or((("bench".to_owned(), name.clone()), None))],
+                    &serving,
+                    &opts,
+                    MAX,
+                )
+                .expect("lays out");
+            let at = format!("seed {seed} step {step}");
+            for out in [&out, &out_by_change] {
+                assert_eq!(out.translation.included, whole.included, "{at}");
+                assert_eq!(out.translation.conflicts, whole.conflicts, "{at}");
+            }
             serving = whole.included.iter().cloned().collect();
+            conflicts_seen += whole.conflicts.len();
             written.apply(&out);
+            written_by_change.apply(&out_by_change);
             split_seen |= written.0.len() > 1;
             assert_sizes(&written, MAX);
-            assert_same(
-                &written.joined(),
-                &whole.cec,
-                &format!("seed {seed} step {step}"),
-            );
+            assert_sizes(&written_by_change, MAX);
+            assert_same(&written.joined(), &whole.cec, &at);
+            assert_same(&written_by_change.joined(), &whole.cec, &at);
         }
         assert!(split_seen, "seed {seed}: the CEC was split at some point");
     }
+    assert!(conflicts_seen > 0, "some changes made conflicts");
 }
 
 /// The benchmark's shape: Ingress `i` with `paths` Prefix paths.

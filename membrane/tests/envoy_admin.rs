@@ -44,6 +44,10 @@ fn assert_all_accepted(m: &Membrane) {
             assert!(v["last_nack"].is_null(), "{t} NACKed: {}", v["last_nack"]);
         }
     }
+    // Envoy's readiness is probed every 50 ms: it may trail a first answer.
+    wait_until(Duration::from_secs(10), || {
+        m.cli(&["status"]).is_ok_and(|(code, _)| code == 0)
+    });
     let (code, out) = m.cli(&["status"]).expect("cli");
     assert_eq!(code, 0, "status fails:\n{out}");
 }

@@ -30,6 +30,10 @@ fn quickstart_example_serves_both_backends() {
         served_by(addr, "anything", "/b/hello").as_deref(),
         Some("echo-b")
     );
+    // Envoy's readiness is probed every 50 ms: it may trail the first 200.
+    wait_until(std::time::Duration::from_secs(10), || {
+        m.cli(&["status"]).is_ok_and(|(code, _)| code == 0)
+    });
     let (code, out) = m.cli(&["status"]).expect("cli");
     assert_eq!(code, 0, "quickstart has rejected objects:\n{out}");
 }

@@ -92,12 +92,18 @@ impl Drop for Cgroup {
 
 /// curl from the node's namespace, in `cg` (as a host-network pod would be).
 fn node_curl(node: &Node, cg: &Cgroup, url: &str) -> String {
+    cg_curl(&node.ns.path(), cg, url)
+}
+
+/// curl from the network namespace at `netns`, in `cg` (on a real node
+/// every pod's processes are under the cgroup root the socket LB is at).
+fn cg_curl(netns: &str, cg: &Cgroup, url: &str) -> String {
     let script = format!(
         "echo $$ > {}/cgroup.procs && exec curl -s --max-time 1 {url}",
         cg.0.display()
     );
     let out = Command::new("nsenter")
-        .arg(format!("--net={}", node.ns.path()))
+        .arg(format!("--net={netns}"))
         .args(["sh", "-c", &script])
         .output()
         .expect("curl from the node");
@@ -261,6 +267,28 @@ fn host_routing_and_socket_lb_through_membrane_up() {
 
     // Socket LB: a node process in the cgroup reaches the ClusterIP.
     assert_eq!(node_curl(&node, &cg, &via_vip), "web");
+    // And a pod's process (Cilium's default with kube-proxy replacement):
+    // translated at connect, so the tc program forwards its packets (host
+    // routing, forwarding is off) without translating any of them.
+    let before = status(&node)["datapath"]["stats"].clone();
+    assert_eq!(cg_curl(&ns["client"].path(), &cg, &via_vip), "web");
+    let after = status(&node)["datapath"]["stats"].clone();
+    let n = |s: &Value, k: &str| s[k].as_u64().unwrap_or(0);
+    assert!(
+        n(&after, "sock_translate") > n(&before, "sock_translate"),
+        "before {before}\nafter {after}"
+    );
+    for k in ["forward_new", "forward_established", "reverse_nat"] {
+        assert_eq!(
+            n(&after, k),
+            n(&before, k),
+            "{k}: before {before}\nafter {after}"
+        );
+    }
+    assert!(
+        hooked(&after) >= hooked(&before) + 4,
+        "before {before}\nafter {after}"
+    );
 
     // Legacy routing: the same requests need the host stack's forwarding.
     node.stop();

@@ -318,7 +318,11 @@ fn membrane_up_dot_ignores_its_own_files_and_stays_quiet() {
         "the run directory is expected inside the watched one"
     );
 
+    // Envoy's readiness is probed every 50 ms; the Ingress may be served
+    // before the first probe after start-up has seen it.
+    let status_ok = wait_until(Duration::from_secs(10), || up.cli(&["status"]).0 == 0);
     let (code, out) = up.cli(&["status"]);
+    assert!(status_ok, "membrane status: {out}\nlog:\n{}", up.log());
     assert_eq!(code, 0, "membrane status: {out}\nlog:\n{}", up.log());
 
     // Idle: the log does not grow (its own writes do not wake the watcher).

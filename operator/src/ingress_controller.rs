@@ -138,7 +138,6 @@ enum Memo {
 /// What the last shared merge read and produced.
 #[derive(Debug, Clone)]
 struct SharedMemo {
-    inputs: Vec<(ObjectKey, String)>,
     applied: Vec<(ObjectKey, String)>,
     managed: Vec<ManagedIngress>,
     conflicts: Vec<(ObjectKey, String)>,
@@ -333,8 +332,11 @@ pub struct IngressController {
     /// what came out. An unchanged Ingress is neither re-translated nor
     /// re-applied, so one change costs one translation, not one per Ingress.
     memo: HashMap<ObjectKey, (String, Memo)>,
-    /// The inputs and outputs of the last shared merge.
+    /// The outputs of the last shared merge.
     shared_memo: Option<SharedMemo>,
+    /// The inputs of the last shared merge: the fingerprint of every
+    /// shared Ingress. Only reconciled Ingresses can change them.
+    shared_inputs: HashMap<ObjectKey, String>,
     /// `(namespace, name)` of the Ingresses in the current shared CEC: they
     /// win conflicts against newcomers of the same age.
     serving: BTreeSet<(String, String)>,
@@ -427,6 +429,8 @@ impl IngressController {
             self.opts = Some(opts.clone());
             // Part metadata follows the options: lay out anew.
             self.layout = SharedLayout::default();
+            self.shared_memo = None;
+            self.shared_inputs.clear();
         }
         let mut dirty = self.dirty(snap, changes);
         dirty.all |= new_opts;
@@ -488,7 +492,15 @@ impl IngressController {
         // Ingresses that lost a shared-mode conflict but keep their
         // dedicated objects.
         let mut keepers: BTreeSet<(String, String)> = BTreeSet::new();
-        self.apply_shared(sink, snap, opts, &shared_keys, &mut pass, &mut keepers);
+        self.apply_shared(
+            sink,
+            snap,
+            opts,
+            &shared_keys,
+            &todo,
+            &mut pass,
+            &mut keepers,
+        );
         self.shared_keys = shared_keys;
         for (key, o) in &self.outcomes {
             if let Some(m) = &o.dedicated {
@@ -843,13 +855,17 @@ impl IngressController {
         }
     }
     /// Merge the shared parts into the shared CEC, Service and EndpointSlice,
-    /// or remove those when no Ingress is in shared mode.
+    /// or remove those when no Ingress is in shared mode. `todo`: the
+    /// Ingresses this pass reconciled, the only ones whose part can have
+    /// changed.
+    #[allow(clippy::too_many_arguments)]
     fn apply_shared(
         &mut self,
         sink: &dyn Sink,
         snap: &StoreSnapshot,
         opts: &TranslateOptions,
         shared_keys: &BTreeSet<ObjectKey>,
+        todo: &[ObjectKey],
         pass: &mut IngressPass,
         dedicated_owners: &mut BTreeSet<(String, String)>,
     ) {
@@ -865,26 +881,33 @@ impl IngressController {
         if shared_keys.is_empty() {
             self.serving.clear();
             self.shared_memo = None;
+            self.shared_inputs.clear();
             self.layout = SharedLayout::default();
             delete_shared(sink, snap, opts, &cec_key);
             return;
         }
         // Unchanged inputs and untouched outputs: replay the last merge.
-        let inputs: Vec<(ObjectKey, String)> = shared_keys
-            .iter()
-            .map(|k| {
-                let fp = self.memo.get(k).map(|(f, _)| f.clone()).unwrap_or_default();
-                (k.clone(), fp)
-            })
-            .collect();
+        let mut inputs_changed = false;
+        for k in todo {
+            let fp = shared_keys
+                .contains(k)
+                .then(|| self.memo.get(k).map(|(f, _)| f.clone()).unwrap_or_default());
+            if self.shared_inputs.get(k) != fp.as_ref() {
+                inputs_changed = true;
+                match fp {
+                    Some(fp) => self.shared_inputs.insert(k.clone(), fp),
+                    None => self.shared_inputs.remove(k),
+                };
+            }
+        }
         let memo = match self.shared_memo.take() {
-            Some(m) if m.inputs == inputs && untouched(snap, &m.applied) => m,
+            Some(m) if !inputs_changed && untouched(snap, &m.applied) => m,
             prev => self.merge_shared(
                 sink,
                 snap,
                 opts,
                 shared_keys,
-                inputs,
+                todo,
                 prev,
                 &cec_key,
                 &service_key,
@@ -915,7 +938,7 @@ impl IngressController {
         snap: &StoreSnapshot,
         opts: &TranslateOptions,
         shared_keys: &BTreeSet<ObjectKey>,
-        inputs: Vec<(ObjectKey, String)>,
+        todo: &[ObjectKey],
         prev: Option<SharedMemo>,
         cec_key: &ObjectKey,
         service_key: &ObjectKey,
@@ -939,8 +962,22 @@ impl IngressController {
             }
         }
         again.retain(|(k, _)| k.kind != Kind::CiliumEnvoyConfig);
-        let rendered = self.layout.render(
-            shared_keys.iter().filter_map(|k| self.last_good.get(k)),
+        // A fresh layout is given every shared part, else what this pass
+        // reconciled.
+        let given: Vec<&ObjectKey> = if self.layout.is_empty() {
+            shared_keys.iter().collect()
+        } else {
+            todo.iter().collect()
+        };
+        let changes = given.into_iter().map(|k| {
+            let part = shared_keys
+                .contains(k)
+                .then(|| self.last_good.get(k))
+                .flatten();
+            ((k.namespace.clone(), k.name.clone()), part)
+        });
+        let rendered = self.layout.render_changes(
+            changes,
             &self.serving,
             opts,
             self.part_budget.unwrap_or(PART_BUDGET),
@@ -1019,7 +1056,6 @@ impl IngressController {
             sink.delete(&stale);
         }
         SharedMemo {
-            inputs,
             applied,
             managed,
             conflicts,

@@ -9,7 +9,7 @@
 //! the server renders as either response type.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
@@ -121,10 +121,75 @@ pub struct Snapshot {
     types: BTreeMap<String, TypeEntry>,
 }
 
+/// One type's resources, with what lets a change cost the change: the
+/// version kept up to date entry by entry, an identity of the key set, and
+/// the names the last updates touched.
 #[derive(Debug, Clone, Default)]
 struct TypeEntry {
     map: Arc<ResourceMap>,
-    version: OnceLock<String>,
+    /// Sum of [`entry_digest`] over the map: the type's version.
+    digest: u64,
+    /// Changes whenever a name is added or removed (0: never had one).
+    keys: u64,
+    /// The latest updates into `map`, oldest first.
+    log: Arc<Vec<Transition>>,
+}
+
+/// An update of a type's map: the map it started from and the names it
+/// touched. `from` is weak so that it neither keeps old maps alive nor
+/// forces a copy on the next in-place update.
+#[derive(Debug, Clone)]
+struct Transition {
+    from: std::sync::Weak<ResourceMap>,
+    names: Vec<String>,
+}
+
+/// How many updates a stream may lag behind and still be diffed by name.
+const LOG_LEN: usize = 8;
+
+/// A fresh key-set identity.
+fn next_keys_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+impl TypeEntry {
+    /// Puts `r`; true when its name is new.
+    fn put(&mut self, r: Arc<Resource>) -> bool {
+        self.digest = self.digest.wrapping_add(entry_digest(&r.name, r.hash));
+        match Arc::make_mut(&mut self.map).insert(r.name.clone(), r) {
+            Some(old) => {
+                self.digest = self.digest.wrapping_sub(entry_digest(&old.name, old.hash));
+                false
+            }
+            None => {
+                self.keys = next_keys_id();
+                true
+            }
+        }
+    }
+
+    fn remove(&mut self, name: &str) {
+        if let Some(old) = Arc::make_mut(&mut self.map).remove(name) {
+            self.digest = self.digest.wrapping_sub(entry_digest(&old.name, old.hash));
+            self.keys = next_keys_id();
+        }
+    }
+
+    /// The names that differ between `from` (a map this type held before)
+    /// and the current map, if the log reaches back to it.
+    fn changed_since(&self, from: &Arc<ResourceMap>) -> Option<BTreeSet<&str>> {
+        let start = self
+            .log
+            .iter()
+            .position(|t| std::ptr::eq(t.from.as_ptr(), Arc::as_ptr(from)))?;
+        Some(
+            self.log[start..]
+                .iter()
+                .flat_map(|t| t.names.iter().map(String::as_str))
+                .collect(),
+        )
+    }
 }
 
 impl PartialEq for Snapshot {
@@ -162,8 +227,9 @@ impl Snapshot {
                 name: r.name.clone(),
             });
         }
-        entry.version = OnceLock::new();
-        Arc::make_mut(&mut entry.map).insert(r.name.clone(), r);
+        // A map being built: nothing to diff against by name.
+        entry.log = Arc::default();
+        entry.put(r);
         Ok(())
     }
 
@@ -176,12 +242,24 @@ impl Snapshot {
         upserts: impl IntoIterator<Item = Arc<Resource>>,
         removals: impl IntoIterator<Item = (String, String)>,
     ) {
+        // Per touched type: the map it started from and the names touched.
+        let mut touched: BTreeMap<String, Transition> = BTreeMap::new();
+        let mut touch = |entry: &TypeEntry, type_url: &str, name: &str| {
+            touched
+                .entry(type_url.to_owned())
+                .or_insert_with(|| Transition {
+                    from: Arc::downgrade(&entry.map),
+                    names: Vec::new(),
+                })
+                .names
+                .push(name.to_owned());
+        };
         for (type_url, name) in removals {
             if let Some(entry) = self.types.get_mut(&type_url)
                 && entry.map.contains_key(&name)
             {
-                entry.version = OnceLock::new();
-                Arc::make_mut(&mut entry.map).remove(&name);
+                touch(entry, &type_url, &name);
+                entry.remove(&name);
             }
         }
         for r in upserts {
@@ -193,8 +271,17 @@ impl Snapshot {
             {
                 continue;
             }
-            entry.version = OnceLock::new();
-            Arc::make_mut(&mut entry.map).insert(r.name.clone(), r);
+            touch(entry, &r.type_url, &r.name);
+            entry.put(r);
+        }
+        for (type_url, transition) in touched {
+            if let Some(entry) = self.types.get_mut(&type_url) {
+                let log = Arc::make_mut(&mut entry.log);
+                if log.len() == LOG_LEN {
+                    log.remove(0);
+                }
+                log.push(transition);
+            }
         }
         self.types.retain(|_, e| !e.map.is_empty());
     }
@@ -232,10 +319,18 @@ impl Snapshot {
 
     /// Content-derived version of one type: identical content ⇒ identical version.
     pub fn version(&self, type_url: &str) -> String {
-        match self.types.get(type_url) {
-            Some(e) => e.version.get_or_init(|| version_of(&e.map)).clone(),
-            None => version_of(&ResourceMap::new()),
-        }
+        format_version(self.types.get(type_url).map_or(0, |e| e.digest))
+    }
+
+    /// Identity of the key set of `type_url` (equal ⇒ same names).
+    fn keys_id(&self, type_url: &str) -> u64 {
+        self.types.get(type_url).map_or(0, |e| e.keys)
+    }
+
+    /// The names of `type_url` that may differ between `from` and this
+    /// snapshot's map, when `from` is one of the maps it was updated from.
+    fn changed_since(&self, type_url: &str, from: &Arc<ResourceMap>) -> Option<BTreeSet<&str>> {
+        self.types.get(type_url)?.changed_since(from)
     }
 
     /// The version of `map` if it is this snapshot's map of `type_url`.
@@ -300,14 +395,56 @@ fn diff(
     (updated, removed)
 }
 
-fn version_of(m: &ResourceMap) -> String {
-    let mut h = Fnv::new();
-    for (name, r) in m {
-        h.write(name.as_bytes());
-        h.write(&[0]);
-        h.write(&r.hash.to_le_bytes());
+/// Content-derived version of any map: the same as a snapshot keeps for
+/// its own maps entry by entry.
+/// [`diff`] restricted to `names` (and `resend`): those are all the names
+/// in which `old` and `new` may differ.
+fn diff_names<'a>(
+    old: &ResourceMap,
+    new: &ResourceMap,
+    mut names: BTreeSet<&'a str>,
+    resend: &'a BTreeSet<String>,
+) -> (Vec<Arc<Resource>>, Vec<String>) {
+    names.extend(resend.iter().map(String::as_str));
+    let mut updated = Vec::new();
+    let mut removed = Vec::new();
+    for name in names {
+        match (old.get(name), new.get(name)) {
+            (Some(o), Some(n)) => {
+                if o.hash != n.hash || resend.contains(name) {
+                    updated.push(n.clone());
+                }
+            }
+            (None, Some(n)) => updated.push(n.clone()),
+            (Some(_), None) => removed.push(name.to_owned()),
+            (None, None) => {}
+        }
     }
-    format!("{:016x}", h.finish())
+    (updated, removed)
+}
+
+fn version_of(m: &ResourceMap) -> String {
+    format_version(m.iter().fold(0u64, |d, (name, r)| {
+        d.wrapping_add(entry_digest(name, r.hash))
+    }))
+}
+
+fn format_version(digest: u64) -> String {
+    format!("{digest:016x}")
+}
+
+/// One entry's share of a version: order-independent, so a version is
+/// updated per changed entry instead of re-hashing the whole type.
+fn entry_digest(name: &str, hash: u64) -> u64 {
+    let mut h = Fnv::new();
+    h.write(name.as_bytes());
+    h.write(&[0]);
+    h.write(&hash.to_le_bytes());
+    // splitmix64's finalizer spreads FNV's weak high bits before summing.
+    let mut z = h.finish();
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// FNV-1a: stable across processes and Rust versions, unlike `DefaultHasher`.
@@ -467,6 +604,11 @@ struct TypeState {
     force: bool,
     /// Names to send again even though the client has them unchanged.
     resend: BTreeSet<String>,
+    /// Bumped whenever `names` changes.
+    names_gen: u64,
+    /// `(key set, names_gen)` at which `names` was found to be every name
+    /// of the type, so the check is not repeated per response.
+    everything_at: Option<(u64, u64)>,
 }
 
 /// Listeners and clusters are the roots of Envoy's configuration: an empty
@@ -491,6 +633,8 @@ impl TypeState {
             last_nack: None,
             force: false,
             resend: BTreeSet::new(),
+            names_gen: 0,
+            everything_at: None,
         }
     }
 
@@ -504,7 +648,11 @@ impl TypeState {
         // "*" is the explicit wildcard for any type.
         self.wildcard =
             names.contains("*") || (legacy_wildcard_type(&self.type_url) && names.is_empty());
-        self.names = names.into_iter().filter(|n| n != "*").collect();
+        let names: BTreeSet<String> = names.into_iter().filter(|n| n != "*").collect();
+        if names != self.names {
+            self.names = names;
+            self.names_gen += 1;
+        }
         self.forget_unselected();
     }
 
@@ -536,6 +684,8 @@ impl TypeState {
             }
         }
         let mut explicit = false;
+        // Only a narrower selection can leave sent or ACKed names behind.
+        let mut narrowed = first;
         for n in &req.resource_names_subscribe {
             if n == "*" {
                 self.wildcard = true;
@@ -548,19 +698,25 @@ impl TypeState {
                 if !req.initial_resource_versions.contains_key(n) && self.sent.contains_key(n) {
                     Arc::make_mut(&mut self.sent).remove(n);
                 }
-                self.names.insert(n.clone());
+                if self.names.insert(n.clone()) {
+                    self.names_gen += 1;
+                }
             }
         }
         if explicit && self.legacy_wildcard {
             self.wildcard = false;
             self.legacy_wildcard = false;
+            narrowed = true;
         }
         for n in &req.resource_names_unsubscribe {
+            narrowed = true;
             if n == "*" {
                 self.wildcard = false;
                 self.legacy_wildcard = false;
             } else {
-                self.names.remove(n);
+                if self.names.remove(n) {
+                    self.names_gen += 1;
+                }
                 if self.sent.contains_key(n) {
                     Arc::make_mut(&mut self.sent).remove(n);
                 }
@@ -569,7 +725,11 @@ impl TypeState {
                 }
             }
         }
-        self.forget_unselected();
+        // An ACK carries no subscription change: checking every sent name
+        // against the selection would cost the whole type per ACK.
+        if narrowed {
+            self.forget_unselected();
+        }
     }
 
     /// Forgets what the client no longer follows, so a later re-subscribe
@@ -595,9 +755,7 @@ impl TypeState {
         let Some(all) = snap.shared(&self.type_url) else {
             return Arc::default();
         };
-        let everything =
-            self.names.len() == all.len() && self.names.iter().zip(all.keys()).all(|(a, b)| a == b);
-        if self.wildcard || everything {
+        if self.wildcard || self.selects_everything(snap, all) {
             all.clone()
         } else {
             Arc::new(
@@ -607,6 +765,16 @@ impl TypeState {
                     .collect(),
             )
         }
+    }
+
+    /// Whether `names` is exactly the key set of `all` (the snapshot's map
+    /// of this type), remembered per key set and selection.
+    fn selects_everything(&self, snap: &Snapshot, all: &ResourceMap) -> bool {
+        let at = (snap.keys_id(&self.type_url), self.names_gen);
+        if self.everything_at == Some(at) {
+            return true;
+        }
+        self.names.len() == all.len() && self.names.iter().zip(all.keys()).all(|(a, b)| a == b)
     }
 
     /// Envoy runs exactly what `snap` selects for this type.
@@ -798,6 +966,14 @@ impl StreamState {
                 continue;
             }
             let mut desired = ts.target(snap);
+            if let Some(snap) = snap
+                && !ts.wildcard
+                && snap
+                    .shared(&t)
+                    .is_some_and(|all| Arc::ptr_eq(all, &desired))
+            {
+                ts.everything_at = Some((snap.keys_id(&t), ts.names_gen));
+            }
             if removed_last(&t) && !refs_settled {
                 for (n, r) in ts.sent.iter() {
                     if !desired.contains_key(n) && (ts.wildcard || ts.names.contains(n)) {
@@ -807,9 +983,15 @@ impl StreamState {
             }
             let resend = std::mem::take(&mut ts.resend);
             let force = std::mem::take(&mut ts.force);
-            // Unchanged shared map: nothing to compare.
+            // Unchanged shared map: nothing to compare. The snapshot's map
+            // updated from what was sent: compare the names it touched.
             let (updated, removed) = if Arc::ptr_eq(&desired, &ts.sent) && resend.is_empty() {
                 (Vec::new(), Vec::new())
+            } else if let Some(names) = snap
+                .filter(|s| s.shared(&t).is_some_and(|all| Arc::ptr_eq(all, &desired)))
+                .and_then(|s| s.changed_since(&t, &ts.sent))
+            {
+                diff_names(&ts.sent, &desired, names, &resend)
             } else {
                 diff(&ts.sent, &desired, &resend)
             };
@@ -1237,4 +1419,117 @@ fn node_labels(node: &envoy_types::pb::envoy::config::core::v3::Node) -> BTreeMa
             _ => None,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: &str = type_url::ENDPOINT;
+
+    fn res(name: &str, content: u64) -> Arc<Resource> {
+        Arc::new(Resource::with_name(
+            name,
+            Any {
+                type_url: T.into(),
+                value: content.to_le_bytes().to_vec(),
+            },
+        ))
+    }
+
+    /// xorshift64*: a fixed-seed sequence, no dependency.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self, bound: u64) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % bound
+        }
+    }
+
+    /// Random updates (puts, content changes, removals) to a snapshot while
+    /// "streams" keep maps from 0–10 updates ago: the kept version equals
+    /// the version computed from scratch, and the diff by touched names
+    /// equals the full diff whenever the log reaches back that far.
+    #[test]
+    fn kept_version_and_diff_by_name_match_full_computation() {
+        for seed in 1..=6u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut snap = Snapshot::new();
+            let mut history: Vec<Arc<ResourceMap>> = Vec::new();
+            let mut by_name = 0;
+            for _ in 0..200 {
+                let mut ups = Vec::new();
+                let mut rms = Vec::new();
+                for _ in 0..=rng.next(4) {
+                    let name = format!("r{}", rng.next(40));
+                    if rng.next(4) == 0 {
+                        rms.push((T.to_owned(), name));
+                    } else {
+                        ups.push(res(&name, rng.next(3)));
+                    }
+                }
+                snap.update(ups, rms);
+                let now = snap.shared(T).cloned().unwrap_or_default();
+                assert_eq!(snap.version(T), version_of(&now), "seed {seed}");
+                let resend: BTreeSet<String> = if rng.next(5) == 0 {
+                    [format!("r{}", rng.next(40))].into()
+                } else {
+                    BTreeSet::new()
+                };
+                for back in 0..history.len().min(10) {
+                    let old = &history[history.len() - 1 - back];
+                    let full = diff(old, &now, &resend);
+                    if let Some(names) = snap.changed_since(T, old) {
+                        by_name += 1;
+                        let partial = diff_names(old, &now, names, &resend);
+                        let key = |(u, r): &(Vec<Arc<Resource>>, Vec<String>)| {
+                            (
+                                u.iter()
+                                    .map(|r| (r.name.clone(), r.hash))
+                                    .collect::<Vec<_>>(),
+                                r.clone(),
+                            )
+                        };
+                        assert_eq!(key(&partial), key(&full), "seed {seed}, {back} back");
+                    } else {
+                        // Only an update that changed nothing (same map) or
+                        // a type that was emptied on the way is not logged.
+                        let emptied = history[history.len() - 1 - back..]
+                            .iter()
+                            .any(|m| m.is_empty());
+                        assert!(
+                            back >= LOG_LEN || Arc::ptr_eq(old, &now) || emptied || now.is_empty(),
+                            "log lost a recent map ({back} back)"
+                        );
+                    }
+                }
+                history.push(now);
+            }
+            assert!(by_name > 500, "the by-name path ran only {by_name} times");
+        }
+    }
+
+    #[test]
+    fn version_follows_content_not_order_or_history() {
+        let a = Snapshot::from_resources([res("x", 1), res("y", 2)]).unwrap();
+        let b = Snapshot::from_resources([res("y", 2), res("x", 1)]).unwrap();
+        assert_eq!(a.version(T), b.version(T));
+        let mut c = a.clone();
+        c.update([res("x", 5)], Vec::new());
+        assert_ne!(c.version(T), a.version(T));
+        c.update([res("x", 1)], Vec::new());
+        assert_eq!(c.version(T), a.version(T));
+        c.update(Vec::new(), [(T.to_owned(), "y".to_owned())]);
+        assert_eq!(
+            c.version(T),
+            Snapshot::from_resources([res("x", 1)]).unwrap().version(T)
+        );
+        // Cloned snapshots share the key-set identity until a name changes.
+        assert_eq!(c.clone().keys_id(T), c.keys_id(T));
+        let mut d = c.clone();
+        d.update([res("z", 1)], Vec::new());
+        assert_ne!(d.keys_id(T), c.keys_id(T));
+    }
 }

@@ -37,7 +37,7 @@ static DESCRIPTOR_SET: &[u8] = include_bytes!(env!("ENVOY_TYPES_BIN"));
 // few dozen of its ~1,000 files, so files join the pool as the types they
 // define are first needed (`Descriptors`).
 static DESCRIPTORS: LazyLock<Result<Descriptors, String>> =
-    LazyLock::new(|| Descriptors::index(DESCRIPTOR_SET));
+    LazyLock::new(|| Descriptors::new(DESCRIPTOR_SET));
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -63,6 +63,15 @@ fn descriptors() -> Result<&'static Descriptors, CodecError> {
     DESCRIPTORS
         .as_ref()
         .map_err(|e| CodecError::Descriptors(e.clone()))
+}
+
+/// The descriptor of message `name`, loading its file if needed.
+fn resolve_type(name: &str) -> Option<MessageDescriptor> {
+    descriptors()
+        .ok()?
+        .pool_for([name])
+        .ok()?
+        .get_message_by_name(name)
 }
 
 fn any_descriptor(pool: &DescriptorPool) -> Result<MessageDescriptor, CodecError> {
@@ -102,9 +111,11 @@ pub fn any_from_json(v: &Value) -> Result<Any, CodecError> {
     let desc = any_descriptor(&pool)?;
     let mut track = serde_path_to_error::Track::new();
     let de = serde_path_to_error::Deserializer::new(&normalized, &mut track);
-    match DynamicMessage::deserialize(desc, de) {
+    match DynamicMessage::deserialize(desc.clone(), de) {
         Ok(msg) => {
+            // Map entries in a fixed order, so equal JSON gives equal bytes.
             let bytes = msg.encode_to_vec();
+            let bytes = crate::canonical::canonical(&resolve_type, &desc, &bytes).unwrap_or(bytes);
             Any::decode(bytes.as_slice()).map_err(|e| CodecError::Decode {
                 type_url: ANY_NAME.into(),
                 message: e.to_string(),
@@ -180,9 +191,25 @@ pub fn decode<T: Message + prost::Name + Default>(any: &Any) -> Result<T, CodecE
 
 /// Packs a message into an `Any` with its canonical type URL.
 pub fn encode<T: Message + prost::Name>(msg: &T) -> Any {
-    Any {
+    canonical_any(Any {
         type_url: T::type_url(),
         value: msg.encode_to_vec(),
+    })
+}
+
+/// `any` with the entries of every map field (prost and prost-reflect
+/// encode them in `HashMap` order) sorted, so equal content gives equal
+/// bytes and equal resource hashes. Unchanged when its type is unknown.
+pub fn canonical_any(any: Any) -> Any {
+    let Some(desc) = resolve_type(message_name(&any.type_url)) else {
+        return any;
+    };
+    match crate::canonical::canonical(&resolve_type, &desc, &any.value) {
+        Some(value) => Any {
+            type_url: any.type_url,
+            value,
+        },
+        None => any,
     }
 }
 
@@ -328,8 +355,8 @@ mod tests {
 
     #[test]
     fn index_knows_every_message_and_pool_loads_only_what_is_used() {
-        let d = Descriptors::index(DESCRIPTOR_SET).unwrap();
-        assert!(d.messages.len() > 1500, "{}", d.messages.len());
+        let d = Descriptors::new(DESCRIPTOR_SET).unwrap();
+        assert!(d.message_count() > 1500, "{}", d.message_count());
         assert!(d.defines("envoy.config.listener.v3.Listener"));
         assert!(!d.defines("nope.Nope"));
         let pool = d
@@ -345,7 +372,11 @@ mod tests {
             pool.get_message_by_name("envoy.config.core.v3.Address")
                 .is_some()
         );
-        assert!(loaded * 4 < d.files.len(), "{loaded} of {}", d.files.len());
+        assert!(
+            loaded * 4 < d.file_count(),
+            "{loaded} of {}",
+            d.file_count()
+        );
         assert!(
             pool.get_message_by_name("envoy.extensions.filters.http.router.v3.Router")
                 .is_none()
@@ -359,7 +390,7 @@ mod tests {
     fn to_json_loads_nested_types_first_seen_in_bytes() {
         let any = any_from_json(&listener_json()).unwrap();
         // A fresh index has never seen the nested HttpConnectionManager.
-        let d = Descriptors::index(DESCRIPTOR_SET).unwrap();
+        let d = Descriptors::new(DESCRIPTOR_SET).unwrap();
         let pool = d.pool_for_any(&any).unwrap();
         for name in [
             "envoy.config.listener.v3.Listener",
@@ -406,6 +437,26 @@ mod tests {
             e,
             "filterChains[0].filters[0].typedConfig: unrecognized field name '#x'"
         );
+    }
+
+    /// Map fields (here a Struct in filter metadata, and one inside a
+    /// nested typed config) encode the same way on every decode.
+    #[test]
+    fn equal_json_gives_equal_bytes_with_maps() {
+        let mut v = listener_json();
+        v["metadata"] = json!({"filterMetadata": {
+            "a": {"x": 1.5}, "b": {"y": true}, "c": {}, "d": {"k": "v", "k2": "v2", "k3": 3.25}
+        }});
+        v["filterChains"][0]["filters"][0]["typedConfig"]["upgradeConfigs"] =
+            json!([{"upgradeType": "websocket"}]);
+        let first = any_from_json(&v).unwrap();
+        for _ in 0..40 {
+            assert_eq!(any_from_json(&v).unwrap().value, first.value);
+        }
+        // The canonical bytes are still the same message.
+        let l: Listener = decode(&first).unwrap();
+        assert_eq!(l.metadata.unwrap().filter_metadata.len(), 4);
+        assert_eq!(any_to_json(&first).unwrap(), v);
     }
 
     #[test]

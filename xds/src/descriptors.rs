@@ -3,18 +3,22 @@
 //!
 //! Decoding the whole set of envoy-types costs ~33 MB of heap for ~1,000
 //! files, of which a process serving Ingresses and CECs touches a few dozen.
-//! An index of message names → file is all that is kept for the rest; the
-//! file bytes stay in the binary's read-only data.
+//! The index of the set (which file defines a message, what it imports,
+//! where its bytes are) is built at compile time (`descriptor_index.rs`),
+//! so the set's bytes stay in the binary's read-only data and only the
+//! files decoded are ever read.
 
-use std::collections::HashMap;
 use std::sync::RwLock;
 
-use prost::Message;
-use prost::bytes::Buf;
-use prost::encoding::{WireType, decode_key, decode_varint, encode_key, encode_varint};
+use prost::encoding::{WireType, encode_key, encode_varint};
 use prost_reflect::{DescriptorPool, DynamicMessage, ReflectMessage, Value as PValue};
 
 use crate::codec::{CodecError, message_name};
+
+mod generated {
+    include!(concat!(env!("OUT_DIR"), "/descriptor_index.rs"));
+}
+use generated::{DEPS, FILES, MESSAGES};
 
 const ANY: &str = "google.protobuf.Any";
 /// Field number of `FileDescriptorSet.file`.
@@ -23,110 +27,68 @@ const SET_FILE: u32 = 1;
 /// least one type, and no Envoy resource nests this many distinct `Any`s.
 const MAX_ROUNDS: usize = 64;
 
-/// The parts of a `FileDescriptorProto` the index needs; every other field
-/// is skipped while decoding.
-#[derive(Clone, PartialEq, prost::Message)]
-struct FileHead {
-    #[prost(string, optional, tag = "1")]
-    name: Option<String>,
-    #[prost(string, optional, tag = "2")]
-    package: Option<String>,
-    #[prost(string, repeated, tag = "3")]
-    dependency: Vec<String>,
-    #[prost(message, repeated, tag = "4")]
-    message_type: Vec<MessageHead>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct MessageHead {
-    #[prost(string, optional, tag = "1")]
-    name: Option<String>,
-    #[prost(message, repeated, tag = "3")]
-    nested_type: Vec<MessageHead>,
-}
-
 pub(crate) struct Descriptors {
-    /// Each file's encoded `FileDescriptorProto`, borrowed from the set.
-    pub(crate) files: Vec<&'static [u8]>,
-    /// Each file's imports, as indexes into `files`.
-    deps: Vec<Vec<u32>>,
-    /// Fully qualified message name → the file defining it.
-    pub(crate) messages: HashMap<Box<str>, u32>,
+    /// The encoded set the compile-time index describes.
+    set: &'static [u8],
     loaded: RwLock<Loaded>,
 }
 
 struct Loaded {
     pool: DescriptorPool,
-    /// Whether `files[i]` is in `pool`.
+    /// Whether file `i` is in `pool`.
     files: Vec<bool>,
 }
 
 impl Descriptors {
-    /// Indexes an encoded `FileDescriptorSet` without building descriptors.
-    pub(crate) fn index(set: &'static [u8]) -> Result<Descriptors, String> {
-        let mut files = Vec::new();
-        let mut buf = set;
-        while buf.has_remaining() {
-            let (field, wire) = decode_key(&mut buf).map_err(|e| e.to_string())?;
-            let len = match wire {
-                WireType::LengthDelimited => {
-                    usize::try_from(decode_varint(&mut buf).map_err(|e| e.to_string())?)
-                        .map_err(|e| e.to_string())?
-                }
-                other => return Err(format!("descriptor set: field {field} is {other:?}")),
-            };
-            if len > buf.len() {
-                return Err("descriptor set: truncated".into());
-            }
-            let (body, rest) = buf.split_at(len);
-            if field == SET_FILE {
-                files.push(body);
-            }
-            buf = rest;
-        }
-        let heads = files
+    /// The set `build.rs` indexed; checked against the index's extent.
+    pub(crate) fn new(set: &'static [u8]) -> Result<Descriptors, String> {
+        let end = FILES
             .iter()
-            .map(|f| FileHead::decode(*f).map_err(|e| e.to_string()))
-            .collect::<Result<Vec<_>, _>>()?;
-        let by_name: HashMap<&str, u32> = heads
-            .iter()
-            .zip(0u32..)
-            .filter_map(|(h, i)| Some((h.name.as_deref()?, i)))
-            .collect();
-        let mut messages = HashMap::new();
-        let mut deps = Vec::with_capacity(heads.len());
-        for (h, i) in heads.iter().zip(0u32..) {
-            let package = h.package.as_deref().unwrap_or_default();
-            for m in &h.message_type {
-                collect_names(package, m, i, &mut messages);
-            }
-            let mut d = Vec::with_capacity(h.dependency.len());
-            for dep in &h.dependency {
-                let Some(&j) = by_name.get(dep.as_str()) else {
-                    return Err(format!(
-                        "descriptor set: {} imports {dep}, which it lacks",
-                        h.name.as_deref().unwrap_or("?")
-                    ));
-                };
-                d.push(j);
-            }
-            deps.push(d);
+            .map(|&(o, l)| o as usize + l as usize)
+            .max()
+            .unwrap_or(0);
+        if end > set.len() || FILES.len() != DEPS.len() {
+            return Err(format!(
+                "descriptor set of {} bytes does not match its compile-time index",
+                set.len()
+            ));
         }
-        let count = files.len();
         Ok(Descriptors {
-            files,
-            deps,
-            messages,
+            set,
             loaded: RwLock::new(Loaded {
                 pool: DescriptorPool::new(),
-                files: vec![false; count],
+                files: vec![false; FILES.len()],
             }),
         })
     }
 
+    /// File `i`'s encoded `FileDescriptorProto`.
+    fn file(&self, i: u32) -> &'static [u8] {
+        let (o, l) = FILES[i as usize];
+        &self.set[o as usize..o as usize + l as usize]
+    }
+
+    /// The file defining message `name`.
+    fn file_of(name: &str) -> Option<u32> {
+        MESSAGES
+            .binary_search_by(|(n, _)| (*n).cmp(name))
+            .ok()
+            .map(|i| MESSAGES[i].1)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn file_count(&self) -> usize {
+        FILES.len()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn message_count(&self) -> usize {
+        MESSAGES.len()
+    }
+
     /// Whether the set defines message `name` (loaded or not).
     pub(crate) fn defines(&self, name: &str) -> bool {
-        self.messages.contains_key(name)
+        Self::file_of(name).is_some()
     }
 
     /// A pool holding every message of `names` that the set defines (names
@@ -135,10 +97,7 @@ impl Descriptors {
         &self,
         names: impl IntoIterator<Item = &'a str>,
     ) -> Result<DescriptorPool, CodecError> {
-        let wanted: Vec<u32> = names
-            .into_iter()
-            .filter_map(|n| self.messages.get(n).copied())
-            .collect();
+        let wanted: Vec<u32> = names.into_iter().filter_map(Self::file_of).collect();
         {
             let loaded = self.loaded.read().unwrap_or_else(|p| p.into_inner());
             if wanted.iter().all(|&f| loaded.files[f as usize]) {
@@ -160,11 +119,11 @@ impl Descriptors {
         let mut set = Vec::with_capacity(
             order
                 .iter()
-                .map(|&f| self.files[f as usize].len() + 8)
+                .map(|&f| FILES[f as usize].1 as usize + 8)
                 .sum(),
         );
         for &f in &order {
-            let body = self.files[f as usize];
+            let body = self.file(f);
             encode_key(SET_FILE, WireType::LengthDelimited, &mut set);
             encode_varint(body.len() as u64, &mut set);
             set.extend_from_slice(body);
@@ -188,7 +147,7 @@ impl Descriptors {
         seen[root as usize] = true;
         let mut stack = vec![(root, 0usize)];
         while let Some((f, next)) = stack.last_mut() {
-            let deps = &self.deps[*f as usize];
+            let deps = DEPS[*f as usize];
             if let Some(&d) = deps.get(*next) {
                 *next += 1;
                 if !seen[d as usize] {
@@ -272,17 +231,22 @@ impl Descriptors {
     }
 }
 
-fn collect_names(scope: &str, m: &MessageHead, file: u32, out: &mut HashMap<Box<str>, u32>) {
-    let Some(name) = m.name.as_deref() else {
-        return;
-    };
-    let full = if scope.is_empty() {
-        name.to_owned()
-    } else {
-        format!("{scope}.{name}")
-    };
-    for n in &m.nested_type {
-        collect_names(&full, n, file, out);
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::descriptor_index::{index, render};
+
+    /// The tables build.rs generated are the index of the set embedded.
+    #[test]
+    fn compile_time_index_matches_the_embedded_set() {
+        let set = include_bytes!(env!("ENVOY_TYPES_BIN"));
+        let fresh = index(set).expect("index");
+        let generated = include_str!(concat!(env!("OUT_DIR"), "/descriptor_index.rs"));
+        assert_eq!(render(&fresh), generated);
+        assert_eq!(fresh.files, FILES);
+        assert_eq!(fresh.messages.len(), MESSAGES.len());
+        let d = Descriptors::new(set).expect("descriptors");
+        assert!(d.defines("envoy.config.route.v3.RouteConfiguration"));
+        assert!(d.defines("envoy.config.route.v3.RouteAction.HashPolicy.Header"));
     }
-    out.insert(full.into_boxed_str(), file);
 }

@@ -4,7 +4,10 @@
 //! Knows nothing about Kubernetes.
 
 pub mod cache;
+mod canonical;
 pub mod codec;
+#[cfg(test)]
+mod descriptor_index;
 mod descriptors;
 pub mod server;
 

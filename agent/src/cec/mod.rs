@@ -6,6 +6,8 @@ mod parse;
 mod qualify;
 mod shared;
 
-pub use parse::{CecError, Decoded, ParsedCec, ParsedListener, parse_cec, parse_decoded};
+pub use parse::{
+    CecError, Decoded, Encoded, ParsedCec, ParsedListener, check_names, parse_cec, parse_decoded,
+};
 pub use qualify::qualify;
 pub use shared::{Joined, SharedJoin};

@@ -1,6 +1,11 @@
 //! Decoding and name qualification of one CEC/CCEC. Pure: no I/O.
 
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::route::v3::VirtualHost;
 use membrane_crds::EnvoyConfigSpec;
+use membrane_xds::Resource;
+use prost::Name;
 
 use super::qualify::{LEGACY_ADMIN_CLUSTER, qualify, qualify_cluster_ref};
 use crate::envoy_pb::*;
@@ -40,6 +45,18 @@ pub struct ParsedCec {
     pub clusters: Vec<Cluster>,
     pub endpoints: Vec<ClusterLoadAssignment>,
     pub secrets: Vec<Secret>,
+    /// Routes, clusters, endpoints and secrets already qualified and
+    /// encoded (the pieces of a shared CEC joined from its parts, see
+    /// `super::shared`): served as they are.
+    pub encoded: Vec<Encoded>,
+}
+
+/// A resource other than a listener, qualified and encoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Encoded {
+    pub resource: Arc<Resource>,
+    /// An EDS cluster: the assignment it waits for.
+    pub eds_name: Option<String>,
 }
 
 struct Ctx<'a> {
@@ -116,54 +133,94 @@ pub fn parse_decoded(
     resources: impl IntoIterator<Item = Decoded>,
     defines_legacy_admin: bool,
 ) -> Result<ParsedCec, CecError> {
+    let mut out = ParsedCec::default();
+    for (index, resource) in resources.into_iter().enumerate() {
+        parse_resource(
+            object,
+            namespace,
+            name,
+            defines_legacy_admin,
+            index,
+            resource,
+            &mut out,
+        )?;
+    }
+    check_names(object, &out)?;
+    Ok(out)
+}
+
+/// Decodes and qualifies `resource`, at `index` in `spec.resources`,
+/// into `out` (see [`parse_decoded`]; names are not checked).
+pub fn parse_resource(
+    object: &str,
+    namespace: &str,
+    name: &str,
+    defines_legacy_admin: bool,
+    index: usize,
+    resource: Decoded,
+    out: &mut ParsedCec,
+) -> Result<(), CecError> {
     let ctx = Ctx {
         object,
         namespace,
         name,
         defines_legacy_admin,
     };
-    let mut out = ParsedCec::default();
-    for (index, resource) in resources.into_iter().enumerate() {
-        let field = format!("spec.resources[{index}]");
-        let any = match resource {
-            Decoded::Packed(any) => any,
-            Decoded::Route(r) => {
-                out.routes.push(route_configuration(&ctx, &field, *r)?);
-                continue;
-            }
-        };
-        let any = &any;
-        let bad = |e: prost::DecodeError| ctx.err(&field, e.to_string());
-        if let Some(l) = from_any::<Listener>(any) {
-            out.listeners
-                .push(listener(&ctx, &field, index, l.map_err(bad)?)?);
-        } else if let Some(r) = from_any::<RouteConfiguration>(any) {
-            out.routes
-                .push(route_configuration(&ctx, &field, r.map_err(bad)?)?);
-        } else if let Some(c) = from_any::<Cluster>(any) {
-            out.clusters.push(cluster(&ctx, &field, c.map_err(bad)?)?);
-        } else if let Some(e) = from_any::<ClusterLoadAssignment>(any) {
-            let mut e = e.map_err(bad)?;
-            require_name(&ctx, &field, "clusterName", &e.cluster_name)?;
-            e.cluster_name = ctx.q(&e.cluster_name);
-            out.endpoints.push(e);
-        } else if let Some(s) = from_any::<Secret>(any) {
-            let mut s = s.map_err(bad)?;
-            require_name(&ctx, &field, "name", &s.name)?;
-            s.name = ctx.q(&s.name);
-            out.secrets.push(s);
-        } else {
-            return Err(ctx.err(
-                format!("{field}.@type"),
-                format!(
-                    "{} is not a resource type a CiliumEnvoyConfig may hold (Listener, RouteConfiguration, Cluster, ClusterLoadAssignment, Secret)",
-                    any.type_url
-                ),
-            ));
+    let field = format!("spec.resources[{index}]");
+    let any = match resource {
+        Decoded::Packed(any) => any,
+        Decoded::Route(r) => {
+            out.routes.push(route_configuration(&ctx, &field, *r)?);
+            return Ok(());
         }
+    };
+    let any = &any;
+    let bad = |e: prost::DecodeError| ctx.err(&field, e.to_string());
+    if let Some(l) = from_any::<Listener>(any) {
+        out.listeners
+            .push(listener(&ctx, &field, index, l.map_err(bad)?)?);
+    } else if let Some(r) = from_any::<RouteConfiguration>(any) {
+        out.routes
+            .push(route_configuration(&ctx, &field, r.map_err(bad)?)?);
+    } else if let Some(c) = from_any::<Cluster>(any) {
+        out.clusters.push(cluster(&ctx, &field, c.map_err(bad)?)?);
+    } else if let Some(e) = from_any::<ClusterLoadAssignment>(any) {
+        let mut e = e.map_err(bad)?;
+        require_name(&ctx, &field, "clusterName", &e.cluster_name)?;
+        e.cluster_name = ctx.q(&e.cluster_name);
+        out.endpoints.push(e);
+    } else if let Some(s) = from_any::<Secret>(any) {
+        let mut s = s.map_err(bad)?;
+        require_name(&ctx, &field, "name", &s.name)?;
+        s.name = ctx.q(&s.name);
+        out.secrets.push(s);
+    } else {
+        return Err(ctx.err(
+            format!("{field}.@type"),
+            format!(
+                "{} is not a resource type a CiliumEnvoyConfig may hold (Listener, RouteConfiguration, Cluster, ClusterLoadAssignment, Secret)",
+                any.type_url
+            ),
+        ));
     }
-    check_duplicates(&ctx, &out)?;
-    Ok(out)
+    Ok(())
+}
+
+/// Qualifies the clusters the routes of `vhost` send to, as
+/// [`parse_decoded`] does for a route configuration's.
+pub fn qualify_vhost(
+    namespace: &str,
+    name: &str,
+    defines_legacy_admin: bool,
+    vhost: &mut VirtualHost,
+) {
+    let ctx = Ctx {
+        object: "",
+        namespace,
+        name,
+        defines_legacy_admin,
+    };
+    qualify_vhost_routes(&ctx, vhost);
 }
 
 fn require_name(ctx: &Ctx<'_>, field: &str, key: &str, value: &str) -> Result<(), CecError> {
@@ -174,11 +231,18 @@ fn require_name(ctx: &Ctx<'_>, field: &str, key: &str, value: &str) -> Result<()
     }
 }
 
-fn check_duplicates(ctx: &Ctx<'_>, cec: &ParsedCec) -> Result<(), CecError> {
+/// No two resources of one type share a name.
+pub fn check_names(object: &str, cec: &ParsedCec) -> Result<(), CecError> {
     fn dup<'a>(names: impl Iterator<Item = &'a str>) -> Option<&'a str> {
         let mut seen = std::collections::HashSet::new();
         names.into_iter().find(|n| !seen.insert(*n))
     }
+    let encoded = |t: String| {
+        cec.encoded
+            .iter()
+            .filter(move |e| e.resource.type_url == t)
+            .map(|e| e.resource.name.as_str())
+    };
     let found = [
         (
             "Listener",
@@ -186,18 +250,44 @@ fn check_duplicates(ctx: &Ctx<'_>, cec: &ParsedCec) -> Result<(), CecError> {
         ),
         (
             "RouteConfiguration",
-            dup(cec.routes.iter().map(|r| r.name.as_str())),
+            dup(cec
+                .routes
+                .iter()
+                .map(|r| r.name.as_str())
+                .chain(encoded(RouteConfiguration::type_url()))),
         ),
-        ("Cluster", dup(cec.clusters.iter().map(|c| c.name.as_str()))),
+        (
+            "Cluster",
+            dup(cec
+                .clusters
+                .iter()
+                .map(|c| c.name.as_str())
+                .chain(encoded(Cluster::type_url()))),
+        ),
         (
             "ClusterLoadAssignment",
-            dup(cec.endpoints.iter().map(|e| e.cluster_name.as_str())),
+            dup(cec
+                .endpoints
+                .iter()
+                .map(|e| e.cluster_name.as_str())
+                .chain(encoded(ClusterLoadAssignment::type_url()))),
         ),
-        ("Secret", dup(cec.secrets.iter().map(|s| s.name.as_str()))),
+        (
+            "Secret",
+            dup(cec
+                .secrets
+                .iter()
+                .map(|s| s.name.as_str())
+                .chain(encoded(Secret::type_url()))),
+        ),
     ];
     for (kind, name) in found {
         if let Some(name) = name {
-            return Err(ctx.err("spec.resources", format!("two {kind}s are named {name}")));
+            return Err(CecError {
+                object: object.to_owned(),
+                field: "spec.resources".to_owned(),
+                message: format!("two {kind}s are named {name}"),
+            });
         }
     }
     Ok(())
@@ -298,17 +388,21 @@ fn fill_sds(ctx: &Ctx<'_>, common: &mut CommonTlsContext) {
 
 fn qualify_routes(ctx: &Ctx<'_>, rc: &mut RouteConfiguration) {
     for vhost in &mut rc.virtual_hosts {
-        for route in &mut vhost.routes {
-            if let Some(RouteActionKind::Route(action)) = route.action.as_mut() {
-                match action.cluster_specifier.as_mut() {
-                    Some(RouteClusterSpecifier::Cluster(c)) => *c = ctx.q_cluster(c),
-                    Some(RouteClusterSpecifier::WeightedClusters(w)) => {
-                        for c in &mut w.clusters {
-                            c.name = ctx.q_cluster(&c.name);
-                        }
+        qualify_vhost_routes(ctx, vhost);
+    }
+}
+
+fn qualify_vhost_routes(ctx: &Ctx<'_>, vhost: &mut VirtualHost) {
+    for route in &mut vhost.routes {
+        if let Some(RouteActionKind::Route(action)) = route.action.as_mut() {
+            match action.cluster_specifier.as_mut() {
+                Some(RouteClusterSpecifier::Cluster(c)) => *c = ctx.q_cluster(c),
+                Some(RouteClusterSpecifier::WeightedClusters(w)) => {
+                    for c in &mut w.clusters {
+                        c.name = ctx.q_cluster(&c.name);
                     }
-                    _ => {}
                 }
+                _ => {}
             }
         }
     }

@@ -149,6 +149,21 @@ impl Live {
     }
 }
 
+impl Live {
+    /// Removes the run directory, unless a debug log was asked for: then the
+    /// log is what the run is for, and its path is printed.
+    fn clean_up(&self) {
+        if std::env::var_os("MEMBRANE_BENCH_LOG").is_some() {
+            eprintln!(
+                "membrane log kept: {}",
+                self.dir.join("membrane.log").display()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
 impl Drop for Live {
     fn drop(&mut self) {
         // SAFETY: signalling our own child by PID; it stops Envoy on SIGTERM.
@@ -158,14 +173,14 @@ impl Drop for Live {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
-                let _ = std::fs::remove_dir_all(&self.dir);
+                self.clean_up();
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        self.clean_up();
     }
 }
 
