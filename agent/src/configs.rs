@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::jiff::Timestamp;
 use membrane_crds::EnvoyConfigSpec;
-use membrane_store::{Changes, Kind, Object, ObjectKey, StoreSnapshot};
+use membrane_store::{Changes, KeyChangeKind, Kind, Object, ObjectKey, StoreSnapshot};
 use membrane_xds::Resource;
 use membrane_xds::codec::type_url;
 
@@ -77,6 +77,9 @@ pub struct PipelineChanges {
     pub config_keys: BTreeSet<ObjectKey>,
     /// Services that changed (frontends, LB addresses, EDS ports).
     pub services: BTreeSet<ObjectKey>,
+    /// One of them changed beyond its status (ports: the names of the
+    /// assignments it publishes), or came or went.
+    pub service_specs: bool,
     /// EndpointSlices and Endpoints that changed.
     pub endpoints: BTreeSet<ObjectKey>,
     /// A Secret changed.
@@ -106,6 +109,7 @@ impl PipelineChanges {
                 }
                 Kind::Service => {
                     out.services.insert(c.key.clone());
+                    out.service_specs |= c.kind != KeyChangeKind::StatusUpdated;
                 }
                 Kind::EndpointSlice | Kind::Endpoints => {
                     out.endpoints.insert(c.key.clone());
@@ -413,12 +417,17 @@ struct Binds {
 }
 
 impl Binds {
+    /// The CEC a bind of `ip:port` collides with. Of several (a wildcard
+    /// address meets two specific ones), the least by key: which of them
+    /// was accepted first can depend on what served before, and the
+    /// message should not.
     fn owner(&self, ip: &str, port: u32) -> Option<&ObjectKey> {
         self.by_port
             .get(&port)?
             .iter()
-            .find(|(bip, _)| collides(ip, port, bip, port))
+            .filter(|(bip, _)| collides(ip, port, bip, port))
             .map(|(_, k)| k)
+            .min()
     }
 
     fn add(&mut self, ip: String, port: u32, owner: ObjectKey) {
@@ -700,44 +709,113 @@ impl ConfigPipeline {
     /// A pass that does the work `changes` (since the previous pass, with
     /// `snap` at or after them) calls for; see [`PassOutcome`].
     pub fn run_changes(&mut self, snap: &StoreSnapshot, changes: &PipelineChanges) -> PassOutcome {
+        // A changed CEC may serve a version it served before (a new one
+        // that does not decode falls back to the last good one) under a
+        // new `spec.services`: its placement is not the cached one.
+        for key in &changes.config_keys {
+            self.placed.remove(key);
+            self.pool_checked.remove(key);
+        }
         if changes.resync
             || self.force_full
             || self.inc.is_none()
-            || (self.always_full && (changes.configs || !self.dirty_configs.is_empty()))
+            || (self.always_full
+                && (changes.configs
+                    || !self.dirty_configs.is_empty()
+                    || !changes.services.is_empty()))
             || changes.secrets
-            || !changes.services.is_empty()
+            || changes.service_specs
         {
             return PassOutcome::Full(self.full(snap, changes));
         }
+        // A Service status change (LB IPAM) reaches the CECs that list the
+        // Service in `spec.services` (their listeners sit on its frontends,
+        // and the LB pool check reads its address).
+        let frontend_users = self.frontend_users(snap, &changes.services);
         let configs = changes.configs
+            || !frontend_users.is_empty()
             || !self.dirty_configs.is_empty()
             || self.inc.as_ref().is_some_and(|i| !i.flipped.is_empty());
-        if configs {
-            if !changes.endpoints.is_empty() {
-                return PassOutcome::Full(self.full(snap, changes));
-            }
-            return match self.configs_pass(snap, &changes.config_keys) {
-                Some(p) => PassOutcome::Configs(p),
-                None => PassOutcome::Full(self.full(snap, changes)),
-            };
-        }
-        if changes.endpoints.is_empty() {
-            return PassOutcome::Unchanged;
-        }
-        match self.endpoints_only(snap, &changes.endpoints) {
-            Some(p) => {
-                // The published assignments the next CEC pass compares with.
-                if let Some(inc) = self.inc.as_mut() {
-                    for (_, new) in &p.updated {
-                        if let Some(slot) = inc.eds_res.get_mut(&new.name) {
-                            *slot = new.clone();
+        // Assignments first, so that CECs re-checked below read the new ones.
+        let mut eds_keys = changes.endpoints.clone();
+        eds_keys.extend(changes.services.iter().cloned());
+        let eds = if eds_keys.is_empty() {
+            None
+        } else {
+            match self.endpoints_only(snap, &eds_keys) {
+                Some(p) => {
+                    // The published assignments the next CEC pass compares with.
+                    if let Some(inc) = self.inc.as_mut() {
+                        for (_, new) in &p.updated {
+                            if let Some(slot) = inc.eds_res.get_mut(&new.name) {
+                                *slot = new.clone();
+                            }
                         }
                     }
+                    Some(p)
                 }
-                PassOutcome::Endpoints(p)
+                None => return PassOutcome::Full(self.full(snap, changes)),
+            }
+        };
+        if !configs {
+            return match eds {
+                Some(p) => PassOutcome::Endpoints(p),
+                None => PassOutcome::Unchanged,
+            };
+        }
+        // Their Service-derived results no longer hold.
+        for key in &frontend_users {
+            self.placed.remove(key);
+            self.pool_checked.remove(key);
+        }
+        let mut keys = changes.config_keys.clone();
+        keys.extend(frontend_users);
+        match self.configs_pass(snap, &keys) {
+            Some(mut p) => {
+                if let Some(eds) = eds {
+                    p.merge_endpoints(eds);
+                }
+                PassOutcome::Configs(p)
             }
             None => PassOutcome::Full(self.full(snap, changes)),
         }
+    }
+
+    /// The CECs/CCECs whose `spec.services` name one of `services`. A walk
+    /// over the CECs' specs (no decoding): cheap next to re-placing every
+    /// CEC's listeners, which is what a Service change used to cost.
+    fn frontend_users(
+        &self,
+        snap: &StoreSnapshot,
+        services: &BTreeSet<ObjectKey>,
+    ) -> BTreeSet<ObjectKey> {
+        let mut out = BTreeSet::new();
+        if services.is_empty() {
+            return out;
+        }
+        for kind in [Kind::CiliumEnvoyConfig, Kind::CiliumClusterwideEnvoyConfig] {
+            for obj in snap.list(kind, None) {
+                let (spec, default_ns) = match obj.as_ref() {
+                    Object::CiliumEnvoyConfig(c) => {
+                        (&c.spec.config, c.metadata.namespace.as_deref())
+                    }
+                    Object::CiliumClusterwideEnvoyConfig(c) => (&c.spec.config, None),
+                    _ => continue,
+                };
+                let named = spec.services.iter().any(|s| {
+                    let ns = if s.namespace.is_empty() {
+                        default_ns.unwrap_or("default")
+                    } else {
+                        s.namespace.as_str()
+                    };
+                    services.contains(&ObjectKey::new(Kind::Service, ns, &s.name))
+                });
+                if named {
+                    out.insert(obj.key());
+                }
+            }
+        }
+        out
     }
 
     /// Update the slice ↔ Service index and the validator for `changes`;
@@ -823,7 +901,7 @@ impl ConfigPipeline {
         let mut services: BTreeSet<(String, String)> = BTreeSet::new();
         for key in keys {
             match key.kind {
-                Kind::Endpoints => {
+                Kind::Endpoints | Kind::Service => {
                     services.insert((key.namespace.clone(), key.name.clone()));
                 }
                 Kind::EndpointSlice => {
@@ -839,8 +917,11 @@ impl ConfigPipeline {
         }) {
             return None;
         }
+        let (service_keys, endpoint_keys) =
+            keys.iter().cloned().partition(|k| k.kind == Kind::Service);
         let changes = PipelineChanges {
-            endpoints: keys.clone(),
+            services: service_keys,
+            endpoints: endpoint_keys,
             ..PipelineChanges::default()
         };
         self.refresh_endpoints(snap, &changes);

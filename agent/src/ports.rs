@@ -1,5 +1,11 @@
 //! Proxy ports for listeners a CEC declares without an address, as Cilium
 //! allocates them: stable per listener name for as long as it exists.
+//!
+//! A listener's search starts at a place derived from its name (as
+//! Cilium starts at a random place in the range), not at the start of the
+//! range: the port a name gets then does not depend on which names came
+//! and went before it, so an agent restart, or a pass over changed CECs
+//! instead of all of them, gives the same port.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, TcpListener};
@@ -27,11 +33,19 @@ impl ProxyPorts {
             return Some(*p);
         }
         let taken: BTreeSet<u16> = self.by_listener.values().copied().collect();
-        let port = self.range.clone().find(|p| {
-            !taken.contains(p)
-                && !reserved.contains(p)
-                && TcpListener::bind((Ipv4Addr::LOCALHOST, *p)).is_ok()
-        })?;
+        let (lo, hi) = (*self.range.start(), *self.range.end());
+        if lo > hi {
+            return None;
+        }
+        let len = u64::from(hi - lo) + 1;
+        let start = fnv1a(listener.as_bytes()) % len;
+        let port = (0..len)
+            .filter_map(|i| u16::try_from(u64::from(lo) + (start + i) % len).ok())
+            .find(|p| {
+                !taken.contains(p)
+                    && !reserved.contains(p)
+                    && TcpListener::bind((Ipv4Addr::LOCALHOST, *p)).is_ok()
+            })?;
         self.by_listener.insert(listener.to_owned(), port);
         Some(port)
     }
@@ -40,6 +54,13 @@ impl ProxyPorts {
     pub fn retain(&mut self, live: &BTreeSet<String>) {
         self.by_listener.retain(|name, _| live.contains(name));
     }
+}
+
+/// FNV-1a: a hash that stays the same across builds and platforms.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]
@@ -57,6 +78,19 @@ mod tests {
         p.retain(&BTreeSet::from(["b".to_owned()]));
         let reserved = BTreeSet::from([a]);
         assert_ne!(p.port_for("c", &reserved), Some(a));
+    }
+
+    #[test]
+    fn a_name_gets_its_port_whatever_came_before() {
+        let none = BTreeSet::new();
+        let mut fresh = ProxyPorts::new(21000..=21999);
+        let want = fresh.port_for("default/c/l", &none);
+        let mut busy = ProxyPorts::new(21000..=21999);
+        for i in 0..20 {
+            busy.port_for(&format!("other/{i}"), &none);
+        }
+        busy.retain(&BTreeSet::new());
+        assert_eq!(busy.port_for("default/c/l", &none), want);
     }
 
     #[test]

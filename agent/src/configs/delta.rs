@@ -422,12 +422,14 @@ impl IncState {
 
     /// The first accepted CEC (in order) binding an address colliding
     /// with `ip:port`.
+    /// See `Binds::owner`: the least key among the colliding owners.
     fn bind_owner(&self, ip: &str, port: u32) -> Option<&ObjectKey> {
         self.binds
             .get(&port)?
             .iter()
-            .find(|(_, ips)| ips.iter().any(|b| collides(ip, port, b, port)))
+            .filter(|(_, ips)| ips.iter().any(|b| collides(ip, port, b, port)))
             .map(|(s, _)| &s.2)
+            .min()
     }
 
     /// Settle the accepted-state flips of a pass: a CEC whose flip moves it
@@ -499,6 +501,28 @@ pub struct ConfigsPass {
     pub warnings: Vec<(ObjectKey, Option<String>)>,
     /// Objects whose served content may have changed (re-check their ACKs).
     pub touched: Vec<ObjectKey>,
+}
+
+impl ConfigsPass {
+    /// Fold in the assignments an EndpointSlice/Service change re-rendered
+    /// in the same pass (before the CECs were re-checked, so where both
+    /// touch one assignment, the CEC pass's content is the newer one).
+    pub(super) fn merge_endpoints(&mut self, eds: super::EndpointsPass) {
+        let mine: HashSet<(String, String)> = self
+            .upserts
+            .iter()
+            .map(|r| (r.type_url.clone(), r.name.clone()))
+            .chain(self.removals.iter().cloned())
+            .collect();
+        let earlier: Vec<Built> = eds
+            .updated
+            .into_iter()
+            .map(|(_, new)| new)
+            .filter(|r| !mine.contains(&(r.type_url.clone(), r.name.clone())))
+            .collect();
+        self.upserts.splice(0..0, earlier);
+        self.rejected.extend(eds.rejected);
+    }
 }
 
 /// A CEC/CCEC in the store: spec, resourceVersion, creation time.
