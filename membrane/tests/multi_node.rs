@@ -527,8 +527,8 @@ fn start_node(
     dir: &Path,
     kubeconfig: &Path,
     name: &'static str,
-    ip: &'static str,
-    ip6: &'static str,
+    // Its IPv4 and IPv6 underlay addresses.
+    (ip, ip6): (&'static str, &'static str),
     mode: &str,
     explicit_ip: bool,
 ) -> Node {
@@ -800,8 +800,7 @@ fn run(mode: &str) {
         dir.path(),
         &kubeconfig,
         "node-a",
-        "10.213.250.1",
-        "fd00:213:250::1",
+        ("10.213.250.1", "fd00:213:250::1"),
         mode,
         true,
     );
@@ -811,8 +810,7 @@ fn run(mode: &str) {
         dir.path(),
         &kubeconfig,
         "node-b",
-        "10.213.250.2",
-        "fd00:213:250::2",
+        ("10.213.250.2", "fd00:213:250::2"),
         mode,
         false,
     );
