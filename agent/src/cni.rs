@@ -91,23 +91,24 @@ fn spec_cidrs(cn: &CiliumNode) -> Vec<Cidr> {
         .collect()
 }
 
-/// Create or update this node's CiliumNode with its InternalIP (the agent's
-/// part of the spec, as Cilium's agent; the operator adds pod CIDRs).
-/// Written only when the address differs.
-pub fn publish_node(store: &Store, sink: &dyn Sink, node: &str, node_ip: std::net::IpAddr) {
+/// Create or update this node's CiliumNode with its InternalIPs, one per
+/// family (the agent's part of the spec, as Cilium's agent; the operator
+/// adds pod CIDRs). Written only when the addresses differ.
+pub fn publish_node(store: &Store, sink: &dyn Sink, node: &str, node_ips: &[std::net::IpAddr]) {
     let current = own_node(store, node);
     if current
         .as_ref()
-        .is_some_and(|cn| crate::routing::internal_ips(cn) == [node_ip])
+        .is_some_and(|cn| crate::routing::internal_ips(cn) == node_ips)
     {
         return;
     }
     let mut cn = current.unwrap_or_else(|| CiliumNode::new(node, Default::default()));
-    cn.spec
-        .other
-        .insert("addresses".into(), crate::routing::addresses_value(node_ip));
+    cn.spec.other.insert(
+        "addresses".into(),
+        crate::routing::addresses_value(node_ips),
+    );
     cn.status = None;
-    info!(node, %node_ip, "CiliumNode address");
+    info!(node, node_ips = ?node_ips, "CiliumNode addresses");
     sink.apply_all(vec![Object::CiliumNode(cn)]);
 }
 
@@ -280,12 +281,12 @@ pub async fn start(
     policy: Option<Arc<PolicyHandle>>,
     shutdown: CancellationToken,
 ) -> Result<Started, CniStartError> {
-    let node_ip = crate::routing::node_ip(&opts.routing).await?;
-    match node_ip {
-        Some(ip) => publish_node(store, sink.as_ref(), node, ip),
+    let node_ips = crate::routing::node_ips(&opts.routing).await?;
+    match node_ips.as_slice() {
+        [_, ..] => publish_node(store, sink.as_ref(), node, &node_ips),
         // Still a pod network on this node; the operator allocates for a
         // CiliumNode without addresses too.
-        None => {
+        [] => {
             warn!(
                 node,
                 "no node address found (pass --node-ip): no routes to other nodes"
@@ -310,19 +311,18 @@ pub async fn start(
         }),
     )
     .await?;
-    let routing = match node_ip {
-        Some(ip) => {
-            crate::routing::start(
-                &opts.routing,
-                ip,
-                node.to_string(),
-                store.clone(),
-                datapath,
-                shutdown.clone(),
-            )
-            .await?
-        }
-        None => tokio::spawn(async {}),
+    let routing = if node_ips.is_empty() {
+        tokio::spawn(async {})
+    } else {
+        crate::routing::start(
+            &opts.routing,
+            node_ips,
+            node.to_string(),
+            store.clone(),
+            datapath,
+            shutdown.clone(),
+        )
+        .await?
     };
     if let Some(p) = policy {
         tokio::spawn(crate::policy::follow(

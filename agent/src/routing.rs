@@ -64,8 +64,8 @@ pub struct RoutingOptions {
     pub tunnel_protocol: TunnelProtocol,
     /// UDP port of the tunnel (`--tunnel-port`, Cilium's 8472).
     pub tunnel_port: u16,
-    /// `--node-ip`; `None`: detected.
-    pub node_ip: Option<IpAddr>,
+    /// `--node-ip`, at most one per family; empty: detected.
+    pub node_ips: Vec<IpAddr>,
 }
 
 impl RoutingOptions {
@@ -84,8 +84,10 @@ impl RoutingOptions {
 pub enum RoutingError {
     #[error(transparent)]
     Kernel(#[from] membrane_endpoint::EndpointError),
-    #[error("--routing-mode tunnel needs an IPv4 node address (--node-ip), got {0}")]
-    TunnelNeedsIpv4(IpAddr),
+    #[error("--routing-mode tunnel needs an IPv4 node address (--node-ip), got {0:?}")]
+    TunnelNeedsIpv4(Vec<IpAddr>),
+    #[error("--node-ip: {0} and {1} are of one family; give at most one IPv4 and one IPv6 address")]
+    SameFamily(IpAddr, IpAddr),
 }
 
 /// The node's `InternalIP`s in a CiliumNode's `spec.addresses`.
@@ -101,16 +103,38 @@ pub fn internal_ips(cn: &CiliumNode) -> Vec<IpAddr> {
         .collect()
 }
 
-/// `spec.addresses` as the agent writes it (Cilium's shape).
-pub fn addresses_value(ip: IpAddr) -> serde_json::Value {
-    serde_json::json!([{"type": "InternalIP", "ip": ip.to_string()}])
+/// `spec.addresses` as the agent writes it (Cilium's shape; one
+/// `InternalIP` per family).
+pub fn addresses_value(ips: &[IpAddr]) -> serde_json::Value {
+    ips.iter()
+        .map(|ip| serde_json::json!({"type": "InternalIP", "ip": ip.to_string()}))
+        .collect()
 }
 
-/// The routes this node should have: every other node's pod CIDRs via its
-/// InternalIP of the same family (tunnel mode: IPv4 only, the tunnel's
-/// underlay family).
-pub fn peer_routes(snap: &StoreSnapshot, own_node: &str, mode: RoutingMode) -> BTreeSet<PeerRoute> {
+/// The routes this node should have: every other node's pod CIDRs.
+/// Native: via the node's InternalIP of the CIDR's family, when this node
+/// (`local`) has an address of that family too (the underlay carries that
+/// family). Tunnel: via the node's IPv4 InternalIP, for IPv4 and IPv6
+/// CIDRs alike (the tunnel's underlay is IPv4, as Cilium's).
+pub fn peer_routes(
+    snap: &StoreSnapshot,
+    own_node: &str,
+    mode: RoutingMode,
+    local: &[IpAddr],
+) -> BTreeSet<PeerRoute> {
+    plan(snap, own_node, mode, local).0
+}
+
+/// [`peer_routes`], and the remote CIDRs left without a route, each with
+/// the reason (logged when that set changes).
+fn plan(
+    snap: &StoreSnapshot,
+    own_node: &str,
+    mode: RoutingMode,
+    local: &[IpAddr],
+) -> (BTreeSet<PeerRoute>, BTreeSet<String>) {
     let mut out = BTreeSet::new();
+    let mut unrouted = BTreeSet::new();
     for cn in snap.typed::<CiliumNode>(None) {
         let name = cn.metadata.name.as_deref().unwrap_or_default();
         if name == own_node {
@@ -121,30 +145,61 @@ pub fn peer_routes(snap: &StoreSnapshot, own_node: &str, mode: RoutingMode) -> B
             let Ok(cidr) = c.parse::<membrane_ipam::Cidr>() else {
                 continue;
             };
-            let via = ips
-                .iter()
-                .find(|ip| ip.is_ipv4() == cidr.addr().is_ipv4())
-                .copied();
+            let v4 = cidr.addr().is_ipv4();
+            let via = match mode {
+                RoutingMode::Tunnel => ips
+                    .iter()
+                    .find(|ip| ip.is_ipv4())
+                    .copied()
+                    .ok_or("the node has no IPv4 InternalIP (the tunnel endpoint)"),
+                // As Cilium's direct node routes: a family goes to the
+                // node's address of that family, or nowhere. The underlay
+                // must carry the family: an IPv6 route needs an IPv6 next
+                // hop on a subnet this node is on.
+                RoutingMode::Native if !local.iter().any(|ip| ip.is_ipv4() == v4) => {
+                    Err("this node has no InternalIP of the family")
+                }
+                RoutingMode::Native => ips
+                    .iter()
+                    .find(|ip| ip.is_ipv4() == v4)
+                    .copied()
+                    .ok_or("the node has no InternalIP of the family"),
+            };
             match via {
-                Some(ip) if mode == RoutingMode::Tunnel && !ip.is_ipv4() => {}
-                Some(node_ip) => {
+                Ok(node_ip) => {
                     out.insert(PeerRoute { cidr, node_ip });
                 }
-                None => {}
+                // A node without any address yet is still starting.
+                Err(_) if ips.is_empty() => {}
+                Err(why) => {
+                    unrouted.insert(format!("{cidr} of {name}: {why}"));
+                }
             }
         }
     }
-    out
+    (out, unrouted)
 }
 
-/// The node's InternalIP: `--node-ip`, else detected; `None` when the node
-/// has no address of its own (then it can only be a single node).
-pub async fn node_ip(opts: &RoutingOptions) -> Result<Option<IpAddr>, RoutingError> {
-    if let Some(ip) = opts.node_ip {
-        return Ok(Some(ip));
+/// The node's InternalIPs, IPv4 first: `--node-ip`, else detected (one
+/// per family); empty when the node has no address of its own (then it can
+/// only be a single node).
+pub async fn node_ips(opts: &RoutingOptions) -> Result<Vec<IpAddr>, RoutingError> {
+    if !opts.node_ips.is_empty() {
+        let mut ips = opts.node_ips.clone();
+        ips.sort_by_key(|ip| !ip.is_ipv4());
+        // Sorted by family, two of one family are neighbours.
+        if let Some(w) = ips.windows(2).find(|w| w[0].is_ipv4() == w[1].is_ipv4()) {
+            return Err(RoutingError::SameFamily(w[0], w[1]));
+        }
+        return Ok(ips);
     }
     let h = membrane_endpoint::netlink::connect()?;
-    Ok(membrane_endpoint::routing::detect_node_ip(&h).await?)
+    Ok(membrane_endpoint::routing::detect_node_ips(&h).await?)
+}
+
+/// The node's primary InternalIP (IPv4 when it has one).
+pub async fn node_ip(opts: &RoutingOptions) -> Result<Option<IpAddr>, RoutingError> {
+    Ok(node_ips(opts).await?.first().copied())
 }
 
 /// Create what the mode needs (the tunnel device), attach the datapath
@@ -153,7 +208,7 @@ pub async fn node_ip(opts: &RoutingOptions) -> Result<Option<IpAddr>, RoutingErr
 /// routes in step with the CiliumNodes until `shutdown`; then remove them.
 pub async fn start(
     opts: &RoutingOptions,
-    node_ip: IpAddr,
+    node_ips: Vec<IpAddr>,
     own_node: String,
     store: Store,
     datapath: Option<Arc<DatapathHandle>>,
@@ -161,21 +216,24 @@ pub async fn start(
 ) -> Result<tokio::task::JoinHandle<()>, RoutingError> {
     let mode = match opts.mode {
         RoutingMode::Native => RouteMode::Native,
-        RoutingMode::Tunnel => match node_ip {
-            IpAddr::V4(local) => RouteMode::Tunnel {
+        RoutingMode::Tunnel => match node_ips.iter().find_map(|ip| match ip {
+            IpAddr::V4(a) => Some(*a),
+            IpAddr::V6(_) => None,
+        }) {
+            Some(local) => RouteMode::Tunnel {
                 local,
                 port: opts.tunnel_port,
             },
-            other => return Err(RoutingError::TunnelNeedsIpv4(other)),
+            None => return Err(RoutingError::TunnelNeedsIpv4(node_ips)),
         },
     };
     let router = Router::start(mode).await?;
     if let Some(dp) = &datapath {
-        external_devices(dp, node_ip, router.tunnel_index().is_some()).await?;
+        external_devices(dp, &node_ips, router.tunnel_index().is_some()).await?;
     }
-    info!(mode = ?opts.mode, %node_ip, "routing to other nodes");
+    info!(mode = ?opts.mode, node_ips = ?node_ips, "routing to other nodes");
     Ok(tokio::spawn(follow(
-        router, store, own_node, opts.mode, datapath, shutdown,
+        router, store, own_node, opts.mode, node_ips, datapath, shutdown,
     )))
 }
 
@@ -185,19 +243,25 @@ pub async fn start(
 /// backend is SNATed through (to the node address).
 async fn external_devices(
     dp: &DatapathHandle,
-    node_ip: IpAddr,
+    node_ips: &[IpAddr],
     tunnel: bool,
 ) -> Result<(), RoutingError> {
     let h = membrane_endpoint::netlink::connect()?;
-    let mut devices = Vec::new();
-    if let Some(d) = membrane_endpoint::routing::device_of(&h, node_ip).await? {
-        devices.push(d);
+    // (device, the node address SNAT uses on it): IPv4 first, so a device
+    // holding both families SNATs to the IPv4 address, as before.
+    let mut devices: Vec<(String, IpAddr)> = Vec::new();
+    for ip in node_ips {
+        if let Some(d) = membrane_endpoint::routing::device_of(&h, *ip).await?
+            && !devices.iter().any(|(n, _)| *n == d)
+        {
+            devices.push((d, *ip));
+        }
     }
-    if tunnel {
-        devices.push(TUNNEL_DEVICE.to_string());
+    if tunnel && let Some(ip) = node_ips.iter().find(|ip| ip.is_ipv4()) {
+        devices.push((TUNNEL_DEVICE.to_string(), *ip));
     }
     let mut snat = std::collections::BTreeMap::new();
-    for d in devices {
+    for (d, node_ip) in devices {
         if let Err(e) = dp.attach_device(&d) {
             warn!(device = %d, error = %e, "attaching the datapath");
             continue;
@@ -217,14 +281,23 @@ async fn follow(
     store: Store,
     own_node: String,
     mode: RoutingMode,
+    local: Vec<IpAddr>,
     datapath: Option<Arc<DatapathHandle>>,
     shutdown: CancellationToken,
 ) {
     let mut rx = store.subscribe();
     let mut applied: Option<BTreeSet<PeerRoute>> = None;
+    let mut unrouted_seen = BTreeSet::new();
     let mut backoff = Duration::from_millis(200);
     loop {
-        let wanted = peer_routes(&store.snapshot(), &own_node, mode);
+        let (wanted, unrouted) = plan(&store.snapshot(), &own_node, mode, &local);
+        // Said once per change, not on every pass.
+        if unrouted != unrouted_seen {
+            for u in unrouted.difference(&unrouted_seen) {
+                warn!(cidr = %u, "no route to a pod CIDR of another node");
+            }
+            unrouted_seen = unrouted;
+        }
         let mut retry = None;
         if applied.as_ref() != Some(&wanted) {
             match router.apply(&wanted).await {
@@ -268,9 +341,10 @@ mod tests {
 
     fn node(name: &str, ip: &str, cidrs: &[&str]) -> Object {
         let mut cn = CiliumNode::new(name, Default::default());
+        let ips: Vec<IpAddr> = ip.split(',').map(|i| i.parse().expect("ip")).collect();
         cn.spec
             .other
-            .insert("addresses".into(), addresses_value(ip.parse().expect("ip")));
+            .insert("addresses".into(), addresses_value(&ips));
         cn.spec.ipam.pod_cidrs = cidrs.iter().map(ToString::to_string).collect();
         Object::CiliumNode(cn)
     }
@@ -278,7 +352,7 @@ mod tests {
     #[test]
     fn routes_to_every_other_node_by_family() {
         let store = Store::new();
-        store.apply(node("a", "192.0.2.1", &["10.213.0.0/24"]));
+        store.apply(node("a", "192.0.2.1", &["10.213.0.0/24", "fd00::100/120"]));
         store.apply(node(
             "b",
             "192.0.2.2",
@@ -288,19 +362,65 @@ mod tests {
         let mut c = CiliumNode::new("c", Default::default());
         c.spec.ipam.pod_cidrs = vec!["10.213.3.0/24".into()];
         store.apply(Object::CiliumNode(c));
-        let got = peer_routes(&store.snapshot(), "a", RoutingMode::Native);
-        let want: BTreeSet<PeerRoute> = ["10.213.1.0/24", "10.213.2.0/24"]
+        let route = |c: &str, ip: &str| PeerRoute {
+            cidr: c.parse().expect("cidr"),
+            node_ip: ip.parse().expect("ip"),
+        };
+        let v4: BTreeSet<PeerRoute> = ["10.213.1.0/24", "10.213.2.0/24"]
             .iter()
-            .map(|c| PeerRoute {
-                cidr: c.parse().expect("cidr"),
-                node_ip: "192.0.2.2".parse().expect("ip"),
-            })
+            .map(|c| route(c, "192.0.2.2"))
             .collect();
-        assert_eq!(got, want);
+        let a4: Vec<IpAddr> = vec!["192.0.2.1".parse().expect("ip")];
+        let snap = store.snapshot();
+        // Native: node b has no IPv6 InternalIP, so its IPv6 CIDR has no
+        // next hop (reported, not routed).
+        let (got, unrouted) = plan(&snap, "a", RoutingMode::Native, &a4);
+        assert_eq!(got, v4);
+        assert_eq!(unrouted.len(), 1, "{unrouted:?}");
+        assert!(unrouted.iter().all(|u| u.starts_with("fd00::/120 of b")));
+        // Tunnel: IPv6 goes through the tunnel to the IPv4 endpoint.
+        let mut tunnel = v4.clone();
+        tunnel.insert(route("fd00::/120", "192.0.2.2"));
+        assert_eq!(peer_routes(&snap, "a", RoutingMode::Tunnel, &a4), tunnel);
+
+        // Both nodes dual-stack: native routes IPv6 via the IPv6 address.
+        store.apply(node(
+            "b",
+            "192.0.2.2,2001:db8::2",
+            &["10.213.1.0/24", "10.213.2.0/24", "fd00::/120"],
+        ));
+        let snap = store.snapshot();
+        let mut native = v4.clone();
+        native.insert(route("fd00::/120", "2001:db8::2"));
+        let a46: Vec<IpAddr> = vec![
+            "192.0.2.1".parse().expect("ip"),
+            "2001:db8::1".parse().expect("ip"),
+        ];
+        assert_eq!(peer_routes(&snap, "a", RoutingMode::Native, &a46), native);
+        // ...but not while this node has no IPv6 address itself.
+        assert_eq!(peer_routes(&snap, "a", RoutingMode::Native, &a4), v4);
+        assert_eq!(peer_routes(&snap, "a", RoutingMode::Tunnel, &a46), tunnel);
+    }
+
+    #[tokio::test]
+    async fn node_ips_are_one_per_family_ipv4_first() {
+        let opts = |ips: &[&str]| RoutingOptions {
+            mode: RoutingMode::Native,
+            tunnel_protocol: TunnelProtocol::Vxlan,
+            tunnel_port: 8472,
+            node_ips: ips.iter().map(|i| i.parse().expect("ip")).collect(),
+        };
+        let got = node_ips(&opts(&["2001:db8::1", "192.0.2.1"]))
+            .await
+            .expect("two families");
         assert_eq!(
-            peer_routes(&store.snapshot(), "a", RoutingMode::Tunnel),
-            want
+            got,
+            ["192.0.2.1", "2001:db8::1"].map(|i| i.parse::<IpAddr>().expect("ip"))
         );
+        assert!(matches!(
+            node_ips(&opts(&["192.0.2.1", "192.0.2.2"])).await,
+            Err(RoutingError::SameFamily(..))
+        ));
     }
 
     #[test]
@@ -313,7 +433,7 @@ mod tests {
             mode: RoutingMode::Tunnel,
             tunnel_protocol: TunnelProtocol::Vxlan,
             tunnel_port: 8472,
-            node_ip: None,
+            node_ips: Vec::new(),
         };
         assert_eq!(o.pod_mtu(1500), 1450);
     }

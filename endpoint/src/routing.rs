@@ -8,7 +8,12 @@
 //!   (its InternalIP → its derived MAC) and a static FDB entry (that MAC →
 //!   its InternalIP); per remote pod CIDR `CIDR via <InternalIP> dev
 //!   cilium_vxlan onlink`. The kernel encapsulates; the remote node accepts
-//!   the frame (its own MAC) and routes the inner packet to the pod. This
+//!   the frame (its own MAC) and routes the inner packet to the pod. IPv6
+//!   pod CIDRs go through the same tunnel to the node's IPv4 address (the
+//!   underlay stays IPv4, as Cilium's): IPv6 routes cannot take an IPv4
+//!   next hop (the kernel refuses `RTA_VIA`), so each node also gets a
+//!   link-local next hop derived from its address ([`tunnel_gw6`]) with a
+//!   permanent neighbour entry to the same MAC. This
 //!   keeps the datapath's programs unchanged (no tunnel keys in tc), and
 //!   `ip route` / `bridge fdb` show the state.
 //!
@@ -53,11 +58,24 @@ pub enum RouteMode {
     },
 }
 
-/// One remote pod CIDR and the node holding it.
+/// One remote pod CIDR and the node holding it. In tunnel mode `node_ip`
+/// is the node's IPv4 address (the tunnel endpoint) for IPv6 CIDRs too.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PeerRoute {
     pub cidr: Cidr,
     pub node_ip: IpAddr,
+}
+
+impl PeerRoute {
+    /// The route's gateway: the node's address, or through the tunnel for
+    /// an IPv6 CIDR behind an IPv4 endpoint, the node's derived link-local
+    /// next hop.
+    pub fn next_hop(&self, tunnel: bool) -> IpAddr {
+        match (self.cidr.addr(), self.node_ip) {
+            (IpAddr::V6(_), IpAddr::V4(ip)) if tunnel => IpAddr::V6(tunnel_gw6(ip)),
+            _ => self.node_ip,
+        }
+    }
 }
 
 /// The tunnel MAC of the node with InternalIP `ip`: locally administered,
@@ -65,6 +83,24 @@ pub struct PeerRoute {
 pub fn tunnel_mac(ip: Ipv4Addr) -> [u8; 6] {
     let o = ip.octets();
     [0x0a, 0x4d, o[0], o[1], o[2], o[3]]
+}
+
+/// The IPv6 next hop through the tunnel of the node with InternalIP `ip`:
+/// link-local (valid on `cilium_vxlan` only) and carrying the address, so
+/// like the MAC it needs no publishing. Differs from the device's own
+/// EUI-64 link-local address, which has `ff:fe` in the middle.
+pub fn tunnel_gw6(ip: Ipv4Addr) -> Ipv6Addr {
+    let o = ip.octets();
+    Ipv6Addr::new(
+        0xfe80,
+        0,
+        0,
+        0,
+        0,
+        0x0a4d,
+        u16::from_be_bytes([o[0], o[1]]),
+        u16::from_be_bytes([o[2], o[3]]),
+    )
 }
 
 fn kernel(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> EndpointError {
@@ -105,6 +141,41 @@ pub async fn detect_node_ip(h: &Handle) -> Result<Option<IpAddr>, EndpointError>
         .find(|(_, _, a)| a.is_ipv4())
         .or_else(|| addrs.first())
         .map(|(_, _, a)| *a))
+}
+
+/// The node's addresses, at most one per family, IPv4 first: IPv4 as
+/// [`detect_node_ip`] picks it; IPv6 the first global address of the
+/// device holding the IPv6 default route, else of the IPv4 one, else of
+/// any device but Membrane's own.
+pub async fn detect_node_ips(h: &Handle) -> Result<Vec<IpAddr>, EndpointError> {
+    let mut out = Vec::new();
+    if let Some(v4) = detect_node_ip(h).await?.filter(IpAddr::is_ipv4) {
+        out.push(v4);
+    }
+    let mut default_oifs = [None, None];
+    for (slot, v6) in default_oifs.iter_mut().zip([true, false]) {
+        *slot = netlink::routes(h, v6)
+            .await?
+            .into_iter()
+            .find(|(dst, len, _, oif, _)| dst.is_none() && *len == 0 && oif.is_some())
+            .and_then(|r| r.3);
+    }
+    let [v6_oif, v4_oif] = default_oifs;
+    let addrs: Vec<(u32, IpAddr)> = global_addrs(h)
+        .await?
+        .into_iter()
+        .filter(|(_, name, a)| !is_membrane_device(name) && a.is_ipv6())
+        .map(|(i, _, a)| (i, a))
+        .collect();
+    let on =
+        |oif: Option<u32>| oif.and_then(|o| addrs.iter().find(|(i, _)| *i == o).map(|(_, a)| *a));
+    if let Some(v6) = on(v6_oif)
+        .or_else(|| on(v4_oif))
+        .or_else(|| addrs.first().map(|(_, a)| *a))
+    {
+        out.push(v6);
+    }
+    Ok(out)
 }
 
 /// (ifindex, device name, address) of every global unicast address.
@@ -247,7 +318,7 @@ impl Router {
     }
 
     fn route_msg(&self, p: &PeerRoute) -> RouteMessage {
-        let mut m = match (p.cidr.addr(), p.node_ip) {
+        let mut m = match (p.cidr.addr(), p.next_hop(self.tunnel_index.is_some())) {
             (IpAddr::V4(d), IpAddr::V4(g)) => RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(d, p.cidr.prefix())
                 .gateway(g)
@@ -269,7 +340,11 @@ impl Router {
         m.header.protocol = RouteProtocol::Other(ROUTE_PROTOCOL);
         if let Some(i) = self.tunnel_index {
             m.attributes.push(RouteAttribute::Oif(i));
-            m.header.flags |= RouteFlags::Onlink;
+            // The IPv4 endpoint is on no subnet of the device; the IPv6
+            // next hop is link-local, which needs no `onlink`.
+            if p.cidr.addr().is_ipv4() {
+                m.header.flags |= RouteFlags::Onlink;
+            }
         }
         m
     }
@@ -361,7 +436,12 @@ impl Router {
                 })
                 .collect();
             for ip in &peers {
-                if let Err(e) = self.add_tunnel_peer(index, *ip).await {
+                // The IPv6 next hop only for a node with IPv6 CIDRs: a
+                // host without IPv6 has no neighbour table for it.
+                let v6 = wanted
+                    .iter()
+                    .any(|p| p.node_ip == IpAddr::V4(*ip) && !p.cidr.addr().is_ipv4());
+                if let Err(e) = self.add_tunnel_peer(index, *ip, v6).await {
                     first_err.get_or_insert(e);
                 }
             }
@@ -375,7 +455,7 @@ impl Router {
             // Already there: same next hop (through the tunnel device in
             // tunnel mode).
             if let Some((gw, oif)) = installed.get(&p.cidr)
-                && *gw == Some(p.node_ip)
+                && *gw == Some(p.next_hop(self.tunnel_index.is_some()))
                 && (self.tunnel_index.is_none() || *oif == self.tunnel_index)
             {
                 continue;
@@ -394,16 +474,26 @@ impl Router {
         }
     }
 
-    async fn add_tunnel_peer(&self, index: u32, ip: Ipv4Addr) -> Result<(), EndpointError> {
+    async fn add_tunnel_peer(
+        &self,
+        index: u32,
+        ip: Ipv4Addr,
+        v6: bool,
+    ) -> Result<(), EndpointError> {
         let mac = tunnel_mac(ip);
-        self.handle
-            .neighbours()
-            .add(index, IpAddr::V4(ip))
-            .link_layer_address(&mac)
-            .replace()
-            .execute()
-            .await
-            .map_err(kernel(format!("neighbour {ip} on {TUNNEL_DEVICE}")))?;
+        // The IPv4 endpoint for IPv4 routes, the derived link-local next
+        // hop for IPv6 ones; both resolve to the node's MAC.
+        let gw6 = v6.then(|| IpAddr::V6(tunnel_gw6(ip)));
+        for gw in std::iter::once(IpAddr::V4(ip)).chain(gw6) {
+            self.handle
+                .neighbours()
+                .add(index, gw)
+                .link_layer_address(&mac)
+                .replace()
+                .execute()
+                .await
+                .map_err(kernel(format!("neighbour {gw} on {TUNNEL_DEVICE}")))?;
+        }
         let mut fdb = self
             .handle
             .neighbours()
@@ -420,12 +510,14 @@ impl Router {
 
     async fn del_tunnel_peer(&self, index: u32, ip: Ipv4Addr) {
         let mac = tunnel_mac(ip);
-        let mut neigh = self.handle.neighbours().add(index, IpAddr::V4(ip));
-        let msg = neigh.message_mut().clone();
-        if let Err(e) = self.handle.neighbours().del(msg).execute().await
-            && !is_not_found(&e)
-        {
-            warn!(%ip, error = %e, "removing a tunnel neighbour");
+        for gw in [IpAddr::V4(ip), IpAddr::V6(tunnel_gw6(ip))] {
+            let mut neigh = self.handle.neighbours().add(index, gw);
+            let msg = neigh.message_mut().clone();
+            if let Err(e) = self.handle.neighbours().del(msg).execute().await
+                && !is_not_found(&e)
+            {
+                warn!(%gw, error = %e, "removing a tunnel neighbour");
+            }
         }
         let mut fdb = self.handle.neighbours().add_bridge(index, &mac);
         let mut msg = fdb.message_mut().clone();
@@ -471,5 +563,24 @@ mod tests {
         assert_eq!(m[0] & 0x02, 0x02, "locally administered");
         assert_eq!(&m[2..], &[192, 0, 2, 7]);
         assert_eq!(mac_str(&m), "0a:4d:c0:00:02:07");
+    }
+
+    #[test]
+    fn ipv6_through_the_tunnel_takes_the_derived_link_local_next_hop() {
+        let gw = tunnel_gw6(Ipv4Addr::new(192, 0, 2, 7));
+        assert_eq!(gw.to_string(), "fe80::a4d:c000:207");
+        assert!(gw.is_unicast_link_local());
+        let node_ip = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
+        let v6 = PeerRoute {
+            cidr: "fd00::/120".parse().expect("cidr"),
+            node_ip,
+        };
+        assert_eq!(v6.next_hop(true), IpAddr::V6(gw));
+        assert_eq!(v6.next_hop(false), node_ip);
+        let v4 = PeerRoute {
+            cidr: "10.0.1.0/24".parse().expect("cidr"),
+            node_ip,
+        };
+        assert_eq!(v4.next_hop(true), node_ip);
     }
 }

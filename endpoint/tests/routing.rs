@@ -2,9 +2,10 @@
 //! network namespace this test creates (root; under `CI=true` a missing
 //! prerequisite fails instead of skipping): tunnel mode creates
 //! `cilium_vxlan` with the node-derived MAC, routes go through it with the
-//! neighbour and FDB entries; a restart in native mode removes the device
-//! and routes via the node address instead; routes of the protocol that
-//! are not wanted go; stop removes everything.
+//! neighbour and FDB entries (an IPv6 CIDR through the tunnel via the
+//! node's derived link-local next hop); a restart in native mode removes the
+//! device and routes via the node address of each family instead; routes of
+//! the protocol that are not wanted go; stop removes everything.
 //!
 //! Namespace `mbn-rt-*`, addresses in 10.213.0.0/16, UDP port 13472.
 
@@ -73,11 +74,18 @@ fn tunnel_then_native_then_stop() {
     );
     ip(&ns.0, &["link", "set", "eth1", "up"]);
     ip(&ns.0, &["addr", "add", "10.213.251.1/24", "dev", "eth0"]);
+    ip(
+        &ns.0,
+        &["addr", "add", "fd00:213:251::1/64", "dev", "eth0", "nodad"],
+    );
     ip(&ns.0, &["link", "set", "eth0", "up"]);
     let path = PathBuf::from(format!("/var/run/netns/{}", ns.0));
     let local = Ipv4Addr::new(10, 213, 251, 1);
     let peer: IpAddr = "10.213.251.2".parse().expect("ip");
-    let wanted: BTreeSet<PeerRoute> = ["10.213.5.0/24", "10.213.6.0/24"]
+    let peer6: IpAddr = "fd00:213:251::2".parse().expect("ip");
+    let v6_cidr = "fd00:213:5::/120";
+    // In tunnel mode the IPv6 CIDR's node address is the IPv4 endpoint.
+    let wanted: BTreeSet<PeerRoute> = ["10.213.5.0/24", "10.213.6.0/24", v6_cidr]
         .iter()
         .map(|c| PeerRoute {
             cidr: c.parse().expect("cidr"),
@@ -95,6 +103,11 @@ fn tunnel_then_native_then_stop() {
     rt.block_on(netlink::in_netns(&p, move |h| async move {
         let detected = membrane_endpoint::routing::detect_node_ip(&h).await?;
         assert_eq!(detected, Some(IpAddr::V4(local)));
+        let both = membrane_endpoint::routing::detect_node_ips(&h).await?;
+        assert_eq!(
+            both,
+            [IpAddr::V4(local), "fd00:213:251::1".parse().expect("ip")]
+        );
         let mut r = Router::start(RouteMode::Tunnel { local, port: 13472 }).await?;
         r.apply(&w).await?;
         // Idempotent.
@@ -110,10 +123,22 @@ fn tunnel_then_native_then_stop() {
         routes.contains("10.213.5.0/24 via 10.213.251.2 dev cilium_vxlan onlink"),
         "{routes}"
     );
+    let routes6 = ip(&ns.0, &["-6", "route", "show", "proto", "77"]);
+    assert!(
+        routes6.contains(&format!(
+            "{v6_cidr} via fe80::a4d:ad5:fb02 dev cilium_vxlan"
+        )),
+        "{routes6}"
+    );
     let neigh = ip(&ns.0, &["neigh", "show", "dev", TUNNEL_DEVICE]);
     assert!(
         neigh.contains("10.213.251.2 lladdr 0a:4d:0a:d5:fb:02 PERMANENT"),
         "{neigh}"
+    );
+    let neigh6 = ip(&ns.0, &["-6", "neigh", "show", "dev", TUNNEL_DEVICE]);
+    assert!(
+        neigh6.contains("fe80::a4d:ad5:fb02 lladdr 0a:4d:0a:d5:fb:02 PERMANENT"),
+        "{neigh6}"
     );
     let fdb = Command::new("bridge")
         .args(["-n", &ns.0, "fdb", "show", "dev", TUNNEL_DEVICE])
@@ -136,7 +161,18 @@ fn tunnel_then_native_then_stop() {
             "77",
         ],
     );
-    let fewer: BTreeSet<PeerRoute> = wanted.iter().take(1).copied().collect();
+    // Native: the IPv6 CIDR via the node's IPv6 address.
+    let fewer: BTreeSet<PeerRoute> = [
+        PeerRoute {
+            cidr: "10.213.5.0/24".parse().expect("cidr"),
+            node_ip: peer,
+        },
+        PeerRoute {
+            cidr: v6_cidr.parse().expect("cidr"),
+            node_ip: peer6,
+        },
+    ]
+    .into();
     let p = path.clone();
     rt.block_on(netlink::in_netns(&p, move |_| async move {
         let mut r = Router::start(RouteMode::Native).await?;
@@ -157,6 +193,11 @@ fn tunnel_then_native_then_stop() {
         "10.213.5.0/24 via 10.213.251.2 dev eth0",
         "{routes}"
     );
+    let routes6 = ip(&ns.0, &["-6", "route", "show", "proto", "77"]);
+    assert!(
+        routes6.contains(&format!("{v6_cidr} via fd00:213:251::2 dev eth0")),
+        "{routes6}"
+    );
 
     // Stop removes every route of the protocol.
     rt.block_on(netlink::in_netns(&path, move |_| async move {
@@ -164,4 +205,8 @@ fn tunnel_then_native_then_stop() {
     }))
     .expect("stop");
     assert_eq!(ip(&ns.0, &["route", "show", "proto", "77"]).trim(), "");
+    assert_eq!(
+        ip(&ns.0, &["-6", "route", "show", "proto", "77"]).trim(),
+        ""
+    );
 }

@@ -2,7 +2,9 @@
 //! (helm-python-sdk, offline) with default values and with Cilium-style
 //! `ingressController.*` values; the rendered objects carry the values as
 //! membrane flags, the agent is not privileged and holds only its listed
-//! capabilities, every object round-trips through its k8s-openapi type, a
+//! capabilities, the agent's CNI (`cni.*`, `routingMode`, `tunnelProtocol`,
+//! cluster-pool `ipam.*`) comes with its host paths, flags and RBAC and
+//! goes with `cni.install=false`, every object round-trips through its k8s-openapi type, a
 //! value outside values.schema.json is refused, and the chart's CRDs are
 //! exactly what `membrane crds` prints (`UPDATE_CHART_CRDS=1` rewrites them
 //! from it).
@@ -103,6 +105,11 @@ fn default_values_render_the_operator_the_agent_and_their_rbac() {
             "--run-dir=/var/run/membrane",
             "--envoy-log-level=warning",
             "--envoy-concurrency=2",
+            "--enable-cni",
+            "--cni-bin-dir=/opt/cni/bin",
+            "--cni-conf-dir=/etc/cni/net.d",
+            "--routing-mode=tunnel",
+            "--tunnel-protocol=vxlan",
         ]
     );
     let node_name = ag["env"]
@@ -321,6 +328,198 @@ fn cilium_style_values_reach_the_flags_the_ingress_class_and_the_shared_service(
             r.get("RoleBinding", role)["metadata"]["namespace"],
             "ingress-secrets"
         );
+    }
+}
+
+/// (volume name, host path, mount path in the agent) of every host path.
+fn agent_host_paths(r: &Rendered) -> Vec<(String, String, String)> {
+    let agent = r.get("DaemonSet", "membrane-agent");
+    let pod = &agent["spec"]["template"]["spec"];
+    let ag = container(agent, "membrane-agent");
+    pod["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| {
+            let name = v["name"].as_str()?;
+            let host = v["hostPath"]["path"].as_str()?;
+            let mount = ag["volumeMounts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|m| m["name"] == name)?["mountPath"]
+                .as_str()?;
+            Some((name.to_string(), host.to_string(), mount.to_string()))
+        })
+        .collect()
+}
+
+/// The verbs the agent's ClusterRole grants on `resource`.
+fn agent_verbs<'a>(r: &'a Rendered, resource: &str) -> Vec<&'a str> {
+    r.get("ClusterRole", "membrane-agent")["rules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|rule| strings(&rule["resources"]).contains(&resource))
+        .flat_map(|rule| strings(&rule["verbs"]))
+        .collect()
+}
+
+#[test]
+fn the_agent_installs_its_cni_by_default() {
+    let Some(r) = render(&json!({})) else { return };
+    let paths = agent_host_paths(&r);
+    for (name, path) in [
+        ("cni-path", "/opt/cni/bin"),
+        ("etc-cni-netd", "/etc/cni/net.d"),
+        ("cni-netns", "/var/run/netns"),
+    ] {
+        // Mounted where the host has it: the conflist names the socket and
+        // the runtime names namespaces by host paths.
+        assert!(
+            paths.contains(&(name.into(), path.into(), path.into())),
+            "{name}: {paths:?}"
+        );
+    }
+    // The agent's socket for the plugin is in the run directory, a host path
+    // at the same place, so the plugin the runtime runs on the host finds it.
+    assert!(
+        paths.contains(&(
+            "run".into(),
+            "/var/run/membrane".into(),
+            "/var/run/membrane".into()
+        )),
+        "{paths:?}"
+    );
+    // What the CNI calls: Pods read, CiliumNodes read and its own written
+    // (spec.addresses by server-side apply, status), nothing more.
+    assert_eq!(agent_verbs(&r, "pods"), ["list", "watch"]);
+    assert_eq!(
+        agent_verbs(&r, "ciliumnodes"),
+        ["list", "watch", "create", "patch"]
+    );
+    assert_eq!(agent_verbs(&r, "ciliumnodes/status"), ["patch"]);
+
+    // Other paths, native routing, IPv6 pods: the operator's IPv6 pool.
+    let Some(r) = render(&json!({
+        "cni": {"binPath": "/usr/libexec/cni", "confPath": "/etc/cni/conf.d"},
+        "routingMode": "native",
+        "ipv6": {"enabled": true},
+        "ipam": {"operator": {
+            "clusterPoolIPv4PodCIDRList": ["10.42.0.0/16"],
+            "clusterPoolIPv4MaskSize": 25,
+            "clusterPoolIPv6PodCIDRList": ["fd12:3456::/96"],
+            "clusterPoolIPv6MaskSize": 112,
+        }},
+    })) else {
+        return;
+    };
+    assert_lints_clean(&r);
+    let ag = args(container(
+        r.get("DaemonSet", "membrane-agent"),
+        "membrane-agent",
+    ));
+    for flag in [
+        "--enable-cni",
+        "--cni-bin-dir=/usr/libexec/cni",
+        "--cni-conf-dir=/etc/cni/conf.d",
+        "--routing-mode=native",
+        "--tunnel-protocol=vxlan",
+    ] {
+        assert!(ag.iter().any(|a| a == flag), "{flag}: {ag:?}");
+    }
+    let paths = agent_host_paths(&r);
+    assert!(
+        paths.contains(&(
+            "cni-path".into(),
+            "/usr/libexec/cni".into(),
+            "/usr/libexec/cni".into()
+        )),
+        "{paths:?}"
+    );
+    let op = args(container(
+        r.get("Deployment", "membrane-operator"),
+        "membrane-operator",
+    ));
+    for flag in [
+        "--cluster-pool-ipv4-cidr=10.42.0.0/16",
+        "--cluster-pool-ipv4-mask-size=25",
+        "--enable-ipv6",
+        "--cluster-pool-ipv6-cidr=fd12:3456::/96",
+        "--cluster-pool-ipv6-mask-size=112",
+    ] {
+        assert!(op.iter().any(|a| a == flag), "{flag}: {op:?}");
+    }
+}
+
+#[test]
+fn cni_install_false_leaves_the_node_pod_network_alone() {
+    let Some(r) = render(&json!({"cni": {"install": false}})) else {
+        return;
+    };
+    assert_lints_clean(&r);
+    let ag = args(container(
+        r.get("DaemonSet", "membrane-agent"),
+        "membrane-agent",
+    ));
+    assert!(
+        !ag.iter().any(|a| a.contains("cni")
+            || a.starts_with("--routing-mode")
+            || a.starts_with("--tunnel-protocol")),
+        "{ag:?}"
+    );
+    let paths = agent_host_paths(&r);
+    assert!(
+        !paths
+            .iter()
+            .any(|(n, _, _)| matches!(n.as_str(), "cni-path" | "etc-cni-netd" | "cni-netns")),
+        "{paths:?}"
+    );
+    // Least privilege: without the CNI the agent neither reads Pods nor
+    // touches CiliumNodes.
+    assert!(agent_verbs(&r, "pods").is_empty());
+    assert!(agent_verbs(&r, "ciliumnodes").is_empty());
+    assert!(agent_verbs(&r, "ciliumnodes/status").is_empty());
+}
+
+#[test]
+fn unsupported_routing_and_ipam_values_are_refused() {
+    // GENEVE and other IPAM modes are not built: refused at render time
+    // rather than by the agent or operator on every node.
+    for values in [
+        json!({"tunnelProtocol": "geneve"}),
+        json!({"routingMode": "direct"}),
+        json!({"ipam": {"mode": "kubernetes"}}),
+    ] {
+        let out = Command::new(helm_support::repo_root().join(".venv/bin/python"))
+            .arg(helm_support::repo_root().join("scripts/helm_chart.py"))
+            .arg(helm_support::chart_dir())
+            .arg(values.to_string())
+            .output();
+        let Ok(out) = out else {
+            assert!(
+                !helm_support::in_ci(),
+                "no .venv/bin/python: run scripts/setup.sh"
+            );
+            eprintln!("SKIPPED: no .venv/bin/python: run scripts/setup.sh");
+            return;
+        };
+        if out.status.code() == Some(2) {
+            assert!(
+                !helm_support::in_ci(),
+                "helm-python-sdk missing: run scripts/setup.sh"
+            );
+            eprintln!("SKIPPED: helm-python-sdk missing: run scripts/setup.sh");
+            return;
+        }
+        let stdout: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        let refused = !out.status.success()
+            || stdout["lint"]["messages"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|m| m["severity"].as_u64() >= Some(3));
+        assert!(refused, "{values} was accepted: {stdout}");
     }
 }
 

@@ -310,7 +310,11 @@ async fn leader_election_and_events(c: &kube::Client) {
 }
 
 /// What the agent does: watch what its Envoy and datapath serve, the synced
-/// TLS Secrets in the secrets namespace only, and read its Node.
+/// TLS Secrets in the secrets namespace only, and read its Node; with the
+/// CNI (the chart's default `cni.install`) also watch Pods and CiliumNodes,
+/// publish its CiliumNode's addresses (creating it on a first start) and
+/// report its pod CIDR states in the CiliumNode's status, as
+/// `membrane_agent::cni` does through the agent's writer.
 async fn drive_agent(kubeconfig: &Path) -> Vec<tokio::task::JoinHandle<()>> {
     let c = client(kubeconfig, &format!("membrane-agent/{VERSION}")).await;
     let store = Store::new();
@@ -323,10 +327,30 @@ async fn drive_agent(kubeconfig: &Path) -> Vec<tokio::task::JoinHandle<()>> {
                 Kind::EndpointSlice,
                 Kind::CiliumEnvoyConfig,
                 Kind::CiliumClusterwideEnvoyConfig,
+                Kind::Pod,
+                Kind::CiliumNode,
             ],
         ),
     )
     .await;
+    let w = Writer::new(c.clone(), AGENT_MANAGER);
+    for (node, ip) in [("node-a", "192.0.2.1"), ("node-b", "192.0.2.2")] {
+        // node-a exists (an update), node-b not yet (the apply creates it).
+        w.apply(&object(
+            json!({"apiVersion": "cilium.io/v2", "kind": "CiliumNode",
+            "metadata": {"name": node},
+            "spec": {"addresses": [{"type": "InternalIP", "ip": ip},
+                                   {"type": "InternalIP", "ip": "2001:db8::1"}]}}),
+        ))
+        .await
+        .expect("agent publishes its CiliumNode addresses");
+    }
+    w.apply_status(
+        &ObjectKey::new(Kind::CiliumNode, "", "node-a"),
+        json!({"ipam": {"pod-cidrs": {"10.244.0.0/24": {"status": "in-use"}}}}),
+    )
+    .await
+    .expect("agent reports pod CIDR states");
     let secrets: Api<Secret> = Api::namespaced(c.clone(), "cilium-secrets");
     let secrets_watch = tokio::spawn(async move {
         let mut events = Box::pin(kube::runtime::watcher(secrets, Default::default()));
@@ -334,8 +358,6 @@ async fn drive_agent(kubeconfig: &Path) -> Vec<tokio::task::JoinHandle<()>> {
     });
     let nodes: Api<Node> = Api::all(c.clone());
     nodes.get_opt("node-a").await.expect("get own Node");
-    // The agent's field manager is what the roles helper's ACK report uses.
-    let _ = Writer::new(c, AGENT_MANAGER);
     vec![watch, secrets_watch]
 }
 
@@ -350,7 +372,7 @@ fn audit_of_both_roles(port: u16) -> Vec<AuditEntry> {
         t.extend(drive_agent(&server.kubeconfig()).await);
         t
     });
-    // 8 operator kinds, 4 agent kinds plus the Secrets of one namespace.
+    // 8 operator kinds, 6 agent kinds plus the Secrets of one namespace.
     let watches = |prefix: &str| {
         read_audit_log(&server.audit_log())
             .iter()
@@ -360,7 +382,7 @@ fn audit_of_both_roles(port: u16) -> Vec<AuditEntry> {
             .len()
     };
     let all_watching = wait_until(Duration::from_secs(30), || {
-        watches("membrane-operator/") >= 8 && watches("membrane-agent/") >= 5
+        watches("membrane-operator/") >= 8 && watches("membrane-agent/") >= 7
     });
     assert!(
         all_watching,
@@ -420,6 +442,14 @@ fn the_chart_grants_every_call_the_roles_make() {
         && e.resource == "secrets"
         && e.namespace == "cilium-secrets"));
     assert!(has(&entries, ag, "get", "nodes", 404));
+    assert!(has(&entries, ag, "watch", "pods", 200));
+    assert!(has(&entries, ag, "watch", "ciliumnodes", 200));
+    assert!(
+        has(&entries, ag, "patch", "ciliumnodes", 201),
+        "the first apply of a CiliumNode creates it"
+    );
+    assert!(has(&entries, ag, "patch", "ciliumnodes", 200));
+    assert!(has(&entries, ag, "patch", "ciliumnodes/status", 200));
 
     let rbac = Rbac::from_objects(&chart.objects, NAMESPACE);
     let report = check(&rbac, &entries, &chart_roles(NAMESPACE));
@@ -470,6 +500,15 @@ fn a_rule_removed_from_the_chart_is_reported() {
         "secrets",
         "watch",
     );
+    // The CNI's rules are exercised too: the agent's first apply of its
+    // CiliumNode creates it.
+    remove_verb(
+        &mut objects,
+        "ClusterRole",
+        "membrane-agent",
+        "ciliumnodes",
+        "create",
+    );
     let rbac = Rbac::from_objects(&objects, NAMESPACE);
     let report = check(&rbac, &entries, &chart_roles(NAMESPACE));
     let found: std::collections::BTreeSet<(String, String, String)> = report
@@ -495,6 +534,11 @@ fn a_rule_removed_from_the_chart_is_reported() {
             "watch".to_string(),
             "secrets".to_string(),
         ),
+        (
+            "membrane-agent".to_string(),
+            "create".to_string(),
+            "ciliumnodes".to_string(),
+        ),
     ]);
     assert_eq!(found, want, "{report}");
     let creates = report
@@ -502,7 +546,10 @@ fn a_rule_removed_from_the_chart_is_reported() {
         .iter()
         .filter(|v| v.missing_verb == "create")
         .count();
-    assert_eq!(creates, 1, "one CEC was created: {report}");
+    assert_eq!(
+        creates, 2,
+        "one CEC and one CiliumNode were created: {report}"
+    );
 }
 
 /// Kubernetes RBAC semantics the checker must get right, on the chart's

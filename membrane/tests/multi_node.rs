@@ -6,11 +6,19 @@
 //! container runtime runs it (environment + stdin). In native routing and
 //! in VXLAN tunnel mode:
 //!
-//! - the operator hands each CiliumNode a pod CIDR; each agent publishes its
-//!   InternalIP (node a's from `--node-ip`, node b's detected);
-//! - pod a1 ↔ pod b1 across nodes, TCP both ways;
+//! - the operator hands each CiliumNode an IPv4 and an IPv6 pod CIDR; each
+//!   agent publishes its InternalIPs, one per family (node a's from
+//!   `--node-ip`, node b's detected);
+//! - pod a1 ↔ pod b1 across nodes, TCP both ways, over IPv4 and IPv6 (native:
+//!   IPv6 routed via the nodes' IPv6 addresses; tunnel: through
+//!   `cilium_vxlan` to the IPv4 endpoint);
 //! - a ClusterIP with backends on both nodes, reached from a pod on node a:
 //!   both backends answer;
+//! - eBPF host routing (the default) across nodes: with the host stack's
+//!   IPv4 forwarding off on the devices traffic from other nodes arrives on,
+//!   pod ↔ pod (both families) and a ClusterIP whose backend is on node b
+//!   still work, and the datapath counters show the BPF path on both
+//!   nodes;
 //! - NodePort on node a's address, and a LoadBalancer address the underlay
 //!   routes to node a, from a client on the underlay (outside every node)
 //!   reaching a backend only on node b (SNAT through node a);
@@ -22,8 +30,8 @@
 //! - stopping an agent removes its routes (and `cilium_vxlan`), and
 //!   cross-node traffic from its pods then fails.
 //!
-//! Namespaces `mbn-*`, addresses in 10.213.0.0/16 inside them only, ports
-//! 13000-13999.
+//! Namespaces `mbn-*`, addresses in 10.213.0.0/16 and fd00:213::/48 inside
+//! them only, ports 13000-13999.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -43,6 +51,8 @@ const UNDERLAY_GW: &str = "10.213.250.254";
 const CLUSTER_IP: &str = "10.213.240.10";
 const CLUSTER_IP_B_ONLY: &str = "10.213.240.11";
 const POOL: &str = "10.213.0.0/17";
+const POOL6: &str = "fd00:213::/104";
+const UNDERLAY_GW6: &str = "fd00:213:250::fe";
 /// LoadBalancer addresses; the underlay routes them to node a.
 const LB_POOL: &str = "10.213.241.0/24";
 
@@ -50,9 +60,10 @@ const LB_POOL: &str = "10.213.241.0/24";
 const SERVER_PY: &str = r#"
 import socket, sys, threading
 name, port = sys.argv[1], int(sys.argv[2])
-s = socket.socket()
+s = socket.socket(socket.AF_INET6)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(('0.0.0.0', port)); s.listen(128)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind(('::', port)); s.listen(128)
 def handle(c):
     try:
         for line in c.makefile('rb'):
@@ -71,11 +82,12 @@ while True:
 const CLIENT_PY: &str = r#"
 import socket, sys
 host, port, sport, timeout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+v6 = ':' in host
 try:
-    s = socket.socket()
+    s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if sport:
-        s.bind(('0.0.0.0', sport))
+        s.bind(('::' if v6 else '0.0.0.0', sport))
     s.settimeout(timeout)
     s.connect((host, port))
     s.sendall(b'hi\n')
@@ -290,11 +302,33 @@ impl Node {
     fn routes(&self) -> String {
         output(&["ip", "-n", &self.ns.0, "route", "show", "proto", "77"]).1
     }
+    fn routes6(&self) -> String {
+        output(&["ip", "-n", &self.ns.0, "-6", "route", "show", "proto", "77"]).1
+    }
+    fn status(&self) -> Value {
+        let (ok, out) = self.cli(&["status", "-o", "json"]);
+        assert!(ok || !out.is_empty(), "status: {out}");
+        serde_json::from_str(&out).unwrap_or(Value::Null)
+    }
+    /// IPv4 forwarding by the host stack on `dev` (per device; IPv6 has
+    /// only the global switch).
+    fn forwarding(&self, dev: &str, on: bool) {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.ns.0,
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.conf.{dev}.forwarding={}", u8::from(on)),
+        ]);
+    }
 }
 
 struct Pod {
     name: &'static str,
     ip: String,
+    ip6: String,
     // Dropped before the namespace.
     _server: Proc,
     ns: Netns,
@@ -493,7 +527,8 @@ fn start_node(
     dir: &Path,
     kubeconfig: &Path,
     name: &'static str,
-    ip: &'static str,
+    // Its IPv4 and IPv6 underlay addresses.
+    (ip, ip6): (&'static str, &'static str),
     mode: &str,
     explicit_ip: bool,
 ) -> Node {
@@ -538,6 +573,19 @@ fn start_node(
         &format!("{ip}/24"),
         "dev",
         "eth0",
+    ]);
+    // No duplicate address detection: the address is usable (and found by
+    // node b's detection) at once.
+    sh(&[
+        "ip",
+        "-n",
+        &ns.0,
+        "addr",
+        "add",
+        &format!("{ip6}/64"),
+        "dev",
+        "eth0",
+        "nodad",
     ]);
     sh(&["ip", "-n", &ns.0, "link", "set", "eth0", "up"]);
     let run = dir.join(name);
@@ -588,7 +636,9 @@ fn start_node(
     // Node a names its address and its NodePort addresses; node b's are
     // detected (and NodePorts default to it).
     if explicit_ip {
-        args.extend(["--node-ip", ip, "--node-addresses", ip].map(String::from));
+        args.extend(
+            ["--node-ip", &format!("{ip},{ip6}"), "--node-addresses", ip].map(String::from),
+        );
     }
     let agent = spawn_in(&ns, &run.join("agent.log"), &args);
     Node {
@@ -626,11 +676,18 @@ fn add_pod(node: &Node, name: &'static str) -> Pod {
         node.name,
         node.log()
     );
-    let ip = result["ips"][0]["address"]
-        .as_str()
-        .and_then(|a| a.split('/').next())
-        .expect("pod address")
-        .to_string();
+    let addr = |v6: bool| {
+        result["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["address"].as_str())
+            .find(|a| a.contains(':') == v6)
+            .and_then(|a| a.split('/').next())
+            .unwrap_or_else(|| panic!("pod {name}: no address (IPv6 {v6}): {result}"))
+            .to_string()
+    };
+    let (ip, ip6) = (addr(false), addr(true));
     let server = Command::new("ip")
         .args(["netns", "exec", &ns.0, "python3", "-c", SERVER_PY, name])
         .arg(ECHO_PORT.to_string())
@@ -641,6 +698,7 @@ fn add_pod(node: &Node, name: &'static str) -> Pod {
     Pod {
         name,
         ip,
+        ip6,
         _server: Proc(Some(server)),
         ns,
     }
@@ -703,6 +761,17 @@ fn run(mode: &str) {
         "dev",
         "br0",
     ]);
+    sh(&[
+        "ip",
+        "-n",
+        &underlay.0,
+        "addr",
+        "add",
+        &format!("{UNDERLAY_GW6}/64"),
+        "dev",
+        "br0",
+        "nodad",
+    ]);
     sh(&["ip", "-n", &underlay.0, "link", "set", "br0", "up"]);
     let (apiserver, kubeconfig) = start_apiserver(&underlay, dir.path());
     let operator = spawn_in(
@@ -716,6 +785,11 @@ fn run(mode: &str) {
             POOL.into(),
             "--cluster-pool-ipv4-mask-size".into(),
             "24".into(),
+            "--enable-ipv6".into(),
+            "--cluster-pool-ipv6-cidr".into(),
+            POOL6.into(),
+            "--cluster-pool-ipv6-mask-size".into(),
+            "120".into(),
             "--lb-pool".into(),
             LB_POOL.into(),
         ],
@@ -726,17 +800,17 @@ fn run(mode: &str) {
         dir.path(),
         &kubeconfig,
         "node-a",
-        "10.213.250.1",
+        ("10.213.250.1", "fd00:213:250::1"),
         mode,
         true,
     );
-    // Node b's address is detected (its only global address).
+    // Node b's addresses are detected (its only global ones).
     let node_b = start_node(
         &underlay,
         dir.path(),
         &kubeconfig,
         "node-b",
-        "10.213.250.2",
+        ("10.213.250.2", "fd00:213:250::2"),
         mode,
         false,
     );
@@ -758,33 +832,55 @@ fn run(mode: &str) {
     assert!(ready, "agents did not install the plugin\n{}", c.logs());
     let cn = c.ciliumnodes();
     let mut cidrs = std::collections::BTreeMap::new();
+    let mut cidrs6 = std::collections::BTreeMap::new();
     for item in cn["items"].as_array().expect("ciliumnodes") {
         let name = item["metadata"]["name"].as_str().expect("name").to_string();
-        let pod_cidrs = item["spec"]["ipam"]["podCIDRs"].clone();
-        assert_eq!(pod_cidrs.as_array().map(Vec::len), Some(1), "{item}");
-        let ip = item["spec"]["addresses"][0]["ip"]
-            .as_str()
-            .map(str::to_owned);
+        let pod_cidrs: Vec<&str> = item["spec"]["ipam"]["podCIDRs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        assert_eq!(pod_cidrs.len(), 2, "one CIDR per family: {item}");
+        let ips: Vec<&str> = item["spec"]["addresses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|a| a["type"] == "InternalIP")
+            .filter_map(|a| a["ip"].as_str())
+            .collect();
         let want = if name == "node-a" {
-            "10.213.250.1"
+            ["10.213.250.1", "fd00:213:250::1"]
         } else {
-            "10.213.250.2"
+            ["10.213.250.2", "fd00:213:250::2"]
         };
-        assert_eq!(ip.as_deref(), Some(want), "{item}");
-        assert_eq!(item["spec"]["addresses"][0]["type"], "InternalIP");
-        cidrs.insert(name, pod_cidrs[0].as_str().expect("cidr").to_string());
+        assert_eq!(ips, want, "{item}");
+        let cidr = |v6: bool| {
+            pod_cidrs
+                .iter()
+                .find(|c| c.contains(':') == v6)
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| panic!("no CIDR (IPv6 {v6}): {item}"))
+        };
+        cidrs.insert(name.clone(), cidr(false));
+        cidrs6.insert(name, cidr(true));
     }
     assert_eq!(cidrs.len(), 2, "{cn}");
     assert_ne!(cidrs["node-a"], cidrs["node-b"]);
+    assert_ne!(cidrs6["node-a"], cidrs6["node-b"]);
     let routed = wait_until(Duration::from_secs(30), || {
         c.nodes[0].routes().contains(&cidrs["node-b"])
             && c.nodes[1].routes().contains(&cidrs["node-a"])
+            && c.nodes[0].routes6().contains(&cidrs6["node-b"])
+            && c.nodes[1].routes6().contains(&cidrs6["node-a"])
     });
     assert!(
         routed,
-        "routes: a: {} b: {}\n{}",
+        "routes: a: {}{} b: {}{}\n{}",
         c.nodes[0].routes(),
+        c.nodes[0].routes6(),
         c.nodes[1].routes(),
+        c.nodes[1].routes6(),
         c.logs()
     );
     eprintln!(
@@ -792,8 +888,18 @@ fn run(mode: &str) {
         started.elapsed()
     );
     let route_a = c.nodes[0].routes();
+    let route6_a = c.nodes[0].routes6();
     if mode == "tunnel" {
         assert!(route_a.contains("dev cilium_vxlan"), "{route_a}");
+        // IPv6 through the same tunnel: node b's derived link-local next
+        // hop (0a:4d + 10.213.250.2), which resolves to node b's MAC.
+        assert!(
+            route6_a.contains(&format!(
+                "{} via fe80::a4d:ad5:fa02 dev cilium_vxlan",
+                cidrs6["node-b"]
+            )),
+            "{route6_a}"
+        );
         let (ok, link) = output(&[
             "ip",
             "-d",
@@ -816,6 +922,13 @@ fn run(mode: &str) {
         assert!(fdb.contains("dst 10.213.250.2"), "{fdb}");
     } else {
         assert!(route_a.contains("via 10.213.250.2 dev eth0"), "{route_a}");
+        assert!(
+            route6_a.contains(&format!(
+                "{} via fd00:213:250::2 dev eth0",
+                cidrs6["node-b"]
+            )),
+            "{route6_a}"
+        );
     }
 
     let a1 = add_pod(&c.nodes[0], "a1");
@@ -823,6 +936,28 @@ fn run(mode: &str) {
     let b1 = add_pod(&c.nodes[1], "b1");
     assert!(cidrs["node-a"].starts_with(&a1.ip[..a1.ip.rfind('.').expect("v4")]));
     assert!(cidrs["node-b"].starts_with(&b1.ip[..b1.ip.rfind('.').expect("v4")]));
+    let in_cidr6 = |ip: &str, cidr: &str| {
+        let net: std::net::Ipv6Addr = cidr
+            .split('/')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .expect("cidr6");
+        let ip: std::net::Ipv6Addr = ip.parse().expect("pod ip6");
+        // The node CIDRs are /120: all but the last byte.
+        ip.octets()[..15] == net.octets()[..15]
+    };
+    assert!(
+        in_cidr6(&a1.ip6, &cidrs6["node-a"]),
+        "{} {}",
+        a1.ip6,
+        cidrs6["node-a"]
+    );
+    assert!(
+        in_cidr6(&b1.ip6, &cidrs6["node-b"]),
+        "{} {}",
+        b1.ip6,
+        cidrs6["node-b"]
+    );
     c.pods.extend([a1, a2, b1]);
 
     // Pod ↔ pod across nodes, both ways.
@@ -842,6 +977,20 @@ fn run(mode: &str) {
         probe_until(&b1_ns, &a1_ip, ECHO_PORT, Duration::from_secs(20)).as_deref(),
         Some("a1"),
         "b1 → a1\n{}",
+        c.logs()
+    );
+    // The same over IPv6.
+    let (a1_ip6, b1_ip6) = (c.pod("a1").ip6.clone(), c.pod("b1").ip6.clone());
+    assert_eq!(
+        probe_until(&a1_ns, &b1_ip6, ECHO_PORT, Duration::from_secs(20)).as_deref(),
+        Some("b1"),
+        "a1 → b1 over IPv6 ({b1_ip6})\n{}",
+        c.logs()
+    );
+    assert_eq!(
+        probe_until(&b1_ns, &a1_ip6, ECHO_PORT, Duration::from_secs(20)).as_deref(),
+        Some("a1"),
+        "b1 → a1 over IPv6 ({a1_ip6})\n{}",
         c.logs()
     );
 
@@ -873,6 +1022,83 @@ fn run(mode: &str) {
         "ClusterIP {CLUSTER_IP} from a1\n{}",
         c.logs()
     );
+
+    // eBPF host routing across nodes. It is the default: both agents run
+    // without --enable-host-legacy-routing and the kernel has the helpers.
+    for n in &c.nodes {
+        let st = n.status();
+        assert_eq!(
+            st["datapath"]["host_routing"]["mode"], "BPF",
+            "node {}: {st}",
+            n.name
+        );
+    }
+    // What arrives from the other node may not be forwarded by the host
+    // stack (IPv4 forwarding off on those devices; the pods' own devices
+    // keep it, as the FIB lookup of host routing checks the ingress
+    // device), so only the programs can deliver it.
+    let external: &[&str] = if mode == "tunnel" {
+        &["eth0", "cilium_vxlan"]
+    } else {
+        &["eth0"]
+    };
+    for n in &c.nodes {
+        for d in external {
+            n.forwarding(d, false);
+        }
+    }
+    let stat = |n: &Node, k: &str| n.status()["datapath"]["stats"][k].as_u64().unwrap_or(0);
+    let delivered =
+        |n: &Node| stat(n, "host_route_redirect_peer") + stat(n, "host_route_redirect_egress_hook");
+    let (fib_a, fib_b) = (
+        stat(&c.nodes[0], "host_route_fib"),
+        stat(&c.nodes[1], "host_route_fib"),
+    );
+    let (del_a, del_b) = (delivered(&c.nodes[0]), delivered(&c.nodes[1]));
+    for (from_ns, to, want) in [
+        (&a1_ns, &b1_ip, "b1"),
+        (&b1_ns, &a1_ip, "a1"),
+        (&a1_ns, &b1_ip6, "b1"),
+        (&b1_ns, &a1_ip6, "a1"),
+    ] {
+        assert_eq!(
+            probe(from_ns, to, ECHO_PORT, 0, 3.0).as_deref(),
+            Some(want),
+            "host routing: → {to} with the stack's forwarding off\n{}",
+            c.logs()
+        );
+    }
+    // A ClusterIP whose only backend is on node b, from node a's pod:
+    // translated on node a, the reply reverse-translated there.
+    assert_eq!(
+        probe(&a1_ns, CLUSTER_IP_B_ONLY, 80, 0, 3.0).as_deref(),
+        Some("b1"),
+        "host routing: ClusterIP {CLUSTER_IP_B_ONLY} → b1\n{}",
+        c.logs()
+    );
+    // Four connections out of each node's pods went to the FIB's next hop
+    // (the other node) and were delivered into pods by the programs.
+    let after = |n: &Node, k: &str, before: u64| stat(n, k).saturating_sub(before);
+    let (fib_a, fib_b) = (
+        after(&c.nodes[0], "host_route_fib", fib_a),
+        after(&c.nodes[1], "host_route_fib", fib_b),
+    );
+    let (del_a, del_b) = (
+        delivered(&c.nodes[0]).saturating_sub(del_a),
+        delivered(&c.nodes[1]).saturating_sub(del_b),
+    );
+    eprintln!(
+        "{mode}: host routing counters over 5 connections: FIB redirects a {fib_a} b {fib_b}, into pods a {del_a} b {del_b}"
+    );
+    assert!(
+        fib_a >= 3 && fib_b >= 3 && del_a >= 3 && del_b >= 3,
+        "host routing counters: FIB a {fib_a} b {fib_b}, into pods a {del_a} b {del_b}"
+    );
+    for n in &c.nodes {
+        for d in external {
+            n.forwarding(d, true);
+        }
+    }
 
     // NodePort on node a, backend only on node b, client outside the nodes.
     let ul = c.underlay.0.clone();
@@ -1012,7 +1238,9 @@ fn run(mode: &str) {
     c.nodes[1].restart();
     let rebuilt = wait_until(Duration::from_secs(30), || {
         let r = c.nodes[1].routes();
-        !r.contains(stale) && r.contains(&cidrs["node-a"])
+        !r.contains(stale)
+            && r.contains(&cidrs["node-a"])
+            && c.nodes[1].routes6().contains(&cidrs6["node-a"])
     });
     assert!(
         rebuilt,
@@ -1033,6 +1261,7 @@ fn run(mode: &str) {
     let t = Instant::now();
     let withdrawn = wait_until(Duration::from_secs(30), || {
         !c.nodes[1].routes().contains(&cidrs["node-a"])
+            && !c.nodes[1].routes6().contains(&cidrs6["node-a"])
     });
     // A figure for the report, not an assertion.
     eprintln!(
@@ -1053,6 +1282,7 @@ fn run(mode: &str) {
     // pods on node a then cannot reach node b's pods.
     c.nodes[0].agent.stop();
     assert_eq!(c.nodes[0].routes().trim(), "", "routes left behind");
+    assert_eq!(c.nodes[0].routes6().trim(), "", "IPv6 routes left behind");
     let (has_vxlan, _) = output(&["ip", "-n", &c.nodes[0].ns.0, "link", "show", "cilium_vxlan"]);
     assert!(!has_vxlan, "cilium_vxlan left behind");
     assert_eq!(

@@ -148,10 +148,13 @@ pub struct RoutingArgs {
     /// UDP port of the tunnel.
     #[arg(long, default_value_t = 8472)]
     pub tunnel_port: u16,
-    /// This node's InternalIP in its CiliumNode (default: the address of the
-    /// device holding the default route, else the first global address).
-    #[arg(long)]
-    pub node_ip: Option<std::net::IpAddr>,
+    /// This node's InternalIPs in its CiliumNode, at most one IPv4 and one
+    /// IPv6 (`IP[,IP]`). Default: the IPv4 address of the device holding
+    /// the default route, else the first global one, and likewise an IPv6
+    /// address. Native routing carries IPv6 pod CIDRs only between nodes
+    /// with IPv6 addresses; the tunnel carries them over IPv4.
+    #[arg(long, value_delimiter = ',')]
+    pub node_ip: Vec<std::net::IpAddr>,
 }
 
 impl CniArgs {
@@ -163,7 +166,7 @@ impl CniArgs {
             mode: self.routing.routing_mode,
             tunnel_protocol: self.routing.tunnel_protocol,
             tunnel_port: self.routing.tunnel_port,
-            node_ip: self.routing.node_ip,
+            node_ips: self.routing.node_ip.clone(),
         };
         Some(membrane_agent::cni::CniOptions {
             socket: membrane_agent::cni::default_socket(run_dir),
