@@ -724,14 +724,18 @@ impl ConfigPipeline {
                     || !self.dirty_configs.is_empty()
                     || !changes.services.is_empty()))
             || changes.secrets
-            || changes.service_specs
         {
             return PassOutcome::Full(self.full(snap, changes));
         }
-        // A Service status change (LB IPAM) reaches the CECs that list the
-        // Service in `spec.services` (their listeners sit on its frontends,
-        // and the LB pool check reads its address).
-        let frontend_users = self.frontend_users(snap, &changes.services);
+        // A Service change reaches the CECs that list the Service in
+        // `spec.services` (their listeners sit on its frontends, and the LB
+        // pool check reads its address) and, unless only its status
+        // changed (LB IPAM), the CECs that take its endpoints (its ports
+        // name the assignments it publishes).
+        let mut frontend_users = self.frontend_users(snap, &changes.services);
+        if changes.service_specs {
+            frontend_users.extend(self.endpoint_users(&changes.services));
+        }
         let configs = changes.configs
             || !frontend_users.is_empty()
             || !self.dirty_configs.is_empty()
@@ -779,6 +783,23 @@ impl ConfigPipeline {
             }
             None => PassOutcome::Full(self.full(snap, changes)),
         }
+    }
+
+    /// The accepted CECs/CCECs that take endpoints of one of `services`
+    /// (as the last pass left them).
+    fn endpoint_users(&self, services: &BTreeSet<ObjectKey>) -> Vec<ObjectKey> {
+        let Some(inc) = self.inc.as_ref() else {
+            return Vec::new();
+        };
+        inc.entries
+            .iter()
+            .filter(|(_, e)| {
+                e.wants.iter().any(|(ns, name, _)| {
+                    services.contains(&ObjectKey::new(Kind::Service, ns, name))
+                })
+            })
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 
     /// The CECs/CCECs whose `spec.services` name one of `services`. A walk

@@ -310,7 +310,7 @@ fn incremental_passes_serve_what_full_passes_serve() {
         ),
         (
             "Service port change (the names its assignments publish change)",
-            "full",
+            "configs",
             Box::new(|s| apply(s, &service("a", 81))),
         ),
         (
@@ -698,8 +698,13 @@ fn random_changes_serve_what_full_passes_serve() {
                 }
                 85..=87 => {
                     let s = rng.below(3);
-                    apply(&store, &service(&format!("s{s}"), 80 + rng.below(2) as u16));
-                    format!("service s{s}")
+                    if rng.chance(25) {
+                        store.delete(&ObjectKey::new(Kind::Service, "default", &format!("s{s}")));
+                        format!("delete service s{s}")
+                    } else {
+                        apply(&store, &service(&format!("s{s}"), 80 + rng.below(2) as u16));
+                        format!("service s{s}")
+                    }
                 }
                 88..=89 => {
                     // LB IPAM hands out, moves or withdraws an address.
