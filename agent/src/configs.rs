@@ -947,7 +947,10 @@ impl ConfigPipeline {
         };
         self.refresh_endpoints(snap, &changes);
         let mut out = EndpointsPass::default();
-        for key in keys.iter().filter(|k| k.kind == Kind::EndpointSlice) {
+        for key in keys
+            .iter()
+            .filter(|k| matches!(k.kind, Kind::EndpointSlice | Kind::Service))
+        {
             out.rejected
                 .push((key.clone(), self.validator.rejection(key)));
         }
