@@ -491,35 +491,10 @@ fn unsupported_routing_and_ipam_values_are_refused() {
         json!({"routingMode": "direct"}),
         json!({"ipam": {"mode": "kubernetes"}}),
     ] {
-        let out = Command::new(helm_support::repo_root().join(".venv/bin/python"))
-            .arg(helm_support::repo_root().join("scripts/helm_chart.py"))
-            .arg(helm_support::chart_dir())
-            .arg(values.to_string())
-            .output();
-        let Ok(out) = out else {
-            assert!(
-                !helm_support::in_ci(),
-                "no .venv/bin/python: run scripts/setup.sh"
-            );
-            eprintln!("SKIPPED: no .venv/bin/python: run scripts/setup.sh");
+        let Some((refused, text)) = lint(&values) else {
             return;
         };
-        if out.status.code() == Some(2) {
-            assert!(
-                !helm_support::in_ci(),
-                "helm-python-sdk missing: run scripts/setup.sh"
-            );
-            eprintln!("SKIPPED: helm-python-sdk missing: run scripts/setup.sh");
-            return;
-        }
-        let stdout: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        let refused = !out.status.success()
-            || stdout["lint"]["messages"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|m| m["severity"].as_u64() >= Some(3));
-        assert!(refused, "{values} was accepted: {stdout}");
+        assert!(refused, "{values} was accepted: {text}");
     }
 }
 
@@ -536,19 +511,31 @@ fn disabling_the_ingress_controller_drops_the_ingress_class() {
 fn values_outside_the_schema_are_refused() {
     // A typo in the mode must not silently render a chart whose operator
     // then refuses its flag.
+    let Some((refused, text)) = lint(&json!({"ingressController": {"loadbalancerMode": "shard"}}))
+    else {
+        return;
+    };
+    assert!(refused, "loadbalancerMode \"shard\" was accepted: {text}");
+    assert!(text.contains("loadbalancerMode"), "{text}");
+}
+
+/// Renders and lints the chart with `values`: whether Helm refused them
+/// (an error, or a lint message of severity error), and its output.
+/// `None` when the prerequisites are missing outside CI (same rule as
+/// render(): in CI that fails).
+fn lint(values: &Value) -> Option<(bool, String)> {
     let out = Command::new(helm_support::repo_root().join(".venv/bin/python"))
         .arg(helm_support::repo_root().join("scripts/helm_chart.py"))
         .arg(helm_support::chart_dir())
-        .arg(json!({"ingressController": {"loadbalancerMode": "shard"}}).to_string())
+        .arg(values.to_string())
         .output();
-    // Same rule as render(): a missing prerequisite fails in CI.
     let Ok(out) = out else {
         assert!(
             !helm_support::in_ci(),
             "no .venv/bin/python: run scripts/setup.sh"
         );
         eprintln!("SKIPPED: no .venv/bin/python: run scripts/setup.sh");
-        return;
+        return None;
     };
     if out.status.code() == Some(2) {
         assert!(
@@ -556,22 +543,19 @@ fn values_outside_the_schema_are_refused() {
             "helm-python-sdk missing: run scripts/setup.sh"
         );
         eprintln!("SKIPPED: helm-python-sdk missing: run scripts/setup.sh");
-        return;
+        return None;
     }
     let stdout: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    let stderr = String::from_utf8_lossy(&out.stderr);
     let refused = !out.status.success()
         || stdout["lint"]["messages"]
             .as_array()
             .into_iter()
             .flatten()
             .any(|m| m["severity"].as_u64() >= Some(3));
-    assert!(
+    Some((
         refused,
-        "loadbalancerMode \"shard\" was accepted: {stdout} {stderr}"
-    );
-    let text = format!("{stdout}{stderr}");
-    assert!(text.contains("loadbalancerMode"), "{text}");
+        format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)),
+    ))
 }
 
 #[test]
