@@ -101,6 +101,20 @@ struct Incremental {
 }
 
 impl Incremental {
+    fn new(pipeline: ConfigPipeline) -> Self {
+        Self {
+            pipeline,
+            seen: None,
+            resources: BTreeMap::new(),
+            rejected: BTreeMap::new(),
+            served: BTreeMap::new(),
+            warnings: BTreeMap::new(),
+            outcomes: Vec::new(),
+            snapshot: Snapshot::new(),
+            acks: AckState::default(),
+        }
+    }
+
     fn step(&mut self, store: &Store) -> View {
         let changes = match self.seen {
             None => PipelineChanges::resync(),
@@ -246,17 +260,7 @@ fn incremental_passes_serve_what_full_passes_serve() {
     apply(&store, &slice("b-1", "b", &["10.0.1.1"]));
     apply(&store, &cec("one", 21101, &["a", "b"]));
 
-    let mut incr = Incremental {
-        pipeline: ConfigPipeline::new(PortMap::default(), BTreeMap::new()),
-        seen: None,
-        resources: BTreeMap::new(),
-        rejected: BTreeMap::new(),
-        served: BTreeMap::new(),
-        warnings: BTreeMap::new(),
-        outcomes: Vec::new(),
-        snapshot: Snapshot::new(),
-        acks: AckState::default(),
-    };
+    let mut incr = Incremental::new(ConfigPipeline::new(PortMap::default(), BTreeMap::new()));
     let mut reference = ConfigPipeline::new(PortMap::default(), BTreeMap::new());
     let steps: Vec<Step> = vec![
         ("start", "full", Box::new(|_| {})),
@@ -633,17 +637,7 @@ fn random_changes_serve_what_full_passes_serve() {
             p.set_lb_pool(Some("127.9.0.0/24".parse().expect("pool")));
             p
         };
-        let mut incr = Incremental {
-            pipeline: pool(),
-            seen: None,
-            resources: BTreeMap::new(),
-            rejected: BTreeMap::new(),
-            served: BTreeMap::new(),
-            warnings: BTreeMap::new(),
-            outcomes: Vec::new(),
-            snapshot: Snapshot::new(),
-            acks: AckState::default(),
-        };
+        let mut incr = Incremental::new(pool());
         let mut reference = pool();
         let mut created: BTreeMap<usize, u64> = BTreeMap::new();
         let mut version = 0u64;
