@@ -967,32 +967,21 @@ fn run(mode: &str) {
         c.pod("a2").ip.clone(),
         c.pod("b1").ip.clone(),
     );
-    assert_eq!(
-        probe_until(&a1_ns, &b1_ip, ECHO_PORT, Duration::from_secs(20)).as_deref(),
-        Some("b1"),
-        "a1 → b1\n{}",
-        c.logs()
-    );
-    assert_eq!(
-        probe_until(&b1_ns, &a1_ip, ECHO_PORT, Duration::from_secs(20)).as_deref(),
-        Some("a1"),
-        "b1 → a1\n{}",
-        c.logs()
-    );
+    // `from` reaches the echo server of pod `want` at `to`.
+    let reaches = |from: &str, to: &str, want: &str, what: &str| {
+        assert_eq!(
+            probe_until(from, to, ECHO_PORT, Duration::from_secs(20)).as_deref(),
+            Some(want),
+            "{what} ({to})\n{}",
+            c.logs()
+        );
+    };
+    reaches(&a1_ns, &b1_ip, "b1", "a1 → b1");
+    reaches(&b1_ns, &a1_ip, "a1", "b1 → a1");
     // The same over IPv6.
     let (a1_ip6, b1_ip6) = (c.pod("a1").ip6.clone(), c.pod("b1").ip6.clone());
-    assert_eq!(
-        probe_until(&a1_ns, &b1_ip6, ECHO_PORT, Duration::from_secs(20)).as_deref(),
-        Some("b1"),
-        "a1 → b1 over IPv6 ({b1_ip6})\n{}",
-        c.logs()
-    );
-    assert_eq!(
-        probe_until(&b1_ns, &a1_ip6, ECHO_PORT, Duration::from_secs(20)).as_deref(),
-        Some("a1"),
-        "b1 → a1 over IPv6 ({a1_ip6})\n{}",
-        c.logs()
-    );
+    reaches(&a1_ns, &b1_ip6, "b1", "a1 → b1 over IPv6");
+    reaches(&b1_ns, &a1_ip6, "a1", "b1 → a1 over IPv6");
 
     c.kubectl_apply(&services_yaml(&a2_ip, &b1_ip));
     let programmed = wait_until(Duration::from_secs(30), || {
