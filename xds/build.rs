@@ -25,15 +25,22 @@ fn main() {
     }
     println!("cargo:rerun-if-changed={}", path.display());
     println!("cargo:rerun-if-changed=src/descriptor_index.rs");
-    println!("cargo:rustc-env=ENVOY_TYPES_BIN={}", path.display());
 
-    // The set's index as static tables (see src/descriptor_index.rs).
+    // The set without source comments is what the binary embeds, and its
+    // index as static tables (see src/descriptor_index.rs).
+    let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let set = std::fs::read(&path)
         .unwrap_or_else(|e| panic!("reading the descriptor set {}: {e}", path.display()));
+    let set = descriptor_index::strip_source_info(&set)
+        .unwrap_or_else(|e| panic!("reading the descriptor set {}: {e}", path.display()));
+    let embedded = out_dir.join("envoy_types.bin");
+    std::fs::write(&embedded, &set)
+        .unwrap_or_else(|e| panic!("writing {}: {e}", embedded.display()));
+    println!("cargo:rustc-env=ENVOY_TYPES_BIN={}", embedded.display());
+    println!("cargo:rustc-env=ENVOY_TYPES_SOURCE_BIN={}", path.display());
     let index = descriptor_index::index(&set)
         .unwrap_or_else(|e| panic!("indexing the descriptor set {}: {e}", path.display()));
-    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"))
-        .join("descriptor_index.rs");
+    let out = out_dir.join("descriptor_index.rs");
     std::fs::write(&out, descriptor_index::render(&index))
         .unwrap_or_else(|e| panic!("writing {}: {e}", out.display()));
 }

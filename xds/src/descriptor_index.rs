@@ -12,6 +12,8 @@ use prost::encoding::{WireType, decode_key, decode_varint};
 
 /// Field number of `FileDescriptorSet.file`.
 const SET_FILE: u32 = 1;
+/// Field number of `FileDescriptorProto.source_code_info`.
+const FILE_SOURCE_INFO: u32 = 9;
 
 /// The parts of a `FileDescriptorProto` the index needs; every other field
 /// is skipped while decoding.
@@ -43,6 +45,83 @@ pub struct Index {
     pub deps: Vec<Vec<u32>>,
     /// Fully qualified message name → the file defining it, sorted by name.
     pub messages: Vec<(String, u32)>,
+}
+
+/// The set with every file's `source_code_info` (comments and source
+/// spans, ~80 % of envoy-types' set) left out: nothing here reads comments,
+/// and a pool decoding them holds them in memory. Every other field keeps
+/// its bytes.
+pub fn strip_source_info(set: &[u8]) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(set.len());
+    for field in fields(set)? {
+        if field.number != SET_FILE || field.wire != WireType::LengthDelimited {
+            out.extend_from_slice(&set[field.start..field.value.end]);
+            continue;
+        }
+        let body = &set[field.value];
+        let mut file = Vec::with_capacity(body.len());
+        for f in fields(body)? {
+            if f.number != FILE_SOURCE_INFO {
+                file.extend_from_slice(&body[f.start..f.value.end]);
+            }
+        }
+        prost::encoding::encode_key(SET_FILE, WireType::LengthDelimited, &mut out);
+        prost::encoding::encode_varint(file.len() as u64, &mut out);
+        out.extend_from_slice(&file);
+    }
+    Ok(out)
+}
+
+/// One top-level field of an encoded message.
+struct RawField {
+    number: u32,
+    wire: WireType,
+    /// Where its key starts.
+    start: usize,
+    value: std::ops::Range<usize>,
+}
+
+/// The top-level fields of an encoded message, in order.
+fn fields(msg: &[u8]) -> Result<Vec<RawField>, String> {
+    let mut out = Vec::new();
+    let mut buf = msg;
+    while buf.has_remaining() {
+        let start = msg.len() - buf.len();
+        let (field, wire) = decode_key(&mut buf).map_err(|e| e.to_string())?;
+        let len = match wire {
+            WireType::Varint => {
+                let before = buf.len();
+                decode_varint(&mut buf).map_err(|e| e.to_string())?;
+                let end = msg.len() - buf.len();
+                out.push(RawField {
+                    number: field,
+                    wire,
+                    start,
+                    value: end - (before - buf.len())..end,
+                });
+                continue;
+            }
+            WireType::SixtyFourBit => 8,
+            WireType::ThirtyTwoBit => 4,
+            WireType::LengthDelimited => {
+                usize::try_from(decode_varint(&mut buf).map_err(|e| e.to_string())?)
+                    .map_err(|e| e.to_string())?
+            }
+            other => return Err(format!("descriptor: field {field} is {other:?}")),
+        };
+        if len > buf.len() {
+            return Err(format!("descriptor: field {field} truncated"));
+        }
+        let value = msg.len() - buf.len();
+        out.push(RawField {
+            number: field,
+            wire,
+            start,
+            value: value..value + len,
+        });
+        buf = &buf[len..];
+    }
+    Ok(out)
 }
 
 /// Indexes an encoded `FileDescriptorSet` without building descriptors.

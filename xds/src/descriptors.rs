@@ -234,7 +234,7 @@ impl Descriptors {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::descriptor_index::{index, render};
+    use crate::descriptor_index::{index, render, strip_source_info};
 
     /// The tables build.rs generated are the index of the set embedded.
     #[test]
@@ -248,5 +248,26 @@ mod tests {
         let d = Descriptors::new(set).expect("descriptors");
         assert!(d.defines("envoy.config.route.v3.RouteConfiguration"));
         assert!(d.defines("envoy.config.route.v3.RouteAction.HashPolicy.Header"));
+    }
+
+    /// The embedded set is envoy-types' own minus source comments: every
+    /// file decodes to the same descriptor with `source_code_info` unset.
+    #[test]
+    fn embedded_set_is_the_shipped_one_without_comments() {
+        let shipped = std::fs::read(env!("ENVOY_TYPES_SOURCE_BIN")).expect("shipped set");
+        let embedded: &[u8] = include_bytes!(env!("ENVOY_TYPES_BIN"));
+        assert_eq!(strip_source_info(&shipped).expect("strip"), embedded);
+        assert!(embedded.len() < shipped.len() / 2, "{}", embedded.len());
+        let shipped = DescriptorPool::decode(shipped.as_slice()).expect("shipped");
+        let embedded = DescriptorPool::decode(embedded).expect("embedded");
+        assert_eq!(shipped.files().len(), embedded.files().len());
+        let mut with_comments = 0;
+        for (a, b) in shipped.files().zip(embedded.files()) {
+            let mut want = a.file_descriptor_proto().clone();
+            with_comments += usize::from(want.source_code_info.take().is_some());
+            assert!(b.file_descriptor_proto().source_code_info.is_none());
+            assert_eq!(&want, b.file_descriptor_proto(), "{}", a.name());
+        }
+        assert!(with_comments > 0);
     }
 }
