@@ -315,8 +315,9 @@ pub struct ManifestSync {
     /// by `membrane status` from there.
     report: Store,
     /// What was applied last, per object (`None`: applied by an earlier
-    /// run, content unknown).
-    applied: BTreeMap<ObjectKey, Option<Value>>,
+    /// run, content unknown). The directory's store shares these objects,
+    /// so remembering them costs no copy.
+    applied: BTreeMap<ObjectKey, Option<Arc<Object>>>,
     /// Problems copied into `report`, and refusals recorded there.
     reported: BTreeSet<String>,
 }
@@ -347,21 +348,25 @@ impl ManifestSync {
     /// the directory's problems. Blocking (SQLite commits).
     pub fn sync(&mut self) {
         let snap = self.manifests.snapshot();
-        let mut desired: Vec<(ObjectKey, &Object)> =
-            snap.iter().map(|(k, o)| (k.clone(), &**o)).collect();
+        let mut desired: Vec<(ObjectKey, &Arc<Object>)> =
+            snap.iter().map(|(k, o)| (k.clone(), o)).collect();
         desired.sort_by_key(|(k, _)| (apply_rank(k.kind), k.clone()));
         let mut problems: BTreeMap<String, String> = self.manifests.problems();
         let mut writes = 0usize;
         for (key, obj) in &desired {
-            let config = applied_configuration(obj);
-            if self.applied.get(key).and_then(Option::as_ref) == Some(&config) {
+            let unchanged = self
+                .applied
+                .get(key)
+                .and_then(Option::as_ref)
+                .is_some_and(|last| Arc::ptr_eq(last, obj) || **last == ***obj);
+            if unchanged {
                 continue;
             }
             writes += 1;
             match self.api.apply_one(obj) {
                 Ok(change) => {
                     debug!(object = %key, %change, "manifests: applied");
-                    self.applied.insert(key.clone(), Some(config));
+                    self.applied.insert(key.clone(), Some(Arc::clone(obj)));
                 }
                 Err(e) => {
                     warn!(object = %key, error = %e, "manifests: the API refused an object");
