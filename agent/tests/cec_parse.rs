@@ -7,7 +7,7 @@ use serde_json::json;
 
 fn spec(resources: Vec<serde_json::Value>) -> EnvoyConfigSpec {
     EnvoyConfigSpec {
-        resources,
+        resources: resources.into_iter().map(Into::into).collect(),
         ..Default::default()
     }
 }

@@ -425,8 +425,8 @@ fn split_shared_cec_parts_serve_what_the_whole_cec_serves() {
         .iter()
         .flat_map(|c| &c.spec.config.resources)
         .filter(|r| {
-            r["name"]
-                .as_str()
+            r.name_and_type()
+                .0
                 .is_some_and(|n| n.contains("~membrane-part-"))
         })
         .count();
@@ -456,8 +456,9 @@ fn split_shared_cec_parts_serve_what_the_whole_cec_serves() {
     );
 
     // One part changes (a cluster's timeout): the joined config follows.
-    let is_cluster =
-        |r: &serde_json::Value| r["@type"].as_str().is_some_and(|t| t.ends_with(".Cluster"));
+    let is_cluster = |r: &membrane_crds::EnvoyResource| {
+        r.name_and_type().1.is_some_and(|t| t.ends_with(".Cluster"))
+    };
     let mut part = many
         .snapshot()
         .typed::<membrane_crds::CiliumEnvoyConfig>(Some("kube-system"))
@@ -474,7 +475,9 @@ fn split_shared_cec_parts_serve_what_the_whole_cec_serves() {
         .iter_mut()
         .find(|r| is_cluster(r))
         .expect("a cluster");
-    cluster["connectTimeout"] = "7s".into();
+    let mut changed = cluster.to_value();
+    changed["connectTimeout"] = "7s".into();
+    *cluster = changed.into();
     many.apply(Object::CiliumEnvoyConfig(part));
     let c = full_content(&mut p2, &many);
     assert!(c != b, "the change is served");

@@ -11,7 +11,8 @@ mod proxy_node_status;
 
 pub use envoy_config::{
     BackendService, CiliumClusterwideEnvoyConfig, CiliumClusterwideEnvoyConfigSpec,
-    CiliumEnvoyConfig, CiliumEnvoyConfigSpec, EnvoyConfigSpec, ServiceListener, selects_node,
+    CiliumEnvoyConfig, CiliumEnvoyConfigSpec, EnvoyConfigSpec, EnvoyResource, ServiceListener,
+    selects_node,
 };
 pub use node::{
     CiliumNode, CiliumNodeSpec, CiliumNodeStatus, NodeIpamSpec, NodeIpamStatus, PodCidrStatus,

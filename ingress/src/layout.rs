@@ -18,7 +18,9 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use membrane_crds::{BackendService, CiliumEnvoyConfig, CiliumEnvoyConfigSpec, EnvoyConfigSpec};
+use membrane_crds::{
+    BackendService, CiliumEnvoyConfig, CiliumEnvoyConfigSpec, EnvoyConfigSpec, EnvoyResource,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -448,8 +450,10 @@ impl SharedLayout {
         // without virtual hosts, rendered from the hosts without routes.
         let mut head = shared_cec(&self.hosts.model(opts), opts);
         for r in &mut head.spec.config.resources {
-            if is_route_config(r) {
-                r["virtualHosts"] = Value::Array(Vec::new());
+            let mut v = r.to_value();
+            if is_route_config(&v) {
+                v["virtualHosts"] = Value::Array(Vec::new());
+                *r = v.into();
             }
         }
         head.metadata
@@ -620,13 +624,13 @@ impl SharedLayout {
             if entries.is_empty() && k != 0 {
                 continue;
             }
-            resources.push(json!({
+            resources.push(EnvoyResource::from(json!({
                 "@type": ROUTE_CONFIGURATION_TYPE,
                 "name": format!("{rc}{FRAGMENT_SEP}{k}"),
                 "virtualHosts": entries,
-            }));
+            })));
         }
-        resources.extend(clusters);
+        resources.extend(clusters.into_iter().map(EnvoyResource::from));
         let spec = EnvoyConfigSpec {
             backend_services: backend_services(&backends).collect(),
             resources,
@@ -678,10 +682,11 @@ pub(crate) fn join_by_ingress(parts: &[CiliumEnvoyConfig]) -> Option<CiliumEnvoy
     }
     for p in others {
         for r in &p.spec.config.resources {
+            let r = r.to_value();
             let name = r["name"].as_str().unwrap_or_default();
             let Some((base, _)) = name
                 .rsplit_once(FRAGMENT_SEP)
-                .filter(|_| is_route_config(r))
+                .filter(|_| is_route_config(&r))
             else {
                 rest.insert(name.to_owned(), r.clone());
                 continue;
@@ -703,9 +708,10 @@ pub(crate) fn join_by_ingress(parts: &[CiliumEnvoyConfig]) -> Option<CiliumEnvoy
         }
     }
     let spec = &mut out.spec.config;
-    for r in &mut spec.resources {
+    for res in &mut spec.resources {
+        let mut r = res.to_value();
         let name = r["name"].as_str().unwrap_or_default().to_owned();
-        let Some(hosts) = by_base.remove(&name).filter(|_| is_route_config(r)) else {
+        let Some(hosts) = by_base.remove(&name).filter(|_| is_route_config(&r)) else {
             continue;
         };
         let vhosts: Vec<Value> = hosts
@@ -738,8 +744,10 @@ pub(crate) fn join_by_ingress(parts: &[CiliumEnvoyConfig]) -> Option<CiliumEnvoy
             })
             .collect();
         r["virtualHosts"] = Value::Array(vhosts);
+        *res = r.into();
     }
-    spec.resources.extend(rest.into_values());
+    spec.resources
+        .extend(rest.into_values().map(EnvoyResource::from));
     spec.backend_services = backend_services(&backends).collect();
     Some(out)
 }

@@ -18,7 +18,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use membrane_crds::CiliumEnvoyConfig;
+use membrane_crds::{CiliumEnvoyConfig, EnvoyResource};
 
 use crate::error::IngressError;
 use crate::model::{
@@ -804,18 +804,19 @@ pub fn split_shared_cec(
     let budget = max_bytes.saturating_sub(json_len(&empty, &id)? + 64);
     // Resources and backend services as items to pack, in order.
     enum Item {
-        Resource(serde_json::Value),
+        Resource(EnvoyResource),
         Backend(membrane_crds::BackendService),
     }
     let mut items: Vec<(Item, usize)> = Vec::new();
     for (i, r) in spec.resources.iter().enumerate() {
-        let len = json_len(r, &id)? + 1;
+        let len = r.len() + 1;
         if len <= budget {
             items.push((Item::Resource(r.clone()), len));
             continue;
         }
         let field = format!("spec.resources[{i}]");
-        if !is_route_config(r) {
+        let r = r.to_value();
+        if !is_route_config(&r) {
             return Err(SplitError::TooLarge {
                 cec: id,
                 field,
@@ -823,8 +824,9 @@ pub fn split_shared_cec(
                 max: budget,
             });
         }
-        for f in fragment_route_config(r, budget, &id, &field)? {
-            let len = json_len(&f, &id)? + 1;
+        for f in fragment_route_config(&r, budget, &id, &field)? {
+            let f = EnvoyResource::from(f);
+            let len = f.len() + 1;
             items.push((Item::Resource(f), len));
         }
     }
@@ -900,6 +902,7 @@ pub fn join_shared_cecs(parts: &[CiliumEnvoyConfig]) -> Option<CiliumEnvoyConfig
     let mut joined: Vec<Value> = Vec::with_capacity(spec.resources.len());
     let mut index: HashMap<String, usize> = HashMap::new();
     for r in std::mem::take(&mut spec.resources) {
+        let r = r.to_value();
         let name = r["name"].as_str().unwrap_or_default().to_owned();
         let base = name
             .rsplit_once(FRAGMENT_SEP)
@@ -924,7 +927,7 @@ pub fn join_shared_cecs(parts: &[CiliumEnvoyConfig]) -> Option<CiliumEnvoyConfig
             }
         }
     }
-    spec.resources = joined;
+    spec.resources = joined.into_iter().map(EnvoyResource::from).collect();
     out.metadata.labels = first.metadata.labels.clone();
     Some(out)
 }

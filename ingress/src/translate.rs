@@ -7,7 +7,8 @@ use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use membrane_crds::{
-    BackendService, CiliumEnvoyConfig, CiliumEnvoyConfigSpec, EnvoyConfigSpec, ServiceListener,
+    BackendService, CiliumEnvoyConfig, CiliumEnvoyConfigSpec, EnvoyConfigSpec, EnvoyResource,
+    ServiceListener,
 };
 
 use crate::annotations::ServiceType;
@@ -207,7 +208,10 @@ pub(crate) fn build_cec(
                 number: ports.iter().cloned().collect(),
             })
             .collect(),
-        resources: envoy::resources(model, opts, host_port),
+        resources: envoy::resources(model, opts, host_port)
+            .into_iter()
+            .map(EnvoyResource::from)
+            .collect(),
         // Host network mode: the listener binds on every node it reaches,
         // so the selector decides which nodes serve Ingresses.
         node_selector: opts

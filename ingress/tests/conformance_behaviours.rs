@@ -12,7 +12,13 @@ use serde_json::Value;
 fn cec_resources(yaml: &str) -> Vec<Value> {
     let ing: Ingress = serde_yaml_ng::from_str(yaml).expect("Ingress YAML");
     let t = translate(&ing, &TranslateOptions::default()).expect("translates");
-    t.cec.spec.config.resources.clone()
+    t.cec
+        .spec
+        .config
+        .resources
+        .iter()
+        .map(membrane_crds::EnvoyResource::to_value)
+        .collect()
 }
 
 const PATHS: &str = r#"

@@ -22,8 +22,8 @@ fn with(opts: &TranslateOptions, yaml: &str) -> Result<Translation, IngressError
     translate(&ingress(yaml), opts)
 }
 
-fn listener(t: &Translation) -> &Value {
-    &t.cec.spec.resources[0]
+fn listener(t: &Translation) -> Value {
+    t.cec.spec.resources[0].to_value()
 }
 
 fn annotated(annotations: &str) -> String {
@@ -66,8 +66,8 @@ fn passthrough_listener_proxies_by_sni_without_terminating() {
     // Port 443 only; no HTTP route configuration.
     assert_eq!(t.cec.spec.services[0].ports, vec![443]);
     assert!(!t.cec.spec.resources.iter().any(|r| {
-        r["@type"]
-            .as_str()
+        r.name_and_type()
+            .1
             .is_some_and(|s| s.ends_with("RouteConfiguration"))
     }));
     let svc_ports: Vec<i32> = t
@@ -112,7 +112,8 @@ fn proxy_protocol_filter_comes_before_tls_inspector() {
         ..TranslateOptions::default()
     };
     let t = with(&opts, &annotated("")).expect("translates");
-    let names: Vec<&str> = listener(&t)["listenerFilters"]
+    let l = listener(&t);
+    let names: Vec<&str> = l["listenerFilters"]
         .as_array()
         .expect("filters")
         .iter()
@@ -304,7 +305,8 @@ fn keep_alive_annotations_set_the_socket_options() {
         ),
     )
     .expect("ok");
-    let values: Vec<&str> = listener(&t)["socketOptions"]
+    let l = listener(&t);
+    let values: Vec<&str> = l["socketOptions"]
         .as_array()
         .expect("options")
         .iter()
@@ -446,7 +448,7 @@ fn shared_passthrough_and_terminating_hosts_do_not_break_each_other() {
         assert!(text.contains("already served by Ingress ns/"), "{text}");
     }
     let t = out.translation.expect("shared CEC");
-    let chains = t.cec.spec.resources[0]["filterChains"]
+    let chains = t.cec.spec.resources[0].to_value()["filterChains"]
         .as_array()
         .expect("chains")
         .clone();

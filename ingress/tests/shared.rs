@@ -26,18 +26,22 @@ fn shared(ns: &str, name: &str, created: &str, routes: &[(&str, &str, &str)]) ->
     ))
 }
 
-fn route_config<'a>(t: &'a SharedTranslation, name: &str) -> Option<&'a Value> {
-    t.cec.spec.resources.iter().find(|r| {
-        r["name"] == name
-            && r["@type"]
-                .as_str()
-                .is_some_and(|s| s.ends_with("RouteConfiguration"))
-    })
+fn route_config(t: &SharedTranslation, name: &str) -> Option<Value> {
+    t.cec
+        .spec
+        .resources
+        .iter()
+        .find(|r| {
+            let (n, ty) = r.name_and_type();
+            n.as_deref() == Some(name) && ty.is_some_and(|s| s.ends_with("RouteConfiguration"))
+        })
+        .map(|r| r.to_value())
 }
 
 /// (host, [cluster or "redirect"]) per virtual host of a route configuration.
 fn vhosts(t: &SharedTranslation, name: &str) -> Vec<(String, Vec<String>)> {
-    route_config(t, name)
+    let rc = route_config(t, name);
+    rc.as_ref()
         .and_then(|rc| rc["virtualHosts"].as_array())
         .into_iter()
         .flatten()
@@ -408,7 +412,7 @@ spec:
     );
     let t = merge(&[ingress(TLS_A), same_secret, other_ns]);
     assert!(t.conflicts.is_empty(), "{:?}", t.conflicts);
-    let listener = &t.cec.spec.resources[0];
+    let listener = t.cec.spec.resources[0].to_value();
     let chains: Vec<(Value, Value)> = listener["filterChains"]
         .as_array()
         .unwrap()
@@ -624,7 +628,7 @@ fn two_thousand_ingresses_ten_thousand_routes_five_thousand_services() {
         .spec
         .resources
         .iter()
-        .filter(|r| r["@type"].as_str().is_some_and(|s| s.ends_with("Cluster")))
+        .filter(|r| r.name_and_type().1.is_some_and(|s| s.ends_with("Cluster")))
         .count();
     assert_eq!(clusters, 5_000);
 }

@@ -4,11 +4,11 @@
 use std::collections::BTreeSet;
 
 use k8s_openapi::api::networking::v1::Ingress;
+use membrane_crds::EnvoyResource;
 use membrane_ingress::{
     MAX_OBJECT_BYTES, SHARED_PART_OF_LABEL, SplitError, TranslateOptions, join_shared_cecs,
     merge_shared, shared_part, split_shared_cec,
 };
-use serde_json::Value;
 
 /// The benchmark's shape: Ingress `i` with `paths` Prefix paths, route `j`
 /// to Service `(i * paths + j) % services`.
@@ -27,11 +27,12 @@ fn ingress(i: usize, paths: usize, services: usize, host: Option<&str>) -> Ingre
     .expect("valid Ingress YAML")
 }
 
-fn names(resources: &[Value], suffix: &str) -> BTreeSet<String> {
+fn names(resources: &[EnvoyResource], suffix: &str) -> BTreeSet<String> {
     resources
         .iter()
-        .filter(|r| r["@type"].as_str().is_some_and(|t| t.ends_with(suffix)))
-        .filter_map(|r| r["name"].as_str().map(str::to_owned))
+        .map(EnvoyResource::name_and_type)
+        .filter(|(_, t)| t.as_deref().is_some_and(|t| t.ends_with(suffix)))
+        .filter_map(|(name, _)| name)
         .collect()
 }
 
@@ -58,7 +59,7 @@ fn ten_thousand_routes_split_into_objects_under_one_mib_and_join_back() {
         .spec
         .resources
         .iter()
-        .find(|r| r["name"] == "listener-insecure")
+        .find(|r| r.name_and_type().0.as_deref() == Some("listener-insecure"))
         .expect("route configuration");
     assert!(
         serde_json::to_vec(route_config).expect("json").len() > MAX_OBJECT_BYTES,
@@ -101,7 +102,7 @@ fn ten_thousand_routes_split_into_objects_under_one_mib_and_join_back() {
             .config
             .resources
             .iter()
-            .find(|r| r["name"] == "listener-insecure")
+            .find(|r| r.name_and_type().0.as_deref() == Some("listener-insecure"))
             .cloned()
     };
     assert_eq!(rc(&joined), rc(&whole));

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::networking::v1::Ingress;
+use membrane_crds::EnvoyResource;
 use membrane_ingress::{
     IngressError, Lookup, TranslateOptions, Translation, names, translate, translate_all,
     validate_references,
@@ -23,20 +24,26 @@ fn err(yaml: &str) -> IngressError {
     translate(&ingress(yaml), &TranslateOptions::default()).expect_err("must fail")
 }
 
-fn resource<'a>(t: &'a Translation, type_suffix: &str, name: &str) -> Option<&'a Value> {
-    t.cec.spec.resources.iter().find(|r| {
-        r["@type"]
-            .as_str()
-            .is_some_and(|s| s.ends_with(type_suffix))
-            && r["name"] == name
-    })
+fn resource(t: &Translation, type_suffix: &str, name: &str) -> Option<Value> {
+    t.cec
+        .spec
+        .resources
+        .iter()
+        .map(EnvoyResource::to_value)
+        .find(|r| {
+            r["@type"]
+                .as_str()
+                .is_some_and(|s| s.ends_with(type_suffix))
+                && r["name"] == name
+        })
 }
 
-fn vhost<'a>(t: &'a Translation, route_config: &str, host: &str) -> Option<&'a Value> {
+fn vhost(t: &Translation, route_config: &str, host: &str) -> Option<Value> {
     resource(t, "RouteConfiguration", route_config)?["virtualHosts"]
         .as_array()?
         .iter()
         .find(|v| v["name"] == host)
+        .cloned()
 }
 
 const TLS_INGRESS: &str = r#"

@@ -1206,9 +1206,10 @@ spec:
 
     /// The path prefixes of every route in the route configurations among
     /// `resources`.
-    fn route_prefixes(resources: &[serde_json::Value]) -> Vec<String> {
+    fn route_prefixes(resources: &[membrane_crds::EnvoyResource]) -> Vec<String> {
         let mut out = Vec::new();
         for r in resources {
+            let r = r.to_value();
             for vh in r["virtualHosts"].as_array().into_iter().flatten() {
                 for route in vh["routes"].as_array().into_iter().flatten() {
                     let m = &route["match"];
@@ -1282,6 +1283,7 @@ spec:
         }
         let mut paths: Vec<String> = Vec::new();
         for r in &joined.spec.config.resources {
+            let r = r.to_value();
             for vh in r["virtualHosts"].as_array().into_iter().flatten() {
                 for route in vh["routes"].as_array().into_iter().flatten() {
                     let m = &route["match"];

@@ -118,12 +118,14 @@ fn cec_bound(snap: &StoreSnapshot) -> BTreeSet<Ipv4Addr> {
                 _ => continue,
             };
             for r in &spec.resources {
-                let is_listener = r["@type"]
-                    .as_str()
+                let is_listener = r
+                    .name_and_type()
+                    .1
                     .is_some_and(|t| t.ends_with("envoy.config.listener.v3.Listener"));
                 if !is_listener {
                     continue;
                 }
+                let r = &r.to_value();
                 // protojson accepts both spellings of a field.
                 let field = |v: &'_ serde_json::Value, camel: &str, snake: &str| {
                     let c = &v[camel];

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::route::v3::VirtualHost;
-use membrane_crds::EnvoyConfigSpec;
+use membrane_crds::{EnvoyConfigSpec, EnvoyResource};
 use membrane_xds::Resource;
 use prost::Name;
 
@@ -92,12 +92,7 @@ pub fn parse_cec(
     name: &str,
     spec: &EnvoyConfigSpec,
 ) -> Result<ParsedCec, CecError> {
-    let defines_legacy_admin = spec.resources.iter().any(|r| {
-        r["name"] == LEGACY_ADMIN_CLUSTER
-            && r["@type"]
-                .as_str()
-                .is_some_and(|t| t.ends_with("envoy.config.cluster.v3.Cluster"))
-    });
+    let defines_legacy_admin = spec.resources.iter().any(is_legacy_admin);
     let ctx = Ctx {
         object,
         namespace,
@@ -108,10 +103,19 @@ pub fn parse_cec(
     for (index, raw) in spec.resources.iter().enumerate() {
         let field = format!("spec.resources[{index}]");
         decoded.push(Decoded::Packed(
-            membrane_xds::codec::any_from_json(raw).map_err(|e| ctx.err(&field, e.to_string()))?,
+            membrane_xds::codec::any_from_json(&raw.to_value())
+                .map_err(|e| ctx.err(&field, e.to_string()))?,
         ));
     }
     parse_decoded(object, namespace, name, decoded, defines_legacy_admin)
+}
+
+/// Whether `r` is a cluster named `envoy-admin` (see
+/// [`super::qualify::qualify_cluster_ref`]).
+pub(crate) fn is_legacy_admin(r: &EnvoyResource) -> bool {
+    let (name, type_url) = r.name_and_type();
+    name.as_deref() == Some(LEGACY_ADMIN_CLUSTER)
+        && type_url.is_some_and(|t| t.ends_with("envoy.config.cluster.v3.Cluster"))
 }
 
 /// A resource decoded from its JSON: packed, or a route configuration

@@ -34,7 +34,6 @@ use super::parse::{
     CecError, Decoded, Encoded, ParsedCec, ParsedListener, check_names, parse_cec, parse_resource,
     qualify_vhost,
 };
-use super::qualify::LEGACY_ADMIN_CLUSTER;
 use crate::envoy_pb::{Any, Cluster, ClusterDiscoveryType, DiscoveryType, RouteConfiguration};
 
 /// A split CEC joined back.
@@ -444,12 +443,11 @@ fn part_key(head: &ObjectKey, c: &CiliumEnvoyConfig) -> ObjectKey {
 /// Whether the object defines a cluster named `envoy-admin` (see
 /// [`super::qualify::qualify_cluster_ref`]).
 fn defines_legacy_admin(c: &CiliumEnvoyConfig) -> bool {
-    c.spec.config.resources.iter().any(|r| {
-        r["name"] == LEGACY_ADMIN_CLUSTER
-            && r["@type"]
-                .as_str()
-                .is_some_and(|t| t.ends_with("envoy.config.cluster.v3.Cluster"))
-    })
+    c.spec
+        .config
+        .resources
+        .iter()
+        .any(super::parse::is_legacy_admin)
 }
 
 /// FNV-1a: a content hash for the pieces (equal hash ⇔ equal bytes, in
@@ -498,11 +496,12 @@ fn decode_part(
     let mut route_names = Vec::new();
     for (i, raw) in c.spec.config.resources.iter().enumerate() {
         let field = format!("spec.resources[{i}]");
+        let raw = raw.to_value();
         let local = raw["name"].as_str().unwrap_or_default();
         let fragment = membrane_ingress::ROUTE_CONFIGURATION_TYPE == raw["@type"]
             && local.contains(FRAGMENT_SEP);
         if !fragment {
-            let any = membrane_xds::codec::any_from_json(raw)
+            let any = membrane_xds::codec::any_from_json(&raw)
                 .map_err(|e| err(field.clone(), e.to_string()))?;
             if is_head && any.type_url == RouteConfiguration::type_url() {
                 route_names.push(local.to_owned());
