@@ -38,6 +38,7 @@ use crate::ports::ProxyPorts;
 use crate::secrets::{BadSecret, tls_secrets};
 
 mod delta;
+mod users;
 pub use delta::{ConfigsPass, ServedList};
 
 /// One Envoy resource ready for the snapshot: encoded and hashed once per

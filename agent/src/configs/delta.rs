@@ -15,7 +15,6 @@
 //! state from scratch.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::ops::Bound;
 use std::sync::Arc;
 
 use k8s_openapi::jiff::Timestamp;
@@ -23,6 +22,7 @@ use membrane_crds::EnvoyConfigSpec;
 use membrane_store::{Kind, Object, ObjectKey, StoreSnapshot};
 use membrane_xds::codec::type_url;
 
+use super::users::Users;
 use super::{
     Binds, Built, CachedEds, ConfigPipeline, EdsServing, Prepared, empty_eds, selects, static_type,
 };
@@ -126,14 +126,14 @@ pub(super) struct IncState {
     /// Accepted CECs: port → owners in order → the addresses they bind.
     binds: HashMap<u32, BTreeMap<SortKey, Vec<String>>>,
     /// Every CEC that reached the conflict check, by name and by address.
-    name_users: HashMap<(&'static str, String), BTreeSet<SortKey>>,
-    bind_users: HashMap<u32, HashMap<String, BTreeSet<SortKey>>>,
+    name_users: HashMap<(&'static str, String), Users<SortKey>>,
+    bind_users: HashMap<u32, HashMap<String, Users<SortKey>>>,
     /// Counts over the accepted CECs.
     wants: BTreeMap<WantKey, usize>,
     asked: HashMap<String, usize>,
     cec_eds: HashMap<String, usize>,
     routes: HashMap<String, usize>,
-    rds_users: HashMap<String, BTreeSet<ObjectKey>>,
+    rds_users: HashMap<String, Users<ObjectKey>>,
     pub(super) live: BTreeSet<String>,
     /// Assignments published from Services (and empty ones), by name.
     pub(super) eds_res: HashMap<String, Built>,
@@ -379,15 +379,7 @@ impl IncState {
         names: &[(&'static str, String)],
         binds: &[(String, u32)],
     ) -> BTreeSet<SortKey> {
-        let range = |set: &BTreeSet<SortKey>| -> Vec<SortKey> {
-            match after {
-                Some(a) => set
-                    .range((Bound::Excluded(a), Bound::Unbounded))
-                    .cloned()
-                    .collect(),
-                None => set.iter().cloned().collect(),
-            }
-        };
+        let range = |set: &Users<SortKey>| set.after(after).to_vec();
         let mut out = BTreeSet::new();
         for (t, n) in names {
             if let Some(set) = self.name_users.get(&(*t, n.clone())) {
