@@ -17,11 +17,12 @@ impl Controller for InProcess {
         let pass = self.0.pass(store, &StoreSink(store.clone()));
         ControllerPass {
             rejected: pass.rejected,
-            generated: pass
-                .managed
-                .into_iter()
-                .map(|m| (m.ingress, m.cec))
-                .collect(),
+            generated: Some(
+                pass.managed
+                    .iter()
+                    .map(|m| (m.ingress.clone(), m.cec.clone()))
+                    .collect(),
+            ),
         }
     }
 }

@@ -118,8 +118,8 @@ pub struct ControllerPass {
     /// Objects it rejected, with why.
     pub rejected: BTreeMap<ObjectKey, String>,
     /// `(Ingress, CEC generated from it)`: an Ingress answers for its CEC's
-    /// rejection.
-    pub generated: Vec<(ObjectKey, ObjectKey)>,
+    /// rejection. `None`: the same as the pass before.
+    pub generated: Option<Vec<(ObjectKey, ObjectKey)>>,
 }
 
 /// Run until `shutdown`; Envoy is stopped before this returns. `reports`
@@ -606,9 +606,11 @@ impl Reconciler {
             };
             timeline("controller done", std::iter::empty());
             self.incr.front_rejected = controlled.rejected;
-            self.generated.clear();
-            for (i, (ingress, cec)) in controlled.generated.into_iter().enumerate() {
-                self.generated.entry(cec).or_default().push((i, ingress));
+            if let Some(generated) = controlled.generated {
+                self.generated.clear();
+                for (i, (ingress, cec)) in generated.into_iter().enumerate() {
+                    self.generated.entry(cec).or_default().push((i, ingress));
+                }
             }
         }
         self.incr.front_seen = Some(front_rev);

@@ -7,6 +7,7 @@
 //! takes down what already serves.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::networking::v1::{Ingress, IngressBackend, IngressClass};
@@ -99,8 +100,8 @@ pub struct ManagedIngress {
 
 impl ManagedIngress {
     /// A dedicated Ingress's objects: its CEC and its LB Service.
-    fn dedicated(ingress: &ObjectKey, cec: ObjectKey) -> Self {
-        ManagedIngress {
+    fn dedicated(ingress: &ObjectKey, cec: ObjectKey) -> Arc<Self> {
+        Arc::new(ManagedIngress {
             ingress: ingress.clone(),
             service: ObjectKey {
                 kind: Kind::Service,
@@ -108,7 +109,7 @@ impl ManagedIngress {
                 name: membrane_ingress::names::service_name(&ingress.name),
             },
             cec,
-        }
+        })
     }
 }
 
@@ -117,7 +118,9 @@ impl ManagedIngress {
 pub struct IngressPass {
     /// Managed Ingresses whose generated objects exist (freshly or from the
     /// last good translation).
-    pub managed: Vec<ManagedIngress>,
+    /// Entries are shared between passes: an unchanged entry is the same
+    /// allocation as in the pass before.
+    pub managed: Vec<Arc<ManagedIngress>>,
     /// Ingresses that failed translation or validation, with why.
     pub rejected: BTreeMap<ObjectKey, String>,
 }
@@ -128,10 +131,10 @@ enum Memo {
     /// Dedicated objects written, with the hash stamped on them (if someone
     /// else changes or deletes them, they are written again).
     Dedicated {
-        managed: ManagedIngress,
+        managed: Arc<ManagedIngress>,
         applied: Vec<(ObjectKey, String)>,
     },
-    Shared(SharedPart),
+    Shared(Box<SharedPart>),
     Failed(String),
 }
 
@@ -139,7 +142,7 @@ enum Memo {
 #[derive(Debug, Clone)]
 struct SharedMemo {
     applied: Vec<(ObjectKey, String)>,
-    managed: Vec<ManagedIngress>,
+    managed: Vec<Arc<ManagedIngress>>,
     conflicts: Vec<(ObjectKey, String)>,
 }
 
@@ -267,7 +270,7 @@ fn owner_ingress(meta: &ObjectMeta) -> Option<String> {
 struct Outcome {
     /// Its dedicated objects (fresh or last good), which garbage
     /// collection spares.
-    dedicated: Option<ManagedIngress>,
+    dedicated: Option<Arc<ManagedIngress>>,
     /// Served from its last good part in the shared CEC.
     shared: bool,
     rejected: Option<String>,
@@ -697,11 +700,11 @@ impl IngressController {
                         .and_then(|()| membrane_ingress::translate(ing, opts))
                         {
                             Ok(t) => Memo::Dedicated {
-                                managed: ManagedIngress {
+                                managed: Arc::new(ManagedIngress {
                                     ingress: key.clone(),
                                     cec: key_of(Kind::CiliumEnvoyConfig, &t.cec.metadata),
                                     service: key_of(Kind::Service, &t.service.metadata),
-                                },
+                                }),
                                 // The CEC first: it is what the agents wait for.
                                 applied: apply_recorded(
                                     sink,
@@ -723,7 +726,7 @@ impl IngressController {
                         )
                         .and_then(|()| membrane_ingress::shared_part(ing, opts))
                         {
-                            Ok(part) => Memo::Shared(part),
+                            Ok(part) => Memo::Shared(Box::new(part)),
                             Err(e) => Memo::Failed(e.to_string()),
                         }
                     }
@@ -740,7 +743,7 @@ impl IngressController {
         match memo {
             Memo::Dedicated { managed, .. } => outcome.dedicated = Some(managed),
             Memo::Shared(part) => {
-                self.last_good.insert(key.clone(), part);
+                self.last_good.insert(key.clone(), *part);
                 outcome.shared = true;
             }
             Memo::Failed(e) => {
@@ -758,7 +761,11 @@ impl IngressController {
     }
 
     /// The dedicated objects an Ingress generated earlier, if its CEC exists.
-    fn dedicated_last_good(&self, snap: &StoreSnapshot, key: &ObjectKey) -> Option<ManagedIngress> {
+    fn dedicated_last_good(
+        &self,
+        snap: &StoreSnapshot,
+        key: &ObjectKey,
+    ) -> Option<Arc<ManagedIngress>> {
         let cec = self
             .owned
             .get(key)?
@@ -945,6 +952,15 @@ impl IngressController {
     ) -> SharedMemo {
         // Objects changed or deleted behind our back (or whose write is
         // not seen yet) are written again; the others stay as recorded.
+        // Entries of Ingresses still included are kept as they were (the
+        // status writer looks again only at entries that changed).
+        let mut prev_managed: BTreeMap<ObjectKey, Arc<ManagedIngress>> = prev
+            .as_ref()
+            .into_iter()
+            .flat_map(|m| &m.managed)
+            .filter(|m| &m.cec == cec_key && &m.service == service_key)
+            .map(|m| (m.ingress.clone(), m.clone()))
+            .collect();
         let (prev_applied, mut again): (Vec<_>, Vec<_>) = match prev {
             Some(m) => m
                 .applied
@@ -1014,14 +1030,19 @@ impl IngressController {
         let managed = t
             .included
             .iter()
-            .map(|(namespace, name)| ManagedIngress {
-                ingress: ObjectKey {
+            .map(|(namespace, name)| {
+                let ingress = ObjectKey {
                     kind: Kind::Ingress,
                     namespace: namespace.clone(),
                     name: name.clone(),
-                },
-                cec: cec_key.clone(),
-                service: service_key.clone(),
+                };
+                prev_managed.remove(&ingress).unwrap_or_else(|| {
+                    Arc::new(ManagedIngress {
+                        ingress,
+                        cec: cec_key.clone(),
+                        service: service_key.clone(),
+                    })
+                })
             })
             .collect();
         // Parts beyond the first go out before it, so an agent that sees the
@@ -1064,7 +1085,7 @@ impl IngressController {
 }
 
 /// The dedicated objects an Ingress generated earlier, if its CEC exists.
-fn dedicated_last_good(snap: &StoreSnapshot, key: &ObjectKey) -> Option<ManagedIngress> {
+fn dedicated_last_good(snap: &StoreSnapshot, key: &ObjectKey) -> Option<Arc<ManagedIngress>> {
     let cec = generated_cec(snap, key)?;
     Some(ManagedIngress::dedicated(key, cec))
 }

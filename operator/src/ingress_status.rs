@@ -8,66 +8,147 @@
 //! address), and every input is an object whose change wakes the loop, so
 //! no wake-up can be lost between an ACK and the status write (issue 9).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::networking::v1::Ingress;
 use membrane_crds::{ACKED, ProxyNodeStatus};
 use membrane_ingress::lb_ip;
 use membrane_k8s::Sink;
-use membrane_store::{Kind, Object, ObjectKey, StoreSnapshot};
+use membrane_store::{ChangeCursor, Changes, Kind, Object, ObjectKey, Store, StoreSnapshot};
 use serde_json::json;
 
 use crate::ingress_controller::ManagedIngress;
 
-/// Remembers which Ingresses carry a status written by us.
+/// Writes the addresses, following changes: an Ingress is looked at when
+/// its entry in the managed list, its Service or the Ingress itself
+/// changed, and on every pass while its address waits for an ACK (agents'
+/// reports and CEC generations decide that, and there are few such
+/// Ingresses at a time).
 #[derive(Debug, Default)]
 pub struct StatusWriter {
+    /// Ingresses carrying an address written by us.
     written: BTreeSet<ObjectKey>,
+    changes: ChangeCursor,
+    /// The managed list of the last pass: its entries are shared, so an
+    /// entry that is the same allocation is unchanged.
+    last: Vec<Arc<ManagedIngress>>,
+    by_ingress: BTreeMap<ObjectKey, Arc<ManagedIngress>>,
+    by_service: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
+    /// Managed Ingresses whose status does not show their Service's
+    /// address yet.
+    pending: BTreeSet<ObjectKey>,
 }
 
 impl StatusWriter {
-    pub fn reconcile(&mut self, sink: &dyn Sink, snap: &StoreSnapshot, managed: &[ManagedIngress]) {
-        let reports: Vec<&ProxyNodeStatus> = snap.typed::<ProxyNodeStatus>(None).collect();
-        let mut still_managed = BTreeSet::new();
-        for m in managed {
-            still_managed.insert(m.ingress.clone());
+    /// `managed` lists one entry per managed Ingress (a later entry for the
+    /// same Ingress wins).
+    pub fn reconcile(&mut self, sink: &dyn Sink, store: &Store, managed: &[Arc<ManagedIngress>]) {
+        let changes = self.changes.advance(store);
+        let snap = store.snapshot();
+        let mut look: BTreeSet<ObjectKey> = self.follow_managed(managed);
+        match &changes {
+            Changes::Resync => look.extend(self.by_ingress.keys().cloned()),
+            Changes::Keys(keys) => {
+                for c in keys {
+                    match c.key.kind {
+                        Kind::Service => {
+                            look.extend(self.by_service.get(&c.key).into_iter().flatten().cloned());
+                        }
+                        Kind::Ingress if self.by_ingress.contains_key(&c.key) => {
+                            look.insert(c.key.clone());
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        look.extend(self.pending.iter().cloned());
+        let mut reports: Option<Vec<&ProxyNodeStatus>> = None;
+        for key in look {
+            let Some(m) = self.by_ingress.get(&key) else {
+                // No longer ours: it loses the address we gave it.
+                self.pending.remove(&key);
+                if self.written.remove(&key) && ingress_ip(&snap, &key).is_some() {
+                    sink.status(&key, json!({"loadBalancer": {}}));
+                }
+                continue;
+            };
             let Some(ip) = snap
                 .get_typed::<Service>(&m.service.namespace, &m.service.name)
                 .and_then(lb_ip)
             else {
+                self.pending.remove(&key);
                 continue;
             };
             let ip = ip.to_string();
-            // Already there: nothing to check (the ACK check walks the
-            // reports, too much for every Ingress on every pass).
-            if ingress_ip(snap, &m.ingress).as_deref() == Some(ip.as_str()) {
-                self.written.insert(m.ingress.clone());
+            if ingress_ip(&snap, &key).as_deref() == Some(ip.as_str()) {
+                self.pending.remove(&key);
+                self.written.insert(key);
                 continue;
             }
+            // Until the address shows, the Ingress is looked at every pass
+            // (and written again while its ACK holds: the sink coalesces).
+            self.pending.insert(key.clone());
+            let reports =
+                reports.get_or_insert_with(|| snap.typed::<ProxyNodeStatus>(None).collect());
             // The ACK must cover listeners on this very address.
-            if !acked_everywhere(snap, &reports, &m.cec, Some(&ip)) {
+            if !acked_everywhere(&snap, reports, &m.cec, Some(&ip)) {
                 continue;
             }
-            self.written.insert(m.ingress.clone());
-            sink.status(
-                &m.ingress,
-                json!({"loadBalancer": {"ingress": [{"ip": ip}]}}),
-            );
+            sink.status(&key, json!({"loadBalancer": {"ingress": [{"ip": ip}]}}));
+            self.written.insert(key);
         }
-        // An Ingress that is no longer ours loses the address we gave it.
-        let dropped: Vec<ObjectKey> = self
-            .written
-            .iter()
-            .filter(|k| !still_managed.contains(*k))
-            .cloned()
-            .collect();
-        for key in dropped {
-            if key.kind == Kind::Ingress && ingress_ip(snap, &key).is_some() {
-                sink.status(&key, json!({"loadBalancer": {}}));
+    }
+
+    /// Takes in the new managed list; returns the Ingresses whose entry
+    /// came, went or changed.
+    fn follow_managed(&mut self, managed: &[Arc<ManagedIngress>]) -> BTreeSet<ObjectKey> {
+        let mut changed = BTreeSet::new();
+        let unchanged = managed.len() == self.last.len()
+            && managed
+                .iter()
+                .zip(&self.last)
+                .all(|(a, b)| Arc::ptr_eq(a, b));
+        if unchanged {
+            return changed;
+        }
+        let ptr = |m: &Arc<ManagedIngress>| Arc::as_ptr(m) as usize;
+        let new: HashSet<usize> = managed.iter().map(ptr).collect();
+        let old: HashSet<usize> = self.last.iter().map(ptr).collect();
+        for gone in self.last.iter().filter(|m| !new.contains(&ptr(m))) {
+            if self
+                .by_ingress
+                .get(&gone.ingress)
+                .is_some_and(|m| Arc::ptr_eq(m, gone))
+            {
+                self.by_ingress.remove(&gone.ingress);
             }
-            self.written.remove(&key);
+            if let Some(users) = self.by_service.get_mut(&gone.service) {
+                users.remove(&gone.ingress);
+                if users.is_empty() {
+                    self.by_service.remove(&gone.service);
+                }
+            }
+            changed.insert(gone.ingress.clone());
         }
+        for came in managed.iter().filter(|m| !old.contains(&ptr(m))) {
+            self.by_ingress.insert(came.ingress.clone(), came.clone());
+            changed.insert(came.ingress.clone());
+        }
+        // Service users of the Ingresses that changed, from what they map
+        // to now (an Ingress's old Service was dropped above).
+        for key in &changed {
+            if let Some(m) = self.by_ingress.get(key) {
+                self.by_service
+                    .entry(m.service.clone())
+                    .or_default()
+                    .insert(key.clone());
+            }
+        }
+        self.last = managed.to_vec();
+        changed
     }
 }
 

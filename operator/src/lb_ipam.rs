@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 use k8s_openapi::api::core::v1::Service;
 use membrane_ingress::{Pool, lb_ip};
 use membrane_k8s::Sink;
-use membrane_store::{Kind, ObjectKey, StoreSnapshot};
+use membrane_store::{ChangeCursor, Kind, ObjectKey, Store, StoreSnapshot};
 use serde_json::json;
 
 fn is_load_balancer(svc: &Service) -> bool {
@@ -20,14 +20,39 @@ fn is_load_balancer(svc: &Service) -> bool {
 /// The allocator. It remembers what it handed out: with asynchronous
 /// writes a status written a moment ago may not be visible yet, and the
 /// address must not go to a second Service meanwhile.
+///
+/// Its pass walks every Service, so it runs only when its inputs changed:
+/// a Service, or — while some Service waits for an address — a CEC, whose
+/// listeners may have given up an address they bound.
 #[derive(Debug, Default)]
 pub struct LbIpam {
     given: BTreeMap<ObjectKey, Ipv4Addr>,
+    changes: ChangeCursor,
+    /// Services the last walk could not give an address, with why.
+    problems: BTreeMap<ObjectKey, String>,
 }
 
 impl LbIpam {
     /// Assign addresses; returns Services that could not get one, with why.
     pub fn reconcile(
+        &mut self,
+        pool: &Pool,
+        sink: &dyn Sink,
+        store: &Store,
+    ) -> BTreeMap<ObjectKey, String> {
+        let changes = self.changes.advance(store);
+        let waiting = !self.problems.is_empty();
+        let inputs_changed = changes.touch_any(&[Kind::Service])
+            || (waiting
+                && changes
+                    .touch_any(&[Kind::CiliumEnvoyConfig, Kind::CiliumClusterwideEnvoyConfig]));
+        if inputs_changed {
+            self.problems = self.walk(pool, sink, &store.snapshot());
+        }
+        self.problems.clone()
+    }
+
+    fn walk(
         &mut self,
         pool: &Pool,
         sink: &dyn Sink,
@@ -185,8 +210,7 @@ spec:
             store.apply(obj);
         }
         let pool: Pool = "127.0.100.0/24".parse().expect("pool");
-        let problems =
-            LbIpam::default().reconcile(&pool, &StoreSink(store.clone()), &store.snapshot());
+        let problems = LbIpam::default().reconcile(&pool, &StoreSink(store.clone()), &store);
         assert!(problems.is_empty(), "{problems:?}");
         let snap = store.snapshot();
         let svc = snap.get_typed::<Service>("default", "lb").expect("service");
@@ -223,12 +247,12 @@ spec:
         let pool: Pool = "127.0.100.0/30".parse().expect("pool");
         let sink = Pending::default();
         let mut ipam = LbIpam::default();
-        ipam.reconcile(&pool, &sink, &store.snapshot());
+        ipam.reconcile(&pool, &sink, &store);
         // Before b's status is visible, a Service sorting first appears.
         for obj in membrane_store::parse_documents(&svc("a")).expect("yaml") {
             store.apply(obj);
         }
-        ipam.reconcile(&pool, &sink, &store.snapshot());
+        ipam.reconcile(&pool, &sink, &store);
         let writes = sink.0.lock().expect("lock").clone();
         let ip_of = |name: &str| {
             writes

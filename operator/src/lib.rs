@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use membrane_crds::{NACKED, ProxyNodeStatus};
 use membrane_ingress::{LoadBalancerMode, TranslateOptions};
 use membrane_k8s::{KubeSource, Sink, Warning};
-use membrane_store::{Kind, ObjectKey, Store};
+use membrane_store::{ChangeCursor, Kind, ObjectKey, Store, StoreSnapshot};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -45,8 +45,9 @@ pub struct OperatorConfig {
 pub struct OperatorPass {
     /// Objects rejected (bad Ingress, no free address), with why.
     pub rejected: BTreeMap<ObjectKey, String>,
-    /// Managed Ingresses and the objects generated for them.
-    pub managed: Vec<ManagedIngress>,
+    /// Managed Ingresses and the objects generated for them (shared
+    /// between passes, see [`ingress_controller::IngressPass::managed`]).
+    pub managed: Vec<std::sync::Arc<ManagedIngress>>,
 }
 
 /// The operator's reconcile state (memos of the controllers).
@@ -61,6 +62,9 @@ pub struct Operator {
     status: ingress_status::StatusWriter,
     /// Rejections already reported as Events.
     warned: BTreeMap<ObjectKey, String>,
+    /// Where the NACK reports were last read, and what they said.
+    reports: ChangeCursor,
+    nacked: BTreeMap<ObjectKey, String>,
 }
 
 impl Operator {
@@ -78,37 +82,37 @@ impl Operator {
             ingress: Default::default(),
             status: Default::default(),
             warned: BTreeMap::new(),
+            reports: ChangeCursor::default(),
+            nacked: BTreeMap::new(),
         }
     }
 
-    /// One level-triggered pass over the current state of `store`, writing
-    /// through `sink`. Each stage reads a fresh snapshot, so with a
-    /// synchronous sink a stage sees what the previous one wrote.
+    /// One pass over what changed in `store` since the last one, writing
+    /// through `sink`. Each stage follows the store's change log itself
+    /// and reads a fresh snapshot, so with a synchronous sink a stage sees
+    /// what the previous one wrote.
     pub fn pass(&mut self, store: &Store, sink: &dyn Sink) -> OperatorPass {
-        let snap = store.snapshot();
-        let mut rejected = self.ipam.reconcile(&self.pool, sink, &snap);
-        rejected.extend(self.node_ipam.reconcile(&snap, &self.cluster_pool, sink));
+        let mut rejected = self.ipam.reconcile(&self.pool, sink, store);
+        rejected.extend(
+            self.node_ipam
+                .reconcile(&store.snapshot(), &self.cluster_pool, sink),
+        );
         let ingress = self.ingress.reconcile_store(sink, store, &self.opts);
         rejected.extend(ingress.rejected);
-        let snap = store.snapshot();
-        self.status.reconcile(sink, &snap, &ingress.managed);
+        self.status.reconcile(sink, store, &ingress.managed);
         // What agents rejected (Envoy NACKs, CECs they cannot parse) is
         // reported as well, on the CEC, naming the node.
+        let snap = store.snapshot();
+        if self
+            .reports
+            .advance(store)
+            .touch_any(&[Kind::ProxyNodeStatus])
+        {
+            self.nacked = nacked_configs(&snap);
+        }
         let mut warnings = rejected.clone();
-        for report in snap.typed::<ProxyNodeStatus>(None) {
-            let node = report.metadata.name.as_deref().unwrap_or_default();
-            for c in report.status.iter().flat_map(|s| &s.configs) {
-                let Some(kind) = Kind::from_type(membrane_crds::API_VERSION, &c.kind) else {
-                    continue;
-                };
-                if c.state != NACKED {
-                    continue;
-                }
-                let why = c.message.as_deref().unwrap_or("rejected");
-                warnings
-                    .entry(ObjectKey::new(kind, &c.namespace, &c.name))
-                    .or_insert_with(|| format!("node {node}: {why}"));
-            }
+        for (key, why) in &self.nacked {
+            warnings.entry(key.clone()).or_insert_with(|| why.clone());
         }
         // One Event per distinct rejection; the recorder counts repeats.
         for (key, why) in &warnings {
@@ -128,6 +132,26 @@ impl Operator {
             managed: ingress.managed,
         }
     }
+}
+
+/// The configs agents report as NACKed, with the node and why.
+fn nacked_configs(snap: &StoreSnapshot) -> BTreeMap<ObjectKey, String> {
+    let mut out = BTreeMap::new();
+    for report in snap.typed::<ProxyNodeStatus>(None) {
+        let node = report.metadata.name.as_deref().unwrap_or_default();
+        for c in report.status.iter().flat_map(|s| &s.configs) {
+            if c.state != NACKED {
+                continue;
+            }
+            let Some(kind) = Kind::from_type(membrane_crds::API_VERSION, &c.kind) else {
+                continue;
+            };
+            let why = c.message.as_deref().unwrap_or("rejected");
+            out.entry(ObjectKey::new(kind, &c.namespace, &c.name))
+                .or_insert_with(|| format!("node {node}: {why}"));
+        }
+    }
+    out
 }
 
 /// The Event reason of a rejection.

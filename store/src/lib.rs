@@ -25,8 +25,8 @@ pub use parse::{
 };
 pub use source::{DEFAULT_SCOPE, Source, SourceWriter};
 pub use store::{
-    CHANGE_LOG_CAPACITY, Change, Changes, KeyChange, KeyChangeKind, ScopeUpdate, Store,
-    StoreSnapshot,
+    CHANGE_LOG_CAPACITY, Change, ChangeCursor, Changes, KeyChange, KeyChangeKind, ScopeUpdate,
+    Store, StoreSnapshot,
 };
 pub use upstream::{SharedUpstream, Upstream};
 

@@ -76,6 +76,38 @@ impl Changes {
     }
 }
 
+impl Changes {
+    /// Whether any change is to an object of one of `kinds` (a resync
+    /// counts for every kind).
+    pub fn touch_any(&self, kinds: &[Kind]) -> bool {
+        match self {
+            Changes::Resync => true,
+            Changes::Keys(keys) => keys.iter().any(|c| kinds.contains(&c.key.kind)),
+        }
+    }
+}
+
+/// One consumer's place in the change log: each [`ChangeCursor::advance`]
+/// returns what changed since the previous call ([`Changes::Resync`] the
+/// first time, and whenever the consumer fell behind the bounded log).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ChangeCursor {
+    seen: Option<u64>,
+}
+
+impl ChangeCursor {
+    /// The changes since the last call. A snapshot taken after this call
+    /// holds at least them (later ones are read again next time).
+    pub fn advance(&mut self, store: &Store) -> Changes {
+        let (rev, changes) = match self.seen {
+            Some(seen) => store.changes_since(seen),
+            None => (store.revision(), Changes::Resync),
+        };
+        self.seen = Some(rev);
+        changes
+    }
+}
+
 /// Entries kept in the change log (about 1 MiB); a consumer further
 /// behind resyncs. Only bulk loads get that far ahead of a reader, and for
 /// those one full pass is the cheaper way anyway.

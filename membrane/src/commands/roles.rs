@@ -17,7 +17,7 @@ use membrane_k8s::{
     AGENT_MANAGER, EventRecorder, KubeSink, KubeSource, LeaderElector, LeaseConfig,
     OPERATOR_MANAGER, Sink, StoreSink, Writer,
 };
-use membrane_operator::{Operator, OperatorConfig};
+use membrane_operator::{ManagedIngress, Operator, OperatorConfig};
 use membrane_store::{Kind, Store};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -31,6 +31,8 @@ use super::up::{EnvoyFlags, IngressFlags, ipv6_available, parse_labels, stop_on_
 pub struct InProcessOperator {
     operator: Operator,
     sink: Option<Arc<dyn Sink>>,
+    /// The managed list the agent was last given.
+    managed: Vec<Arc<ManagedIngress>>,
 }
 
 impl InProcessOperator {
@@ -38,6 +40,7 @@ impl InProcessOperator {
         Self {
             operator: Operator::new(config),
             sink,
+            managed: Vec::new(),
         }
     }
 }
@@ -48,13 +51,24 @@ impl Controller for InProcessOperator {
             Some(sink) => self.operator.pass(store, sink.as_ref()),
             None => self.operator.pass(store, &StoreSink(store.clone())),
         };
+        // Entries are shared between passes: the same allocations in the
+        // same order are the same list.
+        let same = pass.managed.len() == self.managed.len()
+            && pass
+                .managed
+                .iter()
+                .zip(&self.managed)
+                .all(|(a, b)| Arc::ptr_eq(a, b));
+        let generated = (!same).then(|| {
+            pass.managed
+                .iter()
+                .map(|m| (m.ingress.clone(), m.cec.clone()))
+                .collect()
+        });
+        self.managed = pass.managed;
         ControllerPass {
             rejected: pass.rejected,
-            generated: pass
-                .managed
-                .into_iter()
-                .map(|m| (m.ingress, m.cec))
-                .collect(),
+            generated,
         }
     }
 }
