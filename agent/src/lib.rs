@@ -386,6 +386,13 @@ impl Reconciler {
         }
         let outcome = self.pipeline.run_changes(&snap, &changes);
         self.incr.pipeline_seen = Some(pipeline_rev);
+        // What the ACK report is built from (served CECs, their
+        // generations, addresses and rejections) changes only with a pass
+        // over configs, or below with what the pass looked at.
+        let mut report_inputs = matches!(
+            outcome,
+            configs::PassOutcome::Configs(_) | configs::PassOutcome::Full(_)
+        );
         let mut full_pass = false;
         // CECs and Services the pass looked at (a pass over changed CECs).
         let mut looked_at: Vec<ObjectKey> = Vec::new();
@@ -501,6 +508,7 @@ impl Reconciler {
             );
             looked_at.sort();
             looked_at.dedup();
+            report_inputs |= !looked_at.is_empty();
             for k in looked_at {
                 let rejected = self
                     .incr
@@ -535,7 +543,7 @@ impl Reconciler {
                 self.served_parts.remove(&k);
             }
         }
-        self.report_dirty = true;
+        self.report_dirty |= report_inputs;
         !changes.is_empty()
     }
 
@@ -626,11 +634,15 @@ impl Reconciler {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone())),
         );
-        self.rejected_configs = rejected
+        let rejected_configs: BTreeMap<ObjectKey, String> = rejected
             .iter()
             .filter(|(k, _)| report::is_config(k.kind))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        if rejected_configs != self.rejected_configs {
+            self.rejected_configs = rejected_configs;
+            self.report_dirty = true;
+        }
         if front {
             // A CEC the controller newly rejects is reported at its generation.
             let snap = store.snapshot();
@@ -640,6 +652,7 @@ impl Reconciler {
                 {
                     let generation = obj.meta().generation.unwrap_or(0);
                     self.served_generations.insert(k.clone(), generation);
+                    self.report_dirty = true;
                 }
             }
         }
@@ -735,7 +748,7 @@ async fn reconcile_loop(
             // the next one (a pass at scale takes long; the Ingress
             // addresses wait for the report).
             if rec.ack_pass(state) {
-                reporter.publish(&rec, &rec.acks.acked);
+                reporter.publish(&rec, &rec.acks.acked, std::time::Instant::now());
             }
             store_rx.borrow_and_update();
             rec.store_pass(state);
@@ -747,9 +760,11 @@ async fn reconcile_loop(
         if rec.nodes.nodes_changed(&state.cache, &state.node_id) {
             rec.node_pass(state);
         }
-        // Remember what Envoy fully ACKed, report it, then act on new NACKs.
-        if rec.ack_pass(state) {
-            reporter.publish(&rec, &rec.acks.acked);
+        // Remember what Envoy fully ACKed, report it (or what was held
+        // back and is due), then act on new NACKs.
+        let now = std::time::Instant::now();
+        if rec.ack_pass(state) || reporter.due().is_some_and(|due| due <= now) {
+            reporter.publish(&rec, &rec.acks.acked, now);
         }
         if nacks.handle(&mut rec, state) {
             store_dirty = true;
@@ -760,6 +775,7 @@ async fn reconcile_loop(
             r = store_rx.changed() => { if r.is_err() { return; } true }
             r = ack_rx.changed() => { if r.is_err() { return; } false }
             _ = configs::retry_timer(rec.pipeline.next_wake()) => false,
+            _ = configs::retry_timer(reporter.due()) => false,
             labels = next_labels(&mut labels_rx) => match labels {
                 Some(labels) => {
                     info!(?labels, "node labels changed");

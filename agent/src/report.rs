@@ -4,9 +4,14 @@
 //! or NACKed/rejected it (with why). Cilium's CEC schema stays untouched.
 //!
 //! Written only when it changes, as one status write per change (batched:
-//! one object per node, not one write per CEC).
+//! one object per node, not one write per CEC). A change whose only news is
+//! entries still waiting for Envoy is held back briefly: the ACK that
+//! usually follows within milliseconds goes out in the same write, so a CEC
+//! change costs one write of the whole report, not two (nothing acts on a
+//! pending entry).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -85,7 +90,12 @@ pub struct Reporter<'a> {
     node_uid: Option<String>,
     sink: &'a dyn Sink,
     last: Option<Vec<ConfigAck>>,
+    /// Since when a pending-only change has been held back.
+    held_since: Option<Instant>,
 }
+
+/// How long a change whose only news is pending entries is held back.
+pub const PENDING_HOLD: Duration = Duration::from_millis(100);
 
 impl<'a> Reporter<'a> {
     /// Declares the node's report object (its labels in `spec`).
@@ -102,6 +112,7 @@ impl<'a> Reporter<'a> {
             node_uid: node_uid.map(str::to_owned),
             sink,
             last: None,
+            held_since: None,
         }
     }
 
@@ -110,17 +121,60 @@ impl<'a> Reporter<'a> {
         declare(&self.node, self.node_uid.as_deref(), labels, self.sink);
     }
 
-    /// Writes the report if it differs from the last one written.
-    pub fn publish(&mut self, rec: &Reconciler, acked: &BTreeSet<ObjectKey>) {
+    /// Writes the report if it differs from the last one written, unless
+    /// its only news is pending entries and it has been held back for less
+    /// than [`PENDING_HOLD`] (then call again by [`Reporter::due`]).
+    pub fn publish(&mut self, rec: &Reconciler, acked: &BTreeSet<ObjectKey>, now: Instant) {
         let configs = build(rec, acked);
-        if self.last.as_ref() == Some(&configs) {
+        let Some(last) = &self.last else {
+            return self.write(configs);
+        };
+        if *last == configs {
+            self.held_since = None;
             return;
         }
+        if only_pending_news(last, &configs) {
+            let since = *self.held_since.get_or_insert(now);
+            if now < since + PENDING_HOLD {
+                return;
+            }
+        }
+        self.write(configs);
+    }
+
+    /// When a held-back report is to be written.
+    pub fn due(&self) -> Option<Instant> {
+        self.held_since.map(|t| t + PENDING_HOLD)
+    }
+
+    fn write(&mut self, configs: Vec<ConfigAck>) {
         debug!(configs = configs.len(), "ACK report changed");
         let status = serde_json::json!({ "configs": configs });
         self.sink.status(&self.key, status);
         self.last = Some(configs);
+        self.held_since = None;
     }
+}
+
+/// Whether `new` differs from `last` only in entries that are pending now
+/// (no entry gone, none newly ACKed, NACKed or rejected).
+fn only_pending_news(last: &[ConfigAck], new: &[ConfigAck]) -> bool {
+    let id = |c: &ConfigAck| (c.kind.clone(), c.namespace.clone(), c.name.clone());
+    let before: HashMap<_, &ConfigAck> = last.iter().map(|c| (id(c), c)).collect();
+    let mut kept = 0;
+    for c in new {
+        match before.get(&id(c)) {
+            Some(b) => {
+                kept += 1;
+                if *b != c && c.state != PENDING {
+                    return false;
+                }
+            }
+            None if c.state != PENDING => return false,
+            None => {}
+        }
+    }
+    kept == before.len()
 }
 
 /// Creates or updates the node's report object (labels in `spec`).
@@ -210,5 +264,96 @@ mod tests {
             "only the part in the head's namespace: {parts:?}"
         );
         assert_eq!(parts.len(), 1);
+    }
+
+    /// Records status writes.
+    #[derive(Default)]
+    struct Writes(std::sync::Mutex<Vec<serde_json::Value>>);
+
+    impl Sink for Writes {
+        fn apply_all(&self, _: Vec<Object>) {}
+        fn delete(&self, _: &ObjectKey) {}
+        fn status(&self, _: &ObjectKey, status: serde_json::Value) {
+            if let Ok(mut w) = self.0.lock() {
+                w.push(status);
+            }
+        }
+        fn warn(&self, _: membrane_k8s::Warning) {}
+    }
+
+    fn states(w: &serde_json::Value) -> Vec<(String, i64, String)> {
+        w["configs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| {
+                (
+                    c["name"].as_str().unwrap_or_default().to_owned(),
+                    c["generation"].as_i64().unwrap_or_default(),
+                    c["state"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pending_only_news_is_held_back_until_the_ack_or_the_deadline() {
+        let writes = Writes::default();
+        let mut h = crate::bench::Harness::new("127.100.0.0/16", None).expect("harness");
+        let rec = &mut h.reconciler;
+        let a = ObjectKey::new(Kind::CiliumEnvoyConfig, "ns", "a");
+        let b = ObjectKey::new(Kind::CiliumEnvoyConfig, "ns", "b");
+        let mut reporter = Reporter::new("n1", None, &BTreeMap::new(), &writes);
+        let t0 = Instant::now();
+        let count = || writes.0.lock().expect("lock").len();
+        // The first report goes out at once.
+        rec.served.insert(a.clone(), Vec::new());
+        rec.served_generations.insert(a.clone(), 1);
+        let acked: BTreeSet<ObjectKey> = [a.clone()].into();
+        reporter.publish(rec, &acked, t0);
+        assert_eq!(count(), 1);
+        // New content of a, and a new CEC b, both pending: held back.
+        rec.served_generations.insert(a.clone(), 2);
+        rec.served.insert(b.clone(), Vec::new());
+        rec.served_generations.insert(b.clone(), 1);
+        reporter.publish(rec, &BTreeSet::new(), t0);
+        assert_eq!(count(), 1, "pending-only news waits");
+        assert_eq!(reporter.due(), Some(t0 + PENDING_HOLD));
+        // Envoy ACKs a: written at once, with b still pending.
+        let acked: BTreeSet<ObjectKey> = [a.clone()].into();
+        reporter.publish(rec, &acked, t0 + Duration::from_millis(3));
+        assert_eq!(count(), 2);
+        assert_eq!(reporter.due(), None);
+        let last = writes
+            .0
+            .lock()
+            .expect("lock")
+            .last()
+            .cloned()
+            .expect("write");
+        assert_eq!(
+            states(&last),
+            vec![
+                ("a".to_owned(), 2, ACKED.to_owned()),
+                ("b".to_owned(), 1, PENDING.to_owned())
+            ]
+        );
+        // Pending-only news with no ACK coming: written at the deadline.
+        rec.served_generations.insert(b.clone(), 2);
+        let t1 = t0 + Duration::from_millis(10);
+        reporter.publish(rec, &acked, t1);
+        assert_eq!(count(), 2);
+        reporter.publish(rec, &acked, t1 + PENDING_HOLD / 2);
+        assert_eq!(count(), 2, "still within the hold");
+        reporter.publish(rec, &acked, t1 + PENDING_HOLD);
+        assert_eq!(count(), 3);
+        // A CEC no longer served is news at once.
+        rec.served.remove(&b);
+        reporter.publish(rec, &acked, t1 + PENDING_HOLD);
+        assert_eq!(count(), 4);
+        // A rejection too.
+        rec.rejected_configs.insert(b.clone(), "bad".into());
+        reporter.publish(rec, &acked, t1 + PENDING_HOLD);
+        assert_eq!(count(), 5);
     }
 }

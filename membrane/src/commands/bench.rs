@@ -58,7 +58,7 @@ pub struct XdsArgs {
     /// `apply`: existing routes (in Ingresses of `--paths` paths).
     #[arg(long, default_value_t = 3000)]
     pub routes: usize,
-    /// `apply`: also log each change's way through membrane (API commits,
+    /// `apply`, `endpoints`: also log each change's way through membrane (API commits,
     /// the agent's passes, xDS responses and ACKs) and print the time
     /// between those steps (p50/p90 over the changes).
     #[arg(long)]

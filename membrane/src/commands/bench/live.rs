@@ -330,7 +330,7 @@ pub async fn apply(args: &XdsArgs) -> Result<()> {
     println!("  of which POST /v1/apply: {}", summary(&api_times));
     if args.timeline {
         let log = std::fs::read_to_string(live.dir.join("membrane.log")).unwrap_or_default();
-        print_timeline(&timeline::events(&log), &windows);
+        print_timeline(&timeline::events(&log), &windows, &INGRESS_STEPS);
     }
     println!(
         "membrane RSS after the changes: {:.1} MiB",
@@ -345,26 +345,49 @@ const TIMELINE_LOG: &str = ",membrane_timeline=debug,membrane_apiserver::store=d
 
 /// The steps of one change, in order: each is the first matching event
 /// after the previous step (the POST for the first).
-fn print_timeline(events: &[timeline::Event], windows: &[(String, SystemTime, SystemTime)]) {
+/// The steps of an Ingress change (`apply`). (The controller's CEC write
+/// is committed while its pass goes on: the pass's own time is
+/// `operator_ms` in the agent's debug log.)
+const INGRESS_STEPS: [(&str, timeline::Step); 8] = [
+    (
+        "Ingress committed by the API",
+        timeline::Step::IngressCommit,
+    ),
+    (
+        "agent pass starts on the Ingress",
+        timeline::Step::PassStart,
+    ),
+    ("CEC committed by the API", timeline::Step::CecCommit),
+    ("pipeline starts on the CEC", timeline::Step::PipelineStart),
+    ("snapshot published", timeline::Step::Published),
+    ("first xDS response sent", timeline::Step::Sent),
+    ("first ACK from Envoy", timeline::Step::Ack),
+    ("agent finds the CEC ACKed", timeline::Step::Acked),
+];
+
+/// The steps of an EndpointSlice change (`endpoints`).
+const SLICE_STEPS: [(&str, timeline::Step); 4] = [
+    (
+        "EndpointSlice committed by the API",
+        timeline::Step::SliceCommit,
+    ),
+    ("snapshot published", timeline::Step::Published),
+    ("first xDS response sent", timeline::Step::Sent),
+    ("first ACK from Envoy", timeline::Step::Ack),
+];
+
+fn print_timeline(
+    events: &[timeline::Event],
+    windows: &[(String, SystemTime, SystemTime)],
+    steps: &[(&str, timeline::Step)],
+) {
     use timeline::Step;
-    // (The controller's CEC write is committed while its pass goes on:
-    // the pass's own time is `operator_ms` in the agent's debug log.)
-    const STEPS: [(&str, Step); 8] = [
-        ("Ingress committed by the API", Step::IngressCommit),
-        ("agent pass starts on the Ingress", Step::PassStart),
-        ("CEC committed by the API", Step::CecCommit),
-        ("pipeline starts on the CEC", Step::PipelineStart),
-        ("snapshot published", Step::Published),
-        ("first xDS response sent", Step::Sent),
-        ("first ACK from Envoy", Step::Ack),
-        ("agent finds the CEC ACKed", Step::Acked),
-    ];
-    let mut segments: Vec<Vec<Duration>> = vec![Vec::new(); STEPS.len() + 1];
+    let mut segments: Vec<Vec<Duration>> = vec![Vec::new(); steps.len() + 1];
     let mut to_200 = Vec::new();
     for (ingress, start, end) in windows {
         let mut at = *start;
         let mut sent = None;
-        for (j, (_, step)) in STEPS.iter().enumerate() {
+        for (j, (_, step)) in steps.iter().enumerate() {
             let found = events
                 .iter()
                 .find(|e| e.at >= at && step.matches(e, ingress));
@@ -389,7 +412,7 @@ fn print_timeline(events: &[timeline::Event], windows: &[(String, SystemTime, Sy
         "timeline (each step from the one before; p50, p90 over the changes that reached it):"
     );
     let mut from = "POST sent";
-    for (j, (name, _)) in STEPS.iter().enumerate() {
+    for (j, (name, _)) in steps.iter().enumerate() {
         let v = &segments[j];
         if v.is_empty() {
             println!("  {from:>34} → {name:<34} (not seen)");
@@ -432,6 +455,7 @@ mod timeline {
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub enum Step {
         IngressCommit,
+        SliceCommit,
         PassStart,
         CecCommit,
         PipelineStart,
@@ -442,6 +466,7 @@ mod timeline {
     }
 
     impl Step {
+        /// `ingress`: the name of the changed object (Ingress or EndpointSlice).
         pub fn matches(self, e: &Event, ingress: &str) -> bool {
             let t = e.text.as_str();
             let key = field(t, "key").unwrap_or_default();
@@ -451,6 +476,11 @@ mod timeline {
                 Step::IngressCommit => {
                     t.contains(" commit")
                         && key.contains("/ingresses/")
+                        && key.ends_with(&format!("/{ingress}"))
+                }
+                Step::SliceCommit => {
+                    t.contains(" commit")
+                        && key.contains("/endpointslices/")
                         && key.ends_with(&format!("/{ingress}"))
                 }
                 Step::PassStart => {
@@ -597,6 +627,7 @@ pub async fn endpoints(args: &XdsArgs) -> Result<()> {
     let mut pod_of: BTreeMap<usize, usize> = BTreeMap::new();
     let mut samples = Vec::new();
     let mut api_times = Vec::new();
+    let mut windows: Vec<(String, SystemTime, SystemTime)> = Vec::new();
     let warmup = 5;
     for k in 0..args.changes + warmup {
         let i = (k * 7919) % w.ingresses;
@@ -610,6 +641,11 @@ pub async fn endpoints(args: &XdsArgs) -> Result<()> {
         let next = current % ECHO_PODS + 1;
         let [_, slice] = w.service(s, &|_, _| format!("127.1.0.{next}"));
         let want = format!("echo-{next}\"");
+        let slice_name = slice["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let wall = SystemTime::now();
         let start = Instant::now();
         live.api
             .ok(
@@ -639,6 +675,7 @@ pub async fn endpoints(args: &XdsArgs) -> Result<()> {
         if k >= warmup {
             samples.push(took);
             api_times.push(api);
+            windows.push((slice_name, wall, wall + took));
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -650,6 +687,10 @@ pub async fn endpoints(args: &XdsArgs) -> Result<()> {
         "  of which POST /v1/apply:                 {}",
         summary(&api_times)
     );
+    if args.timeline {
+        let log = std::fs::read_to_string(live.dir.join("membrane.log")).unwrap_or_default();
+        print_timeline(&timeline::events(&log), &windows, &SLICE_STEPS);
+    }
     println!(
         "membrane RSS after the changes: {:.1} MiB",
         procfs::rss(live.pid()).map(procfs::mib).unwrap_or(0.0)
