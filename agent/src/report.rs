@@ -211,22 +211,37 @@ fn declare(
 /// The report's entries: every served or rejected CEC/CCEC (and the parts
 /// of split ones) with its state.
 pub fn build(rec: &Reconciler, acked: &BTreeSet<ObjectKey>) -> Vec<ConfigAck> {
-    let mut out: BTreeMap<ObjectKey, ConfigAck> = BTreeMap::new();
+    // Entries by key in the order they are decided; for a key listed more
+    // than once the last one counts (a rejection overrides serving). A
+    // stable sort keeps that order within a key; no map, no key copies:
+    // this runs for every change at thousands of CECs.
+    let mut out: Vec<(&ObjectKey, ConfigAck)> =
+        Vec::with_capacity(rec.served.len() + rec.rejected_configs.len());
     for key in rec.served.keys().filter(|k| is_config(k.kind)) {
         let state = if acked.contains(key) { ACKED } else { PENDING };
         let generation = rec.served_generations.get(key).copied().unwrap_or(0);
         let mut a = ack(key, generation, state, None);
         a.addresses = rec.served_addresses.get(key).cloned().unwrap_or_default();
-        out.insert(key.clone(), a);
+        out.push((key, a));
         for (part, generation) in rec.served_parts.get(key).into_iter().flatten() {
-            out.insert(part.clone(), ack(part, *generation, state, None));
+            out.push((part, ack(part, *generation, state, None)));
         }
     }
     for (key, why) in &rec.rejected_configs {
         let generation = rec.served_generations.get(key).copied().unwrap_or(0);
-        out.insert(key.clone(), ack(key, generation, NACKED, Some(why.clone())));
+        out.push((key, ack(key, generation, NACKED, Some(why.clone()))));
     }
-    out.into_values().collect()
+    out.sort_by(|a, b| a.0.cmp(b.0));
+    let mut configs: Vec<ConfigAck> = Vec::with_capacity(out.len());
+    let mut last: Option<&ObjectKey> = None;
+    for (key, a) in out {
+        match configs.last_mut() {
+            Some(prev) if last == Some(key) => *prev = a,
+            _ => configs.push(a),
+        }
+        last = Some(key);
+    }
+    configs
 }
 
 fn ack(key: &ObjectKey, generation: i64, state: &str, message: Option<String>) -> ConfigAck {
@@ -264,6 +279,92 @@ mod tests {
             "only the part in the head's namespace: {parts:?}"
         );
         assert_eq!(parts.len(), 1);
+    }
+
+    /// The report as a map from key to entry, the last decision winning:
+    /// what `build` computes without the map.
+    fn build_with_a_map(rec: &Reconciler, acked: &BTreeSet<ObjectKey>) -> Vec<ConfigAck> {
+        let mut out: BTreeMap<ObjectKey, ConfigAck> = BTreeMap::new();
+        for key in rec.served.keys().filter(|k| is_config(k.kind)) {
+            let state = if acked.contains(key) { ACKED } else { PENDING };
+            let generation = rec.served_generations.get(key).copied().unwrap_or(0);
+            let mut a = ack(key, generation, state, None);
+            a.addresses = rec.served_addresses.get(key).cloned().unwrap_or_default();
+            out.insert(key.clone(), a);
+            for (part, generation) in rec.served_parts.get(key).into_iter().flatten() {
+                out.insert(part.clone(), ack(part, *generation, state, None));
+            }
+        }
+        for (key, why) in &rec.rejected_configs {
+            let generation = rec.served_generations.get(key).copied().unwrap_or(0);
+            out.insert(key.clone(), ack(key, generation, NACKED, Some(why.clone())));
+        }
+        out.into_values().collect()
+    }
+
+    #[test]
+    fn build_equals_the_map_over_random_states() {
+        let mut h = crate::bench::Harness::new("127.100.0.0/16", None).expect("harness");
+        let rec = &mut h.reconciler;
+        let mut x: u64 = 7;
+        let mut next = |n: u64| {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (x >> 33) % n
+        };
+        let key = |i: u64| {
+            let kind = if i.is_multiple_of(5) {
+                Kind::CiliumClusterwideEnvoyConfig
+            } else {
+                Kind::CiliumEnvoyConfig
+            };
+            let ns = if kind == Kind::CiliumEnvoyConfig {
+                "ns"
+            } else {
+                ""
+            };
+            ObjectKey::new(kind, ns, &format!("c{}", i % 12))
+        };
+        for round in 0..300 {
+            let k = key(next(40));
+            match next(6) {
+                0 => {
+                    rec.served.insert(k, Vec::new());
+                }
+                1 => {
+                    rec.served.remove(&k);
+                }
+                2 => {
+                    rec.served_generations.insert(k, next(4) as i64);
+                }
+                3 => {
+                    // Parts, possibly naming keys that are served or
+                    // rejected themselves.
+                    let parts = (0..next(3))
+                        .map(|_| (key(next(40)), next(3) as i64))
+                        .collect();
+                    rec.served_parts.insert(k, parts);
+                }
+                4 => {
+                    rec.served_addresses
+                        .insert(k, vec![format!("10.0.0.{}", next(3))]);
+                }
+                _ => {
+                    if next(2) == 0 {
+                        rec.rejected_configs.insert(k, format!("bad {round}"));
+                    } else {
+                        rec.rejected_configs.remove(&k);
+                    }
+                }
+            }
+            let acked: BTreeSet<ObjectKey> = (0..12).filter(|_| next(2) == 0).map(key).collect();
+            assert_eq!(
+                build(rec, &acked),
+                build_with_a_map(rec, &acked),
+                "round {round}"
+            );
+        }
     }
 
     /// Records status writes.

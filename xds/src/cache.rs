@@ -974,10 +974,32 @@ impl StreamState {
             {
                 ts.everything_at = Some((snap.keys_id(&t), ts.names_gen));
             }
-            if removed_last(&t) && !refs_settled {
-                for (n, r) in ts.sent.iter() {
-                    if !desired.contains_key(n) && (ts.wildcard || ts.names.contains(n)) {
-                        Arc::make_mut(&mut desired).insert(n.clone(), r.clone());
+            if removed_last(&t) && !refs_settled && !Arc::ptr_eq(&desired, &ts.sent) {
+                // Only names the snapshot's log says changed since what was
+                // sent can be gone (all of them when the log does not reach).
+                let changed = snap
+                    .filter(|s| s.shared(&t).is_some_and(|all| Arc::ptr_eq(all, &desired)))
+                    .and_then(|s| s.changed_since(&t, &ts.sent));
+                let gone: Vec<(String, Arc<Resource>)> = match changed {
+                    Some(names) => names
+                        .into_iter()
+                        .filter_map(|n| ts.sent.get_key_value(n))
+                        .filter(|(n, _)| !desired.contains_key(*n))
+                        .filter(|(n, _)| ts.wildcard || ts.names.contains(*n))
+                        .map(|(n, r)| (n.clone(), r.clone()))
+                        .collect(),
+                    None => ts
+                        .sent
+                        .iter()
+                        .filter(|(n, _)| !desired.contains_key(*n))
+                        .filter(|(n, _)| ts.wildcard || ts.names.contains(*n))
+                        .map(|(n, r)| (n.clone(), r.clone()))
+                        .collect(),
+                };
+                if !gone.is_empty() {
+                    let map = Arc::make_mut(&mut desired);
+                    for (n, r) in gone {
+                        map.insert(n, r);
                     }
                 }
             }
