@@ -3,10 +3,12 @@
 //! that its Envoy ACKed the CEC at its current generation — never merely
 //! because a config was computed.
 //!
-//! The check is level-triggered: it runs on every pass against the state
-//! the pass reads (the CEC's generation, the agents' reports, the Service's
-//! address), and every input is an object whose change wakes the loop, so
-//! no wake-up can be lost between an ACK and the status write (issue 9).
+//! The check follows the store's change log: an Ingress is looked at when
+//! its managed entry, its Service or the Ingress changed, and on every pass
+//! while its address waits (the agents' reports and the CEC's generation
+//! decide the ACK, and every input is an object whose change wakes the
+//! loop), so no wake-up can be lost between an ACK and the status write
+//! (issue 9).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
