@@ -154,7 +154,8 @@ impl StatusWriter {
     }
 }
 
-fn ingress_ip(snap: &StoreSnapshot, key: &ObjectKey) -> Option<String> {
+/// The address an Ingress's status shows, if any.
+pub fn ingress_ip(snap: &StoreSnapshot, key: &ObjectKey) -> Option<String> {
     snap.get_typed::<Ingress>(&key.namespace, &key.name)?
         .status
         .as_ref()?

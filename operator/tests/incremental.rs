@@ -90,17 +90,8 @@ fn settle(op: &mut Operator, store: &Store) -> OperatorPass {
 }
 
 fn ingress_ip(store: &Store, name: &str) -> Option<String> {
-    store
-        .get_typed::<Ingress>("default", name)?
-        .status
-        .as_ref()?
-        .load_balancer
-        .as_ref()?
-        .ingress
-        .as_ref()?
-        .first()?
-        .ip
-        .clone()
+    let key = ObjectKey::new(Kind::Ingress, "default", name);
+    membrane_operator::ingress_status::ingress_ip(&store.snapshot(), &key)
 }
 
 fn check(store: &Store, pass: &OperatorPass, pool: &Pool, step: usize) {
