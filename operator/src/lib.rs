@@ -102,12 +102,13 @@ impl Operator {
         self.status.reconcile(sink, store, &ingress.managed);
         // What agents rejected (Envoy NACKs, CECs they cannot parse) is
         // reported as well, on the CEC, naming the node.
-        let snap = store.snapshot();
-        if self
+        let reports_changed = self
             .reports
             .advance(store)
-            .touch_any(&[Kind::ProxyNodeStatus])
-        {
+            .touch_any(&[Kind::ProxyNodeStatus]);
+        // Taken after the log was read, so it holds those changes.
+        let snap = store.snapshot();
+        if reports_changed {
             self.nacked = nacked_configs(&snap);
         }
         let mut warnings = rejected.clone();
