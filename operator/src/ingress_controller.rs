@@ -18,7 +18,9 @@ use membrane_ingress::{
     TranslateOptions,
 };
 use membrane_k8s::Sink;
-use membrane_store::{Changes, KeyChangeKind, Kind, Object, ObjectKey, Store, StoreSnapshot};
+use membrane_store::{
+    ChangeCursor, Changes, KeyChangeKind, Kind, Object, ObjectKey, Store, StoreSnapshot,
+};
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
@@ -348,8 +350,8 @@ pub struct IngressController {
     /// The shared CEC rendered per Ingress and laid out in parts, kept
     /// between passes so a change rewrites only the parts it touches.
     layout: SharedLayout,
-    /// Store revision the last pass read the change log up to.
-    seen: Option<u64>,
+    /// Where the last pass read the store's change log up to.
+    seen: ChangeCursor,
     /// The options of the last pass: other options redo everything.
     opts: Option<TranslateOptions>,
     /// Per managed Ingress, what it contributed.
@@ -399,16 +401,11 @@ impl IngressController {
         store: &Store,
         opts: &TranslateOptions,
     ) -> IngressPass {
-        let (rev, changes) = match self.seen {
-            Some(seen) => store.changes_since(seen),
-            None => (store.revision(), Changes::Resync),
-        };
+        let changes = self.seen.advance(store);
         // Taken after the log was read: it holds at least those changes
         // (later ones are read again next pass, which is harmless).
         let snap = store.snapshot();
-        let pass = self.reconcile_changes(sink, &snap, opts, &changes);
-        self.seen = Some(rev);
-        pass
+        self.reconcile_changes(sink, &snap, opts, &changes)
     }
 
     /// Run one reconcile pass for `changes` (since the previous pass, with
