@@ -243,41 +243,16 @@ pub fn acked_in_full(
 }
 
 /// Names whose entries differ between two maps of one type (by pointer,
-/// then content hash), including names only one of them has.
+/// then content hash), including names only one of them has. The maps are
+/// persistent: what they share is skipped.
 fn differing(old: &ResourceMap, new: &ResourceMap) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut a = old.iter().peekable();
-    let mut b = new.iter().peekable();
-    loop {
-        match (a.peek(), b.peek()) {
-            (None, None) => return out,
-            (Some((n, _)), None) => {
-                out.push((*n).clone());
-                a.next();
-            }
-            (None, Some((n, _))) => {
-                out.push((*n).clone());
-                b.next();
-            }
-            (Some((na, ra)), Some((nb, rb))) => match na.cmp(nb) {
-                std::cmp::Ordering::Less => {
-                    out.push((*na).clone());
-                    a.next();
-                }
-                std::cmp::Ordering::Greater => {
-                    out.push((*nb).clone());
-                    b.next();
-                }
-                std::cmp::Ordering::Equal => {
-                    if !Arc::ptr_eq(ra, rb) && ra.hash != rb.hash {
-                        out.push((*na).clone());
-                    }
-                    a.next();
-                    b.next();
-                }
-            },
-        }
-    }
+    use membrane_xds::DiffItem;
+    old.diff(new)
+        .map(|item| match item {
+            DiffItem::Add(n, _) | DiffItem::Remove(n, _) => n.clone(),
+            DiffItem::Update { new: (n, _), .. } => n.clone(),
+        })
+        .collect()
 }
 
 impl AckState {
@@ -503,7 +478,11 @@ mod tests {
         let v1 = res(l, "x", 1);
         let mut snap = crate::build_snapshot(std::slice::from_ref(&v1));
         let acked_of = |r: &Built| -> BTreeMap<String, Arc<ResourceMap>> {
-            [(l.to_owned(), Arc::new([("x".to_owned(), r.clone())].into()))].into()
+            [(
+                l.to_owned(),
+                Arc::new(ResourceMap::unit("x".to_owned(), r.clone())),
+            )]
+            .into()
         };
         let mut st = AckState::default();
         let mut marked = Vec::new();
@@ -591,7 +570,10 @@ mod tests {
                         let mut m = snap.resources(t).clone();
                         if below(3) == 0 {
                             let keep = below(6);
-                            m.retain(|n, _| !n.ends_with(&keep.to_string()));
+                            m = m
+                                .into_iter()
+                                .filter(|(n, _)| !n.ends_with(&keep.to_string()))
+                                .collect();
                         }
                         envoy.insert(t.to_owned(), Arc::new(m));
                     }

@@ -756,7 +756,7 @@ fn random_changes_serve_what_full_passes_serve() {
                         if rng.chance(70) {
                             let mut m: ResourceMap = incr.snapshot.resources(t).clone();
                             if rng.chance(20) {
-                                m.retain(|_, _| rng.chance(80));
+                                m = m.into_iter().filter(|_| rng.chance(80)).collect();
                             }
                             envoy.insert(t.to_owned(), std::sync::Arc::new(m));
                         }

@@ -35,7 +35,11 @@ pub enum CacheError {
 }
 
 /// One xDS resource, immutable once built; shared as `Arc<Resource>`.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// Equality is by name, type and content hash (equal hash ⇔ same content),
+/// and `Eq` lets `Arc`'s comparison start with the pointer: comparing two
+/// maps that share most entries costs what differs.
+#[derive(Debug, Clone)]
 pub struct Resource {
     pub name: String,
     pub type_url: String,
@@ -43,6 +47,14 @@ pub struct Resource {
     /// Hash of the type URL and encoded bytes: equal hash ⇔ same content.
     pub hash: u64,
 }
+
+impl PartialEq for Resource {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.name == other.name && self.type_url == other.type_url
+    }
+}
+
+impl Eq for Resource {}
 
 impl Resource {
     /// Builds a resource, taking its name from the message (see
@@ -108,8 +120,11 @@ impl Resource {
     }
 }
 
-/// Resources of one type, by name.
-pub type ResourceMap = BTreeMap<String, Arc<Resource>>;
+/// Resources of one type, by name. Persistent: a clone is O(1) and shares
+/// structure with the original, so a snapshot update, a stream's selection
+/// and a diff between two related maps cost what changed, not the type's
+/// size.
+pub type ResourceMap = imbl::OrdMap<String, Arc<Resource>>;
 
 /// A complete, consistent set of resources for one node (or the default).
 ///
@@ -178,11 +193,14 @@ impl TypeEntry {
 
     /// The names that differ between `from` (a map this type held before)
     /// and the current map, if the log reaches back to it.
-    fn changed_since(&self, from: &Arc<ResourceMap>) -> Option<BTreeSet<&str>> {
+    ///
+    /// `from` is compared by address: callers hold it (or a `Weak` to it),
+    /// so the address cannot have been reused.
+    fn changed_since(&self, from: *const ResourceMap) -> Option<BTreeSet<&str>> {
         let start = self
             .log
             .iter()
-            .position(|t| std::ptr::eq(t.from.as_ptr(), Arc::as_ptr(from)))?;
+            .position(|t| std::ptr::eq(t.from.as_ptr(), from))?;
         Some(
             self.log[start..]
                 .iter()
@@ -292,7 +310,7 @@ impl Snapshot {
 
     /// All resources of one type (empty map if none).
     pub fn resources(&self, type_url: &str) -> &ResourceMap {
-        static EMPTY: ResourceMap = BTreeMap::new();
+        static EMPTY: std::sync::LazyLock<ResourceMap> = std::sync::LazyLock::new(ResourceMap::new);
         self.types.get(type_url).map(|e| &*e.map).unwrap_or(&EMPTY)
     }
 
@@ -330,7 +348,7 @@ impl Snapshot {
     /// The names of `type_url` that may differ between `from` and this
     /// snapshot's map, when `from` is one of the maps it was updated from.
     fn changed_since(&self, type_url: &str, from: &Arc<ResourceMap>) -> Option<BTreeSet<&str>> {
-        self.types.get(type_url)?.changed_since(from)
+        self.types.get(type_url)?.changed_since(Arc::as_ptr(from))
     }
 
     /// The version of `map` if it is this snapshot's map of `type_url`.
@@ -341,62 +359,42 @@ impl Snapshot {
     }
 }
 
-/// Same names with the same content hashes (maps are sorted by name).
+/// Same names with the same content (maps are sorted by name); shared
+/// parts of the two trees are skipped.
 fn same_map(a: &ResourceMap, b: &ResourceMap) -> bool {
-    a.len() == b.len()
-        && a.iter()
-            .zip(b)
-            .all(|((na, ra), (nb, rb))| na == nb && (Arc::ptr_eq(ra, rb) || ra.hash == rb.hash))
+    a.len() == b.len() && a.diff(b).next().is_none()
 }
 
 /// What changed from `old` to `new`: resources added or with new content
-/// (plus any named in `resend`), and names that are gone. One merge pass
-/// over both sorted maps.
+/// (plus any named in `resend`), and names that are gone, in name order.
+/// Parts of the trees the two maps share are skipped.
 fn diff(
     old: &ResourceMap,
     new: &ResourceMap,
     resend: &BTreeSet<String>,
 ) -> (Vec<Arc<Resource>>, Vec<String>) {
-    use std::cmp::Ordering;
+    use imbl::ordmap::DiffItem;
     let mut updated = Vec::new();
     let mut removed = Vec::new();
-    let mut o = old.iter().peekable();
-    let mut n = new.iter().peekable();
-    loop {
-        match (o.peek(), n.peek()) {
-            (None, None) => break,
-            (Some((on, _)), None) => {
-                removed.push((*on).clone());
-                o.next();
-            }
-            (None, Some((_, nr))) => {
-                updated.push((*nr).clone());
-                n.next();
-            }
-            (Some((on, or)), Some((nn, nr))) => match on.cmp(nn) {
-                Ordering::Less => {
-                    removed.push((*on).clone());
-                    o.next();
-                }
-                Ordering::Greater => {
-                    updated.push((*nr).clone());
-                    n.next();
-                }
-                Ordering::Equal => {
-                    if or.hash != nr.hash || resend.contains(*nn) {
-                        updated.push((*nr).clone());
-                    }
-                    o.next();
-                    n.next();
-                }
-            },
+    for item in old.diff(new) {
+        match item {
+            DiffItem::Add(_, r) | DiffItem::Update { new: (_, r), .. } => updated.push(r.clone()),
+            DiffItem::Remove(n, _) => removed.push(n.clone()),
         }
+    }
+    let again: Vec<Arc<Resource>> = resend
+        .iter()
+        .filter_map(|n| new.get(n))
+        .filter(|r| old.get(&r.name).is_some_and(|o| o.hash == r.hash))
+        .cloned()
+        .collect();
+    if !again.is_empty() {
+        updated.extend(again);
+        updated.sort_by(|a, b| a.name.cmp(&b.name));
     }
     (updated, removed)
 }
 
-/// Content-derived version of any map: the same as a snapshot keeps for
-/// its own maps entry by entry.
 /// [`diff`] restricted to `names` (and `resend`): those are all the names
 /// in which `old` and `new` may differ.
 fn diff_names<'a>(
@@ -423,6 +421,8 @@ fn diff_names<'a>(
     (updated, removed)
 }
 
+/// Content-derived version of any map: the same as a snapshot keeps for
+/// its own maps entry by entry.
 fn version_of(m: &ResourceMap) -> String {
     format_version(m.iter().fold(0u64, |d, (name, r)| {
         d.wrapping_add(entry_digest(name, r.hash))
@@ -609,6 +609,35 @@ struct TypeState {
     /// `(key set, names_gen)` at which `names` was found to be every name
     /// of the type, so the check is not repeated per response.
     everything_at: Option<(u64, u64)>,
+    /// What `names` selects from the snapshot when that is not everything
+    /// of the type, kept between evaluations.
+    selection: Option<Selection>,
+}
+
+/// A subscription's part of a snapshot map, updated from the names the
+/// snapshot's log says changed rather than rebuilt from every subscribed
+/// name (Envoy subscribes to each cluster's endpoints by name, so this is
+/// the EDS selection of every stream).
+struct Selection {
+    /// The snapshot map it was taken from (weak, as [`Transition::from`]).
+    source: std::sync::Weak<ResourceMap>,
+    names_gen: u64,
+    map: Arc<ResourceMap>,
+    /// Sum of [`entry_digest`] over `map`: its version.
+    digest: u64,
+}
+
+impl Selection {
+    fn take(&mut self, name: &str, all: &ResourceMap) {
+        let map = Arc::make_mut(&mut self.map);
+        if let Some(old) = map.remove(name) {
+            self.digest = self.digest.wrapping_sub(entry_digest(name, old.hash));
+        }
+        if let Some(r) = all.get(name) {
+            self.digest = self.digest.wrapping_add(entry_digest(name, r.hash));
+            map.insert(name.to_owned(), r.clone());
+        }
+    }
 }
 
 /// Listeners and clusters are the roots of Envoy's configuration: an empty
@@ -635,6 +664,7 @@ impl TypeState {
             resend: BTreeSet::new(),
             names_gen: 0,
             everything_at: None,
+            selection: None,
         }
     }
 
@@ -739,16 +769,25 @@ impl TypeState {
             // Only copy a shared map when something actually goes.
             let names = &self.names;
             for map in [&mut self.sent, &mut self.acked] {
-                if map.keys().any(|n| !names.contains(n)) {
-                    Arc::make_mut(map).retain(|n, _| names.contains(n));
+                let gone: Vec<String> = map
+                    .keys()
+                    .filter(|n| !names.contains(*n))
+                    .cloned()
+                    .collect();
+                if !gone.is_empty() {
+                    let map = Arc::make_mut(map);
+                    for n in &gone {
+                        map.remove(n);
+                    }
                 }
             }
         }
     }
 
     /// The resources of `snap` this subscription selects: the snapshot's
-    /// own shared map when that is everything of the type.
-    fn target(&self, snap: Option<&Snapshot>) -> Arc<ResourceMap> {
+    /// own shared map when that is everything of the type, else the kept
+    /// [`Selection`] brought up to date.
+    fn target(&mut self, snap: Option<&Snapshot>) -> Arc<ResourceMap> {
         let Some(snap) = snap else {
             return Arc::default();
         };
@@ -756,15 +795,48 @@ impl TypeState {
             return Arc::default();
         };
         if self.wildcard || self.selects_everything(snap, all) {
-            all.clone()
-        } else {
-            Arc::new(
-                self.names
-                    .iter()
-                    .filter_map(|n| all.get(n).map(|r| (n.clone(), r.clone())))
-                    .collect(),
-            )
+            return all.clone();
         }
+        if let Some(sel) = &mut self.selection
+            && sel.names_gen == self.names_gen
+        {
+            if std::ptr::eq(sel.source.as_ptr(), Arc::as_ptr(all)) {
+                return sel.map.clone();
+            }
+            if let Some(changed) = snap
+                .types
+                .get(&self.type_url)
+                .and_then(|e| e.changed_since(sel.source.as_ptr()))
+            {
+                for name in changed {
+                    if self.names.contains(name) {
+                        sel.take(name, all);
+                    }
+                }
+                sel.source = Arc::downgrade(all);
+                return sel.map.clone();
+            }
+        }
+        let mut sel = Selection {
+            source: Arc::downgrade(all),
+            names_gen: self.names_gen,
+            map: Arc::default(),
+            digest: 0,
+        };
+        for name in &self.names {
+            sel.take(name, all);
+        }
+        let map = sel.map.clone();
+        self.selection = Some(sel);
+        map
+    }
+
+    /// The version of `map` when it is the kept selection.
+    fn selection_version(&self, map: &Arc<ResourceMap>) -> Option<String> {
+        self.selection
+            .as_ref()
+            .filter(|s| Arc::ptr_eq(&s.map, map))
+            .map(|s| format_version(s.digest))
     }
 
     /// Whether `names` is exactly the key set of `all` (the snapshot's map
@@ -778,7 +850,7 @@ impl TypeState {
     }
 
     /// Envoy runs exactly what `snap` selects for this type.
-    fn settled(&self, snap: Option<&Snapshot>) -> bool {
+    fn settled(&mut self, snap: Option<&Snapshot>) -> bool {
         if self.pending {
             return false;
         }
@@ -945,7 +1017,7 @@ impl StreamState {
         // the new ones; only then may clusters and endpoints be dropped.
         let refs_settled = [type_url::LISTENER, type_url::ROUTE]
             .iter()
-            .all(|t| self.types.get(*t).is_none_or(|ts| ts.settled(snap)));
+            .all(|t| self.types.get_mut(*t).is_none_or(|ts| ts.settled(snap)));
 
         let mut order: Vec<String> = self.types.keys().cloned().collect();
         order.sort_by_key(|t| (rank(t), t.clone()));
@@ -975,27 +1047,18 @@ impl StreamState {
                 ts.everything_at = Some((snap.keys_id(&t), ts.names_gen));
             }
             if removed_last(&t) && !refs_settled && !Arc::ptr_eq(&desired, &ts.sent) {
-                // Only names the snapshot's log says changed since what was
-                // sent can be gone (all of them when the log does not reach).
-                let changed = snap
-                    .filter(|s| s.shared(&t).is_some_and(|all| Arc::ptr_eq(all, &desired)))
-                    .and_then(|s| s.changed_since(&t, &ts.sent));
-                let gone: Vec<(String, Arc<Resource>)> = match changed {
-                    Some(names) => names
-                        .into_iter()
-                        .filter_map(|n| ts.sent.get_key_value(n))
-                        .filter(|(n, _)| !desired.contains_key(*n))
-                        .filter(|(n, _)| ts.wildcard || ts.names.contains(*n))
-                        .map(|(n, r)| (n.clone(), r.clone()))
-                        .collect(),
-                    None => ts
-                        .sent
-                        .iter()
-                        .filter(|(n, _)| !desired.contains_key(*n))
-                        .filter(|(n, _)| ts.wildcard || ts.names.contains(*n))
-                        .map(|(n, r)| (n.clone(), r.clone()))
-                        .collect(),
-                };
+                // What was sent and is no longer desired (the structural
+                // diff skips what the two maps share).
+                let gone: Vec<(String, Arc<Resource>)> = ts
+                    .sent
+                    .diff(&desired)
+                    .filter_map(|item| match item {
+                        imbl::ordmap::DiffItem::Remove(n, r) => Some((n, r)),
+                        _ => None,
+                    })
+                    .filter(|(n, _)| ts.wildcard || ts.names.contains(*n))
+                    .map(|(n, r)| (n.clone(), r.clone()))
+                    .collect();
                 if !gone.is_empty() {
                     let map = Arc::make_mut(&mut desired);
                     for (n, r) in gone {
@@ -1030,6 +1093,7 @@ impl StreamState {
             *nonce += 1;
             let version = snap
                 .and_then(|s| s.version_if_shared(&t, &desired))
+                .or_else(|| ts.selection_version(&desired))
                 .unwrap_or_else(|| version_of(&desired));
             let nonce_s = nonce.to_string();
             tracing::debug!(
@@ -1530,6 +1594,64 @@ mod tests {
                 history.push(now);
             }
             assert!(by_name > 500, "the by-name path ran only {by_name} times");
+        }
+    }
+
+    /// Random snapshot updates and subscription changes: what a named
+    /// subscription selects, kept and updated from the snapshot's log, is
+    /// always what the names select from scratch, with that version.
+    #[test]
+    fn kept_selection_matches_the_selection_from_scratch() {
+        for seed in 1..=6u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x2545_f491_4f6c_dd1d));
+            let mut snap = Snapshot::new();
+            let mut ts = TypeState::new(T);
+            let mut kept = 0;
+            for _ in 0..300 {
+                let mut ups = Vec::new();
+                let mut rms = Vec::new();
+                for _ in 0..=rng.next(3) {
+                    let name = format!("r{}", rng.next(40));
+                    if rng.next(4) == 0 {
+                        rms.push((T.to_owned(), name));
+                    } else {
+                        ups.push(res(&name, rng.next(3)));
+                    }
+                }
+                snap.update(ups, rms);
+                if ts.names.is_empty() || rng.next(12) == 0 {
+                    let names: Vec<String> = (0..40)
+                        .filter(|_| rng.next(4) != 0)
+                        .map(|i| format!("r{i}"))
+                        .collect();
+                    ts.update_subscription(&names);
+                }
+                if ts
+                    .selection
+                    .as_ref()
+                    .is_some_and(|s| s.names_gen == ts.names_gen)
+                {
+                    kept += 1;
+                }
+                let got = ts.target(Some(&snap));
+                let all = snap.resources(T);
+                let want: ResourceMap = ts
+                    .names
+                    .iter()
+                    .filter_map(|n| all.get(n).map(|r| (n.clone(), r.clone())))
+                    .collect();
+                assert!(same_map(&got, &want), "seed {seed}");
+                assert_eq!(got.len(), want.len(), "seed {seed}");
+                let everything = snap.shared(T).is_some_and(|m| Arc::ptr_eq(m, &got));
+                if !everything && !got.is_empty() {
+                    assert_eq!(
+                        ts.selection_version(&got),
+                        Some(version_of(&want)),
+                        "seed {seed}"
+                    );
+                }
+            }
+            assert!(kept > 200, "the kept selection was used {kept} times");
         }
     }
 

@@ -17,4 +17,6 @@ pub use cache::{
 };
 pub use codec::{CodecError, type_url};
 pub use envoy_types::pb::google::protobuf::Any;
+/// One entry of a [`ResourceMap`] diff.
+pub use imbl::ordmap::DiffItem;
 pub use server::{AdsServer, XdsError, serve_tcp, serve_tcp_listener, serve_unix, service};
