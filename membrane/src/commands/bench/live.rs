@@ -186,6 +186,17 @@ impl Drop for Live {
 
 /// One HTTP/1.1 GET on a fresh connection, read up to Content-Length (not
 /// EOF: Envoy delays closing after local replies by 1 s). Status and body.
+/// The pause between two probes. Tokio's timer ticks in whole
+/// milliseconds (a 1 ms sleep lasted ≈ 2.2 ms here, which alone added up to
+/// 2 ms to a measured change), so the gap is slept on a blocking thread,
+/// whose sleep has microsecond precision.
+const PROBE_GAP: Duration = Duration::from_micros(200);
+
+async fn probe_gap() {
+    // A failed join only means the runtime is shutting down.
+    let _ = tokio::task::spawn_blocking(|| std::thread::sleep(PROBE_GAP)).await;
+}
+
 async fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
@@ -267,7 +278,7 @@ pub async fn apply(args: &XdsArgs) -> Result<()> {
     println!(
         "method: real `membrane up` + Envoy (delta xDS); each change POSTs one Ingress with one \
          more path (to an existing Service) to /v1/apply; the clock runs from before the POST \
-         until a GET of the new path (fresh connection per probe, 1 ms apart, read to \
+         until a GET of the new path (fresh connection per probe, 0.2 ms apart, read to \
          Content-Length) returns 200 from an in-process echo backend. 5 warm-up changes are not \
          counted; 300 ms pause between changes so status writes from the previous change are done."
     );
@@ -316,7 +327,7 @@ pub async fn apply(args: &XdsArgs) -> Result<()> {
                     live.log_tail()
                 );
             }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            probe_gap().await;
         }
         let took = start.elapsed();
         if k >= warmup {
@@ -384,6 +395,8 @@ fn print_timeline(
     use timeline::Step;
     let mut segments: Vec<Vec<Duration>> = vec![Vec::new(); steps.len() + 1];
     let mut to_200 = Vec::new();
+    // POST sent → the last step, for the changes that reached it.
+    let mut whole = Vec::new();
     for (ingress, start, end) in windows {
         let mut at = *start;
         let mut sent = None;
@@ -400,6 +413,11 @@ fn print_timeline(
             at = e.at;
             if *step == Step::Sent {
                 sent = Some(e.at);
+            }
+            if j + 1 == steps.len()
+                && let Ok(d) = e.at.duration_since(*start)
+            {
+                whole.push(d);
             }
         }
         if let Some(sent) = sent
@@ -437,6 +455,17 @@ fn print_timeline(
             q(0.5),
             q(0.9),
             to_200.len()
+        );
+    }
+    if let (false, Some((last, _))) = (whole.is_empty(), steps.last()) {
+        let q = |p: f64| membrane_agent::bench::quantile(&mut whole.clone(), p).as_secs_f64() * 1e3;
+        println!(
+            "  whole path: {:>22} → {:<34} p50 {:7.2} ms  p90 {:7.2} ms  (n={})",
+            "POST sent",
+            last,
+            q(0.5),
+            q(0.9),
+            whole.len()
         );
     }
 }
@@ -612,7 +641,7 @@ pub async fn endpoints(args: &XdsArgs) -> Result<()> {
     println!(
         "method: real `membrane up` + Envoy (delta xDS); each change POSTs one EndpointSlice that \
          moves its Service's only endpoint to another echo pod; the clock runs from before the \
-         POST until a GET through Envoy (fresh connection per probe, 1 ms apart) is answered by \
+         POST until a GET through Envoy (fresh connection per probe, 0.2 ms apart) is answered by \
          the new pod. 5 warm-up changes are not counted; 300 ms pause between changes."
     );
     start_echo_pods(args.echo_port).await?;
@@ -668,7 +697,7 @@ pub async fn endpoints(args: &XdsArgs) -> Result<()> {
                     live.log_tail()
                 );
             }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            probe_gap().await;
         }
         let took = start.elapsed();
         pod_of.insert(s, next);
