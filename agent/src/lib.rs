@@ -445,8 +445,10 @@ impl Reconciler {
             // Without labels of its own the agent's node is the default
             // node; with labels, its snapshot is node-specific.
             let own = (!self.node_labels.is_empty()).then_some(state.node_id.as_str());
-            state.cache.set_snapshot(own, self.xds_snapshot.clone());
+            // Logged before the hand-over: a stream task may answer Envoy
+            // before this thread logs again, and the log must keep order.
             timeline("published", std::iter::empty());
+            state.cache.set_snapshot(own, self.xds_snapshot.clone());
         }
         if resources_changed || !changes.is_empty() {
             self.nodes.pass(
