@@ -1,21 +1,25 @@
-//! This node's ACK report: a `membrane.io/v1alpha1` `ProxyNodeStatus` named
-//! after the node, listing for every CEC/CCEC the node serves (or rejected)
-//! whether its Envoy ACKed the CEC's current generation, is still pending,
-//! or NACKed/rejected it (with why). Cilium's CEC schema stays untouched.
+//! This node's ACK report: `membrane.io/v1alpha1` `ProxyNodeStatus` objects
+//! listing for every CEC/CCEC the node serves (or rejected) whether its
+//! Envoy ACKed the CEC's current generation, is still pending, or
+//! NACKed/rejected it (with why). Cilium's CEC schema stays untouched.
 //!
-//! Written only when it changes, as one status write per change (batched:
-//! one object per node, not one write per CEC). A change whose only news is
-//! entries still waiting for Envoy is held back briefly: the ACK that
-//! usually follows within milliseconds goes out in the same write, so a CEC
-//! change costs one write of the whole report, not two (nothing acts on a
-//! pending entry).
+//! The entries are spread over [`REPORT_SHARDS`] objects by a hash of the
+//! CEC's key, and only the objects whose entries changed are written: a CEC
+//! change rewrites a sixteenth of the report, not all of it. A change whose
+//! only news is entries still waiting for Envoy is held back briefly: the
+//! ACK that usually follows within milliseconds goes out in the same write,
+//! so a CEC change costs one write, not two (nothing acts on a pending
+//! entry).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use membrane_crds::{ACKED, ConfigAck, NACKED, PENDING, ProxyNodeStatus, ProxyNodeStatusSpec};
+use membrane_crds::{
+    ACKED, ConfigAck, NACKED, PENDING, ProxyNodeStatus, ProxyNodeStatusSpec, REPORT_NODE_LABEL,
+    REPORT_SHARDS, report_object_name, report_shard,
+};
 use membrane_k8s::Sink;
 use membrane_store::{Kind, Object, ObjectKey, StoreSnapshot};
 use tracing::debug;
@@ -85,11 +89,14 @@ pub fn split_parts<'a>(
 
 /// Publishes this node's report through a [`Sink`].
 pub struct Reporter<'a> {
-    key: ObjectKey,
     node: String,
     node_uid: Option<String>,
+    labels: BTreeMap<String, String>,
     sink: &'a dyn Sink,
+    /// The whole report as last written.
     last: Option<Vec<ConfigAck>>,
+    /// The report objects declared so far (shard numbers).
+    declared: BTreeSet<u32>,
     /// Since when a pending-only change has been held back.
     held_since: Option<Instant>,
 }
@@ -105,20 +112,38 @@ impl<'a> Reporter<'a> {
         labels: &BTreeMap<String, String>,
         sink: &'a dyn Sink,
     ) -> Self {
-        let key = declare(node, node_uid, labels, sink);
-        Self {
-            key,
+        let mut reporter = Self {
             node: node.to_owned(),
             node_uid: node_uid.map(str::to_owned),
+            labels: labels.clone(),
             sink,
             last: None,
+            declared: BTreeSet::new(),
             held_since: None,
+        };
+        // The object named after the node always exists.
+        reporter.declare(0);
+        reporter
+    }
+
+    /// The node's labels changed: every report object says so.
+    pub fn set_labels(&mut self, labels: &BTreeMap<String, String>) {
+        self.labels = labels.clone();
+        for shard in std::mem::take(&mut self.declared) {
+            self.declare(shard);
         }
     }
 
-    /// The node's labels changed: the report says so.
-    pub fn set_labels(&mut self, labels: &BTreeMap<String, String>) {
-        declare(&self.node, self.node_uid.as_deref(), labels, self.sink);
+    fn declare(&mut self, shard: u32) -> ObjectKey {
+        let key = declare(
+            &report_object_name(&self.node, shard),
+            &self.node,
+            self.node_uid.as_deref(),
+            &self.labels,
+            self.sink,
+        );
+        self.declared.insert(shard);
+        key
     }
 
     /// Writes the report if it differs from the last one written, unless
@@ -147,13 +172,63 @@ impl<'a> Reporter<'a> {
         self.held_since.map(|t| t + PENDING_HOLD)
     }
 
+    /// Writes the objects whose entries differ from the last write. The
+    /// first write also withdraws objects a previous run may have left
+    /// with entries this run no longer has.
     fn write(&mut self, configs: Vec<ConfigAck>) {
-        debug!(configs = configs.len(), "ACK report changed");
-        let status = serde_json::json!({ "configs": configs });
-        self.sink.status(&self.key, status);
+        let new = by_shard(&configs);
+        let last = self.last.take();
+        let old = last.as_deref().map(by_shard);
+        let mut written = 0;
+        for shard in 0..REPORT_SHARDS {
+            let entries = new.get(&shard).map(Vec::as_slice).unwrap_or_default();
+            match &old {
+                Some(old) if old.get(&shard).map(Vec::as_slice).unwrap_or_default() == entries => {
+                    continue;
+                }
+                None if entries.is_empty() && shard != 0 => {
+                    self.sink.delete(&ObjectKey::new(
+                        Kind::ProxyNodeStatus,
+                        "",
+                        &report_object_name(&self.node, shard),
+                    ));
+                    continue;
+                }
+                _ => {}
+            }
+            let key = if self.declared.contains(&shard) {
+                ObjectKey::new(
+                    Kind::ProxyNodeStatus,
+                    "",
+                    &report_object_name(&self.node, shard),
+                )
+            } else {
+                self.declare(shard)
+            };
+            self.sink
+                .status(&key, serde_json::json!({ "configs": entries }));
+            written += 1;
+        }
+        debug!(
+            configs = configs.len(),
+            objects = written,
+            "ACK report changed"
+        );
         self.last = Some(configs);
         self.held_since = None;
     }
+}
+
+/// The entries of a report by the object that holds them (each list keeps
+/// the report's order).
+fn by_shard(configs: &[ConfigAck]) -> BTreeMap<u32, Vec<&ConfigAck>> {
+    let mut out: BTreeMap<u32, Vec<&ConfigAck>> = BTreeMap::new();
+    for c in configs {
+        out.entry(report_shard(&c.kind, &c.namespace, &c.name))
+            .or_default()
+            .push(c);
+    }
+    out
 }
 
 /// Whether `new` differs from `last` only in entries that are pending now
@@ -177,20 +252,21 @@ fn only_pending_news(last: &[ConfigAck], new: &[ConfigAck]) -> bool {
     kept == before.len()
 }
 
-/// Creates or updates the node's report object (labels in `spec`).
+/// Creates or updates one of the node's report objects (labels in `spec`).
 fn declare(
+    name: &str,
     node: &str,
     node_uid: Option<&str>,
     labels: &BTreeMap<String, String>,
     sink: &dyn Sink,
 ) -> ObjectKey {
     let mut obj = ProxyNodeStatus::new(
-        node,
+        name,
         ProxyNodeStatusSpec {
             node_labels: labels.clone(),
         },
     );
-    obj.metadata.labels = Some([("membrane.io/node".to_owned(), node.to_owned())].into());
+    obj.metadata.labels = Some([(REPORT_NODE_LABEL.to_owned(), node.to_owned())].into());
     // Owned by the Node: a node removed from the cluster takes its report
     // (and its say over Ingress addresses) with it.
     obj.metadata.owner_references = node_uid.map(|uid| {
@@ -367,17 +443,62 @@ mod tests {
         }
     }
 
-    /// Records status writes.
+    /// The report objects as a sink leaves them: status by object name,
+    /// the objects declared and deleted, and how many status writes.
     #[derive(Default)]
-    struct Writes(std::sync::Mutex<Vec<serde_json::Value>>);
+    struct Objects {
+        status: BTreeMap<String, serde_json::Value>,
+        declared: BTreeSet<String>,
+        deleted: BTreeSet<String>,
+        writes: usize,
+    }
+
+    #[derive(Default)]
+    struct Writes(std::sync::Mutex<Objects>);
+
+    impl Writes {
+        fn with<T>(&self, f: impl FnOnce(&mut Objects) -> T) -> T {
+            f(&mut self.0.lock().expect("lock"))
+        }
+        fn writes(&self) -> usize {
+            self.with(|o| o.writes)
+        }
+        /// Every entry of every object, by name.
+        fn report(&self) -> Vec<(String, i64, String)> {
+            let mut out: Vec<(String, i64, String)> =
+                self.with(|o| o.status.values().flat_map(|v| states(v)).collect());
+            out.sort();
+            out
+        }
+    }
 
     impl Sink for Writes {
-        fn apply_all(&self, _: Vec<Object>) {}
-        fn delete(&self, _: &ObjectKey) {}
-        fn status(&self, _: &ObjectKey, status: serde_json::Value) {
-            if let Ok(mut w) = self.0.lock() {
-                w.push(status);
-            }
+        fn apply_all(&self, objs: Vec<Object>) {
+            self.with(|o| {
+                for obj in objs {
+                    let name = obj.key().name;
+                    o.deleted.remove(&name);
+                    o.declared.insert(name);
+                }
+            });
+        }
+        fn delete(&self, key: &ObjectKey) {
+            self.with(|o| {
+                o.status.remove(&key.name);
+                o.declared.remove(&key.name);
+                o.deleted.insert(key.name.clone());
+            });
+        }
+        fn status(&self, key: &ObjectKey, status: serde_json::Value) {
+            self.with(|o| {
+                assert!(
+                    o.declared.contains(&key.name),
+                    "status of undeclared {}",
+                    key.name
+                );
+                o.status.insert(key.name.clone(), status);
+                o.writes += 1;
+            });
         }
         fn warn(&self, _: membrane_k8s::Warning) {}
     }
@@ -397,6 +518,69 @@ mod tests {
             .collect()
     }
 
+    /// 64 CECs over the report objects: a change of one entry rewrites only
+    /// the object holding it, the objects together always hold the whole
+    /// report, and the first write withdraws objects a previous run may
+    /// have left behind.
+    #[test]
+    fn a_change_rewrites_only_the_object_holding_its_entry() {
+        let writes = Writes::default();
+        let mut h = crate::bench::Harness::new("127.100.0.0/16", None).expect("harness");
+        let rec = &mut h.reconciler;
+        let keys: Vec<ObjectKey> = (0..64)
+            .map(|i| ObjectKey::new(Kind::CiliumEnvoyConfig, "ns", &format!("c{i}")))
+            .collect();
+        for k in &keys {
+            rec.served.insert(k.clone(), Vec::new());
+            rec.served_generations.insert(k.clone(), 1);
+        }
+        let mut acked: BTreeSet<ObjectKey> = keys.iter().cloned().collect();
+        let mut reporter = Reporter::new("n1", None, &BTreeMap::new(), &writes);
+        let t0 = Instant::now();
+        reporter.publish(rec, &acked, t0);
+        let used: BTreeSet<u32> = keys
+            .iter()
+            .map(|k| report_shard("CiliumEnvoyConfig", "ns", &k.name))
+            .collect();
+        assert!(used.len() > 8, "64 keys over {} objects", used.len());
+        let report = |acked: &BTreeSet<ObjectKey>| -> Vec<(String, i64, String)> {
+            let mut v: Vec<_> = keys
+                .iter()
+                .map(|k| {
+                    let state = if acked.contains(k) { ACKED } else { PENDING };
+                    (k.name.clone(), 1, state.to_owned())
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(writes.report(), report(&acked));
+        writes.with(|o| {
+            for shard in 1..REPORT_SHARDS {
+                let name = report_object_name("n1", shard);
+                assert_eq!(
+                    o.deleted.contains(&name),
+                    !used.contains(&shard),
+                    "object {name}"
+                );
+            }
+            assert!(o.declared.contains("n1"), "the node's own object exists");
+        });
+        // One CEC rejected (news at once): one object rewritten.
+        for (i, k) in keys.iter().enumerate().step_by(7) {
+            let before = writes.writes();
+            acked.remove(k);
+            rec.rejected_configs.insert(k.clone(), format!("bad {i}"));
+            reporter.publish(rec, &acked, t0);
+            assert_eq!(writes.writes(), before + 1, "change of {}", k.name);
+            rec.rejected_configs.remove(k);
+            acked.insert(k.clone());
+            reporter.publish(rec, &acked, t0);
+            assert_eq!(writes.writes(), before + 2);
+            assert_eq!(writes.report(), report(&acked));
+        }
+    }
+
     #[test]
     fn pending_only_news_is_held_back_until_the_ack_or_the_deadline() {
         let writes = Writes::default();
@@ -406,7 +590,17 @@ mod tests {
         let b = ObjectKey::new(Kind::CiliumEnvoyConfig, "ns", "b");
         let mut reporter = Reporter::new("n1", None, &BTreeMap::new(), &writes);
         let t0 = Instant::now();
-        let count = || writes.0.lock().expect("lock").len();
+        // Publishes that wrote (one write may cover several objects):
+        // called once after each publish.
+        let (mut seen, mut rounds) = (0, 0);
+        let mut count = || {
+            let w = writes.writes();
+            if w > seen {
+                seen = w;
+                rounds += 1;
+            }
+            rounds
+        };
         // The first report goes out at once.
         rec.served.insert(a.clone(), Vec::new());
         rec.served_generations.insert(a.clone(), 1);
@@ -425,15 +619,8 @@ mod tests {
         reporter.publish(rec, &acked, t0 + Duration::from_millis(3));
         assert_eq!(count(), 2);
         assert_eq!(reporter.due(), None);
-        let last = writes
-            .0
-            .lock()
-            .expect("lock")
-            .last()
-            .cloned()
-            .expect("write");
         assert_eq!(
-            states(&last),
+            writes.report(),
             vec![
                 ("a".to_owned(), 2, ACKED.to_owned()),
                 ("b".to_owned(), 1, PENDING.to_owned())

@@ -26,7 +26,8 @@ pub use network_policy::{
 
 pub use proxy_node_status::{
     ACKED, ConfigAck, MEMBRANE_GROUP, NACKED, PENDING, ProxyNodeStatus, ProxyNodeStatusSpec,
-    ProxyNodeStatusStatus,
+    ProxyNodeStatusStatus, REPORT_NODE_LABEL, REPORT_SHARDS, report_node, report_object_name,
+    report_shard,
 };
 
 use kube::CustomResourceExt;

@@ -1,8 +1,12 @@
-//! `membrane.io/v1alpha1` `ProxyNodeStatus`: one object per node, named after
-//! it, in which the node's agent reports whether its Envoy ACKed each
-//! CiliumEnvoyConfig it serves. Cilium's CEC schema has no status, and one
-//! object per node (rather than per CEC) keeps an agent's writes batched
-//! and avoids agents fighting over a shared status.
+//! `membrane.io/v1alpha1` `ProxyNodeStatus`: the objects in which a node's
+//! agent reports whether its Envoy ACKed each CiliumEnvoyConfig it serves.
+//! Cilium's CEC schema has no status. A node's entries are spread over
+//! [`REPORT_SHARDS`] objects by a hash of the CEC's key (the one named after
+//! the node, and `<node>.<k>` for the others, created when first needed;
+//! all labelled `membrane.io/node: <node>`): a change rewrites the object
+//! holding its entry — a sixteenth of the node's report — rather than an
+//! entry per CEC of the whole node (≈ 150 KB at 1,000 CECs), and agents
+//! never share an object.
 
 use std::collections::BTreeMap;
 
@@ -60,6 +64,47 @@ pub struct ConfigAck {
     /// Why it was NACKed or rejected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+/// How many objects a node's report is spread over.
+pub const REPORT_SHARDS: u32 = 16;
+
+/// The label naming the node a report object belongs to.
+pub const REPORT_NODE_LABEL: &str = "membrane.io/node";
+
+/// The report object of `node` that holds the entry of the config
+/// `kind`/`namespace`/`name` (FNV-1a of the three, so every agent and
+/// restart agrees).
+pub fn report_shard(kind: &str, namespace: &str, name: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for part in [kind, namespace, name] {
+        for b in part.bytes().chain([0]) {
+            h ^= u32::from(b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+    }
+    h % REPORT_SHARDS
+}
+
+/// The name of `node`'s report object number `shard`.
+pub fn report_object_name(node: &str, shard: u32) -> String {
+    if shard == 0 {
+        node.to_owned()
+    } else {
+        format!("{node}.{shard}")
+    }
+}
+
+/// The node a report object belongs to: its [`REPORT_NODE_LABEL`], else
+/// its name (objects written before reports were spread out).
+pub fn report_node(report: &ProxyNodeStatus) -> &str {
+    report
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(REPORT_NODE_LABEL))
+        .or(report.metadata.name.as_ref())
+        .map_or("", String::as_str)
 }
 
 /// [`ConfigAck::state`] values.

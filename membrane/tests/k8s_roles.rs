@@ -202,13 +202,46 @@ fn ingress_ip(api: &ApiServer, name: &str) -> Option<String> {
     .filter(|s| !s.is_empty())
 }
 
+/// Every entry of node `node`'s report (spread over the objects labelled
+/// with the node).
+fn report_entries(api: &ApiServer, node: &str) -> Vec<serde_json::Value> {
+    let selector = format!("membrane.io/node={node}");
+    let json = get(
+        api,
+        &["get", "proxynodestatus", "-l", &selector, "-o", "json"],
+    );
+    let v: serde_json::Value = json
+        .and_then(|j| serde_json::from_str(&j).ok())
+        .unwrap_or_default();
+    v["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|item| {
+            item["status"]["configs"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// How many report objects node `node` has; `None` when the API does not
+/// answer.
+fn report_objects(api: &ApiServer, node: &str) -> Option<usize> {
+    let selector = format!("membrane.io/node={node}");
+    let json = get(
+        api,
+        &["get", "proxynodestatus", "-l", &selector, "-o", "json"],
+    )?;
+    let v: serde_json::Value = serde_json::from_str(&json).ok()?;
+    Some(v["items"].as_array()?.len())
+}
+
 /// The state node `node` reports for a CEC, with the generation it is about.
 fn reported(api: &ApiServer, node: &str, cec: &str) -> Option<(String, i64)> {
-    let json = get(api, &["get", "proxynodestatus", node, "-o", "json"])?;
-    let v: serde_json::Value = serde_json::from_str(&json).ok()?;
-    v["status"]["configs"]
-        .as_array()?
-        .iter()
+    report_entries(api, node)
+        .into_iter()
         .find(|c| c["name"] == cec)
         .map(|c| {
             (
@@ -672,10 +705,28 @@ spec:
         "the report carries the new labels"
     );
 
-    // An agent stopped cleanly withdraws its report.
+    // An agent stopped cleanly withdraws its report, every object of it.
+    // Its entries sit in the objects their keys hash to (plus the one
+    // named after the node); an object emptied by the relabelling stays.
+    let shards: std::collections::BTreeSet<u32> = report_entries(&api, "node-b")
+        .iter()
+        .map(|c| {
+            membrane_crds::report_shard(
+                c["kind"].as_str().unwrap_or_default(),
+                c["namespace"].as_str().unwrap_or_default(),
+                c["name"].as_str().unwrap_or_default(),
+            )
+        })
+        .chain([0])
+        .collect();
+    let objects = report_objects(&api, "node-b");
+    assert!(
+        objects.is_some_and(|n| n >= shards.len()),
+        "node-b's report: {objects:?} objects for entries in {shards:?}"
+    );
     drop(node_b);
     let withdrawn = wait_until(Duration::from_secs(30), || {
-        !exists(&api, "proxynodestatus", "node-b")
+        !exists(&api, "proxynodestatus", "node-b") && report_objects(&api, "node-b") == Some(0)
     });
     assert!(withdrawn, "node-b's ProxyNodeStatus remains after SIGTERM");
 
@@ -683,7 +734,7 @@ spec:
     // (the report is owned by the Node; garbage collection).
     api.ok(&["delete", "node", "node-a"]);
     let collected = wait_until(Duration::from_secs(30), || {
-        !exists(&api, "proxynodestatus", "node-a")
+        !exists(&api, "proxynodestatus", "node-a") && report_objects(&api, "node-a") == Some(0)
     });
     assert!(collected, "node-a's ProxyNodeStatus outlives its Node");
 }
@@ -789,13 +840,8 @@ fn many_ingresses_get_addresses_after_the_final_ack() {
             .count()
     };
     let acks = || {
-        let out =
-            get(&api, &["get", "proxynodestatus", "node-m", "-o", "json"]).unwrap_or_default();
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
-        v["status"]["configs"]
-            .as_array()
-            .into_iter()
-            .flatten()
+        report_entries(&api, "node-m")
+            .iter()
             .filter(|c| c["state"] == "Acked")
             .count()
     };

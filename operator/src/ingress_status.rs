@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::networking::v1::Ingress;
-use membrane_crds::{ACKED, ProxyNodeStatus};
+use membrane_crds::{ACKED, ProxyNodeStatus, report_node};
 use membrane_ingress::lb_ip;
 use membrane_k8s::Sink;
 use membrane_store::{ChangeCursor, Changes, Kind, Object, ObjectKey, Store, StoreSnapshot};
@@ -206,13 +206,28 @@ pub fn acked_everywhere(
                 }),
         );
     }
-    let mut serving = 0;
+    // A node's report is spread over several objects; its labels are on
+    // each (the one named after the node counts when they differ).
+    let mut nodes: BTreeMap<&str, Vec<&ProxyNodeStatus>> = BTreeMap::new();
     for report in reports {
-        if !selects(selector, &report.spec.node_labels) {
+        nodes.entry(report_node(report)).or_default().push(report);
+    }
+    let mut serving = 0;
+    for (node, objects) in &nodes {
+        let labels = objects
+            .iter()
+            .find(|r| r.metadata.name.as_deref() == Some(*node))
+            .or(objects.first())
+            .map(|r| &r.spec.node_labels);
+        if !labels.is_some_and(|l| selects(selector, l)) {
             continue;
         }
         serving += 1;
-        let configs = || report.status.iter().flat_map(|s| &s.configs);
+        let configs = || {
+            objects
+                .iter()
+                .flat_map(|r| r.status.iter().flat_map(|s| &s.configs))
+        };
         let acked = wanted.iter().all(|(name, generation, address)| {
             configs().any(|c| {
                 c.kind == cec.kind.kind_name()
@@ -330,6 +345,59 @@ mod tests {
         );
         assert!(!check(&store));
         assert!(store.update_status(&key, acks(2)));
+        assert!(check(&store));
+    }
+
+    /// A node's report spread over several objects counts as one: an entry
+    /// in any of them, the labels of the one named after the node.
+    #[test]
+    fn a_report_spread_over_objects_counts_per_node() {
+        let store = Store::new();
+        apply(
+            &store,
+            "apiVersion: cilium.io/v2\nkind: CiliumEnvoyConfig\nmetadata: {name: c, namespace: default}\nspec:\n  nodeSelector: {matchLabels: {role: edge}}\n  resources: []\n---\napiVersion: cilium.io/v2\nkind: CiliumEnvoyConfig\nmetadata: {name: c-1, namespace: default, labels: {membrane.io/shared-part-of: c}}\nspec: {resources: []}\n",
+        );
+        let cec = ObjectKey::new(Kind::CiliumEnvoyConfig, "default", "c");
+        let check = |store: &Store| {
+            let snap = store.snapshot();
+            let reports: Vec<&ProxyNodeStatus> = snap.typed::<ProxyNodeStatus>(None).collect();
+            acked_everywhere(&snap, &reports, &cec, None)
+        };
+        let object = |name: &str, node: &str, labels: &str, entry: Option<&str>| {
+            apply(
+                &store,
+                &format!(
+                    "apiVersion: membrane.io/v1alpha1\nkind: ProxyNodeStatus\nmetadata: {{name: {name}, labels: {{membrane.io/node: {node}}}}}\nspec: {{nodeLabels: {labels}}}\n"
+                ),
+            );
+            let configs: Vec<serde_json::Value> = entry
+                .into_iter()
+                .map(|n| {
+                    json!({"kind": "CiliumEnvoyConfig", "namespace": "default", "name": n,
+                           "generation": 1, "state": ACKED})
+                })
+                .collect();
+            assert!(store.update_status(
+                &ObjectKey::new(Kind::ProxyNodeStatus, "", name),
+                json!({ "configs": configs }),
+            ));
+        };
+        // The head in node a's own object, the part in another of its objects.
+        object("a", "a", "{role: edge}", Some("c"));
+        assert!(!check(&store), "the part is not ACKed yet");
+        object("a.5", "a", "{role: edge}", Some("c-1"));
+        assert!(check(&store), "entries of one node in two objects");
+        // Node b is selected (by its own object's labels) and ACKed nothing.
+        object("b", "b", "{role: edge}", None);
+        object("b.3", "b", "{}", None);
+        assert!(!check(&store));
+        object("b.3", "b", "{}", Some("c"));
+        object("b.9", "b", "{}", Some("c-1"));
+        assert!(check(&store));
+        // Node d's own object says it is not selected; its others' stale
+        // labels do not make it so.
+        object("d", "d", "{role: other}", None);
+        object("d.2", "d", "{role: edge}", None);
         assert!(check(&store));
     }
 }

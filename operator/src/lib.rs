@@ -139,7 +139,7 @@ impl Operator {
 fn nacked_configs(snap: &StoreSnapshot) -> BTreeMap<ObjectKey, String> {
     let mut out = BTreeMap::new();
     for report in snap.typed::<ProxyNodeStatus>(None) {
-        let node = report.metadata.name.as_deref().unwrap_or_default();
+        let node = membrane_crds::report_node(report);
         for c in report.status.iter().flat_map(|s| &s.configs) {
             if c.state != NACKED {
                 continue;

@@ -196,10 +196,19 @@ pub(crate) async fn serve_agent(
     membrane_agent::run(config, store, reports, controller, shutdown).await?;
     // A node that stops cleanly withdraws its report, so it no longer holds
     // Ingress addresses back (a crashed one's report stays: see docs).
-    let report = membrane_store::ObjectKey::new(Kind::ProxyNodeStatus, "", &node_name);
-    match tokio::time::timeout(Duration::from_secs(5), writer.delete(&report)).await {
-        Ok(Ok(())) => info!(node = %node_name, "ProxyNodeStatus withdrawn"),
-        Ok(Err(e)) => tracing::warn!(error = %e, "withdrawing the ProxyNodeStatus"),
+    // Every object the report may be spread over (one already gone is fine).
+    let deletes = (0..membrane_crds::REPORT_SHARDS).map(|shard| {
+        let name = membrane_crds::report_object_name(&node_name, shard);
+        let key = membrane_store::ObjectKey::new(Kind::ProxyNodeStatus, "", &name);
+        let writer = &writer;
+        async move { writer.delete(&key).await }
+    });
+    let all = futures::future::join_all(deletes);
+    match tokio::time::timeout(Duration::from_secs(5), all).await {
+        Ok(results) => match results.into_iter().find_map(Result::err) {
+            None => info!(node = %node_name, "ProxyNodeStatus withdrawn"),
+            Some(e) => tracing::warn!(error = %e, "withdrawing the ProxyNodeStatus"),
+        },
         Err(_) => tracing::warn!("withdrawing the ProxyNodeStatus: no answer within 5 s"),
     }
     Ok(())
