@@ -466,7 +466,7 @@ mod tests {
         /// Every entry of every object, by name.
         fn report(&self) -> Vec<(String, i64, String)> {
             let mut out: Vec<(String, i64, String)> =
-                self.with(|o| o.status.values().flat_map(|v| states(v)).collect());
+                self.with(|o| o.status.values().flat_map(states).collect());
             out.sort();
             out
         }
