@@ -1534,6 +1534,21 @@ mod tests {
         }
     }
 
+    /// Up to `most` random puts (three contents) and removals among 40 names.
+    fn random_update(rng: &mut Rng, snap: &mut Snapshot, most: u64) {
+        let mut ups = Vec::new();
+        let mut rms = Vec::new();
+        for _ in 0..=rng.next(most - 1) {
+            let name = format!("r{}", rng.next(40));
+            if rng.next(4) == 0 {
+                rms.push((T.to_owned(), name));
+            } else {
+                ups.push(res(&name, rng.next(3)));
+            }
+        }
+        snap.update(ups, rms);
+    }
+
     /// Random updates (puts, content changes, removals) to a snapshot while
     /// "streams" keep maps from 0–10 updates ago: the kept version equals
     /// the version computed from scratch, and the diff by touched names
@@ -1546,17 +1561,7 @@ mod tests {
             let mut history: Vec<Arc<ResourceMap>> = Vec::new();
             let mut by_name = 0;
             for _ in 0..200 {
-                let mut ups = Vec::new();
-                let mut rms = Vec::new();
-                for _ in 0..=rng.next(4) {
-                    let name = format!("r{}", rng.next(40));
-                    if rng.next(4) == 0 {
-                        rms.push((T.to_owned(), name));
-                    } else {
-                        ups.push(res(&name, rng.next(3)));
-                    }
-                }
-                snap.update(ups, rms);
+                random_update(&mut rng, &mut snap, 5);
                 let now = snap.shared(T).cloned().unwrap_or_default();
                 assert_eq!(snap.version(T), version_of(&now), "seed {seed}");
                 let resend: BTreeSet<String> = if rng.next(5) == 0 {
@@ -1608,17 +1613,7 @@ mod tests {
             let mut ts = TypeState::new(T);
             let mut kept = 0;
             for _ in 0..300 {
-                let mut ups = Vec::new();
-                let mut rms = Vec::new();
-                for _ in 0..=rng.next(3) {
-                    let name = format!("r{}", rng.next(40));
-                    if rng.next(4) == 0 {
-                        rms.push((T.to_owned(), name));
-                    } else {
-                        ups.push(res(&name, rng.next(3)));
-                    }
-                }
-                snap.update(ups, rms);
+                random_update(&mut rng, &mut snap, 4);
                 if ts.names.is_empty() || rng.next(12) == 0 {
                     let names: Vec<String> = (0..40)
                         .filter(|_| rng.next(4) != 0)
