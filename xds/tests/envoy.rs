@@ -34,12 +34,25 @@ fn find_envoy() -> Option<PathBuf> {
     })
 }
 
+/// A port Envoy can bind later. Taken below the kernel's ephemeral range
+/// (32768–60999 by default): a port the kernel handed out with port 0 can
+/// go to another test's outgoing connection before Envoy binds it (seen in
+/// CI: "Address already in use"). The start depends on the process and a
+/// counter, so tests of this binary never pick the same port.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    const LOW: u16 = 20_000;
+    const SPAN: u16 = 12_000;
+    let base = (std::process::id() % u32::from(SPAN)) as u16;
+    for _ in 0..SPAN {
+        let step = NEXT.fetch_add(1, Ordering::Relaxed) % SPAN;
+        let port = LOW + (base + step) % SPAN;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{}", LOW + SPAN);
 }
 
 fn res(v: serde_json::Value) -> Arc<Resource> {
